@@ -1,0 +1,189 @@
+"""ModelRunner: owns the model, the KV pools and the attention backend; runs batches.
+
+The scheduler hands over a ScheduledBatch (plain lists); here it becomes a ForwardBatch on the
+device, goes through the model, and the sampled tokens come back as Python ints.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from pymllm.configs.errors import ConfigError
+from pymllm.configs.global_config import GlobalConfig
+from pymllm.configs.model_config import ModelConfig
+from pymllm.engine.forward_batch import ForwardBatch, ForwardMode
+from pymllm.executor.device_memory import device_memory
+from pymllm.layers.attention.selection import create_attention_backend
+from pymllm.layers.sampler import Sampler, SamplingBatchInfo
+from pymllm.mem_cache.memory_pool import KVPool, ReqToTokenPool, TokenToKVPoolAllocator
+from pymllm.model_loader.loader import load_model
+from pymllm.orchestrator.schedule_batch import BatchResult, ScheduledBatch
+
+logger = logging.getLogger(__name__)
+
+_CPU_KV_BUDGET_BYTES = 1 << 30  # default KV budget on CPU when --server.max_total_tokens is unset
+_CPU_MAX_DEFAULT_TOKENS = 65536
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--server.device: cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+class ModelRunner:
+    def __init__(self, config: GlobalConfig, model_config: ModelConfig, device: torch.device):
+        self.config = config
+        self.server = config.server
+        self.model_config = model_config
+        self.device = device
+        self.dtype = model_config.dtype
+        self.model = None
+        self.cuda_graph_runner = None
+
+    # ---------------- set-up ----------------
+    def initialize(self) -> None:
+        torch.manual_seed(self.server.random_seed)
+        self.model = load_model(
+            self.model_config, self.server.load_format, self.device, seed=self.server.random_seed
+        )
+        self._init_memory_pools()
+        self.attn_backend = create_attention_backend(self.server.attention_backend, self)
+        self.sampler = Sampler()
+
+    def _kv_capacity(self) -> int:
+        mc = self.model_config
+        per_token = KVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
+        requested = self.server.max_total_tokens
+        if self.device.type == "cpu":
+            default = min(_CPU_MAX_DEFAULT_TOKENS, _CPU_KV_BUDGET_BYTES // per_token)
+            return int(requested or default)
+        free, total = device_memory(self.device)
+        budget = free - total * (1.0 - self.server.mem_fraction_static)
+        fit = int(budget // per_token)
+        if requested:
+            if requested > fit:
+                logger.warning("--server.max_total_tokens %d exceeds what fits (%d)", requested, fit)
+            return int(requested)
+        if fit <= 0:
+            raise ConfigError(
+                "--server.mem_fraction_static: no GPU memory left for the KV cache after loading "
+                f"the model (free {free / 2**30:.1f} GiB of {total / 2**30:.1f} GiB); raise it"
+            )
+        return fit
+
+    def _init_memory_pools(self) -> None:
+        mc = self.model_config
+        self.max_total_tokens = self._kv_capacity()
+        self.req_to_token_pool = ReqToTokenPool(
+            self.server.max_running_requests + 2, mc.context_length, self.device
+        )
+        self.token_to_kv_pool_allocator = TokenToKVPoolAllocator(self.max_total_tokens)
+        self.kv_pool = KVPool(
+            self.max_total_tokens, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype, self.device
+        )
+        gib = KVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
+        logger.info(
+            "KV cache: %d tokens (%.2f GiB), %d request slots",
+            self.max_total_tokens, self.max_total_tokens * gib / 2**30, self.req_to_token_pool.size,
+        )
+
+    # ---------------- batches ----------------
+    def _tensor(self, data, dtype) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(data), dtype=dtype).to(self.device, non_blocking=True)
+
+    def build_forward_batch(self, batch: ScheduledBatch) -> ForwardBatch:
+        reqs = batch.reqs
+        req_indices = [r.req_pool_idx for r in reqs]
+        seq_lens = [p + n for p, n in zip(batch.prefix_lens, batch.extend_lens)]
+        input_ids: List[int] = []
+        positions: List[int] = []
+        rows: List[int] = []
+        for req, prefix, n in zip(reqs, batch.prefix_lens, batch.extend_lens):
+            input_ids.extend(req.fill_ids[prefix : prefix + n])
+            positions.extend(range(prefix, prefix + n))
+            rows.extend([req.req_pool_idx] * n)
+        out_cache_loc = self._tensor(batch.out_cache_loc, torch.int64)
+        positions_t = self._tensor(positions, torch.int64)
+        # Record where every new token's KV lives: one scatter for the whole batch.
+        self.req_to_token_pool.req_to_token[self._tensor(rows, torch.int64), positions_t] = out_cache_loc.to(
+            torch.int32
+        )
+        fb = ForwardBatch(
+            forward_mode=batch.mode,
+            batch_size=len(reqs),
+            input_ids=self._tensor(input_ids, torch.int64),
+            positions=positions_t,
+            req_pool_indices=self._tensor(req_indices, torch.int64),
+            seq_lens=self._tensor(seq_lens, torch.int32),
+            out_cache_loc=out_cache_loc,
+            seq_lens_cpu=seq_lens,
+            req_to_token_pool=self.req_to_token_pool,
+            kv_pool=self.kv_pool,
+            attn_backend=self.attn_backend,
+        )
+        if batch.mode.is_extend():
+            fb.extend_seq_lens_cpu = list(batch.extend_lens)
+            fb.extend_prefix_lens_cpu = list(batch.prefix_lens)
+            fb.extend_seq_lens = self._tensor(batch.extend_lens, torch.int32)
+            fb.extend_prefix_lens = self._tensor(batch.prefix_lens, torch.int32)
+        return fb
+
+    @torch.inference_mode()
+    def forward(self, fb: ForwardBatch) -> torch.Tensor:
+        """Logits of each sequence's last new token, float32 [bs, vocab]."""
+        if (
+            self.cuda_graph_runner is not None
+            and fb.forward_mode.is_decode()
+            and self.cuda_graph_runner.can_run(fb)
+        ):
+            return self.cuda_graph_runner.replay(fb).float()
+        self.attn_backend.init_forward_metadata(fb)
+        return self.model(fb.input_ids, fb.positions, fb).float()
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, batch: ScheduledBatch) -> BatchResult:
+        reqs = batch.reqs
+        params = [r.sampling_params for r in reqs]
+        need_history = any(
+            p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params
+        )
+        info = SamplingBatchInfo.from_params(
+            params,
+            seeds=[r.seed for r in reqs],
+            steps=[len(r.output_ids) for r in reqs],
+            vocab_size=logits.shape[-1],
+            device=logits.device,
+            prompt_ids=[r.origin_input_ids for r in reqs] if need_history else None,
+            output_ids=[r.output_ids for r in reqs] if need_history else None,
+        )
+        out = self.sampler(logits, info)
+        next_ids = out.next_token_ids.tolist()
+        logprobs: List[Optional[tuple]] = [None] * len(reqs)
+        if out.logprobs is not None:
+            chosen = out.logprobs.tolist()
+            top_ids = out.top_logprob_ids.tolist() if out.top_logprob_ids is not None else None
+            top_vals = out.top_logprob_vals.tolist() if out.top_logprob_vals is not None else None
+            for i, p in enumerate(params):
+                if not p.logprobs:
+                    continue
+                k = p.top_logprobs
+                top = list(zip(top_ids[i][:k], top_vals[i][:k])) if top_ids is not None and k else []
+                logprobs[i] = (next_ids[i], chosen[i], top)
+        return BatchResult(next_token_ids=next_ids, logprobs=logprobs)
+
+    def run_batch(self, batch: ScheduledBatch) -> BatchResult:
+        fb = self.build_forward_batch(batch)
+        logits = self.forward(fb)
+        return self.sample(logits, batch)
+
+    def clear(self) -> None:
+        self.req_to_token_pool.clear()
+        self.token_to_kv_pool_allocator.clear()

@@ -1,0 +1,48 @@
+"""The attention backend interface.
+
+A backend owns attention metadata (built once per forward in ``init_forward_metadata``) and the
+attention math. It writes the new tokens' K/V into the KV pool at ``out_cache_loc`` and attends
+over each sequence's slots listed in ``req_to_token``. It never allocates or frees KV slots.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from pymllm.engine.forward_batch import ForwardBatch
+    from pymllm.layers.radix_attention import RadixAttention
+
+
+class AttentionBackend(abc.ABC):
+    name: str = "base"
+
+    @abc.abstractmethod
+    def init_forward_metadata(self, forward_batch: "ForwardBatch") -> None:
+        """Build per-forward metadata (index arrays, planned kernels) before the layers run."""
+
+    @abc.abstractmethod
+    def forward_extend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        layer: "RadixAttention", forward_batch: "ForwardBatch",
+    ) -> torch.Tensor:
+        """q: [T, Hq*D], k/v: [T, Hkv*D] for the new tokens; returns [T, Hq*D]."""
+
+    @abc.abstractmethod
+    def forward_decode(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        layer: "RadixAttention", forward_batch: "ForwardBatch",
+    ) -> torch.Tensor:
+        """One new token per sequence; same shapes as forward_extend with T == batch size."""
+
+    def forward(self, q, k, v, layer, forward_batch):
+        if forward_batch.forward_mode.is_decode():
+            return self.forward_decode(q, k, v, layer, forward_batch)
+        return self.forward_extend(q, k, v, layer, forward_batch)
+
+    # CUDA graph support (backends that can be captured override these).
+    def supports_cuda_graph(self) -> bool:
+        return False

@@ -1,0 +1,110 @@
+"""Linear layers whose weights are owned by a LinearMethod (unquantized or a quant scheme).
+
+`QKVLinear` and `MergedLinear` stack several checkpoint projections into one matrix; their
+weight loaders place each checkpoint shard at its offset along the output dimension.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pymllm.layers.utils import set_weight_attrs
+from pymllm.quantization.base import LinearMethodBase, QuantizationConfig
+
+
+class UnquantizedLinearMethod(LinearMethodBase):
+    def create_weights(self, layer, input_size, output_partition_sizes, params_dtype):
+        weight = nn.Parameter(
+            torch.empty(sum(output_partition_sizes), input_size, dtype=params_dtype),
+            requires_grad=False,
+        )
+        set_weight_attrs(weight, {"output_dim": 0, "input_dim": 1, "weight_loader": layer.weight_loader})
+        layer.register_parameter("weight", weight)
+
+    def apply(self, layer, x, bias):
+        return F.linear(x, layer.weight, bias)
+
+
+class LinearBase(nn.Module):
+    def __init__(
+        self,
+        input_size: int,
+        output_sizes: List[int],
+        shard_ids: List[Union[str, int]],
+        bias: bool = False,
+        quant_config: Optional[QuantizationConfig] = None,
+        prefix: str = "",
+        params_dtype: Optional[torch.dtype] = None,
+    ):
+        super().__init__()
+        self.input_size = input_size
+        self.output_sizes = list(output_sizes)
+        self.output_size = sum(output_sizes)
+        self.prefix = prefix
+        params_dtype = params_dtype or torch.get_default_dtype()
+        self.shard_offsets: Dict[Union[str, int], tuple[int, int]] = {}
+        offset = 0
+        for shard_id, size in zip(shard_ids, output_sizes):
+            self.shard_offsets[shard_id] = (offset, size)
+            offset += size
+        method = quant_config.get_linear_method(prefix) if quant_config is not None else None
+        self.quant_method: LinearMethodBase = method or UnquantizedLinearMethod()
+        self.quant_method.create_weights(self, input_size, self.output_sizes, params_dtype)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.output_size, dtype=params_dtype), requires_grad=False)
+            set_weight_attrs(self.bias, {"output_dim": 0, "weight_loader": self.weight_loader})
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Optional[Union[str, int]] = None
+    ) -> None:
+        """Copy a checkpoint tensor into `param`, at the shard's rows when the layer is stacked."""
+        output_dim = getattr(param, "output_dim", None)
+        target = param.data
+        if shard_id is not None and output_dim is not None:
+            offset, size = self.shard_offsets[shard_id]
+            # Packed formats store several output rows per element along output_dim.
+            pack = getattr(param, "output_pack_factor", 1)
+            target = target.narrow(output_dim, offset // pack, size // pack)
+        elif shard_id is not None and param.numel() > 0 and loaded_weight.dim() > 0:
+            raise ValueError(f"{self.prefix}: cannot place shard {shard_id!r} of a parameter without output_dim")
+        if target.shape != loaded_weight.shape:
+            raise ValueError(
+                f"{self.prefix}: shape mismatch for shard {shard_id!r}: "
+                f"parameter {tuple(target.shape)} vs checkpoint {tuple(loaded_weight.shape)}"
+            )
+        target.copy_(loaded_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_method.apply(self, x, self.bias)
+
+
+class Linear(LinearBase):
+    def __init__(self, input_size: int, output_size: int, **kwargs):
+        super().__init__(input_size, [output_size], [None], **kwargs)
+
+    def weight_loader(self, param, loaded_weight, shard_id=None):
+        super().weight_loader(param, loaded_weight, None)
+
+
+class MergedLinear(LinearBase):
+    """Several projections of the same input stacked on the output dim (gate_up_proj)."""
+
+    def __init__(self, input_size: int, output_sizes: List[int], **kwargs):
+        super().__init__(input_size, output_sizes, list(range(len(output_sizes))), **kwargs)
+
+
+class QKVLinear(LinearBase):
+    def __init__(
+        self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, **kwargs
+    ):
+        self.q_size = num_heads * head_dim
+        self.kv_size = num_kv_heads * head_dim
+        super().__init__(
+            hidden_size, [self.q_size, self.kv_size, self.kv_size], ["q", "k", "v"], **kwargs
+        )

@@ -1,0 +1,11 @@
+"""Choose the prefix cache from the server config."""
+
+from __future__ import annotations
+
+from pymllm.configs.global_config import GlobalConfig
+from pymllm.mem_cache.base_prefix_cache import ChunkCache, PrefixCache
+from pymllm.mem_cache.memory_pool import TokenToKVPoolAllocator
+
+
+def create_prefix_cache(config: GlobalConfig, allocator: TokenToKVPoolAllocator) -> PrefixCache:
+    return ChunkCache(allocator)

@@ -1,0 +1,1 @@
+"""Weight loading: safetensors (single or sharded), dummy random weights, GGUF conversion."""

@@ -1,0 +1,201 @@
+"""Llama-family decoder (Llama, Qwen2, Qwen3 share it; they differ in bias and q/k norm)."""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Tuple
+
+import torch
+from torch import nn
+
+from pymllm.engine.forward_batch import ForwardBatch
+from pymllm.layers.fused_ops import silu_and_mul
+from pymllm.layers.layernorm import RMSNorm
+from pymllm.layers.linear import Linear, MergedLinear, QKVLinear
+from pymllm.layers.radix_attention import RadixAttention
+from pymllm.layers.rotary_embedding import RotaryEmbedding
+from pymllm.layers.vocab_embedding import LMHead, VocabEmbedding
+from pymllm.quantization.base import QuantizationConfig
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class DecoderAttention(nn.Module):
+    def __init__(
+        self,
+        config,
+        layer_id: int,
+        qkv_bias: bool,
+        qk_norm: bool,
+        quant_config: Optional[QuantizationConfig],
+        prefix: str,
+        o_bias: bool = False,
+    ):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = head_dim_of(config)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = QKVLinear(
+            config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads,
+            bias=qkv_bias, quant_config=quant_config, prefix=f"{prefix}.qkv_proj",
+        )
+        self.o_proj = Linear(
+            self.q_size, config.hidden_size, bias=o_bias,
+            quant_config=quant_config, prefix=f"{prefix}.o_proj",
+        )
+        eps = getattr(config, "rms_norm_eps", 1e-6)
+        self.q_norm = RMSNorm(self.head_dim, eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, eps) if qk_norm else None
+        self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings, config)
+        sliding_window = _sliding_window_for(config, layer_id)
+        self.attn = RadixAttention(
+            self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads, layer_id, sliding_window
+        )
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(-1, self.num_heads, self.head_dim)
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.attn(q.reshape(-1, self.q_size), k.reshape(-1, self.kv_size), v, forward_batch)
+        return self.o_proj(out)
+
+
+def _sliding_window_for(config, layer_id: int) -> Optional[int]:
+    window = getattr(config, "sliding_window", None)
+    if not window or not getattr(config, "use_sliding_window", False):
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and layer_types[layer_id] != "sliding_attention":
+        return None
+    return int(window)
+
+
+class DecoderMLP(nn.Module):
+    def __init__(self, config, quant_config, prefix: str):
+        super().__init__()
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"unsupported hidden_act {act!r} (only silu)")
+        bias = getattr(config, "mlp_bias", False)
+        self.gate_up_proj = MergedLinear(
+            config.hidden_size, [config.intermediate_size] * 2, bias=bias,
+            quant_config=quant_config, prefix=f"{prefix}.gate_up_proj",
+        )
+        self.down_proj = Linear(
+            config.intermediate_size, config.hidden_size, bias=bias,
+            quant_config=quant_config, prefix=f"{prefix}.down_proj",
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, layer_id: int, qkv_bias: bool, qk_norm: bool, quant_config, prefix: str,
+                 o_bias: bool = False):
+        super().__init__()
+        self.self_attn = DecoderAttention(
+            config, layer_id, qkv_bias, qk_norm, quant_config, f"{prefix}.self_attn", o_bias
+        )
+        self.mlp = DecoderMLP(config, quant_config, f"{prefix}.mlp")
+        eps = getattr(config, "rms_norm_eps", 1e-6)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+
+    def forward(self, positions, hidden, residual, forward_batch):
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, forward_batch)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, config, qkv_bias: bool, qk_norm: bool, quant_config, prefix: str = "model",
+                 o_bias: bool = False):
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, qkv_bias, qk_norm, quant_config, f"{prefix}.layers.{i}", o_bias)
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, getattr(config, "rms_norm_eps", 1e-6))
+
+    def forward(self, input_ids, positions, forward_batch, input_embeds=None):
+        hidden = self.embed_tokens(input_ids) if input_embeds is None else input_embeds
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, forward_batch)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    # checkpoint projection -> (stacked parameter, shard id)
+    stacked_params_mapping = [
+        ("qkv_proj", "q_proj", "q"),
+        ("qkv_proj", "k_proj", "k"),
+        ("qkv_proj", "v_proj", "v"),
+        ("gate_up_proj", "gate_proj", 0),
+        ("gate_up_proj", "up_proj", 1),
+    ]
+    qkv_bias = False  # q/k/v bias regardless of config.attention_bias (Qwen2)
+    qk_norm = False
+    # Llama and Qwen3 put config.attention_bias on q, k, v and o; Qwen2 has bias on q/k/v only.
+    o_bias_follows_config = True
+
+    def __init__(self, config, quant_config: Optional[QuantizationConfig] = None):
+        super().__init__()
+        self.config = config
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        qkv_bias = self.qkv_bias or attention_bias
+        o_bias = attention_bias and self.o_bias_follows_config
+        self.model = DecoderModel(config, qkv_bias, self.qk_norm, quant_config, o_bias=o_bias)
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        if self.tie_word_embeddings:
+            self.lm_head.tie_to(self.model.embed_tokens)
+
+    def forward(self, input_ids, positions, forward_batch: ForwardBatch) -> torch.Tensor:
+        """Returns logits of each sequence's last new token: [batch, vocab]."""
+        hidden = self.model(input_ids, positions, forward_batch)
+        hidden = hidden[forward_batch.last_token_indices()]
+        return self.lm_head(hidden)
+
+    def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> set:
+        """Load checkpoint tensors; returns the set of parameter names that were filled."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if self.tie_word_embeddings and name.startswith("lm_head."):
+                continue  # tied: the embedding provides it
+            for stacked, ckpt, shard_id in self.stacked_params_mapping:
+                if f".{ckpt}." not in name:
+                    continue
+                target = name.replace(f".{ckpt}.", f".{stacked}.")
+                param = params.get(target)
+                if param is None:
+                    continue
+                param.weight_loader(param, tensor, shard_id)
+                loaded.add(target)
+                break
+            else:
+                param = params.get(name)
+                if param is None:
+                    raise KeyError(f"checkpoint tensor {name!r} has no matching parameter")
+                param.weight_loader(param, tensor)
+                loaded.add(name)
+        return loaded

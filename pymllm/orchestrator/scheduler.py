@@ -1,0 +1,325 @@
+"""The batching policy: FCFS admission, chunked prefill, decode, retraction, finishing.
+
+The scheduler decides *what* runs and owns the KV bookkeeping (slot allocation, release,
+prefix matching); the ModelRunner decides *how* it runs. Nothing in this module builds tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import deque
+from typing import Deque, List, Optional, Protocol, Sequence
+
+import numpy as np
+
+from pymllm.engine.forward_batch import ForwardMode
+from pymllm.engine.io_struct import FinishReason, TokenizedGenerateReq
+from pymllm.mem_cache.base_prefix_cache import ChunkCache, PrefixCache
+from pymllm.mem_cache.memory_pool import ReqToTokenPool, TokenToKVPoolAllocator
+from pymllm.orchestrator.request import Req, ReqState
+from pymllm.orchestrator.schedule_batch import BatchResult, ScheduledBatch
+from pymllm.orchestrator.stop_checker import StopChecker
+
+logger = logging.getLogger(__name__)
+
+
+class BatchRunner(Protocol):
+    req_to_token_pool: ReqToTokenPool
+    token_to_kv_pool_allocator: TokenToKVPoolAllocator
+
+    def run_batch(self, batch: ScheduledBatch) -> BatchResult: ...
+
+
+class RequestRejected(ValueError):
+    """The request can never run (e.g. prompt longer than the context)."""
+
+
+class Scheduler:
+    def __init__(
+        self,
+        runner: BatchRunner,
+        *,
+        max_running_requests: int,
+        max_prefill_tokens: int,
+        context_length: int,
+        stop_checker: StopChecker,
+        prefix_cache: Optional[PrefixCache] = None,
+        random_seed: int = 0,
+        check_invariants: bool = False,
+    ):
+        self.runner = runner
+        self.req_pool = runner.req_to_token_pool
+        self.allocator = runner.token_to_kv_pool_allocator
+        self.max_running_requests = max_running_requests
+        self.max_prefill_tokens = max_prefill_tokens
+        self.context_length = context_length
+        self.stop_checker = stop_checker
+        self.prefix_cache = prefix_cache or ChunkCache(self.allocator)
+        self.check_invariants = check_invariants
+        self._rng = random.Random(random_seed)
+        self.waiting: Deque[Req] = deque()
+        self.running: List[Req] = []  # decoding
+        self.chunked_req: Optional[Req] = None  # prompt partially prefilled
+        self._last_was_prefill = False
+        self.num_retractions = 0
+        self.num_prompt_tokens = 0
+        self.num_cached_prompt_tokens = 0
+
+    # ---------------- requests in and out ----------------
+    def add_request(self, msg: TokenizedGenerateReq) -> Req:
+        """Queue a request; raises RequestRejected if it can never run."""
+        params = msg.sampling_params
+        prompt_len = len(msg.input_ids)
+        if prompt_len == 0:
+            raise RequestRejected("the prompt is empty")
+        if prompt_len >= self.context_length:
+            raise RequestRejected(
+                f"the prompt has {prompt_len} tokens; this model's context length is "
+                f"{self.context_length} (the prompt must leave room for at least one new token)"
+            )
+        if prompt_len + 1 > self.allocator.size:
+            raise RequestRejected(
+                f"the prompt has {prompt_len} tokens but the KV cache holds only {self.allocator.size}"
+            )
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
+        req = Req(rid=msg.rid, origin_input_ids=list(msg.input_ids), sampling_params=params, seed=seed,
+                  stream=msg.stream)
+        if params.max_new_tokens == 0:
+            req.finish_reason = FinishReason("length")
+            req.state = ReqState.FINISHED
+            return req
+        self.waiting.append(req)
+        return req
+
+    def abort(self, rid: str) -> Optional[Req]:
+        """Finish a request wherever it is; its KV slots are released at once."""
+        for req in list(self.waiting):
+            if req.rid == rid:
+                self.waiting.remove(req)
+                self._release(req, FinishReason("abort", message="aborted"))
+                return req
+        candidates = self.running + ([self.chunked_req] if self.chunked_req else [])
+        for req in candidates:
+            if req.rid == rid:
+                if req is self.chunked_req:
+                    self.chunked_req = None
+                else:
+                    self.running.remove(req)
+                self._release(req, FinishReason("abort", message="aborted"))
+                return req
+        return None
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.chunked_req)
+
+    # ---------------- one step ----------------
+    def step(self) -> List[Req]:
+        """Run one batch; returns the requests that produced output or finished."""
+        batch = self._next_batch()
+        if batch is None:
+            return []
+        result = self.runner.run_batch(batch)
+        touched = self._process_result(batch, result)
+        if self.check_invariants:
+            self.verify_kv_accounting()
+        return touched
+
+    def _next_batch(self) -> Optional[ScheduledBatch]:
+        # Alternate with decode after a prefill so running requests keep streaming while
+        # long prompts are chunked in.
+        prefer_decode = self._last_was_prefill and self.running
+        if not prefer_decode:
+            batch = self._schedule_prefill()
+            if batch is not None:
+                self._last_was_prefill = True
+                return batch
+        self._last_was_prefill = False
+        batch = self._schedule_decode()
+        if batch is None and prefer_decode:
+            batch = self._schedule_prefill()
+            self._last_was_prefill = batch is not None
+        return batch
+
+    def _available_slots(self) -> int:
+        return self.allocator.available_size() + self.prefix_cache.evictable_size()
+
+    def _alloc_slots(self, n: int) -> Optional[np.ndarray]:
+        if self.allocator.available_size() < n:
+            self.prefix_cache.evict(n - self.allocator.available_size())
+        return self.allocator.alloc(n)
+
+    def _schedule_prefill(self) -> Optional[ScheduledBatch]:
+        budget = self.max_prefill_tokens
+        reqs: List[Req] = []
+        prefix_lens: List[int] = []
+        extend_lens: List[int] = []
+        samples: List[bool] = []
+        locs: List[np.ndarray] = []
+        # Each decoding request needs one slot next step; keep that headroom.
+        reserve = len(self.running)
+
+        def take(req: Req, prefix: int) -> bool:
+            nonlocal budget
+            remaining = len(req.fill_ids) - prefix
+            n = min(remaining, budget)
+            if n <= 0 or self._available_slots() - n < reserve:
+                return False
+            slots = self._alloc_slots(n)
+            if slots is None:
+                return False
+            reqs.append(req)
+            prefix_lens.append(prefix)
+            extend_lens.append(n)
+            samples.append(n == remaining)
+            locs.append(slots)
+            budget -= n
+            return True
+
+        if self.chunked_req is not None:
+            req = self.chunked_req
+            if not take(req, req.kv_len):
+                return None
+            if samples[-1]:
+                self.chunked_req = None
+        while (
+            self.waiting
+            and self.chunked_req is None
+            and budget > 0
+            and len(self.running) + len(reqs) < self.max_running_requests
+        ):
+            req = self.waiting[0]
+            if self.req_pool.available_size() == 0:
+                break
+            match = self.prefix_cache.match_prefix(req.fill_ids)
+            # Always compute at least the last token: its logits give the next token.
+            matched = min(len(match.slots), len(req.fill_ids) - 1)
+            self.prefix_cache.lock(match.handle)
+            req.kv_slots = match.slots[:matched].copy()
+            req.cache_owned_len = matched
+            req.prefix_handle = match.handle
+            if not take(req, matched):
+                self.prefix_cache.unlock(match.handle)
+                req.kv_slots = np.empty(0, dtype=np.int64)
+                req.prefix_handle = None
+                break
+            self.waiting.popleft()
+            req.req_pool_idx = self.req_pool.alloc()
+            req.state = ReqState.PREFILLING
+            if req.retractions == 0:
+                req.cached_tokens = matched
+                self.num_prompt_tokens += req.prompt_len
+                self.num_cached_prompt_tokens += matched
+            if not samples[-1]:
+                self.chunked_req = req
+        if not reqs:
+            return None
+        return ScheduledBatch(
+            mode=ForwardMode.EXTEND, reqs=reqs, prefix_lens=prefix_lens, extend_lens=extend_lens,
+            out_cache_loc=np.concatenate(locs), sample=samples,
+        )
+
+    def _schedule_decode(self) -> Optional[ScheduledBatch]:
+        if not self.running:
+            return None
+        # A sequence that alone fills the whole pool cannot grow: finish it.
+        for req in list(self.running):
+            if req.kv_len + 1 > self.allocator.size:
+                self.running.remove(req)
+                self._release(req, FinishReason("length"))
+        while self.running and self._available_slots() < len(self.running):
+            self._retract_one()
+        if not self.running:
+            return None
+        slots = self._alloc_slots(len(self.running))
+        assert slots is not None
+        reqs = list(self.running)
+        return ScheduledBatch(
+            mode=ForwardMode.DECODE, reqs=reqs, prefix_lens=[r.kv_len for r in reqs],
+            extend_lens=[1] * len(reqs), out_cache_loc=slots, sample=[True] * len(reqs),
+        )
+
+    def _retract_one(self) -> None:
+        # The most recently admitted request loses the least work when recomputed.
+        req = self.running.pop()
+        logger.info("KV cache full: retracting request %s (%d tokens) to the waiting queue", req.rid, req.kv_len)
+        self._free_kv(req)
+        req.state = ReqState.WAITING
+        req.retractions += 1
+        self.num_retractions += 1
+        self.waiting.appendleft(req)
+
+    # ---------------- results ----------------
+    def _process_result(self, batch: ScheduledBatch, result: BatchResult) -> List[Req]:
+        touched: List[Req] = []
+        offset = 0
+        for i, req in enumerate(batch.reqs):
+            n = batch.extend_lens[i]
+            new_slots = batch.out_cache_loc[offset : offset + n]
+            offset += n
+            if req.finished:  # aborted while its batch was in flight
+                self.allocator.free(new_slots)
+                continue
+            req.kv_slots = np.concatenate([req.kv_slots, new_slots])
+            if not batch.sample[i]:
+                continue
+            token = result.next_token_ids[i]
+            req.output_ids.append(token)
+            if result.logprobs[i] is not None:
+                req.logprobs.append(result.logprobs[i])
+            touched.append(req)
+            if req.state == ReqState.PREFILLING:
+                req.state = ReqState.DECODING
+                self.running.append(req)
+            reason = self.stop_checker.check(req, self.context_length)
+            if reason is not None:
+                self.running.remove(req)
+                self._release(req, reason)
+        return touched
+
+    def _free_kv(self, req: Req) -> None:
+        if req.kv_slots.size:
+            self.prefix_cache.cache_finished_req(req.fill_ids[: req.kv_len], req.kv_slots, req.prefix_handle)
+        elif req.prefix_handle is not None:
+            self.prefix_cache.unlock(req.prefix_handle)
+        req.kv_slots = np.empty(0, dtype=np.int64)
+        req.cache_owned_len = 0
+        req.prefix_handle = None
+        if req.req_pool_idx is not None:
+            self.req_pool.free(req.req_pool_idx)
+            req.req_pool_idx = None
+
+    def _release(self, req: Req, reason: FinishReason) -> None:
+        self._free_kv(req)
+        req.finish_reason = reason
+        req.state = ReqState.FINISHED
+
+    # ---------------- introspection ----------------
+    def verify_kv_accounting(self) -> None:
+        """Allocator invariants, plus: every used slot belongs to the cache or to one request."""
+        self.allocator.check_invariants()
+        owned_by_reqs = sum(r.kv_len - r.cache_owned_len for r in self._active())
+        expected = owned_by_reqs + self.prefix_cache.total_cached()
+        used = self.allocator.used_size()
+        if used != expected:
+            raise AssertionError(
+                f"KV accounting: {used} slots in use, but requests own {owned_by_reqs} "
+                f"and the prefix cache {self.prefix_cache.total_cached()}"
+            )
+
+    def _active(self) -> Sequence[Req]:
+        return self.running + ([self.chunked_req] if self.chunked_req else [])
+
+    def stats(self) -> dict:
+        return {
+            "running": len(self.running) + (1 if self.chunked_req else 0),
+            "queued": len(self.waiting),
+            "kv_used": self.allocator.used_size(),
+            "kv_total": self.allocator.size,
+            "kv_cached": self.prefix_cache.total_cached(),
+            "req_slots_free": self.req_pool.available_size(),
+            "num_retractions": self.num_retractions,
+            "num_prompt_tokens": self.num_prompt_tokens,
+            "num_cached_prompt_tokens": self.num_cached_prompt_tokens,
+            **{f"cache_{k}": v for k, v in self.prefix_cache.stats().items()},
+        }

@@ -1,0 +1,120 @@
+"""The tokenizer process: chat templates, tokenization and request validation."""
+
+from __future__ import annotations
+
+import logging
+from typing import List, Optional
+
+import zmq
+
+from pymllm.configs.global_config import GlobalConfig
+from pymllm.configs.model_config import ModelConfig
+from pymllm.engine.io_struct import (
+    AbortReq,
+    BatchRequestOutput,
+    ControlReq,
+    FinishReason,
+    GenerateReqInput,
+    RequestOutput,
+    TokenizedGenerateReq,
+)
+from pymllm.orchestrator.ipc import Endpoints, WorkerReady, pull, push
+from pymllm.orchestrator.worker_common import run_worker
+from pymllm.sampling_params import SamplingParams
+
+logger = logging.getLogger("tokenizer")
+
+
+class InvalidRequest(ValueError):
+    pass
+
+
+class RequestTokenizer:
+    """Turns a GenerateReqInput into token ids and validated sampling parameters."""
+
+    def __init__(self, tokenizer, context_length: int, generation_defaults: dict):
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.generation_defaults = generation_defaults
+
+    def prompt_ids(self, req: GenerateReqInput) -> List[int]:
+        given = [x is not None for x in (req.text, req.input_ids, req.messages)]
+        if sum(given) != 1:
+            raise InvalidRequest("exactly one of text, input_ids or messages must be given")
+        if req.input_ids is not None:
+            vocab = len(self.tokenizer)
+            bad = [t for t in req.input_ids if not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequest(f"token ids out of range [0, {vocab}): {bad[:5]}")
+            return list(req.input_ids)
+        if req.text is not None:
+            return self.tokenizer.encode(req.text, add_special_tokens=True)
+        if self.tokenizer.chat_template is None:
+            raise InvalidRequest("this model's tokenizer has no chat template; use completions")
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                req.messages,
+                tools=req.tools,
+                add_generation_prompt=req.add_generation_prompt,
+                tokenize=True,
+                **(req.chat_template_kwargs or {}),
+            )
+        except Exception as e:  # jinja raises TemplateError and friends for bad histories
+            raise InvalidRequest(f"cannot apply the chat template: {e}") from e
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def sampling_params(self, req: GenerateReqInput) -> SamplingParams:
+        try:
+            params = SamplingParams.from_dict(req.sampling_params)
+        except (TypeError, ValueError) as e:
+            raise InvalidRequest(str(e)) from e
+        return params.with_defaults(self.generation_defaults)
+
+    def tokenize(self, req: GenerateReqInput) -> TokenizedGenerateReq:
+        ids = self.prompt_ids(req)
+        if not ids:
+            raise InvalidRequest("the prompt is empty")
+        if len(ids) >= self.context_length:
+            raise InvalidRequest(
+                f"the prompt has {len(ids)} tokens; this model's context length is {self.context_length}"
+            )
+        return TokenizedGenerateReq(req.rid, ids, self.sampling_params(req), req.stream)
+
+
+def rejection(rid: str, message: str, status_code: int = 400) -> BatchRequestOutput:
+    reason = FinishReason("abort", message=message, status_code=status_code)
+    return BatchRequestOutput([RequestOutput(rid, "", [], True, reason)])
+
+
+def tokenizer_loop(config: GlobalConfig, model_config: ModelConfig, endpoints: Endpoints) -> None:
+    from transformers import AutoTokenizer
+
+    context = zmq.Context.instance()
+    inbox = pull(context, endpoints.tokenizer_in)
+    to_scheduler = push(context, endpoints.scheduler_in)
+    to_frontend = push(context, endpoints.frontend_in)
+    tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer_path)
+    worker = RequestTokenizer(tokenizer, model_config.context_length, model_config.generation_defaults)
+    to_frontend.send(WorkerReady("tokenizer", {"vocab_size": len(tokenizer)}))
+    while True:
+        msg = inbox.recv()
+        if isinstance(msg, GenerateReqInput):
+            try:
+                to_scheduler.send(worker.tokenize(msg))
+            except InvalidRequest as e:
+                to_frontend.send(rejection(msg.rid, str(e)))
+        elif isinstance(msg, (AbortReq, ControlReq)):
+            to_scheduler.send(msg)
+        else:
+            logger.error("unexpected message %r", type(msg).__name__)
+
+
+def tokenizer_process_main(
+    config: GlobalConfig, model_config: ModelConfig, endpoints: Endpoints, parent_conn
+) -> None:
+    run_worker(
+        "tokenizer", config.server.log_level, endpoints.frontend_in, parent_conn,
+        lambda: tokenizer_loop(config, model_config, endpoints),
+    )

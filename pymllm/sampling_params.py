@@ -1,0 +1,107 @@
+"""Per-request sampling parameters, with defaults from the model's generation_config.json."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import List, Optional, Union
+
+# Values a request leaves as None take the model's generation_config defaults, then these.
+_FALLBACKS = {
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": -1,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+}
+# generation_config.json key -> SamplingParams field
+_GENERATION_CONFIG_KEYS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+}
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: Optional[int] = None  # None: until EOS or the context limit
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None  # -1 or 0: disabled
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: Optional[int] = None
+    stop: List[str] = field(default_factory=list)
+    stop_token_ids: List[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    @classmethod
+    def from_dict(cls, data: Optional[dict]) -> "SamplingParams":
+        data = dict(data or {})
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}")
+        stop = data.get("stop")
+        if isinstance(stop, str):
+            data["stop"] = [stop]
+        elif stop is None:
+            data["stop"] = []
+        if data.get("stop_token_ids") is None:
+            data["stop_token_ids"] = []
+        params = cls(**data)
+        params.verify()
+        return params
+
+    def with_defaults(self, generation_defaults: Optional[dict] = None) -> "SamplingParams":
+        """Fill unset values from generation_config.json, then from neutral fallbacks."""
+        generation_defaults = generation_defaults or {}
+        updates = {}
+        for key, name in _GENERATION_CONFIG_KEYS.items():
+            if getattr(self, name) is None:
+                value = generation_defaults.get(key)
+                updates[name] = value if value is not None else _FALLBACKS[name]
+        out = replace(self, **updates)
+        if out.top_k == 0:
+            out.top_k = -1
+        return out
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature is not None and self.temperature <= 1e-5 or self.top_k == 1
+
+    def verify(self) -> None:
+        def check(cond: bool, message: str) -> None:
+            if not cond:
+                raise ValueError(message)
+
+        if self.max_new_tokens is not None:
+            check(self.max_new_tokens >= 0, f"max_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature is not None:
+            check(0.0 <= self.temperature <= 100.0, f"temperature must be in [0, 100], got {self.temperature}")
+        if self.top_p is not None:
+            check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None:
+            check(self.top_k >= -1, f"top_k must be -1 (disabled) or >= 0, got {self.top_k}")
+        if self.min_p is not None:
+            check(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty is not None:
+            check(0.0 < self.repetition_penalty <= 10.0,
+                  f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        check(-2.0 <= self.presence_penalty <= 2.0,
+              f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        check(-2.0 <= self.frequency_penalty <= 2.0,
+              f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        check(0 <= self.top_logprobs <= 20, f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
+        check(all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings")
+        check(len(self.stop) <= 16, "at most 16 stop strings")
+        check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+              "stop_token_ids must be non-negative integers")
+        if self.seed is not None:
+            check(isinstance(self.seed, int), "seed must be an integer")

@@ -1,0 +1,51 @@
+"""In-process drivers shared by the engine-level tests (no worker processes)."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+from pymllm.configs import GlobalConfig
+from pymllm.engine.io_struct import TokenizedGenerateReq
+from pymllm.orchestrator.request import Req
+from pymllm.orchestrator.scheduler import Scheduler
+from pymllm.orchestrator.scheduler_process import build_scheduler
+from pymllm.sampling_params import SamplingParams
+
+
+def make_scheduler(model_dir, **server) -> Scheduler:
+    config = GlobalConfig()
+    config.server.model_path = str(model_dir)
+    config.server.device = "cpu"
+    config.server.dtype = server.pop("dtype", "float32")
+    for key, value in server.items():
+        setattr(config.server, key, value)
+    config.validate()
+    return build_scheduler(config, check_invariants=True)
+
+
+def greedy(max_new_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, **kw).with_defaults({})
+
+
+def run_requests(
+    scheduler: Scheduler,
+    prompts: Sequence[List[int]],
+    params: Sequence[SamplingParams],
+    arrival_steps: Optional[Sequence[int]] = None,
+    max_steps: int = 10_000,
+) -> Dict[str, Req]:
+    """Submit prompts (each at its arrival step) and step until everything finished."""
+    arrival_steps = arrival_steps or [0] * len(prompts)
+    pending = sorted(range(len(prompts)), key=lambda i: arrival_steps[i])
+    reqs: Dict[str, Req] = {}
+    step = 0
+    while pending or scheduler.has_work():
+        while pending and arrival_steps[pending[0]] <= step:
+            i = pending.pop(0)
+            reqs[str(i)] = scheduler.add_request(TokenizedGenerateReq(str(i), list(prompts[i]), params[i]))
+        scheduler.step()
+        step += 1
+        assert step < max_steps, "scheduler did not finish"
+    assert scheduler.allocator.available_size() == scheduler.allocator.size, "KV slots leaked"
+    assert scheduler.req_pool.available_size() == scheduler.req_pool.size, "request slots leaked"
+    return reqs
