@@ -1,0 +1,282 @@
+"""Vectorised token sampling for a batch of requests.
+
+Every step works on the whole ``[B, V]`` logits tensor at once; per-request settings live in
+``[B]`` tensors so one batch mixes greedy, filtered and penalised requests without a Python
+loop. Sampling noise comes from a counter-based hash of (seed, step, token id), so a seeded
+request draws the same tokens whatever batch it runs in and at whatever row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+
+from pymllm.sampling_params import SamplingParams
+
+# Matches SamplingParams.is_greedy: temperatures this small are treated as argmax.
+_GREEDY_TEMPERATURE = 1e-5
+# Up to this top_k, a partial top-k selection is cheaper than sorting the whole vocabulary.
+_TOP_K_CANDIDATE_LIMIT = 1024
+
+
+def _signed64(value: int) -> int:
+    """Reinterpret an unsigned 64-bit constant as the signed value torch.int64 stores."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN = _signed64(0x9E3779B97F4A7C15)
+_MIX_MUL_1 = _signed64(0xBF58476D1CE4E5B9)
+_MIX_MUL_2 = _signed64(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
+    # int64 >> is arithmetic; masking off the sign-extended bits makes it a logical shift.
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64 finaliser on int64 tensors (multiplication wraps modulo 2**64)."""
+    x = (x ^ _shr(x, 30)) * _MIX_MUL_1
+    x = (x ^ _shr(x, 27)) * _MIX_MUL_2
+    return x ^ _shr(x, 31)
+
+
+def hash_uniform(seeds: torch.Tensor, steps: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Uniform noise in (0, 1) for each (row, token), a pure function of (seed, step, token id).
+
+    ``token_ids`` is [V] (the same ids for every row) or [B, K]; the result broadcasts to
+    [B, V] or [B, K]. Built from the top 52 hash bits converted straight to float32, so values
+    close to 0 keep full float32 relative precision: the exponential race is decided there.
+    """
+    row_key = _mix64(_mix64(seeds.to(torch.int64) + _GOLDEN) ^ steps.to(torch.int64))
+    counters = (token_ids.to(torch.int64) + 1) * _GOLDEN
+    if counters.dim() == 1:
+        counters = counters.unsqueeze(0)
+    bits = _shr(_mix64(row_key.unsqueeze(1) + counters), 12)
+    # +0.5 keeps u > 0; float32 rounding may reach 1.0, which the clamp pulls back below 1.
+    u = (bits.to(torch.float32) + 0.5) * (2.0 ** -52)
+    return u.clamp_(max=1.0 - 2.0 ** -24)
+
+
+def _gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """-log(E) with E ~ Exp(1): argmax(z + noise) samples softmax(z) (exponential race)."""
+    exp_noise = -torch.log1p(-hash_uniform(seeds, steps, token_ids))
+    return -torch.log(exp_noise)
+
+
+@dataclass
+class SamplingBatchInfo:
+    temperatures: torch.Tensor  # [B] float32
+    top_ps: torch.Tensor  # [B] float32
+    top_ks: torch.Tensor  # [B] int64, vocab size where disabled
+    min_ps: torch.Tensor  # [B] float32
+    seeds: torch.Tensor  # [B] int64
+    steps: torch.Tensor  # [B] int64: index of the token being sampled
+    repetition_penalties: Optional[torch.Tensor]  # [B] float32, None when no request uses it
+    presence_penalties: Optional[torch.Tensor]  # [B] float32, None when no request uses it
+    frequency_penalties: Optional[torch.Tensor]  # [B] float32, None when no request uses it
+    token_counts: Optional[torch.Tensor]  # [B, V] float32 counts of output tokens
+    seen_mask: Optional[torch.Tensor]  # [B, V] bool: token in prompt or output
+    is_all_greedy: bool
+    need_top_p: bool
+    need_top_k: bool
+    need_min_p: bool
+    top_logprobs_num: int
+    return_logprob: bool
+    # Largest top_k among the sampled (non-greedy) rows, known on the host; 0 when unknown or
+    # when some sampled row has top-k disabled. Lets the sampler skip the full vocabulary sort.
+    max_top_k: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.temperatures.shape[0])
+
+    @property
+    def need_penalties(self) -> bool:
+        return (
+            self.repetition_penalties is not None
+            or self.presence_penalties is not None
+            or self.frequency_penalties is not None
+        )
+
+    @classmethod
+    def from_params(
+        cls,
+        params: Sequence[SamplingParams],
+        seeds: Sequence[int],
+        steps: Sequence[int],
+        vocab_size: int,
+        device: torch.device | str,
+        prompt_ids: Optional[Sequence[Sequence[int]]] = None,
+        output_ids: Optional[Sequence[Sequence[int]]] = None,
+    ) -> "SamplingBatchInfo":
+        """Build the batch tensors from ``with_defaults()``-applied params.
+
+        ``vocab_size`` must equal the logits width (including any padded lm_head rows), since
+        the penalty tensors are applied elementwise to the logits.
+        """
+        batch = len(params)
+        if len(seeds) != batch or len(steps) != batch:
+            raise ValueError("params, seeds and steps must have the same length")
+
+        def vec(values: List[float], dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        top_ks = [vocab_size if p.top_k is None or p.top_k <= 0 else min(p.top_k, vocab_size) for p in params]
+        sampled = [p for p in params if not p.is_greedy]
+        sampled_top_ks = [k for k, p in zip(top_ks, params) if not p.is_greedy]
+        rep = [p.repetition_penalty if p.repetition_penalty is not None else 1.0 for p in params]
+        presence = [p.presence_penalty for p in params]
+        frequency = [p.frequency_penalty for p in params]
+        use_rep = any(r != 1.0 for r in rep)
+        use_presence = any(v != 0.0 for v in presence)
+        use_frequency = any(v != 0.0 for v in frequency)
+
+        token_counts = None
+        if use_presence or use_frequency:
+            token_counts = _count_tokens(output_ids, batch, vocab_size, device)
+        seen_mask = None
+        if use_rep:
+            seen = [list(prompt_ids[i]) if prompt_ids is not None else [] for i in range(batch)]
+            if output_ids is not None:
+                for i in range(batch):
+                    seen[i].extend(output_ids[i])
+            seen_mask = _count_tokens(seen, batch, vocab_size, device) > 0
+
+        top_logprobs_num = max((p.top_logprobs for p in params), default=0)
+        return cls(
+            temperatures=vec([float(p.temperature) for p in params], torch.float32),
+            top_ps=vec([float(p.top_p) for p in params], torch.float32),
+            top_ks=vec(top_ks, torch.int64),
+            min_ps=vec([float(p.min_p) for p in params], torch.float32),
+            seeds=vec([_signed64(int(s)) for s in seeds], torch.int64),
+            steps=vec([int(s) for s in steps], torch.int64),
+            repetition_penalties=vec(rep, torch.float32) if use_rep else None,
+            presence_penalties=vec(presence, torch.float32) if use_presence else None,
+            frequency_penalties=vec(frequency, torch.float32) if use_frequency else None,
+            token_counts=token_counts,
+            seen_mask=seen_mask,
+            is_all_greedy=not sampled,
+            # Filters matter only for sampled rows; greedy rows take the argmax regardless.
+            need_top_p=any(p.top_p < 1.0 for p in sampled),
+            need_top_k=any(k < vocab_size for k in sampled_top_ks),
+            need_min_p=any(p.min_p > 0.0 for p in sampled),
+            top_logprobs_num=top_logprobs_num,
+            return_logprob=top_logprobs_num > 0 or any(p.logprobs for p in params),
+            max_top_k=max(sampled_top_ks) if sampled_top_ks and max(sampled_top_ks) < vocab_size else 0,
+        )
+
+
+def _count_tokens(
+    ids: Optional[Sequence[Sequence[int]]], batch: int, vocab_size: int, device: torch.device | str
+) -> torch.Tensor:
+    counts = torch.zeros(batch, vocab_size, dtype=torch.float32, device=device)
+    if ids is None:
+        return counts
+    rows = [i for i, seq in enumerate(ids) for _ in seq]
+    cols = [t for seq in ids for t in seq]
+    if rows:
+        index = (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
+        counts.index_put_(index, torch.ones(len(rows), device=device), accumulate=True)
+    return counts
+
+
+def apply_penalties(logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
+    """Repetition (HF/CTRL), then frequency and presence (OpenAI) penalties; float32 result."""
+    out = logits.float()
+    if info.repetition_penalties is not None:
+        assert info.seen_mask is not None
+        penalty = info.repetition_penalties.unsqueeze(1)
+        penalised = torch.where(out > 0, out / penalty, out * penalty)
+        out = torch.where(info.seen_mask, penalised, out)
+    if info.frequency_penalties is not None or info.presence_penalties is not None:
+        assert info.token_counts is not None
+        counts = info.token_counts
+        if info.frequency_penalties is not None:
+            out = out - info.frequency_penalties.unsqueeze(1) * counts
+        if info.presence_penalties is not None:
+            out = out - info.presence_penalties.unsqueeze(1) * (counts > 0).float()
+    return out
+
+
+def _filter_sorted(sorted_z: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
+    """Apply top-k, then top-p, then min-p to descending-sorted scaled logits (-inf = dropped).
+
+    ``sorted_z`` may hold only each row's leading candidates: every filter depends on the
+    surviving tokens alone, so a truncated list that still covers top_k gives the same result.
+    """
+    neg_inf = float("-inf")
+    rank = torch.arange(sorted_z.shape[1], device=sorted_z.device).unsqueeze(0)
+    if info.need_top_k:
+        sorted_z = sorted_z.masked_fill(rank >= info.top_ks.unsqueeze(1), neg_inf)
+    if info.need_top_p:
+        probs = torch.softmax(sorted_z, dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        # A token survives while the mass ranked above it is still short of top_p; the top
+        # token always survives. Rows with top_p == 1 are exempt: float32 cumsum can reach 1.0
+        # early and would otherwise cut tail tokens depending on batch companions.
+        top_ps = info.top_ps.unsqueeze(1)
+        drop = (mass_before >= top_ps) & (rank > 0) & (top_ps < 1.0)
+        sorted_z = sorted_z.masked_fill(drop, neg_inf)
+    return _apply_min_p(sorted_z, sorted_z[:, :1], info) if info.need_min_p else sorted_z
+
+
+def _apply_min_p(z: torch.Tensor, z_max: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
+    # p_i < min_p * p_max  <=>  z_i < z_max + log(min_p): renormalisation cancels out.
+    threshold = z_max + torch.log(info.min_ps.unsqueeze(1))
+    return z.masked_fill(z < threshold, float("-inf"))
+
+
+def _sample(z: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
+    """Draw one token per row from softmax(z) after filtering; z is temperature-scaled."""
+    if not (info.need_top_k or info.need_top_p):
+        if info.need_min_p:
+            z = _apply_min_p(z, z.max(dim=-1, keepdim=True).values, info)
+        vocab_ids = torch.arange(z.shape[1], device=z.device)
+        return torch.argmax(z + _gumbel_noise(info.seeds, info.steps, vocab_ids), dim=-1)
+    if 0 < info.max_top_k <= _TOP_K_CANDIDATE_LIMIT and info.max_top_k < z.shape[1]:
+        # Every sampled row keeps at most max_top_k tokens, so a partial top-k replaces the full
+        # vocabulary sort and the rest of the work shrinks to [B, max_top_k].
+        cand_z, cand_ids = torch.topk(z, info.max_top_k, dim=-1)
+    else:
+        cand_z, cand_ids = torch.sort(z, dim=-1, descending=True)
+    cand_z = _filter_sorted(cand_z, info)
+    # Noise is keyed by vocabulary id, not by rank, so the draw does not depend on which
+    # candidate list (partial or full) the batch happened to use.
+    pick = torch.argmax(cand_z + _gumbel_noise(info.seeds, info.steps, cand_ids), dim=-1)
+    return cand_ids.gather(1, pick.unsqueeze(1)).squeeze(1)
+
+
+@dataclass
+class SamplerOutput:
+    next_token_ids: torch.Tensor  # [B] int64
+    logprobs: Optional[torch.Tensor] = None  # [B] float32, chosen token under raw log_softmax
+    top_logprob_ids: Optional[torch.Tensor] = None  # [B, K] int64
+    top_logprob_vals: Optional[torch.Tensor] = None  # [B, K] float32
+
+
+class Sampler(torch.nn.Module):
+    def forward(self, logits: torch.Tensor, info: SamplingBatchInfo) -> SamplerOutput:
+        logits = logits.float()
+        penalised = apply_penalties(logits, info) if info.need_penalties else logits
+        greedy_ids = torch.argmax(penalised, dim=-1)
+        if info.is_all_greedy:
+            next_ids = greedy_ids
+        else:
+            greedy_rows = (info.temperatures <= _GREEDY_TEMPERATURE) | (info.top_ks == 1)
+            # Greedy rows get a harmless temperature; their sample is replaced by argmax below.
+            temps = torch.where(greedy_rows, torch.ones_like(info.temperatures), info.temperatures)
+            sampled_ids = _sample(penalised / temps.unsqueeze(1), info)
+            next_ids = torch.where(greedy_rows, greedy_ids, sampled_ids)
+
+        out = SamplerOutput(next_token_ids=next_ids)
+        if info.return_logprob:
+            logprobs = torch.log_softmax(logits, dim=-1)
+            out.logprobs = logprobs.gather(1, next_ids.unsqueeze(1)).squeeze(1)
+            if info.top_logprobs_num > 0:
+                vals, ids = torch.topk(logprobs, info.top_logprobs_num, dim=-1)
+                out.top_logprob_vals, out.top_logprob_ids = vals, ids
+        return out

@@ -1,0 +1,1 @@
+"""Helpers for the project's tests: tiny tokenizers and random checkpoints built offline."""
