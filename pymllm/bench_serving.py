@@ -1,0 +1,305 @@
+"""Online serving benchmark: stream requests at a server, measure TTFT, ITL, latency, throughput.
+
+    python -m pymllm.bench_serving --base-url http://127.0.0.1:30000 --num-prompts 100 \\
+        --dataset random --input-len 512 --output-len 128 --request-rate 8 --seed 0 \\
+        --backend completions --result-filename bench.jsonl
+
+Lengths are exact for the completions backend: prompts are token-id lists, and every request
+forces ``ignore_eos`` with ``max_tokens``. The chat backend sends text (``input-len`` words),
+so its prompt length is approximate; token counts come from the server's usage either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import httpx
+
+Prompt = Union[str, List[int]]
+
+_WORDS = (
+    "time person year way day thing man world life hand part child eye woman place work week case "
+    "point government company number group problem fact"
+).split()
+# Random prompt ids skip the lowest ids, where vocabularies keep control and special tokens.
+_LOWEST_RANDOM_ID = 16
+
+
+@dataclass
+class RequestResult:
+    ok: bool = False
+    error: str = ""
+    ttft: float = 0.0
+    itl: List[float] = field(default_factory=list)
+    latency: float = 0.0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+
+
+def make_prompts(args: argparse.Namespace) -> List[Prompt]:
+    rng = random.Random(args.seed)
+    if args.backend == "chat":
+        def text() -> str:
+            return " ".join(rng.choice(_WORDS) for _ in range(args.input_len))
+
+        fixed = text()
+        return [fixed if args.dataset == "fixed" else text() for _ in range(args.num_prompts)]
+
+    def ids() -> List[int]:
+        return [rng.randrange(_LOWEST_RANDOM_ID, args.vocab_size) for _ in range(args.input_len)]
+
+    fixed_ids = ids()
+    return [list(fixed_ids) if args.dataset == "fixed" else ids() for _ in range(args.num_prompts)]
+
+
+def _request_body(args: argparse.Namespace, model: str, prompt: Prompt) -> Dict[str, Any]:
+    body: Dict[str, Any] = {
+        "model": model,
+        "max_tokens": args.output_len,
+        "ignore_eos": True,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if args.backend == "chat":
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
+    return body
+
+
+def _chunk_text(chunk: Dict[str, Any]) -> str:
+    text = ""
+    for choice in chunk.get("choices") or []:
+        if "delta" in choice:
+            delta = choice["delta"]
+            text += (delta.get("content") or "") + (delta.get("reasoning_content") or "")
+        else:
+            text += choice.get("text") or ""
+    return text
+
+
+async def send_request(
+    client: httpx.AsyncClient, args: argparse.Namespace, model: str, prompt: Prompt
+) -> RequestResult:
+    path = "/v1/chat/completions" if args.backend == "chat" else "/v1/completions"
+    result = RequestResult()
+    start = time.perf_counter()
+    last: Optional[float] = None
+    try:
+        async with client.stream("POST", path, json=_request_body(args, model, prompt)) as resp:
+            if resp.status_code != 200:
+                result.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:200]}"
+                return result
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[len("data: "):])
+                if "error" in chunk:
+                    result.error = chunk["error"].get("message", "stream error")
+                    return result
+                now = time.perf_counter()
+                if _chunk_text(chunk):
+                    if last is None:
+                        result.ttft = now - start
+                    else:
+                        result.itl.append(now - last)
+                    last = now
+                if chunk.get("usage"):
+                    result.prompt_tokens = chunk["usage"]["prompt_tokens"]
+                    result.output_tokens = chunk["usage"]["completion_tokens"]
+    except httpx.HTTPError as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+        return result
+    result.latency = time.perf_counter() - start
+    result.ok = last is not None
+    if not result.ok:
+        result.error = "no output"
+    return result
+
+
+async def _model_name(client: httpx.AsyncClient, args: argparse.Namespace) -> str:
+    if args.model:
+        return args.model
+    resp = await client.get("/v1/models")
+    resp.raise_for_status()
+    return resp.json()["data"][0]["id"]
+
+
+async def _arrivals(rate: float, count: int, rng: random.Random):
+    """Yield once per request, spaced as a Poisson process of ``rate`` per second."""
+    for i in range(count):
+        yield i
+        if math.isfinite(rate) and i < count - 1:
+            await asyncio.sleep(rng.expovariate(rate))
+
+
+async def run_benchmark(args: argparse.Namespace, client: httpx.AsyncClient) -> Dict[str, Any]:
+    """Run every request against ``client`` (whose base_url is the server) and summarise."""
+    model = await _model_name(client, args)
+    prompts = make_prompts(args)
+    limit = asyncio.Semaphore(args.concurrency) if args.concurrency else None
+
+    async def one(prompt: Prompt) -> RequestResult:
+        if limit is None:
+            return await send_request(client, args, model, prompt)
+        async with limit:
+            return await send_request(client, args, model, prompt)
+
+    start = time.perf_counter()
+    tasks = []
+    async for i in _arrivals(args.request_rate, len(prompts), random.Random(args.seed + 1)):
+        tasks.append(asyncio.create_task(one(prompts[i])))
+    results = await asyncio.gather(*tasks)
+    return summarise(args, model, results, time.perf_counter() - start)
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def _stats_ms(name: str, values: Sequence[float]) -> Dict[str, float]:
+    ms = [v * 1000.0 for v in values]
+    return {
+        f"mean_{name}_ms": sum(ms) / len(ms) if ms else 0.0,
+        f"median_{name}_ms": _percentile(ms, 50),
+        f"p99_{name}_ms": _percentile(ms, 99),
+    }
+
+
+def summarise(
+    args: argparse.Namespace, model: str, results: List[RequestResult], duration: float
+) -> Dict[str, Any]:
+    done = [r for r in results if r.ok]
+    input_tokens = sum(r.prompt_tokens for r in done)
+    output_tokens = sum(r.output_tokens for r in done)
+    tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in done if r.output_tokens > 1]
+    row: Dict[str, Any] = {
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "backend": args.backend,
+        "base_url": args.base_url,
+        "model": model,
+        "dataset": args.dataset,
+        "num_prompts": args.num_prompts,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf",
+        "concurrency": args.concurrency,
+        "seed": args.seed,
+        "completed": len(done),
+        "failed": len(results) - len(done),
+        "duration_s": duration,
+        "total_input_tokens": input_tokens,
+        "total_output_tokens": output_tokens,
+        "request_throughput": len(done) / duration if duration else 0.0,
+        "input_throughput": input_tokens / duration if duration else 0.0,
+        "output_throughput": output_tokens / duration if duration else 0.0,
+    }
+    row.update(_stats_ms("ttft", [r.ttft for r in done]))
+    row.update(_stats_ms("itl", [gap for r in done for gap in r.itl]))
+    row.update(_stats_ms("tpot", tpot))
+    row.update(_stats_ms("e2e_latency", [r.latency for r in done]))
+    errors = [r.error for r in results if not r.ok]
+    if errors:
+        row["first_error"] = errors[0]
+    return row
+
+
+def format_table(row: Dict[str, Any]) -> str:
+    lines = ["=" * 22 + " Serving Benchmark Result " + "=" * 22]
+
+    def add(label: str, value: Any) -> None:
+        text = f"{value:.2f}" if isinstance(value, float) else str(value)
+        lines.append(f"{label:<48}{text:>22}")
+
+    add("Backend:", row["backend"])
+    add("Model:", row["model"])
+    add("Successful requests:", row["completed"])
+    add("Failed requests:", row["failed"])
+    add("Benchmark duration (s):", row["duration_s"])
+    add("Total input tokens:", row["total_input_tokens"])
+    add("Total generated tokens:", row["total_output_tokens"])
+    add("Request throughput (req/s):", row["request_throughput"])
+    add("Input token throughput (tok/s):", row["input_throughput"])
+    add("Output token throughput (tok/s):", row["output_throughput"])
+    for key, title in (("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st)"),
+                       ("itl", "Inter-token Latency"), ("e2e_latency", "End-to-end Latency")):
+        lines.append(f"{'-' * 15}{title:^40}{'-' * 15}")
+        for stat in ("mean", "median", "p99"):
+            add(f"{stat.capitalize()} {key.upper().replace('_', ' ')} (ms):", row[f"{stat}_{key}_ms"])
+    if "first_error" in row:
+        lines.append(f"First error: {row['first_error']}")
+    lines.append("=" * 70)
+    return "\n".join(lines)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pymllm.bench_serving", description=__doc__.split("\n")[0])
+    p.add_argument("--base-url", default="http://127.0.0.1:30000")
+    p.add_argument("--backend", choices=("completions", "chat"), default="completions")
+    p.add_argument("--model", default=None, help="Model name to send; default: the server's first model.")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--dataset", choices=("random", "fixed"), default="random",
+                   help="random: a new random prompt per request; fixed: one prompt for all.")
+    p.add_argument("--num-prompts", type=int, default=100)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--vocab-size", type=int, default=1000,
+                   help="Random prompt ids are drawn below this (completions backend).")
+    p.add_argument("--tokenizer", default=None, help="Tokenizer directory; sets --vocab-size to its size.")
+    load = p.add_mutually_exclusive_group()
+    load.add_argument("--request-rate", type=float, default=math.inf,
+                      help="Poisson arrival rate in requests/s; inf sends all at once.")
+    load.add_argument("--concurrency", type=int, default=None, help="Requests in flight at most.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--request-timeout", type=float, default=600.0)
+    p.add_argument("--result-filename", default=None, help="Append one JSON line of results here.")
+    args = p.parse_args(argv)
+    for name in ("num_prompts", "input_len", "output_len", "vocab_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.request_rate <= 0 or (args.concurrency is not None and args.concurrency < 1):
+        p.error("--request-rate and --concurrency must be positive")
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        args.vocab_size = len(AutoTokenizer.from_pretrained(args.tokenizer))
+    if args.vocab_size <= _LOWEST_RANDOM_ID:
+        p.error(f"--vocab-size must be > {_LOWEST_RANDOM_ID}")
+    return args
+
+
+async def _main(args: argparse.Namespace) -> Dict[str, Any]:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(
+        base_url=args.base_url, headers=headers, timeout=args.request_timeout, limits=limits
+    ) as client:
+        return await run_benchmark(args, client)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    row = asyncio.run(_main(args))
+    print(format_table(row))
+    if args.result_filename:
+        with open(args.result_filename, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+    return 0 if row["completed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Engine logprobs -> the two OpenAI shapes (chat ``content[]`` and legacy completions)."""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+from pymllm.server.protocol import ChatChoiceLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
+
+# Engine entry per token: (token text, logprob, [(top token text, top logprob), ...]).
+EngineLogprob = Tuple[str, float, List[Tuple[str, float]]]
+
+# JSON has no -inf; OpenAI reports impossible tokens with this floor.
+_LOGPROB_FLOOR = -9999.0
+
+
+def finite_logprob(logprob: float) -> float:
+    if math.isnan(logprob) or logprob < _LOGPROB_FLOOR:
+        return _LOGPROB_FLOOR
+    return float(logprob)
+
+
+def _utf8(token: str) -> List[int]:
+    return list(token.encode("utf-8", errors="replace"))
+
+
+def chat_logprobs(entries: Optional[Sequence[EngineLogprob]], top_k: int) -> Optional[ChatChoiceLogprobs]:
+    if not entries:
+        return None
+    content = [
+        ChatTokenLogprob(
+            token=token,
+            logprob=finite_logprob(logprob),
+            bytes=_utf8(token),
+            top_logprobs=[
+                TopLogprob(token=t, logprob=finite_logprob(lp), bytes=_utf8(t)) for t, lp in top[:top_k]
+            ],
+        )
+        for token, logprob, top in entries
+    ]
+    return ChatChoiceLogprobs(content=content)
+
+
+def completion_logprobs(
+    entries: Optional[Sequence[EngineLogprob]], top_k: int, text_offset: int
+) -> Tuple[Optional[CompletionLogprobs], int]:
+    """Legacy shape; ``text_offset`` is where the first token starts in the choice's text.
+    Returns the logprobs and the offset after the last token (for the next stream chunk)."""
+    if not entries:
+        return None, text_offset
+    out = CompletionLogprobs()
+    for token, logprob, top in entries:
+        out.tokens.append(token)
+        out.token_logprobs.append(finite_logprob(logprob))
+        # OpenAI always lists the sampled token among the alternatives.
+        alternatives = {t: finite_logprob(lp) for t, lp in top[:top_k]}
+        alternatives.setdefault(token, finite_logprob(logprob))
+        out.top_logprobs.append(alternatives)
+        out.text_offset.append(text_offset)
+        text_offset += len(token)
+    return out, text_offset

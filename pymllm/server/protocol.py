@@ -1,0 +1,350 @@
+"""Pydantic models of the OpenAI-compatible and native request/response bodies.
+
+Request models validate value ranges so that a bad value is a 400 with an error object,
+never a 500 from deep inside the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Dict, FrozenSet, List, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from typing_extensions import Annotated
+
+# ---------------------------------------------------------------- requests
+
+
+class StreamOptions(BaseModel):
+    include_usage: Optional[bool] = False
+
+
+class SamplingRequestFields(BaseModel):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model: Optional[str] = None
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    top_k: Optional[int] = Field(None, ge=-1)
+    min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
+    presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: Optional[float] = Field(None, gt=0.0, le=10.0)
+    seed: Optional[int] = None
+    stop: Optional[Union[str, List[str]]] = None
+    stop_token_ids: Optional[List[Annotated[int, Field(ge=0)]]] = None
+    n: Optional[int] = Field(1, ge=1, le=128)
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    ignore_eos: Optional[bool] = False
+    skip_special_tokens: Optional[bool] = True
+    logit_bias: Optional[Dict[str, float]] = None
+    user: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _check_shared(self) -> "SamplingRequestFields":
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported")
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    url: str
+    detail: Optional[str] = None
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+
+
+class FunctionCallIn(BaseModel):
+    name: str
+    arguments: Union[str, Dict[str, Any]] = "{}"
+
+
+class ToolCallIn(BaseModel):
+    id: Optional[str] = None
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: Optional[Union[str, List[ContentPart]]] = None
+    name: Optional[str] = None
+    tool_calls: Optional[List[ToolCallIn]] = None
+    tool_call_id: Optional[str] = None
+    reasoning_content: Optional[str] = None  # earlier turns' reasoning, for templates that use it
+
+    @model_validator(mode="after")
+    def _check_content(self) -> "ChatMessage":
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
+
+
+class FunctionDefinition(BaseModel):
+    name: str
+    description: Optional[str] = None
+    parameters: Optional[Dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+
+class ChatTool(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+
+class ChatCompletionRequest(SamplingRequestFields):
+    messages: List[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: Optional[bool] = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    tools: Optional[List[ChatTool]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
+    parallel_tool_calls: Optional[bool] = None
+    chat_template_kwargs: Optional[Dict[str, Any]] = None
+    response_format: Optional[ResponseFormat] = None
+
+    @model_validator(mode="after")
+    def _check_chat(self) -> "ChatCompletionRequest":
+        if self.response_format is not None and self.response_format.type != "text":
+            raise ValueError(f"response_format type {self.response_format.type!r} is not supported; only 'text'")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise ValueError("tool_choice requires tools")
+        return self
+
+    @property
+    def parses_tool_calls(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
+
+
+PromptType = Union[str, List[str], List[int], List[List[int]]]
+
+
+class CompletionRequest(SamplingRequestFields):
+    prompt: PromptType
+    echo: Optional[bool] = False
+    logprobs: Optional[int] = Field(None, ge=0, le=5)
+    suffix: Optional[str] = None
+    best_of: Optional[int] = None
+
+    @model_validator(mode="after")
+    def _check_completion(self) -> "CompletionRequest":
+        if self.suffix is not None:
+            raise ValueError("suffix is not supported")
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise ValueError("best_of other than n is not supported")
+        if isinstance(self.prompt, (str, list)) and len(self.prompt) == 0:
+            raise ValueError("prompt must not be empty")
+        if isinstance(self.prompt, list) and any(
+            isinstance(p, (str, list)) and len(p) == 0 for p in self.prompt
+        ):
+            raise ValueError("prompt must not contain empty prompts")
+        return self
+
+
+class GenerateRequest(BaseModel):
+    """Native /generate: raw text or token ids, sampling params as in SamplingParams."""
+
+    text: Optional[str] = None
+    input_ids: Optional[List[int]] = None
+    sampling_params: Dict[str, Any] = Field(default_factory=dict)
+    stream: bool = False
+    rid: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _check_input(self) -> "GenerateRequest":
+        if (self.text is None) == (self.input_ids is None):
+            raise ValueError("give exactly one of text or input_ids")
+        if not (self.text if self.text is not None else self.input_ids):
+            raise ValueError("the prompt must not be empty")
+        return self
+
+
+class AbortRequest(BaseModel):
+    rid: str
+
+
+# ---------------------------------------------------------------- responses
+
+
+class _Out(BaseModel):
+    """Response model: fields listed in ``_omit_if_none`` are left out instead of null.
+
+    OpenAI bodies have both kinds: ``finish_reason: null`` is always present, while a delta
+    only carries the keys it changes.
+    """
+
+    _omit_if_none: ClassVar[FrozenSet[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler: Any) -> Dict[str, Any]:
+        data = handler(self)
+        for key in self._omit_if_none:
+            if data.get(key, 0) is None:
+                del data[key]
+        return data
+
+
+class PromptTokensDetails(_Out):
+    cached_tokens: int = 0
+
+
+class UsageInfo(_Out):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: Optional[PromptTokensDetails] = None
+
+
+class TopLogprob(_Out):
+    token: str
+    logprob: float
+    bytes: Optional[List[int]] = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: List[TopLogprob] = Field(default_factory=list)
+
+
+class ChatChoiceLogprobs(_Out):
+    content: Optional[List[ChatTokenLogprob]] = None
+
+
+class FunctionCallOut(_Out):
+    _omit_if_none = frozenset({"name", "arguments"})
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+
+class ToolCallOut(_Out):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
+class ChatResponseMessage(_Out):
+    _omit_if_none = frozenset({"reasoning_content", "tool_calls"})
+    role: Literal["assistant"] = "assistant"
+    content: Optional[str] = None
+    reasoning_content: Optional[str] = None
+    tool_calls: Optional[List[ToolCallOut]] = None
+
+
+class ChatCompletionChoice(_Out):
+    index: int
+    message: ChatResponseMessage
+    logprobs: Optional[ChatChoiceLogprobs] = None
+    finish_reason: Optional[str] = None
+
+
+class ChatCompletion(_Out):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: List[ChatCompletionChoice]
+    usage: UsageInfo
+
+
+class DeltaToolCall(_Out):
+    _omit_if_none = frozenset({"id", "type", "function"})
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: Optional[FunctionCallOut] = None
+
+
+class DeltaMessage(_Out):
+    _omit_if_none = frozenset({"role", "content", "reasoning_content", "tool_calls"})
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+    reasoning_content: Optional[str] = None
+    tool_calls: Optional[List[DeltaToolCall]] = None
+
+
+class ChatChunkChoice(_Out):
+    index: int
+    delta: DeltaMessage
+    logprobs: Optional[ChatChoiceLogprobs] = None
+    finish_reason: Optional[str] = None
+
+
+class ChatCompletionChunk(_Out):
+    _omit_if_none = frozenset({"usage"})
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: List[ChatChunkChoice]
+    usage: Optional[UsageInfo] = None
+
+
+class CompletionLogprobs(_Out):
+    tokens: List[str] = Field(default_factory=list)
+    token_logprobs: List[Optional[float]] = Field(default_factory=list)
+    top_logprobs: List[Optional[Dict[str, float]]] = Field(default_factory=list)
+    text_offset: List[int] = Field(default_factory=list)
+
+
+class CompletionChoice(_Out):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogprobs] = None
+    finish_reason: Optional[str] = None
+
+
+class Completion(_Out):
+    _omit_if_none = frozenset({"usage"})
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: List[CompletionChoice]
+    usage: Optional[UsageInfo] = None
+
+
+class ModelCard(_Out):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "pymllm"
+    max_model_len: Optional[int] = None
+
+
+class ModelList(_Out):
+    object: Literal["list"] = "list"
+    data: List[ModelCard]

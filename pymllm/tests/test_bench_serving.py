@@ -1,0 +1,103 @@
+"""bench_serving against the real HTTP app (scripted engine): in-process and over loopback TCP."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+import uvicorn
+
+from pymllm import bench_serving
+from pymllm.configs.server_config import ServerConfig
+from pymllm.server import create_app
+from pymllm.server.testing import FakeEngineClient, ScriptedReply, asgi_client
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+def _script(req):
+    count = req.sampling_params["max_new_tokens"]
+    prompt_tokens = len(req.input_ids) if req.input_ids is not None else 5
+    return ScriptedReply(chunks=["tok "] * count, finish="length", prompt_tokens=prompt_tokens, cached_tokens=0)
+
+
+async def test_run_benchmark_in_process():
+    fake = FakeEngineClient(_script)
+    args = bench_serving.parse_args(
+        ["--num-prompts", "6", "--input-len", "12", "--output-len", "4", "--concurrency", "2", "--seed", "3",
+         "--vocab-size", "256"]
+    )
+    async with asgi_client(create_app(fake, ServerConfig())) as client:
+        row = await bench_serving.run_benchmark(args, client)
+    assert row["completed"] == 6 and row["failed"] == 0
+    assert row["total_input_tokens"] == 72 and row["total_output_tokens"] == 24
+    assert all(len(r.input_ids) == 12 for r in fake.requests)
+    assert all(r.sampling_params["ignore_eos"] and r.sampling_params["max_new_tokens"] == 4 for r in fake.requests)
+    assert len({tuple(r.input_ids) for r in fake.requests}) == 6  # random: distinct prompts
+    for key in ("ttft", "itl", "tpot", "e2e_latency"):
+        assert {f"mean_{key}_ms", f"median_{key}_ms", f"p99_{key}_ms"} <= set(row)
+    assert "Successful requests:" in bench_serving.format_table(row)
+
+
+async def test_fixed_dataset_and_chat_backend():
+    fake = FakeEngineClient(_script)
+    args = bench_serving.parse_args(
+        ["--num-prompts", "3", "--input-len", "5", "--output-len", "2", "--dataset", "fixed", "--backend", "chat"]
+    )
+    async with asgi_client(create_app(fake, ServerConfig())) as client:
+        row = await bench_serving.run_benchmark(args, client)
+    assert row["completed"] == 3 and row["total_output_tokens"] == 6
+    contents = {r.messages[0]["content"] for r in fake.requests}
+    assert len(contents) == 1 and len(next(iter(contents)).split()) == 5
+
+
+async def test_failures_are_counted():
+    fake = FakeEngineClient(ScriptedReply(reject=(400, "too long")))
+    args = bench_serving.parse_args(
+        ["--num-prompts", "2", "--input-len", "3", "--output-len", "2", "--vocab-size", "256"]
+    )
+    async with asgi_client(create_app(fake, ServerConfig())) as client:
+        row = await bench_serving.run_benchmark(args, client)
+    assert row["completed"] == 0 and row["failed"] == 2 and "too long" in row["first_error"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_main_over_loopback_writes_jsonl(tmp_path, capsys):
+    port = _free_port()
+    fake = FakeEngineClient(lambda req: ScriptedReply(**{**_script(req).__dict__, "delay_s": 0.002}))
+    server = uvicorn.Server(uvicorn.Config(create_app(fake, ServerConfig()), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 10
+        while not server.started and time.time() < deadline:
+            time.sleep(0.02)
+        out = tmp_path / "bench.jsonl"
+        argv = ["--base-url", f"http://127.0.0.1:{port}", "--num-prompts", "4", "--input-len", "8",
+                "--output-len", "5", "--request-rate", "50", "--seed", "1", "--result-filename", str(out),
+                "--vocab-size", "256"]
+        assert bench_serving.main(argv) == 0
+        assert bench_serving.main(argv) == 0
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2
+    row = rows[0]
+    assert row["completed"] == 4 and row["total_output_tokens"] == 20 and row["total_input_tokens"] == 32
+    assert row["request_rate"] == 50 and row["median_ttft_ms"] > 0 and row["p99_itl_ms"] > 0
+    assert "Output token throughput" in capsys.readouterr().out

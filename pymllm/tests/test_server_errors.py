@@ -1,0 +1,173 @@
+"""Every failure is an OpenAI error object with the right status: 400, 401, 404, 503, 500."""
+
+from __future__ import annotations
+
+import pytest
+
+from pymllm.configs.server_config import ServerConfig
+from pymllm.server import create_app
+from pymllm.server.testing import FakeEngineClient, ScriptedReply, asgi_client
+
+pytestmark = pytest.mark.anyio
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+def _assert_error(r, status, code=None):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    if code is not None:
+        assert body["error"]["code"] == code
+    return body["error"]
+
+
+async def _post(fake, body, path="/v1/chat/completions", headers=None, **config):
+    async with asgi_client(create_app(fake, ServerConfig(**config))) as client:
+        if isinstance(body, (bytes, str)):
+            headers = {"content-type": "application/json", **(headers or {})}
+            return await client.post(path, content=body, headers=headers)
+        return await client.post(path, json=body, headers=headers)
+
+
+async def test_malformed_json_is_400():
+    err = _assert_error(await _post(FakeEngineClient(), b"{not json"), 400)
+    assert err["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    "patch,param",
+    [
+        ({"temperature": 2.5}, "temperature"),
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"n": 0}, "n"),
+        ({"n": 129}, "n"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_completion_tokens": -3}, "max_completion_tokens"),
+        ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+        ({"messages": [{"role": "user"}]}, "messages"),
+        ({"messages": [{"role": "user", "content": [{"type": "audio", "data": "x"}]}]}, "messages"),
+        ({"stop": ["a"] * 17}, None),
+        ({"stream": "yes please"}, "stream"),
+    ],
+)
+async def test_out_of_range_values_are_400(patch, param):
+    fake = FakeEngineClient()
+    err = _assert_error(await _post(fake, {"messages": USER, **patch}), 400)
+    if param is not None:
+        assert err["param"].startswith(param)
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(
+    "patch,needle",
+    [
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"top_logprobs": 3}, "top_logprobs requires logprobs"),
+        ({"tool_choice": "required"}, "tool_choice requires tools"),
+    ],
+)
+async def test_unsupported_options_are_400(patch, needle):
+    err = _assert_error(await _post(FakeEngineClient(), {"messages": USER, **patch}), 400)
+    assert needle in err["message"]
+
+
+async def test_response_format_text_is_accepted():
+    r = await _post(FakeEngineClient(), {"messages": USER, "response_format": {"type": "text"}})
+    assert r.status_code == 200
+
+
+async def test_unknown_model_is_404():
+    r = await _post(FakeEngineClient(), {"model": "gpt-9", "messages": USER})
+    err = _assert_error(r, 404, "model_not_found")
+    assert "gpt-9" in err["message"]
+    for name in ("fake-model", "default"):
+        assert (await _post(FakeEngineClient(), {"model": name, "messages": USER})).status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_engine_rejection_is_a_plain_400(stream):
+    fake = FakeEngineClient(ScriptedReply(reject=(400, "prompt is 9000 tokens; the context is 4096")))
+    r = await _post(fake, {"messages": USER, "stream": stream})
+    err = _assert_error(r, 400)
+    assert "9000 tokens" in err["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_queue_full_is_503(stream):
+    fake = FakeEngineClient(ScriptedReply(queue_full=True))
+    _assert_error(await _post(fake, {"messages": USER, "stream": stream}), 503, "queue_full")
+    _assert_error(await _post(fake, {"prompt": "x", "stream": stream}, path="/v1/completions"), 503)
+    _assert_error(await _post(fake, {"text": "x", "stream": stream}, path="/generate"), 503)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_dead_engine_is_503(stream):
+    fake = FakeEngineClient()
+    fake.healthy = False
+    _assert_error(await _post(fake, {"messages": USER, "stream": stream}), 503, "engine_dead")
+    async with asgi_client(create_app(fake, ServerConfig())) as client:
+        _assert_error(await client.get("/server_info"), 503, "engine_dead")
+        _assert_error(await client.post("/flush_cache"), 503, "engine_dead")
+        assert (await client.get("/metrics")).status_code == 200
+
+
+async def test_rejection_by_a_dying_engine_is_503():
+    fake = FakeEngineClient(ScriptedReply(reject=(503, "scheduler failed: CUDA error")))
+    err = _assert_error(await _post(fake, {"messages": USER}), 503)
+    assert "CUDA error" in err["message"]
+
+
+async def test_one_rejected_choice_aborts_the_others():
+    fake = FakeEngineClient(
+        lambda req: ScriptedReply(reject=(400, "bad")) if req.rid.endswith("-1")
+        else ScriptedReply(chunks=["x"] * 50, delay_s=0.01)
+    )
+    _assert_error(await _post(fake, {"messages": USER, "n": 3}), 400)
+    rid = fake.requests[0].rid.rsplit("-", 1)[0]
+    assert sorted(fake.aborted) == [f"{rid}-0", f"{rid}-2"]
+
+
+async def test_engine_exception_is_500_error_object():
+    class Broken(FakeEngineClient):
+        async def generate(self, req):
+            raise RuntimeError("boom")
+            yield  # pragma: no cover - makes this an async generator
+
+    _assert_error(await _post(Broken(), {"messages": USER}), 500, "internal_error")
+
+
+async def test_unknown_route_and_method_have_error_objects():
+    async with asgi_client(create_app(FakeEngineClient(), ServerConfig())) as client:
+        _assert_error(await client.get("/v1/nope"), 404)
+        _assert_error(await client.get("/v1/chat/completions"), 405)
+
+
+async def test_api_key():
+    fake = FakeEngineClient()
+    app = create_app(fake, ServerConfig(api_key="sekret"))
+    async with asgi_client(app) as client:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
+            r = await client.post("/v1/chat/completions", json={"messages": USER}, headers=headers)
+            _assert_error(r, 401, "invalid_api_key")
+        for path in ("/v1/models", "/server_info", "/v1/does-not-exist"):
+            _assert_error(await client.get(path), 401)
+        ok = await client.post(
+            "/v1/chat/completions", json={"messages": USER}, headers={"Authorization": "Bearer sekret"}
+        )
+        assert ok.status_code == 200
+        for path in ("/health", "/health_generate", "/metrics"):
+            assert (await client.get(path)).status_code == 200, path
+    assert len(fake.requests) == 2  # the authorised chat call and /health_generate
