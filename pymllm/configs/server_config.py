@@ -66,12 +66,23 @@ class ServerConfig:
     max_queued_requests: Optional[int] = field(
         default=None, metadata=_flag("Waiting-queue bound; requests past it get 503.")
     )
+    disable_radix_cache: bool = field(
+        default=False, metadata=_flag("Use ChunkCache (no prefix reuse) instead of the radix cache.")
+    )
     attention_backend: str = field(
         default="auto",
         metadata=_flag(
             "Attention kernels. auto: flashinfer on CUDA when importable, else torch_native.",
             ("auto", "torch_native", "flashinfer"),
         ),
+    )
+    disable_cuda_graph: bool = field(
+        default=False,
+        metadata=_flag("Run decode eagerly instead of replaying captured CUDA graphs (for debugging)."),
+    )
+    cuda_graph_max_bs: Optional[int] = field(
+        default=None,
+        metadata=_flag("Largest decode batch captured as a CUDA graph; default: max_running_requests."),
     )
     # --- runtime ---
     random_seed: int = field(default=0, metadata=_flag("Seed for weights of dummy models and unseeded sampling."))
@@ -103,6 +114,7 @@ class ServerConfig:
         _positive(self, "max_total_tokens", optional=True)
         _positive(self, "context_length", optional=True)
         _positive(self, "max_queued_requests", optional=True, allow_zero=True)
+        _positive(self, "cuda_graph_max_bs", optional=True)
         if not 0.0 < self.mem_fraction_static <= 1.0:
             raise ConfigError(
                 f"--server.mem_fraction_static: {self.mem_fraction_static} must be in (0, 1]"

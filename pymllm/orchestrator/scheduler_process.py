@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import List
 
@@ -96,6 +97,7 @@ class SchedulerLoop:
             "dtype": str(runner.dtype).replace("torch.", ""),
             "attention_backend": runner.attn_backend.name,
             "model_path": runner.model_config.model_path,
+            "pid": os.getpid(),
         }
 
     def handle(self, msg) -> List[Req]:
