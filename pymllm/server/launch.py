@@ -55,6 +55,10 @@ def serve(config: GlobalConfig) -> int:
             "Serving %s on http://%s:%d (ready in %.1f s)",
             engine.client.model_name, server.host, server.port, time.perf_counter() - started,
         )
+        # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal to the
+        # handler that was installed before it; this one lets us reach engine.shutdown() below.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, _: logger.info("%s: shutting down", signal.Signals(signum).name))
         uvicorn.run(app, host=server.host, port=server.port, log_level=server.log_level, timeout_graceful_shutdown=5)
     finally:
         engine.shutdown()

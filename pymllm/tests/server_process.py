@@ -80,10 +80,12 @@ class ServerProcess:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def get(self, path: str, **kw) -> httpx.Response:
-        return httpx.get(self.base_url + path, headers=self.headers(), timeout=60, **kw)
+        kw["headers"] = {**self.headers(), **kw.get("headers", {})}
+        return httpx.get(self.base_url + path, timeout=60, **kw)
 
     def post(self, path: str, **kw) -> httpx.Response:
-        return httpx.post(self.base_url + path, headers=self.headers(), timeout=120, **kw)
+        kw["headers"] = {**self.headers(), **kw.get("headers", {})}
+        return httpx.post(self.base_url + path, timeout=120, **kw)
 
     def log_text(self) -> str:
         self.log.flush()

@@ -1,0 +1,247 @@
+"""The real server in a subprocess (tiny Qwen3 + local tokenizer), driven by the openai SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from pymllm.engine.launch import Engine
+from pymllm.testing.tiny_models import tiny_model_dir
+from pymllm.tests.server_process import ServerProcess, child_pids, pid_alive
+
+API_KEY = "sk-test"
+MAX_RUNNING = 4
+MAX_QUEUED = 4
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    return tiny_model_dir("qwen3")
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    srv = ServerProcess(
+        ["--server.model_path", str(model_dir), "--server.max_total_tokens", "4096",
+         "--server.max_running_requests", str(MAX_RUNNING), "--server.max_queued_requests", str(MAX_QUEUED),
+         "--server.reasoning_parser", "qwen3", "--server.served_model_name", "tiny-qwen3"],
+        api_key=API_KEY,
+    )
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=API_KEY, max_retries=0)
+
+
+CHAT = [{"role": "user", "content": "Tell me about the weather."}]
+
+
+def test_models_and_auth(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny-qwen3"]
+    assert httpx.get(server.base_url + "/v1/models").status_code == 401
+    bad = httpx.post(server.base_url + "/v1/chat/completions", json={}, headers={"Authorization": "Bearer nope"})
+    assert bad.status_code == 401 and "error" in bad.json()
+    assert httpx.get(server.base_url + "/health").status_code == 200
+
+
+def test_chat_non_stream_has_usage(client):
+    r = client.chat.completions.create(model="tiny-qwen3", messages=CHAT, max_tokens=8, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 0 and r.usage.completion_tokens <= 8
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_stream_matches_non_stream_and_sends_usage(client):
+    kw = dict(model="tiny-qwen3", messages=CHAT, max_tokens=10, temperature=0,
+              extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    whole = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_completions_stream_and_echo(client):
+    whole = client.completions.create(model="tiny-qwen3", prompt="the number", max_tokens=6, temperature=0)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny-qwen3", prompt="the number", max_tokens=6, temperature=0, stream=True))
+    assert streamed == whole.choices[0].text
+    echo = client.completions.create(model="tiny-qwen3", prompt="the number", max_tokens=6, temperature=0, echo=True)
+    assert echo.choices[0].text == "the number" + whole.choices[0].text
+
+
+def test_stop_string_across_token_boundaries(client):
+    base = client.completions.create(model="tiny-qwen3", prompt="hello", max_tokens=24, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    # A stop string made of the end of one output token and the start of the next.
+    tokenizer_free_cut = len(base) // 2
+    stop = base[tokenizer_free_cut - 2 : tokenizer_free_cut + 2]
+    assert len(stop) == 4
+    r = client.completions.create(model="tiny-qwen3", prompt="hello", max_tokens=24, temperature=0, stop=[stop],
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].text == base[: base.index(stop)]
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny-qwen3", prompt="hello", max_tokens=24, temperature=0, stop=[stop], stream=True,
+        extra_body={"ignore_eos": True}))
+    assert streamed == r.choices[0].text and stop not in streamed
+
+
+def test_n_logprobs_and_seed(client):
+    kw = dict(model="tiny-qwen3", messages=CHAT, max_tokens=6, temperature=1.0, seed=7, n=2,
+              logprobs=True, top_logprobs=3)
+    a = client.chat.completions.create(**kw)
+    b = client.chat.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    lp = a.choices[0].logprobs.content
+    assert len(lp) == a.usage.completion_tokens // 2 or len(lp) >= 1
+    assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in lp)
+    comp = client.completions.create(model="tiny-qwen3", prompt="abc", max_tokens=4, temperature=0, logprobs=2)
+    assert len(comp.choices[0].logprobs.tokens) == len(comp.choices[0].logprobs.token_logprobs)
+
+
+def test_reasoning_parser_leaves_content_when_thinking_is_off(client):
+    r = client.chat.completions.create(model="tiny-qwen3", messages=CHAT, max_tokens=8, temperature=0,
+                                       extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    msg = r.choices[0].message
+    assert getattr(msg, "reasoning_content", None) in (None, "")
+    assert msg.content is not None
+
+
+def test_tools_reach_the_chat_template(client):
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    plain = client.chat.completions.create(model="tiny-qwen3", messages=CHAT, max_tokens=2)
+    with_tools = client.chat.completions.create(model="tiny-qwen3", messages=CHAT, max_tokens=2, tools=tools)
+    assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens
+    history = CHAT + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    r = client.chat.completions.create(model="tiny-qwen3", messages=history, max_tokens=4, tools=tools)
+    assert r.usage.prompt_tokens > with_tools.usage.prompt_tokens
+
+
+def test_http_greedy_equals_offline_engine(client, model_dir):
+    params = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
+    r = client.completions.create(model="tiny-qwen3", prompt="the weather is", max_tokens=12, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    with Engine(model_path=str(model_dir), max_total_tokens=1024) as engine:
+        offline = engine.generate("the weather is", params)
+    assert r.choices[0].text == offline["text"]
+
+
+def test_bad_input_gets_400_and_server_keeps_serving(server, client):
+    cases = [
+        (b"{not json", "application/json"),
+        (json.dumps({"model": "tiny-qwen3", "messages": "hi"}).encode(), "application/json"),
+        (json.dumps({"model": "tiny-qwen3", "messages": CHAT, "temperature": -1}).encode(), "application/json"),
+        (json.dumps({"model": "tiny-qwen3", "messages": CHAT, "max_tokens": "many"}).encode(), "application/json"),
+    ]
+    for body, ctype in cases:
+        r = server.post("/v1/chat/completions", content=body, headers={"Content-Type": ctype})
+        assert r.status_code == 400, r.text
+        assert set(r.json()["error"]) >= {"message", "type"}
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=CHAT, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="context length"):
+        client.completions.create(model="tiny-qwen3", prompt=[5] * 600, max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny-qwen3", messages=CHAT, max_tokens=2, stream=True, top_p=0)
+    assert client.chat.completions.create(model="tiny-qwen3", messages=CHAT, max_tokens=2).usage is not None
+
+
+async def _drop_streams(server, count: int) -> None:
+    async with httpx.AsyncClient(base_url=server.base_url, headers=server.headers(), timeout=60) as http:
+        async def one():
+            body = {"model": "tiny-qwen3", "prompt": "go", "max_tokens": 400, "stream": True, "ignore_eos": True}
+            async with http.stream("POST", "/v1/completions", json=body) as resp:
+                async for line in resp.aiter_lines():
+                    if line.startswith("data:"):
+                        return  # leave after the first chunk: the connection closes mid-generation
+
+        await asyncio.gather(*(one() for _ in range(count)))
+
+
+def test_disconnected_streams_free_their_kv(server):
+    asyncio.run(_drop_streams(server, 8))
+    deadline = time.monotonic() + 30
+    while True:
+        info = server.get("/server_info").json()
+        if info["running"] == 0 and info["queued"] == 0 and info["kv_used"] == info["kv_cached"]:
+            break
+        assert time.monotonic() < deadline, f"aborted requests still hold resources: {info}"
+        time.sleep(0.2)
+
+
+async def _flood(server, count: int):
+    async with httpx.AsyncClient(base_url=server.base_url, headers=server.headers(), timeout=120) as http:
+        async def one():
+            body = {"model": "tiny-qwen3", "prompt": "go", "max_tokens": 64, "ignore_eos": True}
+            return (await http.post("/v1/completions", json=body)).status_code
+
+        return await asyncio.gather(*(one() for _ in range(count)))
+
+
+def test_overload_gets_503_and_the_rest_complete(server):
+    codes = asyncio.run(_flood(server, 3 * (MAX_RUNNING + MAX_QUEUED)))
+    assert set(codes) <= {200, 503}
+    assert codes.count(503) > 0
+    assert codes.count(200) >= MAX_RUNNING + MAX_QUEUED
+    assert server.get("/health").status_code == 200
+
+
+def test_metrics_exposition(server):
+    text = httpx.get(server.base_url + "/metrics").text
+    for name in ("pymllm_requests_total", "pymllm_time_to_first_token_seconds", "pymllm_kv_cache_usage_ratio", "pymllm_num_requests_running"):
+        assert name in text, name
+
+
+def test_idle_server_uses_no_cpu(server):
+    def cpu_ticks(pid):
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+
+    pids = [server.proc.pid, *child_pids(server.proc.pid)]
+    before = {p: cpu_ticks(p) for p in pids}
+    time.sleep(2.0)
+    used = sum(cpu_ticks(p) - before[p] for p in pids)
+    assert used <= 10, f"idle server used {used} clock ticks in 2 s"
+
+
+def test_worker_death_turns_health_503_and_exits(model_dir):
+    srv = ServerProcess(["--server.model_path", str(model_dir), "--server.max_total_tokens", "512"])
+    try:
+        children = child_pids(srv.proc.pid)
+        assert len(children) >= 3
+        scheduler_pid = srv.get("/server_info").json()["pid"]
+        import os
+        import signal
+
+        os.kill(scheduler_pid, signal.SIGKILL)
+        srv.proc.wait(timeout=30)
+        assert srv.proc.returncode != 0
+        assert "worker process died" in srv.log_text()
+        time.sleep(0.5)
+        assert not any(pid_alive(p) for p in children), "orphaned worker processes"
+    finally:
+        srv.stop()
+
+
+def test_sigterm_shuts_down_cleanly(model_dir):
+    srv = ServerProcess(["--server.model_path", str(model_dir), "--server.max_total_tokens", "512"])
+    children = child_pids(srv.proc.pid)
+    assert srv.stop() == 0
+    time.sleep(0.5)
+    assert not any(pid_alive(p) for p in children), "orphaned worker processes"
