@@ -81,11 +81,13 @@ class ServerProcess:
 
     def get(self, path: str, **kw) -> httpx.Response:
         kw["headers"] = {**self.headers(), **kw.get("headers", {})}
-        return httpx.get(self.base_url + path, timeout=60, **kw)
+        kw.setdefault("timeout", 60)
+        return httpx.get(self.base_url + path, **kw)
 
     def post(self, path: str, **kw) -> httpx.Response:
         kw["headers"] = {**self.headers(), **kw.get("headers", {})}
-        return httpx.post(self.base_url + path, timeout=120, **kw)
+        kw.setdefault("timeout", 120)
+        return httpx.post(self.base_url + path, **kw)
 
     def log_text(self) -> str:
         self.log.flush()
