@@ -1,0 +1,1 @@
+"""CUDA kernel sources (csrc/) and their Python wrappers (jit/)."""

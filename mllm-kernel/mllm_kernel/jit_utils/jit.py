@@ -1,0 +1,122 @@
+"""The ``@jit`` decorator: Python wrapper in front, compiled-on-demand C++ behind.
+
+Usage::
+
+    @jit("store_cache", entry="mllm_kernel::store_cache",
+         cuda_sources=["cuda/csrc/store_cache/store_cache.cuh"],
+         cpu_sources=["cpu/csrc/store_cache/store_cache.h"])
+    def store_cache(kernel, k, v, k_cache, v_cache, loc):
+        ...  # validate
+        kernel[k.dtype, loc.dtype](k, v, k_cache, v_cache, loc)
+
+``kernel[T1, T2, ...]`` names the C++ instance ``entry<T1, T2, ...>``; calling
+it picks CPU or CUDA from the tensor arguments' device, compiles (or loads
+from the cache) on first use, and afterwards costs a dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import torch
+import tvm_ffi
+
+from mllm_kernel.jit_utils import cache
+from mllm_kernel.jit_utils.registry import KernelSpec, make_spec, register
+from mllm_kernel.jit_utils.target import target_for
+from mllm_kernel.jit_utils.template import render_template_args
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _device_of(args: Sequence[Any]) -> torch.device:
+    device = None
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            if device is None:
+                device = arg.device
+            elif arg.device != device:
+                raise ValueError(f"all tensor arguments must be on one device, got {device} and {arg.device}")
+    if device is None:
+        raise ValueError("a kernel call needs at least one tensor argument to pick the device")
+    return device
+
+
+class KernelInstance:
+    """One template instantiation; compiled once per device it is called on."""
+
+    def __init__(self, kernel: JitKernel, template_args: tuple[Any, ...]) -> None:
+        self._kernel = kernel
+        self._template_args = template_args
+        self._functions: dict[torch.device, Callable[..., Any]] = {}
+
+    def __call__(self, *args: Any) -> Any:
+        device = _device_of(args)
+        function = self._functions.get(device)
+        if function is None:
+            function = self._kernel.load(device, self._template_args)
+            self._functions[device] = function
+        return function(*args)
+
+
+class JitKernel:
+    """A registered kernel; ``kernel[template args]`` gives a callable instance."""
+
+    def __init__(self, spec: KernelSpec) -> None:
+        self.spec = spec
+        self._instances: dict[tuple[Any, ...], KernelInstance] = {}
+        self._lock = threading.Lock()
+
+    def __getitem__(self, template_args: Any) -> KernelInstance:
+        if not isinstance(template_args, tuple):
+            template_args = (template_args,)
+        instance = self._instances.get(template_args)
+        if instance is None:
+            instance = self._instances.setdefault(template_args, KernelInstance(self, template_args))
+        return instance
+
+    def load(self, device: torch.device, template_args: tuple[Any, ...]) -> Callable[..., Any]:
+        """Compile or load ``entry<template_args>`` for ``device`` and return the function."""
+        target = target_for(device)
+        self.spec.sources_for(device.type)  # fail before compiling for a device without sources
+        rendered = render_template_args(template_args, device.type)
+        with self._lock:  # one compile per instance even if threads race here
+            library = cache.load_or_build(self.spec, target, rendered)
+            return getattr(tvm_ffi.load_module(str(library)), self.spec.name)
+
+
+def jit(
+    name: str,
+    *,
+    entry: str,
+    cuda_sources: Sequence[str | Path] = (),
+    cpu_sources: Sequence[str | Path] = (),
+) -> Callable[[Callable[Concatenate[JitKernel, P], R]], Callable[P, R]]:
+    """Register a kernel and bind it as the first argument of the decorated wrapper.
+
+    ``entry`` is the C++ function (template) to export; sources are the
+    headers defining it per device, relative to the mllm_kernel package or absolute.
+    """
+    sources: dict[str, list[str | Path]] = {}
+    if cuda_sources:
+        sources["cuda"] = list(cuda_sources)
+    if cpu_sources:
+        sources["cpu"] = list(cpu_sources)
+    spec = make_spec(name, entry, sources)
+    register(spec)
+    kernel = JitKernel(spec)
+
+    def decorate(function: Callable[Concatenate[JitKernel, P], R]) -> Callable[P, R]:
+        @functools.wraps(function)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            return function(kernel, *args, **kwargs)
+
+        wrapper.kernel = kernel  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorate

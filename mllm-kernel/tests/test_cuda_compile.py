@@ -1,0 +1,57 @@
+"""Compile-check every CUDA kernel with nvcc for sm_80, sm_87 and sm_90 (no GPU needed)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from tvm_ffi.libinfo import find_dlpack_include_path, find_include_path
+
+import mllm_kernel  # noqa: F401  (registers the kernels)
+from mllm_kernel.jit_utils import compiler, registered_kernels
+from mllm_kernel.jit_utils.template import render_template_args
+
+ARCHS = ("80", "87", "90")
+
+# Template instances to compile per kernel; every kernel with CUDA sources must be listed.
+INSTANCES = {
+    "store_cache": [(torch.bfloat16, torch.int64), (torch.float16, torch.int32), (torch.float32, torch.int64)],
+    "create_kv_indices": [(torch.int64, torch.int32), (torch.int32, torch.int64)],
+}
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
+def test_cuda_sources_compile(tmp_path: Path) -> None:
+    specs = [spec for spec in registered_kernels() if "cuda" in spec.devices]
+    assert {spec.name for spec in specs} == set(INSTANCES), "list the new kernel's instances in INSTANCES"
+
+    # One translation unit for all kernels: nvcc parses the TVM-FFI headers once per arch, not once per kernel.
+    lines = ["#include <tvm/ffi/function.h>"]
+    lines += [f'#include "{path}"' for spec in specs for path in spec.sources_for("cuda")]
+    for spec in specs:
+        for index, template_args in enumerate(INSTANCES[spec.name]):
+            rendered = render_template_args(template_args, "cuda")
+            lines.append(compiler.export_statement(spec, rendered, f"{spec.name}_{index}"))
+    source = tmp_path / "all_kernels.cu"
+    source.write_text("\n".join(lines) + "\n")
+
+    command = [
+        "nvcc",
+        *compiler.CUDA_FLAGS,
+        "-Xcompiler",
+        "-fPIC",
+        *(f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in ARCHS),
+        "--threads=0",  # compile the archs in parallel
+        f"-I{find_include_path()}",
+        f"-I{find_dlpack_include_path()}",
+        *(f"-I{path}" for path in compiler.include_dirs("cuda")),
+        "-c",
+        str(source),
+        "-o",
+        str(tmp_path / "all_kernels.o"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}\n{result.stderr}"
