@@ -17,6 +17,7 @@ from pymllm.configs.errors import ConfigError
 from pymllm.configs.global_config import GlobalConfig
 from pymllm.configs.model_config import ModelConfig
 from pymllm.engine.forward_batch import ForwardBatch, ForwardMode
+from pymllm.executor.cuda_graph_runner import build_cuda_graph_runner
 from pymllm.executor.device_memory import device_memory
 from pymllm.layers.attention.selection import create_attention_backend
 from pymllm.layers.sampler import Sampler, SamplingBatchInfo
@@ -57,6 +58,7 @@ class ModelRunner:
         self._init_memory_pools()
         self.attn_backend = create_attention_backend(self.server.attention_backend, self)
         self.sampler = Sampler()
+        self.cuda_graph_runner = build_cuda_graph_runner(self)
 
     def _kv_capacity(self) -> int:
         mc = self.model_config
@@ -116,6 +118,8 @@ class ModelRunner:
         self.req_to_token_pool.req_to_token[self._tensor(rows, torch.int64), positions_t] = out_cache_loc.to(
             torch.int32
         )
+        if batch.mode.is_extend():
+            self._write_cached_prefixes(batch)
         fb = ForwardBatch(
             forward_mode=batch.mode,
             batch_size=len(reqs),
@@ -135,6 +139,17 @@ class ModelRunner:
             fb.extend_seq_lens = self._tensor(batch.extend_lens, torch.int32)
             fb.extend_prefix_lens = self._tensor(batch.prefix_lens, torch.int32)
         return fb
+
+    def _write_cached_prefixes(self, batch: ScheduledBatch) -> None:
+        """Copy reused prefix-cache slots into the rows of requests starting their first extend.
+
+        Those slots were computed under other requests' rows; this request's row has never seen
+        them. Later chunks start past cache_owned_len, so the copy happens once per admission.
+        """
+        table = self.req_to_token_pool.req_to_token
+        for req, prefix in zip(batch.reqs, batch.prefix_lens):
+            if prefix and prefix == req.cache_owned_len:
+                table[req.req_pool_idx, :prefix] = self._tensor(req.kv_slots[:prefix], torch.int32)
 
     @torch.inference_mode()
     def forward(self, fb: ForwardBatch) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pymllm.engine.forward_batch import ForwardBatch
-from pymllm.layers.fused_ops import silu_and_mul
+from pymllm.layers.fused_ops import qk_norm_rope, silu_and_mul
 from pymllm.layers.layernorm import RMSNorm
 from pymllm.layers.linear import Linear, MergedLinear, QKVLinear
 from pymllm.layers.radix_attention import RadixAttention
@@ -60,10 +60,7 @@ class DecoderAttention(nn.Module):
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
+        q, k = qk_norm_rope(q, k, positions, self.rotary_emb, self.q_norm, self.k_norm)
         out = self.attn(q.reshape(-1, self.q_size), k.reshape(-1, self.kv_size), v, forward_batch)
         return self.o_proj(out)
 

@@ -1,0 +1,383 @@
+"""python -m pymllm.bench_one_batch: latency of one static batch through the ModelRunner.
+
+No server, tokenizer, scheduler or detokenizer: synthetic prompts go straight into a
+ModelRunner, one prefill (ForwardMode.EXTEND) and then ``output_len - 1`` decode steps (the
+prefill already yields the first output token, as in SGLang's bench_one_batch). Every timed
+region is one engine step, ``ModelRunner.run_batch`` (batch tensors, forward, sampling),
+between two device synchronisations. Each (batch size, input length, output length) case
+appends one JSON line to --result-filename.
+
+Besides latencies, each row puts the numbers next to what the hardware allows, both measured
+once at start on the same device:
+- decode: the HBM floor, (bytes of weights + KV read per step) / device-to-device copy
+  bandwidth (read + write bytes counted); ``decode_vs_floor`` = median step / floor.
+- prefill: FLOPs of every linear layer plus causal attention over the prompt, per second,
+  relative to a large dense matmul in the model dtype (``prefill_vs_matmul_rate``).
+
+``--profile`` re-runs each case under torch.profiler after it was measured (so the timings
+stay clean) and writes a Chrome trace into $PYMLLM_TORCH_PROFILER_DIR (default /tmp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from pymllm.configs.errors import ConfigError
+from pymllm.configs.global_config import GlobalConfig, add_config_arguments, config_from_namespace
+from pymllm.configs.model_config import load_model_config
+from pymllm.engine.forward_batch import ForwardMode
+from pymllm.executor.model_runner import ModelRunner, resolve_device
+from pymllm.layers.linear import LinearBase
+from pymllm.layers.radix_attention import RadixAttention
+from pymllm.layers.vocab_embedding import LMHead, VocabEmbedding
+from pymllm.orchestrator.request import Req
+from pymllm.orchestrator.schedule_batch import ScheduledBatch
+from pymllm.sampling_params import SamplingParams
+
+logger = logging.getLogger("bench_one_batch")
+
+PROFILE_STAGES = ("prefill", "decode", "all")
+_WARMUP_OUTPUT_LEN = 4
+
+
+@dataclass
+class BenchArgs:
+    run_name: str = "default"
+    batch_size: List[int] = field(default_factory=lambda: [1])
+    input_len: List[int] = field(default_factory=lambda: [1024])
+    output_len: List[int] = field(default_factory=lambda: [16])
+    result_filename: str = "result.jsonl"
+    profile: bool = False
+    profile_stage: str = "all"
+    profile_steps: int = 3
+
+    def cases(self) -> List[tuple]:
+        return list(itertools.product(self.batch_size, self.input_len, self.output_len))
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pymllm.bench_one_batch", description=__doc__.split("\n")[0])
+    add_config_arguments(parser)
+    bench = parser.add_argument_group("bench")
+    bench.add_argument("--run-name", default="default", help="Label stored in every result row.")
+    bench.add_argument("--batch-size", type=int, nargs="+", default=[1], help="Batch sizes to sweep.")
+    bench.add_argument("--input-len", type=int, nargs="+", default=[1024], help="Prompt lengths to sweep.")
+    bench.add_argument("--output-len", type=int, nargs="+", default=[16],
+                       help="Output tokens per sequence, the prefill's token included.")
+    bench.add_argument("--result-filename", default="result.jsonl", help="JSONL file the rows are appended to.")
+    bench.add_argument("--profile", action="store_true", help="Also write a torch.profiler trace per case.")
+    bench.add_argument("--profile-stage", choices=PROFILE_STAGES, default="all", help="What the trace covers.")
+    bench.add_argument("--profile-steps", type=int, default=3, help="Decode steps in the trace.")
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> tuple:
+    """(GlobalConfig, BenchArgs). Unset sizing flags are derived from the sweep."""
+    ns = make_parser().parse_args(argv)
+    bench = BenchArgs(
+        run_name=ns.run_name, batch_size=ns.batch_size, input_len=ns.input_len, output_len=ns.output_len,
+        result_filename=ns.result_filename, profile=ns.profile, profile_stage=ns.profile_stage,
+        profile_steps=ns.profile_steps,
+    )
+    for name in ("batch_size", "input_len", "output_len"):
+        if min(getattr(bench, name)) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}: values must be >= 1")
+    given = vars(ns)
+    # Size the pools for the sweep unless told otherwise: no idle KV memory, and only the
+    # CUDA graphs the sweep can use get captured.
+    if "server.max_running_requests" not in given:
+        ns.__dict__["server.max_running_requests"] = max(bench.batch_size)
+    if "server.max_total_tokens" not in given:
+        ns.__dict__["server.max_total_tokens"] = max(b * (i + o) for b, i, o in bench.cases())
+    config = config_from_namespace(ns)
+    if config.server.max_running_requests < max(bench.batch_size):
+        raise ConfigError(
+            f"--server.max_running_requests {config.server.max_running_requests} is below "
+            f"--batch-size {max(bench.batch_size)}"
+        )
+    return config, bench
+
+
+# ---------------- hardware reference rates ----------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_copy_bandwidth(device: torch.device, nbytes: Optional[int] = None, iters: int = 10) -> float:
+    """Bytes per second of a large device-to-device copy, reads plus writes."""
+    nbytes = nbytes or ((1 << 30) if device.type == "cuda" else (32 << 20))
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        dst.copy_(src)
+    _sync(device)
+    return 2 * src.numel() * 4 * iters / (time.perf_counter() - start)
+
+
+def measure_matmul_rate(device: torch.device, dtype: torch.dtype, n: Optional[int] = None, iters: int = 10) -> float:
+    """FLOP/s of a large square matmul in ``dtype``."""
+    n = n or (8192 if device.type == "cuda" else 256)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    torch.matmul(a, b)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        torch.matmul(a, b)
+    _sync(device)
+    return 2 * n**3 * iters / (time.perf_counter() - start)
+
+
+# ---------------- model cost ----------------
+@dataclass
+class ModelCost:
+    decode_weight_bytes: int  # weights one decode step reads
+    kv_bytes_per_token: int  # K and V of one token over all layers
+    linear_macs_per_token: int  # every LinearBase layer
+    lm_head_macs: int  # per sampled position
+    attention: List[tuple]  # per layer (num_heads, head_dim, sliding_window)
+
+
+def model_cost(model: torch.nn.Module, kv_pool) -> ModelCost:
+    sizes = {}
+    for p in model.parameters():
+        sizes[p.data_ptr()] = p.numel() * p.element_size()
+    lm_head = next(m for m in model.modules() if isinstance(m, LMHead))
+    # The input embedding is a row gather (batch-size rows), unless it is the tied LM head.
+    for m in model.modules():
+        if type(m) is VocabEmbedding and m.weight.data_ptr() != lm_head.weight.data_ptr():
+            sizes.pop(m.weight.data_ptr(), None)
+    elem = torch.empty((), dtype=kv_pool.dtype).element_size()
+    return ModelCost(
+        decode_weight_bytes=sum(sizes.values()),
+        kv_bytes_per_token=kv_pool.num_layers * kv_pool.num_kv_heads * (kv_pool.head_dim + kv_pool.v_head_dim) * elem,
+        linear_macs_per_token=sum(m.input_size * m.output_size for m in model.modules() if isinstance(m, LinearBase)),
+        lm_head_macs=lm_head.weight.shape[0] * lm_head.weight.shape[1],
+        attention=[(m.num_heads, m.head_dim, m.sliding_window) for m in model.modules() if isinstance(m, RadixAttention)],
+    )
+
+
+def causal_pairs(length: int, window: Optional[int]) -> int:
+    """(query, key) pairs a causal prompt of ``length`` attends, with an optional window."""
+    if window is None or window >= length:
+        return length * (length + 1) // 2
+    return window * (window + 1) // 2 + (length - window) * window
+
+
+def prefill_flops(cost: ModelCost, bs: int, input_len: int) -> float:
+    linear = 2 * (bs * input_len * cost.linear_macs_per_token + bs * cost.lm_head_macs)
+    attention = sum(4 * h * d * bs * causal_pairs(input_len, w) for h, d, w in cost.attention)
+    return float(linear + attention)
+
+
+def decode_floor_seconds(cost: ModelCost, bs: int, input_len: int, output_len: int, bandwidth: float) -> float:
+    """HBM time of a decode step at the mean attended length (input_len + output_len / 2)."""
+    kv_tokens = bs * (input_len + output_len / 2)
+    return (cost.decode_weight_bytes + kv_tokens * cost.kv_bytes_per_token) / bandwidth
+
+
+# ---------------- one case ----------------
+@dataclass
+class CaseTimes:
+    prefill: float
+    decode: List[float]
+
+
+def _profiler(device: torch.device):
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=activities)
+
+
+def run_case(
+    runner: ModelRunner, bs: int, input_len: int, output_len: int, seed: int,
+    profile_stage: Optional[str] = None, profile_steps: int = 0, trace_path: Optional[Path] = None,
+) -> CaseTimes:
+    """Prefill + decode of one synthetic batch on empty pools; returns step latencies (s).
+
+    With ``profile_stage``, that stage (and at most ``profile_steps`` decode steps) runs
+    under torch.profiler and the trace goes to ``trace_path``.
+    """
+    runner.clear()
+    device = runner.device
+    rng = np.random.default_rng(seed)
+    vocab = runner.model_config.vocab_size
+    params = SamplingParams(max_new_tokens=output_len, temperature=0.0, ignore_eos=True).with_defaults({})
+    reqs = []
+    for i in range(bs):
+        req = Req(rid=str(i), origin_input_ids=rng.integers(0, vocab, input_len).tolist(), sampling_params=params, seed=i)
+        req.req_pool_idx = runner.req_to_token_pool.alloc()
+        reqs.append(req)
+    decode_steps = output_len - 1 if profile_stage is None else min(output_len - 1, profile_steps)
+    if profile_stage == "prefill":
+        decode_steps = 0
+    prof = _profiler(device) if profile_stage is not None else None
+    if prof is not None and profile_stage in ("prefill", "all"):
+        prof.start()
+
+    def step(batch: ScheduledBatch) -> float:
+        _sync(device)
+        start = time.perf_counter()
+        result = runner.run_batch(batch)
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        for req, token in zip(reqs, result.next_token_ids):
+            req.output_ids.append(token)
+        return elapsed
+
+    slots = runner.token_to_kv_pool_allocator.alloc(bs * input_len)
+    prefill = step(ScheduledBatch(ForwardMode.EXTEND, reqs, [0] * bs, [input_len] * bs, slots, [True] * bs))
+    if prof is not None and profile_stage == "decode":
+        prof.start()
+    decode = []
+    for i in range(decode_steps):
+        slots = runner.token_to_kv_pool_allocator.alloc(bs)
+        batch = ScheduledBatch(ForwardMode.DECODE, reqs, [input_len + i] * bs, [1] * bs, slots, [True] * bs)
+        decode.append(step(batch))
+    if prof is not None:
+        prof.stop()
+        prof.export_chrome_trace(str(trace_path))
+    return CaseTimes(prefill, decode)
+
+
+def git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+            capture_output=True, text=True, timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+def make_row(
+    bench: BenchArgs, config: GlobalConfig, runner: ModelRunner, cost: ModelCost, times: CaseTimes,
+    bs: int, input_len: int, output_len: int, bandwidth: float, matmul_rate: float, command: str,
+) -> dict:
+    decode_median = float(np.median(times.decode)) if times.decode else None
+    total = times.prefill + sum(times.decode)
+    floor = decode_floor_seconds(cost, bs, input_len, output_len, bandwidth)
+    flops = prefill_flops(cost, bs, input_len)
+    device = runner.device
+    return {
+        "run_name": bench.run_name,
+        "batch_size": bs,
+        "input_len": input_len,
+        "output_len": output_len,
+        "prefill_latency": times.prefill,
+        "prefill_throughput": bs * input_len / times.prefill,
+        "median_decode_latency": decode_median,
+        "median_decode_throughput": bs / decode_median if decode_median else None,
+        "total_latency": total,
+        "overall_throughput": bs * (input_len + output_len) / total,
+        "hbm_bandwidth_gbs": bandwidth / 1e9,
+        "decode_floor_latency": floor,
+        "decode_vs_floor": decode_median / floor if decode_median else None,
+        "matmul_tflops": matmul_rate / 1e12,
+        "prefill_tflops": flops / times.prefill / 1e12,
+        "prefill_vs_matmul_rate": flops / times.prefill / matmul_rate,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(runner.dtype).replace("torch.", ""),
+        "cuda_graph": runner.cuda_graph_runner is not None,
+        "attention_backend": runner.attn_backend.name,
+        "commit": git_commit(),
+        "command": command,
+        "model": runner.model_config.model_path,
+        "architecture": runner.model_config.architecture,
+        "load_format": config.server.load_format,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _check_fits(bench: BenchArgs, runner: ModelRunner) -> None:
+    for bs, input_len, output_len in bench.cases():
+        if input_len + output_len > runner.model_config.context_length:
+            raise ConfigError(
+                f"--input-len {input_len} + --output-len {output_len} exceeds the context length "
+                f"{runner.model_config.context_length}"
+            )
+        if bs * (input_len + output_len) > runner.max_total_tokens:
+            raise ConfigError(
+                f"batch {bs}x({input_len}+{output_len}) needs more KV slots than "
+                f"--server.max_total_tokens {runner.max_total_tokens}"
+            )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        config, bench = parse_args(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.server.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    command = "python -m pymllm.bench_one_batch " + shlex.join(argv)
+    server = config.server
+    device = resolve_device(server.device)
+    bandwidth = measure_copy_bandwidth(device)
+    model_config = load_model_config(server, device)
+    matmul_rate = measure_matmul_rate(device, model_config.dtype)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # return the measurement buffers before the KV pool is sized
+    logger.info("copy bandwidth %.0f GB/s, %s matmul %.1f TFLOP/s", bandwidth / 1e9, model_config.dtype,
+                matmul_rate / 1e12)
+    runner = ModelRunner(config, model_config, device)
+    runner.initialize()
+    try:
+        _check_fits(bench, runner)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cost = model_cost(runner.model, runner.kv_pool)
+    bs0, in0, out0 = bench.cases()[0]
+    run_case(runner, bs0, in0, min(out0, _WARMUP_OUTPUT_LEN), server.random_seed)
+    out_path = Path(bench.result_filename)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    trace_dir = Path(os.environ.get("PYMLLM_TORCH_PROFILER_DIR", "/tmp"))
+    for bs, input_len, output_len in bench.cases():
+        times = run_case(runner, bs, input_len, output_len, server.random_seed)
+        row = make_row(bench, config, runner, cost, times, bs, input_len, output_len, bandwidth, matmul_rate, command)
+        with open(out_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        decode = row["median_decode_latency"]
+        print(
+            f"bs={bs} in={input_len} out={output_len}: prefill {times.prefill * 1e3:.2f} ms "
+            f"({row['prefill_throughput']:.0f} tok/s, {row['prefill_vs_matmul_rate']:.2f} of matmul rate), "
+            + (f"decode {decode * 1e3:.3f} ms/step ({row['decode_vs_floor']:.2f}x HBM floor)" if decode else "no decode"),
+            flush=True,
+        )
+        if bench.profile:
+            trace_dir.mkdir(parents=True, exist_ok=True)
+            trace = trace_dir / f"{bench.run_name}_bs{bs}_in{input_len}_out{output_len}_{bench.profile_stage}.trace.json"
+            run_case(runner, bs, input_len, output_len, server.random_seed,
+                     profile_stage=bench.profile_stage, profile_steps=bench.profile_steps, trace_path=trace)
+            print(f"trace: {trace}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Decode-step CUDA graphs: capture once per batch-size bucket, replay with padding.
+
+A small-batch decode step is dominated by kernel launches (a few dozen per layer), not by the
+GPU work itself; replaying a captured graph issues the whole step with one launch. Graphs are
+captured for the batch sizes of ``capture_batch_sizes`` and a real batch is padded up to the
+next captured size. Padding sequences read and write only reserved memory: the request pool's
+all-zero padding row (so their single KV entry is slot 0) and KV slot 0, which the allocator
+never hands out.
+
+Every captured graph reads its inputs from one set of static buffers (sliced to its batch
+size); replay copies the batch into them, lets the attention backend refresh its own static
+metadata (``init_forward_metadata_replay_cuda_graph``), then replays.
+"""
+
+from __future__ import annotations
+
+import bisect
+import gc
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
+
+import torch
+
+from pymllm.engine.forward_batch import ForwardBatch, ForwardMode
+
+if TYPE_CHECKING:
+    from pymllm.configs.server_config import ServerConfig
+    from pymllm.executor.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+def capture_batch_sizes(max_bs: int) -> List[int]:
+    """[1, 2, 4, 8, 12, 16, 24, 32, ..., 256 in steps of 8, then steps of 16] up to max_bs.
+
+    max_bs itself is always included, so every batch the scheduler can form has a graph.
+    """
+    sizes = [1, 2, 4, 8, 12, 16] + list(range(24, 257, 8))
+    if max_bs > 256:
+        sizes += list(range(272, max_bs + 1, 16))
+    return [s for s in sizes if s < max_bs] + [max_bs]
+
+
+def padded_batch_size(bs: int, sizes: Sequence[int]) -> int:
+    """The smallest captured size >= bs (sizes ascending); ValueError past the largest."""
+    i = bisect.bisect_left(sizes, bs)
+    if i == len(sizes):
+        raise ValueError(f"batch size {bs} exceeds the largest captured CUDA graph ({sizes[-1]})")
+    return sizes[i]
+
+
+def graph_max_batch_size(server: "ServerConfig") -> int:
+    """min(max_running_requests, --server.cuda_graph_max_bs when set)."""
+    limit = server.cuda_graph_max_bs or server.max_running_requests
+    return min(server.max_running_requests, limit)
+
+
+def cuda_graph_disabled_reason(server: "ServerConfig", device: torch.device, attn_backend) -> Optional[str]:
+    """Why decode runs eagerly, or None when CUDA graphs should be captured."""
+    if server.disable_cuda_graph:
+        return "--server.disable_cuda_graph"
+    if device.type != "cuda":
+        return f"device is {device.type}"
+    if not attn_backend.supports_cuda_graph():
+        return f"attention backend {attn_backend.name} does not support CUDA graphs"
+    return None
+
+
+@dataclass
+class GraphInputs:
+    """Static input buffers every captured graph reads (sliced to its batch size)."""
+
+    input_ids: torch.Tensor  # [max_bs] int64
+    req_pool_indices: torch.Tensor  # [max_bs] int64
+    seq_lens: torch.Tensor  # [max_bs] int32
+    out_cache_loc: torch.Tensor  # [max_bs] int64
+    positions: torch.Tensor  # [max_bs] int64
+    mrope_position_deltas: torch.Tensor  # [max_bs] int64, zeros unless the batch has deltas
+
+    @classmethod
+    def allocate(cls, max_bs: int, device: torch.device, padding_row: int) -> "GraphInputs":
+        def full(value: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.full((max_bs,), value, dtype=dtype, device=device)
+
+        return cls(
+            input_ids=full(0, torch.int64),
+            req_pool_indices=full(padding_row, torch.int64),
+            seq_lens=full(1, torch.int32),
+            out_cache_loc=full(0, torch.int64),
+            positions=full(0, torch.int64),
+            mrope_position_deltas=full(0, torch.int64),
+        )
+
+    def fill(self, fb: ForwardBatch, padded_bs: int, padding_row: int) -> None:
+        """Copy a decode batch into rows [0, bs) and reset rows [bs, padded_bs) to padding."""
+        bs = fb.batch_size
+        pad = slice(bs, padded_bs)
+        for name, value in (("input_ids", 0), ("req_pool_indices", padding_row), ("seq_lens", 1),
+                            ("out_cache_loc", 0), ("positions", 0)):
+            buf = getattr(self, name)
+            buf[:bs].copy_(getattr(fb, name), non_blocking=True)
+            buf[pad].fill_(value)
+        if fb.mrope_position_deltas is not None:
+            self.mrope_position_deltas[:bs].copy_(fb.mrope_position_deltas.view(-1), non_blocking=True)
+        else:
+            self.mrope_position_deltas[:bs].zero_()
+        self.mrope_position_deltas[pad].zero_()
+
+
+def padded_seq_lens_cpu(seq_lens_cpu: Sequence[int], padded_bs: int) -> List[int]:
+    return list(seq_lens_cpu) + [1] * (padded_bs - len(seq_lens_cpu))
+
+
+class CudaGraphRunner:
+    def __init__(self, model_runner: "ModelRunner"):
+        self.runner = model_runner
+        self.model = model_runner.model
+        self.backend = model_runner.attn_backend
+        self.device = model_runner.device
+        self.padding_row = model_runner.req_to_token_pool.padding_row
+        self.max_bs = graph_max_batch_size(model_runner.server)
+        self.batch_sizes = capture_batch_sizes(self.max_bs)
+        context_len = model_runner.req_to_token_pool.max_context_len
+        # Plain tensors (not inference tensors): replay updates them in place, and only plain
+        # tensors may be updated both inside and outside torch.inference_mode().
+        self.inputs = GraphInputs.allocate(self.max_bs, self.device, self.padding_row)
+        self.backend.init_cuda_graph_state(self.max_bs, self.max_bs * context_len)
+        self.graphs: Dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: Dict[int, torch.Tensor] = {}
+        self.pool = None
+
+    def _static_batch(self, bs: int) -> ForwardBatch:
+        r = self.runner
+        inp = self.inputs
+        return ForwardBatch(
+            forward_mode=ForwardMode.DECODE,
+            batch_size=bs,
+            input_ids=inp.input_ids[:bs],
+            positions=inp.positions[:bs],
+            req_pool_indices=inp.req_pool_indices[:bs],
+            seq_lens=inp.seq_lens[:bs],
+            out_cache_loc=inp.out_cache_loc[:bs],
+            seq_lens_cpu=[1] * bs,
+            req_to_token_pool=r.req_to_token_pool,
+            kv_pool=r.kv_pool,
+            attn_backend=self.backend,
+            mrope_position_deltas=inp.mrope_position_deltas[:bs],
+        )
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every batch size, largest first so the smaller graphs reuse its memory."""
+        start = time.perf_counter()
+        self.pool = torch.cuda.graph_pool_handle()
+        # Frozen objects are skipped by the gc.collect() that each capture starts with.
+        gc.collect()
+        gc.freeze()
+        try:
+            for bs in reversed(self.batch_sizes):
+                logger.info("Capturing CUDA graphs: bs=%d", bs)
+                self._capture_one(bs)
+        finally:
+            gc.unfreeze()
+        logger.info(
+            "Captured %d CUDA graphs (bs %d..%d) in %.2f s",
+            len(self.batch_sizes), self.batch_sizes[0], self.max_bs, time.perf_counter() - start,
+        )
+
+    def prepare_capture(self, bs: int) -> ForwardBatch:
+        """The static batch of size bs (all padding) with its graph-mode attention metadata."""
+        fb = self._static_batch(bs)
+        self.backend.init_forward_metadata_capture_cuda_graph(bs, fb.req_pool_indices, fb.seq_lens, fb.seq_lens_cpu)
+        return fb
+
+    def _capture_one(self, bs: int) -> None:
+        fb = self.prepare_capture(bs)
+        # The warm-up run compiles Triton / JIT kernels and fills lazily built caches, none of
+        # which may happen during capture.
+        self.model(fb.input_ids, fb.positions, fb)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.model(fb.input_ids, fb.positions, fb)
+        self.graphs[bs] = graph
+        self.outputs[bs] = out
+
+    def can_run(self, fb: ForwardBatch) -> bool:
+        return (
+            fb.forward_mode.is_decode()
+            and fb.batch_size <= self.max_bs
+            and fb.positions.dim() == 1
+        )
+
+    def prepare_replay(self, fb: ForwardBatch) -> int:
+        """Load a decode batch into the static buffers and metadata; returns the padded size."""
+        padded = padded_batch_size(fb.batch_size, self.batch_sizes)
+        self.inputs.fill(fb, padded, self.padding_row)
+        self.backend.init_forward_metadata_replay_cuda_graph(
+            padded, self.inputs.req_pool_indices[:padded], self.inputs.seq_lens[:padded],
+            padded_seq_lens_cpu(fb.seq_lens_cpu, padded),
+        )
+        return padded
+
+    def replay(self, fb: ForwardBatch) -> torch.Tensor:
+        """Logits [bs, vocab] of a decode batch; valid until the next replay."""
+        padded = self.prepare_replay(fb)
+        self.graphs[padded].replay()
+        return self.outputs[padded][: fb.batch_size]
+
+
+def build_cuda_graph_runner(model_runner: "ModelRunner") -> Optional[CudaGraphRunner]:
+    """A captured CudaGraphRunner, or None (logged) when decode should run eagerly."""
+    reason = cuda_graph_disabled_reason(model_runner.server, model_runner.device, model_runner.attn_backend)
+    if reason is not None:
+        logger.info("CUDA graphs off: %s", reason)
+        return None
+    runner = CudaGraphRunner(model_runner)
+    try:
+        runner.capture()
+    except Exception as e:  # add the way out to whatever broke the capture
+        raise RuntimeError(f"CUDA graph capture failed: {e}; --server.disable_cuda_graph decodes eagerly") from e
+    return runner

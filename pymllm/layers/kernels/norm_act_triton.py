@@ -1,0 +1,109 @@
+"""Triton kernels for RMSNorm (optionally fused with the residual add) and SiLU-and-mul.
+
+Rounding follows the PyTorch reference ops step by step, so the results match them to the last
+bit in most elements (at most one unit in the last place where float32 reductions differ):
+
+- RMSNorm: normalise in float32, round to the activation dtype, then multiply by the weight in
+  the activation dtype (the HF models' order; FlashInfer's rmsnorm multiplies in float32).
+- fused add: ``x + residual`` is rounded to the activation dtype before it is normalised,
+  exactly as ``residual = x + residual`` does in PyTorch.
+- SiLU-and-mul: ``silu(gate)`` is rounded to the activation dtype before the multiply, as
+  ``F.silu(gate) * up`` does.
+
+Each program handles one row (rows on grid axis 0, which has no 65535 limit); row counts are
+never kernel arguments, so changing the batch size does not trigger a recompile.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+_ACT_BLOCK = 1024
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
+    x_stride, res_stride, out_stride, res_out_stride,
+    n_cols, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    dtype = out_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
+        tl.store(res_out_ptr + row * res_out_stride + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / n_cols
+    normed = (xf * tl.rsqrt(var + eps)).to(dtype).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * out_stride + cols, (w * normed).to(dtype), mask=mask)
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, d, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < d
+    dtype = out_ptr.dtype.element_ty
+    gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * x_stride + d + cols, mask=mask, other=0.0).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    tl.store(out_ptr + row * out_stride + cols, (act * up).to(dtype), mask=mask)
+
+
+def _num_warps(block: int) -> int:
+    # About 16 elements per thread keeps the row in registers without spilling.
+    return max(1, min(16, block // 512))
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    residual_out: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(rms_norm(x [+ residual]), x + residual or None); x, residual contiguous [..., n].
+
+    Inputs are never written; ``out`` / ``residual_out`` may be given (tests poison them).
+    """
+    n = x.shape[-1]
+    rows = x.numel() // n if n else 0
+    out = torch.empty_like(x) if out is None else out
+    if residual is not None and residual_out is None:
+        residual_out = torch.empty_like(x)
+    if rows == 0:
+        return out, residual_out
+    block = triton.next_power_of_2(n)
+    has_res = residual is not None
+    # Unused pointer arguments get x: any tensor of the right dtype will do.
+    _rms_norm_kernel[(rows,)](
+        x, residual if has_res else x, weight, out, residual_out if has_res else out,
+        n, n, n, n, n, eps,
+        HAS_RESIDUAL=has_res, BLOCK=block, num_warps=_num_warps(block),
+    )
+    return out, residual_out
+
+
+def silu_and_mul(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """silu(x[..., :d]) * x[..., d:] for contiguous x [..., 2d]."""
+    d = x.shape[-1] // 2
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    out = torch.empty(x.shape[:-1] + (d,), dtype=x.dtype, device=x.device) if out is None else out
+    if rows == 0 or d == 0:
+        return out
+    block = min(_ACT_BLOCK, triton.next_power_of_2(d))
+    _silu_and_mul_kernel[(rows, triton.cdiv(d, block))](
+        x, out, 2 * d, d, d, BLOCK=block, num_warps=max(1, block // 256),
+    )
+    return out

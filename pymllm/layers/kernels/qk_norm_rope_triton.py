@@ -1,0 +1,101 @@
+"""Triton kernel: per-head q/k RMSNorm (Qwen3) and rotary embedding in one pass over q and k.
+
+One program handles one head of one token: it reads the head once, normalises it (optional),
+rotates it with the cos/sin row of the token's position and writes it once. The reference
+does the same in about fifteen elementwise PyTorch ops per tensor, each a kernel launch and
+a round trip through memory; in a small-batch decode step those launches dominate.
+
+Rounding follows the reference ops (pymllm.layers.layernorm.rms_norm_reference, then
+pymllm.layers.rotary_embedding.apply_rotary with cos/sin cast to the activation dtype): every
+product and sum is rounded to the activation dtype where PyTorch rounds it. FlashInfer's
+rope kernels keep cos/sin and the products in float32, which differs from the reference by
+more than one rounding step, and they do not fuse the norm.
+
+Layout: rotate-half (NeoX) with the rotary dimension equal to head_dim; q and k may be
+strided views of a fused QKV output as long as each head's elements are contiguous.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _qk_norm_rope_kernel(
+    q_ptr, k_ptr, q_out_ptr, k_out_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr,
+    q_tok_stride, q_head_stride, k_tok_stride, k_head_stride,
+    num_q_heads, num_k_heads, eps,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HALF_BLOCK: tl.constexpr, APPLY_NORM: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
+    offs = tl.arange(0, HALF_BLOCK)
+    mask = offs < HALF
+    dtype = q_out_ptr.dtype.element_ty
+    # Heads [0, num_q_heads) are q's, the rest are k's: one launch covers both tensors.
+    if head < num_q_heads:
+        src = q_ptr + tok * q_tok_stride + head * q_head_stride
+        dst = q_out_ptr + (tok * num_q_heads + head) * HEAD_DIM
+        w_ptr = qw_ptr
+    else:
+        kh = head - num_q_heads
+        src = k_ptr + tok * k_tok_stride + kh * k_head_stride
+        dst = k_out_ptr + (tok * num_k_heads + kh) * HEAD_DIM
+        w_ptr = kw_ptr
+    x1 = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+    if APPLY_NORM:
+        var = (tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / HEAD_DIM
+        rstd = tl.rsqrt(var + eps)
+        w1 = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+        x1 = (w1 * (x1 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        x2 = (w2 * (x2 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    pos = tl.load(pos_ptr + tok).to(tl.int64)
+    c = tl.load(cos_ptr + pos * HALF + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
+    s = tl.load(sin_ptr + pos * HALF + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
+    o1 = (x1 * c).to(dtype).to(tl.float32) - (x2 * s).to(dtype).to(tl.float32)
+    o2 = (x2 * c).to(dtype).to(tl.float32) + (x1 * s).to(dtype).to(tl.float32)
+    tl.store(dst + offs, o1.to(dtype), mask=mask)
+    tl.store(dst + HALF + offs, o2.to(dtype), mask=mask)
+
+
+def qk_norm_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+    q_weight: Optional[torch.Tensor] = None,
+    k_weight: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+    q_out: Optional[torch.Tensor] = None,
+    k_out: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """q: [T, Hq, D], k: [T, Hk, D] (last dim contiguous); positions: [T] int;
+    cos_cache / sin_cache: float32 [max_position, D / 2]. Returns new contiguous (q, k).
+
+    With q_weight / k_weight ([D], activation dtype) each head is RMS-normalised first.
+    """
+    tokens, num_q_heads, head_dim = q.shape
+    num_k_heads = k.shape[1]
+    q_out = torch.empty((tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device) if q_out is None else q_out
+    k_out = torch.empty((tokens, num_k_heads, head_dim), dtype=k.dtype, device=k.device) if k_out is None else k_out
+    if tokens == 0:
+        return q_out, k_out
+    apply_norm = q_weight is not None
+    half_block = triton.next_power_of_2(head_dim // 2)
+    _qk_norm_rope_kernel[(tokens, num_q_heads + num_k_heads)](
+        q, k, q_out, k_out,
+        q_weight if apply_norm else q, k_weight if apply_norm else k,
+        cos_cache, sin_cache, positions,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        num_q_heads, num_k_heads, eps,
+        HEAD_DIM=head_dim, HALF=head_dim // 2, HALF_BLOCK=half_block, APPLY_NORM=apply_norm,
+        num_warps=1 if half_block <= 64 else 2,
+    )
+    return q_out, k_out

@@ -1,0 +1,128 @@
+"""bench_one_batch on CPU: rows, sizing defaults, dummy weights from a bare config.json, profiling."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import types
+
+import pytest
+import torch
+
+from pymllm import bench_one_batch as bench
+from pymllm.configs import ConfigError
+from pymllm.testing.tiny_models import tiny_model_dir
+
+FIELDS = {
+    "run_name", "batch_size", "input_len", "output_len", "prefill_latency", "prefill_throughput",
+    "median_decode_latency", "median_decode_throughput", "total_latency", "overall_throughput",
+    "hbm_bandwidth_gbs", "decode_floor_latency", "decode_vs_floor", "matmul_tflops", "prefill_tflops",
+    "prefill_vs_matmul_rate", "device", "dtype", "cuda_graph", "attention_backend", "commit", "command",
+    "model", "architecture", "load_format", "timestamp",
+}
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_sweep_writes_one_row_per_case(tmp_path, capsys):
+    out = tmp_path / "rows.jsonl"
+    argv = [
+        "--server.model_path", str(tiny_model_dir("qwen3")), "--server.device", "cpu",
+        "--server.log_level", "warning", "--run-name", "cpu-sweep",
+        "--batch-size", "1", "2", "--input-len", "8", "--output-len", "4", "--result-filename", str(out),
+    ]
+    assert bench.main(argv) == 0
+    rows = _rows(out)
+    assert [(r["batch_size"], r["input_len"], r["output_len"]) for r in rows] == [(1, 8, 4), (2, 8, 4)]
+    for row in rows:
+        assert set(row) == FIELDS
+        assert row["run_name"] == "cpu-sweep" and row["device"] == "cpu" and row["dtype"] == "float32"
+        assert row["attention_backend"] == "torch_native" and row["cuda_graph"] is False
+        assert row["architecture"] == "Qwen3ForCausalLM" and row["load_format"] == "auto"
+        assert row["command"].startswith("python -m pymllm.bench_one_batch --server.model_path")
+        assert 0 < row["median_decode_latency"] and 0 < row["prefill_latency"]
+        total = row["prefill_latency"] + 3 * row["median_decode_latency"]
+        assert row["total_latency"] == pytest.approx(total, rel=0.5)
+        assert row["overall_throughput"] == pytest.approx(row["batch_size"] * 12 / row["total_latency"])
+        assert row["decode_vs_floor"] == pytest.approx(row["median_decode_latency"] / row["decode_floor_latency"])
+        assert row["hbm_bandwidth_gbs"] > 0 and row["matmul_tflops"] > 0 and row["prefill_vs_matmul_rate"] > 0
+    assert "bs=2 in=8 out=4" in capsys.readouterr().out
+
+
+def test_dummy_weights_from_a_bare_config_and_profile(tmp_path, monkeypatch):
+    # Only config.json: no tokenizer files and no weights are needed for a dummy run.
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    shutil.copy(tiny_model_dir("llama", tie=False) / "config.json", model_dir / "config.json")
+    traces = tmp_path / "traces"
+    monkeypatch.setenv("PYMLLM_TORCH_PROFILER_DIR", str(traces))
+    out = tmp_path / "rows.jsonl"
+    argv = [
+        "--server.model_path", str(model_dir), "--server.load_format", "dummy", "--server.device", "cpu",
+        "--server.log_level", "warning", "--run-name", "prof", "--batch-size", "2", "--input-len", "6",
+        "--output-len", "1", "3", "--result-filename", str(out),
+        "--profile", "--profile-stage", "decode", "--profile-steps", "1",
+    ]
+    assert bench.main(argv) == 0
+    one, three = _rows(out)
+    assert one["load_format"] == "dummy" and one["architecture"] == "LlamaForCausalLM"
+    assert one["median_decode_latency"] is None and one["decode_vs_floor"] is None
+    assert three["median_decode_latency"] > 0
+    trace = traces / "prof_bs2_in6_out3_decode.trace.json"
+    assert trace.is_file() and "traceEvents" in trace.read_text()
+
+
+def test_sizing_defaults_come_from_the_sweep():
+    config, args = bench.parse_args(["--batch-size", "3", "5", "--input-len", "10", "--output-len", "4"])
+    assert config.server.max_running_requests == 5
+    assert config.server.max_total_tokens == 5 * 14
+    assert args.cases() == [(3, 10, 4), (5, 10, 4)]
+    config, _ = bench.parse_args(["--batch-size", "2", "--server.max_total_tokens", "999"])
+    assert config.server.max_total_tokens == 999
+    with pytest.raises(ConfigError, match="max_running_requests"):
+        bench.parse_args(["--batch-size", "8", "--server.max_running_requests", "4"])
+    with pytest.raises(ConfigError, match="--output-len"):
+        bench.parse_args(["--output-len", "0"])
+
+
+def test_main_reports_cases_that_do_not_fit(tmp_path, capsys):
+    argv = [
+        "--server.model_path", str(tiny_model_dir("qwen3")), "--server.device", "cpu",
+        "--server.log_level", "warning", "--input-len", "500", "--output-len", "100",
+        "--result-filename", str(tmp_path / "rows.jsonl"),
+    ]
+    assert bench.main(argv) == 2
+    assert "context length" in capsys.readouterr().err
+
+
+def test_cost_model_arithmetic():
+    assert bench.causal_pairs(4, None) == 10
+    assert bench.causal_pairs(4, 8) == 10
+    assert bench.causal_pairs(5, 2) == 3 + 3 * 2
+    cost = bench.ModelCost(
+        decode_weight_bytes=1000, kv_bytes_per_token=10, linear_macs_per_token=100, lm_head_macs=50,
+        attention=[(2, 4, None)],
+    )
+    assert bench.prefill_flops(cost, 2, 3) == 2 * (2 * 3 * 100 + 2 * 50) + 4 * 2 * 4 * 2 * 6
+    # 1000 weight bytes + 2 sequences x (3 + 4 / 2) tokens x 10 bytes, at 100 bytes/s.
+    assert bench.decode_floor_seconds(cost, 2, 3, 4, 100.0) == pytest.approx(11.0)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_model_cost_counts_what_a_decode_step_reads(tie):
+    from pymllm.layers.vocab_embedding import LMHead, VocabEmbedding
+
+    model = torch.nn.Module()
+    model.embed = VocabEmbedding(10, 4)
+    model.head = LMHead(10, 4)
+    if tie:
+        model.head.tie_to(model.embed)
+    model.proj = torch.nn.Linear(4, 4, bias=False)
+    kv_pool = types.SimpleNamespace(num_layers=2, num_kv_heads=1, head_dim=4, v_head_dim=4, dtype=torch.float16)
+    cost = bench.model_cost(model, kv_pool)
+    # The embedding is a row gather unless it doubles as the LM head.
+    assert cost.decode_weight_bytes == (40 + 16) * 4
+    assert cost.kv_bytes_per_token == 2 * 1 * (4 + 4) * 2
+    assert cost.lm_head_macs == 40 and cost.linear_macs_per_token == 0

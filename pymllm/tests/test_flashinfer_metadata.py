@@ -1,0 +1,346 @@
+"""FlashInfer backend on CPU: index math, dispatch rules, and the whole backend against
+torch_native with a PyTorch stand-in for the flashinfer package.
+
+The stand-in's wrappers have FlashInfer 0.6.7's constructor / plan() / run() parameter
+names and order (calls are bound to those signatures, so a misnamed or misplaced argument
+fails), keep plan()'s buffer semantics (graph mode copies into the buffers given at
+construction and run() reads them there, as a captured kernel would), and compute attention
+from exactly the index arrays they were planned with. Kernel numerics are the GPU tests' job.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import sys
+import types
+
+import pytest
+import torch
+
+from pymllm.configs import GlobalConfig
+from pymllm.configs.errors import ConfigError
+from pymllm.configs.model_config import load_model_config
+from pymllm.engine.forward_batch import ForwardMode
+from pymllm.executor.cuda_graph_runner import CudaGraphRunner
+from pymllm.executor.model_runner import ModelRunner
+from pymllm.layers.attention import flashinfer_backend as fib
+from pymllm.layers.kernels.kv_cache_ops import KVCacheOps, gather_kv_indices, indptr_from_lens
+from pymllm.layers.radix_attention import RadixAttention
+from pymllm.orchestrator.request import Req
+from pymllm.orchestrator.schedule_batch import ScheduledBatch
+from pymllm.testing.tiny_models import tiny_model_dir
+from pymllm.tests.helpers import greedy
+
+
+# ---------------- pure index math ----------------
+def test_indptr_is_exclusive_prefix_sum_on_host():
+    out = indptr_from_lens([3, 0, 5])
+    assert out.dtype == torch.int32 and out.device.type == "cpu"
+    assert out.tolist() == [0, 3, 3, 8]
+    assert indptr_from_lens([]).tolist() == [0]
+
+
+def _table():
+    req_to_token = torch.zeros(5, 12, dtype=torch.int32)
+    req_to_token[1, :4] = torch.tensor([7, 8, 9, 10])
+    req_to_token[3, :6] = torch.tensor([20, 21, 22, 23, 24, 25])
+    req_to_token[0, :2] = torch.tensor([30, 31])
+    return req_to_token
+
+
+def test_gather_kv_indices_follows_req_to_token():
+    req_to_token = _table()
+    lens = [4, 2, 6]
+    req_idx = torch.tensor([1, 0, 3])
+    indptr = indptr_from_lens(lens)
+    got = gather_kv_indices(req_to_token, req_idx, torch.tensor(lens, dtype=torch.int32), indptr, sum(lens))
+    assert got.dtype == torch.int32
+    assert got.tolist() == [7, 8, 9, 10, 30, 31, 20, 21, 22, 23, 24, 25]
+    out = torch.full((20,), -1, dtype=torch.int32)
+    view = gather_kv_indices(req_to_token, req_idx, torch.tensor(lens, dtype=torch.int32), indptr, 12, out)
+    assert view.data_ptr() == out.data_ptr() and out[:12].tolist() == got.tolist()
+    assert (out[12:] == -1).all(), "nothing past the total is written"
+
+
+def test_gather_matches_mllm_kernel_reference():
+    ref = pytest.importorskip("mllm_kernel.cuda.jit").create_kv_indices_reference
+    req_to_token = _table()
+    lens = torch.tensor([4, 6], dtype=torch.int32)
+    req_idx = torch.tensor([1, 3])
+    indptr = indptr_from_lens(lens.tolist())
+    expected = ref(req_to_token, req_idx, lens, indptr)
+    assert gather_kv_indices(req_to_token, req_idx, lens, indptr, 10).tolist() == expected.tolist()
+
+
+def test_kv_cache_ops_on_cpu_use_pytorch():
+    ops = KVCacheOps(torch.device("cpu"), torch.float32)
+    assert not ops.uses_mllm_kernel
+    k = torch.randn(2, 1, 4)
+    assert not ops.try_store(k, k, torch.zeros(4, 1, 4), torch.zeros(4, 1, 4), torch.tensor([1, 2]))
+    lens = torch.tensor([4], dtype=torch.int32)
+    got = ops.kv_indices(_table(), torch.tensor([1]), lens, indptr_from_lens([4]), 4)
+    assert got.tolist() == [7, 8, 9, 10]
+
+
+# ---------------- dispatch rules ----------------
+@pytest.mark.parametrize(
+    "heads,kv_heads,dtype,expected",
+    [
+        (16, 8, torch.bfloat16, False),  # Qwen3-0.6B: group 2
+        (8, 8, torch.float16, False),  # MHA
+        (24, 8, torch.bfloat16, False),  # group 3
+        (32, 8, torch.bfloat16, True),  # Qwen3-8B: group 4
+        (64, 8, torch.float16, True),  # group 8
+        (28, 4, torch.bfloat16, True),  # group 7: no CUDA-core kernel
+        (16, 8, torch.float8_e4m3fn, True),  # fp8 KV
+    ],
+)
+def test_decode_tensor_core_rule(heads, kv_heads, dtype, expected):
+    assert fib.decode_use_tensor_cores(heads, kv_heads, dtype) is expected
+
+
+def test_window_left_and_ragged_choice():
+    assert fib.window_left_for(None) == -1
+    assert fib.window_left_for(4096) == 4095
+    assert fib.extend_uses_ragged([0, 0])
+    assert not fib.extend_uses_ragged([0, 3])
+
+
+def test_geometry_groups_windows_and_rejects_mixed_shapes():
+    layers = [RadixAttention(4, 16, 0.25, 2, 0), RadixAttention(4, 16, 0.25, 2, 1, sliding_window=8)]
+    geo = fib.AttentionGeometry.from_layers(layers)
+    assert (geo.num_qo_heads, geo.num_kv_heads, geo.head_dim, geo.sm_scale) == (4, 2, 16, 0.25)
+    assert geo.window_lefts == (-1, 7)
+    with pytest.raises(ConfigError, match="attention_backend"):
+        fib.AttentionGeometry.from_layers(layers + [RadixAttention(8, 16, 0.25, 2, 2)])
+
+
+def test_backend_refuses_cpu_and_float32():
+    with pytest.raises(ConfigError, match="CUDA"):
+        fib.check_supported(torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(ConfigError, match="float32"):
+        fib.check_supported(torch.device("cuda"), torch.float32)
+    fib.check_supported(torch.device("cuda"), torch.bfloat16)
+
+
+# ---------------- a PyTorch stand-in for flashinfer ----------------
+def _attend(q, k, v, q_pos, k_pos, causal, window_left, sm_scale):
+    """q: [Lq, Hq, D], k/v: [Lk, Hkv, D] float; FlashInfer's mask: key j visible to query at
+    position p iff (not causal or j <= p) and (window_left < 0 or j >= p - window_left)."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * sm_scale
+    mask = torch.ones(len(q_pos), len(k_pos), dtype=torch.bool)
+    if causal:
+        mask &= k_pos[None, :] <= q_pos[:, None]
+    if window_left >= 0:
+        mask &= k_pos[None, :] >= q_pos[:, None] - window_left
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v.float()).to(q.dtype)
+
+
+class _Wrapper:
+    def _keep(self, window_left, sm_scale, q_data_type, kv_data_type, causal=False):
+        self.window_left, self.causal = window_left, causal
+        self.sm_scale = sm_scale
+        self.dtypes = (q_data_type, kv_data_type)
+        self.planned = True
+
+    def _paged(self, q, paged_kv_cache, qo_indptr, kv_indptr, kv_indices, last_page_len):
+        assert self.planned and q.dtype == self.dtypes[0]
+        k_cache, v_cache = paged_kv_cache
+        assert k_cache.dim() == 3 and k_cache.dtype == self.dtypes[1]
+        assert (last_page_len == 1).all()
+        out = torch.empty_like(q)
+        for i in range(len(kv_indptr) - 1):
+            slots = kv_indices[kv_indptr[i] : kv_indptr[i + 1]].long()
+            rows = slice(int(qo_indptr[i]), int(qo_indptr[i + 1]))
+            kv_len, q_len = len(slots), rows.stop - rows.start
+            q_pos = torch.arange(kv_len - q_len, kv_len)
+            out[rows] = _attend(q[rows], k_cache[slots], v_cache[slots], q_pos, torch.arange(kv_len),
+                                self.causal, self.window_left, self.sm_scale)
+        return out
+
+
+class FakeDecodeWrapper(_Wrapper):
+    def __init__(self, float_workspace_buffer, kv_layout="NHD", use_cuda_graph=False, use_tensor_cores=False,
+                 paged_kv_indptr_buffer=None, paged_kv_indices_buffer=None,
+                 paged_kv_last_page_len_buffer=None, backend="auto", jit_args=None):
+        assert kv_layout == "NHD" and float_workspace_buffer.dtype == torch.uint8
+        self.use_cuda_graph, self.use_tensor_cores = use_cuda_graph, use_tensor_cores
+        if use_cuda_graph:
+            assert len(paged_kv_indptr_buffer) == len(paged_kv_last_page_len_buffer) + 1
+        self.indptr, self.indices, self.last = paged_kv_indptr_buffer, paged_kv_indices_buffer, paged_kv_last_page_len_buffer
+        self.planned = False
+
+    def plan(self, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
+             pos_encoding_mode="NONE", window_left=-1, logits_soft_cap=None, q_data_type="float16",
+             kv_data_type=None, o_data_type=None, data_type=None, sm_scale=None, rope_scale=None,
+             rope_theta=None, non_blocking=True, block_tables=None, seq_lens=None, fixed_split_size=None,
+             disable_split_kv=False):
+        assert page_size == 1 and indptr.device.type == "cpu" and last_page_len.device.type == "cpu"
+        assert indptr.dtype == torch.int32 and len(indices) >= int(indptr[-1])
+        if self.use_cuda_graph:
+            assert len(last_page_len) == len(self.last), "graph wrappers have a fixed batch size"
+            self.indptr.copy_(indptr)
+            self.last.copy_(last_page_len)
+            self.indices[: len(indices)].copy_(indices)
+        else:
+            self.indptr, self.indices, self.last = indptr.clone(), indices, last_page_len.clone()
+        self._keep(window_left, sm_scale, q_data_type, kv_data_type)
+
+    def run(self, q, paged_kv_cache, *args, **kwargs):
+        assert q.shape[0] == len(self.last)
+        qo_indptr = torch.arange(q.shape[0] + 1)
+        return self._paged(q, paged_kv_cache, qo_indptr, self.indptr, self.indices, self.last)
+
+
+class FakePagedPrefillWrapper(_Wrapper):
+    def __init__(self, float_workspace_buffer, kv_layout="NHD", use_cuda_graph=False, qo_indptr_buf=None,
+                 paged_kv_indptr_buf=None, paged_kv_indices_buf=None, paged_kv_last_page_len_buf=None,
+                 custom_mask_buf=None, mask_indptr_buf=None, backend="auto", jit_args=None, jit_kwargs=None):
+        assert kv_layout == "NHD" and not use_cuda_graph
+        self.planned = False
+
+    def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads,
+             num_kv_heads, head_dim_qk, page_size, head_dim_vo=None, custom_mask=None, packed_custom_mask=None,
+             causal=False, pos_encoding_mode="NONE", use_fp16_qk_reduction=False, sm_scale=None, window_left=-1,
+             logits_soft_cap=None, rope_scale=None, rope_theta=None, q_data_type="float16", kv_data_type=None,
+             o_data_type=None, non_blocking=True, **rest):
+        assert page_size == 1 and qo_indptr.device.type == "cpu" and paged_kv_indptr.device.type == "cpu"
+        assert len(paged_kv_indices) == int(paged_kv_indptr[-1])
+        self.args = (qo_indptr.clone(), paged_kv_indptr.clone(), paged_kv_indices, paged_kv_last_page_len.clone())
+        self._keep(window_left, sm_scale, q_data_type, kv_data_type, causal)
+
+    def run(self, q, paged_kv_cache, *args, **kwargs):
+        return self._paged(q, paged_kv_cache, *self.args)
+
+
+class FakeRaggedPrefillWrapper(_Wrapper):
+    def __init__(self, float_workspace_buffer, kv_layout="NHD", use_cuda_graph=False, qo_indptr_buf=None,
+                 kv_indptr_buf=None, custom_mask_buf=None, mask_indptr_buf=None, backend="auto",
+                 jit_args=None, jit_kwargs=None):
+        assert kv_layout == "NHD" and not use_cuda_graph
+        self.planned = False
+
+    def plan(self, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo=None,
+             custom_mask=None, packed_custom_mask=None, causal=False, pos_encoding_mode="NONE",
+             use_fp16_qk_reduction=False, window_left=-1, logits_soft_cap=None, sm_scale=None, rope_scale=None,
+             rope_theta=None, q_data_type="float16", kv_data_type=None, **rest):
+        assert qo_indptr.device.type == "cpu"
+        self.qo_indptr, self.kv_indptr = qo_indptr.clone(), kv_indptr.clone()
+        self._keep(window_left, sm_scale, q_data_type, kv_data_type, causal)
+
+    def run(self, q, k, v, *args, **kwargs):
+        assert self.planned and k.shape[0] == int(self.kv_indptr[-1])
+        out = torch.empty_like(q)
+        for i in range(len(self.qo_indptr) - 1):
+            rows = slice(int(self.qo_indptr[i]), int(self.qo_indptr[i + 1]))
+            keys = slice(int(self.kv_indptr[i]), int(self.kv_indptr[i + 1]))
+            pos = torch.arange(rows.stop - rows.start)
+            out[rows] = _attend(q[rows], k[keys], v[keys], pos, pos, self.causal, self.window_left, self.sm_scale)
+        return out
+
+
+@pytest.fixture
+def fake_flashinfer(monkeypatch):
+    module = types.ModuleType("flashinfer")
+    module.__spec__ = importlib.machinery.ModuleSpec("flashinfer", None)
+    module.BatchDecodeWithPagedKVCacheWrapper = FakeDecodeWrapper
+    module.BatchPrefillWithPagedKVCacheWrapper = FakePagedPrefillWrapper
+    module.BatchPrefillWithRaggedKVCacheWrapper = FakeRaggedPrefillWrapper
+    monkeypatch.setitem(sys.modules, "flashinfer", module)
+    monkeypatch.setattr(fib, "check_supported", lambda device, dtype: None)
+    monkeypatch.setattr(fib, "WORKSPACE_BYTES", 1024)
+    return module
+
+
+# ---------------- the backend against torch_native ----------------
+def _runner(model_dir, **server) -> ModelRunner:
+    config = GlobalConfig()
+    config.server.model_path = str(model_dir)
+    config.server.device = "cpu"
+    config.server.dtype = "float32"
+    config.server.max_total_tokens = 256
+    config.server.max_running_requests = 4
+    for key, value in server.items():
+        setattr(config.server, key, value)
+    model_config = load_model_config(config.server, torch.device("cpu"))
+    runner = ModelRunner(config, model_config, torch.device("cpu"))
+    runner.initialize()
+    return runner
+
+
+def _forward_with(runner, backend, fb):
+    fb.attn_backend = backend
+    backend.init_forward_metadata(fb)
+    with torch.inference_mode():
+        return runner.model(fb.input_ids, fb.positions, fb).float()
+
+
+def _both(runner, native, fi_backend, batch: ScheduledBatch):
+    """Logits of one batch with torch_native and with the FlashInfer backend (same KV writes)."""
+    fb = runner.build_forward_batch(batch)
+    ref = _forward_with(runner, native, fb)
+    got = _forward_with(runner, fi_backend, fb)
+    return ref, got, fi_backend.forward_metadata.kind
+
+
+PROMPTS = [[5, 17, 300, 42, 7, 99, 12, 250, 61], [11, 12, 13, 14, 15], [400, 2, 90]]
+
+
+@pytest.mark.parametrize("arch,window", [("qwen3", None), ("qwen2", 4)])
+def test_backend_matches_torch_native(fake_flashinfer, arch, window):
+    extra = dict(use_sliding_window=True, sliding_window=window, max_window_layers=1) if window else {}
+    runner = _runner(tiny_model_dir(arch, **extra))
+    native = runner.attn_backend
+    backend = fib.FlashInferAttnBackend(runner)
+    assert len(backend.geometry.window_lefts) == (2 if window else 1)
+    reqs = []
+    for i, ids in enumerate(PROMPTS):
+        req = Req(rid=str(i), origin_input_ids=ids, sampling_params=greedy(8), seed=0)
+        req.req_pool_idx = runner.req_to_token_pool.alloc()
+        reqs.append(req)
+    alloc = runner.token_to_kv_pool_allocator.alloc
+
+    # Chunk 1 of every prompt: no cached prefix -> ragged.
+    first = [3, 2, 3]
+    batch = ScheduledBatch(ForwardMode.EXTEND, reqs, [0] * 3, first, alloc(sum(first)), [False, False, True])
+    ref, got, kind = _both(runner, native, backend, batch)
+    assert kind == "ragged"
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    # The rest on top of the cached chunk -> paged (the third prompt is already complete).
+    rest = [len(p) - n for p, n in zip(PROMPTS[:2], first)]
+    batch = ScheduledBatch(ForwardMode.EXTEND, reqs[:2], first[:2], rest, alloc(sum(rest)), [True, True])
+    ref, got, kind = _both(runner, native, backend, batch)
+    assert kind == "paged"
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    for req in reqs:
+        req.output_ids.append(req.origin_input_ids[-1])
+
+    # Decode: one eager step, then steps through the CUDA-graph path, padded from 3 to 4.
+    runner.attn_backend = backend
+    graphs = CudaGraphRunner(runner)
+    assert graphs.batch_sizes == [1, 2, 4]
+    for bs in reversed(graphs.batch_sizes):
+        graphs.prepare_capture(bs)
+    k_buf = runner.kv_pool.k_buffers[0]
+    for step in range(3):
+        lens = [len(r.fill_ids) - 1 for r in reqs]
+        slots = alloc(3)
+        fb = runner.build_forward_batch(ScheduledBatch(ForwardMode.DECODE, reqs, lens, [1] * 3, slots, [True] * 3))
+        if step == 0:
+            got = _forward_with(runner, backend, fb)
+        else:
+            before = k_buf.clone()
+            assert graphs.prepare_replay(fb) == 4
+            static = graphs._static_batch(4)
+            with torch.inference_mode():
+                got = runner.model(static.input_ids, static.positions, static).float()[:3]
+            changed = (k_buf != before).flatten(1).any(1).nonzero().flatten().tolist()
+            assert set(changed) <= {0, *slots.tolist()}, "padding wrote outside the reserved slot 0"
+        ref = _forward_with(runner, native, fb)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        for req, token in zip(reqs, ref.argmax(-1).tolist()):
+            req.output_ids.append(token)
