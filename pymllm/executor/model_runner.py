@@ -23,7 +23,10 @@ from pymllm.layers.attention.selection import create_attention_backend
 from pymllm.layers.sampler import Sampler, SamplingBatchInfo
 from pymllm.mem_cache.memory_pool import KVPool, ReqToTokenPool, TokenToKVPoolAllocator
 from pymllm.model_loader.loader import load_model
+from pymllm.orchestrator.request import Req
 from pymllm.orchestrator.schedule_batch import BatchResult, ScheduledBatch
+from pymllm.quantization import get_quantization_config
+from pymllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +55,34 @@ class ModelRunner:
     # ---------------- set-up ----------------
     def initialize(self) -> None:
         torch.manual_seed(self.server.random_seed)
+        quant_config = get_quantization_config(self.config.quantization.method, self.model_config.hf_config)
         self.model = load_model(
-            self.model_config, self.server.load_format, self.device, seed=self.server.random_seed
+            self.model_config, self.server.load_format, self.device, seed=self.server.random_seed,
+            quant_config=quant_config,
         )
         self._init_memory_pools()
         self.attn_backend = create_attention_backend(self.server.attention_backend, self)
         self.sampler = Sampler()
+        if self.device.type == "cuda":
+            self.warmup()
         self.cuda_graph_runner = build_cuda_graph_runner(self)
+
+    def warmup(self) -> None:
+        """Run a prefill and an extend on top of it, so that JIT-compiled attention kernels are
+        built during start-up instead of on the first request."""
+        start = time.perf_counter()
+        params = SamplingParams(max_new_tokens=1, temperature=0.0).with_defaults({})
+        req = Req(rid="warmup", origin_input_ids=list(range(1, 13)), sampling_params=params, seed=0)
+        req.req_pool_idx = self.req_to_token_pool.alloc()
+        first = self.token_to_kv_pool_allocator.alloc(8)
+        second = self.token_to_kv_pool_allocator.alloc(4)
+        req.kv_slots = first
+        self.run_batch(ScheduledBatch(ForwardMode.EXTEND, [req], [0], [8], first, [False]))
+        self.run_batch(ScheduledBatch(ForwardMode.EXTEND, [req], [8], [4], second, [True]))
+        torch.cuda.synchronize(self.device)
+        self.token_to_kv_pool_allocator.free(np.concatenate([first, second]))
+        self.req_to_token_pool.free(req.req_pool_idx)
+        logger.info("Warm-up prefill done in %.1f s", time.perf_counter() - start)
 
     def _kv_capacity(self) -> int:
         mc = self.model_config
@@ -105,13 +129,17 @@ class ModelRunner:
         reqs = batch.reqs
         req_indices = [r.req_pool_idx for r in reqs]
         seq_lens = [p + n for p, n in zip(batch.prefix_lens, batch.extend_lens)]
-        input_ids: List[int] = []
-        positions: List[int] = []
-        rows: List[int] = []
-        for req, prefix, n in zip(reqs, batch.prefix_lens, batch.extend_lens):
-            input_ids.extend(req.fill_ids[prefix : prefix + n])
-            positions.extend(range(prefix, prefix + n))
-            rows.extend([req.req_pool_idx] * n)
+        if batch.mode.is_decode():
+            # The only token without KV is the last sampled one.
+            input_ids = [r.output_ids[-1] for r in reqs]
+            positions = list(batch.prefix_lens)
+            rows = req_indices
+        else:
+            input_ids, positions, rows = [], [], []
+            for req, prefix, n in zip(reqs, batch.prefix_lens, batch.extend_lens):
+                input_ids.extend(req.fill_ids[prefix : prefix + n])
+                positions.extend(range(prefix, prefix + n))
+                rows.extend([req.req_pool_idx] * n)
         out_cache_loc = self._tensor(batch.out_cache_loc, torch.int64)
         positions_t = self._tensor(positions, torch.int64)
         # Record where every new token's KV lives: one scatter for the whole batch.

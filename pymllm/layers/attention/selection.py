@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from typing import Optional
+
+import torch
 
 from pymllm.configs.errors import ConfigError
 from pymllm.layers.attention.base_backend import AttentionBackend
@@ -15,9 +18,15 @@ def flashinfer_available() -> bool:
     return importlib.util.find_spec("flashinfer") is not None
 
 
-def choose_attention_backend(requested: str, device_type: str, flashinfer_importable: bool) -> str:
+_FLASHINFER_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def choose_attention_backend(
+    requested: str, device_type: str, flashinfer_importable: bool, dtype: Optional[torch.dtype] = None
+) -> str:
+    dtype_ok = dtype is None or dtype in _FLASHINFER_DTYPES
     if requested == "auto":
-        if device_type == "cuda" and flashinfer_importable:
+        if device_type == "cuda" and flashinfer_importable and dtype_ok:
             return "flashinfer"
         return "torch_native"
     if requested == "flashinfer":
@@ -25,11 +34,15 @@ def choose_attention_backend(requested: str, device_type: str, flashinfer_import
             raise ConfigError("--server.attention_backend: flashinfer needs a CUDA device")
         if not flashinfer_importable:
             raise ConfigError("--server.attention_backend: flashinfer is not installed (pip install flashinfer-python)")
+        if not dtype_ok:
+            raise ConfigError(
+                f"--server.attention_backend: flashinfer needs --server.dtype float16 or bfloat16, not {dtype}"
+            )
     return requested
 
 
 def create_attention_backend(requested: str, runner) -> AttentionBackend:
-    name = choose_attention_backend(requested, runner.device.type, flashinfer_available())
+    name = choose_attention_backend(requested, runner.device.type, flashinfer_available(), runner.dtype)
     logger.info("Attention backend: %s (requested %s)", name, requested)
     if name == "flashinfer":
         from pymllm.layers.attention.flashinfer_backend import FlashInferAttnBackend
