@@ -336,7 +336,9 @@ def test_greedy_flashinfer_with_graphs_matches_torch_native():
     # first differing argmax; there the reference must have had a near-tie.
     for ref, got in zip(ref_steps, fi_steps):
         assert ref.shape == got.shape
-        torch.testing.assert_close(got, ref, rtol=5e-2, atol=0.15)
+        # bf16 end to end (FlashInfer has no fp32 kernels): compare by relative norm, the
+        # measure that fits a whole-model comparison in bf16.
+        assert ((got - ref).float().norm() / ref.float().norm()).item() < 2e-2
         differ = (ref.argmax(-1) != got.argmax(-1)).nonzero().flatten().tolist()
         if differ:
             top2 = ref[differ].topk(2, dim=-1).values
