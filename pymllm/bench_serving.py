@@ -45,19 +45,26 @@ class RequestResult:
 
 
 def make_prompts(args: argparse.Namespace) -> List[Prompt]:
+    """Prompts of --input-len unique tokens (words for chat), each after the same
+    --shared-prefix-len tokens (a shared system prompt, as prefix caching sees it)."""
     rng = random.Random(args.seed)
     if args.backend == "chat":
-        def text() -> str:
-            return " ".join(rng.choice(_WORDS) for _ in range(args.input_len))
+        def text(n: int) -> str:
+            return " ".join(rng.choice(_WORDS) for _ in range(n))
 
-        fixed = text()
-        return [fixed if args.dataset == "fixed" else text() for _ in range(args.num_prompts)]
+        prefix = text(args.shared_prefix_len) + " " if args.shared_prefix_len else ""
+        fixed = text(args.input_len)
+        return [prefix + (fixed if args.dataset == "fixed" else text(args.input_len)) for _ in range(args.num_prompts)]
 
-    def ids() -> List[int]:
-        return [rng.randrange(_LOWEST_RANDOM_ID, args.vocab_size) for _ in range(args.input_len)]
+    def ids(n: int) -> List[int]:
+        return [rng.randrange(_LOWEST_RANDOM_ID, args.vocab_size) for _ in range(n)]
 
-    fixed_ids = ids()
-    return [list(fixed_ids) if args.dataset == "fixed" else ids() for _ in range(args.num_prompts)]
+    prefix_ids = ids(args.shared_prefix_len)
+    fixed_ids = ids(args.input_len)
+    return [
+        prefix_ids + (list(fixed_ids) if args.dataset == "fixed" else ids(args.input_len))
+        for _ in range(args.num_prompts)
+    ]
 
 
 def _request_body(args: argparse.Namespace, model: str, prompt: Prompt) -> Dict[str, Any]:
@@ -195,6 +202,7 @@ def summarise(
         "dataset": args.dataset,
         "num_prompts": args.num_prompts,
         "input_len": args.input_len,
+        "shared_prefix_len": args.shared_prefix_len,
         "output_len": args.output_len,
         "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf",
         "concurrency": args.concurrency,
@@ -256,6 +264,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="random: a new random prompt per request; fixed: one prompt for all.")
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--shared-prefix-len", type=int, default=0,
+                   help="Tokens (words for chat) every prompt starts with, before its --input-len own ones.")
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--vocab-size", type=int, default=1000,
                    help="Random prompt ids are drawn below this (completions backend).")
@@ -271,6 +281,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for name in ("num_prompts", "input_len", "output_len", "vocab_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.shared_prefix_len < 0:
+        p.error("--shared-prefix-len must be >= 0")
     if args.request_rate <= 0 or (args.concurrency is not None and args.concurrency < 1):
         p.error("--request-rate and --concurrency must be positive")
     if args.tokenizer:

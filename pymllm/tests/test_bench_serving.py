@@ -101,3 +101,18 @@ def test_main_over_loopback_writes_jsonl(tmp_path, capsys):
     assert row["completed"] == 4 and row["total_output_tokens"] == 20 and row["total_input_tokens"] == 32
     assert row["request_rate"] == 50 and row["median_ttft_ms"] > 0 and row["p99_itl_ms"] > 0
     assert "Output token throughput" in capsys.readouterr().out
+
+
+def test_shared_prefix_prompts():
+    args = bench_serving.parse_args(
+        ["--num-prompts", "4", "--input-len", "5", "--shared-prefix-len", "20", "--vocab-size", "500"]
+    )
+    prompts = bench_serving.make_prompts(args)
+    assert all(len(p) == 25 for p in prompts)
+    assert len({tuple(p[:20]) for p in prompts}) == 1, "every prompt starts with the same prefix"
+    assert len({tuple(p[20:]) for p in prompts}) == 4
+    chat = bench_serving.make_prompts(bench_serving.parse_args(
+        ["--num-prompts", "3", "--input-len", "4", "--shared-prefix-len", "6", "--backend", "chat"]))
+    assert len({" ".join(p.split()[:6]) for p in chat}) == 1
+    with pytest.raises(SystemExit):
+        bench_serving.parse_args(["--shared-prefix-len", "-1"])

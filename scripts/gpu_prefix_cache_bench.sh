@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Prefix-cache benchmark on the GPU: requests sharing a 2,000-token system prompt, TTFT with the
+# radix cache vs --server.disable_radix_cache, through the real server and bench_serving.
+# Run from the repository root on the GPU machine after the wheels of .whl/ are on PYTHONPATH:
+#   bash scripts/gpu_prefix_cache_bench.sh [config dir, default benchmarks/configs/qwen3-8b]
+# Appends one JSONL row per setting to $OUT/prefix_cache.jsonl.
+set -uo pipefail
+CONFIG=${1:-benchmarks/configs/qwen3-8b}
+OUT=${OUT:-$PWD/out}
+MODEL=/tmp/prefix-bench-model
+mkdir -p "$MODEL" "$OUT"
+cp "$CONFIG/config.json" "$MODEL/"
+# Dummy weights need no tokenizer of the real model: prompts are token ids below the tiny
+# tokenizer's vocabulary, and the output text is not looked at.
+python3 -c "from pymllm.testing.tiny_models import build_tiny_tokenizer; build_tiny_tokenizer('$MODEL')"
+
+run_setting() {
+  local name=$1; shift
+  local port=31234 log="$OUT/server_$name.log"
+  python3 -m pymllm.server.launch --server.model_path "$MODEL" --server.load_format dummy \
+    --server.dtype bfloat16 --server.port $port --server.max_running_requests 8 \
+    --server.max_total_tokens 65536 --server.log_level warning "$@" >"$log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 1 240); do
+    python3 -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:$port/health', timeout=1).status_code != 200)" 2>/dev/null && break
+    kill -0 $pid 2>/dev/null || { echo "server $name died:"; tail -20 "$log"; return 1; }
+    sleep 1
+  done
+  python3 -m pymllm.bench_serving --base-url "http://127.0.0.1:$port" --num-prompts 24 \
+    --shared-prefix-len 2000 --input-len 32 --output-len 8 --concurrency 1 --vocab-size 1400 \
+    --seed 1 --result-filename "$OUT/prefix_cache.jsonl" 2>&1 | tail -12
+  python3 - "$OUT/prefix_cache.jsonl" "$name" "$CONFIG" <<'PY'
+import json, subprocess, sys
+path, name, config = sys.argv[1:]
+rows = [json.loads(l) for l in open(path)]
+rows[-1].update(setting=name, model_config=config,
+                device=subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                      capture_output=True, text=True).stdout.strip(),
+                commit=subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip())
+open(path, "w").write("".join(json.dumps(r) + "\n" for r in rows))
+PY
+  kill -TERM $pid; wait $pid
+}
+
+run_setting radix
+run_setting chunk --server.disable_radix_cache
+python3 - "$OUT/prefix_cache.jsonl" <<'PY'
+import json, sys
+rows = {r["setting"]: r for r in map(json.loads, open(sys.argv[1]))}
+radix, chunk = rows["radix"], rows["chunk"]
+print(f"TTFT median: radix {radix['median_ttft_ms']:.2f} ms, no cache {chunk['median_ttft_ms']:.2f} ms, "
+      f"ratio {chunk['median_ttft_ms'] / radix['median_ttft_ms']:.2f}x")
+PY
