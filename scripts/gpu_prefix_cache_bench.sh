@@ -3,6 +3,7 @@
 # radix cache vs --server.disable_radix_cache, through the real server and bench_serving.
 # Run from the repository root on the GPU machine after the wheels of .whl/ are on PYTHONPATH:
 #   bash scripts/gpu_prefix_cache_bench.sh [config dir, default benchmarks/configs/qwen3-8b]
+# PREFIX_LEN overrides the shared prefix length (a CPU smoke run with a tiny config uses less).
 # Appends one JSONL row per setting to $OUT/prefix_cache.jsonl.
 set -uo pipefail
 CONFIG=${1:-benchmarks/configs/qwen3-8b}
@@ -27,15 +28,15 @@ run_setting() {
     sleep 1
   done
   python3 -m pymllm.bench_serving --base-url "http://127.0.0.1:$port" --num-prompts 24 \
-    --shared-prefix-len 2000 --input-len 32 --output-len 8 --concurrency 1 --vocab-size 1400 \
+    --shared-prefix-len ${PREFIX_LEN:-2000} --input-len 32 --output-len 8 --concurrency 1 --vocab-size 1400 \
     --seed 1 --result-filename "$OUT/prefix_cache.jsonl" 2>&1 | tail -12
   python3 - "$OUT/prefix_cache.jsonl" "$name" "$CONFIG" <<'PY'
 import json, subprocess, sys
+import torch
 path, name, config = sys.argv[1:]
 rows = [json.loads(l) for l in open(path)]
 rows[-1].update(setting=name, model_config=config,
-                device=subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                                      capture_output=True, text=True).stdout.strip(),
+                device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                 commit=subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip())
 open(path, "w").write("".join(json.dumps(r) + "\n" for r in rows))
 PY
