@@ -9,15 +9,17 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from pymllm.configs.errors import ConfigError
+from pymllm.configs.quantization_config import QuantizationConfig
 from pymllm.configs.server_config import ServerConfig
 
 # Each CLI group is a dataclass; flags are spelled --<group>.<field>.
-_GROUPS = {"server": ServerConfig}
+_GROUPS = {"server": ServerConfig, "quantization": QuantizationConfig}
 
 
 @dataclass
 class GlobalConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
 
     def validate(self) -> None:
         for name in _GROUPS:

@@ -76,6 +76,9 @@ def load_model(
     quant_config=None,
 ) -> nn.Module:
     cls = get_model_class(model_config.hf_config)
+    if quant_config is not None:
+        # Quantization configs name checkpoint modules (q_proj); layers are named after the fusion.
+        quant_config.set_packed_modules(getattr(cls, "stacked_params_mapping", ()))
     start = time.perf_counter()
     previous = torch.get_default_dtype()
     torch.set_default_dtype(model_config.dtype)

@@ -8,7 +8,7 @@ the forward.
 from __future__ import annotations
 
 import abc
-from typing import List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -34,6 +34,26 @@ class LinearMethodBase(abc.ABC):
 
 
 class QuantizationConfig(abc.ABC):
+    def __init__(self) -> None:
+        # Fused layer name -> the checkpoint modules stacked into it, in shard order,
+        # e.g. "qkv_proj" -> ["q_proj", "k_proj", "v_proj"]; set from the model class.
+        self.packed_modules: Dict[str, List[str]] = {}
+
+    def set_packed_modules(self, stacked_params_mapping: Iterable[Tuple[str, str, Union[str, int]]]) -> None:
+        """Learn the fusion from a model's ``stacked_params_mapping`` of (fused, checkpoint, shard id)."""
+        packed: Dict[str, List[str]] = {}
+        for fused, checkpoint, _ in stacked_params_mapping:
+            packed.setdefault(fused, []).append(checkpoint)
+        self.packed_modules = packed
+
+    def checkpoint_names(self, prefix: str) -> List[str]:
+        """The checkpoint module names behind layer ``prefix`` (several for a fused layer)."""
+        parent, _, leaf = prefix.rpartition(".")
+        shards = self.packed_modules.get(leaf)
+        if not shards:
+            return [prefix]
+        return [f"{parent}.{shard}" if parent else shard for shard in shards]
+
     @abc.abstractmethod
     def get_linear_method(self, prefix: str) -> Optional[LinearMethodBase]:
         """The method for the linear layer named `prefix`, or None to leave it unquantized."""

@@ -1,0 +1,27 @@
+"""The LinearMethod of compressed-tensors layers: it hands each lifecycle step to the scheme."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from pymllm.quantization.base import LinearMethodBase
+from pymllm.quantization.compressed_tensors.schemes.base import CompressedTensorsScheme
+
+
+class CompressedTensorsLinearMethod(LinearMethodBase):
+    def __init__(self, scheme: CompressedTensorsScheme):
+        self.scheme = scheme
+
+    def create_weights(
+        self, layer: nn.Module, input_size: int, output_partition_sizes: List[int], params_dtype: torch.dtype
+    ) -> None:
+        self.scheme.create_weights(layer, input_size, output_partition_sizes, params_dtype)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        self.scheme.process_weights_after_loading(layer)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        return self.scheme.apply(layer, x, bias)

@@ -1,0 +1,31 @@
+"""A Scheme owns one quantization format's parameters, their layout conversion and the forward."""
+
+from __future__ import annotations
+
+import abc
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+
+class CompressedTensorsScheme(abc.ABC):
+    @abc.abstractmethod
+    def create_weights(
+        self, layer: nn.Module, input_size: int, output_partition_sizes: List[int], params_dtype: torch.dtype
+    ) -> None:
+        """Register the checkpoint-facing parameters (the names compressed-tensors saves)."""
+
+    @abc.abstractmethod
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """The one conversion from checkpoint layout to the kernels' layout."""
+
+    @abc.abstractmethod
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """Forward only: y = x W^T (+ bias) with the runtime layout; never repacks."""
+
+
+def replace_parameter(layer: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Swap a parameter for its runtime form (a plain frozen Parameter: loader attributes are spent)."""
+    delattr(layer, name)
+    layer.register_parameter(name, nn.Parameter(value, requires_grad=False))

@@ -1,0 +1,48 @@
+"""W8A8 int8: per-channel symmetric int8 weights, dynamic per-token symmetric int8 activations.
+
+Checkpoint (compressed-tensors ``int-quantized``): ``weight`` int8 [N, K], ``weight_scale``
+[N, 1]. Runtime: the same bytes viewed as the column-major [K, N] operand of the int8 GEMM
+and float32 scales [N]. Forward: quantize each token row to int8, then one int8 GEMM whose
+epilogue applies both scales and the bias.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from pymllm.layers.utils import set_weight_attrs
+from pymllm.quantization.compressed_tensors.schemes.base import CompressedTensorsScheme, replace_parameter
+from pymllm.quantization.kernels.int8_activation_triton import per_token_quant_int8
+from pymllm.quantization.kernels.int8_scaled_mm import int8_scaled_mm, prepare_int8_scaled_mm
+
+
+class W8A8Int8Scheme(CompressedTensorsScheme):
+    def __init__(self) -> None:
+        self.params_dtype = torch.float32  # the activation / output dtype, set in create_weights
+
+    def create_weights(
+        self, layer: nn.Module, input_size: int, output_partition_sizes: List[int], params_dtype: torch.dtype
+    ) -> None:
+        self.params_dtype = params_dtype
+        rows = sum(output_partition_sizes)
+        weight = nn.Parameter(torch.empty(rows, input_size, dtype=torch.int8), requires_grad=False)
+        set_weight_attrs(weight, {"output_dim": 0, "input_dim": 1, "weight_loader": layer.weight_loader})
+        layer.register_parameter("weight", weight)
+        scale = nn.Parameter(torch.empty(rows, 1, dtype=torch.float32), requires_grad=False)
+        set_weight_attrs(scale, {"output_dim": 0, "weight_loader": layer.weight_loader})
+        layer.register_parameter("weight_scale", scale)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        # [N, K] row-major is already the column-major [K, N] the GEMM wants: a view, no copy.
+        replace_parameter(layer, "weight", layer.weight.data.t())
+        replace_parameter(layer, "weight_scale", layer.weight_scale.data.reshape(-1).float().contiguous())
+        prepare_int8_scaled_mm(layer.weight.device, self.params_dtype)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        x2d = x.reshape(-1, x.shape[-1])
+        q, scale = per_token_quant_int8(x2d)
+        out = int8_scaled_mm(q, layer.weight, scale, layer.weight_scale, x.dtype, bias)
+        return out.reshape(*x.shape[:-1], out.shape[-1])

@@ -1,0 +1,79 @@
+"""W4A16: 4-bit integer weights (``pack-quantized``), group-wise or channel-wise, symmetric or
+with zero points; activations stay fp16/bf16.
+
+Checkpoint: ``weight_packed`` int32 [N, K/8], ``weight_scale`` [N, K/G], ``weight_shape``
+[2], and for asymmetric schemes ``weight_zero_point`` int32 [N/8, K/G] (packed along N).
+``process_weights_after_loading`` repacks them once into the kernel layout (see
+``kernels.w4a16``); ``apply`` only runs the GEMM.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from pymllm.layers.utils import set_weight_attrs
+from pymllm.quantization.compressed_tensors.schemes.base import CompressedTensorsScheme, replace_parameter
+from pymllm.quantization.compressed_tensors.schemes.shape_check import register_weight_shape
+from pymllm.quantization.kernels.w4a16 import repack_wna16, w4a16_linear
+
+PACK_FACTOR = 8  # int4 values per int32
+
+
+class WNA16Scheme(CompressedTensorsScheme):
+    def __init__(self, group_size: Optional[int], symmetric: bool):
+        self.group_size = group_size  # None: one scale per output channel
+        self.symmetric = symmetric
+        self.group = 0  # resolved in create_weights (K for channel-wise)
+        self.params_dtype = torch.float32
+
+    def create_weights(
+        self, layer: nn.Module, input_size: int, output_partition_sizes: List[int], params_dtype: torch.dtype
+    ) -> None:
+        self.group = self.group_size or input_size
+        self.params_dtype = params_dtype
+        if input_size % PACK_FACTOR or input_size % self.group:
+            raise ValueError(
+                f"{layer.prefix}: input size {input_size} must be a multiple of {PACK_FACTOR} and of the "
+                f"group size {self.group} for 4-bit packed weights"
+            )
+        if not self.symmetric and any(size % PACK_FACTOR for size in output_partition_sizes):
+            raise ValueError(
+                f"{layer.prefix}: output sizes {output_partition_sizes} must be multiples of {PACK_FACTOR} "
+                "for packed zero points"
+            )
+        rows = sum(output_partition_sizes)
+        groups = input_size // self.group
+        packed = nn.Parameter(torch.empty(rows, input_size // PACK_FACTOR, dtype=torch.int32), requires_grad=False)
+        set_weight_attrs(packed, {"output_dim": 0, "input_dim": 1, "weight_loader": layer.weight_loader})
+        layer.register_parameter("weight_packed", packed)
+        scale = nn.Parameter(torch.empty(rows, groups, dtype=params_dtype), requires_grad=False)
+        set_weight_attrs(scale, {"output_dim": 0, "input_dim": 1, "weight_loader": layer.weight_loader})
+        layer.register_parameter("weight_scale", scale)
+        if not self.symmetric:
+            zero = nn.Parameter(torch.empty(rows // PACK_FACTOR, groups, dtype=torch.int32), requires_grad=False)
+            set_weight_attrs(
+                zero,
+                {"output_dim": 0, "output_pack_factor": PACK_FACTOR, "weight_loader": layer.weight_loader},
+            )
+            layer.register_parameter("weight_zero_point", zero)
+        register_weight_shape(layer)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        zero_point = None if self.symmetric else layer.weight_zero_point.data
+        qweight, scales, zeros = repack_wna16(
+            layer.weight_packed.data, layer.weight_scale.data, zero_point, self.params_dtype
+        )
+        replace_parameter(layer, "weight_packed", qweight)
+        replace_parameter(layer, "weight_scale", scales)
+        if zeros is not None:
+            replace_parameter(layer, "weight_zero_point", zeros)
+        delattr(layer, "weight_shape")
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        x2d = x.reshape(-1, x.shape[-1])
+        zeros = None if self.symmetric else layer.weight_zero_point
+        out = w4a16_linear(x2d, layer.weight_packed, layer.weight_scale, zeros, self.group, bias)
+        return out.reshape(*x.shape[:-1], out.shape[-1])

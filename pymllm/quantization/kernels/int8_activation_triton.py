@@ -1,0 +1,97 @@
+"""Dynamic per-token symmetric int8 quantization of activations (the "A8" of W8A8).
+
+The convention is compressed-tensors' own, which defines what a W8A8 checkpoint means: for
+each row x of [M, K], scale = max|x| / 127.5 and q = clamp(round(x / scale), -128, 127) with
+ties to even, so x ~= q * scale. The Triton kernel and the PyTorch reference perform the same
+float32 operations in the same order; they agree bit for bit wherever the GPU's division is
+correctly rounded, and otherwise differ by one step in rare ties.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from pymllm.quantization.kernels.device import cuda_capability
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs (and Jetson images without Triton) use the reference
+    triton = None
+
+# Rows whose max |x| is below this quantize to zeros instead of dividing by zero. The Triton
+# kernel spells these literals out: jitted code cannot read Python globals.
+_MIN_ABSMAX = 1e-10
+_HALF_RANGE = 127.5  # (q_max - q_min) / 2 for int8
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def per_token_quant_int8_reference(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch version: (q int8 [M, K], scale float32 [M, 1]) for x [M, K]."""
+    x32 = x.float()
+    scale = x32.abs().amax(dim=-1, keepdim=True).clamp_min(_MIN_ABSMAX) / _HALF_RANGE
+    rounded = torch.round(x32 / scale).clamp_(-128, 127)
+    return rounded.to(torch.int8), scale
+
+
+if triton is not None:
+
+    @triton.jit
+    def _per_token_quant_int8_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        x_row = x_ptr + row * stride_xm
+        q_row = q_ptr + row * stride_qm
+        running = tl.zeros([BLOCK], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            offs = k0 + tl.arange(0, BLOCK)
+            x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+            running = tl.maximum(running, tl.abs(x))
+        scale = tl.maximum(tl.max(running, axis=0), 1e-10) / 127.5
+        tl.store(scale_ptr + row, scale)
+        # Second pass re-reads the row from L2; rows up to BLOCK wide are read from DRAM once.
+        for k0 in range(0, K, BLOCK):
+            offs = k0 + tl.arange(0, BLOCK)
+            mask = offs < K
+            scaled = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32) / scale
+            # Adding and subtracting 1.5 * 2**23 rounds |v| < 2**22 to the nearest integer with
+            # ties to even (the FPU's own rounding, as torch.round), without a libdevice call.
+            rounded = (scaled + 12582912.0) - 12582912.0
+            q = tl.minimum(tl.maximum(rounded, -128.0), 127.0).to(tl.int8)
+            tl.store(q_row + offs, q, mask=mask)
+
+
+def per_token_quant_int8_triton(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Launch the Triton kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1)."""
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return q, scale
+    block = min(triton.next_power_of_2(k), 4096)
+    num_warps = 8 if block >= 2048 else 4
+    _per_token_quant_int8_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0), BLOCK=block, num_warps=num_warps)
+    return q, scale
+
+
+def triton_supported(x: torch.Tensor) -> bool:
+    """The capability check of the dispatcher: Triton present, a CUDA tensor on SM80+, rows dense."""
+    return (
+        triton is not None
+        and cuda_capability(x.device) >= (8, 0)
+        and x.dtype in _SUPPORTED_DTYPES
+        and x.dim() == 2
+        and x.stride(-1) == 1
+    )
+
+
+def per_token_quant_int8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (fp16/bf16/fp32) -> (q int8 [M, K], scale float32 [M, 1]) with x ~= q * scale."""
+    if x.dim() != 2:
+        raise ValueError(f"per_token_quant_int8: x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"per_token_quant_int8: x must be float16/bfloat16/float32, got {x.dtype}")
+    if triton_supported(x):
+        return per_token_quant_int8_triton(x)
+    return per_token_quant_int8_reference(x)

@@ -1,0 +1,202 @@
+"""W4A16 kernels in Triton: a fused dequant-GEMM for small M and a dequantizer for large M.
+
+Runtime layout (made once by ``w4a16.repack_wna16``):
+  qweight [K/8, N] int32: word (j, n) holds w[8j + i, n] + 8 in bits 4i..4i+3 (i = 0..7), so a
+      [BLOCK_K/8, BLOCK_N] tile is a set of contiguous N runs and unpacks straight into the
+      [BLOCK_K, BLOCK_N] operand of ``x @ W^T``;
+  scales  [K/G, N] (activation dtype), zeros [K/G, N] (same dtype, asymmetric only):
+      w[k, n] = (q - zero[k // G, n]) * scale[k // G, n], with G = K for channel-wise.
+
+A nibble becomes a float exactly without a conversion instruction: OR-ing it into the mantissa
+of 2^23 and subtracting 2^23 + 8 gives the signed value.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from pymllm.quantization.kernels.triton_common import SmallMConfig, pick_split_k, sm_count_of, splitk_reduce
+
+MAX_M = 64
+
+
+@triton.jit
+def _nibbles(packed):
+    """[R, C] int32 words -> [R, 8, C] float32 signed nibbles (nibble i of word r is row 8r + i)."""
+    shifts = tl.arange(0, 8) * 4
+    nibbles = (packed[:, None, :] >> shifts[None, :, None]) & 0xF
+    return (nibbles | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+
+
+@triton.jit
+def _dot_tile(x, packed, s_ptr, z_ptr, k0, offs_n, n_mask, N,
+              GROUP: tl.constexpr, HAS_ZP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """x [BLOCK_M, BLOCK_K] (fp16/bf16) @ one dequantized weight tile, on tensor cores."""
+    w = tl.reshape(_nibbles(packed), (BLOCK_K, BLOCK_N))
+    if GROUP >= BLOCK_K:
+        # One scale row for the tile: scale the [M, N] partial instead of every weight.
+        meta = (k0 // GROUP) * N + offs_n
+        part = tl.dot(x, w.to(x.dtype))
+        if HAS_ZP:
+            zero = tl.load(z_ptr + meta, mask=n_mask, other=0.0).to(tl.float32)
+            part -= tl.sum(x.to(tl.float32), axis=1)[:, None] * zero[None, :]
+        return part * tl.load(s_ptr + meta, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    NUM_GROUPS: tl.constexpr = BLOCK_K // GROUP
+    meta = (k0 // GROUP + tl.arange(0, NUM_GROUPS)).to(tl.int64)[:, None] * N + offs_n[None, :]
+    w3 = tl.reshape(w, (NUM_GROUPS, GROUP, BLOCK_N))
+    if HAS_ZP:
+        w3 = w3 - tl.load(z_ptr + meta, mask=n_mask[None, :], other=0.0).to(tl.float32)[:, None, :]
+    w3 = w3 * tl.load(s_ptr + meta, mask=n_mask[None, :], other=0.0).to(tl.float32)[:, None, :]
+    return tl.dot(x, tl.reshape(w3, (BLOCK_K, BLOCK_N)).to(x.dtype))
+
+
+@triton.jit
+def _gemv_tile(x_ptr, packed, s_ptr, z_ptr, k0, offs_k8, offs_n, n_mask, N,
+               GROUP: tl.constexpr, HAS_ZP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One row of x (M == 1) against one weight tile, without reshaping the unpacked tile:
+    x is read as [BLOCK_K/8, 8] to match the [words, nibble, N] unpacked weights."""
+    x = tl.load(x_ptr + offs_k8[:, None] * 8 + tl.arange(0, 8)[None, :]).to(tl.float32)  # [BK/8, 8]
+    per_word = tl.sum(_nibbles(packed) * x[:, :, None], axis=1)  # [BK/8, BN]: dot of each 8-run
+    if GROUP >= BLOCK_K:
+        meta = (k0 // GROUP) * N + offs_n
+        part = tl.sum(per_word, axis=0)
+        if HAS_ZP:
+            part -= tl.sum(tl.sum(x, axis=1), axis=0) * tl.load(z_ptr + meta, mask=n_mask, other=0.0).to(tl.float32)
+        return part * tl.load(s_ptr + meta, mask=n_mask, other=0.0).to(tl.float32)
+    # Several groups per tile: every 8-run lies in one group, so scale the per-word partials.
+    meta = ((offs_k8 * 8) // GROUP).to(tl.int64)[:, None] * N + offs_n[None, :]
+    if HAS_ZP:
+        per_word -= tl.sum(x, axis=1)[:, None] * tl.load(z_ptr + meta, mask=n_mask[None, :], other=0.0).to(tl.float32)
+    return tl.sum(per_word * tl.load(s_ptr + meta, mask=n_mask[None, :], other=0.0).to(tl.float32), axis=0)
+
+
+@triton.jit
+def _w4a16_small_m_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
+    M, N, K, stride_xm,
+    GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    USE_DOT: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    k_chunk = K // SPLIT_K  # a multiple of BLOCK_K (host-checked)
+    k_lo = pid_k * k_chunk
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_lo, k_lo + k_chunk, BLOCK_K):
+        offs_k8 = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        packed = tl.load(w_ptr + offs_k8.to(tl.int64)[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
+        if USE_DOT:
+            x = tl.load(x_rows + (k0 + tl.arange(0, BLOCK_K))[None, :], mask=m_mask[:, None], other=0.0)
+            acc += _dot_tile(x, packed, s_ptr, z_ptr, k0, offs_n, n_mask, N, GROUP, HAS_ZP, BLOCK_K, BLOCK_N)
+        else:
+            acc += _gemv_tile(x_ptr, packed, s_ptr, z_ptr, k0, offs_k8, offs_n, n_mask, N, GROUP, HAS_ZP,
+                              BLOCK_K)[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        partial = out_ptr + pid_k.to(tl.int64) * M * N + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        tl.store(partial, acc, mask=mask)
+
+
+@triton.jit
+def _w4a16_dequant_kernel(
+    w_ptr, s_ptr, z_ptr, out_ptr, N,
+    GROUP: tl.constexpr, HAS_ZP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out [K, N] = dequantized weight (transposed W), one [BLOCK_K, BLOCK_N] tile per program."""
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k8 = pid_k * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
+    packed = tl.load(w_ptr + offs_k8.to(tl.int64)[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
+    w = tl.reshape(_nibbles(packed), (BLOCK_K, BLOCK_N))
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    meta = (offs_k // GROUP).to(tl.int64)[:, None] * N + offs_n[None, :]
+    scale = tl.load(s_ptr + meta, mask=n_mask[None, :], other=0.0).to(tl.float32)
+    if HAS_ZP:
+        w = w - tl.load(z_ptr + meta, mask=n_mask[None, :], other=0.0).to(tl.float32)
+    out = out_ptr + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :]
+    tl.store(out, (w * scale).to(out_ptr.dtype.element_ty), mask=n_mask[None, :])
+
+
+def default_config(m: int, n: int, k: int, group: int, device: torch.device) -> SmallMConfig:
+    """Tiles for a small-M launch: wide K runs per program, K split until every SM has work."""
+    if m == 1:
+        block_m, block_n, block_k, use_dot, num_warps = 1, 64, 256, False, 4
+    else:
+        block_m = max(16, triton.next_power_of_2(m))
+        block_n, block_k, use_dot, num_warps = 64, 128, True, 4
+    while k % block_k or (group < block_k and block_k % group) or (group > block_k and group % block_k):
+        block_k //= 2
+    programs = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    split_k = pick_split_k(programs, k // block_k, sm_count_of(device))
+    return SmallMConfig(block_m, block_n, block_k, split_k, use_dot, num_warps, num_stages=3)
+
+
+def supports(m: int, n: int, k: int, group: int) -> bool:
+    """Shapes the fused kernel serves: small M, K a multiple of 64 and of the group size."""
+    return 1 <= m <= MAX_M and k % 64 == 0 and k % group == 0 and n >= 1
+
+
+def w4a16_gemm_small_m(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: Optional[torch.Tensor],
+    group: int,
+    bias: Optional[torch.Tensor] = None,
+    config: Optional[SmallMConfig] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """x [M, K] fp16/bf16 (rows dense) @ W^T -> [M, N] in x.dtype, W given in the runtime layout;
+    ``out`` (contiguous [M, N] of x.dtype) is written in place when given."""
+    m, k = x.shape
+    n = qweight.shape[1]
+    cfg = config or default_config(m, n, k, group, x.device)
+    if k % (cfg.block_k * cfg.split_k) or not (group % cfg.block_k == 0 or cfg.block_k % group == 0):
+        raise ValueError(f"w4a16 kernel: K={k}, group={group} do not tile with BLOCK_K={cfg.block_k}, SPLIT_K={cfg.split_k}")
+    if not cfg.use_dot and m != 1:
+        raise ValueError("w4a16 kernel: the multiply-reduce loop serves M == 1 only")
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device) if out is None else out
+    target = out if cfg.split_k == 1 else torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, cfg.block_n), cfg.split_k, triton.cdiv(m, cfg.block_m))
+    _w4a16_small_m_kernel[grid](
+        x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, target,
+        m, n, k, x.stride(0),
+        GROUP=group, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, USE_DOT=cfg.use_dot,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if cfg.split_k > 1:
+        splitk_reduce(target, bias, out)
+    return out
+
+
+def w4a16_dequantize(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], group: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """W^T as a dense [K, N] matrix of ``dtype`` (K a multiple of 64 and of ``group``)."""
+    k, n = qweight.shape[0] * 8, qweight.shape[1]
+    out = torch.empty((k, n), dtype=dtype, device=qweight.device)
+    block_k, block_n = 64, 128
+    _w4a16_dequant_kernel[(k // block_k, triton.cdiv(n, block_n))](
+        qweight, scales, zeros if zeros is not None else scales, out, n,
+        GROUP=group, HAS_ZP=zeros is not None, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4,
+    )
+    return out
