@@ -240,8 +240,10 @@ def test_worker_death_turns_health_503_and_exits(model_dir):
 
 
 def test_sigterm_shuts_down_cleanly(model_dir):
-    srv = ServerProcess(["--server.model_path", str(model_dir), "--server.max_total_tokens", "512"])
+    srv = ServerProcess(["--server.model_path", str(model_dir), "--server.max_total_tokens", "512",
+                         "--server.log_level", "warning"])
     children = child_pids(srv.proc.pid)
     assert srv.stop() == 0
+    assert " INFO " not in srv.log_text(), "--server.log_level warning must silence info logs"
     time.sleep(0.5)
     assert not any(pid_alive(p) for p in children), "orphaned worker processes"
