@@ -35,22 +35,27 @@ class ModelConfig:
         return archs[0]
 
     @property
+    def text_config(self) -> Any:
+        """The language model's config (multimodal configs nest it under text_config)."""
+        return getattr(self.hf_config, "text_config", None) or self.hf_config
+
+    @property
     def num_layers(self) -> int:
-        return self.hf_config.num_hidden_layers
+        return self.text_config.num_hidden_layers
 
     @property
     def num_kv_heads(self) -> int:
-        cfg = self.hf_config
+        cfg = self.text_config
         return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
 
     @property
     def head_dim(self) -> int:
-        cfg = self.hf_config
+        cfg = self.text_config
         return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
     @property
     def vocab_size(self) -> int:
-        return self.hf_config.vocab_size
+        return self.text_config.vocab_size
 
 
 def resolve_model_path(server: ServerConfig) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -96,6 +97,18 @@ class ServerConfig:
     api_key: Optional[str] = field(
         default=None, metadata=_flag("Require 'Authorization: Bearer <key>' on API routes.")
     )
+    # --- media (image inputs of multimodal models) ---
+    allowed_local_media_path: Optional[str] = field(
+        default=None,
+        metadata=_flag(
+            "Directory that local image paths (absolute paths, file://) must resolve inside; "
+            "unset: any file the server can read."
+        ),
+    )
+    allow_private_media_urls: bool = field(
+        default=False,
+        metadata=_flag("Let image URLs fetch from private, loopback and link-local addresses."),
+    )
     reasoning_parser: Optional[str] = field(
         default=None,
         metadata=_flag("Split <think> reasoning into reasoning_content.", ("qwen3",)),
@@ -118,6 +131,10 @@ class ServerConfig:
         if not 0.0 < self.mem_fraction_static <= 1.0:
             raise ConfigError(
                 f"--server.mem_fraction_static: {self.mem_fraction_static} must be in (0, 1]"
+            )
+        if self.allowed_local_media_path is not None and not os.path.isdir(self.allowed_local_media_path):
+            raise ConfigError(
+                f"--server.allowed_local_media_path: {self.allowed_local_media_path} is not a directory"
             )
         if not 0 < self.port < 65536:
             raise ConfigError(f"--server.port: {self.port} is not a valid TCP port")

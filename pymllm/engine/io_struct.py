@@ -34,6 +34,8 @@ class TokenizedGenerateReq:
     input_ids: List[int]
     sampling_params: SamplingParams
     stream: bool = False
+    # Images of a multimodal request (pymllm.multimodal.MultimodalInputs: numpy arrays, pickled).
+    mm_inputs: Optional[Any] = None
 
 
 @dataclass

@@ -9,11 +9,13 @@ from torch import nn
 from pymllm.models.llama import LlamaForCausalLM
 from pymllm.models.qwen2 import Qwen2ForCausalLM
 from pymllm.models.qwen3 import Qwen3ForCausalLM
+from pymllm.models.qwen3_vl import Qwen3VLForConditionalGeneration
 
 MODEL_REGISTRY: Dict[str, Type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen3VLForConditionalGeneration": Qwen3VLForConditionalGeneration,
 }
 
 

@@ -41,11 +41,23 @@ class Req:
     num_sent_logprobs: int = 0
     retractions: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
+    # Images (pymllm.multimodal.MultimodalInputs) of a multimodal request, else None.
+    mm_inputs: Any = None
 
     @property
     def fill_ids(self) -> List[int]:
         """Tokens whose KV must exist before the next token can be sampled."""
         return self.origin_input_ids + self.output_ids
+
+    def cache_key(self, n: Optional[int] = None) -> List[int]:
+        """Prefix-cache key of the first n fill ids (all by default): token ids, with each
+        image's placeholder tokens standing for that image's content hash."""
+        ids = self.fill_ids if n is None else self.fill_ids[:n]
+        if self.mm_inputs is None:
+            return ids
+        from pymllm.multimodal.inputs import cache_key
+
+        return cache_key(ids, self.mm_inputs)
 
     @property
     def kv_len(self) -> int:

@@ -84,7 +84,7 @@ class Scheduler:
             )
         seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
         req = Req(rid=msg.rid, origin_input_ids=list(msg.input_ids), sampling_params=params, seed=seed,
-                  stream=msg.stream)
+                  stream=msg.stream, mm_inputs=msg.mm_inputs)
         if params.max_new_tokens == 0:
             req.finish_reason = FinishReason("length")
             req.state = ReqState.FINISHED
@@ -191,7 +191,7 @@ class Scheduler:
             req = self.waiting[0]
             if self.req_pool.available_size() == 0:
                 break
-            match = self.prefix_cache.match_prefix(req.fill_ids)
+            match = self.prefix_cache.match_prefix(req.cache_key())
             # Always compute at least the last token: its logits give the next token.
             matched = min(len(match.slots), len(req.fill_ids) - 1)
             self.prefix_cache.lock(match.handle)
@@ -279,7 +279,7 @@ class Scheduler:
 
     def _free_kv(self, req: Req) -> None:
         if req.kv_slots.size:
-            self.prefix_cache.cache_finished_req(req.fill_ids[: req.kv_len], req.kv_slots, req.prefix_handle)
+            self.prefix_cache.cache_finished_req(req.cache_key(req.kv_len), req.kv_slots, req.prefix_handle)
         elif req.prefix_handle is not None:
             self.prefix_cache.unlock(req.prefix_handle)
         req.kv_slots = np.empty(0, dtype=np.int64)

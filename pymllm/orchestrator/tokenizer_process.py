@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import List, Optional
 
 import zmq
@@ -32,10 +33,12 @@ class InvalidRequest(ValueError):
 class RequestTokenizer:
     """Turns a GenerateReqInput into token ids and validated sampling parameters."""
 
-    def __init__(self, tokenizer, context_length: int, generation_defaults: dict):
+    def __init__(self, tokenizer, context_length: int, generation_defaults: dict, mm_processor=None):
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.generation_defaults = generation_defaults
+        # pymllm.multimodal.processor.MultimodalProcessor for image models, else None.
+        self.mm_processor = mm_processor
 
     def prompt_ids(self, req: GenerateReqInput) -> List[int]:
         given = [x is not None for x in (req.text, req.input_ids, req.messages)]
@@ -73,14 +76,48 @@ class RequestTokenizer:
         return params.with_defaults(self.generation_defaults)
 
     def tokenize(self, req: GenerateReqInput) -> TokenizedGenerateReq:
+        from pymllm.multimodal.media import MediaError
+        from pymllm.multimodal.processor import image_urls_of
+
+        try:
+            urls = image_urls_of(req.messages)
+        except MediaError as e:
+            raise InvalidRequest(str(e)) from e
+        if urls and self.mm_processor is None:
+            raise InvalidRequest("this model does not accept images")
         ids = self.prompt_ids(req)
+        mm_inputs = None
+        if urls:
+            try:
+                ids, mm_inputs = self.mm_processor.process(ids, urls)
+            except MediaError as e:
+                raise InvalidRequest(str(e)) from e
         if not ids:
             raise InvalidRequest("the prompt is empty")
         if len(ids) >= self.context_length:
             raise InvalidRequest(
                 f"the prompt has {len(ids)} tokens; this model's context length is {self.context_length}"
             )
-        return TokenizedGenerateReq(req.rid, ids, self.sampling_params(req), req.stream)
+        return TokenizedGenerateReq(req.rid, ids, self.sampling_params(req), req.stream, mm_inputs=mm_inputs)
+
+
+def build_request_tokenizer(config: GlobalConfig, model_config: ModelConfig, tokenizer) -> RequestTokenizer:
+    """The RequestTokenizer of the tokenizer process (also used in-process by tests); image
+    models get the image pipeline under the server's media policy."""
+    mm_processor = None
+    from pymllm.multimodal.processor import MultimodalProcessor, is_multimodal_config
+
+    if is_multimodal_config(model_config.hf_config):
+        from pymllm.multimodal.media import MediaPolicy
+
+        # preprocessor_config.json sits with the weights, or with the tokenizer when split.
+        path = model_config.model_path
+        if not os.path.isfile(os.path.join(path, "preprocessor_config.json")):
+            path = model_config.tokenizer_path
+        mm_processor = MultimodalProcessor.from_pretrained(
+            path, model_config.hf_config, MediaPolicy.from_server_config(config.server)
+        )
+    return RequestTokenizer(tokenizer, model_config.context_length, model_config.generation_defaults, mm_processor)
 
 
 def rejection(rid: str, message: str, status_code: int = 400) -> BatchRequestOutput:
@@ -96,7 +133,7 @@ def tokenizer_loop(config: GlobalConfig, model_config: ModelConfig, endpoints: E
     to_scheduler = push(context, endpoints.scheduler_in)
     to_frontend = push(context, endpoints.frontend_in)
     tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer_path)
-    worker = RequestTokenizer(tokenizer, model_config.context_length, model_config.generation_defaults)
+    worker = build_request_tokenizer(config, model_config, tokenizer)
     to_frontend.send(WorkerReady("tokenizer", {"vocab_size": len(tokenizer)}))
     while True:
         msg = inbox.recv()

@@ -36,6 +36,11 @@ def serve(config: GlobalConfig) -> int:
             "Listening on %s without --server.api_key: anyone who can reach this port can use the model",
             server.host,
         )
+    if not _is_loopback(server.host) and not server.allowed_local_media_path:
+        logger.warning(
+            "Listening on %s without --server.allowed_local_media_path: image requests can read any "
+            "file this process can read", server.host,
+        )
     worker_died: List[str] = []
 
     def on_worker_death(reason: str) -> None:

@@ -364,3 +364,163 @@ def tiny_model_dir(arch: str = "qwen3", tie: bool = True, **kw: Any) -> Path:
     Shared across processes through the temp dir; treat the directory as read-only.
     """
     return _cached_dir(arch, tie, tuple(sorted(kw.items())))
+
+
+# ---------------------------------------------------------------- Qwen3-VL
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+IMAGE_PAD = "<|image_pad|>"
+VIDEO_PAD = "<|video_pad|>"
+VISION_TOKENS = [VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
+
+# The text template with image parts rendered the way Qwen-VL templates do.
+CHAT_TEMPLATE_VL = CHAT_TEMPLATE.replace(
+    "{%- if part.type == 'text' -%}{{- part.text -}}{%- endif -%}",
+    "{%- if part.type == 'text' -%}{{- part.text -}}"
+    "{%- elif part.type == 'image_url' or part.type == 'image' -%}"
+    "{{- '" + VISION_START + IMAGE_PAD + VISION_END + "' -}}{%- endif -%}",
+)
+assert CHAT_TEMPLATE_VL != CHAT_TEMPLATE
+
+
+@functools.lru_cache(maxsize=1)
+def _vl_tokenizer_json() -> str:
+    from tokenizers import AddedToken, Tokenizer
+
+    tok = Tokenizer.from_str(_trained_tokenizer_json())
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in VISION_TOKENS])
+    return tok.to_str()
+
+
+def tiny_vl_token_ids() -> Dict[str, int]:
+    """Ids of the tiny VL tokenizer's special tokens, plus "vocab_size"."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(_vl_tokenizer_json())
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS + MARKUP_TOKENS + VISION_TOKENS}
+    ids["vocab_size"] = tok.get_vocab_size(with_added_tokens=True)
+    return ids
+
+
+def build_tiny_vl_tokenizer(out_dir: Union[str, Path]) -> Path:
+    """The tiny tokenizer plus the vision special tokens and an image-aware chat template."""
+    out = build_tiny_tokenizer(out_dir)
+    tok_json = _vl_tokenizer_json()
+    (out / "tokenizer.json").write_text(tok_json, encoding="utf-8")
+    ids = tiny_vl_token_ids()
+    config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    for token in VISION_TOKENS:
+        config["added_tokens_decoder"][str(ids[token])] = {
+            "content": token, "lstrip": False, "normalized": False, "rstrip": False,
+            "single_word": False, "special": True,
+        }
+    config["chat_template"] = CHAT_TEMPLATE_VL
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+    return out
+
+
+# Processor geometry of the tiny model: 4x4 patches, 2x2 merge (one token per 8x8 pixels),
+# at most 48x48 pixels (36 tokens) per image.
+TINY_VL_PATCH = 4
+TINY_VL_MAX_PIXELS = 48 * 48
+TINY_VL_MIN_PIXELS = 8 * 8
+
+
+def _make_vl_config(tie_word_embeddings: bool, overrides: Dict[str, Any]) -> Any:
+    from transformers import Qwen3VLConfig
+
+    ids = tiny_vl_token_ids()
+    text = dict(
+        vocab_size=ids["vocab_size"], hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,
+        rms_norm_eps=1e-6, hidden_act="silu", tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=ids[ENDOFTEXT], eos_token_id=ids[IM_END], pad_token_id=ids[ENDOFTEXT],
+        # Sections of head_dim / 2 = 16 frequencies: 6 temporal, 5 height, 5 width (interleaved).
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                         "mrope_section": [6, 5, 5], "mrope_interleaved": True},
+    )
+    text.update(overrides.pop("text_config", {}))
+    vision = dict(
+        depth=3, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3,
+        patch_size=TINY_VL_PATCH, temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=text["hidden_size"],
+        num_position_embeddings=64, deepstack_visual_indexes=[0, 1], hidden_act="gelu_pytorch_tanh",
+    )
+    vision.update(overrides.pop("vision_config", {}))
+    return Qwen3VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids[IMAGE_PAD],
+        video_token_id=ids[VIDEO_PAD], vision_start_token_id=ids[VISION_START],
+        vision_end_token_id=ids[VISION_END], tie_word_embeddings=tie_word_embeddings, **overrides,
+    )
+
+
+def _init_vl_weights(model: Any, seed: int, std: float) -> None:
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
+            leaf = name.rsplit(".", 2)[-2] if name.count(".") else name
+            if "norm" in leaf and name.endswith(".weight"):
+                gain = _FINAL_NORM_GAIN if name == "model.language_model.norm.weight" else 1.0
+                param.copy_(gain * (1.0 + 0.1 * noise))
+            else:
+                param.copy_(std * noise)
+
+
+def build_tiny_vl_checkpoint(
+    out_dir: Union[str, Path], tie_word_embeddings: bool = False, seed: int = 0, std: float = 0.15, **overrides: Any
+) -> Path:
+    """A tiny random Qwen3-VL (float32 safetensors, DeepStack on), its image processor config
+    and the tiny tokenizer with the vision tokens, saved into out_dir."""
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = _make_vl_config(tie_word_embeddings, dict(overrides))
+    model = Qwen3VLForConditionalGeneration(config).to(torch.float32)
+    _init_vl_weights(model, seed, std)
+    model.save_pretrained(out)
+    processor = Qwen2VLImageProcessorPil(
+        patch_size=TINY_VL_PATCH, temporal_patch_size=2, merge_size=2,
+        min_pixels=TINY_VL_MIN_PIXELS, max_pixels=TINY_VL_MAX_PIXELS,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    )
+    processor.save_pretrained(out)
+    ids = tiny_vl_token_ids()
+    generation = {
+        "bos_token_id": ids[ENDOFTEXT],
+        "eos_token_id": [ids[IM_END], ids[ENDOFTEXT]],
+        "pad_token_id": ids[ENDOFTEXT],
+    }
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
+    build_tiny_vl_tokenizer(out)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_vl_dir(tie: bool, frozen_kw: tuple) -> Path:
+    kw = dict(frozen_kw)
+    root = Path(tempfile.gettempdir()) / "pymllm-tiny"
+    final = root / _cache_key("qwen3_vl", tie, kw)
+    if (final / "config.json").exists():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=root))
+    try:
+        build_tiny_vl_checkpoint(staging, tie_word_embeddings=tie, **kw)
+        try:
+            os.rename(staging, final)
+        except OSError:
+            if not (final / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def tiny_vl_model_dir(tie: bool = False, **kw: Any) -> Path:
+    """Path of a cached tiny Qwen3-VL checkpoint (built on first use; treat as read-only)."""
+    return _cached_vl_dir(tie, tuple(sorted(kw.items())))
