@@ -2,9 +2,11 @@
 
     python scripts/profile_decode.py benchmarks/configs/qwen3-0.6b [--input-len 128] [--bs 1]
 
-Prints medians of: building the ForwardBatch (host), the forward call (host launch time and
-the wait for the GPU), sampling; the GPU time of one graph replay alone (CUDA events); and
-torch.profiler tables of three decode steps.
+Prints medians of: building the ForwardBatch (host; with CUDA graphs this includes padding
+the batch and its one copy into the graph's static buffers), the forward call (host launch
+time, i.e. prepare_replay's plan() and kv_indices plus the replay launch, and the wait for the
+GPU), sampling; the GPU time of one graph replay alone (CUDA events); and torch.profiler tables
+of three decode steps.
 """
 
 from __future__ import annotations

@@ -8,8 +8,10 @@ all-zero padding row (so their single KV entry is slot 0) and KV slot 0, which t
 never hands out.
 
 Every captured graph reads its inputs from one set of static buffers (sliced to its batch
-size); replay copies the batch into them, lets the attention backend refresh its own static
-metadata (``init_forward_metadata_replay_cuda_graph``), then replays.
+size), all views of one device buffer. ModelRunner.build_forward_batch pads a decode batch on
+the host and fills them with a single copy (``stage``); replay then lets the attention backend
+refresh its own static metadata (``init_forward_metadata_replay_cuda_graph``) and replays.
+The host does nothing else in between, so the GPU idles as briefly as possible.
 """
 
 from __future__ import annotations
@@ -19,11 +21,18 @@ import gc
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from pymllm.engine.forward_batch import ForwardBatch, ForwardMode
+from pymllm.executor.batch_inputs import (
+    HostBatch,
+    PackedLayout,
+    decode_host_batch,
+    graph_layout,
+    pack_graph,
+)
 
 if TYPE_CHECKING:
     from pymllm.configs.server_config import ServerConfig
@@ -70,31 +79,34 @@ def cuda_graph_disabled_reason(server: "ServerConfig", device: torch.device, att
 
 @dataclass
 class GraphInputs:
-    """Static input buffers every captured graph reads (sliced to its batch size)."""
+    """Static input buffers every captured graph reads (sliced to its batch size).
 
+    All of them are views of one int64 device buffer laid out by ``graph_layout``, so a batch
+    padded on the host reaches every field with one copy.
+    """
+
+    layout: PackedLayout
+    words: torch.Tensor  # [layout.device_words] int64, never reallocated after capture
     input_ids: torch.Tensor  # [max_bs] int64
     req_pool_indices: torch.Tensor  # [max_bs] int64
     seq_lens: torch.Tensor  # [max_bs] int32
     out_cache_loc: torch.Tensor  # [max_bs] int64
     positions: torch.Tensor  # [max_bs] int64
     mrope_position_deltas: torch.Tensor  # [max_bs] int64, zeros unless the batch has deltas
+    # Not read by the graphs: the real rows' req_to_token writes, scattered before replay.
+    kv_write_index: torch.Tensor  # [max_bs] int64
+    kv_write_loc: torch.Tensor  # [max_bs] int32
 
     @classmethod
     def allocate(cls, max_bs: int, device: torch.device, padding_row: int) -> "GraphInputs":
-        def full(value: int, dtype: torch.dtype) -> torch.Tensor:
-            return torch.full((max_bs,), value, dtype=dtype, device=device)
-
-        return cls(
-            input_ids=full(0, torch.int64),
-            req_pool_indices=full(padding_row, torch.int64),
-            seq_lens=full(1, torch.int32),
-            out_cache_loc=full(0, torch.int64),
-            positions=full(0, torch.int64),
-            mrope_position_deltas=full(0, torch.int64),
-        )
+        layout = graph_layout(max_bs)
+        empty = decode_host_batch([], [], [], [], 0)
+        words = torch.from_numpy(pack_graph(empty, layout, max_bs, padding_row)[: layout.device_words]).to(device)
+        return cls(layout=layout, words=words, **layout.torch_views(words))
 
     def fill(self, fb: ForwardBatch, padded_bs: int, padding_row: int) -> None:
-        """Copy a decode batch into rows [0, bs) and reset rows [bs, padded_bs) to padding."""
+        """Copy a decode batch built elsewhere into rows [0, bs) and reset rows [bs, padded_bs)
+        to padding (batches from ModelRunner.build_forward_batch arrive already staged)."""
         bs = fb.batch_size
         pad = slice(bs, padded_bs)
         for name, value in (("input_ids", 0), ("req_pool_indices", padding_row), ("seq_lens", 1),
@@ -107,6 +119,18 @@ class GraphInputs:
         else:
             self.mrope_position_deltas[:bs].zero_()
         self.mrope_position_deltas[pad].zero_()
+
+
+@dataclass
+class StagedDecode:
+    """A decode batch already copied into the static buffers by CudaGraphRunner.stage."""
+
+    batch: ForwardBatch
+    padded_bs: int
+    upload: int  # the stager's upload count right after staging it
+    seq_lens_cpu: List[int]  # padded
+    kv_indptr_host: torch.Tensor  # [padded_bs + 1] int32, pinned on CUDA
+    seq_lens_host: torch.Tensor  # [padded_bs] int32, pinned on CUDA
 
 
 def padded_seq_lens_cpu(seq_lens_cpu: Sequence[int], padded_bs: int) -> List[int]:
@@ -127,11 +151,12 @@ class CudaGraphRunner:
         # tensors may be updated both inside and outside torch.inference_mode().
         self.inputs = GraphInputs.allocate(self.max_bs, self.device, self.padding_row)
         self.backend.init_cuda_graph_state(self.max_bs, self.max_bs * context_len)
+        self._staged: Optional[StagedDecode] = None
         self.graphs: Dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: Dict[int, torch.Tensor] = {}
         self.pool = None
 
-    def _static_batch(self, bs: int) -> ForwardBatch:
+    def _static_batch(self, bs: int, seq_lens_cpu: Sequence[int], with_mrope: bool = True) -> ForwardBatch:
         r = self.runner
         inp = self.inputs
         return ForwardBatch(
@@ -142,11 +167,11 @@ class CudaGraphRunner:
             req_pool_indices=inp.req_pool_indices[:bs],
             seq_lens=inp.seq_lens[:bs],
             out_cache_loc=inp.out_cache_loc[:bs],
-            seq_lens_cpu=[1] * bs,
+            seq_lens_cpu=list(seq_lens_cpu),
             req_to_token_pool=r.req_to_token_pool,
             kv_pool=r.kv_pool,
             attn_backend=self.backend,
-            mrope_position_deltas=inp.mrope_position_deltas[:bs],
+            mrope_position_deltas=inp.mrope_position_deltas[:bs] if with_mrope else None,
         )
 
     @torch.inference_mode()
@@ -170,7 +195,7 @@ class CudaGraphRunner:
 
     def prepare_capture(self, bs: int) -> ForwardBatch:
         """The static batch of size bs (all padding) with its graph-mode attention metadata."""
-        fb = self._static_batch(bs)
+        fb = self._static_batch(bs, [1] * bs)
         self.backend.init_forward_metadata_capture_cuda_graph(bs, fb.req_pool_indices, fb.seq_lens, fb.seq_lens_cpu)
         return fb
 
@@ -186,19 +211,59 @@ class CudaGraphRunner:
         self.graphs[bs] = graph
         self.outputs[bs] = out
 
+    def fits(self, bs: int) -> bool:
+        return bs <= self.max_bs
+
     def can_run(self, fb: ForwardBatch) -> bool:
         return (
             fb.forward_mode.is_decode()
-            and fb.batch_size <= self.max_bs
+            and self.fits(fb.batch_size)
             and fb.positions.dim() == 1
         )
 
+    def stage(self, hb: HostBatch) -> Tuple[ForwardBatch, torch.Tensor, torch.Tensor]:
+        """Pad a decode batch on the host and copy it into the static buffers with one copy.
+
+        Returns the batch (rows [0, bs) of the static buffers) and the device views of its
+        req_to_token writes (kv_write_index, kv_write_loc) for the caller to scatter.
+        """
+        bs = hb.batch_size
+        padded_bs = padded_batch_size(bs, self.batch_sizes)
+        layout = self.inputs.layout
+        stager = self.runner.stager
+        words = pack_graph(hb, layout, padded_bs, self.padding_row)
+        host, _ = stager.upload(words, layout.device_words, dst=self.inputs.words)
+        host_views = layout.torch_views(host, host_only=True)
+        seq_lens_cpu = hb.seq_lens.tolist()
+        fb = self._static_batch(bs, seq_lens_cpu, with_mrope=hb.mrope_position_deltas is not None)
+        self._staged = StagedDecode(
+            batch=fb, padded_bs=padded_bs, upload=stager.uploads,
+            seq_lens_cpu=padded_seq_lens_cpu(seq_lens_cpu, padded_bs),
+            kv_indptr_host=host_views["kv_indptr"][: padded_bs + 1],
+            seq_lens_host=host_views["seq_lens_host"][:padded_bs],
+        )
+        return fb, self.inputs.kv_write_index[:bs], self.inputs.kv_write_loc[:bs]
+
     def prepare_replay(self, fb: ForwardBatch) -> int:
         """Load a decode batch into the static buffers and metadata; returns the padded size."""
+        staged = self._staged
+        inp = self.inputs
+        # The host views of a staged batch stay valid until the stager's next upload.
+        if staged is not None and staged.batch is fb and staged.upload == self.runner.stager.uploads:
+            # Deltas staged with the batch are in place already (copying a view onto itself is
+            # a no-op); deltas attached to the batch after staging are copied in here.
+            if fb.mrope_position_deltas is not None:
+                inp.mrope_position_deltas[: fb.batch_size].copy_(fb.mrope_position_deltas.view(-1), non_blocking=True)
+            padded = staged.padded_bs
+            self.backend.init_forward_metadata_replay_cuda_graph(
+                padded, inp.req_pool_indices[:padded], inp.seq_lens[:padded], staged.seq_lens_cpu,
+                indptr_host=staged.kv_indptr_host, seq_lens_host=staged.seq_lens_host,
+            )
+            return padded
         padded = padded_batch_size(fb.batch_size, self.batch_sizes)
-        self.inputs.fill(fb, padded, self.padding_row)
+        inp.fill(fb, padded, self.padding_row)
         self.backend.init_forward_metadata_replay_cuda_graph(
-            padded, self.inputs.req_pool_indices[:padded], self.inputs.seq_lens[:padded],
+            padded, inp.req_pool_indices[:padded], inp.seq_lens[:padded],
             padded_seq_lens_cpu(fb.seq_lens_cpu, padded),
         )
         return padded

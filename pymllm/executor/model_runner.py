@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -17,10 +17,12 @@ from pymllm.configs.errors import ConfigError
 from pymllm.configs.global_config import GlobalConfig
 from pymllm.configs.model_config import ModelConfig
 from pymllm.engine.forward_batch import ForwardBatch, ForwardMode
+from pymllm.executor.batch_inputs import HostBatch, InputStager, host_batch, pack_eager
 from pymllm.executor.cuda_graph_runner import build_cuda_graph_runner
 from pymllm.executor.device_memory import device_memory
+from pymllm.executor.multimodal_batch import attach_multimodal_inputs
 from pymllm.layers.attention.selection import create_attention_backend
-from pymllm.layers.sampler import Sampler, SamplingBatchInfo
+from pymllm.layers.sampler import Sampler, SamplingBatchInfo, is_plain_greedy
 from pymllm.mem_cache.memory_pool import KVPool, ReqToTokenPool, TokenToKVPoolAllocator
 from pymllm.model_loader.loader import load_model
 from pymllm.orchestrator.request import Req
@@ -63,6 +65,7 @@ class ModelRunner:
         self._init_memory_pools()
         self.attn_backend = create_attention_backend(self.server.attention_backend, self)
         self.sampler = Sampler()
+        self.stager = InputStager(self.device)
         if self.device.type == "cuda":
             self.warmup()
         self.cuda_graph_runner = build_cuda_graph_runner(self)
@@ -122,62 +125,50 @@ class ModelRunner:
         )
 
     # ---------------- batches ----------------
-    def _tensor(self, data, dtype) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(data), dtype=dtype).to(self.device, non_blocking=True)
-
     def build_forward_batch(self, batch: ScheduledBatch) -> ForwardBatch:
-        reqs = batch.reqs
-        req_indices = [r.req_pool_idx for r in reqs]
-        seq_lens = [p + n for p, n in zip(batch.prefix_lens, batch.extend_lens)]
-        if batch.mode.is_decode():
-            # The only token without KV is the last sampled one.
-            input_ids = [r.output_ids[-1] for r in reqs]
-            positions = list(batch.prefix_lens)
-            rows = req_indices
+        """The batch on the device: its integers packed on the host and moved in one copy.
+
+        A decode batch that will replay a CUDA graph is padded on the host and copied straight
+        into the graph's static input buffers. Either way the device tensors live in reused
+        buffers: a batch is valid until the next build_forward_batch.
+        """
+        hb = host_batch(batch, self.req_to_token_pool.max_context_len)
+        graphs = self.cuda_graph_runner
+        if graphs is not None and batch.mode.is_decode() and graphs.fits(hb.batch_size):
+            fb, write_index, write_loc = graphs.stage(hb)
         else:
-            input_ids, positions, rows = [], [], []
-            for req, prefix, n in zip(reqs, batch.prefix_lens, batch.extend_lens):
-                input_ids.extend(req.fill_ids[prefix : prefix + n])
-                positions.extend(range(prefix, prefix + n))
-                rows.extend([req.req_pool_idx] * n)
-        out_cache_loc = self._tensor(batch.out_cache_loc, torch.int64)
-        positions_t = self._tensor(positions, torch.int64)
-        # Record where every new token's KV lives: one scatter for the whole batch.
-        self.req_to_token_pool.req_to_token[self._tensor(rows, torch.int64), positions_t] = out_cache_loc.to(
-            torch.int32
-        )
-        if batch.mode.is_extend():
-            self._write_cached_prefixes(batch)
+            fb, write_index, write_loc = self._stage_eager(batch.mode, hb)
+        # Record where every new KV entry lives: one scatter into the flattened table.
+        self.req_to_token_pool.req_to_token.view(-1).index_copy_(0, write_index, write_loc)
+        # Images and mrope deltas; decode deltas attached here reach a staged graph batch's
+        # static buffer in prepare_replay.
+        attach_multimodal_inputs(self.model, batch, fb, self.device)
+        return fb
+
+    def _stage_eager(self, mode: ForwardMode, hb: HostBatch) -> Tuple[ForwardBatch, torch.Tensor, torch.Tensor]:
+        layout, words = pack_eager(hb)
+        _, device_words = self.stager.upload(words, layout.device_words)
+        v = layout.torch_views(device_words)
         fb = ForwardBatch(
-            forward_mode=batch.mode,
-            batch_size=len(reqs),
-            input_ids=self._tensor(input_ids, torch.int64),
-            positions=positions_t,
-            req_pool_indices=self._tensor(req_indices, torch.int64),
-            seq_lens=self._tensor(seq_lens, torch.int32),
-            out_cache_loc=out_cache_loc,
-            seq_lens_cpu=seq_lens,
+            forward_mode=mode,
+            batch_size=hb.batch_size,
+            input_ids=v["input_ids"],
+            positions=v["positions"],
+            req_pool_indices=v["req_pool_indices"],
+            seq_lens=v["seq_lens"],
+            out_cache_loc=v["out_cache_loc"],
+            seq_lens_cpu=hb.seq_lens.tolist(),
             req_to_token_pool=self.req_to_token_pool,
             kv_pool=self.kv_pool,
             attn_backend=self.attn_backend,
+            mrope_position_deltas=v.get("mrope_position_deltas"),
         )
-        if batch.mode.is_extend():
-            fb.extend_seq_lens_cpu = list(batch.extend_lens)
-            fb.extend_prefix_lens_cpu = list(batch.prefix_lens)
-            fb.extend_seq_lens = self._tensor(batch.extend_lens, torch.int32)
-            fb.extend_prefix_lens = self._tensor(batch.prefix_lens, torch.int32)
-        return fb
-
-    def _write_cached_prefixes(self, batch: ScheduledBatch) -> None:
-        """Copy reused prefix-cache slots into the rows of requests starting their first extend.
-
-        Those slots were computed under other requests' rows; this request's row has never seen
-        them. Later chunks start past cache_owned_len, so the copy happens once per admission.
-        """
-        table = self.req_to_token_pool.req_to_token
-        for req, prefix in zip(batch.reqs, batch.prefix_lens):
-            if prefix and prefix == req.cache_owned_len:
-                table[req.req_pool_idx, :prefix] = self._tensor(req.kv_slots[:prefix], torch.int32)
+        if mode.is_extend():
+            fb.extend_seq_lens_cpu = hb.extend_seq_lens.tolist()
+            fb.extend_prefix_lens_cpu = hb.extend_prefix_lens.tolist()
+            fb.extend_seq_lens = v["extend_seq_lens"]
+            fb.extend_prefix_lens = v["extend_prefix_lens"]
+        return fb, v["kv_write_index"], v["kv_write_loc"]
 
     @torch.inference_mode()
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
@@ -195,6 +186,11 @@ class ModelRunner:
     def sample(self, logits: torch.Tensor, batch: ScheduledBatch) -> BatchResult:
         reqs = batch.reqs
         params = [r.sampling_params for r in reqs]
+        if is_plain_greedy(params):
+            # The Sampler would take the same argmax; skipping it skips building and copying
+            # the per-request tensors.
+            next_ids = torch.argmax(logits, dim=-1).tolist()
+            return BatchResult(next_token_ids=next_ids, logprobs=[None] * len(reqs))
         need_history = any(
             p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params
         )

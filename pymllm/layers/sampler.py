@@ -9,8 +9,9 @@ request draws the same tokens whatever batch it runs in and at whatever row.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from pymllm.sampling_params import SamplingParams
@@ -122,9 +123,6 @@ class SamplingBatchInfo:
         if len(seeds) != batch or len(steps) != batch:
             raise ValueError("params, seeds and steps must have the same length")
 
-        def vec(values: List[float], dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
-
         top_ks = [vocab_size if p.top_k is None or p.top_k <= 0 else min(p.top_k, vocab_size) for p in params]
         sampled = [p for p in params if not p.is_greedy]
         sampled_top_ks = [k for k, p in zip(top_ks, params) if not p.is_greedy]
@@ -134,6 +132,20 @@ class SamplingBatchInfo:
         use_rep = any(r != 1.0 for r in rep)
         use_presence = any(v != 0.0 for v in presence)
         use_frequency = any(v != 0.0 for v in frequency)
+        # One host-to-device copy for the float rows and one for the int rows, instead of one
+        # per tensor; the tensors are row views of the two.
+        float_rows = [[float(p.temperature) for p in params], [float(p.top_p) for p in params],
+                      [float(p.min_p) for p in params]]
+        optional_rows = [(use_rep, rep), (use_presence, presence), (use_frequency, frequency)]
+        float_rows += [values for used, values in optional_rows if used]
+        floats = _to_device(np.asarray(float_rows, dtype=np.float32).reshape(len(float_rows), batch), device)
+        ints = _to_device(
+            np.asarray([top_ks, [_signed64(int(s)) for s in seeds], [int(s) for s in steps]],
+                       dtype=np.int64).reshape(3, batch),
+            device,
+        )
+        optional = iter(floats[3:])
+        penalties = [next(optional) if used else None for used, _ in optional_rows]
 
         token_counts = None
         if use_presence or use_frequency:
@@ -148,15 +160,15 @@ class SamplingBatchInfo:
 
         top_logprobs_num = max((p.top_logprobs for p in params), default=0)
         return cls(
-            temperatures=vec([float(p.temperature) for p in params], torch.float32),
-            top_ps=vec([float(p.top_p) for p in params], torch.float32),
-            top_ks=vec(top_ks, torch.int64),
-            min_ps=vec([float(p.min_p) for p in params], torch.float32),
-            seeds=vec([_signed64(int(s)) for s in seeds], torch.int64),
-            steps=vec([int(s) for s in steps], torch.int64),
-            repetition_penalties=vec(rep, torch.float32) if use_rep else None,
-            presence_penalties=vec(presence, torch.float32) if use_presence else None,
-            frequency_penalties=vec(frequency, torch.float32) if use_frequency else None,
+            temperatures=floats[0],
+            top_ps=floats[1],
+            top_ks=ints[0],
+            min_ps=floats[2],
+            seeds=ints[1],
+            steps=ints[2],
+            repetition_penalties=penalties[0],
+            presence_penalties=penalties[1],
+            frequency_penalties=penalties[2],
             token_counts=token_counts,
             seen_mask=seen_mask,
             is_all_greedy=not sampled,
@@ -168,6 +180,29 @@ class SamplingBatchInfo:
             return_logprob=top_logprobs_num > 0 or any(p.logprobs for p in params),
             max_top_k=max(sampled_top_ks) if sampled_top_ks and max(sampled_top_ks) < vocab_size else 0,
         )
+
+
+def _to_device(values: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """One copy of a host array to the device; through pinned memory on CUDA, so the copy is
+    asynchronous (PyTorch's pinned-memory cache keeps the block until the copy is done)."""
+    host = torch.from_numpy(values)
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def is_plain_greedy(params: Sequence[SamplingParams]) -> bool:
+    """True when every request takes the argmax of its raw logits: greedy, no penalties, no
+    logprobs. Such a batch needs no SamplingBatchInfo at all."""
+    return all(
+        p.is_greedy
+        and not p.logprobs
+        and p.top_logprobs <= 0
+        and p.repetition_penalty in (None, 1.0)
+        and p.presence_penalty == 0.0
+        and p.frequency_penalty == 0.0
+        for p in params
+    )
 
 
 def _count_tokens(

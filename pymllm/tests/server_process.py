@@ -90,7 +90,8 @@ class ServerProcess:
         return httpx.post(self.base_url + path, **kw)
 
     def log_text(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return self.log_path.read_text()[-6000:]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:

@@ -319,23 +319,29 @@ def test_backend_matches_torch_native(fake_flashinfer, arch, window):
     for req in reqs:
         req.output_ids.append(req.origin_input_ids[-1])
 
-    # Decode: one eager step, then steps through the CUDA-graph path, padded from 3 to 4.
+    # Decode: one eager step, then steps through the CUDA-graph path, padded from 3 to 4: a
+    # batch built without the graph runner (copied into the static buffers at replay), then
+    # batches that build_forward_batch stages straight into them.
     runner.attn_backend = backend
     graphs = CudaGraphRunner(runner)
     assert graphs.batch_sizes == [1, 2, 4]
     for bs in reversed(graphs.batch_sizes):
         graphs.prepare_capture(bs)
     k_buf = runner.kv_pool.k_buffers[0]
-    for step in range(3):
+    for step in range(4):
         lens = [len(r.fill_ids) - 1 for r in reqs]
         slots = alloc(3)
+        runner.cuda_graph_runner = graphs if step >= 2 else None
         fb = runner.build_forward_batch(ScheduledBatch(ForwardMode.DECODE, reqs, lens, [1] * 3, slots, [True] * 3))
+        runner.cuda_graph_runner = None
+        if step >= 2:
+            assert fb.input_ids.data_ptr() == graphs.inputs.input_ids.data_ptr(), "staged in place"
         if step == 0:
             got = _forward_with(runner, backend, fb)
         else:
             before = k_buf.clone()
             assert graphs.prepare_replay(fb) == 4
-            static = graphs._static_batch(4)
+            static = graphs._static_batch(4, [1] * 4)
             with torch.inference_mode():
                 got = runner.model(static.input_ids, static.positions, static).float()[:3]
             changed = (k_buf != before).flatten(1).any(1).nonzero().flatten().tolist()

@@ -334,3 +334,27 @@ def test_no_logprobs_requested() -> None:
     assert not info.return_logprob and info.top_logprobs_num == 0
     out = Sampler()(fixed_logits(2), info)
     assert out.logprobs is None and out.top_logprob_ids is None and out.top_logprob_vals is None
+
+
+def test_plain_greedy_predicate() -> None:
+    assert sampler_mod.is_plain_greedy([make_params(temperature=0.0), make_params(top_k=1)])
+    assert sampler_mod.is_plain_greedy([])
+    for kw in (dict(temperature=1.0), dict(temperature=0.0, logprobs=True),
+               dict(temperature=0.0, top_logprobs=2), dict(temperature=0.0, repetition_penalty=1.1),
+               dict(temperature=0.0, presence_penalty=0.5), dict(temperature=0.0, frequency_penalty=0.5)):
+        assert not sampler_mod.is_plain_greedy([make_params(temperature=0.0), make_params(**kw)]), kw
+
+
+def test_from_params_rows_keep_dtypes_and_values() -> None:
+    params = [make_params(temperature=0.7, top_p=0.9, top_k=5, min_p=0.1, presence_penalty=0.5),
+              make_params(temperature=0.0, frequency_penalty=0.25)]
+    info = make_info(params, seeds=[2**64 - 1, 3], steps=[4, 5], output_ids=[[1], [2]])
+    assert info.temperatures.dtype == torch.float32 and info.top_ks.dtype == torch.int64
+    assert info.temperatures.tolist() == pytest.approx([0.7, 0.0])
+    assert info.top_ps.tolist() == pytest.approx([0.9, 1.0])
+    assert info.min_ps.tolist() == pytest.approx([0.1, 0.0])
+    assert info.top_ks.tolist() == [5, VOCAB]
+    assert info.seeds.tolist() == [-1, 3] and info.steps.tolist() == [4, 5]
+    assert info.repetition_penalties is None
+    assert info.presence_penalties.tolist() == [0.5, 0.0]
+    assert info.frequency_penalties.tolist() == [0.0, 0.25]

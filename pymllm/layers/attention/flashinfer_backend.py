@@ -36,6 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from pymllm.configs.errors import ConfigError
@@ -74,6 +75,11 @@ def window_left_for(sliding_window: Optional[int]) -> int:
 def extend_uses_ragged(prefix_lens: Sequence[int]) -> bool:
     """Ragged (new k/v only) when no sequence of the batch has KV cached before this step."""
     return all(p == 0 for p in prefix_lens)
+
+
+def lens_host(lens: Sequence[int]) -> torch.Tensor:
+    """Sequence lengths as the host int32 tensor plan() takes for ``seq_lens``."""
+    return torch.from_numpy(np.asarray(lens, dtype=np.int32))
 
 
 def attention_layers(model: "nn.Module") -> List[RadixAttention]:
@@ -150,8 +156,11 @@ class FlashInferAttnBackend(AttentionBackend):
         self.req_to_token = runner.req_to_token_pool.req_to_token
         self.kv_ops = KVCacheOps(self.device, self.kv_dtype)
         # Host-side ones for kv_last_page_len: plan() reads it on the host, so a device tensor
-        # would cost a device-to-host copy (and a sync) per forward.
-        self._ones_host = torch.ones(runner.req_to_token_pool.size + 1, dtype=torch.int32)
+        # would cost a device-to-host copy (and a sync) per forward. Pinned, since plan() also
+        # copies it to the device every time, and from pinned memory that copy is asynchronous.
+        self._ones_host = torch.ones(
+            runner.req_to_token_pool.size + 1, dtype=torch.int32, pin_memory=self.device.type == "cuda"
+        )
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self._decode = {w: self._new_decode_wrapper() for w in g.window_lefts}
         self._prefill_paged = {
@@ -178,23 +187,20 @@ class FlashInferAttnBackend(AttentionBackend):
             sm_scale=self.geometry.sm_scale,
         )
 
-    def _plan_decode(self, wrappers: Dict[int, object], indptr_host, kv_indices, bs: int) -> None:
+    def _plan_decode(self, wrappers: Dict[int, object], indptr_host, kv_indices, bs: int, seq_lens_host) -> None:
         g = self.geometry
         for window_left, wrapper in wrappers.items():
+            # seq_lens spares plan() deriving the lengths from indptr with host tensor ops.
             wrapper.plan(
                 indptr_host, kv_indices, self._ones_host[:bs],
                 g.num_qo_heads, g.num_kv_heads, g.head_dim, 1,
-                **self._common_plan_args(window_left),
+                seq_lens=seq_lens_host, **self._common_plan_args(window_left),
             )
 
-    def _device_kv_indices(self, req_pool_indices, seq_lens, indptr_host, out=None, indptr_out=None):
+    def _device_kv_indices(self, req_pool_indices, seq_lens, indptr_host):
         total = int(indptr_host[-1])
-        if indptr_out is None:
-            kv_indptr = indptr_host.to(self.device, non_blocking=True)
-        else:
-            kv_indptr = indptr_out
-            kv_indptr.copy_(indptr_host, non_blocking=True)
-        return self.kv_ops.kv_indices(self.req_to_token, req_pool_indices, seq_lens, kv_indptr, total, out)
+        kv_indptr = indptr_host.to(self.device, non_blocking=True)
+        return self.kv_ops.kv_indices(self.req_to_token, req_pool_indices, seq_lens, kv_indptr, total)
 
     def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
         fb = forward_batch
@@ -203,7 +209,7 @@ class FlashInferAttnBackend(AttentionBackend):
         if fb.forward_mode.is_decode():
             indptr_host = indptr_from_lens(fb.seq_lens_cpu)
             kv_indices = self._device_kv_indices(fb.req_pool_indices, fb.seq_lens, indptr_host)
-            self._plan_decode(self._decode, indptr_host, kv_indices, bs)
+            self._plan_decode(self._decode, indptr_host, kv_indices, bs, lens_host(fb.seq_lens_cpu))
             self.forward_metadata = _ForwardMetadata("decode", self._decode)
             return
         qo_indptr_host = indptr_from_lens(fb.extend_seq_lens_cpu)
@@ -257,20 +263,32 @@ class FlashInferAttnBackend(AttentionBackend):
         self.init_forward_metadata_replay_cuda_graph(bs, req_pool_indices, seq_lens, seq_lens_cpu)
 
     def init_forward_metadata_replay_cuda_graph(
-        self, bs: int, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, seq_lens_cpu: Sequence[int]
+        self, bs: int, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, seq_lens_cpu: Sequence[int],
+        indptr_host: Optional[torch.Tensor] = None, seq_lens_host: Optional[torch.Tensor] = None,
     ) -> None:
         """Refill the static buffers for this (padded) batch and re-plan its wrappers.
 
-        The graph-mode plan copies indptr and last_page_len into the static buffers itself;
-        kv_indices are gathered straight into theirs (plan's own copy is then a no-op).
+        indptr_host / seq_lens_host: the batch's int32 indptr and lengths on the host, ideally
+        pinned (the CUDA-graph runner hands over views of its staging buffer); built from
+        seq_lens_cpu when not given.
+
+        The graph-mode plan() copies indptr and last_page_len into the static buffers the
+        wrappers were created on. kv_indices are then gathered straight into theirs, reading
+        the kv_indptr that plan() just copied (same stream), so indptr needs no copy of its
+        own; plan()'s copy of kv_indices onto themselves is a no-op, and its host-side
+        scheduling never looks at their values.
         """
         st = self._graph
-        indptr_host = indptr_from_lens(seq_lens_cpu)
-        kv_indices = self._device_kv_indices(
-            req_pool_indices, seq_lens, indptr_host, out=st.kv_indices, indptr_out=st.kv_indptr[: bs + 1]
-        )
+        if indptr_host is None:
+            indptr_host = indptr_from_lens(seq_lens_cpu)
+        if seq_lens_host is None:
+            seq_lens_host = lens_host(seq_lens_cpu)
+        total = sum(seq_lens_cpu)
         wrappers = st.wrappers[bs]
-        self._plan_decode(wrappers, indptr_host, kv_indices, bs)
+        self._plan_decode(wrappers, indptr_host, st.kv_indices[:total], bs, seq_lens_host)
+        self.kv_ops.kv_indices(
+            self.req_to_token, req_pool_indices, seq_lens, st.kv_indptr[: bs + 1], total, st.kv_indices
+        )
         self.forward_metadata = _ForwardMetadata("decode", wrappers)
 
     # ---------------- attention ----------------

@@ -1,0 +1,295 @@
+"""A batch's integer inputs packed on the host and moved to the device with one copy.
+
+Every integer a forward needs from the host (token ids, positions, KV slots, request rows,
+lengths, and where each new KV slot goes in the req_to_token table) is written into one int64
+host array; int32 fields sit two per int64 word, so the device gets them in the dtype its
+kernels read without conversion kernels. The packing functions are pure numpy;
+``InputStager`` owns the host staging buffers and issues the copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from pymllm.orchestrator.schedule_batch import ScheduledBatch
+
+# Segments start on 16-byte boundaries, so kernels may use vectorised loads on any of them.
+_ALIGN_WORDS = 2
+_MIN_STAGING_WORDS = 4096
+
+
+@dataclass
+class HostBatch:
+    """One forward's integer inputs on the host (int64 numpy arrays)."""
+
+    input_ids: np.ndarray  # [T]
+    positions: np.ndarray  # [T]
+    out_cache_loc: np.ndarray  # [T]
+    req_pool_indices: np.ndarray  # [B]
+    seq_lens: np.ndarray  # [B] total length after this forward
+    # req_to_token.view(-1)[kv_write_index[i]] = kv_write_loc[i]: the new tokens' slots, plus
+    # reused prefix-cache slots of requests starting their first extend.
+    kv_write_index: np.ndarray  # [W]
+    kv_write_loc: np.ndarray  # [W]
+    extend_seq_lens: Optional[np.ndarray] = None  # [B], extend batches only
+    extend_prefix_lens: Optional[np.ndarray] = None  # [B], extend batches only
+    mrope_position_deltas: Optional[np.ndarray] = None  # [B], mrope decode only
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.req_pool_indices.shape[0])
+
+
+def _i64(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.int64)
+
+
+def decode_host_batch(
+    last_ids: Sequence[int], prefix_lens: Sequence[int], rows: Sequence[int], out_cache_loc, row_stride: int
+) -> HostBatch:
+    """One new token per request at position prefix_len (the last sampled token)."""
+    positions = _i64(prefix_lens)
+    rows_np = _i64(rows)
+    loc = _i64(out_cache_loc)
+    return HostBatch(
+        input_ids=_i64(last_ids), positions=positions, out_cache_loc=loc, req_pool_indices=rows_np,
+        seq_lens=positions + 1, kv_write_index=rows_np * row_stride + positions, kv_write_loc=loc,
+    )
+
+
+def extend_host_batch(
+    token_ids: Sequence[Sequence[int]],
+    prefix_lens: Sequence[int],
+    rows: Sequence[int],
+    out_cache_loc,
+    row_stride: int,
+    cached_prefixes: Sequence[Tuple[int, np.ndarray]] = (),
+) -> HostBatch:
+    """token_ids[i] are request i's new tokens, placed after its prefix_lens[i] cached ones.
+
+    cached_prefixes: (row, slots) of prefix-cache slots to copy into a request's row, whose
+    entries land at positions [0, len(slots)) of that row.
+    """
+    lens = _i64([len(t) for t in token_ids])
+    prefix = _i64(prefix_lens)
+    rows_np = _i64(rows)
+    total = int(lens.sum())
+    starts = np.cumsum(lens) - lens
+    # Token k of request i sits at flat index starts[i] + k and position prefix[i] + k.
+    positions = np.arange(total, dtype=np.int64) - np.repeat(starts - prefix, lens)
+    loc = _i64(out_cache_loc)
+    write_index = [np.repeat(rows_np, lens) * row_stride + positions]
+    write_loc = [loc]
+    for row, slots in cached_prefixes:
+        write_index.append(row * row_stride + np.arange(len(slots), dtype=np.int64))
+        write_loc.append(_i64(slots))
+    return HostBatch(
+        input_ids=_i64([t for ids in token_ids for t in ids]), positions=positions, out_cache_loc=loc,
+        req_pool_indices=rows_np, seq_lens=prefix + lens,
+        kv_write_index=np.concatenate(write_index), kv_write_loc=np.concatenate(write_loc),
+        extend_seq_lens=lens, extend_prefix_lens=prefix,
+    )
+
+
+def host_batch(batch: "ScheduledBatch", row_stride: int) -> HostBatch:
+    """The HostBatch of a scheduled batch; row_stride is the req_to_token row length."""
+    reqs = batch.reqs
+    rows = [r.req_pool_idx for r in reqs]
+    if batch.mode.is_decode():
+        return decode_host_batch([r.output_ids[-1] for r in reqs], batch.prefix_lens, rows,
+                                 batch.out_cache_loc, row_stride)
+    token_ids, cached = [], []
+    for req, prefix, n in zip(reqs, batch.prefix_lens, batch.extend_lens):
+        token_ids.append(req.fill_ids[prefix : prefix + n])
+        # Slots reused from the prefix cache were computed under other requests' rows; this
+        # row gets them at its first extend (later chunks start past cache_owned_len).
+        if prefix and prefix == req.cache_owned_len:
+            cached.append((req.req_pool_idx, req.kv_slots[:prefix]))
+    return extend_host_batch(token_ids, batch.prefix_lens, rows, batch.out_cache_loc, row_stride, cached)
+
+
+@dataclass(frozen=True)
+class Segment:
+    offset: int  # in int64 words
+    capacity: int  # elements
+    dtype: type  # np.int64 or np.int32
+
+    @property
+    def words(self) -> int:
+        size = self.capacity * np.dtype(self.dtype).itemsize
+        return -(-size // (8 * _ALIGN_WORDS)) * _ALIGN_WORDS
+
+    @property
+    def start(self) -> int:
+        """First element in the whole buffer viewed as self.dtype."""
+        return self.offset * 8 // np.dtype(self.dtype).itemsize
+
+
+class PackedLayout:
+    """Named int64 / int32 segments of one int64 buffer.
+
+    Segments listed in ``host_only`` come last and are not copied to the device: values the
+    host needs in the same (pinned) buffer, such as indptr for FlashInfer's plan().
+    """
+
+    def __init__(self, fields: Sequence[Tuple[str, int, type]], host_only: Sequence[Tuple[str, int, type]] = ()):
+        self.segments: Dict[str, Segment] = {}
+        self.host_only = frozenset(name for name, _, _ in host_only)
+        self.device_words = self._place(fields, 0)
+        self.total_words = self._place(host_only, self.device_words)
+
+    def _place(self, fields: Sequence[Tuple[str, int, type]], offset: int) -> int:
+        for name, capacity, dtype in fields:
+            self.segments[name] = Segment(offset, capacity, dtype)
+            offset += self.segments[name].words
+        return offset
+
+    def numpy_views(self, words: np.ndarray) -> Dict[str, np.ndarray]:
+        flat = {np.int64: words, np.int32: words.view(np.int32)}
+        return {name: flat[s.dtype][s.start : s.start + s.capacity] for name, s in self.segments.items()}
+
+    def torch_views(self, words: torch.Tensor, host_only: bool = False) -> Dict[str, torch.Tensor]:
+        """Views of an int64 tensor holding this layout: the device segments, or (host_only)
+        the host-only ones."""
+        flat = {np.int64: words, np.int32: words.view(torch.int32)}
+        return {
+            name: flat[s.dtype][s.start : s.start + s.capacity]
+            for name, s in self.segments.items()
+            if (name in self.host_only) == host_only
+        }
+
+    def pack(self, values: Dict[str, np.ndarray]) -> np.ndarray:
+        """A new int64 array with values[name] at the start of each named segment."""
+        words = np.zeros(self.total_words, dtype=np.int64)
+        views = self.numpy_views(words)
+        for name, value in values.items():
+            views[name][: len(value)] = value
+        return words
+
+
+_INT64_FIELDS = ("input_ids", "positions", "out_cache_loc", "req_pool_indices", "kv_write_index")
+_INT32_FIELDS = ("seq_lens", "kv_write_loc")
+_EXTEND_FIELDS = ("extend_seq_lens", "extend_prefix_lens")
+
+
+def eager_layout(hb: HostBatch) -> PackedLayout:
+    """Segments sized exactly to this batch."""
+    int64_names = _INT64_FIELDS + (("mrope_position_deltas",) if hb.mrope_position_deltas is not None else ())
+    fields = [(n, len(getattr(hb, n)), np.int64) for n in int64_names]
+    names = _INT32_FIELDS + (_EXTEND_FIELDS if hb.extend_seq_lens is not None else ())
+    fields += [(n, len(getattr(hb, n)), np.int32) for n in names]
+    return PackedLayout(fields)
+
+
+def graph_layout(max_bs: int) -> PackedLayout:
+    """Fixed segments for decode batches up to max_bs: captured graphs read these addresses."""
+    fields = [(n, max_bs, np.int64) for n in _INT64_FIELDS + ("mrope_position_deltas",)]
+    fields += [(n, max_bs, np.int32) for n in _INT32_FIELDS]
+    return PackedLayout(fields, host_only=[("kv_indptr", max_bs + 1, np.int32), ("seq_lens_host", max_bs, np.int32)])
+
+
+def pack_eager(hb: HostBatch) -> Tuple[PackedLayout, np.ndarray]:
+    layout = eager_layout(hb)
+    return layout, layout.pack({name: getattr(hb, name) for name in layout.segments})
+
+
+def pack_graph(hb: HostBatch, layout: PackedLayout, padded_bs: int, padding_row: int) -> np.ndarray:
+    """A decode batch padded to padded_bs, in graph_layout, with the host-only kv_indptr and
+    seq_lens (what FlashInfer's plan() reads).
+
+    Padding sequences touch only reserved memory: they read the pool's all-zero padding row
+    (one KV entry, slot 0) and write KV slot 0, which the allocator never hands out; they add
+    no req_to_token writes. Their token, position and mrope delta are 0.
+    """
+    bs = hb.batch_size
+    if padded_bs < bs:
+        raise ValueError(f"batch size {bs} exceeds the padded size {padded_bs}")
+    words = np.zeros(layout.total_words, dtype=np.int64)
+    views = layout.numpy_views(words)
+    for name in _INT64_FIELDS + _INT32_FIELDS:
+        values = getattr(hb, name)
+        views[name][: len(values)] = values
+    if hb.mrope_position_deltas is not None:
+        views["mrope_position_deltas"][:bs] = hb.mrope_position_deltas
+    views["req_pool_indices"][bs:padded_bs] = padding_row
+    views["seq_lens"][bs:padded_bs] = 1
+    lens = views["seq_lens_host"]
+    lens[:bs] = hb.seq_lens
+    lens[bs:padded_bs] = 1
+    np.cumsum(lens[:padded_bs], dtype=np.int32, out=views["kv_indptr"][1 : padded_bs + 1])
+    return words
+
+
+class InputStager:
+    """Copies packed host words to the device, one copy per batch.
+
+    On CUDA the words go through pinned host buffers, so the copy is truly asynchronous (from
+    pageable memory it would be staged by the driver on the calling thread). A pinned buffer
+    must not be rewritten while a copy from it is still pending, including copies that a
+    consumer (FlashInfer's plan) makes later from views of it. Two buffers alternate; when
+    one is handed over for the next batch, an event is recorded after everything enqueued for
+    the batch it held, and it is written again only once that event has completed. Every
+    decode step ends with a device sync, so in practice that wait returns at once.
+
+    On CPU the packed array itself is the result (no copy), so nothing is ever reused.
+    """
+
+    def __init__(self, device: torch.device, num_buffers: int = 2):
+        self.device = device
+        self._on_cuda = device.type == "cuda"
+        self._pinned: List[Optional[torch.Tensor]] = [None] * num_buffers
+        self._events = [torch.cuda.Event() if self._on_cuda else None for _ in range(num_buffers)]
+        self._current = num_buffers - 1
+        self._device_words: Optional[torch.Tensor] = None
+        self.uploads = 0  # how many uploads so far: host views of an upload live until the next
+
+    @staticmethod
+    def _capacity(words: int) -> int:
+        return max(_MIN_STAGING_WORDS, 1 << (words - 1).bit_length())
+
+    def _device_buffer(self, words: int) -> torch.Tensor:
+        buf = self._device_words
+        if buf is None or buf.numel() < words:
+            # Earlier batches' views keep the old buffer alive; the caching allocator frees it
+            # in stream order, after the kernels that read it.
+            with torch.inference_mode(False):
+                buf = torch.empty(self._capacity(words), dtype=torch.int64, device=self.device)
+            self._device_words = buf
+        return buf
+
+    def _next_pinned(self, words: int) -> torch.Tensor:
+        # Hand over the buffer of the previous batch: all its consumers are enqueued by now.
+        self._events[self._current].record(torch.cuda.current_stream(self.device))
+        self._current = (self._current + 1) % len(self._pinned)
+        self._events[self._current].synchronize()
+        buf = self._pinned[self._current]
+        if buf is None or buf.numel() < words:
+            with torch.inference_mode(False):
+                buf = torch.empty(self._capacity(words), dtype=torch.int64, pin_memory=True)
+            self._pinned[self._current] = buf
+        return buf
+
+    def upload(
+        self, words: np.ndarray, device_words: int, dst: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(host, device) int64 tensors holding ``words``; the device one has its first
+        ``device_words`` words, in ``dst`` when given (else in a reused staging buffer, valid
+        until the next upload)."""
+        n = len(words)
+        self.uploads += 1
+        if not self._on_cuda:
+            host = torch.from_numpy(words)
+            if dst is None:
+                return host, host
+            dst[:device_words].copy_(host[:device_words])
+            return host, dst
+        pinned = self._next_pinned(n)[:n]
+        pinned.numpy()[:] = words
+        target = dst if dst is not None else self._device_buffer(device_words)
+        target[:device_words].copy_(pinned[:device_words], non_blocking=True)
+        return pinned, target
