@@ -42,6 +42,7 @@ class RequestResult:
     latency: float = 0.0
     prompt_tokens: int = 0
     output_tokens: int = 0
+    cached_tokens: int = 0
 
 
 def make_prompts(args: argparse.Namespace) -> List[Prompt]:
@@ -67,7 +68,13 @@ def make_prompts(args: argparse.Namespace) -> List[Prompt]:
     ]
 
 
+_PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions", "generate": "/generate"}
+
+
 def _request_body(args: argparse.Namespace, model: str, prompt: Prompt) -> Dict[str, Any]:
+    if args.backend == "generate":
+        params = {"max_new_tokens": args.output_len, "ignore_eos": True, "temperature": 0.0}
+        return {"input_ids": prompt, "sampling_params": params, "stream": True}
     body: Dict[str, Any] = {
         "model": model,
         "max_tokens": args.output_len,
@@ -81,6 +88,14 @@ def _request_body(args: argparse.Namespace, model: str, prompt: Prompt) -> Dict[
     else:
         body["prompt"] = prompt
     return body
+
+
+def _chunk_has_output(chunk: Dict[str, Any]) -> bool:
+    """A chunk that carries new tokens: text for the OpenAI routes, token ids for /generate
+    (whose chunks also arrive for tokens that do not complete a character yet)."""
+    if "output_ids" in chunk:
+        return bool(chunk["output_ids"])
+    return bool(_chunk_text(chunk))
 
 
 def _chunk_text(chunk: Dict[str, Any]) -> str:
@@ -97,7 +112,7 @@ def _chunk_text(chunk: Dict[str, Any]) -> str:
 async def send_request(
     client: httpx.AsyncClient, args: argparse.Namespace, model: str, prompt: Prompt
 ) -> RequestResult:
-    path = "/v1/chat/completions" if args.backend == "chat" else "/v1/completions"
+    path = _PATHS[args.backend]
     result = RequestResult()
     start = time.perf_counter()
     last: Optional[float] = None
@@ -114,15 +129,18 @@ async def send_request(
                     result.error = chunk["error"].get("message", "stream error")
                     return result
                 now = time.perf_counter()
-                if _chunk_text(chunk):
+                if _chunk_has_output(chunk):
                     if last is None:
                         result.ttft = now - start
                     else:
                         result.itl.append(now - last)
                     last = now
-                if chunk.get("usage"):
-                    result.prompt_tokens = chunk["usage"]["prompt_tokens"]
-                    result.output_tokens = chunk["usage"]["completion_tokens"]
+                usage = chunk.get("usage") or chunk.get("meta_info")
+                if usage:
+                    result.prompt_tokens = usage["prompt_tokens"]
+                    result.output_tokens = usage["completion_tokens"]
+                    details = usage.get("prompt_tokens_details") or {}
+                    result.cached_tokens = usage.get("cached_tokens", details.get("cached_tokens")) or 0
     except httpx.HTTPError as exc:
         result.error = f"{type(exc).__name__}: {exc}"
         return result
@@ -212,6 +230,7 @@ def summarise(
         "duration_s": duration,
         "total_input_tokens": input_tokens,
         "total_output_tokens": output_tokens,
+        "total_cached_tokens": sum(r.cached_tokens for r in done),
         "request_throughput": len(done) / duration if duration else 0.0,
         "input_throughput": input_tokens / duration if duration else 0.0,
         "output_throughput": output_tokens / duration if duration else 0.0,
@@ -257,7 +276,8 @@ def format_table(row: Dict[str, Any]) -> str:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pymllm.bench_serving", description=__doc__.split("\n")[0])
     p.add_argument("--base-url", default="http://127.0.0.1:30000")
-    p.add_argument("--backend", choices=("completions", "chat"), default="completions")
+    p.add_argument("--backend", choices=tuple(_PATHS), default="completions",
+                   help="generate: the native /generate route, which streams token ids (exact TTFT).")
     p.add_argument("--model", default=None, help="Model name to send; default: the server's first model.")
     p.add_argument("--api-key", default=None)
     p.add_argument("--dataset", choices=("random", "fixed"), default="random",

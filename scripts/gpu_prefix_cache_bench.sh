@@ -39,7 +39,7 @@ run_setting() {
     sleep 1
   done
   python3 -m pymllm.bench_serving --base-url "http://127.0.0.1:$port" --num-prompts 24 \
-    --shared-prefix-len ${PREFIX_LEN:-2000} --input-len 32 --output-len 8 --concurrency 1 --vocab-size 1400 \
+    --shared-prefix-len ${PREFIX_LEN:-2000} --input-len 32 --output-len 8 --concurrency 1 --vocab-size 1400 --backend generate \
     --seed 1 --result-filename "$OUT/prefix_cache.jsonl" 2>&1 | tail -12
   python3 - "$OUT/prefix_cache.jsonl" "$name" "$CONFIG" <<'PY'
 import json, subprocess, sys
@@ -61,5 +61,6 @@ import json, sys
 rows = {r["setting"]: r for r in map(json.loads, open(sys.argv[1]))}
 radix, chunk = rows["radix"], rows["chunk"]
 print(f"TTFT median: radix {radix['median_ttft_ms']:.2f} ms, no cache {chunk['median_ttft_ms']:.2f} ms, "
-      f"ratio {chunk['median_ttft_ms'] / radix['median_ttft_ms']:.2f}x")
+      f"ratio {chunk['median_ttft_ms'] / radix['median_ttft_ms']:.2f}x; cached prompt tokens "
+      f"{radix['total_cached_tokens']} vs {chunk['total_cached_tokens']} of {radix['total_input_tokens']}")
 PY

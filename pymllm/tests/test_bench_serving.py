@@ -116,3 +116,14 @@ def test_shared_prefix_prompts():
     assert len({" ".join(p.split()[:6]) for p in chat}) == 1
     with pytest.raises(SystemExit):
         bench_serving.parse_args(["--shared-prefix-len", "-1"])
+
+
+def test_generate_backend_counts_token_chunks():
+    args = bench_serving.parse_args(["--backend", "generate", "--num-prompts", "1", "--input-len", "3"])
+    body = bench_serving._request_body(args, "m", [5, 6, 7])
+    assert body["input_ids"] == [5, 6, 7] and body["stream"] is True
+    assert body["sampling_params"]["ignore_eos"] is True
+    # A token that does not complete a character yet still counts as output for TTFT.
+    assert bench_serving._chunk_has_output({"text": "", "output_ids": [200]})
+    assert not bench_serving._chunk_has_output({"text": "", "output_ids": []})
+    assert bench_serving._chunk_has_output({"choices": [{"text": "a"}]})
