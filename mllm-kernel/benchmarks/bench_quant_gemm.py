@@ -81,6 +81,12 @@ class Layer:
         return x, a, sa
 
 
+def _w8a8_linear(x: torch.Tensor, b: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """The whole W8A8 linear of a decode/prefill step: quantize the activation, then the GEMM."""
+    q, scale = per_token_quant_int8(x)
+    return int8_scaled_mm(q, b, scale, w_scale, torch.bfloat16)
+
+
 def variants(layer: Layer, m: int, x, a, sa, sm90: bool) -> Dict[str, tuple]:
     """name -> (callable, bytes it must move at least)."""
     n, k = layer.n, layer.k
@@ -92,8 +98,7 @@ def variants(layer: Layer, m: int, x, a, sa, sm90: bool) -> Dict[str, tuple]:
     table = {
         "bf16": (lambda: F.linear(x, layer.w_bf16), n * k * 2 + act + out),
         "int_mm": (lambda: torch._int_mm(a17, b), n * k + a17.numel() + a17.shape[0] * n * 4),
-        "w8a8_linear": (lambda: int8_scaled_mm(*per_token_quant_int8(x), b, layer.w_scale, torch.bfloat16),
-                        n * k + act + out),
+        "w8a8_linear": (lambda: _w8a8_linear(x, b, layer.w_scale), n * k + act + out),
         "per_token_quant": (lambda: per_token_quant_int8(x), act + act // 2),
         "w4a16_dequant_cublas": (
             lambda: x @ w4a16_triton.w4a16_dequantize(layer.qweight, layer.scales, None, GROUP, torch.bfloat16),

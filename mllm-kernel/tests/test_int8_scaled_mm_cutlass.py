@@ -136,7 +136,8 @@ def check_per_token_quant(m: int, k: int, dtype: torch.dtype, device: str, exact
     if exact:
         assert torch.equal(q, q_ref)
     else:  # a GPU division that is not correctly rounded may move a tie by one step
-        assert differ.max() <= 1 and (differ > 0).float().mean() < 1e-3
+        # At most one step, on a small share of elements (at least two, for tiny inputs).
+        assert differ.max() <= 1 and int((differ > 0).sum()) <= max(2, differ.numel() // 1000)
     assert q.int().abs().max() <= 128 and torch.all(q[0] == 0)
 
 

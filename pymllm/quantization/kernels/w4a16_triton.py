@@ -44,14 +44,18 @@ def _dot_tile(x, packed, s_ptr, z_ptr, k0, offs_n, n_mask, N,
         if HAS_ZP:
             zero = tl.load(z_ptr + meta, mask=n_mask, other=0.0).to(tl.float32)
             part -= tl.sum(x.to(tl.float32), axis=1)[:, None] * zero[None, :]
-        return part * tl.load(s_ptr + meta, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    NUM_GROUPS: tl.constexpr = BLOCK_K // GROUP
-    meta = (k0 // GROUP + tl.arange(0, NUM_GROUPS)).to(tl.int64)[:, None] * N + offs_n[None, :]
-    w3 = tl.reshape(w, (NUM_GROUPS, GROUP, BLOCK_N))
-    if HAS_ZP:
-        w3 = w3 - tl.load(z_ptr + meta, mask=n_mask[None, :], other=0.0).to(tl.float32)[:, None, :]
-    w3 = w3 * tl.load(s_ptr + meta, mask=n_mask[None, :], other=0.0).to(tl.float32)[:, None, :]
-    return tl.dot(x, tl.reshape(w3, (BLOCK_K, BLOCK_N)).to(x.dtype))
+        out = part * tl.load(s_ptr + meta, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    else:
+        # An explicit else: Triton compiles code after a constexpr-if's return too, and
+        # BLOCK_K // GROUP is 0 for channel-wise groups.
+        NUM_GROUPS: tl.constexpr = BLOCK_K // GROUP
+        meta = (k0 // GROUP + tl.arange(0, NUM_GROUPS)).to(tl.int64)[:, None] * N + offs_n[None, :]
+        w3 = tl.reshape(w, (NUM_GROUPS, GROUP, BLOCK_N))
+        if HAS_ZP:
+            w3 = w3 - tl.load(z_ptr + meta, mask=n_mask[None, :], other=0.0).to(tl.float32)[:, None, :]
+        w3 = w3 * tl.load(s_ptr + meta, mask=n_mask[None, :], other=0.0).to(tl.float32)[:, None, :]
+        out = tl.dot(x, tl.reshape(w3, (BLOCK_K, BLOCK_N)).to(x.dtype))
+    return out
 
 
 @triton.jit
@@ -66,12 +70,14 @@ def _gemv_tile(x_ptr, packed, s_ptr, z_ptr, k0, offs_k8, offs_n, n_mask, N,
         part = tl.sum(per_word, axis=0)
         if HAS_ZP:
             part -= tl.sum(tl.sum(x, axis=1), axis=0) * tl.load(z_ptr + meta, mask=n_mask, other=0.0).to(tl.float32)
-        return part * tl.load(s_ptr + meta, mask=n_mask, other=0.0).to(tl.float32)
-    # Several groups per tile: every 8-run lies in one group, so scale the per-word partials.
-    meta = ((offs_k8 * 8) // GROUP).to(tl.int64)[:, None] * N + offs_n[None, :]
-    if HAS_ZP:
-        per_word -= tl.sum(x, axis=1)[:, None] * tl.load(z_ptr + meta, mask=n_mask[None, :], other=0.0).to(tl.float32)
-    return tl.sum(per_word * tl.load(s_ptr + meta, mask=n_mask[None, :], other=0.0).to(tl.float32), axis=0)
+        out = part * tl.load(s_ptr + meta, mask=n_mask, other=0.0).to(tl.float32)
+    else:
+        # Several groups per tile: every 8-run lies in one group, so scale the per-word partials.
+        meta = ((offs_k8 * 8) // GROUP).to(tl.int64)[:, None] * N + offs_n[None, :]
+        if HAS_ZP:
+            per_word -= tl.sum(x, axis=1)[:, None] * tl.load(z_ptr + meta, mask=n_mask[None, :], other=0.0).to(tl.float32)
+        out = tl.sum(per_word * tl.load(s_ptr + meta, mask=n_mask[None, :], other=0.0).to(tl.float32), axis=0)
+    return out
 
 
 @triton.jit
