@@ -244,3 +244,16 @@ def test_dispatcher_and_int_mm_fallback_on_gpu(m):
 
 if __name__ == "__main__":
     interpreter_checks()
+
+
+def test_gemm_choice_prefers_cutlass_at_every_m():
+    from pymllm.quantization.kernels.int8_scaled_mm import choose_int8_gemm
+
+    for m in (1, 7, 16, 64, 2048):
+        assert choose_int8_gemm(m, True, True, True, True, True) == "cutlass"
+    # Without CUTLASS: the Triton kernel for small M, cuBLASLt int8 beyond, float on the CPU.
+    assert choose_int8_gemm(1, True, True, False, True, True) == "triton_small_m"
+    assert choose_int8_gemm(2048, True, True, False, False, True) == "int_mm"
+    assert choose_int8_gemm(4, True, False, False, False, False) == "float"
+    assert choose_int8_gemm(4, False, False, True, True, True) == "float"
+    assert choose_int8_gemm(0, True, True, True, True, True) == "float"

@@ -92,27 +92,51 @@ def _cutlass_shapes_ok(a: torch.Tensor, b: torch.Tensor, scale_b: torch.Tensor, 
     )
 
 
+def choose_int8_gemm(m: int, is_cuda: bool, sm80: bool, cutlass_ok: bool, small_m_triton_ok: bool,
+                     int_mm_shapes_ok: bool) -> str:
+    """Which W8A8 GEMM runs. Measured on an H200 (Qwen3-8B layers, docs/perf): the CUTLASS SM90
+    kernel beats bf16 cuBLAS at every M, M = 1 included (18 us vs 23 us for qkv), while the
+    split-K Triton kernel took 73-174 us at M = 1; so Triton serves small M only without CUTLASS."""
+    if not is_cuda or m == 0:
+        return "float"
+    if sm80 and cutlass_ok:
+        return "cutlass"
+    if sm80 and m <= SMALL_M_MAX and small_m_triton_ok:
+        return "triton_small_m"
+    if int_mm_shapes_ok:
+        return "int_mm"
+    return "float"
+
+
 def int8_scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
                    out_dtype: torch.dtype, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """a int8 [M, K] row-major, b int8 [K, N] column-major, scale_a fp32 [M, 1], scale_b fp32 [N]
     (or [1, N]), bias [N] of ``out_dtype`` -> [M, N] of ``out_dtype``."""
     m, k = a.shape
     n = b.shape[1]
-    if not a.is_cuda or m == 0:
-        return int8_scaled_mm_float(a, b, scale_a, scale_b, out_dtype, bias)
-    sm80 = cuda_capability(a.device) >= (8, 0)
-    if sm80 and m <= SMALL_M_MAX and triton_available() and out_dtype in (torch.float16, torch.bfloat16):
-        from pymllm.quantization.kernels import w8a8_triton
-
-        if w8a8_triton.supports(m, n, k) and a.stride(1) == 1 and b.stride(0) == 1 and scale_a.is_contiguous():
-            return w8a8_triton.int8_scaled_mm_small_m(a, b, scale_a, scale_b, out_dtype, bias)
+    is_cuda = a.is_cuda
+    sm80 = is_cuda and cuda_capability(a.device) >= (8, 0)
+    cutlass_ok = False
     if sm80 and _cutlass_shapes_ok(a, b, scale_b, out_dtype, bias):
         reason = cutlass_unavailable_reason()
-        if reason is None:
-            from mllm_kernel.cuda.jit.int8_scaled_mm_cutlass import int8_scaled_mm as cutlass_int8_scaled_mm
+        cutlass_ok = reason is None
+        if reason is not None:
+            _warn_fallback(reason)
+    small_m_ok = False
+    if sm80 and not cutlass_ok and m <= SMALL_M_MAX and triton_available() and out_dtype in (torch.float16, torch.bfloat16):
+        from pymllm.quantization.kernels import w8a8_triton
 
-            return cutlass_int8_scaled_mm(a, b, scale_a, scale_b, out_dtype, bias)
-        _warn_fallback(reason)
-    if k % 8 == 0 and n % 8 == 0:
+        small_m_ok = (w8a8_triton.supports(m, n, k) and a.stride(1) == 1 and b.stride(0) == 1
+                      and scale_a.is_contiguous())
+    choice = choose_int8_gemm(m, is_cuda, sm80, cutlass_ok, small_m_ok, k % 8 == 0 and n % 8 == 0)
+    if choice == "cutlass":
+        from mllm_kernel.cuda.jit.int8_scaled_mm_cutlass import int8_scaled_mm as cutlass_int8_scaled_mm
+
+        return cutlass_int8_scaled_mm(a, b, scale_a, scale_b, out_dtype, bias)
+    if choice == "triton_small_m":
+        from pymllm.quantization.kernels import w8a8_triton
+
+        return w8a8_triton.int8_scaled_mm_small_m(a, b, scale_a, scale_b, out_dtype, bias)
+    if choice == "int_mm":
         return int8_scaled_mm_torch(a, b, scale_a, scale_b, out_dtype, bias)
     return int8_scaled_mm_float(a, b, scale_a, scale_b, out_dtype, bias)
