@@ -60,6 +60,8 @@ class ModelConfig:
 
 def resolve_model_path(server: ServerConfig) -> str:
     """The model directory; with none given, the embedded SmolLM2 (converted once from GGUF)."""
+    if server.model_path and _is_gguf_source(Path(server.model_path).expanduser(), server.load_format):
+        return str(_converted_gguf(Path(server.model_path).expanduser()))
     if server.model_path:
         path = Path(server.model_path).expanduser()
         if not path.is_dir():
@@ -70,6 +72,28 @@ def resolve_model_path(server: ServerConfig) -> str:
     from pymllm.model_loader.gguf_loader import ensure_embedded_model
 
     return str(ensure_embedded_model())
+
+
+def _is_gguf_source(path: Path, load_format: str) -> bool:
+    # A directory already converted (config.json, no .gguf) loads like any HF directory, so
+    # worker processes can resolve the path the frontend converted again cheaply.
+    if path.suffix == ".gguf":
+        return True
+    return load_format == "gguf" and path.is_dir() and any(path.glob("*.gguf"))
+
+
+def _converted_gguf(path: Path) -> Path:
+    """A .gguf file, or a directory holding exactly one, converted once into an HF directory."""
+    from pymllm.model_loader.gguf_loader import ensure_converted
+
+    if path.is_dir():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) != 1:
+            raise ConfigError(f"--server.model_path: expected one .gguf file in {path}, found {len(found)}")
+        path = found[0]
+    if not path.is_file():
+        raise ConfigError(f"--server.model_path: {path} is not a GGUF file")
+    return ensure_converted(path)
 
 
 def resolve_dtype(name: str, hf_config: Any, device: torch.device) -> torch.dtype:

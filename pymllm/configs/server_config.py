@@ -29,7 +29,8 @@ class ServerConfig:
     load_format: str = field(
         default="auto",
         metadata=_flag(
-            "How to load weights; dummy makes random weights from config.json.",
+            "How to load weights; dummy makes random weights from config.json; gguf converts a "
+            ".gguf file (model_path) once into ~/.cache/pymllm.",
             ("auto", "safetensors", "dummy", "gguf"),
         ),
     )

@@ -128,7 +128,12 @@ def default_cache_root() -> Path:
 
 
 def ensure_embedded_model(cache_root: Optional[Path | str] = None) -> Path:
-    """HF-format directory of the embedded SmolLM2, converting it on first use.
+    """HF-format directory of the embedded SmolLM2, converting it on first use."""
+    return ensure_converted(locate_embedded_gguf(), cache_root)
+
+
+def ensure_converted(gguf_path: Path | str, cache_root: Optional[Path | str] = None) -> Path:
+    """HF-format directory of a GGUF file (``--server.load_format gguf``), converted on first use.
 
     The directory lives under ``cache_root`` (default ``$PYMLLM_CACHE_DIR`` or
     ``~/.cache/pymllm``), named after the GGUF plus its content key. Conversion is
@@ -136,7 +141,7 @@ def ensure_embedded_model(cache_root: Optional[Path | str] = None) -> Path:
     never sees a half-written model; a lock file makes concurrent processes wait
     for the first one instead of converting in parallel.
     """
-    gguf_path = locate_embedded_gguf()
+    gguf_path = Path(gguf_path)
     root = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
     key = gguf_content_key(gguf_path)
     name = f"{gguf_path.stem}-{key}"

@@ -276,3 +276,26 @@ def test_convert_rejects_unsupported_file(tmp_path: Path) -> None:
     writer.close()
     with pytest.raises(ValueError, match="architecture 'gpt2' is not supported"):
         convert_gguf_to_hf(path, tmp_path / "out")
+
+
+def test_load_format_gguf_converts_a_given_file(tmp_path, monkeypatch):
+    """--server.load_format gguf with a .gguf path (file or its directory) serves the conversion."""
+    from pymllm.configs import ConfigError, GlobalConfig
+    from pymllm.configs.model_config import resolve_model_path
+    from pymllm.model_loader import gguf_loader
+
+    calls = []
+    monkeypatch.setattr(gguf_loader, "ensure_converted", lambda path, cache_root=None: calls.append(path) or tmp_path)
+    source = tmp_path / "models"
+    source.mkdir()
+    fake = source / "tiny.gguf"
+    fake.write_bytes(b"GGUF")
+    config = GlobalConfig()
+    config.server.model_path = str(fake)
+    assert resolve_model_path(config.server) == str(tmp_path)
+    config.server.model_path, config.server.load_format = str(source), "gguf"
+    assert resolve_model_path(config.server) == str(tmp_path)
+    assert calls == [fake, fake]
+    (source / "other.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ConfigError, match="expected one .gguf file"):
+        resolve_model_path(config.server)
