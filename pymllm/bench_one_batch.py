@@ -16,11 +16,21 @@ once at start on the same device:
 
 ``--profile`` re-runs each case under torch.profiler after it was measured (so the timings
 stay clean) and writes a Chrome trace into $PYMLLM_TORCH_PROFILER_DIR (default /tmp).
+
+``--image WxH`` (image models, e.g. Qwen3-VL) gives every request ``--images-per-request``
+random RGB images of that size, preprocessed as the tokenizer process does
+(``pymllm.multimodal``): the prompt is, per image, vision-start + the expanded image
+placeholders + vision-end, then ``--input-len`` random text tokens. The image processor config
+(preprocessor_config.json) must sit in the model directory or --server.tokenizer_path, also
+with ``--server.load_format dummy``. The row adds ``vit_latency``: the vision tower's calls
+(one per request) inside the timed prefill, each between two device synchronisations, and
+``prefill_text_latency`` = prefill - ViT.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import logging
@@ -31,19 +41,23 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from pymllm.configs.errors import ConfigError
 from pymllm.configs.global_config import GlobalConfig, add_config_arguments, config_from_namespace
-from pymllm.configs.model_config import load_model_config
+from pymllm.configs.model_config import ModelConfig, load_model_config
 from pymllm.engine.forward_batch import ForwardMode
 from pymllm.executor.model_runner import ModelRunner, resolve_device
 from pymllm.layers.linear import LinearBase
 from pymllm.layers.radix_attention import RadixAttention
 from pymllm.layers.vocab_embedding import LMHead, VocabEmbedding
+from pymllm.multimodal.inputs import MultimodalInputs, image_token_counts
+from pymllm.multimodal.media import MediaPolicy
+from pymllm.multimodal.processor import MultimodalProcessor, is_multimodal_config
+from pymllm.multimodal.synthetic import image_size_arg, random_images
 from pymllm.orchestrator.request import Req
 from pymllm.orchestrator.schedule_batch import ScheduledBatch
 from pymllm.sampling_params import SamplingParams
@@ -64,9 +78,18 @@ class BenchArgs:
     profile: bool = False
     profile_stage: str = "all"
     profile_steps: int = 3
+    image: Optional[Tuple[int, int]] = None  # (width, height) with --image
+    images_per_request: int = 1
+    # Prompt tokens besides --input-len (the image tokens), known once the processor is loaded.
+    extra_prompt_tokens: int = 0
+    # Whether --server.max_total_tokens is derived from the sweep (not given on the command line).
+    kv_sized_by_sweep: bool = False
 
     def cases(self) -> List[tuple]:
         return list(itertools.product(self.batch_size, self.input_len, self.output_len))
+
+    def kv_tokens_needed(self) -> int:
+        return max(b * (i + self.extra_prompt_tokens + o) for b, i, o in self.cases())
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -82,6 +105,9 @@ def make_parser() -> argparse.ArgumentParser:
     bench.add_argument("--profile", action="store_true", help="Also write a torch.profiler trace per case.")
     bench.add_argument("--profile-stage", choices=PROFILE_STAGES, default="all", help="What the trace covers.")
     bench.add_argument("--profile-steps", type=int, default=3, help="Decode steps in the trace.")
+    bench.add_argument("--image", type=image_size_arg, default=None, metavar="WxH",
+                       help="Give every request random images of this size (image models only).")
+    bench.add_argument("--images-per-request", type=int, default=1, help="Images per request with --image.")
     return parser
 
 
@@ -91,18 +117,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple:
     bench = BenchArgs(
         run_name=ns.run_name, batch_size=ns.batch_size, input_len=ns.input_len, output_len=ns.output_len,
         result_filename=ns.result_filename, profile=ns.profile, profile_stage=ns.profile_stage,
-        profile_steps=ns.profile_steps,
+        profile_steps=ns.profile_steps, image=ns.image, images_per_request=ns.images_per_request,
     )
     for name in ("batch_size", "input_len", "output_len"):
         if min(getattr(bench, name)) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}: values must be >= 1")
+    if bench.images_per_request < 1:
+        raise ConfigError("--images-per-request must be >= 1")
     given = vars(ns)
     # Size the pools for the sweep unless told otherwise: no idle KV memory, and only the
     # CUDA graphs the sweep can use get captured.
     if "server.max_running_requests" not in given:
         ns.__dict__["server.max_running_requests"] = max(bench.batch_size)
-    if "server.max_total_tokens" not in given:
-        ns.__dict__["server.max_total_tokens"] = max(b * (i + o) for b, i, o in bench.cases())
+    bench.kv_sized_by_sweep = "server.max_total_tokens" not in given
+    if bench.kv_sized_by_sweep:
+        ns.__dict__["server.max_total_tokens"] = bench.kv_tokens_needed()
     config = config_from_namespace(ns)
     if config.server.max_running_requests < max(bench.batch_size):
         raise ConfigError(
@@ -194,11 +223,91 @@ def decode_floor_seconds(cost: ModelCost, bs: int, input_len: int, output_len: i
     return (cost.decode_weight_bytes + kv_tokens * cost.kv_bytes_per_token) / bandwidth
 
 
+# ---------------- image prompts ----------------
+class ImagePrompts:
+    """Image requests built as the tokenizer process builds them: random images through the
+    checkpoint's image processor, placeholders expanded, mrope positions computed."""
+
+    def __init__(self, processor: MultimodalProcessor, hf_config, size: Tuple[int, int], per_request: int):
+        self.processor = processor
+        self.size = size
+        self.per_request = per_request
+        # What the chat template emits per image, before the placeholder is expanded.
+        self.image_markup = [
+            int(hf_config.vision_start_token_id), processor.image_token_id, int(hf_config.vision_end_token_id)
+        ]
+        # Random text leaves out the markup tokens: a stray placeholder would count as an image.
+        vocab = (getattr(hf_config, "text_config", None) or hf_config).vocab_size
+        self.text_vocab = np.setdiff1d(np.arange(vocab), self.image_markup)
+        # The processor resizes every image of one size to the same grid.
+        _, grids = processor.preprocess(random_images(np.random.default_rng(0), size, 1))
+        self.tokens_per_image = image_token_counts(grids, processor.spatial_merge_size)[0]
+
+    @property
+    def image_tokens(self) -> int:
+        """Image placeholder tokens per request."""
+        return self.per_request * self.tokens_per_image
+
+    @property
+    def extra_prompt_tokens(self) -> int:
+        """Prompt tokens per request besides the text: the placeholders and their markup."""
+        return self.image_tokens + self.per_request * (len(self.image_markup) - 1)
+
+    def prompt(self, rng: np.random.Generator, text_len: int) -> Tuple[List[int], MultimodalInputs]:
+        pixel_values, grids = self.processor.preprocess(random_images(rng, self.size, self.per_request))
+        text = rng.choice(self.text_vocab, text_len).tolist()
+        return self.processor.build(self.image_markup * self.per_request + text, pixel_values, grids)
+
+
+def load_image_prompts(config: GlobalConfig, model_config: ModelConfig, bench: BenchArgs) -> ImagePrompts:
+    """ConfigError when the model takes no images or its image processor config is missing."""
+    hf_config = model_config.hf_config
+    if not is_multimodal_config(hf_config):
+        raise ConfigError(
+            f"--image needs an image model (e.g. Qwen3-VL); {model_config.model_path} is "
+            f"{model_config.architecture}"
+        )
+    # As in the tokenizer process: with the weights, or with the tokenizer when split.
+    dirs = [model_config.model_path, model_config.tokenizer_path]
+    found = [d for d in dirs if os.path.isfile(os.path.join(d, "preprocessor_config.json"))]
+    if not found:
+        raise ConfigError(
+            f"--image needs the image processor config (preprocessor_config.json) in "
+            f"{' or '.join(sorted(set(dirs)))}; copy it from the checkpoint (also for --server.load_format dummy)"
+        )
+    processor = MultimodalProcessor.from_pretrained(found[0], hf_config, MediaPolicy.from_server_config(config.server))
+    return ImagePrompts(processor, hf_config, bench.image, bench.images_per_request)
+
+
 # ---------------- one case ----------------
 @dataclass
 class CaseTimes:
     prefill: float
     decode: List[float]
+    prompt_len: int
+    vit: Optional[float] = None  # ViT time within ``prefill`` (image requests only)
+
+
+@contextlib.contextmanager
+def _timed_vision(model: torch.nn.Module, device: torch.device, spent: List[float]) -> Iterator[None]:
+    """Appends the duration of every ``model.encode_images`` call to ``spent``. The ViT runs
+    inside the prefill step (the runner's batch building), so the sync before it is the
+    only thing this adds to the timed prefill."""
+    encode: Callable = model.encode_images
+
+    def timed(*args, **kwargs):
+        _sync(device)
+        start = time.perf_counter()
+        out = encode(*args, **kwargs)
+        _sync(device)
+        spent.append(time.perf_counter() - start)
+        return out
+
+    model.encode_images = timed
+    try:
+        yield
+    finally:
+        del model.encode_images  # the class's method again
 
 
 def _profiler(device: torch.device):
@@ -211,11 +320,13 @@ def _profiler(device: torch.device):
 def run_case(
     runner: ModelRunner, bs: int, input_len: int, output_len: int, seed: int,
     profile_stage: Optional[str] = None, profile_steps: int = 0, trace_path: Optional[Path] = None,
+    images: Optional[ImagePrompts] = None,
 ) -> CaseTimes:
     """Prefill + decode of one synthetic batch on empty pools; returns step latencies (s).
 
     With ``profile_stage``, that stage (and at most ``profile_steps`` decode steps) runs
-    under torch.profiler and the trace goes to ``trace_path``.
+    under torch.profiler and the trace goes to ``trace_path``. With ``images``, every request
+    carries its own random images (preprocessed here, before any timing).
     """
     runner.clear()
     device = runner.device
@@ -224,9 +335,14 @@ def run_case(
     params = SamplingParams(max_new_tokens=output_len, temperature=0.0, ignore_eos=True).with_defaults({})
     reqs = []
     for i in range(bs):
-        req = Req(rid=str(i), origin_input_ids=rng.integers(0, vocab, input_len).tolist(), sampling_params=params, seed=i)
+        if images is None:
+            ids, mm = rng.integers(0, vocab, input_len).tolist(), None
+        else:
+            ids, mm = images.prompt(rng, input_len)
+        req = Req(rid=str(i), origin_input_ids=ids, sampling_params=params, seed=i, mm_inputs=mm)
         req.req_pool_idx = runner.req_to_token_pool.alloc()
         reqs.append(req)
+    prompt_len = len(reqs[0].origin_input_ids)
     decode_steps = output_len - 1 if profile_stage is None else min(output_len - 1, profile_steps)
     if profile_stage == "prefill":
         decode_steps = 0
@@ -244,19 +360,22 @@ def run_case(
             req.output_ids.append(token)
         return elapsed
 
-    slots = runner.token_to_kv_pool_allocator.alloc(bs * input_len)
-    prefill = step(ScheduledBatch(ForwardMode.EXTEND, reqs, [0] * bs, [input_len] * bs, slots, [True] * bs))
+    slots = runner.token_to_kv_pool_allocator.alloc(bs * prompt_len)
+    prefill_batch = ScheduledBatch(ForwardMode.EXTEND, reqs, [0] * bs, [prompt_len] * bs, slots, [True] * bs)
+    vit: List[float] = []
+    with _timed_vision(runner.model, device, vit) if images is not None else contextlib.nullcontext():
+        prefill = step(prefill_batch)
     if prof is not None and profile_stage == "decode":
         prof.start()
     decode = []
     for i in range(decode_steps):
         slots = runner.token_to_kv_pool_allocator.alloc(bs)
-        batch = ScheduledBatch(ForwardMode.DECODE, reqs, [input_len + i] * bs, [1] * bs, slots, [True] * bs)
+        batch = ScheduledBatch(ForwardMode.DECODE, reqs, [prompt_len + i] * bs, [1] * bs, slots, [True] * bs)
         decode.append(step(batch))
     if prof is not None:
         prof.stop()
         prof.export_chrome_trace(str(trace_path))
-    return CaseTimes(prefill, decode)
+    return CaseTimes(prefill, decode, prompt_len, sum(vit) if images is not None else None)
 
 
 def git_commit() -> Optional[str]:
@@ -275,29 +394,34 @@ def git_commit() -> Optional[str]:
 def make_row(
     bench: BenchArgs, config: GlobalConfig, runner: ModelRunner, cost: ModelCost, times: CaseTimes,
     bs: int, input_len: int, output_len: int, bandwidth: float, matmul_rate: float, command: str,
+    images: Optional[ImagePrompts] = None,
 ) -> dict:
     decode_median = float(np.median(times.decode)) if times.decode else None
     total = times.prefill + sum(times.decode)
-    floor = decode_floor_seconds(cost, bs, input_len, output_len, bandwidth)
-    flops = prefill_flops(cost, bs, input_len)
+    prompt_len = times.prompt_len
+    floor = decode_floor_seconds(cost, bs, prompt_len, output_len, bandwidth)
+    # The FLOP count covers the text decoder only, so its rate is taken over the prefill
+    # without the ViT.
+    flops = prefill_flops(cost, bs, prompt_len)
+    decoder_time = times.prefill - (times.vit or 0.0)
     device = runner.device
-    return {
+    row = {
         "run_name": bench.run_name,
         "batch_size": bs,
         "input_len": input_len,
         "output_len": output_len,
         "prefill_latency": times.prefill,
-        "prefill_throughput": bs * input_len / times.prefill,
+        "prefill_throughput": bs * prompt_len / times.prefill,
         "median_decode_latency": decode_median,
         "median_decode_throughput": bs / decode_median if decode_median else None,
         "total_latency": total,
-        "overall_throughput": bs * (input_len + output_len) / total,
+        "overall_throughput": bs * (prompt_len + output_len) / total,
         "hbm_bandwidth_gbs": bandwidth / 1e9,
         "decode_floor_latency": floor,
         "decode_vs_floor": decode_median / floor if decode_median else None,
         "matmul_tflops": matmul_rate / 1e12,
-        "prefill_tflops": flops / times.prefill / 1e12,
-        "prefill_vs_matmul_rate": flops / times.prefill / matmul_rate,
+        "prefill_tflops": flops / decoder_time / 1e12,
+        "prefill_vs_matmul_rate": flops / decoder_time / matmul_rate,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(runner.dtype).replace("torch.", ""),
         "cuda_graph": runner.cuda_graph_runner is not None,
@@ -309,18 +433,30 @@ def make_row(
         "load_format": config.server.load_format,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if images is not None:
+        row.update({
+            "image_size": "{}x{}".format(*images.size),
+            "images_per_request": images.per_request,
+            "image_tokens": images.image_tokens,
+            "prompt_len": prompt_len,
+            "vit_latency": times.vit,
+            "prefill_text_latency": decoder_time,
+        })
+    return row
 
 
 def _check_fits(bench: BenchArgs, runner: ModelRunner) -> None:
+    extra = bench.extra_prompt_tokens
+    images = f" + {extra} image tokens" if extra else ""
     for bs, input_len, output_len in bench.cases():
-        if input_len + output_len > runner.model_config.context_length:
+        if input_len + extra + output_len > runner.model_config.context_length:
             raise ConfigError(
-                f"--input-len {input_len} + --output-len {output_len} exceeds the context length "
+                f"--input-len {input_len}{images} + --output-len {output_len} exceeds the context length "
                 f"{runner.model_config.context_length}"
             )
-        if bs * (input_len + output_len) > runner.max_total_tokens:
+        if bs * (input_len + extra + output_len) > runner.max_total_tokens:
             raise ConfigError(
-                f"batch {bs}x({input_len}+{output_len}) needs more KV slots than "
+                f"batch {bs}x({input_len}{images}+{output_len}) needs more KV slots than "
                 f"--server.max_total_tokens {runner.max_total_tokens}"
             )
 
@@ -340,6 +476,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = resolve_device(server.device)
     bandwidth = measure_copy_bandwidth(device)
     model_config = load_model_config(server, device)
+    images = None
+    if bench.image is not None:
+        try:
+            images = load_image_prompts(config, model_config, bench)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        bench.extra_prompt_tokens = images.extra_prompt_tokens
+        if bench.kv_sized_by_sweep:
+            server.max_total_tokens = bench.kv_tokens_needed()
     matmul_rate = measure_matmul_rate(device, model_config.dtype)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # return the measurement buffers before the KV pool is sized
@@ -354,18 +500,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     cost = model_cost(runner.model, runner.kv_pool)
     bs0, in0, out0 = bench.cases()[0]
-    run_case(runner, bs0, in0, min(out0, _WARMUP_OUTPUT_LEN), server.random_seed)
+    run_case(runner, bs0, in0, min(out0, _WARMUP_OUTPUT_LEN), server.random_seed, images=images)
     out_path = Path(bench.result_filename)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     trace_dir = Path(os.environ.get("PYMLLM_TORCH_PROFILER_DIR", "/tmp"))
     for bs, input_len, output_len in bench.cases():
-        times = run_case(runner, bs, input_len, output_len, server.random_seed)
-        row = make_row(bench, config, runner, cost, times, bs, input_len, output_len, bandwidth, matmul_rate, command)
+        times = run_case(runner, bs, input_len, output_len, server.random_seed, images=images)
+        row = make_row(bench, config, runner, cost, times, bs, input_len, output_len, bandwidth, matmul_rate, command,
+                       images)
         with open(out_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         decode = row["median_decode_latency"]
+        vit = f" incl. ViT {times.vit * 1e3:.2f} ms" if times.vit is not None else ""
         print(
-            f"bs={bs} in={input_len} out={output_len}: prefill {times.prefill * 1e3:.2f} ms "
+            f"bs={bs} in={input_len} out={output_len}: prefill {times.prefill * 1e3:.2f} ms{vit} "
             f"({row['prefill_throughput']:.0f} tok/s, {row['prefill_vs_matmul_rate']:.2f} of matmul rate), "
             + (f"decode {decode * 1e3:.3f} ms/step ({row['decode_vs_floor']:.2f}x HBM floor)" if decode else "no decode"),
             flush=True,
@@ -374,7 +522,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             trace_dir.mkdir(parents=True, exist_ok=True)
             trace = trace_dir / f"{bench.run_name}_bs{bs}_in{input_len}_out{output_len}_{bench.profile_stage}.trace.json"
             run_case(runner, bs, input_len, output_len, server.random_seed,
-                     profile_stage=bench.profile_stage, profile_steps=bench.profile_steps, trace_path=trace)
+                     profile_stage=bench.profile_stage, profile_steps=bench.profile_steps, trace_path=trace,
+                     images=images)
             print(f"trace: {trace}", flush=True)
     return 0
 

@@ -7,6 +7,10 @@
 Lengths are exact for the completions backend: prompts are token-id lists, and every request
 forces ``ignore_eos`` with ``max_tokens``. The chat backend sends text (``input-len`` words),
 so its prompt length is approximate; token counts come from the server's usage either way.
+
+``--image WxH`` (chat backend, image models) puts ``--images-per-request`` random RGB images of
+that size (seeded by --seed) into each user message as ``data:image/png;base64,`` image_url
+parts, before the text; the fixed dataset repeats the same images.
 """
 
 from __future__ import annotations
@@ -22,8 +26,12 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import httpx
+import numpy as np
 
-Prompt = Union[str, List[int]]
+from pymllm.multimodal.synthetic import image_size_arg, png_data_url, random_images
+
+# Text (chat), token ids (completions, generate), or chat content parts (chat with images).
+Prompt = Union[str, List[int], List[Dict[str, Any]]]
 
 _WORDS = (
     "time person year way day thing man world life hand part child eye woman place work week case "
@@ -55,7 +63,10 @@ def make_prompts(args: argparse.Namespace) -> List[Prompt]:
 
         prefix = text(args.shared_prefix_len) + " " if args.shared_prefix_len else ""
         fixed = text(args.input_len)
-        return [prefix + (fixed if args.dataset == "fixed" else text(args.input_len)) for _ in range(args.num_prompts)]
+        texts = [prefix + (fixed if args.dataset == "fixed" else text(args.input_len)) for _ in range(args.num_prompts)]
+        if args.image is None:
+            return texts
+        return _with_images(args, texts)
 
     def ids(n: int) -> List[int]:
         return [rng.randrange(_LOWEST_RANDOM_ID, args.vocab_size) for _ in range(n)]
@@ -65,6 +76,20 @@ def make_prompts(args: argparse.Namespace) -> List[Prompt]:
     return [
         prefix_ids + (list(fixed_ids) if args.dataset == "fixed" else ids(args.input_len))
         for _ in range(args.num_prompts)
+    ]
+
+
+def _with_images(args: argparse.Namespace, texts: List[str]) -> List[Prompt]:
+    """Each text as chat content parts: its --images-per-request images, then the text."""
+    image_rng = np.random.default_rng(args.seed)
+
+    def image_parts() -> List[Dict[str, Any]]:
+        images = random_images(image_rng, args.image, args.images_per_request)
+        return [{"type": "image_url", "image_url": {"url": png_data_url(im)}} for im in images]
+
+    fixed = image_parts()
+    return [
+        (fixed if args.dataset == "fixed" else image_parts()) + [{"type": "text", "text": text}] for text in texts
     ]
 
 
@@ -235,6 +260,9 @@ def summarise(
         "input_throughput": input_tokens / duration if duration else 0.0,
         "output_throughput": output_tokens / duration if duration else 0.0,
     }
+    if args.image is not None:
+        row["image_size"] = "{}x{}".format(*args.image)
+        row["images_per_request"] = args.images_per_request
     row.update(_stats_ms("ttft", [r.ttft for r in done]))
     row.update(_stats_ms("itl", [gap for r in done for gap in r.itl]))
     row.update(_stats_ms("tpot", tpot))
@@ -294,6 +322,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     load.add_argument("--request-rate", type=float, default=math.inf,
                       help="Poisson arrival rate in requests/s; inf sends all at once.")
     load.add_argument("--concurrency", type=int, default=None, help="Requests in flight at most.")
+    p.add_argument("--image", type=image_size_arg, default=None, metavar="WxH",
+                   help="Random images of this size in every request (chat backend, image models).")
+    p.add_argument("--images-per-request", type=int, default=1, help="Images per request with --image.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--result-filename", default=None, help="Append one JSON line of results here.")
@@ -301,6 +332,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for name in ("num_prompts", "input_len", "output_len", "vocab_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.images_per_request < 1:
+        p.error("--images-per-request must be >= 1")
+    if args.image is not None and args.backend != "chat":
+        p.error("--image needs --backend chat (images travel as chat image_url parts)")
     if args.shared_prefix_len < 0:
         p.error("--shared-prefix-len must be >= 0")
     if args.request_rate <= 0 or (args.concurrency is not None and args.concurrency < 1):

@@ -1,4 +1,5 @@
-"""bench_one_batch on CPU: rows, sizing defaults, dummy weights from a bare config.json, profiling."""
+"""bench_one_batch on CPU: rows, sizing defaults, dummy weights from a bare config.json, profiling,
+image requests through the tiny Qwen3-VL."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from pymllm import bench_one_batch as bench
 from pymllm.configs import ConfigError
-from pymllm.testing.tiny_models import tiny_model_dir
+from pymllm.testing.tiny_models import tiny_model_dir, tiny_vl_model_dir
 
 FIELDS = {
     "run_name", "batch_size", "input_len", "output_len", "prefill_latency", "prefill_throughput",
@@ -72,6 +73,61 @@ def test_dummy_weights_from_a_bare_config_and_profile(tmp_path, monkeypatch):
     assert three["median_decode_latency"] > 0
     trace = traces / "prof_bs2_in6_out3_decode.trace.json"
     assert trace.is_file() and "traceEvents" in trace.read_text()
+
+
+IMAGE_FIELDS = {"image_size", "images_per_request", "image_tokens", "prompt_len", "vit_latency", "prefill_text_latency"}
+
+
+def test_image_requests_report_vit_and_prefill(tmp_path, capsys):
+    out = tmp_path / "rows.jsonl"
+    argv = [
+        "--server.model_path", str(tiny_vl_model_dir()), "--server.device", "cpu", "--server.log_level", "warning",
+        "--batch-size", "2", "--input-len", "8", "--output-len", "3", "--image", "32x24",
+        "--images-per-request", "2", "--result-filename", str(out),
+    ]
+    assert bench.main(argv) == 0
+    (row,) = _rows(out)
+    assert set(row) == FIELDS | IMAGE_FIELDS
+    assert row["architecture"] == "Qwen3VLForConditionalGeneration"
+    assert row["image_size"] == "32x24" and row["images_per_request"] == 2
+    # 32x24 stays 32x24 under the tiny processor (4x4 patches, 2x2 merge): 4x3 tokens per image.
+    assert row["image_tokens"] == 2 * 12
+    assert row["prompt_len"] == 8 + 2 * (12 + 2)  # + vision-start / vision-end per image
+    assert 0 < row["vit_latency"] < row["prefill_latency"]
+    assert row["prefill_text_latency"] == pytest.approx(row["prefill_latency"] - row["vit_latency"])
+    assert row["prefill_throughput"] == pytest.approx(2 * row["prompt_len"] / row["prefill_latency"])
+    assert row["median_decode_latency"] > 0
+    assert "incl. ViT" in capsys.readouterr().out
+
+
+def test_image_dummy_run_needs_the_processor_config(tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    shutil.copy(tiny_vl_model_dir() / "config.json", model_dir / "config.json")
+    argv = [
+        "--server.model_path", str(model_dir), "--server.load_format", "dummy", "--server.device", "cpu",
+        "--server.log_level", "warning", "--batch-size", "1", "--input-len", "4", "--output-len", "2",
+        "--image", "16x16", "--result-filename", str(tmp_path / "rows.jsonl"),
+    ]
+    assert bench.main(argv) == 2
+    assert "preprocessor_config.json" in capsys.readouterr().err
+    shutil.copy(tiny_vl_model_dir() / "preprocessor_config.json", model_dir / "preprocessor_config.json")
+    assert bench.main(argv) == 0
+    (row,) = _rows(tmp_path / "rows.jsonl")
+    assert row["load_format"] == "dummy" and row["image_tokens"] == 4 and row["vit_latency"] > 0
+
+
+def test_image_flag_checks(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--image", "32"])
+    with pytest.raises(ConfigError, match="--images-per-request"):
+        bench.parse_args(["--image", "8x8", "--images-per-request", "0"])
+    argv = [
+        "--server.model_path", str(tiny_model_dir("qwen3")), "--server.device", "cpu", "--server.log_level",
+        "warning", "--image", "8x8", "--result-filename", str(tmp_path / "rows.jsonl"),
+    ]
+    assert bench.main(argv) == 2
+    assert "needs an image model" in capsys.readouterr().err
 
 
 def test_sizing_defaults_come_from_the_sweep():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import socket
 import threading
@@ -9,6 +11,7 @@ import time
 
 import pytest
 import uvicorn
+from PIL import Image
 
 from pymllm import bench_serving
 from pymllm.configs.server_config import ServerConfig
@@ -57,6 +60,41 @@ async def test_fixed_dataset_and_chat_backend():
     assert row["completed"] == 3 and row["total_output_tokens"] == 6
     contents = {r.messages[0]["content"] for r in fake.requests}
     assert len(contents) == 1 and len(next(iter(contents)).split()) == 5
+
+
+async def test_chat_requests_carry_images():
+    fake = FakeEngineClient(_script)
+    args = bench_serving.parse_args(
+        ["--num-prompts", "3", "--input-len", "4", "--output-len", "2", "--backend", "chat", "--image", "16x8",
+         "--images-per-request", "2", "--seed", "5"]
+    )
+    async with asgi_client(create_app(fake, ServerConfig())) as client:
+        row = await bench_serving.run_benchmark(args, client)
+    assert row["completed"] == 3 and row["image_size"] == "16x8" and row["images_per_request"] == 2
+    urls = []
+    for req in fake.requests:
+        (message,) = req.messages
+        *images, text = message["content"]
+        assert text["type"] == "text" and len(text["text"].split()) == 4
+        assert [part["type"] for part in images] == ["image_url", "image_url"]
+        urls += [part["image_url"]["url"] for part in images]
+    prefix = "data:image/png;base64,"
+    assert all(url.startswith(prefix) for url in urls) and len(set(urls)) == 6  # random: distinct images
+    image = Image.open(io.BytesIO(base64.b64decode(urls[0][len(prefix):])))
+    assert image.size == (16, 8) and image.mode == "RGB"
+    # Seeded: the same arguments give the same images.
+    assert bench_serving.make_prompts(args)[0][:2] == fake.requests[0].messages[0]["content"][:2]
+    fixed = bench_serving.make_prompts(bench_serving.parse_args(
+        ["--num-prompts", "2", "--backend", "chat", "--image", "8x8", "--dataset", "fixed"]))
+    assert fixed[0] == fixed[1]
+
+
+def test_images_need_the_chat_backend():
+    assert "image_size" not in bench_serving.summarise(bench_serving.parse_args(["--backend", "chat"]), "m", [], 1.0)
+    for argv in (["--image", "8x8"], ["--backend", "generate", "--image", "8x8"],
+                 ["--backend", "chat", "--image", "8"], ["--backend", "chat", "--image", "8x8", "--images-per-request", "0"]):
+        with pytest.raises(SystemExit):
+            bench_serving.parse_args(argv)
 
 
 async def test_failures_are_counted():
