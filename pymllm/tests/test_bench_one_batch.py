@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pymllm import bench_one_batch as bench
+from pymllm import bench_roofline as roofline
 from pymllm.configs import ConfigError
 from pymllm.testing.tiny_models import tiny_model_dir, tiny_vl_model_dir
 
@@ -154,16 +155,16 @@ def test_main_reports_cases_that_do_not_fit(tmp_path, capsys):
 
 
 def test_cost_model_arithmetic():
-    assert bench.causal_pairs(4, None) == 10
-    assert bench.causal_pairs(4, 8) == 10
-    assert bench.causal_pairs(5, 2) == 3 + 3 * 2
-    cost = bench.ModelCost(
+    assert roofline.causal_pairs(4, None) == 10
+    assert roofline.causal_pairs(4, 8) == 10
+    assert roofline.causal_pairs(5, 2) == 3 + 3 * 2
+    cost = roofline.ModelCost(
         decode_weight_bytes=1000, kv_bytes_per_token=10, linear_macs_per_token=100, lm_head_macs=50,
         attention=[(2, 4, None)],
     )
-    assert bench.prefill_flops(cost, 2, 3) == 2 * (2 * 3 * 100 + 2 * 50) + 4 * 2 * 4 * 2 * 6
+    assert roofline.prefill_flops(cost, 2, 3) == 2 * (2 * 3 * 100 + 2 * 50) + 4 * 2 * 4 * 2 * 6
     # 1000 weight bytes + 2 sequences x (3 + 4 / 2) tokens x 10 bytes, at 100 bytes/s.
-    assert bench.decode_floor_seconds(cost, 2, 3, 4, 100.0) == pytest.approx(11.0)
+    assert roofline.decode_floor_seconds(cost, 2, 3, 4, 100.0) == pytest.approx(11.0)
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -177,7 +178,7 @@ def test_model_cost_counts_what_a_decode_step_reads(tie):
         model.head.tie_to(model.embed)
     model.proj = torch.nn.Linear(4, 4, bias=False)
     kv_pool = types.SimpleNamespace(num_layers=2, num_kv_heads=1, head_dim=4, v_head_dim=4, dtype=torch.float16)
-    cost = bench.model_cost(model, kv_pool)
+    cost = roofline.model_cost(model, kv_pool)
     # The embedding is a row gather unless it doubles as the LM head.
     assert cost.decode_weight_bytes == (40 + 16) * 4
     assert cost.kv_bytes_per_token == 2 * 1 * (4 + 4) * 2
