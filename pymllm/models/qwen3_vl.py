@@ -33,7 +33,7 @@ from pymllm.layers.radix_attention import RadixAttention
 from pymllm.layers.rotary_embedding import MRotaryEmbedding, apply_rotary
 from pymllm.layers.utils import set_weight_attrs
 from pymllm.layers.vocab_embedding import LMHead, VocabEmbedding
-from pymllm.models.llama import DecoderMLP, head_dim_of
+from pymllm.models.llama import DecoderLayer, DecoderMLP, head_dim_of
 from pymllm.quantization.base import QuantizationConfig
 
 
@@ -272,23 +272,15 @@ class Qwen3VLTextAttention(nn.Module):
         return self.o_proj(out)
 
 
-class Qwen3VLTextDecoderLayer(nn.Module):
+class Qwen3VLTextDecoderLayer(DecoderLayer):
+    """The shared decoder layer (its forward is DecoderLayer's) around the mrope attention."""
+
     def __init__(self, config, layer_id: int, rotary_emb, quant_config, prefix: str):
-        super().__init__()
+        nn.Module.__init__(self)  # DecoderLayer.__init__ would build the 1-D rope attention
         self.self_attn = Qwen3VLTextAttention(config, layer_id, rotary_emb, quant_config, f"{prefix}.self_attn")
         self.mlp = DecoderMLP(config, quant_config, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, positions, hidden, residual, forward_batch):
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, forward_batch)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
 
 
 def mrope_parameters(text_config) -> Tuple[List[int], bool]:
