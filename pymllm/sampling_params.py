@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import List, Optional, Union
+from typing import List, Optional
 
 # Values a request leaves as None take the model's generation_config defaults, then these.
 _FALLBACKS = {

@@ -13,7 +13,7 @@ import logging
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Dict, Optional
+from typing import AsyncIterator, Dict, Optional
 
 import zmq
 
@@ -83,9 +83,6 @@ class EngineClient:
         for rid, p in pending:
             out = RequestOutput(rid, "", [], True, FinishReason("abort", message=reason, status_code=503))
             p.loop.call_soon_threadsafe(p.queue.put_nowait, out)
-
-    def num_in_flight(self) -> int:
-        return len(self._pending)
 
     # ---------------- sending ----------------
     def _send(self, msg) -> None:

@@ -22,7 +22,6 @@ class ForwardMode(enum.IntEnum):
     EXTEND = 1  # prefill, possibly on top of a cached prefix (chunked prefill)
     DECODE = 2  # one new token per sequence
     MIXED = 3  # extend and decode sequences in one batch
-    IDLE = 4  # nothing to run
 
     def is_extend(self) -> bool:
         return self in (ForwardMode.EXTEND, ForwardMode.MIXED)
@@ -52,8 +51,6 @@ class ForwardBatch:
     attn_backend: Optional["AttentionBackend"] = None
     # Qwen3-VL mrope: per-request position offset carried into decode.
     mrope_position_deltas: Optional[torch.Tensor] = None
-    # Sequences padded in for CUDA graph replay are dropped after the forward.
-    real_batch_size: Optional[int] = None
     extras: dict = field(default_factory=dict)
 
     @property

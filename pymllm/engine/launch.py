@@ -75,7 +75,7 @@ class Engine:
         self.endpoints = Endpoints.create()
         inbox = pull(zmq.Context.instance(), self.endpoints.frontend_in)
         try:
-            self.worker_info = self._start_workers(inbox, model_config, startup_timeout)
+            self._start_workers(inbox, model_config, startup_timeout)
         except BaseException:
             inbox.close()
             self.shutdown()
@@ -97,7 +97,7 @@ class Engine:
         logger.info("Engine ready in %.1f s", time.perf_counter() - started)
 
     # ---------------- processes ----------------
-    def _start_workers(self, inbox, model_config, timeout: float) -> Dict[str, dict]:
+    def _start_workers(self, inbox, model_config, timeout: float) -> None:
         ctx = mp.get_context("spawn")
         targets = {
             "tokenizer": (tokenizer_process_main, (self.config, model_config, self.endpoints)),
@@ -130,7 +130,6 @@ class Engine:
             if isinstance(msg, WorkerReady):
                 ready[msg.name] = msg.info
                 logger.info("%s ready after %.1f s", msg.name, time.perf_counter() - t0)
-        return ready
 
     def _watch_workers(self) -> None:
         procs = list(self._procs)

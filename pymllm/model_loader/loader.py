@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import time
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Tuple
 
 import torch
 from torch import nn

@@ -32,10 +32,6 @@ class MultimodalInputs:
         state["vision_cache"] = None
         return state
 
-    @property
-    def num_images(self) -> int:
-        return int(self.image_grid_thw.shape[0])
-
     def tokens_per_image(self) -> List[int]:
         return image_token_counts(self.image_grid_thw, self.spatial_merge_size)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -40,7 +39,6 @@ class Req:
     num_sent_tokens: int = 0  # output tokens already reported to the detokenizer
     num_sent_logprobs: int = 0
     retractions: int = 0
-    arrival_time: float = field(default_factory=time.monotonic)
     # Images (pymllm.multimodal.MultimodalInputs) of a multimodal request, else None.
     mm_inputs: Any = None
 
