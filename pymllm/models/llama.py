@@ -138,15 +138,55 @@ class DecoderModel(nn.Module):
         return hidden
 
 
+# checkpoint projection -> (stacked parameter, shard id)
+STACKED_PARAMS_MAPPING = [
+    ("qkv_proj", "q_proj", "q"),
+    ("qkv_proj", "k_proj", "k"),
+    ("qkv_proj", "v_proj", "v"),
+    ("gate_up_proj", "gate_proj", 0),
+    ("gate_up_proj", "up_proj", 1),
+]
+
+
+def load_stacked_weights(
+    model: nn.Module,
+    weights: Iterable[Tuple[str, torch.Tensor]],
+    stacked_params_mapping,
+    tie_word_embeddings: bool,
+    rename=None,
+) -> set:
+    """Load checkpoint tensors into `model`, stacking q/k/v and gate/up shards into their fused
+    parameters; `rename` maps a checkpoint name onto the model's naming first. Returns the names
+    of the parameters that were filled."""
+    from pymllm.layers.layernorm import default_weight_loader
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = set()
+    for name, tensor in weights:
+        name = rename(name) if rename is not None else name
+        if "rotary_emb.inv_freq" in name:
+            continue
+        if tie_word_embeddings and name.startswith("lm_head."):
+            continue  # tied: the embedding provides it
+        target, shard_id = name, None
+        for stacked, ckpt, sid in stacked_params_mapping:
+            if f".{ckpt}." in name:
+                target, shard_id = name.replace(f".{ckpt}.", f".{stacked}."), sid
+                break
+        param = params.get(target)
+        if param is None:
+            raise KeyError(f"checkpoint tensor {name!r} has no matching parameter")
+        loader = getattr(param, "weight_loader", default_weight_loader)
+        if shard_id is None:
+            loader(param, tensor)
+        else:
+            loader(param, tensor, shard_id)
+        loaded.add(target)
+    return loaded
+
+
 class LlamaForCausalLM(nn.Module):
-    # checkpoint projection -> (stacked parameter, shard id)
-    stacked_params_mapping = [
-        ("qkv_proj", "q_proj", "q"),
-        ("qkv_proj", "k_proj", "k"),
-        ("qkv_proj", "v_proj", "v"),
-        ("gate_up_proj", "gate_proj", 0),
-        ("gate_up_proj", "up_proj", 1),
-    ]
+    stacked_params_mapping = STACKED_PARAMS_MAPPING
     qkv_bias = False  # q/k/v bias regardless of config.attention_bias (Qwen2)
     qk_norm = False
     # Llama and Qwen3 put config.attention_bias on q, k, v and o; Qwen2 has bias on q/k/v only.
@@ -172,27 +212,4 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> set:
         """Load checkpoint tensors; returns the set of parameter names that were filled."""
-        params = dict(self.named_parameters(remove_duplicate=False))
-        loaded = set()
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if self.tie_word_embeddings and name.startswith("lm_head."):
-                continue  # tied: the embedding provides it
-            for stacked, ckpt, shard_id in self.stacked_params_mapping:
-                if f".{ckpt}." not in name:
-                    continue
-                target = name.replace(f".{ckpt}.", f".{stacked}.")
-                param = params.get(target)
-                if param is None:
-                    continue
-                param.weight_loader(param, tensor, shard_id)
-                loaded.add(target)
-                break
-            else:
-                param = params.get(name)
-                if param is None:
-                    raise KeyError(f"checkpoint tensor {name!r} has no matching parameter")
-                param.weight_loader(param, tensor)
-                loaded.add(name)
-        return loaded
+        return load_stacked_weights(self, weights, self.stacked_params_mapping, self.tie_word_embeddings)

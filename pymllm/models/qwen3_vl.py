@@ -33,7 +33,7 @@ from pymllm.layers.radix_attention import RadixAttention
 from pymllm.layers.rotary_embedding import MRotaryEmbedding, apply_rotary
 from pymllm.layers.utils import set_weight_attrs
 from pymllm.layers.vocab_embedding import LMHead, VocabEmbedding
-from pymllm.models.llama import DecoderLayer, DecoderMLP, head_dim_of
+from pymllm.models.llama import STACKED_PARAMS_MAPPING, DecoderLayer, DecoderMLP, head_dim_of, load_stacked_weights
 from pymllm.quantization.base import QuantizationConfig
 
 
@@ -324,13 +324,7 @@ class Qwen3VLModel(nn.Module):
 
 
 class Qwen3VLForConditionalGeneration(nn.Module):
-    stacked_params_mapping = [
-        ("qkv_proj", "q_proj", "q"),
-        ("qkv_proj", "k_proj", "k"),
-        ("qkv_proj", "v_proj", "v"),
-        ("gate_up_proj", "gate_proj", 0),
-        ("gate_up_proj", "up_proj", 1),
-    ]
+    stacked_params_mapping = STACKED_PARAMS_MAPPING
     uses_mrope = True
 
     def __init__(self, config, quant_config: Optional[QuantizationConfig] = None):
@@ -370,32 +364,11 @@ class Qwen3VLForConditionalGeneration(nn.Module):
         return self.lm_head(hidden)
 
     def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> set:
-        params = dict(self.named_parameters(remove_duplicate=False))
-        loaded = set()
-        for name, tensor in weights:
-            name = _canonical_name(name)
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if self.tie_word_embeddings and name.startswith("lm_head."):
-                continue
-            target, shard_id = name, None
-            if name.startswith("model.language_model."):
-                for stacked, ckpt, sid in self.stacked_params_mapping:
-                    if f".{ckpt}." in name:
-                        target, shard_id = name.replace(f".{ckpt}.", f".{stacked}."), sid
-                        break
-            param = params.get(target)
-            if param is None:
-                raise KeyError(f"checkpoint tensor {name!r} has no matching parameter")
-            loader = getattr(param, "weight_loader", default_weight_loader)
-            if shard_id is None:
-                loader(param, tensor)
-            else:
-                loader(param, tensor, shard_id)
-            loaded.add(target)
-        if self.tie_word_embeddings:
-            loaded.add("lm_head.weight")
-        return loaded
+        # The vision tower has no q/k/v or gate/up projections, so the stacking touches only
+        # the language model.
+        return load_stacked_weights(
+            self, weights, self.stacked_params_mapping, self.tie_word_embeddings, rename=_canonical_name
+        )
 
 
 def _canonical_name(name: str) -> str:
