@@ -30,7 +30,10 @@ class Req:
     state: ReqState = ReqState.WAITING
     # KV bookkeeping
     req_pool_idx: Optional[int] = None
-    kv_slots: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    # KV slot ids in token order, in a buffer that grows by doubling: decode appends one slot
+    # per step, and re-concatenating the whole array each step would cost O(length).
+    _kv_buf: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64), repr=False)
+    _kv_len: int = 0
     prefix_handle: Any = None  # prefix-cache lock held while running
     cache_owned_len: int = 0  # leading kv_slots owned by the prefix cache, not by this request
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
@@ -58,8 +61,26 @@ class Req:
         return cache_key(ids, self.mm_inputs)
 
     @property
+    def kv_slots(self) -> np.ndarray:
+        return self._kv_buf[: self._kv_len]
+
+    @kv_slots.setter
+    def kv_slots(self, slots: np.ndarray) -> None:
+        self._kv_buf = np.array(slots, dtype=np.int64)
+        self._kv_len = int(self._kv_buf.size)
+
+    def append_kv_slots(self, slots: np.ndarray) -> None:
+        n = len(slots)
+        if self._kv_len + n > self._kv_buf.size:
+            grown = np.empty(max(2 * self._kv_buf.size, self._kv_len + n, 64), dtype=np.int64)
+            grown[: self._kv_len] = self._kv_buf[: self._kv_len]
+            self._kv_buf = grown
+        self._kv_buf[self._kv_len : self._kv_len + n] = slots
+        self._kv_len += n
+
+    @property
     def kv_len(self) -> int:
-        return int(self.kv_slots.size)
+        return self._kv_len
 
     @property
     def prompt_len(self) -> int:

@@ -195,7 +195,7 @@ class Scheduler:
             # Always compute at least the last token: its logits give the next token.
             matched = min(len(match.slots), len(req.fill_ids) - 1)
             self.prefix_cache.lock(match.handle)
-            req.kv_slots = match.slots[:matched].copy()
+            req.kv_slots = match.slots[:matched]
             req.cache_owned_len = matched
             req.prefix_handle = match.handle
             if not take(req, matched):
@@ -260,7 +260,7 @@ class Scheduler:
             if req.finished:  # aborted while its batch was in flight
                 self.allocator.free(new_slots)
                 continue
-            req.kv_slots = np.concatenate([req.kv_slots, new_slots])
+            req.append_kv_slots(new_slots)
             if not batch.sample[i]:
                 continue
             token = result.next_token_ids[i]
