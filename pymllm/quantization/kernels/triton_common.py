@@ -60,6 +60,22 @@ def pick_split_k(programs: int, k_blocks: int, sms: int) -> int:
 
 
 @triton.jit
+def store_tile(acc, out_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask, M, N, pid_k,
+               HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The small-M kernels' epilogue: without split-K, bias and the output dtype here; with it,
+    the float32 partial of split ``pid_k`` for ``splitk_reduce`` to sum."""
+    mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        partial = out_ptr + pid_k.to(tl.int64) * M * N + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        tl.store(partial, acc, mask=mask)
+
+
+@triton.jit
 def _splitk_reduce_kernel(ws_ptr, bias_ptr, out_ptr, total, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                           BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)

@@ -19,7 +19,13 @@ import torch
 import triton
 import triton.language as tl
 
-from pymllm.quantization.kernels.triton_common import SmallMConfig, pick_split_k, sm_count_of, splitk_reduce
+from pymllm.quantization.kernels.triton_common import (
+    SmallMConfig,
+    pick_split_k,
+    sm_count_of,
+    splitk_reduce,
+    store_tile,
+)
 
 MAX_M = 64
 
@@ -108,15 +114,7 @@ def _w4a16_small_m_kernel(
         else:
             acc += _gemv_tile(x_ptr, packed, s_ptr, z_ptr, k0, offs_k8, offs_n, n_mask, N, GROUP, HAS_ZP,
                               BLOCK_K)[None, :]
-    mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        out = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        partial = out_ptr + pid_k.to(tl.int64) * M * N + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-        tl.store(partial, acc, mask=mask)
+    store_tile(acc, out_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask, M, N, pid_k, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit

@@ -15,7 +15,13 @@ import torch
 import triton
 import triton.language as tl
 
-from pymllm.quantization.kernels.triton_common import SmallMConfig, pick_split_k, sm_count_of, splitk_reduce
+from pymllm.quantization.kernels.triton_common import (
+    SmallMConfig,
+    pick_split_k,
+    sm_count_of,
+    splitk_reduce,
+    store_tile,
+)
 
 MAX_M = 64
 
@@ -57,15 +63,7 @@ def _w8a8_small_m_kernel(
     sa = tl.load(sa_ptr + offs_m, mask=m_mask, other=0.0)
     sb = tl.load(sb_ptr + offs_n, mask=n_mask, other=0.0)
     result = acc.to(tl.float32) * sa[:, None] * sb[None, :]
-    mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            result += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        out = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-        tl.store(out, result.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        partial = out_ptr + pid_k.to(tl.int64) * M * N + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-        tl.store(partial, result, mask=mask)
+    store_tile(result, out_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask, M, N, pid_k, HAS_BIAS, SPLIT_K)
 
 
 def default_config(m: int, n: int, k: int, device: torch.device) -> SmallMConfig:
