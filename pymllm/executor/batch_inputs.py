@@ -101,8 +101,14 @@ def host_batch(batch: "ScheduledBatch", row_stride: int) -> HostBatch:
     reqs = batch.reqs
     rows = [r.req_pool_idx for r in reqs]
     if batch.mode.is_decode():
-        return decode_host_batch([r.output_ids[-1] for r in reqs], batch.prefix_lens, rows,
-                                 batch.out_cache_loc, row_stride)
+        hb = decode_host_batch([r.output_ids[-1] for r in reqs], batch.prefix_lens, rows,
+                               batch.out_cache_loc, row_stride)
+        # Requests with images decode at seq position + mrope delta; the deltas ride in the
+        # same single copy as the other inputs (into the graph's static buffer when replaying).
+        mms = [getattr(r, "mm_inputs", None) for r in reqs]
+        if any(mm is not None for mm in mms):
+            hb.mrope_position_deltas = _i64([mm.mrope_position_delta if mm is not None else 0 for mm in mms])
+        return hb
     token_ids, cached = [], []
     for req, prefix, n in zip(reqs, batch.prefix_lens, batch.extend_lens):
         token_ids.append(req.fill_ids[prefix : prefix + n])

@@ -250,10 +250,6 @@ class CudaGraphRunner:
         inp = self.inputs
         # The host views of a staged batch stay valid until the stager's next upload.
         if staged is not None and staged.batch is fb and staged.upload == self.runner.stager.uploads:
-            # Deltas staged with the batch are in place already (copying a view onto itself is
-            # a no-op); deltas attached to the batch after staging are copied in here.
-            if fb.mrope_position_deltas is not None:
-                inp.mrope_position_deltas[: fb.batch_size].copy_(fb.mrope_position_deltas.view(-1), non_blocking=True)
             padded = staged.padded_bs
             self.backend.init_forward_metadata_replay_cuda_graph(
                 padded, inp.req_pool_indices[:padded], inp.seq_lens[:padded], staged.seq_lens_cpu,

@@ -6,9 +6,9 @@ inputs a multimodal model (``model.uses_mrope``) reads from its ForwardBatch.
   ``fb.extras["mm"]`` holds the vision rows of the image tokens in this batch. The ViT runs
   once per request, on the first chunk that contains one of its image tokens; its output stays
   on the request (``MultimodalInputs.vision_cache``) until its prompt is fully prefilled.
-- DECODE: ``fb.mrope_position_deltas`` [bs] (int64) holds each request's delta; the model adds
-  it to ``fb.positions`` inside its forward (the CUDA-graph runner copies it into its static
-  buffer on replay).
+- DECODE: nothing to do here: ``executor/batch_inputs.host_batch`` packs each request's mrope
+  delta with the other inputs (straight into the CUDA graph's static buffer when replaying), and
+  the model adds ``fb.mrope_position_deltas`` to ``fb.positions`` inside its forward.
 
 Called by ModelRunner.build_forward_batch after the ForwardBatch exists (the KV-slot scatter
 has already used the sequential positions).
@@ -35,9 +35,7 @@ def attach_multimodal_inputs(model, batch: ScheduledBatch, fb: ForwardBatch, dev
     if all(mm is None for mm in mms):
         return
     if batch.mode.is_decode():
-        deltas = [mm.mrope_position_delta if mm is not None else 0 for mm in mms]
-        fb.mrope_position_deltas = torch.tensor(deltas, dtype=torch.int64).to(device, non_blocking=True)
-        return
+        return  # decode deltas travel with the packed batch inputs (executor/batch_inputs.py)
     _attach_extend(model, batch, fb, mms, device)
 
 
