@@ -20,6 +20,9 @@ ARCHS = ("80", "87", "90")
 INSTANCES = {
     "store_cache": [(torch.bfloat16, torch.int64), (torch.float16, torch.int32), (torch.float32, torch.int64)],
     "create_kv_indices": [(torch.int64, torch.int32), (torch.int32, torch.int64)],
+    "gemv": [(torch.bfloat16,)],
+    "gemv_w8a8": [(torch.float16,)],
+    "w4a16_gemv": [(torch.bfloat16, False), (torch.float16, True)],
 }
 
 

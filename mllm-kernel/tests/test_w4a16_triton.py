@@ -127,13 +127,14 @@ def test_small_m_gemm_on_gpu(m, group, symmetric, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_dispatcher_on_gpu(dtype):
-    """w4a16_linear for decode and prefill sizes (fused kernel, dequantize + cuBLAS) vs reference."""
+    """w4a16_linear for decode and prefill sizes (CUDA GEMV up to 8 rows, fused Triton kernel,
+    dequantize + cuBLAS) vs reference."""
     from pymllm.quantization.kernels.w4a16 import w4a16_linear
 
     n, k, group = 4096, 4096, 128
     words, scales, zeros, w = random_layer(k, n, group, False, dtype, "cuda", seed=1)
     bias = torch.randn(n, device="cuda").to(dtype)
-    for m in (1, 7, 16, 64, 65, 2048):
+    for m in (1, 7, 8, 9, 16, 64, 65, 2048):
         x = torch.randn(m, k, device="cuda").to(dtype)
         expected = x.double() @ w + bias.double()
         assert relative_error(w4a16_linear(x, words, scales, zeros, group, bias), expected) < 2e-2, m

@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from pymllm.layers.kernels.gemv_dispatch import dense_linear, prepare_gemv
 from pymllm.layers.utils import set_weight_attrs
 from pymllm.quantization.base import LinearMethodBase, QuantizationConfig
 
@@ -25,8 +25,12 @@ class UnquantizedLinearMethod(LinearMethodBase):
         set_weight_attrs(weight, {"output_dim": 0, "input_dim": 1, "weight_loader": layer.weight_loader})
         layer.register_parameter("weight", weight)
 
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        # Builds the decode GEMV while the model loads, not inside the first request.
+        prepare_gemv("dense", layer.weight.device, layer.weight.dtype)
+
     def apply(self, layer, x, bias):
-        return F.linear(x, layer.weight, bias)
+        return dense_linear(x, layer.weight, bias)
 
 
 class LinearBase(nn.Module):

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pymllm.layers.kernels.gemv_dispatch import dense_linear
 from pymllm.layers.layernorm import default_weight_loader
 from pymllm.layers.utils import set_weight_attrs
 
@@ -27,4 +28,5 @@ class LMHead(VocabEmbedding):
         self.weight = embedding.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weight)
+        # Decode batches stream the whole vocabulary matrix: the GEMV path where it applies.
+        return dense_linear(hidden, self.weight)

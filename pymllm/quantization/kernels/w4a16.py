@@ -6,18 +6,28 @@ Checkpoint (compressed-tensors ``pack-quantized``, 4 bits):
   along N. Runtime layout: see ``w4a16_triton`` (words transposed to [K/8, N], scales and
   unpacked zero points as [K/G, N]).
 
-Dispatch: M <= 64 on SM80+ runs the fused Triton dequant-GEMM (decode is memory-bound and
-reads the int4 weights once); larger M dequantizes the weight once into a scratch matrix and
-uses cuBLAS, which is compute-bound anyway; everything else (CPU, odd shapes) uses the reference.
+Dispatch (``choose_w4a16_kernel``): M <= 8 on SM80+ runs mllm_kernel's CUDA GEMV
+(``w4a16_gemv``: tensor-core dequant-GEMV streaming the int4 weights, split K in one launch) when
+it is importable, builds and passes a one-time self-test on the device, and takes the shapes;
+M <= 64 runs the fused Triton dequant-GEMM (decode is memory-bound and reads the int4 weights
+once); larger M dequantizes the weight once into a scratch matrix and uses cuBLAS, which is
+compute-bound anyway; everything else (CPU, odd shapes) uses the reference.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import logging
+import time
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from pymllm.quantization.kernels.device import cuda_capability, triton_available
+
+logger = logging.getLogger(__name__)
+
+GEMV_MAX_M = 8  # mllm_kernel.w4a16_gemv serves 1..8 rows
+TRITON_MAX_M = 64  # w4a16_triton.MAX_M (not imported here: that would import Triton)
 
 _SHIFTS = torch.arange(8, dtype=torch.int32) * 4
 
@@ -83,6 +93,82 @@ def fast_path_supported(x: torch.Tensor, n: int, k: int, group: int) -> bool:
     )
 
 
+def choose_w4a16_kernel(m: int, sm80: bool, gemv_ok: bool, triton_ok: bool) -> str:
+    """Which W4A16 GEMM runs: "cuda_gemv", "triton_small_m", "dequant_cublas" or "reference".
+
+    gemv_ok: the CUDA GEMV is ready on this device and takes these arguments; triton_ok: the
+    Triton kernels can run them (``fast_path_supported``). The GEMV streams the weights in one
+    launch and beats the Triton kernel at decode sizes (bench_w4a16_gemv.py); the Triton
+    kernels keep 8 < M <= 64 and the dequantize + cuBLAS path everything larger."""
+    if m == 0 or not sm80:
+        return "reference"
+    if m <= GEMV_MAX_M and gemv_ok:
+        return "cuda_gemv"
+    if not triton_ok:
+        return "reference"
+    return "triton_small_m" if m <= TRITON_MAX_M else "dequant_cublas"
+
+
+# (device, dtype, with zero points) -> the GEMV built and agreed with its reference there.
+_gemv_ready: Dict[Tuple[torch.device, torch.dtype, bool], bool] = {}
+
+
+def _gemv_self_test(device: torch.device, dtype: torch.dtype, with_zeros: bool) -> None:
+    from mllm_kernel.cuda.jit.w4a16_gemv import w4a16_gemv, w4a16_gemv_reference
+
+    gen = torch.Generator().manual_seed(0)
+    k, n, group = 512, 100, 64  # a partial column tile, two K splits
+    raw = torch.randint(0, 256, (k // 8, n, 4), generator=gen, dtype=torch.uint8)
+    qweight = raw.view(torch.int32).reshape(k // 8, n).to(device)
+    scales = (torch.rand(k // group, n, generator=gen) * 0.02 + 0.002).to(device=device, dtype=dtype)
+    zeros = torch.randint(-8, 8, (k // group, n), generator=gen).to(device=device, dtype=dtype) if with_zeros else None
+    x = torch.randn(3, k, generator=gen).to(device=device, dtype=dtype)
+    bias = torch.randn(n, generator=gen).to(device=device, dtype=dtype)
+    got = w4a16_gemv(x, qweight, scales, zeros, group, bias, splits=2).double()
+    want = w4a16_gemv_reference(x, qweight, scales, zeros, group, bias).double()
+    error = ((got - want).abs().max() / want.abs().max()).item()
+    if not error < 2e-2:  # also catches NaN
+        raise RuntimeError(f"results differ from the PyTorch reference (relative error {error:.3g})")
+
+
+def prepare_w4a16_gemv(device: torch.device, dtype: torch.dtype, with_zeros: bool) -> bool:
+    """Build (or load from mllm_kernel's cache) and self-test the CUDA GEMV for this device,
+    dtype and zero-point mode, once; also allocates its split-K workspace. Call it while the
+    model loads (``WNA16Scheme`` does) so neither the JIT build nor the allocation lands in a
+    request or a CUDA graph capture. False, with a warning, when it cannot be used."""
+    if device.type != "cuda" or cuda_capability(device) < (8, 0) or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    key = (device, dtype, with_zeros)
+    ready = _gemv_ready.get(key)
+    if ready is not None:
+        return ready
+    if torch.cuda.is_current_stream_capturing():
+        return False  # cannot build or allocate inside a capture; not cached, so a later eager call prepares
+    start = time.perf_counter()
+    try:
+        _gemv_self_test(device, dtype, with_zeros)
+    except Exception as error:  # import, compile or mismatch: fall back, never fail the load
+        logger.warning("W4A16 CUDA GEMV unavailable on %s (%s); small batches use the Triton kernel", device, error)
+        _gemv_ready[key] = False
+        return False
+    logger.info("W4A16 CUDA GEMV (%s, zero points: %s) ready in %.1f s", dtype, with_zeros, time.perf_counter() - start)
+    _gemv_ready[key] = True
+    return True
+
+
+def gemv_fits(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+              group: int, bias: Optional[torch.Tensor]) -> bool:
+    """The CUDA GEMV takes these arguments here (rows, dtypes, layouts, alignment) and is ready."""
+    if not (x.is_cuda and x.dim() == 2 and 1 <= x.shape[0] <= GEMV_MAX_M):
+        return False
+    try:
+        from mllm_kernel.cuda.jit.w4a16_gemv import supported
+    except ImportError:  # mllm_kernel or tvm_ffi missing
+        return False
+    return (supported(x, qweight, scales, zeros, group, bias)
+            and prepare_w4a16_gemv(x.device, x.dtype, zeros is not None))
+
+
 def w4a16_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -94,11 +180,19 @@ def w4a16_linear(
     """x [M, K] @ W^T (+ bias) -> [M, N] in x.dtype, W in the runtime layout of ``repack_wna16``."""
     m, k = x.shape
     n = qweight.shape[1]
-    if m == 0 or not fast_path_supported(x, n, k, group):
+    sm80 = cuda_capability(x.device) >= (8, 0)  # (0, 0) off CUDA
+    gemv_ok = sm80 and m <= GEMV_MAX_M and gemv_fits(x, qweight, scales, zeros, group, bias)
+    triton_ok = sm80 and fast_path_supported(x, n, k, group)
+    choice = choose_w4a16_kernel(m, sm80, gemv_ok, triton_ok)
+    if choice == "cuda_gemv":
+        from mllm_kernel.cuda.jit.w4a16_gemv import w4a16_gemv
+
+        return w4a16_gemv(x, qweight, scales, zeros, group, bias, validate=False)  # gemv_fits validated
+    if choice == "reference":
         return w4a16_linear_reference(x, qweight, scales, zeros, group, bias)
     from pymllm.quantization.kernels import w4a16_triton
 
-    if m <= w4a16_triton.MAX_M:
+    if choice == "triton_small_m":
         return w4a16_triton.w4a16_gemm_small_m(x, qweight, scales, zeros, group, bias)
     w = w4a16_triton.w4a16_dequantize(qweight, scales, zeros, group, x.dtype)
     return torch.addmm(bias, x, w) if bias is not None else x @ w

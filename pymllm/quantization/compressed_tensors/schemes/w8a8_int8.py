@@ -3,7 +3,8 @@
 Checkpoint (compressed-tensors ``int-quantized``): ``weight`` int8 [N, K], ``weight_scale``
 [N, 1]. Runtime: the same bytes viewed as the column-major [K, N] operand of the int8 GEMM
 and float32 scales [N]. Forward: quantize each token row to int8, then one int8 GEMM whose
-epilogue applies both scales and the bias.
+epilogue applies both scales and the bias; decode batches of up to 8 rows may take mllm_kernel's
+weight-streaming ``gemv_w8a8`` instead (same int32 products and epilogue) where it measures faster.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from pymllm.layers.kernels.gemv_dispatch import prepare_gemv, w8a8_gemv_or_none
 from pymllm.layers.utils import set_weight_attrs
 from pymllm.quantization.compressed_tensors.schemes.base import CompressedTensorsScheme, replace_parameter
 from pymllm.quantization.kernels.int8_activation_triton import per_token_quant_int8
@@ -40,9 +42,18 @@ class W8A8Int8Scheme(CompressedTensorsScheme):
         replace_parameter(layer, "weight", layer.weight.data.t())
         replace_parameter(layer, "weight_scale", layer.weight_scale.data.reshape(-1).float().contiguous())
         prepare_int8_scaled_mm(layer.weight.device, self.params_dtype)
+        prepare_gemv("w8a8", layer.weight.device, self.params_dtype)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         x2d = x.reshape(-1, x.shape[-1])
         q, scale = per_token_quant_int8(x2d)
-        out = int8_scaled_mm(q, layer.weight, scale, layer.weight_scale, x.dtype, bias)
+
+        def gemm(weight_nk: torch.Tensor) -> torch.Tensor:
+            return int8_scaled_mm(q, weight_nk.t(), scale, layer.weight_scale, x.dtype, bias)
+
+        # Decode-sized batches: the weight-streaming GEMV where it measures faster.
+        weight_nk = layer.weight.t()  # the checkpoint's row-major [N, K]
+        out = w8a8_gemv_or_none(q, scale, weight_nk, layer.weight_scale, x.dtype, bias, gemm)
+        if out is None:
+            out = gemm(weight_nk)
         return out.reshape(*x.shape[:-1], out.shape[-1])

@@ -17,7 +17,7 @@ from torch import nn
 from pymllm.layers.utils import set_weight_attrs
 from pymllm.quantization.compressed_tensors.schemes.base import CompressedTensorsScheme, replace_parameter
 from pymllm.quantization.compressed_tensors.schemes.shape_check import register_weight_shape
-from pymllm.quantization.kernels.w4a16 import repack_wna16, w4a16_linear
+from pymllm.quantization.kernels.w4a16 import prepare_w4a16_gemv, repack_wna16, w4a16_linear
 
 PACK_FACTOR = 8  # int4 values per int32
 
@@ -71,6 +71,8 @@ class WNA16Scheme(CompressedTensorsScheme):
         if zeros is not None:
             replace_parameter(layer, "weight_zero_point", zeros)
         delattr(layer, "weight_shape")
+        # Decode GEMV: JIT build + self-test + workspace now, not in the first request or capture.
+        prepare_w4a16_gemv(qweight.device, self.params_dtype, zeros is not None)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         x2d = x.reshape(-1, x.shape[-1])

@@ -1,0 +1,398 @@
+// GEMV for small-batch decode: y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) for M <= 8 rows.
+//
+// Decode multiplies a handful of activation rows by every weight of the model, so the step is
+// bound by reading W once. cuBLAS picks tensor-core GEMM tiles (and split-K reductions, a second
+// kernel) that reach about half the copy bandwidth on these shapes. Here each warp streams whole
+// weight rows with 16-byte loads that bypass L1, keeps every activation row in registers per
+// step, and reduces with shuffles: one kernel, no workspace, safe inside CUDA graphs.
+//
+// Two weight formats share the loop:
+//  * dense fp16/bf16 weights (unquantized linear layers), fp32 accumulation;
+//  * int8 weights with per-channel scales (W8A8): the activation row is quantized per token
+//    inside the kernel exactly as per_token_quant_int8 does (scale = max|x| / 127.5, round half
+//    to even, clamp to [-128, 127]), the dot products run on dp4a in exact int32, and the
+//    epilogue applies (acc * scale_x) * scale_w (+ bias): the same numbers as the two-kernel
+//    quantize + int8 GEMM path, without the extra launch.
+#pragma once
+
+#include <type_traits>
+
+#include "common.cuh"
+
+namespace mllm_kernel {
+namespace gemv_detail {
+
+constexpr int kWarpsPerBlock = 4;
+constexpr int kThreads = kWarpsPerBlock * 32;
+constexpr int kMaxRowsM = 8;
+
+// Weights are read exactly once: keep them out of L1 so the activations stay there.
+__device__ __forceinline__ uint4 load_streaming(const void* ptr) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(ptr));
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+__device__ __forceinline__ int warp_sum(int v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+template <typename T>
+struct Half2Of;
+template <>
+struct Half2Of<__half> {
+  using type = __half2;
+  static __device__ __forceinline__ float2 to_float2(type v) { return __half22float2(v); }
+};
+template <>
+struct Half2Of<__nv_bfloat16> {
+  using type = __nv_bfloat162;
+  static __device__ __forceinline__ float2 to_float2(type v) { return __bfloat1622float2(v); }
+};
+
+// 8 consecutive fp16/bf16 values (one 16-byte vector) -> 8 floats.
+template <typename T>
+__device__ __forceinline__ void unpack8(const uint4& v, float (&out)[8]) {
+  using H2 = typename Half2Of<T>::type;
+  const H2* h = reinterpret_cast<const H2*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = Half2Of<T>::to_float2(h[i]);
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+struct Problem {
+  const char* x;
+  const char* w;
+  const char* bias;  // nullptr without bias
+  char* y;
+  int64_t x_stride;  // elements between activation rows
+  int64_t y_stride;  // elements between output rows
+  int64_t n;
+  int64_t k;
+};
+
+// ---------------------------------------------------------------- weight formats
+// A format says how one 16-byte weight vector meets the matching activations: how many k it
+// covers, how a lane loads and converts its slice of an activation row once (reused for all R
+// weight rows), the dot product, and the epilogue from the warp's total to the output value.
+
+// fp16/bf16 weights and activations, float32 accumulation.
+template <typename T>
+struct DenseFormat {
+  using Acc = float;
+  static constexpr int kElems = 8;
+  struct X {
+    float v[8];
+  };
+  struct Extra {};
+  static __device__ __forceinline__ X load_x(const char* row, int64_t k0) {
+    X x;
+    unpack8<T>(*reinterpret_cast<const uint4*>(reinterpret_cast<const T*>(row) + k0), x.v);
+    return x;
+  }
+  static __device__ __forceinline__ void dot(const uint4& wv, const X& x, Acc& acc) {
+    float wf[8];
+    unpack8<T>(wv, wf);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc = fmaf(wf[i], x.v[i], acc);
+  }
+  static __device__ __forceinline__ float finish(Acc total, int m, int64_t row, const Extra&) { return total; }
+  static constexpr int64_t kXBytes = sizeof(T);
+  static constexpr int64_t kWBytes = sizeof(T);
+};
+
+// int8 weights and per-token int8 activations (W8A8): dp4a sums the products exactly in int32,
+// then (acc * scale_x) * scale_w in float32, the order of the int8 GEMM's epilogue.
+struct Int8Format {
+  using Acc = int;
+  static constexpr int kElems = 16;
+  struct X {
+    uint4 v;
+  };
+  struct Extra {
+    const float* x_scale;  // [M]
+    const float* w_scale;  // [N]
+  };
+  static __device__ __forceinline__ X load_x(const char* row, int64_t k0) {
+    return X{*reinterpret_cast<const uint4*>(row + k0)};
+  }
+  static __device__ __forceinline__ void dot(const uint4& wv, const X& x, Acc& acc) {
+    const int* wq = reinterpret_cast<const int*>(&wv);
+    const int* xq = reinterpret_cast<const int*>(&x.v);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc = __dp4a(wq[j], xq[j], acc);
+  }
+  static __device__ __forceinline__ float finish(Acc total, int m, int64_t row, const Extra& e) {
+    // Explicit rounding: nvcc would otherwise fuse the scaling with the bias add into an FMA,
+    // which rounds once where the reference rounds twice.
+    return __fmul_rn(__fmul_rn(static_cast<float>(total), e.x_scale[m]), e.w_scale[row]);
+  }
+  static constexpr int64_t kXBytes = 1;
+  static constexpr int64_t kWBytes = 1;
+};
+
+// ---------------------------------------------------------------- the kernel
+// Without split-K, warp w of the grid owns output rows [w * R, w * R + R) and walks all of K.
+// With split-K (small N: too few rows to keep the GPU's memory pipes full), the kWarpsPerBlock
+// warps of a block share R rows and take every kWarpsPerBlock-th step of K, then reduce through
+// shared memory. A lane covers kElems consecutive k per step; kUnroll steps are loaded before
+// any is used, so each lane keeps kUnroll * R 16-byte weight loads in flight.
+template <typename F, typename T, int M, int R, bool kSplitK>
+__global__ void __launch_bounds__(kThreads) gemv_kernel(Problem p, typename F::Extra extra) {
+  using Acc = typename F::Acc;
+  constexpr int kUnroll = R >= 4 ? 2 : 4;
+  constexpr int kWarpsOnK = kSplitK ? kWarpsPerBlock : 1;
+  constexpr int kStride = 32 * F::kElems * kWarpsOnK;  // k between one lane's consecutive steps
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x / 32;
+  const int64_t row0 = (kSplitK ? static_cast<int64_t>(blockIdx.x)
+                                : static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp) * R;
+  if (row0 >= p.n) return;  // whole blocks only under split-K: no __syncthreads is skipped
+
+  Acc acc[M][R];
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[m][r] = Acc(0);
+
+  // Rows past N (only in the last warp when N % R != 0) re-read the last row and are dropped.
+  const char* wrow[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) wrow[r] = p.w + min(row0 + r, p.n - 1) * p.k * F::kWBytes;
+
+  int64_t k0 = (static_cast<int64_t>(kSplitK ? warp : 0) * 32 + lane) * F::kElems;
+  for (; k0 + (kUnroll - 1) * kStride < p.k; k0 += kUnroll * kStride) {
+    uint4 wv[kUnroll][R];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+      for (int r = 0; r < R; ++r) wv[u][r] = load_streaming(wrow[r] + (k0 + u * kStride) * F::kWBytes);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        const typename F::X xs = F::load_x(p.x + m * p.x_stride * F::kXBytes, k0 + u * kStride);
+#pragma unroll
+        for (int r = 0; r < R; ++r) F::dot(wv[u][r], xs, acc[m][r]);
+      }
+  }
+  for (; k0 < p.k; k0 += kStride) {  // the tail: fewer than kUnroll steps left
+    uint4 wv[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) wv[r] = load_streaming(wrow[r] + k0 * F::kWBytes);
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const typename F::X xs = F::load_x(p.x + m * p.x_stride * F::kXBytes, k0);
+#pragma unroll
+      for (int r = 0; r < R; ++r) F::dot(wv[r], xs, acc[m][r]);
+    }
+  }
+
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[m][r] = warp_sum(acc[m][r]);
+  if constexpr (kSplitK) {
+    __shared__ Acc partial[kWarpsPerBlock][M * R];
+    if (lane == 0) {
+#pragma unroll
+      for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int r = 0; r < R; ++r) partial[warp][m * R + r] = acc[m][r];
+    }
+    __syncthreads();
+    if (warp != 0) return;
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        Acc total = partial[0][m * R + r];
+#pragma unroll
+        for (int w = 1; w < kWarpsPerBlock; ++w) total += partial[w][m * R + r];
+        acc[m][r] = total;
+      }
+  }
+
+  const T* bias = reinterpret_cast<const T*>(p.bias);
+  T* y = reinterpret_cast<T*>(p.y);
+  if (lane != 0) return;
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = row0 + r;
+      if (row >= p.n) continue;
+      float v = F::finish(acc[m][r], m, row, extra);
+      if (bias != nullptr) v = __fadd_rn(v, static_cast<float>(bias[row]));
+      y[m * p.y_stride + row] = from_float<T>(v);
+    }
+}
+
+// ---------------------------------------------------------------- host side
+// Cached per device: the attribute query is a driver call on every decode step otherwise.
+inline int sm_count(int device) {
+  static int counts[64] = {0};
+  const bool cached = device >= 0 && device < 64;
+  if (cached && counts[device] != 0) return counts[device];
+  int count = 0;
+  TVM_FFI_CHECK_CUDA_ERROR(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  if (cached) counts[device] = count;
+  return count;
+}
+
+// How a launch covers the rows: R rows per warp, and whether a block's warps split K.
+struct Tiling {
+  int rows;
+  bool split_k;
+};
+
+// With one activation row: as many rows per warp as keep >= 16 warps per SM busy, and split-K
+// when even one row per warp leaves fewer warps than that. With several rows, each activation
+// vector is re-read from L1 once per weight row it meets, which soon costs more than the weight
+// stream itself: 4 rows per warp cut those re-reads by 4 (split-K keeps the warp count up).
+inline Tiling choose_tiling(int64_t n, int64_t m, int sms) {
+  const int64_t busy = 16LL * sms;
+  if (m > 1 && n % 4 == 0) return {4, n / 4 < busy};
+  for (int r : {4, 2}) {
+    if (n / r >= busy) return {r, false};
+  }
+  return {1, n < busy};
+}
+
+template <typename F, typename T, int M, int R, bool kSplitK>
+void launch(const Problem& p, const typename F::Extra& extra, cudaStream_t stream) {
+  const int64_t groups = ceil_div(p.n, R);  // warps (or, under split-K, blocks) with R rows each
+  const int64_t blocks = kSplitK ? groups : ceil_div(groups, kWarpsPerBlock);
+  gemv_kernel<F, T, M, R, kSplitK><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, extra);
+  check_launch();
+}
+
+// Instantiates the launch for the batch's row count (1..8) and the tiling, so one compiled
+// library per dtype serves every decode batch size.
+template <typename F, typename T>
+void dispatch(const Problem& p, int64_t m, const Tiling& t, const typename F::Extra& extra, cudaStream_t stream) {
+  TVM_FFI_CHECK(m >= 1 && m <= kMaxRowsM, ValueError) << "gemv serves 1.." << kMaxRowsM << " rows, got " << m;
+  auto for_m = [&](auto mc) {
+    constexpr int M = decltype(mc)::value;
+    if (t.split_k) {
+      if (t.rows == 4) return launch<F, T, M, 4, true>(p, extra, stream);
+      return launch<F, T, M, 1, true>(p, extra, stream);
+    }
+    if (t.rows == 4) return launch<F, T, M, 4, false>(p, extra, stream);
+    if (t.rows == 2) return launch<F, T, M, 2, false>(p, extra, stream);
+    return launch<F, T, M, 1, false>(p, extra, stream);
+  };
+  switch (m) {
+    case 1: return for_m(std::integral_constant<int, 1>{});
+    case 2: return for_m(std::integral_constant<int, 2>{});
+    case 3: return for_m(std::integral_constant<int, 3>{});
+    case 4: return for_m(std::integral_constant<int, 4>{});
+    case 5: return for_m(std::integral_constant<int, 5>{});
+    case 6: return for_m(std::integral_constant<int, 6>{});
+    case 7: return for_m(std::integral_constant<int, 7>{});
+    default: return for_m(std::integral_constant<int, 8>{});
+  }
+}
+
+inline bool same_dtype(const TensorView& a, const TensorView& b) {
+  return a.dtype().code == b.dtype().code && a.dtype().bits == b.dtype().bits && a.dtype().lanes == b.dtype().lanes;
+}
+
+// Shape and layout guards for direct callers; the Python wrappers give the user-facing errors.
+inline Problem make_problem(const TensorView& x, const TensorView& w, const Optional<TensorView>& bias,
+                            const TensorView& y, int64_t x_elem, int64_t w_elem, int64_t k_align) {
+  TVM_FFI_CHECK(x.ndim() == 2 && w.ndim() == 2 && y.ndim() == 2, ValueError) << "x, w and y must be 2-D";
+  TVM_FFI_CHECK(y.size(0) == x.size(0), ValueError) << "x and y must have the same number of rows";
+  const int64_t n = w.size(0), k = w.size(1);
+  TVM_FFI_CHECK(x.size(1) == k && y.size(1) == n, ValueError) << "x [M, K], w [N, K] and y [M, N] disagree";
+  TVM_FFI_CHECK(k % k_align == 0, ValueError) << "K must be a multiple of " << k_align;
+  TVM_FFI_CHECK(x.stride(1) == 1 && w.stride(1) == 1 && y.stride(1) == 1 && w.stride(0) == k, ValueError)
+      << "x and y need unit inner stride and w must be contiguous";
+  TVM_FFI_CHECK(x.dtype().bits == x_elem * 8 && w.dtype().bits == w_elem * 8, TypeError) << "unexpected dtypes";
+  const char* bias_ptr = nullptr;
+  if (bias.has_value()) {
+    const TensorView& b = bias.value();
+    TVM_FFI_CHECK(b.ndim() == 1 && b.size(0) == n && (n <= 1 || b.stride(0) == 1) && same_dtype(b, y),
+                  ValueError)
+        << "bias must be a contiguous [N] tensor of the activation dtype";
+    bias_ptr = byte_ptr(b);
+  }
+  const Problem p{byte_ptr(x), byte_ptr(w), bias_ptr, byte_ptr(y), x.stride(0), y.stride(0), n, k};
+  // 16-byte vector loads of x rows and w rows.
+  TVM_FFI_CHECK(widest_access({reinterpret_cast<uint64_t>(p.x), reinterpret_cast<uint64_t>(p.w),
+                               static_cast<uint64_t>(p.x_stride * x_elem)}) == 16,
+                ValueError)
+      << "x and w must be 16-byte aligned, x's row stride a multiple of 16 bytes";
+  return p;
+}
+
+}  // namespace gemv_detail
+
+// y [M, N] = x [M, K] @ w[N, K]^T (+ bias [N]) for 1 <= M <= 8; T in {__half, __nv_bfloat16}.
+template <typename T>
+void gemv(TensorView x, TensorView w, Optional<TensorView> bias, TensorView y) {
+  using namespace gemv_detail;
+  const Problem p = make_problem(x, w, bias, y, sizeof(T), sizeof(T), 8);
+  if (p.n == 0) return;
+  tvm::ffi::CUDADeviceGuard guard(x.device().device_id);
+  const cudaStream_t stream = current_stream(x);
+  const Tiling t = choose_tiling(p.n, x.size(0), sm_count(x.device().device_id));
+  dispatch<DenseFormat<T>, T>(p, x.size(0), t, {}, stream);
+}
+
+// y [M, N] = (x_int8 [M, K] @ w_int8[N, K]^T) * x_scale[M] * w_scale[N] (+ bias [N]) in T:
+// the W8A8 GEMM for 1..8 rows, with x quantized per token beforehand.
+template <typename T>
+void gemv_w8a8(TensorView x, TensorView x_scale, TensorView w, TensorView w_scale, Optional<TensorView> bias,
+               TensorView y) {
+  using namespace gemv_detail;
+  const Problem p = make_problem(x, w, bias, y, 1, 1, 16);
+  TVM_FFI_CHECK(w_scale.ndim() == 1 && w_scale.size(0) == p.n && w_scale.dtype().bits == 32 &&
+                    (p.n <= 1 || w_scale.stride(0) == 1),
+                ValueError)
+      << "w_scale must be a contiguous float32 [N] tensor";
+  TVM_FFI_CHECK(x_scale.numel() == x.size(0) && x_scale.dtype().bits == 32 &&
+                    (x_scale.numel() <= 1 || x_scale.stride(0) == 1),
+                ValueError)
+      << "x_scale must be a contiguous float32 tensor with one scale per row of x";
+  TVM_FFI_CHECK(y.dtype().bits == sizeof(T) * 8, TypeError) << "y has the wrong dtype";
+  if (p.n == 0) return;
+  const Int8Format::Extra extra{reinterpret_cast<const float*>(byte_ptr(x_scale)),
+                                 reinterpret_cast<const float*>(byte_ptr(w_scale))};
+  tvm::ffi::CUDADeviceGuard guard(x.device().device_id);
+  const cudaStream_t stream = current_stream(x);
+  const Tiling t = choose_tiling(p.n, x.size(0), sm_count(x.device().device_id));
+  dispatch<Int8Format, T>(p, x.size(0), t, extra, stream);
+}
+
+}  // namespace mllm_kernel

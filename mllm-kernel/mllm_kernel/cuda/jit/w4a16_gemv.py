@@ -1,0 +1,241 @@
+"""w4a16_gemv: decode GEMM (M = 1..8 rows) with 4-bit weights in pymllm's W4A16 runtime layout.
+
+    out [M, N] = x [M, K] @ W (+ bias),   W[k, n] = (q[k, n] - 8 - zeros[k // G, n]) * scales[k // G, n]
+
+qweight [K/8, N] int32 holds q[8j + i, n] (unsigned 0..15) in bits 4i..4i+3 of word (j, n);
+scales and zeros are [K/G, N] in x's dtype (fp16/bf16); G is a power of two >= 32 dividing K,
+or K itself (channel-wise). CUDA only (tensor-core MMA, SM80+; the caller checks the GPU).
+
+Split K runs in the same launch: fp32 partials go to a workspace allocated once per device
+(``workspace``; the first call must happen outside CUDA graph capture) and the last block of
+each column tile reduces them and resets its counter, so replays of a captured graph work.
+Launches on one device share the workspace, so they must be ordered (one stream), as pymllm's
+forward is.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from mllm_kernel.jit_utils import JitKernel, jit
+
+_OP = "w4a16_gemv"
+MAX_M = 8
+ACT_DTYPES = (torch.float16, torch.bfloat16)
+# Mirrors of the kernel's tiling (w4a16_gemv.cuh); the C++ side re-checks the workspace bounds.
+TILE_N = 64  # columns per block
+BATCH_ROWS = 8  # packed rows (8 k each) a warp loads at once
+WARPS = 4
+BLOCKS_PER_SM = 5  # __launch_bounds__ minimum: 96 registers, 20 warps per SM
+# Batches ahead each warp prefetches into L2 (kernel argument, so benchmarks can compare).
+PREFETCH_BATCHES = 1
+# Workspace: fp32 partials of (tiles x splits x M x TILE_N) and one counter per tile.
+WORKSPACE_FLOATS = 1 << 20  # 4 MiB
+MAX_TILES = 8192  # counters (int32)
+
+
+def _problem(x, qweight, scales, zeros, group, bias, out) -> Optional[Tuple[type, str]]:
+    """The first reason these arguments cannot run, as (exception type, message), or None."""
+    for name, t in (("x", x), ("qweight", qweight), ("scales", scales)):
+        if not isinstance(t, torch.Tensor):
+            return TypeError, f"{name} must be a torch.Tensor, got {type(t).__name__}"
+    if x.dtype not in ACT_DTYPES:
+        return TypeError, f"x must be float16 or bfloat16, got {x.dtype}"
+    if x.dim() != 2:
+        return ValueError, f"x must be 2-D [M, K], got shape {tuple(x.shape)}"
+    m, k = x.shape
+    if not 1 <= m <= MAX_M:
+        return ValueError, f"x must have 1..{MAX_M} rows (M), got {m}"
+    if k <= 0 or k % 8:
+        return ValueError, f"K (x.shape[1] = {k}) must be a positive multiple of 8"
+    if x.stride(1) != 1 or (m > 1 and x.stride(0) % 8) or x.data_ptr() % 16:
+        return ValueError, (f"x needs unit column stride, a row stride that is a multiple of 8 elements and a "
+                            f"16-byte aligned start; got strides {x.stride()}")
+    if qweight.dtype != torch.int32:
+        return TypeError, f"qweight must be int32, got {qweight.dtype}"
+    if qweight.dim() != 2 or qweight.shape[0] != k // 8:
+        return ValueError, f"qweight must be [K/8, N] = [{k // 8}, N], got shape {tuple(qweight.shape)}"
+    n = qweight.shape[1]
+    if n % 4:
+        return ValueError, f"N (qweight.shape[1] = {n}) must be a multiple of 4"
+    if not qweight.is_contiguous() or qweight.data_ptr() % 16:
+        return ValueError, "qweight must be contiguous and 16-byte aligned"
+    if isinstance(group, bool) or not isinstance(group, int):
+        return TypeError, f"group must be an int, got {type(group).__name__}"
+    if group != k and not (group >= 32 and group & (group - 1) == 0 and k % group == 0):
+        return ValueError, f"group ({group}) must be K ({k}) or a power of two >= 32 dividing K"
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            return TypeError, f"{name} must be a torch.Tensor or None, got {type(t).__name__}"
+        if t.dtype != x.dtype:
+            return TypeError, f"{name} must have x's dtype {x.dtype}, got {t.dtype}"
+        if t.shape != (k // group, n):
+            return ValueError, f"{name} must be [K/G, N] = [{k // group}, {n}], got shape {tuple(t.shape)}"
+        if not t.is_contiguous() or t.data_ptr() % 8:
+            return ValueError, f"{name} must be contiguous and 8-byte aligned"
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            return TypeError, f"bias must be a torch.Tensor or None, got {type(bias).__name__}"
+        if bias.dtype != x.dtype:
+            return TypeError, f"bias must have x's dtype {x.dtype}, got {bias.dtype}"
+        if bias.shape != (n,) or not bias.is_contiguous():
+            return ValueError, f"bias must be a contiguous [N] = [{n}] tensor, got shape {tuple(bias.shape)}"
+    if out is not None:
+        if not isinstance(out, torch.Tensor) or out.dtype != x.dtype:
+            return TypeError, f"out must be a tensor of x's dtype {x.dtype}"
+        if out.shape != (m, n) or not out.is_contiguous():
+            return ValueError, f"out must be a contiguous [M, N] = [{m}, {n}] tensor, got shape {tuple(out.shape)}"
+    tensors = {"x": x, "qweight": qweight, "scales": scales, "zeros": zeros, "bias": bias, "out": out}
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            return ValueError, f"{name} is on {t.device} but x is on {x.device}"
+    if x.device.type != "cuda":
+        return ValueError, f"CUDA only, got tensors on {x.device}; use w4a16_gemv_reference"
+    return None
+
+
+def check_arguments(x, qweight, scales, zeros, group, bias=None, out=None) -> None:
+    """Raise TypeError/ValueError naming the first argument w4a16_gemv cannot take."""
+    problem = _problem(x, qweight, scales, zeros, group, bias, out)
+    if problem is not None:
+        error, message = problem
+        raise error(f"{_OP}: {message}")
+
+
+def supported(x, qweight, scales, zeros, group, bias=None) -> bool:
+    """Whether w4a16_gemv takes these arguments (the dispatcher's shape/layout test)."""
+    return _problem(x, qweight, scales, zeros, group, bias, None) is None
+
+
+def plan_splits(m: int, n: int, k: int, sm_count: int, blocks_per_sm: int = BLOCKS_PER_SM) -> int:
+    """K chunks per column tile, from a small cost model of the busiest SM.
+
+    Time ~ (blocks on the busiest SM) x (batches per block) / (the fraction of its share of HBM
+    bandwidth the SM can pull, saturating at ~16 resident warps: 16 x 2 KiB of weight loads in
+    flight cover HBM latency at the per-SM share) + a per-block overhead + (when split) a fixed
+    cost for the partial round trip and the last block's reduction. The constants are estimates;
+    ``bench_w4a16_gemv.py --sweep`` measures the alternatives. Few column tiles (N = 4096: 64)
+    need splits to occupy the GPU, many (N = 24576: 384) hardly any.
+    """
+    n_tiles = math.ceil(n / TILE_N)
+    batches = math.ceil(k / 8 / BATCH_ROWS)
+    best, best_cost = 1, math.inf
+    for splits in range(1, batches + 1):
+        chunk = math.ceil(batches / splits)
+        if math.ceil(batches / chunk) != splits:
+            continue  # same chunking as a smaller split count
+        if splits > 1 and (n_tiles > MAX_TILES or n_tiles * splits * m * TILE_N > WORKSPACE_FLOATS):
+            break
+        blocks = n_tiles * splits
+        per_sm = math.ceil(blocks / sm_count)
+        busy_warps = min(per_sm, blocks_per_sm) * min(WARPS, chunk)
+        rate = min(1.0, busy_warps / 16)
+        # Each block also pays a prologue and the shared-memory reduction (~half a batch).
+        cost = per_sm * chunk / rate + 0.5 * per_sm
+        if splits > 1:
+            # ~1 us of fence + counter + partial reads, in units of one block-batch (~60 ns).
+            cost += 14 + splits * m / 16
+        if cost < best_cost - 1e-9:
+            best, best_cost = splits, cost
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=4096)
+def _auto_splits(m: int, n: int, k: int, device_index: int) -> int:
+    return plan_splits(m, n, k, _sm_count(device_index))
+
+
+_workspaces: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def workspace(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 partials, int32 counters) for ``device``, allocated on first use and then reused.
+
+    Counters start at zero and every launch leaves them at zero. Allocating inside CUDA graph
+    capture would tie the buffer to the graph's memory pool, so that is refused.
+    """
+    buffers = _workspaces.get(device)
+    if buffers is None:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"{_OP}: call it once on {device} before CUDA graph capture, so its workspace "
+                               "is allocated outside the graph")
+        buffers = (torch.empty(WORKSPACE_FLOATS, dtype=torch.float32, device=device),
+                   torch.zeros(MAX_TILES, dtype=torch.int32, device=device))
+        _workspaces[device] = buffers
+    return buffers
+
+
+@jit("w4a16_gemv", entry="mllm_kernel::w4a16_gemv", cuda_sources=["cuda/csrc/w4a16_gemv/w4a16_gemv.cuh"])
+def w4a16_gemv(
+    kernel: JitKernel,
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: Optional[torch.Tensor],
+    group: int,
+    bias: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    splits: Optional[int] = None,
+    prefetch: int = PREFETCH_BATCHES,
+    validate: bool = True,
+) -> torch.Tensor:
+    """x [M, K] (M <= 8) @ W (+ bias) -> [M, N] in x's dtype; see the module docstring for the
+    layout. ``out`` (contiguous [M, N]) is written in place when given. ``splits`` overrides the
+    K split and ``prefetch`` (0..8) the L2 prefetch distance in batches (benchmarks);
+    ``validate=False`` skips the Python checks for callers that already ran ``supported`` (the
+    C++ entry still checks shapes, dtypes and alignment)."""
+    if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int) or splits < 1):
+        raise ValueError(f"{_OP}: splits must be a positive int, got {splits!r}")
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or not 0 <= prefetch <= 8:
+        raise ValueError(f"{_OP}: prefetch must be an int in 0..8, got {prefetch!r}")
+    if validate:
+        check_arguments(x, qweight, scales, zeros, group, bias, out)
+    m, k = x.shape
+    n = qweight.shape[1]
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if splits is None:
+        splits = _auto_splits(m, n, k, x.device.index if x.device.index is not None else torch.cuda.current_device())
+    if n:
+        partials, counters = workspace(x.device)
+        kernel[x.dtype, zeros is not None](out, x, qweight, scales, zeros, bias, partials, counters, group, splits,
+                                           prefetch)
+    return out
+
+
+def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
+    """[K/8, N] int32 words -> [K, N] int32 nibbles 0..15 (row 8j + i = bits 4i..4i+3 of row j)."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qweight.device)
+    nibbles = (qweight.unsqueeze(1) >> shifts.view(1, 8, 1)) & 0xF
+    return nibbles.reshape(qweight.shape[0] * 8, qweight.shape[1])
+
+
+def w4a16_gemv_reference(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: Optional[torch.Tensor],
+    group: int,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Pure-PyTorch equivalent: the formula in float64 (exact products), rounded once to x's dtype."""
+    rows = torch.arange(x.shape[1], device=x.device) // group
+    w = unpack_int4(qweight).double() - 8.0
+    if zeros is not None:
+        w = w - zeros.double()[rows]
+    w = w * scales.double()[rows]
+    acc = x.double() @ w
+    if bias is not None:
+        acc = acc + bias.double()
+    return acc.to(x.dtype)

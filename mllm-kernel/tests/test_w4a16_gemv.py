@@ -1,0 +1,293 @@
+"""w4a16_gemv against its float64 PyTorch reference (GPU, marked gpu), and on CPU: the wrapper's
+argument checks, the reference's reading of the packed layout, and the split planner."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import pytest
+import torch
+
+from mllm_kernel import w4a16_gemv, w4a16_gemv_reference
+
+# The package re-exports the function under the module's name, so fetch the module itself.
+module = importlib.import_module("mllm_kernel.cuda.jit.w4a16_gemv")
+
+# Qwen3-8B layers (N, K): qkv, o, gate_up, down.
+QWEN3_8B = [(6144, 4096), (4096, 4096), (24576, 4096), (4096, 12288)]
+# Odd but valid: N not a multiple of the 64-column tile, K not a multiple of the 8-row batch.
+SMALL = (36, 96)
+# Max |error| / max |reference|: the output is rounded once to the activation dtype, so the error
+# is at most half an ulp of the largest output (2^-9 bf16, 2^-12 fp16), with a margin.
+TOLERANCE = {torch.bfloat16: 5e-3, torch.float16: 1e-3}
+
+
+def random_bytes_int32(rows: int, cols: int, gen: torch.Generator, device: str) -> torch.Tensor:
+    """Uniformly random 32-bit words (every nibble pattern), without int32 overflow tricks."""
+    raw = torch.randint(0, 256, (rows, cols, 4), generator=gen, dtype=torch.uint8)
+    return raw.view(torch.int32).reshape(rows, cols).to(device)
+
+
+@functools.lru_cache(maxsize=8)
+def random_layer(n: int, k: int, group: int, with_zeros: bool, dtype: torch.dtype, device: str = "cuda"):
+    gen = torch.Generator().manual_seed(n * 31 + k * 7 + group + with_zeros)
+    qweight = random_bytes_int32(k // 8, n, gen, device)
+    sign = torch.where(torch.rand(k // group, n, generator=gen) < 0.1, -1.0, 1.0)
+    scales = ((torch.rand(k // group, n, generator=gen) * 0.02 + 0.002) * sign).to(dtype).to(device)
+    zeros = torch.randint(-8, 8, (k // group, n), generator=gen).to(dtype).to(device) if with_zeros else None
+    return qweight, scales, zeros
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    assert not actual.isnan().any(), "output has unwritten (NaN) entries"
+    return ((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
+
+
+def exact(x, qweight, scales, zeros, group, bias):
+    """The reference in float64, before its final rounding."""
+    rows = torch.arange(x.shape[1], device=x.device) // group
+    w = module.unpack_int4(qweight).double() - 8.0
+    if zeros is not None:
+        w = w - zeros.double()[rows]
+    w = w * scales.double()[rows]
+    out = x.double() @ w
+    return out + bias.double() if bias is not None else out
+
+
+def check(m, n, k, group, with_zeros, dtype, with_bias, splits=None, x=None, bias=None, prefetch=1):
+    """One call on fresh random activations (and bias) into a NaN-poisoned output."""
+    qweight, scales, zeros = random_layer(n, k, group, with_zeros, dtype)
+    x = torch.randn(m, k, device="cuda").to(dtype) if x is None else x
+    if with_bias and bias is None:
+        bias = torch.randn(n, device="cuda").to(dtype)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+    result = w4a16_gemv(x, qweight, scales, zeros, group, bias, out=out, splits=splits, prefetch=prefetch)
+    assert result.data_ptr() == out.data_ptr()
+    error = relative_error(out, exact(x, qweight, scales, zeros, group, bias))
+    assert error < TOLERANCE[dtype], (m, n, k, group, with_zeros, dtype, with_bias, splits, error)
+    return out
+
+
+# ---------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("with_zeros", [False, True])
+@pytest.mark.parametrize("group", [32, 64, 128, None])  # None: channel-wise, G = K
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_matches_reference(dtype, group, with_zeros, m):
+    for index, (n, k) in enumerate(QWEN3_8B):
+        check(m, n, k, group or k, with_zeros, dtype, with_bias=(index + m) % 2 == 1)
+    n, k = SMALL  # K = 96: groups 64 and 128 do not divide it, so those cases run channel-wise
+    for with_bias in (False, True):
+        check(m, n, k, group if group and k % group == 0 else k, with_zeros, dtype, with_bias)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_row_count_and_tiny_shapes(dtype):
+    for m in range(1, 9):
+        check(m, 4096, 4096, 128, m % 2 == 0, dtype, with_bias=m % 3 == 0)
+    # N below one tile, K with a partial 4-row step (channel-wise is the only group there).
+    for n, k, group in [(4, 8, 8), (20, 40, 40), (36, 96, 32), (132, 264, 264), (100, 256, 64)]:
+        for m in (1, 5):
+            check(m, n, k, group, True, dtype, with_bias=True)
+
+
+@pytest.mark.gpu
+def test_forced_splits_agree_and_are_deterministic():
+    n, k, group = 4096, 4096, 128
+    x = torch.randn(3, k, device="cuda").to(torch.bfloat16)
+    bias = torch.randn(n, device="cuda").to(torch.bfloat16)
+    batches = k // 8 // module.BATCH_ROWS
+    for splits in (1, 2, 5, 17, batches, 10 * batches):  # more than the batches: shrunk to one each
+        first = check(3, n, k, group, True, torch.bfloat16, True, splits=splits, x=x, bias=bias)
+        # The counters were reset by the last block: a second launch reduces the same way.
+        second = check(3, n, k, group, True, torch.bfloat16, True, splits=splits, x=x, bias=bias)
+        assert torch.equal(first, second), splits
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prefetch", [0, 2, 8])
+def test_prefetch_distance_does_not_change_results(prefetch):
+    # A hint only: no prefetch, and prefetching past the end of a warp's batches.
+    for n, k, group in [(4096, 12288, 128), (24576, 4096, 32), (36, 96, 32)]:
+        check(2, n, k, group, True, torch.float16, True, prefetch=prefetch)
+
+
+@pytest.mark.gpu
+def test_strided_rows_and_default_output():
+    base = torch.randn(4, 2 * 4096 + 64, device="cuda").to(torch.float16)
+    x = base[:, 64:4096 + 64]  # row stride 8256 elements, 128-byte offset
+    qweight, scales, zeros = random_layer(6144, 4096, 64, True, torch.float16)
+    out = w4a16_gemv(x, qweight, scales, zeros, 64)
+    assert out.shape == (4, 6144) and out.dtype == torch.float16 and out.is_contiguous()
+    assert relative_error(out, exact(x, qweight, scales, zeros, 64, None)) < TOLERANCE[torch.float16]
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay():
+    n, k, group = 4096, 12288, 128
+    qweight, scales, zeros = random_layer(n, k, group, False, torch.bfloat16)
+    bias = torch.randn(n, device="cuda").to(torch.bfloat16)
+    x = torch.randn(2, k, device="cuda").to(torch.bfloat16)
+    out = torch.empty(2, n, device="cuda", dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up: compiles the kernel and allocates the workspace
+        w4a16_gemv(x, qweight, scales, zeros, group, bias, out=out)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        w4a16_gemv(x, qweight, scales, zeros, group, bias, out=out)
+    for _ in range(3):
+        x.copy_(torch.randn(2, k, device="cuda").to(torch.bfloat16))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert relative_error(out, exact(x, qweight, scales, zeros, group, bias)) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.gpu
+def test_reference_matches_kernel_layout_on_gpu():
+    qweight, scales, zeros = random_layer(*SMALL, 32, True, torch.bfloat16)
+    x = torch.randn(2, SMALL[1], device="cuda").to(torch.bfloat16)
+    reference = w4a16_gemv_reference(x, qweight, scales, zeros, 32)
+    kernel = w4a16_gemv(x, qweight, scales, zeros, 32)
+    assert relative_error(kernel, reference.double()) < 2 * TOLERANCE[torch.bfloat16]
+
+
+# ---------------------------------------------------------------- CPU: reference and planner
+def test_reference_reads_the_packed_layout():
+    """Element by element: w[k, n] = (nibble k % 8 of word (k // 8, n) - 8 - zero) * scale."""
+    k, n, group = 64, 8, 32
+    gen = torch.Generator().manual_seed(0)
+    qweight = random_bytes_int32(k // 8, n, gen, "cpu")
+    scales = (torch.rand(k // group, n, generator=gen) + 0.5).half()
+    zeros = torch.randint(-8, 8, (k // group, n), generator=gen).half()
+    x = torch.randn(3, k, generator=gen).half()
+    expected = torch.zeros(3, n, dtype=torch.float64)
+    for kk in range(k):
+        for nn in range(n):
+            word = int(qweight[kk // 8, nn]) & 0xFFFFFFFF
+            q = (word >> (4 * (kk % 8))) & 0xF
+            w = (q - 8 - float(zeros[kk // group, nn])) * float(scales[kk // group, nn])
+            expected[:, nn] += x[:, kk].double() * w
+    assert torch.allclose(exact(x, qweight, scales, zeros, group, None), expected)
+    got = w4a16_gemv_reference(x, qweight, scales, zeros, group)
+    assert got.dtype == torch.float16 and relative_error(got, expected) < TOLERANCE[torch.float16]
+
+
+def test_reference_agrees_with_pymllm_dequantizer():
+    w4a16 = pytest.importorskip("pymllm.quantization.kernels.w4a16")
+    k, n, group = 128, 24, 64
+    gen = torch.Generator().manual_seed(1)
+    qweight = random_bytes_int32(k // 8, n, gen, "cpu")
+    scales = torch.rand(k // group, n, generator=gen) + 0.5
+    zeros = torch.randint(-8, 8, (k // group, n), generator=gen).float()
+    x = torch.randn(2, k, generator=gen)
+    ours = w4a16_gemv_reference(x, qweight, scales, zeros, group).double()
+    theirs = w4a16.w4a16_linear_reference(x, qweight, scales, zeros, group, None).double()
+    assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-4)
+
+
+def test_split_plan():
+    plan = module.plan_splits
+    for m in (1, 8):
+        # Qwen3-8B on an H100/H200 (132 SMs): 64 or 96 column tiles need K splits to fill the GPU,
+        # gate_up's 384 tiles need few.
+        assert plan(m, 4096, 4096, 132) > 1
+        assert plan(m, 4096, 12288, 132) > 1
+        assert plan(m, 24576, 4096, 132) <= 2
+        # Tiny problems and tiny GPUs do not split.
+        assert plan(m, 36, 96, 132) == 1
+        assert plan(m, 4096, 4096, 1) == 1
+    for m, n, k in [(8, 4096, 12288), (8, 256, 65536), (1, 64, 1 << 20)]:
+        splits = plan(m, n, k, 10_000)  # a huge GPU pushes towards the workspace limit
+        tiles = -(-n // module.TILE_N)
+        assert splits == 1 or tiles * splits * m * module.TILE_N <= module.WORKSPACE_FLOATS
+        assert splits <= -(-k // 8 // module.BATCH_ROWS)
+
+
+# ---------------------------------------------------------------- CPU: argument checks
+def _valid(m=2, n=64, k=256, group=64, dtype=torch.bfloat16, device="cpu"):
+    return dict(
+        x=torch.zeros(m, k, dtype=dtype, device=device),
+        qweight=torch.zeros(k // 8, n, dtype=torch.int32, device=device),
+        scales=torch.ones(k // group, n, dtype=dtype, device=device),
+        zeros=torch.zeros(k // group, n, dtype=dtype, device=device),
+        group=group,
+        bias=torch.zeros(n, dtype=dtype, device=device),
+    )
+
+
+def _with(**changes):
+    args = _valid()
+    args.update(changes)
+    return args
+
+
+INVALID = [
+    (_with(x=[[1.0]]), TypeError, "x must be a torch.Tensor"),
+    (_with(x=torch.zeros(2, 256)), TypeError, "x must be float16 or bfloat16"),
+    (_with(x=torch.zeros(1, 2, 256, dtype=torch.bfloat16)), ValueError, r"x must be 2-D \[M, K\]"),
+    (_with(x=torch.zeros(9, 256, dtype=torch.bfloat16)), ValueError, r"x must have 1..8 rows"),
+    (_with(x=torch.zeros(0, 256, dtype=torch.bfloat16)), ValueError, r"x must have 1..8 rows"),
+    (_with(x=torch.zeros(2, 252, dtype=torch.bfloat16)), ValueError,
+     r"K \(x.shape\[1\] = 252\) must be a positive multiple of 8"),
+    (_with(x=torch.zeros(2, 512, dtype=torch.bfloat16)[:, ::2]), ValueError, "x needs unit column stride"),
+    (_with(x=torch.zeros(2, 260, dtype=torch.bfloat16)[:, :256]), ValueError, "x needs unit column stride"),
+    (_with(x=torch.zeros(2, 264, dtype=torch.bfloat16)[:, 1:257]), ValueError, "16-byte aligned start"),
+    (_with(qweight=torch.zeros(32, 64, dtype=torch.int64)), TypeError, "qweight must be int32"),
+    (_with(qweight=torch.zeros(31, 64, dtype=torch.int32)), ValueError, r"qweight must be \[K/8, N\] = \[32, N\]"),
+    (_with(qweight=torch.zeros(32, 66, dtype=torch.int32)), ValueError,
+     r"N \(qweight.shape\[1\] = 66\) must be a multiple of 4"),
+    (_with(qweight=torch.zeros(64, 32, dtype=torch.int32).t()), ValueError, "qweight must be contiguous"),
+    (_with(group=48), ValueError, r"group \(48\) must be K \(256\) or a power of two >= 32 dividing K"),
+    (_with(group=16, scales=torch.ones(16, 64, dtype=torch.bfloat16)), ValueError, r"group \(16\) must be K"),
+    (_with(group=512), ValueError, r"group \(512\) must be K"),
+    (_with(group=64.0), TypeError, "group must be an int"),
+    (_with(scales=torch.ones(4, 64, dtype=torch.float16)), TypeError, "scales must have x's dtype"),
+    (_with(scales=torch.ones(2, 64, dtype=torch.bfloat16)), ValueError, r"scales must be \[K/G, N\] = \[4, 64\]"),
+    (_with(scales=torch.ones(64, 4, dtype=torch.bfloat16).t()), ValueError, "scales must be contiguous"),
+    (_with(zeros=torch.zeros(4, 60, dtype=torch.bfloat16)), ValueError, r"zeros must be \[K/G, N\]"),
+    (_with(zeros=torch.zeros(4, 64, dtype=torch.int32)), TypeError, "zeros must have x's dtype"),
+    (_with(bias=torch.zeros(64)), TypeError, "bias must have x's dtype"),
+    (_with(bias=torch.zeros(63, dtype=torch.bfloat16)), ValueError, r"bias must be a contiguous \[N\] = \[64\]"),
+    (_with(bias=torch.zeros(128, dtype=torch.bfloat16)[::2]), ValueError, r"bias must be a contiguous \[N\]"),
+    (_with(qweight=torch.zeros(32, 64, dtype=torch.int32, device="meta")), ValueError,
+     "qweight is on meta but x is on cpu"),
+    (_valid(), ValueError, "CUDA only, got tensors on cpu; use w4a16_gemv_reference"),
+]
+
+
+@pytest.mark.parametrize("args, error, message", INVALID)
+def test_argument_errors(args, error, message):
+    with pytest.raises(error, match=message):
+        w4a16_gemv(**args)
+    assert not module.supported(**args)
+
+
+def test_output_and_splits_errors():
+    args = _valid()
+    with pytest.raises(ValueError, match=r"out must be a contiguous \[M, N\] = \[2, 64\]"):
+        w4a16_gemv(**args, out=torch.empty(2, 63, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="out must be a tensor of x's dtype"):
+        w4a16_gemv(**args, out=torch.empty(2, 64))
+    for splits in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="splits must be a positive int"):
+            w4a16_gemv(**args, splits=splits)
+    for prefetch in (-1, 9, 1.0, None):
+        with pytest.raises(ValueError, match=r"prefetch must be an int in 0..8"):
+            w4a16_gemv(**args, prefetch=prefetch)
+
+
+def test_supported_accepts_valid_cuda_shaped_arguments():
+    # Everything but the device is valid: supported() says no on CPU only because of the device.
+    args = _valid()
+    assert module._problem(**args, out=None)[1].startswith("CUDA only")
+    channel = _with(group=256, scales=torch.ones(1, 64, dtype=torch.bfloat16), zeros=None, bias=None)
+    assert module._problem(**channel, out=None)[1].startswith("CUDA only")
+    odd_k = _with(x=torch.zeros(2, 40, dtype=torch.bfloat16), qweight=torch.zeros(5, 64, dtype=torch.int32),
+                  group=40, scales=torch.ones(1, 64, dtype=torch.bfloat16), zeros=None)
+    assert module._problem(**odd_k, out=None)[1].startswith("CUDA only")
