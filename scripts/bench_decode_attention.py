@@ -1,50 +1,94 @@
-"""Measure FlashInfer decode with and without tensor cores for Qwen3 head layouts.
+"""Decode attention kernels for Qwen3 head layouts, as a CUDA-graph decode step runs them.
 
     python scripts/bench_decode_attention.py [--out rows.jsonl]
 
-The backend's rule (``decode_use_tensor_cores``) picks one per GQA group size; this prints the
-times behind that choice: bf16, page size 1, head_dim 128, several batch sizes and lengths.
+Compares FlashInfer's decode with and without tensor cores (the rule ``decode_use_tensor_cores``
+picks one per GQA group size) and pymllm's Triton split-KV kernel (``triton_decode``, used for
+small graph batches because it needs no host-side plan()). Each case replays a graph of 20
+calls, each on its own layer's K/V buffers as in a model, so K/V come from DRAM, not L2. It
+also times the host side of FlashInfer's graph-mode ``plan()``, which a replay of a FlashInfer
+decode graph must run first and the Triton kernel does not need. bf16, page size 1, head_dim 128.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import torch
 
+LAYERS = 20
+HEAD_DIM = 128
 
-def time_decode(num_qo: int, num_kv: int, bs: int, kv_len: int, tensor_cores: bool) -> float:
-    import flashinfer
 
-    device = torch.device("cuda")
-    head_dim = 128
+def _buffers(num_qo, num_kv, bs, kv_len, device):
     slots = bs * kv_len + 1
-    k = torch.randn(slots, num_kv, head_dim, device=device, dtype=torch.bfloat16)
-    v = torch.randn_like(k)
-    q = torch.randn(bs, num_qo, head_dim, device=device, dtype=torch.bfloat16)
-    indptr = torch.arange(0, bs + 1, dtype=torch.int32) * kv_len
-    indices = torch.arange(1, bs * kv_len + 1, dtype=torch.int32, device=device)
-    last = torch.ones(bs, dtype=torch.int32)
-    workspace = torch.empty(256 << 20, dtype=torch.uint8, device=device)
-    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=tensor_cores)
-    wrapper.plan(indptr, indices, last, num_qo, num_kv, head_dim, 1,
-                 q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
-    for _ in range(5):
-        wrapper.run(q, (k, v))
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    # Replaying a graph of 20 calls takes launch overhead out of the kernel times.
+    kv = [(torch.randn(slots, num_kv, HEAD_DIM, device=device, dtype=torch.bfloat16),
+           torch.randn(slots, num_kv, HEAD_DIM, device=device, dtype=torch.bfloat16)) for _ in range(LAYERS)]
+    q = torch.randn(bs, num_qo, HEAD_DIM, device=device, dtype=torch.bfloat16)
+    return q, kv
+
+
+def _graph_time_us(calls) -> float:
+    for call in calls[:2]:
+        call()
+    torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(20):
-            wrapper.run(q, (k, v))
+        for call in calls:
+            call()
     graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(10):
         graph.replay()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / 200 * 1e3  # microseconds per call
+    return start.elapsed_time(end) / (10 * len(calls)) * 1e3
+
+
+def time_flashinfer(num_qo, num_kv, bs, kv_len, tensor_cores):
+    """(kernel us per call, host us of the graph-mode plan())."""
+    import flashinfer
+
+    device = torch.device("cuda")
+    q, kv = _buffers(num_qo, num_kv, bs, kv_len, device)
+    indptr = torch.arange(0, bs + 1, dtype=torch.int32) * kv_len
+    indices = torch.arange(1, bs * kv_len + 1, dtype=torch.int32, device=device)
+    last = torch.ones(bs, dtype=torch.int32)
+    workspace = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+        workspace, "NHD", use_tensor_cores=tensor_cores, use_cuda_graph=True,
+        paged_kv_indptr_buffer=torch.zeros(bs + 1, dtype=torch.int32, device=device),
+        paged_kv_indices_buffer=indices, paged_kv_last_page_len_buffer=torch.ones(bs, dtype=torch.int32, device=device))
+    plan = lambda: wrapper.plan(indptr, indices, last, num_qo, num_kv, HEAD_DIM, 1,  # noqa: E731
+                                q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
+    plan()
+    kernel = _graph_time_us([lambda k=k, v=v: wrapper.run(q, (k, v)) for k, v in kv])
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(50):
+        plan()
+    host = (time.perf_counter() - start) / 50 * 1e6
+    torch.cuda.synchronize()
+    return kernel, host
+
+
+def time_triton(num_qo, num_kv, bs, kv_len):
+    from pymllm.layers.attention.triton_decode import decode_attention, num_splits_for
+
+    device = torch.device("cuda")
+    q, kv = _buffers(num_qo, num_kv, bs, kv_len, device)
+    req_to_token = (torch.arange(bs * kv_len, dtype=torch.int32, device=device) + 1).view(bs, kv_len)
+    req_idx = torch.arange(bs, device=device)
+    seq_lens = torch.full((bs,), kv_len, device=device)
+    splits = num_splits_for(bs, num_kv, torch.cuda.get_device_properties(0).multi_processor_count)
+    out = torch.empty_like(q)
+    return _graph_time_us([
+        lambda k=k, v=v: decode_attention(q, k, v, req_to_token, req_idx, seq_lens, HEAD_DIM**-0.5, splits, out=out)
+        for k, v in kv
+    ])
 
 
 def main() -> None:
@@ -53,16 +97,22 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for num_qo, num_kv in ((16, 8), (32, 8)):
-        for bs in (1, 8, 64):
+        for bs in (1, 4, 8, 16, 32, 64):
             for kv_len in (128, 1024, 2048):
-                cuda_cores = time_decode(num_qo, num_kv, bs, kv_len, False)
-                tensor_cores = time_decode(num_qo, num_kv, bs, kv_len, True)
-                row = dict(num_qo_heads=num_qo, num_kv_heads=num_kv, batch_size=bs, kv_len=kv_len,
-                           cuda_cores_us=cuda_cores, tensor_cores_us=tensor_cores,
-                           device=torch.cuda.get_device_name())
+                cuda_cores, plan_us = time_flashinfer(num_qo, num_kv, bs, kv_len, False)
+                tensor_cores, plan_tc_us = time_flashinfer(num_qo, num_kv, bs, kv_len, True)
+                triton_us = time_triton(num_qo, num_kv, bs, kv_len)
+                kv_bytes = bs * kv_len * num_kv * HEAD_DIM * 2 * 2
+                row = dict(bench="decode_attention", num_qo_heads=num_qo, num_kv_heads=num_kv, batch_size=bs,
+                           kv_len=kv_len, cuda_cores_us=cuda_cores, tensor_cores_us=tensor_cores,
+                           triton_us=triton_us, plan_host_us=plan_us, plan_tc_host_us=plan_tc_us,
+                           kv_bytes=kv_bytes, device=torch.cuda.get_device_name(),
+                           command="python scripts/bench_decode_attention.py", graph_mode_wrappers=True)
                 rows.append(row)
-                print(f"heads {num_qo}/{num_kv} bs {bs:3d} kv {kv_len:5d}: "
-                      f"cuda cores {cuda_cores:7.1f} us, tensor cores {tensor_cores:7.1f} us")
+                print(f"heads {num_qo}/{num_kv} bs {bs:3d} kv {kv_len:5d}: cuda cores {cuda_cores:7.1f} us, "
+                      f"tensor cores {tensor_cores:7.1f} us, triton {triton_us:7.1f} us | "
+                      f"plan host {plan_us:5.0f}/{plan_tc_us:5.0f} us", flush=True)
+                torch.cuda.empty_cache()
     if args.out:
         with open(args.out, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)

@@ -11,13 +11,15 @@ Fast path contract (all ops):
   ``residual`` after a call sees the values it passed in.
 - Results equal the reference up to one unit in the last place of the activation dtype (the
   kernels round where the reference rounds; only float32 reduction order differs).
+- Writes into the KV cache (qk_norm_rope with a KVCacheWrite) are bit for bit the rows the
+  backend's own store would write from the op's outputs.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import TYPE_CHECKING, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -108,7 +110,17 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return silu_and_mul_reference(x)
 
 
-def qk_norm_rope_supported(
+class KVCacheWrite(NamedTuple):
+    """Where qk_norm_rope also stores the layer's new K/V: ``k_cache[out_cache_loc[t]] = k[t]``
+    (k after norm and rope) and ``v_cache[out_cache_loc[t]] = v[t]``."""
+
+    v: torch.Tensor  # [T, Hk, D], untouched by the op
+    k_cache: torch.Tensor  # [num_slots, Hk, D]: the layer's pool buffers
+    v_cache: torch.Tensor
+    out_cache_loc: torch.Tensor  # [T] int32 or int64 slot ids
+
+
+def _rope_fast_path_ok(
     q: torch.Tensor,
     k: torch.Tensor,
     positions: torch.Tensor,
@@ -142,6 +154,90 @@ def qk_norm_rope_supported(
     return positions.dim() == 1 and positions.shape[0] == q.shape[0] and not positions.dtype.is_floating_point
 
 
+def _kv_write_fast_path_ok(k: torch.Tensor, kv_write: KVCacheWrite) -> bool:
+    """Layouts the kernel's cache write takes, given that k already passed _rope_fast_path_ok."""
+    v, k_cache, v_cache, loc = kv_write
+    # One dtype for k, v and both caches: the kernel stores k's rounded values without a
+    # conversion, so an fp8 (or any other) KV pool keeps the backend's own store.
+    if not _same_device_and_dtype(k, v, k_cache, v_cache):
+        return False
+    heads, head_dim = k.shape[1], k.shape[2]
+    if v.shape != k.shape or v.stride(2) != 1 or (heads > 1 and v.stride(1) != head_dim):
+        return False
+    for cache in (k_cache, v_cache):
+        # Each slot's [Hk, D] block dense: the kernel addresses a row as slot * stride(0) + offset.
+        if cache.dim() != 3 or cache.shape[1] != heads or cache.shape[2] != head_dim or cache.stride(2) != 1:
+            return False
+        if heads > 1 and cache.stride(1) != head_dim:
+            return False
+    if k_cache.shape[0] != v_cache.shape[0]:
+        return False
+    return (
+        loc.dim() == 1
+        and loc.shape[0] == k.shape[0]
+        and loc.dtype in (torch.int32, torch.int64)
+        and loc.is_contiguous()
+        and loc.device == k.device
+    )
+
+
+def qk_norm_rope_supported(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    rotary_emb: RotaryEmbedding,
+    q_norm: Optional["RMSNorm"],
+    k_norm: Optional["RMSNorm"],
+    kv_write: Optional[KVCacheWrite] = None,
+) -> bool:
+    """Whether the Triton kernel runs for these operands (including the KV write, if given)."""
+    if not _rope_fast_path_ok(q, k, positions, rotary_emb, q_norm, k_norm):
+        return False
+    return kv_write is None or _kv_write_fast_path_ok(k, kv_write)
+
+
+def _qk_norm_rope_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    rotary_emb: RotaryEmbedding,
+    q_norm: Optional["RMSNorm"],
+    k_norm: Optional["RMSNorm"],
+    kv_write: Optional[KVCacheWrite],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    from pymllm.layers.kernels import qk_norm_rope_triton
+
+    cache_args = {} if kv_write is None else kv_write._asdict()
+    return qk_norm_rope_triton.qk_norm_rope(
+        q, k, positions, rotary_emb.cos_cached, rotary_emb.sin_cached,
+        q_norm.weight if q_norm is not None else None,
+        k_norm.weight if k_norm is not None else None,
+        q_norm.variance_epsilon if q_norm is not None else 0.0,
+        **cache_args,
+    )
+
+
+def _qk_norm_rope_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    rotary_emb: RotaryEmbedding,
+    q_norm: Optional["RMSNorm"],
+    k_norm: Optional["RMSNorm"],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    if q_norm is not None:
+        q = q_norm(q)
+        k = k_norm(k)
+    return rotary_emb(positions, q, k)
+
+
+def store_kv_reference(k: torch.Tensor, kv_write: KVCacheWrite) -> None:
+    """``k_cache[loc] = k``, ``v_cache[loc] = v`` in the caches' dtype, as KVPool.set_kv does."""
+    loc = kv_write.out_cache_loc.long()  # index_put_ wants int64 indices on older torch
+    kv_write.k_cache[loc] = k.to(kv_write.k_cache.dtype)
+    kv_write.v_cache[loc] = kv_write.v.to(kv_write.v_cache.dtype)
+
+
 def qk_norm_rope(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -149,21 +245,40 @@ def qk_norm_rope(
     rotary_emb: RotaryEmbedding,
     q_norm: Optional["RMSNorm"] = None,
     k_norm: Optional["RMSNorm"] = None,
+    kv_write: Optional[KVCacheWrite] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Optional per-head RMSNorm of q [T, Hq, D] and k [T, Hk, D], then rotary embedding.
 
-    Reference: ``q_norm(q)``, ``k_norm(k)``, then ``rotary_emb(positions, q, k)``.
+    Reference: ``q_norm(q)``, ``k_norm(k)``, then ``rotary_emb(positions, q, k)``. With
+    ``kv_write`` the returned k and the given v are also stored at ``out_cache_loc`` (in the
+    same kernel on the fast path, with index assignment otherwise).
     """
-    if qk_norm_rope_supported(q, k, positions, rotary_emb, q_norm, k_norm):
-        from pymllm.layers.kernels import qk_norm_rope_triton
+    if qk_norm_rope_supported(q, k, positions, rotary_emb, q_norm, k_norm, kv_write):
+        return _qk_norm_rope_triton(q, k, positions, rotary_emb, q_norm, k_norm, kv_write)
+    q, k = _qk_norm_rope_reference(q, k, positions, rotary_emb, q_norm, k_norm)
+    if kv_write is not None:
+        store_kv_reference(k, kv_write)
+    return q, k
 
-        return qk_norm_rope_triton.qk_norm_rope(
-            q, k, positions, rotary_emb.cos_cached, rotary_emb.sin_cached,
-            q_norm.weight if q_norm is not None else None,
-            k_norm.weight if k_norm is not None else None,
-            q_norm.variance_epsilon if q_norm is not None else 0.0,
-        )
-    if q_norm is not None:
-        q = q_norm(q)
-        k = k_norm(k)
-    return rotary_emb(positions, q, k)
+
+def qk_norm_rope_try_store_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    rotary_emb: RotaryEmbedding,
+    q_norm: Optional["RMSNorm"],
+    k_norm: Optional["RMSNorm"],
+    kv_write: Optional[KVCacheWrite],
+) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+    """qk_norm_rope that stores K/V only where that saves a launch: returns (q, k, stored).
+
+    For layers whose attention backend stores K/V itself: when the fused kernel can run, it
+    also writes the cache and ``stored`` is True (the caller then tells attention not to
+    store). Otherwise nothing is written and the backend's store (mllm_kernel's store_cache
+    on the GPU, KVPool.set_kv elsewhere) runs as before. Each capability check runs once.
+    """
+    if not _rope_fast_path_ok(q, k, positions, rotary_emb, q_norm, k_norm):
+        return (*_qk_norm_rope_reference(q, k, positions, rotary_emb, q_norm, k_norm), False)
+    if kv_write is not None and _kv_write_fast_path_ok(k, kv_write):
+        return (*_qk_norm_rope_triton(q, k, positions, rotary_emb, q_norm, k_norm, kv_write), True)
+    return (*_qk_norm_rope_triton(q, k, positions, rotary_emb, q_norm, k_norm, None), False)

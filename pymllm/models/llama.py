@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pymllm.engine.forward_batch import ForwardBatch
-from pymllm.layers.fused_ops import qk_norm_rope, silu_and_mul
+from pymllm.layers.fused_ops import KVCacheWrite, qk_norm_rope_try_store_kv, silu_and_mul
 from pymllm.layers.layernorm import RMSNorm
 from pymllm.layers.linear import Linear, MergedLinear, QKVLinear
 from pymllm.layers.radix_attention import RadixAttention
@@ -60,8 +60,20 @@ class DecoderAttention(nn.Module):
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
-        q, k = qk_norm_rope(q, k, positions, self.rotary_emb, self.q_norm, self.k_norm)
-        out = self.attn(q.reshape(-1, self.q_size), k.reshape(-1, self.kv_size), v, forward_batch)
+        # The norm+rope kernel can also store this layer's K/V, which saves the backend's
+        # store launch per layer. It writes through forward_batch.out_cache_loc, the static
+        # buffer under CUDA graphs, so a captured graph writes each replay's slots.
+        kv_write = None
+        if forward_batch.kv_pool is not None:
+            k_cache, v_cache = forward_batch.kv_pool.get_kv_buffer(self.attn.layer_id)
+            v_heads = v.reshape(-1, self.num_kv_heads, self.head_dim)
+            kv_write = KVCacheWrite(v_heads, k_cache, v_cache, forward_batch.out_cache_loc)
+        q, k, stored = qk_norm_rope_try_store_kv(
+            q, k, positions, self.rotary_emb, self.q_norm, self.k_norm, kv_write
+        )
+        out = self.attn(
+            q.reshape(-1, self.q_size), k.reshape(-1, self.kv_size), v, forward_batch, save_kv_cache=not stored
+        )
         return self.o_proj(out)
 
 

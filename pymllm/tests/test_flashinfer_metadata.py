@@ -5,12 +5,17 @@ The stand-in's wrappers have FlashInfer 0.6.7's constructor / plan() / run() par
 names and order (calls are bound to those signatures, so a misnamed or misplaced argument
 fails), keep plan()'s buffer semantics (graph mode copies into the buffers given at
 construction and run() reads them there, as a captured kernel would), and compute attention
-from exactly the index arrays they were planned with. Kernel numerics are the GPU tests' job.
+from exactly the index arrays they were planned with. ``run(..., return_lse=True)`` also
+returns the log-sum-exp of the scaled scores in base 2 ([tokens, heads] float32), as FlashInfer's
+kernels write it (``log2(d) + m`` with the scores pre-scaled by ``sm_scale * log2(e)``, FA2 and
+FA3 alike), and ``merge_state_in_place`` merges two such states with base-2 weights, skipping
+rows whose mask is False. Kernel numerics are the GPU tests' job.
 """
 
 from __future__ import annotations
 
 import importlib.machinery
+import math
 import sys
 import types
 
@@ -24,6 +29,7 @@ from pymllm.engine.forward_batch import ForwardMode
 from pymllm.executor.cuda_graph_runner import CudaGraphRunner
 from pymllm.executor.model_runner import ModelRunner
 from pymllm.layers.attention import flashinfer_backend as fib
+from pymllm.layers.attention import flashinfer_extend as fx
 from pymllm.layers.kernels.kv_cache_ops import KVCacheOps, gather_kv_indices, indptr_from_lens
 from pymllm.layers.radix_attention import RadixAttention
 from pymllm.orchestrator.request import Req
@@ -126,7 +132,8 @@ def test_backend_refuses_cpu_and_float32():
 # ---------------- a PyTorch stand-in for flashinfer ----------------
 def _attend(q, k, v, q_pos, k_pos, causal, window_left, sm_scale):
     """q: [Lq, Hq, D], k/v: [Lk, Hkv, D] float; FlashInfer's mask: key j visible to query at
-    position p iff (not causal or j <= p) and (window_left < 0 or j >= p - window_left)."""
+    position p iff (not causal or j <= p) and (window_left < 0 or j >= p - window_left).
+    Returns the output and the base-2 log-sum-exp of the scaled scores, [Lq, Hq] float32."""
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)
     v = v.repeat_interleave(groups, dim=1)
@@ -137,7 +144,30 @@ def _attend(q, k, v, q_pos, k_pos, causal, window_left, sm_scale):
     if window_left >= 0:
         mask &= k_pos[None, :] >= q_pos[:, None] - window_left
     scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v.float()).to(q.dtype)
+    out = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v.float()).to(q.dtype).contiguous()
+    return out, (torch.logsumexp(scores, dim=-1) / math.log(2)).T.contiguous()
+
+
+def _maybe_lse(out, lse, return_lse):
+    return (out, lse) if return_lse else out
+
+
+PREFILL_BACKENDS = ("auto", "fa2", "fa3")
+
+
+def fake_merge_state_in_place(v, s, v_other, s_other, mask=None):
+    """FlashInfer's merge_state_in_place: v/s become the state of both KV segments (base 2)."""
+    assert v.shape == v_other.shape and v.dim() == 3 and v.is_contiguous() and v_other.is_contiguous()
+    assert s.shape == s_other.shape == v.shape[:2] and s.dtype == s_other.dtype == torch.float32
+    rows = torch.ones(len(v), dtype=torch.bool)
+    if mask is not None:
+        assert mask.dim() == 1 and len(mask) == len(v) and mask.dtype == torch.bool
+        rows = mask.cpu()
+    s_max = torch.maximum(s, s_other)
+    w, w_other = torch.exp2(s - s_max), torch.exp2(s_other - s_max)
+    merged = (w[..., None] * v.float() + w_other[..., None] * v_other.float()) / (w + w_other)[..., None]
+    v[rows] = merged[rows].to(v.dtype)
+    s[rows] = (torch.log2(w + w_other) + s_max)[rows]
 
 
 class _Wrapper:
@@ -153,14 +183,15 @@ class _Wrapper:
         assert k_cache.dim() == 3 and k_cache.dtype == self.dtypes[1]
         assert (last_page_len == 1).all()
         out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:2], dtype=torch.float32)
         for i in range(len(kv_indptr) - 1):
             slots = kv_indices[kv_indptr[i] : kv_indptr[i + 1]].long()
             rows = slice(int(qo_indptr[i]), int(qo_indptr[i + 1]))
             kv_len, q_len = len(slots), rows.stop - rows.start
             q_pos = torch.arange(kv_len - q_len, kv_len)
-            out[rows] = _attend(q[rows], k_cache[slots], v_cache[slots], q_pos, torch.arange(kv_len),
-                                self.causal, self.window_left, self.sm_scale)
-        return out
+            out[rows], lse[rows] = _attend(q[rows], k_cache[slots], v_cache[slots], q_pos, torch.arange(kv_len),
+                                           self.causal, self.window_left, self.sm_scale)
+        return out, lse
 
 
 class FakeDecodeWrapper(_Wrapper):
@@ -193,14 +224,15 @@ class FakeDecodeWrapper(_Wrapper):
     def run(self, q, paged_kv_cache, *args, **kwargs):
         assert q.shape[0] == len(self.last)
         qo_indptr = torch.arange(q.shape[0] + 1)
-        return self._paged(q, paged_kv_cache, qo_indptr, self.indptr, self.indices, self.last)
+        return self._paged(q, paged_kv_cache, qo_indptr, self.indptr, self.indices, self.last)[0]
 
 
 class FakePagedPrefillWrapper(_Wrapper):
     def __init__(self, float_workspace_buffer, kv_layout="NHD", use_cuda_graph=False, qo_indptr_buf=None,
                  paged_kv_indptr_buf=None, paged_kv_indices_buf=None, paged_kv_last_page_len_buf=None,
                  custom_mask_buf=None, mask_indptr_buf=None, backend="auto", jit_args=None, jit_kwargs=None):
-        assert kv_layout == "NHD" and not use_cuda_graph
+        assert kv_layout == "NHD" and not use_cuda_graph and backend in PREFILL_BACKENDS
+        self.backend = backend
         self.planned = False
 
     def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads,
@@ -210,18 +242,22 @@ class FakePagedPrefillWrapper(_Wrapper):
              o_data_type=None, non_blocking=True, **rest):
         assert page_size == 1 and qo_indptr.device.type == "cpu" and paged_kv_indptr.device.type == "cpu"
         assert len(paged_kv_indices) == int(paged_kv_indptr[-1])
+        # The backend never hands FlashInfer an empty KV range (its result there is not relied on).
+        assert (paged_kv_indptr[1:] > paged_kv_indptr[:-1]).all(), "empty KV range"
         self.args = (qo_indptr.clone(), paged_kv_indptr.clone(), paged_kv_indices, paged_kv_last_page_len.clone())
         self._keep(window_left, sm_scale, q_data_type, kv_data_type, causal)
 
-    def run(self, q, paged_kv_cache, *args, **kwargs):
-        return self._paged(q, paged_kv_cache, *self.args)
+    def run(self, q, paged_kv_cache, *args, q_scale=None, k_scale=None, v_scale=None, out=None, lse=None,
+            return_lse=False, enable_pdl=None, window_left=None, **kwargs):
+        return _maybe_lse(*self._paged(q, paged_kv_cache, *self.args), return_lse)
 
 
 class FakeRaggedPrefillWrapper(_Wrapper):
     def __init__(self, float_workspace_buffer, kv_layout="NHD", use_cuda_graph=False, qo_indptr_buf=None,
                  kv_indptr_buf=None, custom_mask_buf=None, mask_indptr_buf=None, backend="auto",
                  jit_args=None, jit_kwargs=None):
-        assert kv_layout == "NHD" and not use_cuda_graph
+        assert kv_layout == "NHD" and not use_cuda_graph and backend in PREFILL_BACKENDS
+        self.backend = backend
         self.planned = False
 
     def plan(self, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo=None,
@@ -232,15 +268,19 @@ class FakeRaggedPrefillWrapper(_Wrapper):
         self.qo_indptr, self.kv_indptr = qo_indptr.clone(), kv_indptr.clone()
         self._keep(window_left, sm_scale, q_data_type, kv_data_type, causal)
 
-    def run(self, q, k, v, *args, **kwargs):
+    def run(self, q, k, v, *args, q_scale=None, k_scale=None, v_scale=None, o_scale=None, out=None, lse=None,
+            return_lse=False, enable_pdl=None, **kwargs):
         assert self.planned and k.shape[0] == int(self.kv_indptr[-1])
         out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:2], dtype=torch.float32)
         for i in range(len(self.qo_indptr) - 1):
             rows = slice(int(self.qo_indptr[i]), int(self.qo_indptr[i + 1]))
             keys = slice(int(self.kv_indptr[i]), int(self.kv_indptr[i + 1]))
-            pos = torch.arange(rows.stop - rows.start)
-            out[rows] = _attend(q[rows], k[keys], v[keys], pos, pos, self.causal, self.window_left, self.sm_scale)
-        return out
+            kv_len, q_len = keys.stop - keys.start, rows.stop - rows.start
+            q_pos = torch.arange(kv_len - q_len, kv_len)  # queries are the last q_len positions
+            out[rows], lse[rows] = _attend(q[rows], k[keys], v[keys], q_pos, torch.arange(kv_len), self.causal,
+                                           self.window_left, self.sm_scale)
+        return _maybe_lse(out, lse, return_lse)
 
 
 @pytest.fixture
@@ -250,6 +290,7 @@ def fake_flashinfer(monkeypatch):
     module.BatchDecodeWithPagedKVCacheWrapper = FakeDecodeWrapper
     module.BatchPrefillWithPagedKVCacheWrapper = FakePagedPrefillWrapper
     module.BatchPrefillWithRaggedKVCacheWrapper = FakeRaggedPrefillWrapper
+    module.merge_state_in_place = fake_merge_state_in_place
     monkeypatch.setitem(sys.modules, "flashinfer", module)
     monkeypatch.setattr(fib, "check_supported", lambda device, dtype: None)
     monkeypatch.setattr(fib, "WORKSPACE_BYTES", 1024)
@@ -310,11 +351,12 @@ def test_backend_matches_torch_native(fake_flashinfer, arch, window):
     ref, got, kind = _both(runner, native, backend, batch)
     assert kind == "ragged"
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-    # The rest on top of the cached chunk -> paged (the third prompt is already complete).
+    # The rest on top of the cached chunk -> the default extend strategy's kind (the third
+    # prompt is already complete).
     rest = [len(p) - n for p, n in zip(PROMPTS[:2], first)]
     batch = ScheduledBatch(ForwardMode.EXTEND, reqs[:2], first[:2], rest, alloc(sum(rest)), [True, True])
     ref, got, kind = _both(runner, native, backend, batch)
-    assert kind == "paged"
+    assert kind == fx.extend_kind(fx.DEFAULT_EXTEND_STRATEGY, first[:2], backend.geometry.window_lefts) != "ragged"
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     for req in reqs:
         req.output_ids.append(req.origin_input_ids[-1])
@@ -324,7 +366,7 @@ def test_backend_matches_torch_native(fake_flashinfer, arch, window):
     # batches that build_forward_batch stages straight into them.
     runner.attn_backend = backend
     graphs = CudaGraphRunner(runner)
-    assert graphs.batch_sizes == [1, 2, 4]
+    assert graphs.batch_sizes[:3] == [1, 2, 4]
     for bs in reversed(graphs.batch_sizes):
         graphs.prepare_capture(bs)
     k_buf = runner.kv_pool.k_buffers[0]
@@ -350,3 +392,82 @@ def test_backend_matches_torch_native(fake_flashinfer, arch, window):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
         for req, token in zip(reqs, ref.argmax(-1).tolist()):
             req.output_ids.append(token)
+
+
+# ---------------- extend on a cached prefix: the strategies ----------------
+def test_extend_strategy_rules():
+    assert fx.DEFAULT_EXTEND_STRATEGY in fx.EXTEND_STRATEGIES
+    assert fx.check_extend_strategy(None) == fx.DEFAULT_EXTEND_STRATEGY
+    with pytest.raises(ConfigError, match="extend strategy"):
+        fx.check_extend_strategy("fa4")
+    assert [fx.prefix_prefill_backend(s) for s in fx.EXTEND_STRATEGIES] == ["auto", "fa2", "auto", "fa2"]
+    for strategy in fx.EXTEND_STRATEGIES:
+        assert fx.extend_kind(strategy, [0, 0], (-1,)) == "ragged"
+        assert fx.extend_kind(strategy, [0, 5], (-1, 7)) == "paged", "windows: no cascade"
+        expected = "cascade" if strategy.startswith("cascade") else "paged"
+        assert fx.extend_kind(strategy, [0, 5], (-1,)) == expected
+    assert fx.cascade_prefix_lens([0, 5, 1]) == [1, 5, 1]
+
+
+def test_fake_merge_is_attention_over_both_segments():
+    """The stand-in's LSE (base 2) and merge compose like attention over the joined keys."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(5, n, 8, generator=gen) for n in (4, 2, 2))
+    pos = torch.arange(5)
+    full, full_lse = _attend(q, k, v, pos, pos, False, -1, 0.3)
+    a, a_lse = _attend(q, k[:2], v[:2], pos, torch.arange(2), False, -1, 0.3)
+    b, b_lse = _attend(q, k[2:], v[2:], pos, torch.arange(3), False, -1, 0.3)
+    mask = torch.tensor([True, True, False, True, True])
+    kept = a[2].clone()
+    fake_merge_state_in_place(a, a_lse, b, b_lse, mask=mask)
+    torch.testing.assert_close(a[mask], full[mask])
+    torch.testing.assert_close(a_lse[mask], full_lse[mask])
+    assert torch.equal(a[2], kept), "masked rows are left alone"
+
+
+def _new_req(runner, rid: str, ids):
+    req = Req(rid=rid, origin_input_ids=list(ids), sampling_params=greedy(4), seed=0)
+    req.req_pool_idx = runner.req_to_token_pool.alloc()
+    return req
+
+
+@pytest.mark.parametrize("strategy", fx.EXTEND_STRATEGIES)
+@pytest.mark.parametrize(
+    "arch,window,heads",
+    [("qwen3", None, {}), ("qwen3", None, dict(num_attention_heads=8, num_key_value_heads=2)), ("qwen2", 4, {})],
+    ids=["gqa2", "gqa4", "window"],
+)
+def test_extend_strategies_match_torch_native(fake_flashinfer, strategy, arch, window, heads):
+    extra = dict(use_sliding_window=True, sliding_window=window, max_window_layers=1) if window else {}
+    runner = _runner(tiny_model_dir(arch, **extra, **heads))
+    native = runner.attn_backend
+    backend = fib.FlashInferAttnBackend(runner, extend_strategy=strategy)
+    assert all(w.backend == fx.prefix_prefill_backend(strategy) for w in backend._prefill_paged.values())
+    assert all(w.backend == "auto" for w in backend._prefill_ragged.values())
+    with_prefix = "cascade" if strategy.startswith("cascade") and not window else "paged"
+    alloc = runner.token_to_kv_pool_allocator.alloc
+    a = _new_req(runner, "a", PROMPTS[0])  # 9 tokens
+    b = _new_req(runner, "b", PROMPTS[1])
+    first = alloc(8)
+    ref, got, kind = _both(runner, native, backend,
+                           ScheduledBatch(ForwardMode.EXTEND, [a, b], [0, 0], [3, 5], first, [False, True]))
+    assert kind == "ragged"
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    # A mixed batch: a's second chunk, c hitting the prefix cache on a's first 3 tokens (its
+    # row gets a's slots, as the scheduler arranges it) and d with nothing cached.
+    c = _new_req(runner, "c", PROMPTS[0][:3] + [77, 78, 79, 80])
+    c.kv_slots, c.cache_owned_len = first[:3], 3
+    d = _new_req(runner, "d", PROMPTS[2] + [5, 6, 7])
+    batch = ScheduledBatch(ForwardMode.EXTEND, [a, c, d], [3, 3, 0], [6, 4, 4], alloc(14), [True, True, False])
+    ref, got, kind = _both(runner, native, backend, batch)
+    assert kind == with_prefix
+    if kind == "cascade":
+        assert backend.forward_metadata.merge_mask.tolist() == [True] * 10 + [False] * 4
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    # Every sequence with a prefix (no merge mask); a one-token extend among them.
+    batch = ScheduledBatch(ForwardMode.EXTEND, [d, b], [4, 4], [2, 1], alloc(3), [True, True])
+    ref, got, kind = _both(runner, native, backend, batch)
+    assert kind == with_prefix
+    if kind == "cascade":
+        assert backend.forward_metadata.merge_mask is None
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)

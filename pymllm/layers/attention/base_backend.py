@@ -1,7 +1,8 @@
 """The attention backend interface.
 
 A backend owns attention metadata (built once per forward in ``init_forward_metadata``) and the
-attention math. It writes the new tokens' K/V into the KV pool at ``out_cache_loc`` and attends
+attention math. It writes the new tokens' K/V into the KV pool at ``out_cache_loc`` (unless the
+layer passes ``save_kv_cache=False`` because a fused kernel already wrote them there) and attends
 over each sequence's slots listed in ``req_to_token``. It never allocates or frees KV slots.
 """
 
@@ -27,21 +28,27 @@ class AttentionBackend(abc.ABC):
     @abc.abstractmethod
     def forward_extend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-        layer: "RadixAttention", forward_batch: "ForwardBatch",
+        layer: "RadixAttention", forward_batch: "ForwardBatch", save_kv_cache: bool = True,
     ) -> torch.Tensor:
-        """q: [T, Hq*D], k/v: [T, Hkv*D] for the new tokens; returns [T, Hq*D]."""
+        """q: [T, Hq*D], k/v: [T, Hkv*D] for the new tokens; returns [T, Hq*D].
+
+        save_kv_cache=False: k/v are already in the pool at out_cache_loc; do not store them.
+        """
 
     @abc.abstractmethod
     def forward_decode(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-        layer: "RadixAttention", forward_batch: "ForwardBatch",
+        layer: "RadixAttention", forward_batch: "ForwardBatch", save_kv_cache: bool = True,
     ) -> torch.Tensor:
         """One new token per sequence; same shapes as forward_extend with T == batch size."""
 
-    def forward(self, q, k, v, layer, forward_batch):
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        layer: "RadixAttention", forward_batch: "ForwardBatch", save_kv_cache: bool = True,
+    ) -> torch.Tensor:
         if forward_batch.forward_mode.is_decode():
-            return self.forward_decode(q, k, v, layer, forward_batch)
-        return self.forward_extend(q, k, v, layer, forward_batch)
+            return self.forward_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache)
+        return self.forward_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache)
 
     # CUDA graph support (backends that can be captured override these).
     def supports_cuda_graph(self) -> bool:

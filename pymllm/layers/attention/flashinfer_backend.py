@@ -14,9 +14,11 @@ Kernels per forward mode:
   the new k/v tensors as they come out of the projection. They are still written to the pool
   for later steps, but attention reads them contiguously instead of gathering them slot by
   slot through kv_indices, and no kv_indices need to be built.
-- extend on top of a cached prefix (chunked prefill, prefix-cache hits, mixed batches):
-  ``BatchPrefillWithPagedKVCacheWrapper``, causal; the new tokens' K/V are written to the pool
-  first, then attention runs over prefix + new tokens through kv_indices.
+- extend on top of a cached prefix (chunked prefill, prefix-cache hits, mixed batches): one
+  of the strategies of ``flashinfer_extend`` (``extend_strategy``): a causal
+  ``BatchPrefillWithPagedKVCacheWrapper`` over prefix + new tokens through kv_indices (the new
+  tokens' K/V are written to the pool first), with backend "auto" or "fa2"; or a cascade of a
+  ragged causal pass over the new tokens and a paged pass over the prefix, merged by LSE.
 
 ``plan()`` runs once per forward in ``init_forward_metadata`` and every layer reuses it.
 Layers with a sliding window get their own wrapper planned with ``window_left``; all wrappers
@@ -24,7 +26,10 @@ share one float workspace buffer (they run one after another on one stream). Ind
 that plan() reads on the host (indptr, last_page_len) are passed as host tensors built from
 the batch's host-side lengths, so planning never waits for the GPU.
 
-CUDA graphs: decode wrappers created with ``use_cuda_graph=True`` keep reading the static
+CUDA graphs: small batches (``graph_decode_kernel``) decode with the Triton split-KV kernel of
+``triton_decode``, which reads the static seq_lens and ``req_to_token`` itself, so their replay
+needs no host-side attention work. For larger batches, decode wrappers created with
+``use_cuda_graph=True`` keep reading the static
 kv_indptr / kv_indices / last_page_len buffers that were given at capture time. FlashInfer's
 plan in graph mode fixes the launch grid and the workspace layout by batch size alone (split-kv
 is always on), so re-planning before each replay with the new lengths refreshes the schedule
@@ -33,6 +38,7 @@ in the workspace without changing what the captured kernels read.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
@@ -42,12 +48,16 @@ import torch
 from pymllm.configs.errors import ConfigError
 from pymllm.engine.forward_batch import ForwardBatch
 from pymllm.layers.attention.base_backend import AttentionBackend
+from pymllm.layers.attention import flashinfer_extend as fx
 from pymllm.layers.kernels.kv_cache_ops import KVCacheOps, indptr_from_lens
 from pymllm.layers.radix_attention import RadixAttention
 
 if TYPE_CHECKING:
     from torch import nn
 
+# Graph batches up to this size decode with the Triton split-KV kernel, which reads lengths and
+# the page table on the device; larger ones use FlashInfer (see graph_decode_kernel).
+TRITON_GRAPH_DECODE_MAX_BS = 16
 WORKSPACE_BYTES = 256 << 20  # FlashInfer's split-kv scratch; 128 MB is its documented minimum
 CUDA_CORE_DECODE_GROUP_SIZES = (1, 2, 3, 4, 8)
 TENSOR_CORE_MIN_GROUP_SIZE = 4
@@ -61,6 +71,23 @@ def decode_use_tensor_cores(num_qo_heads: int, num_kv_heads: int, kv_dtype: torc
     if kv_dtype in _FP8_DTYPES:
         return True
     return group >= TENSOR_CORE_MIN_GROUP_SIZE or group not in CUDA_CORE_DECODE_GROUP_SIZES
+
+
+def graph_decode_kernel(batch_size: int, kv_dtype: torch.dtype, head_dim: int) -> str:
+    """Which kernel a captured decode graph of ``batch_size`` uses: "triton" or "flashinfer".
+
+    FlashInfer's decode must be re-planned on the host before every replay (~0.1-0.2 ms on the
+    critical path of each step); the Triton kernel needs nothing, and for small batches it is
+    also the faster kernel (scripts/bench_decode_attention.py). Large batches are dominated by
+    streaming the KV cache, where FlashInfer's kernels are tuned further.
+    """
+    triton_ok = (
+        kv_dtype in SUPPORTED_DTYPES
+        and head_dim >= 16
+        and head_dim & (head_dim - 1) == 0
+        and importlib.util.find_spec("triton") is not None
+    )
+    return "triton" if triton_ok and batch_size <= TRITON_GRAPH_DECODE_MAX_BS else "flashinfer"
 
 
 def window_left_for(sliding_window: Optional[int]) -> int:
@@ -113,8 +140,13 @@ class AttentionGeometry:
 
 @dataclass
 class _ForwardMetadata:
-    kind: str  # "decode", "ragged" or "paged"
+    kind: str  # "decode", "triton_decode", "ragged", "paged" or "cascade"
     wrappers: Dict[int, object]  # window_left -> wrapper planned for this forward
+    # "cascade" only: the paged wrapper planned over the cached prefixes, and which new tokens
+    # merge its result (None: all of them).
+    prefix: Optional[object] = None
+    merge_mask: Optional[torch.Tensor] = None
+    num_splits: int = 0  # "triton_decode" only: KV splits per sequence, fixed by the graph
 
 
 @dataclass
@@ -123,6 +155,7 @@ class _GraphState:
     kv_indices: torch.Tensor  # [max_num_tokens] int32
     last_page_len: torch.Tensor  # [max_bs] int32, all ones
     wrappers: Dict[int, Dict[int, object]] = field(default_factory=dict)  # bs -> window -> wrapper
+    triton_splits: Dict[int, int] = field(default_factory=dict)  # bs -> splits, Triton-decoded graphs
 
 
 def check_supported(device: torch.device, dtype: torch.dtype) -> None:
@@ -140,8 +173,10 @@ def check_supported(device: torch.device, dtype: torch.dtype) -> None:
 class FlashInferAttnBackend(AttentionBackend):
     name = "flashinfer"
 
-    def __init__(self, runner):
+    def __init__(self, runner, extend_strategy: Optional[str] = None):
+        """extend_strategy: one of ``flashinfer_extend.EXTEND_STRATEGIES`` (None: the default)."""
         check_supported(runner.device, runner.dtype)
+        self.extend_strategy = fx.check_extend_strategy(extend_strategy)
         import flashinfer
 
         self._fi = flashinfer
@@ -163,8 +198,10 @@ class FlashInferAttnBackend(AttentionBackend):
         )
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self._decode = {w: self._new_decode_wrapper() for w in g.window_lefts}
+        paged_backend = fx.prefix_prefill_backend(self.extend_strategy)
         self._prefill_paged = {
-            w: flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD") for w in g.window_lefts
+            w: flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend=paged_backend)
+            for w in g.window_lefts
         }
         self._prefill_ragged = {
             w: flashinfer.BatchPrefillWithRaggedKVCacheWrapper(self.workspace, "NHD") for w in g.window_lefts
@@ -213,13 +250,16 @@ class FlashInferAttnBackend(AttentionBackend):
             self.forward_metadata = _ForwardMetadata("decode", self._decode)
             return
         qo_indptr_host = indptr_from_lens(fb.extend_seq_lens_cpu)
-        if extend_uses_ragged(fb.extend_prefix_lens_cpu):
+        kind = fx.extend_kind(self.extend_strategy, fb.extend_prefix_lens_cpu, g.window_lefts)
+        if kind in ("ragged", "cascade"):
             for window_left, wrapper in self._prefill_ragged.items():
                 wrapper.plan(
                     qo_indptr_host, qo_indptr_host, g.num_qo_heads, g.num_kv_heads, g.head_dim,
                     causal=True, **self._common_plan_args(window_left),
                 )
             self.forward_metadata = _ForwardMetadata("ragged", self._prefill_ragged)
+            if kind == "cascade":
+                self._plan_cascade_prefix(fb, qo_indptr_host)
             return
         kv_indptr_host = indptr_from_lens(fb.seq_lens_cpu)
         kv_indices = self._device_kv_indices(fb.req_pool_indices, fb.seq_lens, kv_indptr_host)
@@ -231,6 +271,31 @@ class FlashInferAttnBackend(AttentionBackend):
             )
         self.forward_metadata = _ForwardMetadata("paged", self._prefill_paged)
 
+    def _plan_cascade_prefix(self, fb: ForwardBatch, qo_indptr_host: torch.Tensor) -> None:
+        """Cascade extend: plan the paged wrapper, non-causal, over the cached prefixes only.
+
+        The ragged wrappers are already planned (causal, new tokens only). Sequences without a
+        prefix get a one-key stand-in range and are masked out of the merge
+        (``flashinfer_extend``). Only models without sliding windows get here.
+        """
+        g = self.geometry
+        prefix_lens = fb.extend_prefix_lens_cpu
+        kv_indptr_host = indptr_from_lens(fx.cascade_prefix_lens(prefix_lens))
+        lens = fb.extend_prefix_lens
+        if not all(p > 0 for p in prefix_lens):
+            lens = torch.clamp(lens, min=1)
+        kv_indices = self._device_kv_indices(fb.req_pool_indices, lens, kv_indptr_host)
+        prefix = self._prefill_paged[-1]
+        prefix.plan(
+            qo_indptr_host, kv_indptr_host, kv_indices, self._ones_host[: fb.batch_size],
+            g.num_qo_heads, g.num_kv_heads, g.head_dim, 1,
+            causal=False, **self._common_plan_args(-1),
+        )
+        self.forward_metadata = _ForwardMetadata(
+            "cascade", self._prefill_ragged, prefix=prefix,
+            merge_mask=fx.cascade_merge_mask(fb, int(qo_indptr_host[-1])),
+        )
+
     # ---------------- CUDA graphs ----------------
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
         """Static index buffers shared by every captured batch size.
@@ -238,6 +303,9 @@ class FlashInferAttnBackend(AttentionBackend):
         max_num_tokens: the most KV entries the sequences of one captured batch hold together
         (sizes kv_indices; the runner passes max_bs * context length).
         """
+        if len(self._ones_host) < max_bs + 1:
+            # Graph batches may have more rows than requests (short extends run one row per token).
+            self._ones_host = torch.ones(max_bs + 1, dtype=torch.int32, pin_memory=self.device.type == "cuda")
         self._graph = _GraphState(
             kv_indptr=torch.zeros(max_bs + 1, dtype=torch.int32, device=self.device),
             kv_indices=torch.zeros(max_num_tokens, dtype=torch.int32, device=self.device),
@@ -251,6 +319,14 @@ class FlashInferAttnBackend(AttentionBackend):
         st = self._graph
         if st is None:
             raise RuntimeError("init_cuda_graph_state must run before capturing")
+        if graph_decode_kernel(bs, self.kv_dtype, self.geometry.head_dim) == "triton":
+            from pymllm.layers.attention import triton_decode
+
+            # (The CPU emulation in the tests has no SM count; any power-of-two split count works.)
+            sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 4
+            st.triton_splits[bs] = triton_decode.num_splits_for(bs, self.geometry.num_kv_heads, sms)
+            self.forward_metadata = _ForwardMetadata("triton_decode", {}, num_splits=st.triton_splits[bs])
+            return
         st.wrappers[bs] = {
             w: self._new_decode_wrapper(
                 use_cuda_graph=True,
@@ -279,6 +355,11 @@ class FlashInferAttnBackend(AttentionBackend):
         scheduling never looks at their values.
         """
         st = self._graph
+        splits = st.triton_splits.get(bs)
+        if splits is not None:
+            # The captured kernels read req_to_token and the static seq_lens directly.
+            self.forward_metadata = _ForwardMetadata("triton_decode", {}, num_splits=splits)
+            return
         if indptr_host is None:
             indptr_host = indptr_from_lens(seq_lens_cpu)
         if seq_lens_host is None:
@@ -292,29 +373,48 @@ class FlashInferAttnBackend(AttentionBackend):
         self.forward_metadata = _ForwardMetadata("decode", wrappers)
 
     # ---------------- attention ----------------
-    def _store(self, k: torch.Tensor, v: torch.Tensor, layer: RadixAttention, fb: ForwardBatch):
+    def _store(self, k: torch.Tensor, v: torch.Tensor, layer: RadixAttention, fb: ForwardBatch, save: bool = True):
+        """Store k/v at out_cache_loc unless a fused kernel already did (save=False); returns
+        the layer's (k_buf, v_buf)."""
         k_buf, v_buf = fb.kv_pool.get_kv_buffer(layer.layer_id)
-        if not self.kv_ops.try_store(k, v, k_buf, v_buf, fb.out_cache_loc):
+        if save and not self.kv_ops.try_store(k, v, k_buf, v_buf, fb.out_cache_loc):
             fb.kv_pool.set_kv(layer.layer_id, fb.out_cache_loc, k, v)
         return k_buf, v_buf
 
     def _wrapper(self, layer: RadixAttention):
         return self.forward_metadata.wrappers[window_left_for(layer.sliding_window)]
 
-    def forward_extend(self, q, k, v, layer: RadixAttention, forward_batch: ForwardBatch):
+    def forward_extend(
+        self, q, k, v, layer: RadixAttention, forward_batch: ForwardBatch, save_kv_cache: bool = True
+    ):
         k = k.view(-1, layer.num_kv_heads, layer.head_dim)
         v = v.view(-1, layer.num_kv_heads, layer.head_dim)
-        kv_buffers = self._store(k, v, layer, forward_batch)
+        kv_buffers = self._store(k, v, layer, forward_batch, save_kv_cache)
         q = q.view(-1, layer.num_heads, layer.head_dim)
         if self.forward_metadata.kind == "ragged":
             out = self._wrapper(layer).run(q, k, v)
+        elif self.forward_metadata.kind == "cascade":
+            md = self.forward_metadata
+            out = fx.run_cascade(self._fi, self._wrapper(layer), md.prefix, q, k, v, kv_buffers, md.merge_mask)
         else:
             out = self._wrapper(layer).run(q, kv_buffers)
         return out.view(-1, layer.num_heads * layer.head_dim)
 
-    def forward_decode(self, q, k, v, layer: RadixAttention, forward_batch: ForwardBatch):
+    def forward_decode(
+        self, q, k, v, layer: RadixAttention, forward_batch: ForwardBatch, save_kv_cache: bool = True
+    ):
         k = k.view(-1, layer.num_kv_heads, layer.head_dim)
         v = v.view(-1, layer.num_kv_heads, layer.head_dim)
-        kv_buffers = self._store(k, v, layer, forward_batch)
-        out = self._wrapper(layer).run(q.view(-1, layer.num_heads, layer.head_dim), kv_buffers)
+        kv_buffers = self._store(k, v, layer, forward_batch, save_kv_cache)
+        q = q.view(-1, layer.num_heads, layer.head_dim)
+        md = self.forward_metadata
+        if md.kind == "triton_decode":
+            from pymllm.layers.attention.triton_decode import decode_attention
+
+            out = decode_attention(
+                q, *kv_buffers, self.req_to_token, forward_batch.req_pool_indices, forward_batch.seq_lens,
+                layer.scaling, md.num_splits, window_left_for(layer.sliding_window),
+            )
+        else:
+            out = self._wrapper(layer).run(q, kv_buffers)
         return out.view(-1, layer.num_heads * layer.head_dim)

@@ -28,8 +28,9 @@ class TorchNativeAttnBackend(AttentionBackend):
         v = v.view(-1, layer.num_kv_heads, layer.head_dim)
         forward_batch.kv_pool.set_kv(layer.layer_id, forward_batch.out_cache_loc, k, v)
 
-    def forward_extend(self, q, k, v, layer, forward_batch: ForwardBatch):
-        self._store(k, v, layer, forward_batch)
+    def forward_extend(self, q, k, v, layer, forward_batch: ForwardBatch, save_kv_cache: bool = True):
+        if save_kv_cache:
+            self._store(k, v, layer, forward_batch)
         k_buf, v_buf = forward_batch.kv_pool.get_kv_buffer(layer.layer_id)
         req_to_token = forward_batch.req_to_token_pool.req_to_token
         q = q.view(-1, layer.num_heads, layer.head_dim)
@@ -59,8 +60,9 @@ class TorchNativeAttnBackend(AttentionBackend):
             start += extend_len
         return out.view(-1, layer.num_heads * layer.head_dim)
 
-    def forward_decode(self, q, k, v, layer, forward_batch: ForwardBatch):
-        self._store(k, v, layer, forward_batch)
+    def forward_decode(self, q, k, v, layer, forward_batch: ForwardBatch, save_kv_cache: bool = True):
+        if save_kv_cache:
+            self._store(k, v, layer, forward_batch)
         k_buf, v_buf = forward_batch.kv_pool.get_kv_buffer(layer.layer_id)
         bs = forward_batch.batch_size
         max_len = max(forward_batch.seq_lens_cpu)

@@ -13,6 +13,12 @@ more than one rounding step, and they do not fuse the norm.
 
 Layout: rotate-half (NeoX) with the rotary dimension equal to head_dim; q and k may be
 strided views of a fused QKV output as long as each head's elements are contiguous.
+
+Optional KV-cache write: given the layer's pool buffers and the new tokens' slots, the k
+programs also store their result and the token's v head at ``k_cache[loc[t]]`` /
+``v_cache[loc[t]]``. This replaces the attention backend's separate store kernel, one launch
+per layer. The rows written are bit for bit what that store would write from the returned k
+(the same rounded values, in the same dtype) and from v (copied without conversion).
 """
 
 from __future__ import annotations
@@ -27,9 +33,12 @@ import triton.language as tl
 @triton.jit
 def _qk_norm_rope_kernel(
     q_ptr, k_ptr, q_out_ptr, k_out_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr,
+    v_ptr, k_cache_ptr, v_cache_ptr, loc_ptr,
     q_tok_stride, q_head_stride, k_tok_stride, k_head_stride,
+    v_tok_stride, v_head_stride, k_cache_slot_stride, v_cache_slot_stride,
     num_q_heads, num_k_heads, eps,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HALF_BLOCK: tl.constexpr, APPLY_NORM: tl.constexpr,
+    WRITE_KV: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
@@ -58,10 +67,27 @@ def _qk_norm_rope_kernel(
     pos = tl.load(pos_ptr + tok).to(tl.int64)
     c = tl.load(cos_ptr + pos * HALF + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
     s = tl.load(sin_ptr + pos * HALF + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
-    o1 = (x1 * c).to(dtype).to(tl.float32) - (x2 * s).to(dtype).to(tl.float32)
-    o2 = (x2 * c).to(dtype).to(tl.float32) + (x1 * s).to(dtype).to(tl.float32)
-    tl.store(dst + offs, o1.to(dtype), mask=mask)
-    tl.store(dst + HALF + offs, o2.to(dtype), mask=mask)
+    o1 = ((x1 * c).to(dtype).to(tl.float32) - (x2 * s).to(dtype).to(tl.float32)).to(dtype)
+    o2 = ((x2 * c).to(dtype).to(tl.float32) + (x1 * s).to(dtype).to(tl.float32)).to(dtype)
+    tl.store(dst + offs, o1, mask=mask)
+    tl.store(dst + HALF + offs, o2, mask=mask)
+    if WRITE_KV:
+        if head >= num_q_heads:
+            # k and v have the same heads: the program of k head kh also moves v head kh, so
+            # v needs no programs of its own. Each slot's [H_kv, D] block is dense (checked in
+            # pymllm.layers.fused_ops); only the slot stride varies.
+            kh = head - num_q_heads
+            slot = tl.load(loc_ptr + tok).to(tl.int64)
+            k_row = k_cache_ptr + slot * k_cache_slot_stride + kh * HEAD_DIM
+            # The cache has the activation dtype (checked by the dispatcher): these are the
+            # very values stored in k_out above.
+            tl.store(k_row + offs, o1, mask=mask)
+            tl.store(k_row + HALF + offs, o2, mask=mask)
+            # v is copied as loaded: no float32 round trip, so every bit pattern survives.
+            v_src = v_ptr + tok * v_tok_stride + kh * v_head_stride
+            v_row = v_cache_ptr + slot * v_cache_slot_stride + kh * HEAD_DIM
+            tl.store(v_row + offs, tl.load(v_src + offs, mask=mask), mask=mask)
+            tl.store(v_row + HALF + offs, tl.load(v_src + HALF + offs, mask=mask), mask=mask)
 
 
 def qk_norm_rope(
@@ -75,11 +101,21 @@ def qk_norm_rope(
     eps: float = 1e-6,
     q_out: Optional[torch.Tensor] = None,
     k_out: Optional[torch.Tensor] = None,
+    *,
+    v: Optional[torch.Tensor] = None,
+    k_cache: Optional[torch.Tensor] = None,
+    v_cache: Optional[torch.Tensor] = None,
+    out_cache_loc: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """q: [T, Hq, D], k: [T, Hk, D] (last dim contiguous); positions: [T] int;
     cos_cache / sin_cache: float32 [max_position, D / 2]. Returns new contiguous (q, k).
 
     With q_weight / k_weight ([D], activation dtype) each head is RMS-normalised first.
+
+    With k_cache / v_cache ([num_slots, Hk, D], k's dtype, each slot's [Hk, D] dense), v
+    ([T, Hk, D], last dim contiguous) and out_cache_loc ([T] int32 or int64, contiguous), also
+    ``k_cache[out_cache_loc] = returned k`` and ``v_cache[out_cache_loc] = v``. The caller
+    (pymllm.layers.fused_ops) checks these layouts.
     """
     tokens, num_q_heads, head_dim = q.shape
     num_k_heads = k.shape[1]
@@ -88,14 +124,23 @@ def qk_norm_rope(
     if tokens == 0:
         return q_out, k_out
     apply_norm = q_weight is not None
+    write_kv = k_cache is not None
+    if write_kv and (v is None or v_cache is None or out_cache_loc is None):
+        raise ValueError("the KV-cache write needs v, k_cache, v_cache and out_cache_loc together")
     half_block = triton.next_power_of_2(head_dim // 2)
+    # Without the write the cache arguments are never read; any tensor fills their slots.
+    cache_args = (v, k_cache, v_cache, out_cache_loc) if write_kv else (k, k, k, positions)
+    cache_strides = (v.stride(0), v.stride(1), k_cache.stride(0), v_cache.stride(0)) if write_kv else (0, 0, 0, 0)
     _qk_norm_rope_kernel[(tokens, num_q_heads + num_k_heads)](
         q, k, q_out, k_out,
         q_weight if apply_norm else q, k_weight if apply_norm else k,
         cos_cache, sin_cache, positions,
+        *cache_args,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        *cache_strides,
         num_q_heads, num_k_heads, eps,
         HEAD_DIM=head_dim, HALF=head_dim // 2, HALF_BLOCK=half_block, APPLY_NORM=apply_norm,
+        WRITE_KV=write_kv,
         num_warps=1 if half_block <= 64 else 2,
     )
     return q_out, k_out

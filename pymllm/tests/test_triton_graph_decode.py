@@ -1,0 +1,91 @@
+"""The Triton decode path of FlashInfer-backend CUDA graphs, on CPU.
+
+Small graph batches decode with ``triton_decode`` (no host-side plan before a replay). Here the
+whole graph path runs eagerly on CPU: the FlashInfer stand-in of test_flashinfer_metadata for
+the prefill, Triton's interpreter for the decode kernels (TRITON_INTERPRET=1 is read when a
+kernel is defined, so that part runs in a child process), float16 (the interpreter's bfloat16
+dot is unreliable), compared with torch_native on the same KV cache.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from pymllm.layers.attention import flashinfer_backend as fib
+
+
+def test_graph_decode_kernel_rule():
+    small, large = fib.TRITON_GRAPH_DECODE_MAX_BS, fib.TRITON_GRAPH_DECODE_MAX_BS + 1
+    assert fib.graph_decode_kernel(1, torch.bfloat16, 128) == "triton"
+    assert fib.graph_decode_kernel(small, torch.float16, 64) == "triton"
+    assert fib.graph_decode_kernel(large, torch.bfloat16, 128) == "flashinfer"
+    assert fib.graph_decode_kernel(1, torch.float8_e4m3fn, 128) == "flashinfer"
+    assert fib.graph_decode_kernel(1, torch.bfloat16, 96) == "flashinfer"  # not a power of two
+
+
+def graph_path_checks() -> None:
+    """Prefill three prompts, then decode through the captured-graph metadata path (padded from
+    3 to 4 rows), with the Triton kernels, against torch_native. Needs TRITON_INTERPRET=1."""
+    import pytest
+
+    from pymllm.engine.forward_batch import ForwardMode
+    from pymllm.executor.cuda_graph_runner import CudaGraphRunner
+    from pymllm.orchestrator.request import Req
+    from pymllm.orchestrator.schedule_batch import ScheduledBatch
+    from pymllm.testing.tiny_models import tiny_model_dir
+    from pymllm.tests import test_flashinfer_metadata as tfm
+    from pymllm.tests.helpers import greedy
+
+    monkeypatch = pytest.MonkeyPatch()
+    try:
+        tfm.fake_flashinfer.__wrapped__(monkeypatch)
+        runner = tfm._runner(tiny_model_dir("qwen3"), dtype="float16")
+        native = runner.attn_backend
+        backend = fib.FlashInferAttnBackend(runner)
+        reqs = []
+        for i, ids in enumerate(tfm.PROMPTS):
+            req = Req(rid=str(i), origin_input_ids=ids, sampling_params=greedy(8), seed=0)
+            req.req_pool_idx = runner.req_to_token_pool.alloc()
+            reqs.append(req)
+        alloc = runner.token_to_kv_pool_allocator.alloc
+        lens = [len(p) for p in tfm.PROMPTS]
+        batch = ScheduledBatch(ForwardMode.EXTEND, reqs, [0] * 3, lens, alloc(sum(lens)), [True] * 3)
+        ref, _, _ = tfm._both(runner, native, backend, batch)
+        for req, token in zip(reqs, ref.argmax(-1).tolist()):
+            req.output_ids.append(token)
+
+        runner.attn_backend = backend
+        graphs = CudaGraphRunner(runner)
+        for bs in reversed(graphs.batch_sizes):
+            graphs.prepare_capture(bs)
+            assert backend.forward_metadata.kind == "triton_decode"
+        for _ in range(3):
+            lens = [len(r.fill_ids) - 1 for r in reqs]
+            runner.cuda_graph_runner = graphs
+            fb = runner.build_forward_batch(ScheduledBatch(ForwardMode.DECODE, reqs, lens, [1] * 3, alloc(3), [True] * 3))
+            runner.cuda_graph_runner = None
+            assert graphs.prepare_replay(fb) == 4
+            assert backend.forward_metadata.kind == "triton_decode"
+            static = graphs._static_batch(4, [1] * 4)
+            with torch.inference_mode():
+                got = runner.model(static.input_ids, static.positions, static).float()[:3]
+            ref = tfm._forward_with(runner, native, fb)
+            torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
+            for req, token in zip(reqs, ref.argmax(-1).tolist()):
+                req.output_ids.append(token)
+    finally:
+        monkeypatch.undo()
+
+
+def test_graph_path_matches_torch_native_under_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    code = "from pymllm.tests.test_triton_graph_decode import graph_path_checks; graph_path_checks()"
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
