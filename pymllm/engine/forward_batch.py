@@ -51,6 +51,9 @@ class ForwardBatch:
     attn_backend: Optional["AttentionBackend"] = None
     # Qwen3-VL mrope: per-request position offset carried into decode.
     mrope_position_deltas: Optional[torch.Tensor] = None
+    # An extend run as decode rows (one per new token): the row of each request's last token,
+    # whose logits are the request's.
+    sample_rows: Optional[List[int]] = None
     extras: dict = field(default_factory=dict)
 
     @property

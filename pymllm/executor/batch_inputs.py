@@ -119,6 +119,40 @@ def host_batch(batch: "ScheduledBatch", row_stride: int) -> HostBatch:
     return extend_host_batch(token_ids, batch.prefix_lens, rows, batch.out_cache_loc, row_stride, cached)
 
 
+@dataclass
+class ExtendRows:
+    """An extend batch recast as one decode row per new token (see ``extend_as_decode_rows``)."""
+
+    rows: HostBatch  # decode-style: row i is new token i, attending to its own prefix
+    prefix_write_index: np.ndarray  # req_to_token writes that are not one per new token:
+    prefix_write_loc: np.ndarray  # cached prefix slots copied into a request's row
+    sample_rows: List[int]  # the row of each request's last new token
+
+
+def extend_as_decode_rows(hb: HostBatch) -> ExtendRows:
+    """Causal attention over new tokens is, token by token, decode attention over the request's
+    slots up to and including that token. So new token i of request r can run as a decode row
+    of r's req_to_token row with seq_len = position + 1, once all new K/V are in the cache
+    (each layer stores its new K/V before its attention reads them). A short extend on a long
+    cached prefix then replays a captured decode graph instead of launching hundreds of kernels
+    one by one. The first len(input_ids) writes of an extend HostBatch are the new tokens'
+    (extend_host_batch puts the cached-prefix copies after them)."""
+    if hb.extend_seq_lens is None:
+        raise ValueError("extend_as_decode_rows needs an extend batch")
+    num_tokens = len(hb.input_ids)
+    rows = HostBatch(
+        input_ids=hb.input_ids, positions=hb.positions, out_cache_loc=hb.out_cache_loc,
+        req_pool_indices=np.repeat(hb.req_pool_indices, hb.extend_seq_lens), seq_lens=hb.positions + 1,
+        kv_write_index=hb.kv_write_index[:num_tokens], kv_write_loc=hb.kv_write_loc[:num_tokens],
+    )
+    return ExtendRows(
+        rows=rows,
+        prefix_write_index=hb.kv_write_index[num_tokens:],
+        prefix_write_loc=hb.kv_write_loc[num_tokens:],
+        sample_rows=(np.cumsum(hb.extend_seq_lens) - 1).tolist(),
+    )
+
+
 @dataclass(frozen=True)
 class Segment:
     offset: int  # in int64 words

@@ -60,10 +60,28 @@ def padded_batch_size(bs: int, sizes: Sequence[int]) -> int:
     return sizes[i]
 
 
+# Short extends (a new turn on a cached prefix) replay the decode graphs with one row per new
+# token (batch_inputs.extend_as_decode_rows): up to this many new tokens, and as long as the
+# rows' attention re-reads of the shared prefix (one per row, mostly from L2) stay this small.
+EXTEND_AS_DECODE_MAX_TOKENS = 32
+EXTEND_AS_DECODE_MAX_KV_READS = 32 * 8192
+
+
 def graph_max_batch_size(server: "ServerConfig") -> int:
-    """min(max_running_requests, --server.cuda_graph_max_bs when set)."""
-    limit = server.cuda_graph_max_bs or server.max_running_requests
-    return min(server.max_running_requests, limit)
+    """The largest captured batch: --server.cuda_graph_max_bs when set, else
+    max_running_requests but at least EXTEND_AS_DECODE_MAX_TOKENS, so short extends fit."""
+    if server.cuda_graph_max_bs:
+        return min(server.cuda_graph_max_bs, max(server.max_running_requests, EXTEND_AS_DECODE_MAX_TOKENS))
+    return max(server.max_running_requests, EXTEND_AS_DECODE_MAX_TOKENS)
+
+
+def extend_runs_as_decode(num_new_tokens: int, max_seq_len: int, has_images: bool, graph_max_bs: int) -> bool:
+    """Whether an extend batch replays a decode graph, one row per new token."""
+    return (
+        not has_images  # image tokens need the vision tower and 3-D positions
+        and 0 < num_new_tokens <= min(EXTEND_AS_DECODE_MAX_TOKENS, graph_max_bs)
+        and num_new_tokens * max_seq_len <= EXTEND_AS_DECODE_MAX_KV_READS
+    )
 
 
 def cuda_graph_disabled_reason(server: "ServerConfig", device: torch.device, attn_backend) -> Optional[str]:
@@ -207,7 +225,8 @@ class CudaGraphRunner:
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self.model(fb.input_ids, fb.positions, fb)
+            # The float32 logits the sampler reads come out of the graph: no extra launch per step.
+            out = self.model(fb.input_ids, fb.positions, fb).float()
         self.graphs[bs] = graph
         self.outputs[bs] = out
 
@@ -265,7 +284,7 @@ class CudaGraphRunner:
         return padded
 
     def replay(self, fb: ForwardBatch) -> torch.Tensor:
-        """Logits [bs, vocab] of a decode batch; valid until the next replay."""
+        """Float32 logits [bs, vocab] of a decode batch; valid until the next replay."""
         padded = self.prepare_replay(fb)
         self.graphs[padded].replay()
         return self.outputs[padded][: fb.batch_size]

@@ -17,8 +17,8 @@ from pymllm.configs.errors import ConfigError
 from pymllm.configs.global_config import GlobalConfig
 from pymllm.configs.model_config import ModelConfig
 from pymllm.engine.forward_batch import ForwardBatch, ForwardMode
-from pymllm.executor.batch_inputs import HostBatch, InputStager, host_batch, pack_eager
-from pymllm.executor.cuda_graph_runner import build_cuda_graph_runner
+from pymllm.executor.batch_inputs import HostBatch, InputStager, extend_as_decode_rows, host_batch, pack_eager
+from pymllm.executor.cuda_graph_runner import build_cuda_graph_runner, extend_runs_as_decode
 from pymllm.executor.device_memory import device_memory
 from pymllm.executor.multimodal_batch import attach_multimodal_inputs
 from pymllm.layers.attention.selection import create_attention_backend
@@ -136,6 +136,11 @@ class ModelRunner:
         graphs = self.cuda_graph_runner
         if graphs is not None and batch.mode.is_decode() and graphs.fits(hb.batch_size):
             fb, write_index, write_loc = graphs.stage(hb)
+        elif graphs is not None and batch.mode.is_extend() and extend_runs_as_decode(
+            len(hb.input_ids), int(hb.seq_lens.max()), any(getattr(r, "mm_inputs", None) for r in batch.reqs),
+            graphs.max_bs,
+        ):
+            fb, write_index, write_loc = self._stage_extend_as_decode(hb)
         else:
             fb, write_index, write_loc = self._stage_eager(batch.mode, hb)
         # Record where every new KV entry lives: one scatter into the flattened table.
@@ -144,6 +149,20 @@ class ModelRunner:
         # static buffer in prepare_replay.
         attach_multimodal_inputs(self.model, batch, fb, self.device)
         return fb
+
+    def _stage_extend_as_decode(self, hb: HostBatch) -> Tuple[ForwardBatch, torch.Tensor, torch.Tensor]:
+        """Stage an extend as decode-graph rows (one per new token)."""
+        ext = extend_as_decode_rows(hb)
+        if len(ext.prefix_write_index):
+            # A prefix-cache hit's first extend copies the cached slots into the request's row,
+            # more writes than the graph's per-row buffers hold: scattered here, before the
+            # graph's attention reads the row.
+            index = torch.from_numpy(ext.prefix_write_index).to(self.device, non_blocking=True)
+            loc = torch.from_numpy(ext.prefix_write_loc.astype(np.int32)).to(self.device, non_blocking=True)
+            self.req_to_token_pool.req_to_token.view(-1).index_copy_(0, index, loc)
+        fb, write_index, write_loc = self.cuda_graph_runner.stage(ext.rows)
+        fb.sample_rows = ext.sample_rows
+        return fb, write_index, write_loc
 
     def _stage_eager(self, mode: ForwardMode, hb: HostBatch) -> Tuple[ForwardBatch, torch.Tensor, torch.Tensor]:
         layout, words = pack_eager(hb)
@@ -178,7 +197,14 @@ class ModelRunner:
             and fb.forward_mode.is_decode()
             and self.cuda_graph_runner.can_run(fb)
         ):
-            return self.cuda_graph_runner.replay(fb).float()
+            logits = self.cuda_graph_runner.replay(fb)
+            if fb.sample_rows is not None:  # an extend run as decode rows: each request's last row
+                rows = fb.sample_rows
+                last = rows[-1]
+                if rows == list(range(last - len(rows) + 1, last + 1)):
+                    return logits[last - len(rows) + 1 : last + 1]
+                return logits[torch.tensor(rows, device=logits.device)]
+            return logits
         self.attn_backend.init_forward_metadata(fb)
         return self.model(fb.input_ids, fb.positions, fb).float()
 

@@ -43,8 +43,23 @@ def test_graph_max_batch_size_reads_cuda_graph_max_bs():
     assert cgr.graph_max_batch_size(server) == 48
     server.cuda_graph_max_bs = 16
     assert cgr.graph_max_batch_size(server) == 16
-    server.cuda_graph_max_bs = 512  # never more than can run at once
+    server.cuda_graph_max_bs = 512  # never more than a decode batch or a short extend needs
     assert cgr.graph_max_batch_size(server) == 48
+    # Few running requests: graphs still cover a short extend's rows, unless the flag says less.
+    small = ServerConfig(max_running_requests=4)
+    assert cgr.graph_max_batch_size(small) == cgr.EXTEND_AS_DECODE_MAX_TOKENS
+    small.cuda_graph_max_bs = 8
+    assert cgr.graph_max_batch_size(small) == 8
+
+
+def test_extend_runs_as_decode_rule():
+    top = cgr.EXTEND_AS_DECODE_MAX_TOKENS
+    assert cgr.extend_runs_as_decode(top, 2032, False, 64)
+    assert not cgr.extend_runs_as_decode(top + 1, 2032, False, 64)  # a real prefill
+    assert not cgr.extend_runs_as_decode(8, 100, True, 64)  # images need the vision tower
+    assert not cgr.extend_runs_as_decode(16, 100, False, 8)  # more rows than the graphs hold
+    assert not cgr.extend_runs_as_decode(top, cgr.EXTEND_AS_DECODE_MAX_KV_READS // top + 1, False, 64)
+    assert not cgr.extend_runs_as_decode(0, 1, False, 64)
 
 
 def test_flags_parse_and_validate():

@@ -1,6 +1,8 @@
 """The GPU fast path against the PyTorch references, on a CUDA device (marked gpu).
 
-- fused ops (Triton) vs their references, outputs poisoned with NaN beforehand;
+- fused ops (Triton) vs their references, outputs poisoned with NaN beforehand; the q/k
+  norm+rope kernel's KV-cache write bit for bit against the separate store, and a model run
+  with the fused write against one without it (same logits, same KV pool);
 - FlashInfer attention vs torch_native at the op level (ragged prefill, paged extend, eager
   decode, and decode captured in a CUDA graph and replayed on a padded batch) for the head
   layouts of Qwen3-0.6B (GQA 2, CUDA-core decode) and Qwen3-8B (GQA 4, tensor-core decode);
@@ -106,6 +108,55 @@ def test_fused_ops_match_reference(dtype, tokens):
     ref_q, ref_k = rope(positions, q, k)
     torch.testing.assert_close(got_q, ref_q, **one_ulp)
     torch.testing.assert_close(got_k, ref_k, **one_ulp)
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.int16)  # fp16/bf16: NaN poison compares bit for bit
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [1, 3, 300])
+@pytest.mark.parametrize("heads,kv_heads", [(16, 8), (32, 8)], ids=["qwen3-0.6b", "qwen3-8b"])
+def test_qk_norm_rope_kv_write_equals_the_separate_store(dtype, tokens, heads, kv_heads):
+    from mllm_kernel import store_cache_reference
+
+    from pymllm.layers.fused_ops import KVCacheWrite
+
+    torch.manual_seed(tokens)
+    d = 128
+    rope = RotaryEmbedding(d, 4096, types.SimpleNamespace(rope_theta=1e6, rope_scaling=None)).to(CUDA)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * d, device=CUDA, dtype=dtype)
+    q = qkv[:, : heads * d].reshape(tokens, heads, d)
+    k = qkv[:, heads * d : (heads + kv_heads) * d].reshape(tokens, kv_heads, d)
+    v = qkv[:, (heads + kv_heads) * d :].reshape(tokens, kv_heads, d)
+    qkv0 = qkv.clone()
+    positions = torch.randint(0, 4096, (tokens,), device=CUDA)
+    q_norm, k_norm = RMSNorm(d).to(CUDA, dtype), RMSNorm(d).to(CUDA, dtype)
+    with torch.no_grad():
+        q_norm.weight.normal_(1.0, 0.1)
+        k_norm.weight.normal_(1.0, 0.1)
+    pool = KVPool(1024, 1, kv_heads, d, dtype, CUDA)
+    k_cache, v_cache = pool.get_kv_buffer(0)
+    for norms in ((q_norm, k_norm), (None, None)):
+        for loc_dtype in (torch.int32, torch.int64):
+            loc = (1 + torch.randperm(1024, device=CUDA)[:tokens]).to(loc_dtype)
+            k_cache.fill_(float("nan"))
+            v_cache.fill_(float("nan"))
+            ref_k_cache, ref_v_cache = k_cache.clone(), v_cache.clone()
+            kv = KVCacheWrite(v, k_cache, v_cache, loc)
+            assert fused_ops.qk_norm_rope_supported(q, k, positions, rope, *norms, kv)
+            plain_q, plain_k = fused_ops.qk_norm_rope(q, k, positions, rope, *norms)  # Triton, no write
+            got_q, got_k, stored = fused_ops.qk_norm_rope_try_store_kv(q, k, positions, rope, *norms, kv)
+            assert stored
+            assert torch.equal(_bits(got_q), _bits(plain_q)) and torch.equal(_bits(got_k), _bits(plain_k))
+            # What the backend's store would have written from the unfused kernel's k.
+            store_cache_reference(plain_k, v, ref_k_cache, ref_v_cache, loc.long())
+            assert torch.equal(_bits(k_cache), _bits(ref_k_cache))
+            assert torch.equal(_bits(v_cache), _bits(ref_v_cache))
+            assert torch.equal(qkv, qkv0)
+            ref_k = k if norms[0] is None else rms_norm_reference(k, k_norm.weight, 1e-6)
+            _, ref_k = rope(positions, ref_k, ref_k)
+            torch.testing.assert_close(k_cache[loc.long()], ref_k, rtol=ULP[dtype], atol=ULP[dtype])
 
 
 # ---------------- attention, op level ----------------
@@ -244,6 +295,22 @@ def _forward_with(runner, backend, fb):
         return runner.model(fb.input_ids, fb.positions, fb).float()
 
 
+def _eager_with_graph_kernels(runner, fb, padded_bs):
+    """The batch run eagerly with the attention kernel its padded graph uses, so graph replay
+    and eager differ only in padding and capture (Triton split-KV decode for small graphs,
+    FlashInfer's decode for the others)."""
+    from pymllm.layers.attention import flashinfer_backend as fib
+
+    backend = runner.attn_backend
+    splits = backend._graph.triton_splits.get(padded_bs)
+    if splits is None:
+        return _forward_with(runner, backend, fb)
+    fb.attn_backend = backend
+    backend.forward_metadata = fib._ForwardMetadata("triton_decode", {}, num_splits=splits)
+    with torch.inference_mode():
+        return runner.model(fb.input_ids, fb.positions, fb).float()
+
+
 def test_dummy_qwen3_0_6b_shape_logits(tmp_path):
     _flashinfer_backend_cls()
     config = json.loads((REPO / "benchmarks/configs/qwen3-0.6b/config.json").read_text())
@@ -347,11 +414,42 @@ def test_greedy_flashinfer_with_graphs_matches_torch_native():
     assert fi_out == ref_out
 
 
+def test_fused_kv_write_leaves_the_model_unchanged(monkeypatch):
+    """FlashInfer + CUDA graphs with the KV write fused into the norm+rope kernel (default)
+    against the backend's separate store: the kernel computes the same k and the store is a
+    copy, so the pool and every logit agree bit for bit (all kernels see identical inputs)."""
+    _flashinfer_backend_cls()
+    from pymllm.models import llama
+
+    stored = []
+    try_store = llama.qk_norm_rope_try_store_kv
+
+    def counting(*args, **kw):
+        out = try_store(*args, **kw)
+        stored.append(out[2])
+        return out
+
+    monkeypatch.setattr(llama, "qk_norm_rope_try_store_kv", counting)
+    fused_out, fused_steps, fused_runner = _run_recorded("flashinfer")
+    assert fused_runner.cuda_graph_runner is not None and stored and all(stored)
+    monkeypatch.setattr(fused_ops, "_kv_write_fast_path_ok", lambda k, kv_write: False)
+    stored.clear()
+    plain_out, plain_steps, plain_runner = _run_recorded("flashinfer")
+    assert stored and not any(stored)
+    assert fused_out == plain_out
+    for got, ref in zip(fused_steps, plain_steps):
+        assert torch.equal(got, ref)
+    # Slot 0 is left out: padded graph rows all write there, in no fixed order.
+    for got, ref in zip(fused_runner.kv_pool.k_buffers + fused_runner.kv_pool.v_buffers,
+                        plain_runner.kv_pool.k_buffers + plain_runner.kv_pool.v_buffers):
+        assert torch.equal(_bits(got[1:]), _bits(ref[1:]))
+
+
 def test_graph_replay_with_padding_equals_eager():
     _flashinfer_backend_cls()
     runner = _runner(tiny_model_dir("qwen3", **TINY), "flashinfer")
     graphs = runner.cuda_graph_runner
-    assert graphs is not None and graphs.batch_sizes == [1, 2, 4]
+    assert graphs is not None and graphs.batch_sizes[:3] == [1, 2, 4]
     reqs = []
     for i, ids in enumerate(PROMPTS[:3]):
         req = Req(rid=str(i), origin_input_ids=ids, sampling_params=greedy(4), seed=0)
@@ -369,5 +467,5 @@ def test_graph_replay_with_padding_equals_eager():
         fb = runner.build_forward_batch(ScheduledBatch(ForwardMode.DECODE, reqs, kv, [1] * 3, alloc(3), [True] * 3))
         assert graphs.can_run(fb)
         logits = runner.forward(fb).clone()  # replays the bs=4 graph
-        eager = _forward_with(runner, runner.attn_backend, fb)
+        eager = _eager_with_graph_kernels(runner, fb, padded_bs=4)
         torch.testing.assert_close(logits, eager, rtol=2e-2, atol=5e-2)
