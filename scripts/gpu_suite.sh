@@ -3,7 +3,8 @@
 # one run on the lent H100 (Python 3.12, torch 2.11+cu130, triton 3.6, no network):
 #
 #   env -> JIT warm-up (FlashInfer modules built in parallel) -> pytest -m gpu -> bench_one_batch
-#   (Qwen3-0.6B / Qwen3-8B shapes, dummy weights) -> summary table (the last lines of stdout)
+#   (Qwen3-0.6B / Qwen3-8B / Qwen3-VL-8B shapes, dummy weights; the VL runs with one random
+#   image of 448x448 and of 1024x768) -> summary table (the last lines of stdout)
 #
 # Every stage runs on its own: a failing or timed-out stage is reported and the next one runs.
 # The whole suite keeps inside SUITE_BUDGET_S (default 520 s) by shortening or skipping stages.
@@ -156,8 +157,20 @@ bench() {
     --run-name "$name" --result-filename "$BENCH_JSONL" "$@"
 }
 
+# Qwen3-VL-8B shape: one run per image size (--image takes one WxH); rows carry vit_latency
+# (the vision tower inside the prefill) and prefill_text_latency (prefill - ViT).
+VL_IMAGE_SIZES="448x448 1024x768"
+export VL_IMAGE_SIZES
+bench_vl() {
+  local rc=0 size
+  for size in $VL_IMAGE_SIZES; do
+    bench "qwen3-vl-8b-${size%%x*}" qwen3-vl-8b --image "$size" "$@" || rc=1
+  done
+  return $rc
+}
+
 # `timeout` runs programs, not shell functions: the stages call exported functions via bash -c.
-export -f env_report warm_one warm_all pytest_gpu bench
+export -f env_report warm_one warm_all pytest_gpu bench bench_vl
 stage env 40 "$LOG" bash -c env_report
 stage jit-warmup 240 "$LOG" bash -c warm_all
 stage pytest-gpu 240 "$OUT/pytest_gpu.log" bash -c pytest_gpu
@@ -169,6 +182,8 @@ stage bench-8b-bs1 120 "$BENCH_LOG" bash -c 'bench "$@"' _ qwen3-8b-bs1 qwen3-8b
   --batch-size 1 --input-len 1024 2048 --output-len 128
 stage bench-8b-bs64 120 "$BENCH_LOG" bash -c 'bench "$@"' _ qwen3-8b-bs64 qwen3-8b \
   --batch-size 64 --input-len 1024 --output-len 8 --server.max_total_tokens 66560
+stage bench-vl-8b-image 120 "$BENCH_LOG" bash -c 'bench_vl "$@"' _ \
+  --batch-size 1 --input-len 256 --output-len 32
 cat "$BENCH_LOG" >>"$LOG" 2>/dev/null
 rm -f "$BENCH_LOG"  # folded into suite.log: $OUT returns at most 8 files
 
@@ -207,6 +222,12 @@ for r in rows:
           + (f"{d * 1e3:9.3f} {r['median_decode_throughput']:7.0f} {r['decode_vs_floor']:6.2f} "
              f"{r['decode_floor_latency'] * 1e3:8.3f}" if d else f"{'-':>9s} {'-':>7s} {'-':>6s} {'-':>8s}")
           + f" {r['cuda_graph']}")
+vl = [r for r in rows if r.get("vit_latency") is not None]
+if vl:
+    print(f"{'run (images)':18s} {'image':>9s} {'img tok':>7s} {'prompt':>6s} {'ViT ms':>8s} {'text prefill ms':>15s}")
+for r in vl:
+    print(f"{r['run_name']:18s} {r['image_size']:>9s} {r['image_tokens']:7d} {r['prompt_len']:6d} "
+          f"{r['vit_latency'] * 1e3:8.2f} {r['prefill_text_latency'] * 1e3:15.2f}")
 if rows:
     r = rows[0]
     print(f"device {r['device']}, {r['dtype']}, copy {r['hbm_bandwidth_gbs']:.0f} GB/s, "
