@@ -204,8 +204,10 @@ def run(sched, treqs: Sequence[TokenizedGenerateReq], new_tokens: Sequence[int],
     replay = graphs.replay if graphs is not None else None
 
     def recording_replay(fb):
-        padded = padded_batch_size(fb.batch_size, graphs.batch_sizes)
-        out.replays.append((fb.batch_size, padded, fb.mrope_position_deltas is not None))
+        # Short text-only extends replay the graphs too (one row per new token); count decodes.
+        if fb.sample_rows is None:
+            padded = padded_batch_size(fb.batch_size, graphs.batch_sizes)
+            out.replays.append((fb.batch_size, padded, fb.mrope_position_deltas is not None))
         return replay(fb)
 
     runner.sample = sample

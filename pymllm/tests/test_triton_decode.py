@@ -132,9 +132,12 @@ def test_gpu_error_within_flashinfer_error(hq, hkv, lens) -> None:
     wrapper.plan(indptr, indices, torch.ones(len(lens), dtype=torch.int32), hq, hkv, 128, 1,
                  q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16, sm_scale=sm_scale)
     fi = wrapper.run(q, (k_buf, v_buf)).cpu().float()
-    # Both round their outputs to bf16, so single elements may differ by an ulp either way;
-    # every element stays within 2 ulps of the exact value and the mean error is FlashInfer's.
-    assert ((got - want).abs() <= 2**-7 * want.abs() + 1e-3).all()
+    # Both round P and the output to bf16, so single elements may differ by an ulp either way
+    # (more where the weighted sum cancels): the worst error stays within twice FlashInfer's,
+    # and the mean error matches it.
+    scale = want.abs().max().item()
+    max_triton, max_fi = (got - want).abs().max().item(), (fi - want).abs().max().item()
+    assert max_triton <= 2 * max_fi + 2**-9 * scale, (max_triton, max_fi)
     err_triton, err_fi = (got - want).abs().mean().item(), (fi - want).abs().mean().item()
     assert err_triton <= 1.25 * err_fi + 1e-5, (err_triton, err_fi)
 
