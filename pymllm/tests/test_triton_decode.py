@@ -115,8 +115,10 @@ def test_gpu_matches_reference(hq, hkv, d, lens) -> None:
 @pytest.mark.parametrize("hq, hkv", [(32, 8), (16, 8)])
 @pytest.mark.parametrize("lens", [[1], [129], [1090, 3, 2048, 600]])
 def test_gpu_error_within_flashinfer_error(hq, hkv, lens) -> None:
-    """Against the float64 reference, the Triton kernel errs no more than FlashInfer's own
-    decode kernel on the same bf16 inputs (both round P to bf16 before P @ V)."""
+    """Against the float64 reference, the Triton kernel errs no more than FlashInfer's
+    tensor-core decode on the same bf16 inputs: both round P to bf16 for the P @ V product on
+    tensor cores. (FlashInfer's CUDA-core decode keeps P in float32 and is ~2x more accurate on
+    average; the prefill kernels round like the tensor-core decode.)"""
     flashinfer = pytest.importorskip("flashinfer")
     from pymllm.layers.attention.triton_decode import decode_attention, num_splits_for
 
@@ -128,7 +130,7 @@ def test_gpu_error_within_flashinfer_error(hq, hkv, lens) -> None:
     indptr = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
     indices = torch.cat([r2t[int(req_idx[b]), :n] for b, n in enumerate(lens)]).to(torch.int32)
     wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-        torch.empty(128 << 20, dtype=torch.uint8, device="cuda"), "NHD", use_tensor_cores=hq // hkv >= 4)
+        torch.empty(128 << 20, dtype=torch.uint8, device="cuda"), "NHD", use_tensor_cores=True)
     wrapper.plan(indptr, indices, torch.ones(len(lens), dtype=torch.int32), hq, hkv, 128, 1,
                  q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16, sm_scale=sm_scale)
     fi = wrapper.run(q, (k_buf, v_buf)).cpu().float()
