@@ -63,7 +63,8 @@ def graph_path_checks() -> None:
         graphs = CudaGraphRunner(runner)
         for bs in reversed(graphs.batch_sizes):
             graphs.prepare_capture(bs)
-            assert backend.forward_metadata.kind == "triton_decode"
+            small = bs <= fib.TRITON_GRAPH_DECODE_MAX_BS
+            assert backend.forward_metadata.kind == ("triton_decode" if small else "decode")
         for _ in range(3):
             lens = [len(r.fill_ids) - 1 for r in reqs]
             runner.cuda_graph_runner = graphs
