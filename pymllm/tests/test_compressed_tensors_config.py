@@ -250,3 +250,30 @@ def test_cli_flag():
 
 def test_cli_choices_match_implemented_methods():
     assert tuple(QUANTIZATION_METHODS) == cli_quantization.QUANTIZATION_METHODS
+
+
+def test_qwen3_vl_vision_tower_stays_float_under_quantized_checkpoints():
+    """A quantized Qwen3-VL checkpoint quantizes the text decoder's linears only: the vision
+    tower (patch embed, blocks, mergers) and the LM head keep float weights, whatever the
+    config's targets say (compressed-tensors' "Linear" target would match them all)."""
+    from transformers import AutoConfig
+
+    from pymllm.layers.linear import LinearBase, UnquantizedLinearMethod
+    from pymllm.models.qwen3_vl import Qwen3VLForConditionalGeneration
+    from pymllm.testing.tiny_models import tiny_vl_model_dir
+
+    hf_config = AutoConfig.from_pretrained(tiny_vl_model_dir())
+    for raw, scheme in ((W8A8, W8A8Int8Scheme), (with_group(W4A16, weights__group_size=32), WNA16Scheme)):
+        quant = CompressedTensorsConfig.from_config(copy.deepcopy(raw))
+        quant.set_packed_modules(Qwen3VLForConditionalGeneration.stacked_params_mapping)
+        model = Qwen3VLForConditionalGeneration(hf_config, quant_config=quant)
+        linears = {name: m for name, m in model.named_modules() if isinstance(m, LinearBase)}
+        vision = {n: m for n, m in linears.items() if ".visual." in f".{n}."}
+        text = {n: m for n, m in linears.items() if n not in vision}
+        assert vision and text
+        for name, module in vision.items():
+            assert isinstance(module.quant_method, UnquantizedLinearMethod), name
+            assert module.weight.dtype.is_floating_point, name
+        for name, module in text.items():
+            assert isinstance(getattr(module.quant_method, "scheme", None), scheme), name
+        assert not isinstance(model.lm_head, LinearBase)  # a plain float matrix
