@@ -18,7 +18,6 @@ a request). Everything else takes the PyTorch / GEMM path.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from typing import Callable, Dict, Optional, Tuple
@@ -34,7 +33,7 @@ _L2_DEFEAT_BYTES = 64 << 20  # weight copies per candidate graph add up to at le
 _CALLS_PER_GRAPH = 8
 _ACT_DTYPES = (torch.float16, torch.bfloat16)
 
-ChoiceKey = Tuple[str, str, torch.dtype, int, int, int]  # (kind, device, dtype, N, K, rows)
+ChoiceKey = Tuple[str, torch.device, torch.dtype, int, int, int]  # (kind, device, dtype, N, K, rows)
 
 
 def gemv_layout_ok(x: torch.Tensor, weight: torch.Tensor, k_multiple: int) -> bool:
@@ -74,25 +73,42 @@ def _self_test(kind: str, device: torch.device, dtype: torch.dtype) -> None:
         raise RuntimeError("results differ from the PyTorch reference")
 
 
-@functools.lru_cache(maxsize=None)
-def prepare_gemv(kind: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """Build (or load from the kernel cache) and self-test the ``kind`` GEMV ("dense" or
-    "w8a8") for this device and dtype, once. False, with a warning, when it cannot be used."""
+# (kind, device, dtype) -> whether that kernel built and agreed with its reference there.
+_ready: Dict[Tuple[str, torch.device, torch.dtype], bool] = {}
+
+
+def prepare_kernel(kind: str, device: torch.device, dtype: torch.dtype, self_test: Callable[[], None]) -> bool:
+    """Build (or load from mllm_kernel's cache) and self-test a decode kernel once per
+    (kind, device, dtype): ``self_test`` runs it against its PyTorch reference and raises on a
+    mismatch. Call it while the model loads, so the JIT build never lands in a request or a
+    CUDA-graph capture. False, with a warning, when the kernel cannot be used here."""
     # Imported here: pymllm.quantization's schemes import this module.
     from pymllm.quantization.kernels.device import cuda_capability
 
     if device.type != "cuda" or cuda_capability(device) < (8, 0) or dtype not in _ACT_DTYPES:
         return False
+    key = (kind, device, dtype)
+    ready = _ready.get(key)
+    if ready is not None:
+        return ready
+    if torch.cuda.is_current_stream_capturing():
+        return False  # no build or self-test inside a capture; not cached, so a later eager call prepares
     start = time.perf_counter()
-    logger.info("Preparing the %s GEMV kernel for %s (first use compiles it; later starts load the cache)",
-                kind, dtype)
+    logger.info("Preparing the %s kernel for %s (first use compiles it; later starts load the cache)", kind, dtype)
     try:
-        _self_test(kind, device, dtype)
+        self_test()
     except Exception as error:  # import, compile or mismatch: fall back, never fail the load
-        logger.warning("%s GEMV unavailable on %s (%s); small batches use the tensor-core GEMM", kind, device, error)
+        logger.warning("%s kernel unavailable on %s (%s); the PyTorch / GEMM path runs instead", kind, device, error)
+        _ready[key] = False
         return False
-    logger.info("%s GEMV ready in %.1f s", kind, time.perf_counter() - start)
+    logger.info("%s kernel ready in %.1f s", kind, time.perf_counter() - start)
+    _ready[key] = True
     return True
+
+
+def prepare_gemv(kind: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """``prepare_kernel`` for the "dense" (``gemv``) or "w8a8" (``gemv_w8a8``) GEMV."""
+    return prepare_kernel(f"{kind} GEMV", device, dtype, lambda: _self_test(kind, device, dtype))
 
 
 def _graph_seconds_per_call(impl: str, calls) -> float:
@@ -154,7 +170,7 @@ CHOOSER = GemvChooser()
 
 
 def _key(kind: str, x2d: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> ChoiceKey:
-    return (kind, str(x2d.device), dtype, weight.shape[0], weight.shape[1], x2d.shape[0])
+    return (kind, x2d.device, dtype, weight.shape[0], weight.shape[1], x2d.shape[0])
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -16,15 +16,12 @@ compute-bound anyway; everything else (CPU, odd shapes) uses the reference.
 
 from __future__ import annotations
 
-import logging
-import time
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from pymllm.quantization.kernels.device import cuda_capability, triton_available
 
-logger = logging.getLogger(__name__)
 
 GEMV_MAX_M = 8  # mllm_kernel.w4a16_gemv serves 1..8 rows
 TRITON_MAX_M = 64  # w4a16_triton.MAX_M (not imported here: that would import Triton)
@@ -109,10 +106,6 @@ def choose_w4a16_kernel(m: int, sm80: bool, gemv_ok: bool, triton_ok: bool) -> s
     return "triton_small_m" if m <= TRITON_MAX_M else "dequant_cublas"
 
 
-# (device, dtype, with zero points) -> the GEMV built and agreed with its reference there.
-_gemv_ready: Dict[Tuple[torch.device, torch.dtype, bool], bool] = {}
-
-
 def _gemv_self_test(device: torch.device, dtype: torch.dtype, with_zeros: bool) -> None:
     from mllm_kernel.cuda.jit.w4a16_gemv import w4a16_gemv, w4a16_gemv_reference
 
@@ -132,28 +125,13 @@ def _gemv_self_test(device: torch.device, dtype: torch.dtype, with_zeros: bool) 
 
 
 def prepare_w4a16_gemv(device: torch.device, dtype: torch.dtype, with_zeros: bool) -> bool:
-    """Build (or load from mllm_kernel's cache) and self-test the CUDA GEMV for this device,
-    dtype and zero-point mode, once; also allocates its split-K workspace. Call it while the
-    model loads (``WNA16Scheme`` does) so neither the JIT build nor the allocation lands in a
-    request or a CUDA graph capture. False, with a warning, when it cannot be used."""
-    if device.type != "cuda" or cuda_capability(device) < (8, 0) or dtype not in (torch.float16, torch.bfloat16):
-        return False
-    key = (device, dtype, with_zeros)
-    ready = _gemv_ready.get(key)
-    if ready is not None:
-        return ready
-    if torch.cuda.is_current_stream_capturing():
-        return False  # cannot build or allocate inside a capture; not cached, so a later eager call prepares
-    start = time.perf_counter()
-    try:
-        _gemv_self_test(device, dtype, with_zeros)
-    except Exception as error:  # import, compile or mismatch: fall back, never fail the load
-        logger.warning("W4A16 CUDA GEMV unavailable on %s (%s); small batches use the Triton kernel", device, error)
-        _gemv_ready[key] = False
-        return False
-    logger.info("W4A16 CUDA GEMV (%s, zero points: %s) ready in %.1f s", dtype, with_zeros, time.perf_counter() - start)
-    _gemv_ready[key] = True
-    return True
+    """Build, self-test and allocate the split-K workspace of the CUDA GEMV for this device,
+    dtype and zero-point mode, once (``gemv_dispatch.prepare_kernel``). ``WNA16Scheme`` calls it
+    while the model loads. False, with a warning, when it cannot be used."""
+    from pymllm.layers.kernels.gemv_dispatch import prepare_kernel
+
+    kind = "W4A16 GEMV" + (" (zero points)" if with_zeros else "")
+    return prepare_kernel(kind, device, dtype, lambda: _gemv_self_test(device, dtype, with_zeros))
 
 
 def gemv_fits(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
