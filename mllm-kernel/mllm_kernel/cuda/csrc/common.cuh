@@ -64,6 +64,16 @@ struct VecOf<1> {
   using type = uint8_t;
 };
 
+// One 16-byte load that bypasses L1: for data read exactly once (decode weights), so that
+// what is reused (activations, scales) stays in L1.
+__device__ __forceinline__ uint4 load_streaming(const void* ptr) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(ptr));
+  return v;
+}
+
 // Largest access width in {16, 8, 4, 2, 1} bytes that divides every value
 // given (addresses, byte strides, byte lengths).
 inline int widest_access(std::initializer_list<uint64_t> values) {

@@ -137,15 +137,6 @@ struct Traits<__nv_bfloat16> {
   }
 };
 
-// Weights are read exactly once: keep them out of L1, where activations and scales are reused.
-__device__ __forceinline__ uint4 load_streaming(const uint32_t* ptr) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(ptr));
-  return v;
-}
-
 // Opaque copies: the compiler keeps these in registers instead of re-deriving base + (column +
 // offset) * size with 64-bit adds at every load (each address is then one IMAD.WIDE), or of
 // re-materialising a constant once per use.
