@@ -31,21 +31,9 @@ def _buffers(num_qo, num_kv, bs, kv_len, device):
 
 
 def _graph_time_us(calls) -> float:
-    for call in calls[:2]:
-        call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / (10 * len(calls)) * 1e3
+    from pymllm.layers.kernels.gemv_dispatch import graph_seconds_per_call
+
+    return graph_seconds_per_call(calls) * 1e6
 
 
 def time_flashinfer(num_qo, num_kv, bs, kv_len, tensor_cores):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_utils import copy_bandwidth, graph_time_us
 
 from mllm_kernel import gemv, gemv_w8a8
 
@@ -35,42 +36,7 @@ SHAPES = [
 ]
 ROWS = (1, 2, 4, 8, 16)
 _TARGET_BYTES = 1 << 30  # weights per case: well past any L2
-
-
-def copy_bandwidth_gbps() -> float:
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * src.numel() * 10 / (start.elapsed_time(end) * 1e-3) / 1e9
-
-
-def time_per_call_us(calls) -> float:
-    """Replay time of a graph running `calls` back to back, per call (median of 5 replays)."""
-    for call in calls[:2]:
-        call()  # compile / load / cuBLAS heuristics outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3 / len(calls))
-    return sorted(samples)[len(samples) // 2]
+_REPS = 50  # graph_time_us takes the median of reps // 10 replays
 
 
 def bench_case(model, layer, n, k, m, bw, out, command):
@@ -78,9 +44,9 @@ def bench_case(model, layer, n, k, m, bw, out, command):
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
     rows = {}
-    rows["torch_bf16"] = time_per_call_us([lambda w=w: F.linear(x, w) for w in weights])
+    rows["torch_bf16"] = graph_time_us([lambda w=w: F.linear(x, w) for w in weights], _REPS)
     if m <= 8:
-        rows["gemv_bf16"] = time_per_call_us([lambda w=w: gemv(x, w) for w in weights])
+        rows["gemv_bf16"] = graph_time_us([lambda w=w: gemv(x, w) for w in weights], _REPS)
     del weights
     int8_copies = min(64, 2 * copies)
     qweights = [torch.randint(-128, 128, (n, k), device="cuda", dtype=torch.int8) for _ in range(int8_copies)]
@@ -89,8 +55,8 @@ def bench_case(model, layer, n, k, m, bw, out, command):
     x_scale = x.float().abs().amax(-1, keepdim=True) / 127.5
     x_q = torch.round(x.float() / x_scale).clamp(-128, 127).to(torch.int8)
     if m <= 8:
-        rows["gemv_w8a8"] = time_per_call_us(
-            [lambda w=w: gemv_w8a8(x_q, x_scale, w, scale, torch.bfloat16) for w in qweights])
+        rows["gemv_w8a8"] = graph_time_us(
+            [lambda w=w: gemv_w8a8(x_q, x_scale, w, scale, torch.bfloat16) for w in qweights], _REPS)
     del qweights
     torch.cuda.empty_cache()
     for impl, t in rows.items():
@@ -114,7 +80,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("gemv.jsonl"))
     parser.add_argument("--rows", type=int, nargs="+", default=list(ROWS))
     args = parser.parse_args()
-    bw = copy_bandwidth_gbps()
+    bw = copy_bandwidth(reps=40) / 1e9
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw:.0f} GB/s")
     command = "python mllm-kernel/benchmarks/bench_gemv.py"
     for model, layer, n, k in SHAPES:

@@ -15,7 +15,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, List
 
 import torch
 
@@ -64,6 +64,41 @@ def median_time_us(fn: Callable[[], Any], device: str, reps: int, warmup: int = 
         end.record()
     torch.cuda.synchronize()
     return statistics.median(start.elapsed_time(end) * 1e3 for start, end in zip(starts, ends))
+
+
+def copy_bandwidth(reps: int) -> float:
+    """Device-to-device copy bandwidth in bytes/s, read + write bytes counted."""
+    src = torch.empty(1 << 28, dtype=torch.float32, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    seconds = median_time_us(lambda: dst.copy_(src), "cuda", max(5, reps // 4)) * 1e-6
+    return 2 * src.numel() * 4 / seconds
+
+
+def graph_time_us(calls: List[Callable[[], object]], reps: int) -> float:
+    """Median replay time of a graph running ``calls`` back to back, per call."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside capture: JIT builds, Triton autotune, workspaces
+        for fn in calls:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in calls:
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(max(3, reps // 10)):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3 / len(calls))
+    del graph
+    return statistics.median(samples)
 
 
 def report(out: Path, row: dict[str, Any]) -> None:

@@ -21,11 +21,10 @@ import argparse
 import importlib
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "mllm-kernel"), str(Path(__file__).resolve().parent)]
 
-from bench_utils import median_time_us  # noqa: E402
+from bench_utils import copy_bandwidth, graph_time_us, median_time_us  # noqa: E402
 
 from mllm_kernel import w4a16_gemv  # noqa: E402
 
@@ -51,41 +50,6 @@ def triton_kernel() -> Optional[Callable]:
         print(f"(no Triton comparison: {error})", file=sys.stderr)
         return None
     return w4a16_triton.w4a16_gemm_small_m
-
-
-def copy_bandwidth(reps: int) -> float:
-    """Device-to-device copy bandwidth in bytes/s, read + write bytes counted."""
-    src = torch.empty(1 << 28, dtype=torch.float32, device="cuda")  # 1 GiB
-    dst = torch.empty_like(src)
-    seconds = median_time_us(lambda: dst.copy_(src), "cuda", max(5, reps // 4)) * 1e-6
-    return 2 * src.numel() * 4 / seconds
-
-
-def graph_time_us(calls: List[Callable[[], object]], reps: int) -> float:
-    """Median replay time of a graph running ``calls`` back to back, per call."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up outside capture: JIT builds, Triton autotune, workspaces
-        for fn in calls:
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in calls:
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(max(3, reps // 10)):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3 / len(calls))
-    del graph
-    return statistics.median(samples)
 
 
 class Case:

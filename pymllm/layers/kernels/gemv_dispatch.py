@@ -111,8 +111,9 @@ def prepare_gemv(kind: str, device: torch.device, dtype: torch.dtype) -> bool:
     return prepare_kernel(f"{kind} GEMV", device, dtype, lambda: _self_test(kind, device, dtype))
 
 
-def _graph_seconds_per_call(impl: str, calls) -> float:
-    """Best of three replays of one graph running ``calls`` back to back, per call."""
+def graph_seconds_per_call(calls) -> float:
+    """Best of three replays of one graph running ``calls`` back to back, per call: GPU time as
+    a captured decode step sees it (no launch overhead between the calls)."""
     for call in calls:
         call()  # warm-up: cuBLAS heuristics, lazily built state
     torch.cuda.synchronize()
@@ -134,7 +135,7 @@ def _graph_seconds_per_call(impl: str, calls) -> float:
 class GemvChooser:
     """Measured GEMV-or-GEMM decisions, one per ChoiceKey (see the module docstring)."""
 
-    def __init__(self, timer: Callable[[str, list], float] = _graph_seconds_per_call):
+    def __init__(self, timer: Callable[[str, list], float] = lambda impl, calls: graph_seconds_per_call(calls)):
         self._timer = timer
         self.choices: Dict[ChoiceKey, bool] = {}
 
