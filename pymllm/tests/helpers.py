@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from pymllm.configs import GlobalConfig
@@ -51,3 +55,18 @@ def run_requests(
     assert scheduler.allocator.used_size() == cache.total_cached() == cache.evictable_size(), "KV slots leaked"
     assert scheduler.req_pool.available_size() == scheduler.req_pool.size, "request slots leaked"
     return reqs
+
+
+_REPO = Path(__file__).resolve().parents[2]
+
+
+def run_under_triton_interpreter(module: str, function: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run ``module.function()`` in a child Python with TRITON_INTERPRET=1 (Triton reads it
+    when a kernel is defined, so it cannot be switched on inside this process); returns the
+    finished process with its output captured."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    paths = (str(_REPO), str(_REPO / "mllm-kernel"), env.get("PYTHONPATH"))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    code = f"from {module} import {function}; {function}()"
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=_REPO, capture_output=True, text=True,
+                          timeout=timeout)

@@ -12,15 +12,12 @@ The CUDA versions of these checks are in test_gpu_fast_path.py.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
 
+from pymllm.tests.helpers import run_under_triton_interpreter
 from pymllm.engine.forward_batch import ForwardBatch, ForwardMode
 from pymllm.layers import fused_ops
 from pymllm.layers.attention import flashinfer_backend as fib
@@ -31,8 +28,6 @@ from pymllm.layers.layernorm import RMSNorm
 from pymllm.layers.radix_attention import RadixAttention
 from pymllm.layers.rotary_embedding import RotaryEmbedding
 from pymllm.mem_cache.memory_pool import KVPool, ReqToTokenPool
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _rope(head_dim: int, max_position: int = 64) -> RotaryEmbedding:
@@ -302,11 +297,7 @@ def model_checks() -> None:
 
 def _run_interpreted(function: str) -> None:
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    paths = (str(REPO), str(REPO / "mllm-kernel"), env.get("PYTHONPATH"))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    code = f"from pymllm.tests.test_fused_kv_write import {function}; {function}()"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    proc = run_under_triton_interpreter("pymllm.tests.test_fused_kv_write", function)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "checks passed" in proc.stdout
 

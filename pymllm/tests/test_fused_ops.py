@@ -9,15 +9,12 @@ bit-for-bit-ish on the GPU (test_gpu_fast_path.py); float16 and float32 are chec
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
 
+from pymllm.tests.helpers import run_under_triton_interpreter
 from pymllm.layers import fused_ops
 from pymllm.layers.layernorm import RMSNorm, rms_norm_reference
 from pymllm.layers.rotary_embedding import RotaryEmbedding, apply_rotary
@@ -143,10 +140,6 @@ def interpreter_checks() -> None:
 
 def test_triton_kernels_under_the_interpreter():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    repo = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)
-    code = "from pymllm.tests.test_fused_ops import interpreter_checks; interpreter_checks()"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    proc = run_under_triton_interpreter("pymllm.tests.test_fused_ops", "interpreter_checks")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "interpreter checks passed" in proc.stdout

@@ -7,13 +7,11 @@ CUDA graph whose lengths change between replays without any host-side re-plannin
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+
+from pymllm.tests.helpers import run_under_triton_interpreter
 
 
 def reference(q, k_buf, v_buf, req_to_token, req_idx, seq_lens, sm_scale, window_left=-1):
@@ -69,11 +67,7 @@ def interpreter_checks() -> None:
 
 
 def test_kernels_under_interpreter() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    code = "from pymllm.tests.test_triton_decode import interpreter_checks; interpreter_checks()"
-    root = Path(__file__).resolve().parents[2]
-    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
-                            timeout=600)
+    result = run_under_triton_interpreter("pymllm.tests.test_triton_decode", "interpreter_checks")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 

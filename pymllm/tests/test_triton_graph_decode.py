@@ -9,13 +9,10 @@ dot is unreliable), compared with torch_native on the same KV cache.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 
+from pymllm.tests.helpers import run_under_triton_interpreter
 from pymllm.layers.attention import flashinfer_backend as fib
 
 
@@ -84,9 +81,5 @@ def graph_path_checks() -> None:
 
 
 def test_graph_path_matches_torch_native_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    code = "from pymllm.tests.test_triton_graph_decode import graph_path_checks; graph_path_checks()"
-    root = Path(__file__).resolve().parents[2]
-    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
-                            timeout=900)
+    result = run_under_triton_interpreter("pymllm.tests.test_triton_graph_decode", "graph_path_checks")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
