@@ -157,8 +157,8 @@ class ModelRunner:
             # A prefix-cache hit's first extend copies the cached slots into the request's row,
             # more writes than the graph's per-row buffers hold: scattered here, before the
             # graph's attention reads the row.
-            index = torch.from_numpy(ext.prefix_write_index).to(self.device, non_blocking=True)
-            loc = torch.from_numpy(ext.prefix_write_loc.astype(np.int32)).to(self.device, non_blocking=True)
+            index = torch.from_numpy(ext.prefix_write_index).to(self.device)
+            loc = torch.from_numpy(ext.prefix_write_loc.astype(np.int32)).to(self.device)
             self.req_to_token_pool.req_to_token.view(-1).index_copy_(0, index, loc)
         fb, write_index, write_loc = self.cuda_graph_runner.stage(ext.rows)
         fb.sample_rows = ext.sample_rows

@@ -384,37 +384,35 @@ class FlashInferAttnBackend(AttentionBackend):
     def _wrapper(self, layer: RadixAttention):
         return self.forward_metadata.wrappers[window_left_for(layer.sliding_window)]
 
-    def forward_extend(
-        self, q, k, v, layer: RadixAttention, forward_batch: ForwardBatch, save_kv_cache: bool = True
-    ):
-        k = k.view(-1, layer.num_kv_heads, layer.head_dim)
-        v = v.view(-1, layer.num_kv_heads, layer.head_dim)
-        kv_buffers = self._store(k, v, layer, forward_batch, save_kv_cache)
-        q = q.view(-1, layer.num_heads, layer.head_dim)
-        if self.forward_metadata.kind == "ragged":
-            out = self._wrapper(layer).run(q, k, v)
-        elif self.forward_metadata.kind == "cascade":
-            md = self.forward_metadata
-            out = fx.run_cascade(self._fi, self._wrapper(layer), md.prefix, q, k, v, kv_buffers, md.merge_mask)
-        else:
-            out = self._wrapper(layer).run(q, kv_buffers)
-        return out.view(-1, layer.num_heads * layer.head_dim)
-
-    def forward_decode(
-        self, q, k, v, layer: RadixAttention, forward_batch: ForwardBatch, save_kv_cache: bool = True
-    ):
+    def _attend(self, q, k, v, layer: RadixAttention, forward_batch: ForwardBatch, save_kv_cache: bool):
+        """Store the new K/V (unless a fused kernel did), then run what this forward planned:
+        the planned kind already says extend or decode and which kernel."""
         k = k.view(-1, layer.num_kv_heads, layer.head_dim)
         v = v.view(-1, layer.num_kv_heads, layer.head_dim)
         kv_buffers = self._store(k, v, layer, forward_batch, save_kv_cache)
         q = q.view(-1, layer.num_heads, layer.head_dim)
         md = self.forward_metadata
-        if md.kind == "triton_decode":
+        if md.kind == "ragged":
+            out = self._wrapper(layer).run(q, k, v)
+        elif md.kind == "cascade":
+            out = fx.run_cascade(self._fi, self._wrapper(layer), md.prefix, q, k, v, kv_buffers, md.merge_mask)
+        elif md.kind == "triton_decode":
             from pymllm.layers.attention.triton_decode import decode_attention
 
             out = decode_attention(
                 q, *kv_buffers, self.req_to_token, forward_batch.req_pool_indices, forward_batch.seq_lens,
                 layer.scaling, md.num_splits, window_left_for(layer.sliding_window),
             )
-        else:
+        else:  # "paged" extend or FlashInfer "decode"
             out = self._wrapper(layer).run(q, kv_buffers)
         return out.view(-1, layer.num_heads * layer.head_dim)
+
+    def forward_extend(
+        self, q, k, v, layer: RadixAttention, forward_batch: ForwardBatch, save_kv_cache: bool = True
+    ):
+        return self._attend(q, k, v, layer, forward_batch, save_kv_cache)
+
+    def forward_decode(
+        self, q, k, v, layer: RadixAttention, forward_batch: ForwardBatch, save_kv_cache: bool = True
+    ):
+        return self._attend(q, k, v, layer, forward_batch, save_kv_cache)
