@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ class DecoderAttention(nn.Module):
         quant_config: Optional[QuantizationConfig],
         prefix: str,
         o_bias: bool = False,
+        mrope: Optional[nn.Module] = None,
     ):
         super().__init__()
         self.num_heads = config.num_attention_heads
@@ -49,7 +50,14 @@ class DecoderAttention(nn.Module):
         eps = getattr(config, "rms_norm_eps", 1e-6)
         self.q_norm = RMSNorm(self.head_dim, eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, eps) if qk_norm else None
-        self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings, config)
+        if mrope is None:
+            self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings, config)
+            self._mrope: List[nn.Module] = []
+        else:
+            # Multimodal rope, shared by all layers (a list keeps it out of the module tree):
+            # 3-D positions go through it; 1-D ones (text, decode) use its plain table.
+            self.rotary_emb = mrope.base
+            self._mrope = [mrope]
         sliding_window = _sliding_window_for(config, layer_id)
         self.attn = RadixAttention(
             self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads, layer_id, sliding_window
@@ -60,6 +68,10 @@ class DecoderAttention(nn.Module):
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
+        if positions.dim() != 1:  # mrope positions [3, T] (image prompts)
+            q, k = self._mrope[0](positions, self.q_norm(q), self.k_norm(k))
+            out = self.attn(q.reshape(-1, self.q_size), k.reshape(-1, self.kv_size), v, forward_batch)
+            return self.o_proj(out)
         # The norm+rope kernel can also store this layer's K/V, which saves the backend's
         # store launch per layer. It writes through forward_batch.out_cache_loc, the static
         # buffer under CUDA graphs, so a captured graph writes each replay's slots.

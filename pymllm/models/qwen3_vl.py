@@ -4,8 +4,9 @@ Checkpoint layout (transformers' ``save_pretrained``): ``model.visual.*`` (visio
 ``model.language_model.*`` (text decoder), ``lm_head.weight``.
 
 The vision tower runs in plain PyTorch in the model dtype and is never quantized (its linears
-get ``quant_config=None``). The text decoder uses pymllm's layers (RadixAttention over the paged
-KV cache), so it runs on every attention backend and in decode CUDA graphs.
+get ``quant_config=None``). The text decoder is the shared Llama-family decoder layer
+(``pymllm.models.llama``) given the mrope embedding, so it runs on every attention backend, in
+decode CUDA graphs, and with the fused norm+rope+K/V-write kernel for 1-D positions.
 
 How the engine feeds it (see ``pymllm/executor/multimodal_batch.py``):
 - EXTEND: ``positions`` is [3, T] (precomputed mrope positions) when the batch holds an image
@@ -26,14 +27,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from pymllm.engine.forward_batch import ForwardBatch
-from pymllm.layers.fused_ops import qk_norm_rope
 from pymllm.layers.layernorm import RMSNorm, default_weight_loader
-from pymllm.layers.linear import Linear, QKVLinear
-from pymllm.layers.radix_attention import RadixAttention
+from pymllm.layers.linear import Linear
 from pymllm.layers.rotary_embedding import MRotaryEmbedding, apply_rotary
 from pymllm.layers.utils import set_weight_attrs
 from pymllm.layers.vocab_embedding import LMHead, VocabEmbedding
-from pymllm.models.llama import STACKED_PARAMS_MAPPING, DecoderLayer, DecoderMLP, head_dim_of, load_stacked_weights
+from pymllm.models.llama import (
+    STACKED_PARAMS_MAPPING,
+    DecoderAttention,
+    DecoderLayer,
+    DecoderMLP,
+    head_dim_of,
+    load_stacked_weights,
+)
 from pymllm.quantization.base import QuantizationConfig
 
 
@@ -238,46 +244,16 @@ class Qwen3VLVisionModel(nn.Module):
 
 
 # ---------------------------------------------------------------- text model
-class Qwen3VLTextAttention(nn.Module):
-    def __init__(self, config, layer_id: int, rotary_emb: MRotaryEmbedding, quant_config, prefix: str):
-        super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = head_dim_of(config)
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        bias = bool(getattr(config, "attention_bias", False))
-        self.qkv_proj = QKVLinear(
-            config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads,
-            bias=bias, quant_config=quant_config, prefix=f"{prefix}.qkv_proj",
-        )
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=bias, quant_config=quant_config,
-                             prefix=f"{prefix}.o_proj")
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self._rotary = [rotary_emb]  # shared by all layers; a list keeps it out of the module tree
-        self.attn = RadixAttention(self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads, layer_id)
-
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(-1, self.num_heads, self.head_dim)
-        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
-        rotary = self._rotary[0]
-        if positions.dim() == 1:
-            # All three axes equal: plain rope, eligible for the fused norm+rope kernel.
-            q, k = qk_norm_rope(q, k, positions, rotary.base, self.q_norm, self.k_norm)
-        else:
-            q, k = rotary(positions, self.q_norm(q), self.k_norm(k))
-        out = self.attn(q.reshape(-1, self.q_size), k.reshape(-1, self.kv_size), v, forward_batch)
-        return self.o_proj(out)
-
-
 class Qwen3VLTextDecoderLayer(DecoderLayer):
     """The shared decoder layer (its forward is DecoderLayer's) around the mrope attention."""
 
     def __init__(self, config, layer_id: int, rotary_emb, quant_config, prefix: str):
         nn.Module.__init__(self)  # DecoderLayer.__init__ would build the 1-D rope attention
-        self.self_attn = Qwen3VLTextAttention(config, layer_id, rotary_emb, quant_config, f"{prefix}.self_attn")
+        bias = bool(getattr(config, "attention_bias", False))
+        self.self_attn = DecoderAttention(
+            config, layer_id, qkv_bias=bias, qk_norm=True, quant_config=quant_config, prefix=f"{prefix}.self_attn",
+            o_bias=bias, mrope=rotary_emb,
+        )
         self.mlp = DecoderMLP(config, quant_config, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
