@@ -82,15 +82,16 @@ def prepare_kernel(kind: str, device: torch.device, dtype: torch.dtype, self_tes
     (kind, device, dtype): ``self_test`` runs it against its PyTorch reference and raises on a
     mismatch. Call it while the model loads, so the JIT build never lands in a request or a
     CUDA-graph capture. False, with a warning, when the kernel cannot be used here."""
+    key = (kind, device, dtype)
+    ready = _ready.get(key)  # the per-call path: one lookup once prepared
+    if ready is not None:
+        return ready
     # Imported here: pymllm.quantization's schemes import this module.
     from pymllm.quantization.kernels.device import cuda_capability
 
     if device.type != "cuda" or cuda_capability(device) < (8, 0) or dtype not in _ACT_DTYPES:
+        _ready[key] = False
         return False
-    key = (kind, device, dtype)
-    ready = _ready.get(key)
-    if ready is not None:
-        return ready
     if torch.cuda.is_current_stream_capturing():
         return False  # no build or self-test inside a capture; not cached, so a later eager call prepares
     start = time.perf_counter()
