@@ -19,9 +19,8 @@ import numpy as np
 import torch
 
 from pymllm.configs.global_config import GlobalConfig
-from pymllm.configs.model_config import load_model_config
 from pymllm.engine.forward_batch import ForwardMode
-from pymllm.executor.model_runner import ModelRunner
+from pymllm.executor.model_runner import ModelRunner, load_model_runner
 from pymllm.orchestrator.request import Req
 from pymllm.orchestrator.schedule_batch import ScheduledBatch
 from pymllm.sampling_params import SamplingParams
@@ -35,10 +34,7 @@ def build_runner(config_dir: str, bs: int, input_len: int) -> ModelRunner:
     s.max_total_tokens = bs * (input_len + 256)
     s.cuda_graph_max_bs = max(bs, 1)
     config.validate()
-    device = torch.device("cuda")
-    runner = ModelRunner(config, load_model_config(s, device, config_dir), device)
-    runner.initialize()
-    return runner
+    return load_model_runner(config)
 
 
 def main() -> None:

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 
 from pymllm.configs.global_config import GlobalConfig
-from pymllm.configs.model_config import load_model_config
 from pymllm.engine.forward_batch import ForwardMode
 from pymllm.layers.attention import flashinfer_extend as fx
 from pymllm.orchestrator.request import Req
@@ -42,7 +41,7 @@ from pymllm.sampling_params import SamplingParams
 
 
 def build_runner(config_dir: str, kv_tokens: int, cuda_graph: bool = False):
-    from pymllm.executor.model_runner import ModelRunner
+    from pymllm.executor.model_runner import load_model_runner
 
     config = GlobalConfig()
     s = config.server
@@ -51,10 +50,7 @@ def build_runner(config_dir: str, kv_tokens: int, cuda_graph: bool = False):
     s.attention_backend, s.disable_cuda_graph = "flashinfer", not cuda_graph
     s.max_running_requests, s.max_total_tokens = 4, kv_tokens
     config.validate()
-    device = torch.device("cuda")
-    runner = ModelRunner(config, load_model_config(s, device, config_dir), device)
-    runner.initialize()
-    return runner
+    return load_model_runner(config)
 
 
 def new_req(runner, rid: str, ids: List[int]) -> Req:

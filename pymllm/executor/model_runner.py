@@ -15,7 +15,7 @@ import torch
 
 from pymllm.configs.errors import ConfigError
 from pymllm.configs.global_config import GlobalConfig
-from pymllm.configs.model_config import ModelConfig
+from pymllm.configs.model_config import ModelConfig, load_model_config
 from pymllm.engine.forward_batch import ForwardBatch, ForwardMode
 from pymllm.executor.batch_inputs import HostBatch, InputStager, extend_as_decode_rows, host_batch, pack_eager
 from pymllm.executor.cuda_graph_runner import build_cuda_graph_runner, extend_runs_as_decode
@@ -252,3 +252,12 @@ class ModelRunner:
     def clear(self) -> None:
         self.req_to_token_pool.clear()
         self.token_to_kv_pool_allocator.clear()
+
+
+def load_model_runner(config: GlobalConfig) -> ModelRunner:
+    """The runner of ``config.server``: device resolved, model loaded, pools sized, graphs
+    captured (the scheduler process, the in-process tests and the profiling scripts)."""
+    device = resolve_device(config.server.device)
+    runner = ModelRunner(config, load_model_config(config.server, device), device)
+    runner.initialize()
+    return runner

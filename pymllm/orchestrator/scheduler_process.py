@@ -10,7 +10,6 @@ from typing import List
 import zmq
 
 from pymllm.configs.global_config import GlobalConfig
-from pymllm.configs.model_config import load_model_config
 from pymllm.engine.io_struct import (
     AbortReq,
     BatchTokenIDOut,
@@ -19,7 +18,7 @@ from pymllm.engine.io_struct import (
     FinishReason,
     TokenizedGenerateReq,
 )
-from pymllm.executor.model_runner import ModelRunner, resolve_device
+from pymllm.executor.model_runner import load_model_runner
 from pymllm.orchestrator.ipc import Endpoints, WorkerReady, pull, push
 from pymllm.mem_cache.factory import create_prefix_cache
 from pymllm.orchestrator.request import Req
@@ -35,10 +34,8 @@ def build_scheduler(config: GlobalConfig, check_invariants: bool = False) -> Sch
     from transformers import AutoTokenizer
 
     server = config.server
-    device = resolve_device(server.device)
-    model_config = load_model_config(server, device)
-    runner = ModelRunner(config, model_config, device)
-    runner.initialize()
+    runner = load_model_runner(config)
+    model_config = runner.model_config
     tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer_path)
     eos = set(model_config.eos_token_ids)
     if tokenizer.eos_token_id is not None:

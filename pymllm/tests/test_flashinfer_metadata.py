@@ -24,10 +24,9 @@ import torch
 
 from pymllm.configs import GlobalConfig
 from pymllm.configs.errors import ConfigError
-from pymllm.configs.model_config import load_model_config
 from pymllm.engine.forward_batch import ForwardMode
 from pymllm.executor.cuda_graph_runner import CudaGraphRunner
-from pymllm.executor.model_runner import ModelRunner
+from pymllm.executor.model_runner import ModelRunner, load_model_runner
 from pymllm.layers.attention import flashinfer_backend as fib
 from pymllm.layers.attention import flashinfer_extend as fx
 from pymllm.layers.kernels.kv_cache_ops import KVCacheOps, gather_kv_indices, indptr_from_lens
@@ -307,10 +306,7 @@ def _runner(model_dir, **server) -> ModelRunner:
     config.server.max_running_requests = 4
     for key, value in server.items():
         setattr(config.server, key, value)
-    model_config = load_model_config(config.server, torch.device("cpu"))
-    runner = ModelRunner(config, model_config, torch.device("cpu"))
-    runner.initialize()
-    return runner
+    return load_model_runner(config)
 
 
 def _forward_with(runner, backend, fb):

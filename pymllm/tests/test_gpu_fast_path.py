@@ -26,10 +26,9 @@ import pytest
 import torch
 
 from pymllm.configs import GlobalConfig
-from pymllm.configs.model_config import load_model_config
 from pymllm.engine.forward_batch import ForwardBatch, ForwardMode
 from pymllm.engine.io_struct import TokenizedGenerateReq
-from pymllm.executor.model_runner import ModelRunner
+from pymllm.executor.model_runner import ModelRunner, load_model_runner
 from pymllm.layers import fused_ops
 from pymllm.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from pymllm.layers.layernorm import RMSNorm, rms_norm_reference
@@ -283,9 +282,7 @@ def _runner(model_dir, attention_backend: str, **server) -> ModelRunner:
     for key, value in server.items():
         setattr(config.server, key, value)
     config.validate()
-    runner = ModelRunner(config, load_model_config(config.server, CUDA), CUDA)
-    runner.initialize()
-    return runner
+    return load_model_runner(config)
 
 
 def _forward_with(runner, backend, fb):
