@@ -304,15 +304,19 @@ def build_tiny_checkpoint(
     model.save_pretrained(out, **save_kwargs)
     _add_legacy_config_keys(out / "config.json")
 
-    ids = tiny_token_ids()
+    _write_generation_config(out, tiny_token_ids())
+    build_tiny_tokenizer(out)
+    return out
+
+
+def _write_generation_config(out: Path, ids: Dict[str, int]) -> None:
+    """The chat checkpoints' end tokens: <|im_end|> and <|endoftext|> stop, the latter pads."""
     generation = {
         "bos_token_id": ids[ENDOFTEXT],
         "eos_token_id": [ids[IM_END], ids[ENDOFTEXT]],
         "pad_token_id": ids[ENDOFTEXT],
     }
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
-    build_tiny_tokenizer(out)
-    return out
 
 
 def _add_legacy_config_keys(path: Path) -> None:
@@ -339,6 +343,7 @@ def _cache_key(arch: str, tie: bool, kw: Dict[str, Any]) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _cached_dir(arch: str, tie: bool, frozen_kw: tuple) -> Path:
+    """Build (arch "qwen3_vl": the VL checkpoint) into the shared temp dir once, atomically."""
     kw = dict(frozen_kw)
     root = Path(tempfile.gettempdir()) / "pymllm-tiny"
     final = root / _cache_key(arch, tie, kw)
@@ -347,7 +352,10 @@ def _cached_dir(arch: str, tie: bool, frozen_kw: tuple) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=root))
     try:
-        build_tiny_checkpoint(staging, arch=arch, tie_word_embeddings=tie, **kw)
+        if arch == "qwen3_vl":
+            build_tiny_vl_checkpoint(staging, tie_word_embeddings=tie, **kw)
+        else:
+            build_tiny_checkpoint(staging, arch=arch, tie_word_embeddings=tie, **kw)
         try:
             os.rename(staging, final)  # atomic: readers see a complete directory or none
         except OSError:
@@ -489,38 +497,11 @@ def build_tiny_vl_checkpoint(
         image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
     )
     processor.save_pretrained(out)
-    ids = tiny_vl_token_ids()
-    generation = {
-        "bos_token_id": ids[ENDOFTEXT],
-        "eos_token_id": [ids[IM_END], ids[ENDOFTEXT]],
-        "pad_token_id": ids[ENDOFTEXT],
-    }
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
+    _write_generation_config(out, tiny_vl_token_ids())
     build_tiny_vl_tokenizer(out)
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def _cached_vl_dir(tie: bool, frozen_kw: tuple) -> Path:
-    kw = dict(frozen_kw)
-    root = Path(tempfile.gettempdir()) / "pymllm-tiny"
-    final = root / _cache_key("qwen3_vl", tie, kw)
-    if (final / "config.json").exists():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=root))
-    try:
-        build_tiny_vl_checkpoint(staging, tie_word_embeddings=tie, **kw)
-        try:
-            os.rename(staging, final)
-        except OSError:
-            if not (final / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
-
-
 def tiny_vl_model_dir(tie: bool = False, **kw: Any) -> Path:
     """Path of a cached tiny Qwen3-VL checkpoint (built on first use; treat as read-only)."""
-    return _cached_vl_dir(tie, tuple(sorted(kw.items())))
+    return _cached_dir("qwen3_vl", tie, tuple(sorted(kw.items())))
