@@ -82,6 +82,9 @@ class Engine:
             raise
         from transformers import AutoTokenizer
 
+        from pymllm.orchestrator.tokenizer_process import RequestTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer_path)
         max_in_flight = None
         if server.max_queued_requests is not None:
             max_in_flight = server.max_running_requests + server.max_queued_requests
@@ -90,8 +93,10 @@ class Engine:
             inbox,
             model_name=server.served_model_name or os.path.basename(os.path.normpath(server.model_path)),
             context_length=model_config.context_length,
-            tokenizer=AutoTokenizer.from_pretrained(model_config.tokenizer_path),
+            tokenizer=tokenizer,
             max_in_flight=max_in_flight,
+            # Token-id requests are checked here and skip the tokenizer process.
+            request_tokenizer=RequestTokenizer(tokenizer, model_config.context_length, model_config.generation_defaults),
         )
         threading.Thread(target=self._watch_workers, daemon=True, name="worker-watch").start()
         logger.info("Engine ready in %.1f s", time.perf_counter() - started)

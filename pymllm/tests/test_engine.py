@@ -75,10 +75,12 @@ def test_bad_requests_raise_clear_errors(engine):
     assert engine.generate("x", {"max_new_tokens": 1})["meta_info"]["completion_tokens"] == 1
 
 
-def test_abandoned_stream_is_aborted_and_frees_kv(engine):
+# Token-id requests go from the frontend straight to the scheduler; their aborts must follow.
+@pytest.mark.parametrize("prompt", [{"text": "go"}, {"input_ids": [5, 6, 7]}], ids=["text", "token_ids"])
+def test_abandoned_stream_is_aborted_and_frees_kv(engine, prompt):
     async def scenario():
-        req = GenerateReqInput(rid="abandon-me", text="go", stream=True,
-                               sampling_params={"max_new_tokens": 200, "ignore_eos": True})
+        req = GenerateReqInput(rid=f"abandon-me-{len(prompt)}-{next(iter(prompt))}", stream=True,
+                               sampling_params={"max_new_tokens": 200, "ignore_eos": True}, **prompt)
         gen = engine.client.generate(req)
         await gen.__anext__()
         await gen.aclose()  # the consumer goes away mid-generation
