@@ -1,10 +1,12 @@
 """Decode attention kernels for Qwen3 head layouts, as a CUDA-graph decode step runs them.
 
-    python scripts/bench_decode_attention.py [--out rows.jsonl]
+    python scripts/bench_decode_attention.py [--out rows.jsonl] [--triton-only]
 
 Compares FlashInfer's decode with and without tensor cores (the rule ``decode_use_tensor_cores``
 picks one per GQA group size) and pymllm's Triton split-KV kernel (``triton_decode``, used for
-small graph batches because it needs no host-side plan()). Each case replays a graph of 20
+small graph batches because it needs no host-side plan()), in its one-launch form (splits
+merged in the kernel, as the backend runs it) and its earlier two-launch form (a separate merge
+kernel; ``--triton-only`` times just these two, without FlashInfer). Each case replays a graph of 20
 calls, each on its own layer's K/V buffers as in a model, so K/V come from DRAM, not L2. It
 also times the host side of FlashInfer's graph-mode ``plan()``, which a replay of a FlashInfer
 decode graph must run first and the Triton kernel does not need. bf16, page size 1, head_dim 128.
@@ -63,8 +65,8 @@ def time_flashinfer(num_qo, num_kv, bs, kv_len, tensor_cores):
     return kernel, host
 
 
-def time_triton(num_qo, num_kv, bs, kv_len):
-    from pymllm.layers.attention.triton_decode import decode_attention, num_splits_for
+def time_triton(num_qo, num_kv, bs, kv_len, separate_merge=False):
+    from pymllm.layers.attention.triton_decode import arrival_counters, decode_attention, num_splits_for
 
     device = torch.device("cuda")
     q, kv = _buffers(num_qo, num_kv, bs, kv_len, device)
@@ -73,8 +75,10 @@ def time_triton(num_qo, num_kv, bs, kv_len):
     seq_lens = torch.full((bs,), kv_len, device=device)
     splits = num_splits_for(bs, num_kv, torch.cuda.get_device_properties(0).multi_processor_count)
     out = torch.empty_like(q)
+    counters = arrival_counters(bs, num_kv, device)
     return _graph_time_us([
-        lambda k=k, v=v: decode_attention(q, k, v, req_to_token, req_idx, seq_lens, HEAD_DIM**-0.5, splits, out=out)
+        lambda k=k, v=v: decode_attention(q, k, v, req_to_token, req_idx, seq_lens, HEAD_DIM**-0.5, splits, out=out,
+                                          counters=counters, separate_merge=separate_merge)
         for k, v in kv
     ])
 
@@ -82,23 +86,29 @@ def time_triton(num_qo, num_kv, bs, kv_len):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
+    parser.add_argument("--triton-only", action="store_true", help="skip FlashInfer (not needed to be installed)")
     args = parser.parse_args()
     rows = []
     for num_qo, num_kv in ((16, 8), (32, 8)):
         for bs in (1, 4, 8, 16, 32, 64):
             for kv_len in (128, 1024, 2048):
-                cuda_cores, plan_us = time_flashinfer(num_qo, num_kv, bs, kv_len, False)
-                tensor_cores, plan_tc_us = time_flashinfer(num_qo, num_kv, bs, kv_len, True)
+                if args.triton_only:
+                    cuda_cores = plan_us = tensor_cores = plan_tc_us = float("nan")
+                else:
+                    cuda_cores, plan_us = time_flashinfer(num_qo, num_kv, bs, kv_len, False)
+                    tensor_cores, plan_tc_us = time_flashinfer(num_qo, num_kv, bs, kv_len, True)
                 triton_us = time_triton(num_qo, num_kv, bs, kv_len)
+                triton_2launch_us = time_triton(num_qo, num_kv, bs, kv_len, separate_merge=True)
                 kv_bytes = bs * kv_len * num_kv * HEAD_DIM * 2 * 2
                 row = dict(bench="decode_attention", num_qo_heads=num_qo, num_kv_heads=num_kv, batch_size=bs,
                            kv_len=kv_len, cuda_cores_us=cuda_cores, tensor_cores_us=tensor_cores,
-                           triton_us=triton_us, plan_host_us=plan_us, plan_tc_host_us=plan_tc_us,
+                           triton_us=triton_us, triton_2launch_us=triton_2launch_us, plan_host_us=plan_us, plan_tc_host_us=plan_tc_us,
                            kv_bytes=kv_bytes, device=torch.cuda.get_device_name(),
                            command="python scripts/bench_decode_attention.py", graph_mode_wrappers=True)
                 rows.append(row)
                 print(f"heads {num_qo}/{num_kv} bs {bs:3d} kv {kv_len:5d}: cuda cores {cuda_cores:7.1f} us, "
-                      f"tensor cores {tensor_cores:7.1f} us, triton {triton_us:7.1f} us | "
+                      f"tensor cores {tensor_cores:7.1f} us, triton {triton_us:7.1f} us "
+                      f"(2 launches {triton_2launch_us:7.1f} us) | "
                       f"plan host {plan_us:5.0f}/{plan_tc_us:5.0f} us", flush=True)
                 torch.cuda.empty_cache()
     if args.out:

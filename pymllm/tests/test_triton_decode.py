@@ -71,6 +71,40 @@ def test_kernels_under_interpreter() -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
+def fused_merge_checks() -> None:
+    """The in-kernel merge (last program of a (sequence, KV head) merges) across consecutive
+    launches on one counter buffer, as graph replays and successive layers run it: the lengths
+    change between calls, some calls leave splits empty (5 tokens over 8 splits), and after
+    every call the counters must be back at zero for the next one."""
+    from pymllm.layers.attention.triton_decode import arrival_counters, decode_attention
+
+    for hq, hkv in ((4, 2), (8, 2)):  # GQA groups 2 and 4
+        for capacity, calls in (
+            ([70], [([70], -1), ([5], -1), ([33], 9)]),
+            ([60, 40, 70], [([1, 37, 70], -1), ([60, 2, 45], -1), ([30, 40, 3], 9)]),
+        ):
+            batch = len(capacity)
+            q, k_buf, v_buf, r2t, req_idx, _ = make_case(batch, hq, hkv, 16, capacity, torch.float16, "cpu", seed=batch)
+            counters = arrival_counters(4, hkv, "cpu")  # sized for more sequences than this batch
+            for num_splits in (2, 8):
+                for lens, window in calls:
+                    seq_lens = torch.tensor(lens)
+                    got = decode_attention(q, k_buf, v_buf, r2t, req_idx, seq_lens, 0.25, num_splits, window,
+                                           out=torch.full_like(q, float("nan")), counters=counters)
+                    assert not counters.any(), (lens, num_splits, counters)
+                    want = reference(q, k_buf, v_buf, r2t, req_idx, seq_lens, 0.25, window)
+                    torch.testing.assert_close(got.float(), want.float(), rtol=2e-3, atol=2e-3)
+                    # Same partials, merged in another order: the two-launch form agrees to rounding.
+                    two_launch = decode_attention(q, k_buf, v_buf, r2t, req_idx, seq_lens, 0.25, num_splits,
+                                                  window, out=torch.full_like(q, float("nan")), separate_merge=True)
+                    torch.testing.assert_close(got, two_launch, rtol=1e-3, atol=1e-3)
+
+
+def test_fused_merge_under_interpreter() -> None:
+    result = run_under_triton_interpreter("pymllm.tests.test_triton_decode", "fused_merge_checks")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
 def test_num_splits_rule() -> None:
     from pymllm.layers.attention.triton_decode import num_splits_for
 
@@ -91,6 +125,8 @@ def test_rejects_unsupported_shapes() -> None:
     q, k_buf, v_buf, r2t, req_idx, seq_lens = make_case(1, 4, 2, 16, [3], torch.float16, "cpu")
     with pytest.raises(ValueError, match="power of two"):
         decode_attention(q, k_buf, v_buf, r2t, req_idx, seq_lens, 0.25, 3)
+    with pytest.raises(ValueError, match="counters"):  # too few for 1 sequence x 2 KV heads
+        decode_attention(q, k_buf, v_buf, r2t, req_idx, seq_lens, 0.25, 2, counters=torch.zeros(1, dtype=torch.int32))
 
 
 @pytest.mark.gpu
@@ -140,18 +176,51 @@ def test_gpu_error_within_flashinfer_error(hq, hkv, lens) -> None:
 
 @pytest.mark.gpu
 def test_gpu_graph_replay_follows_device_lengths() -> None:
-    from pymllm.layers.attention.triton_decode import decode_attention
+    from pymllm.layers.attention.triton_decode import arrival_counters, decode_attention
 
     q, k_buf, v_buf, r2t, req_idx, seq_lens = make_case(2, 32, 8, 128, [700, 40], torch.bfloat16, "cuda")
     lens = seq_lens.clone()
     out = torch.empty_like(q)
-    decode_attention(q, k_buf, v_buf, r2t, req_idx, lens, 128**-0.5, 16, out=out)  # compile first
+    counters = arrival_counters(2, 8, "cuda")
+    decode_attention(q, k_buf, v_buf, r2t, req_idx, lens, 128**-0.5, 16, out=out, counters=counters)  # compile first
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        decode_attention(q, k_buf, v_buf, r2t, req_idx, lens, 128**-0.5, 16, out=out)
+        decode_attention(q, k_buf, v_buf, r2t, req_idx, lens, 128**-0.5, 16, out=out, counters=counters)
     for new_lens in ([700, 40], [1, 705], [512, 512]):
         lens.copy_(torch.tensor(new_lens))
+        out.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
+        assert not counters.any()
         want = reference(q.cpu(), k_buf.cpu(), v_buf.cpu(), r2t.cpu(), req_idx.cpu(), lens.cpu(), 128**-0.5)
         torch.testing.assert_close(out.cpu().float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hq, hkv", [(16, 8), (32, 8)])
+def test_gpu_fused_merge_under_concurrency(hq, hkv) -> None:
+    """The in-kernel merge reads partials that other SMs wrote an instant earlier: if the
+    release/acquire of the arrival counter failed to order them, some launch would merge a stale
+    or half-written partial. Back-to-back launches on one counter buffer, each with other lengths
+    than the one before (so a stale partial is a wrong one), 32 splits (most programs of a
+    sequence run at once): each must match the two-launch form to rounding (the merge order
+    differs), and two passes over the same lengths must agree bit for bit."""
+    from pymllm.layers.attention.triton_decode import arrival_counters, decode_attention
+
+    lens = [3000, 1, 777]
+    q, k_buf, v_buf, r2t, req_idx, _ = make_case(3, hq, hkv, 128, lens, torch.bfloat16, "cuda", seed=5)
+    counters = arrival_counters(3, hkv, "cuda")
+    gen = torch.Generator().manual_seed(0)
+    all_lens = [torch.stack([torch.randint(1, n + 1, (), generator=gen) for n in lens]).cuda() for _ in range(300)]
+    want = [decode_attention(q, k_buf, v_buf, r2t, req_idx, n, 128**-0.5, 32, separate_merge=True) for n in all_lens]
+
+    def fused_pass():
+        return [decode_attention(q, k_buf, v_buf, r2t, req_idx, n, 128**-0.5, 32, counters=counters,
+                                 out=torch.full_like(q, float("nan"))) for n in all_lens]
+
+    first, second = fused_pass(), fused_pass()
+    torch.cuda.synchronize()
+    assert not counters.any()
+    for got, again, ref in zip(first, second, want):
+        assert torch.equal(got, again)
+        torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-3)

@@ -7,14 +7,29 @@ path of every step, and for small batches the kernel pair itself takes ~8-10 us 
 H200. These kernels take the lengths and the page table straight from the graph's static
 device buffers, so a replay needs no host-side attention work at all.
 
-Two launches per layer:
-  1. ``_partial_kernel``, grid (batch, kv_heads, splits): each program walks its slice of one
-     sequence's KV slots (looked up in ``req_to_token``) for all query heads of one KV head
-     (the GQA group shares every K/V load) with an online softmax, and writes the slice's
-     normalised output and log-sum-exp.
-  2. ``_merge_kernel``, grid (batch, q_heads): combines the slices with their log-sum-exps.
-The split count is fixed per batch size (a CUDA graph fixes the grid) and chosen to give the
-GPU enough programs; a split with no tokens writes lse = -inf and drops out of the merge.
+One launch per layer, ``_partial_kernel``, grid (batch, kv_heads, splits): each program walks
+its slice of one sequence's KV slots (looked up in ``req_to_token``) for all query heads of one
+KV head (the GQA group shares every K/V load) with an online softmax, and writes the slice's
+normalised output and log-sum-exp. The program that finishes last among the splits of its
+(sequence, KV head) then merges all the slices with their log-sum-exps and writes the output
+("last block merges", see ``_partial_kernel``) instead of a second launch. On an H200
+(Qwen3-0.6B heads 16/8, batch 1, 32 splits, graph replay; bench_decode_attention.py) the
+partial kernel alone takes 3.2 us, partial + merge kernel 5.3 us, this one launch 4.8 us: the
+merge now costs the atomic's release/acquire and one round of L2 loads at the tail instead of a
+kernel boundary (1.7 us less at batch 16 with GQA group 4). The split count is fixed per batch
+size (a CUDA graph fixes the grid) and chosen to give the GPU enough programs; a split with no
+tokens writes lse = -inf and drops out of the merge. With one split the program writes the
+output directly: no scratch, no counter.
+
+``separate_merge=True`` keeps the earlier two-launch form (partials, then ``_merge_kernel``,
+grid (batch, q_heads)) for benchmarks and as a cross-check.
+
+``shared_prefix_attention`` covers a short extend run as decode rows: R new tokens of ONE
+request, row i at position seq_lens[i] - 1. Per row, ``decode_attention`` would read the whole
+shared prefix R times; this kernel (grid (kv_heads, splits, row_programs)) reads each K/V block
+of a split once per row slice and scores it against all of the slice's R x group query rows
+with one tl.dot, masking each row causally by its own length, then merges the splits in the
+same way.
 
 Numerics: scores and softmax in float32, P rounded to the KV dtype for the P @ V product on
 tensor cores (as FlashInfer does), output rounded once.
@@ -38,18 +53,63 @@ def num_splits_for(batch_size: int, num_kv_heads: int, num_sms: int) -> int:
     return max(1, min(_MAX_SPLITS, triton.next_power_of_2(want)))
 
 
+def arrival_counters(max_batch: int, num_kv_heads: int, device) -> torch.Tensor:
+    """The arrival counters ``decode_attention`` needs when it runs more than one split: int32
+    zeros, one per (sequence, KV head). Allocate them once and pass them to every call (CUDA
+    graphs replay with the same buffer); each launch leaves them at zero again."""
+    return torch.zeros(max_batch * num_kv_heads, dtype=torch.int32, device=device)
+
+
+@triton.jit
+def _merge_group(o_ptr, lse_ptr, first_row, out_ptr, out_stride_h,
+                 GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """Combine the NUM_SPLITS partials of GROUP consecutive query heads (partial rows
+    ``first_row + head * NUM_SPLITS + split``) and write them to ``out_ptr + head * out_stride_h``.
+
+    This runs at the tail of the last program, after the rest of the grid is done, so its
+    latency is what counts: an online merge over the splits keeps every step elementwise (no
+    cross-thread reduction, hence no barrier between steps), and the unrolled steps' loads are
+    independent, so they are all in flight at once. The loads bypass L1 (".cg"): other SMs wrote
+    the partials, and L2 is where they are coherent (the acquire already orders them; this only
+    keeps an L1 line left from a previous launch out of the picture)."""
+    rows = tl.arange(0, ROWS)
+    row_ok = rows < GROUP
+    dims = tl.arange(0, HEAD_DIM)
+    part_rows = first_row + rows * NUM_SPLITS
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    l = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    # Split 0 is never empty (seq_len >= 1), so m is finite from the first step on and an empty
+    # split (lse = -inf) just gets weight 0. (Padding rows, ROWS > GROUP, turn nan; not stored.)
+    for s in tl.static_range(NUM_SPLITS):
+        lse = tl.load(lse_ptr + part_rows + s, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+        o = tl.load(o_ptr + (part_rows + s)[:, None] * HEAD_DIM + dims[None, :], mask=row_ok[:, None],
+                    other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, lse)
+        alpha = tl.exp(m - m_new)
+        w = tl.exp(lse - m_new)
+        acc = acc * alpha[:, None] + w[:, None] * o
+        l = l * alpha + w
+        m = m_new
+    merged = acc / l[:, None]
+    tl.store(out_ptr + rows[:, None] * out_stride_h + dims[None, :], merged.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
 @triton.jit
 def _partial_kernel(
     q_ptr, k_ptr, v_ptr, req_to_token_ptr, req_idx_ptr, seq_lens_ptr, o_ptr, lse_ptr,
-    q_stride_b, q_stride_h, kv_stride_s, kv_stride_h, r2t_stride,
+    out_ptr, counter_ptr,
+    q_stride_b, q_stride_h, kv_stride_s, kv_stride_h, r2t_stride, out_stride_b, out_stride_h,
     sm_scale, window_left,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, FUSED_MERGE: tl.constexpr, MERGE_ROWS: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    num_q_heads = tl.num_programs(1) * GROUP
+    num_kv_heads = tl.num_programs(1)
+    num_q_heads = num_kv_heads * GROUP
 
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
     lo = tl.where(window_left >= 0, tl.maximum(seq_len - 1 - window_left, 0), 0)
@@ -87,19 +147,45 @@ def _partial_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    out_row = (b.to(tl.int64) * num_q_heads + heads) * NUM_SPLITS + split
-    has_tokens = end > start
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     o = acc / safe_l[:, None]
-    tl.store(o_ptr + out_row[:, None] * HEAD_DIM + dims[None, :], o, mask=row_ok[:, None])
-    # Natural-log lse of the slice; -inf marks an empty slice.
-    lse = tl.where(has_tokens, (m_i + tl.log2(safe_l)) * 0.6931471805599453, float("-inf"))
-    tl.store(lse_ptr + out_row, lse, mask=row_ok)
+    if NUM_SPLITS == 1:
+        # One slice is the whole sequence (never empty: it holds the decoded token).
+        out_off = b.to(tl.int64) * out_stride_b + heads[:, None] * out_stride_h + dims[None, :]
+        tl.store(out_ptr + out_off, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        out_row = (b.to(tl.int64) * num_q_heads + heads) * NUM_SPLITS + split
+        has_tokens = end > start
+        tl.store(o_ptr + out_row[:, None] * HEAD_DIM + dims[None, :], o, mask=row_ok[:, None])
+        # Natural-log lse of the slice; -inf marks an empty slice.
+        lse = tl.where(has_tokens, (m_i + tl.log2(safe_l)) * 0.6931471805599453, float("-inf"))
+        tl.store(lse_ptr + out_row, lse, mask=row_ok)
+        if FUSED_MERGE:
+            # Last block merges. Every program arrives, empty slices included (the grid is
+            # fixed, so the count to wait for is always NUM_SPLITS and needs no knowledge of the
+            # lengths). The barrier makes all threads' partial stores above precede the atomic,
+            # which Triton issues from one thread: its release (gpu scope, cumulative over what
+            # the barrier ordered before it) publishes them, as __syncthreads + __threadfence +
+            # atomicAdd does in CUDA. The old value comes back to every thread through shared
+            # memory behind a barrier, so the merging program's loads follow its acquire.
+            counter = counter_ptr + b * num_kv_heads + kv_head
+            tl.debug_barrier()
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if arrived == NUM_SPLITS - 1:
+                first_head = kv_head * GROUP
+                _merge_group(o_ptr, lse_ptr, (b.to(tl.int64) * num_q_heads + first_head) * NUM_SPLITS,
+                             out_ptr + b.to(tl.int64) * out_stride_b + first_head * out_stride_h, out_stride_h,
+                             GROUP, MERGE_ROWS, HEAD_DIM, NUM_SPLITS)
+                # All NUM_SPLITS programs have arrived, so nothing else touches the counter in
+                # this launch: leave it at zero for the next one (graph replays reuse it).
+                tl.store(counter, 0)
 
 
 @triton.jit
 def _merge_kernel(o_ptr, lse_ptr, out_ptr, out_stride_b, out_stride_h,
                   HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """The separate merge launch of ``separate_merge=True`` (the earlier form, kept as it was),
+    grid (batch, q_heads)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     row = (b.to(tl.int64) * tl.num_programs(1) + h) * NUM_SPLITS
@@ -125,6 +211,8 @@ def decode_attention(
     num_splits: int,
     window_left: int = -1,
     out: Optional[torch.Tensor] = None,
+    counters: Optional[torch.Tensor] = None,
+    separate_merge: bool = False,
 ) -> torch.Tensor:
     """Attention of one query token per sequence over its KV slots.
 
@@ -132,6 +220,12 @@ def decode_attention(
     req_pool_indices [B]; seq_lens [B] (each >= 1, counting the token being decoded, whose K/V
     are already stored). Returns [B, Hq, D] in q's dtype. ``window_left`` >= 0 limits each query
     to the keys at positions [len - 1 - window_left, len - 1].
+
+    counters: int32, at least B * Hkv elements, all zero (``arrival_counters``); used when
+    num_splits > 1 and left at zero again. Pass one long-lived buffer (a CUDA graph must see the
+    same one at every replay); None allocates zeros for this call, which costs a fill launch.
+    Calls that may overlap (other streams) need buffers of their own. separate_merge: merge
+    the splits in a second launch instead (the earlier form, for comparison; no counters).
     """
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = k_buf.shape[1]
@@ -149,19 +243,34 @@ def decode_attention(
         raise ValueError("decode_attention: k_buf and v_buf must share strides")
     if out is None:
         out = torch.empty_like(q)
+    if out.stride(2) != 1:
+        raise ValueError("decode_attention: out must be dense in its last dim")
     if batch == 0:
         return out
-    o_part = torch.empty(batch * num_q_heads * num_splits, head_dim, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(batch * num_q_heads * num_splits, dtype=torch.float32, device=q.device)
+    fused = num_splits > 1 and not separate_merge
+    if num_splits == 1:
+        o_part = lse_part = out  # unused: the kernel writes the output directly
+    else:
+        o_part = torch.empty(batch * num_q_heads * num_splits, head_dim, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(batch * num_q_heads * num_splits, dtype=torch.float32, device=q.device)
+    if not fused:
+        counters = out  # unused
+    elif counters is None:
+        counters = arrival_counters(batch, num_kv_heads, q.device)
+    elif counters.dtype != torch.int32 or counters.numel() < batch * num_kv_heads or not counters.is_contiguous():
+        raise ValueError(f"decode_attention: counters must be contiguous int32 with >= {batch * num_kv_heads} "
+                         f"elements, got {counters.dtype} {tuple(counters.shape)}")
     _partial_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, o_part, lse_part,
+        q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, o_part, lse_part, out, counters,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), req_to_token.stride(0),
-        sm_scale, window_left,
+        out.stride(0), out.stride(1), sm_scale, window_left,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        NUM_SPLITS=num_splits, BLOCK=BLOCK_N, num_warps=4, num_stages=2,
+        NUM_SPLITS=num_splits, BLOCK=BLOCK_N, FUSED_MERGE=fused, MERGE_ROWS=triton.next_power_of_2(group),
+        num_warps=4, num_stages=2,
     )
-    _merge_kernel[(batch, num_q_heads)](
-        o_part, lse_part, out, out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, NUM_SPLITS=num_splits, num_warps=4,
-    )
+    if num_splits > 1 and not fused:
+        _merge_kernel[(batch, num_q_heads)](
+            o_part, lse_part, out, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, num_warps=4,
+        )
     return out
