@@ -149,6 +149,7 @@ class StagedDecode:
     seq_lens_cpu: List[int]  # padded
     kv_indptr_host: torch.Tensor  # [padded_bs + 1] int32, pinned on CUDA
     seq_lens_host: torch.Tensor  # [padded_bs] int32, pinned on CUDA
+    shared_prefix: bool = False  # replays the graph whose rows all extend one request
 
 
 def padded_seq_lens_cpu(seq_lens_cpu: Sequence[int], padded_bs: int) -> List[int]:
@@ -172,6 +173,14 @@ class CudaGraphRunner:
         self._staged: Optional[StagedDecode] = None
         self.graphs: Dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: Dict[int, torch.Tensor] = {}
+        # A short extend of one request runs as rows that all read that request's KV: graphs of
+        # their own, whose attention reads the shared prefix once instead of once per row.
+        shared_ok = getattr(self.backend, "supports_shared_prefix_graphs", lambda: False)()
+        self.shared_prefix_sizes = [
+            s for s in self.batch_sizes if 2 <= s <= EXTEND_AS_DECODE_MAX_TOKENS
+        ] if shared_ok else []
+        self.shared_graphs: Dict[int, torch.cuda.CUDAGraph] = {}
+        self.shared_outputs: Dict[int, torch.Tensor] = {}
         self.pool = None
 
     def _static_batch(self, bs: int, seq_lens_cpu: Sequence[int], with_mrope: bool = True) -> ForwardBatch:
@@ -204,21 +213,28 @@ class CudaGraphRunner:
             for bs in reversed(self.batch_sizes):
                 logger.info("Capturing CUDA graphs: bs=%d", bs)
                 self._capture_one(bs)
+            for bs in reversed(self.shared_prefix_sizes):
+                logger.info("Capturing CUDA graphs: bs=%d, rows of one request's extend", bs)
+                self._capture_one(bs, shared_prefix=True)
         finally:
             gc.unfreeze()
         logger.info(
-            "Captured %d CUDA graphs (bs %d..%d) in %.2f s",
-            len(self.batch_sizes), self.batch_sizes[0], self.max_bs, time.perf_counter() - start,
+            "Captured %d CUDA graphs (bs %d..%d, %d of them for short extends) in %.2f s",
+            len(self.batch_sizes) + len(self.shared_prefix_sizes), self.batch_sizes[0], self.max_bs,
+            len(self.shared_prefix_sizes), time.perf_counter() - start,
         )
 
-    def prepare_capture(self, bs: int) -> ForwardBatch:
+    def prepare_capture(self, bs: int, shared_prefix: bool = False) -> ForwardBatch:
         """The static batch of size bs (all padding) with its graph-mode attention metadata."""
         fb = self._static_batch(bs, [1] * bs)
-        self.backend.init_forward_metadata_capture_cuda_graph(bs, fb.req_pool_indices, fb.seq_lens, fb.seq_lens_cpu)
+        extra = {"shared_prefix": True} if shared_prefix else {}
+        self.backend.init_forward_metadata_capture_cuda_graph(
+            bs, fb.req_pool_indices, fb.seq_lens, fb.seq_lens_cpu, **extra
+        )
         return fb
 
-    def _capture_one(self, bs: int) -> None:
-        fb = self.prepare_capture(bs)
+    def _capture_one(self, bs: int, shared_prefix: bool = False) -> None:
+        fb = self.prepare_capture(bs, shared_prefix)
         # The warm-up run compiles Triton / JIT kernels and fills lazily built caches, none of
         # which may happen during capture.
         self.model(fb.input_ids, fb.positions, fb)
@@ -227,11 +243,15 @@ class CudaGraphRunner:
         with torch.cuda.graph(graph, pool=self.pool):
             # The float32 logits the sampler reads come out of the graph: no extra launch per step.
             out = self.model(fb.input_ids, fb.positions, fb).float()
-        self.graphs[bs] = graph
-        self.outputs[bs] = out
+        (self.shared_graphs if shared_prefix else self.graphs)[bs] = graph
+        (self.shared_outputs if shared_prefix else self.outputs)[bs] = out
 
     def fits(self, bs: int) -> bool:
         return bs <= self.max_bs
+
+    def has_shared_prefix_graph(self, num_rows: int) -> bool:
+        """Whether ``num_rows`` rows that all extend one request have a shared-prefix graph."""
+        return self.fits(num_rows) and padded_batch_size(num_rows, self.batch_sizes) in self.shared_prefix_sizes
 
     def can_run(self, fb: ForwardBatch) -> bool:
         return (
@@ -240,11 +260,12 @@ class CudaGraphRunner:
             and fb.positions.dim() == 1
         )
 
-    def stage(self, hb: HostBatch) -> Tuple[ForwardBatch, torch.Tensor, torch.Tensor]:
+    def stage(self, hb: HostBatch, shared_prefix: bool = False) -> Tuple[ForwardBatch, torch.Tensor, torch.Tensor]:
         """Pad a decode batch on the host and copy it into the static buffers with one copy.
 
         Returns the batch (rows [0, bs) of the static buffers) and the device views of its
         req_to_token writes (kv_write_index, kv_write_loc) for the caller to scatter.
+        shared_prefix: the rows all extend one request (``has_shared_prefix_graph``).
         """
         bs = hb.batch_size
         padded_bs = padded_batch_size(bs, self.batch_sizes)
@@ -260,6 +281,7 @@ class CudaGraphRunner:
             seq_lens_cpu=padded_seq_lens_cpu(seq_lens_cpu, padded_bs),
             kv_indptr_host=host_views["kv_indptr"][: padded_bs + 1],
             seq_lens_host=host_views["seq_lens_host"][:padded_bs],
+            shared_prefix=shared_prefix,
         )
         return fb, self.inputs.kv_write_index[:bs], self.inputs.kv_write_loc[:bs]
 
@@ -267,12 +289,12 @@ class CudaGraphRunner:
         """Load a decode batch into the static buffers and metadata; returns the padded size."""
         staged = self._staged
         inp = self.inputs
-        # The host views of a staged batch stay valid until the stager's next upload.
-        if staged is not None and staged.batch is fb and staged.upload == self.runner.stager.uploads:
+        if self._is_staged(fb):
             padded = staged.padded_bs
+            extra = {"shared_prefix": True} if staged.shared_prefix else {}
             self.backend.init_forward_metadata_replay_cuda_graph(
                 padded, inp.req_pool_indices[:padded], inp.seq_lens[:padded], staged.seq_lens_cpu,
-                indptr_host=staged.kv_indptr_host, seq_lens_host=staged.seq_lens_host,
+                indptr_host=staged.kv_indptr_host, seq_lens_host=staged.seq_lens_host, **extra,
             )
             return padded
         padded = padded_batch_size(fb.batch_size, self.batch_sizes)
@@ -283,11 +305,18 @@ class CudaGraphRunner:
         )
         return padded
 
+    def _is_staged(self, fb: ForwardBatch) -> bool:
+        # The host views of a staged batch stay valid until the stager's next upload.
+        staged = self._staged
+        return staged is not None and staged.batch is fb and staged.upload == self.runner.stager.uploads
+
     def replay(self, fb: ForwardBatch) -> torch.Tensor:
         """Float32 logits [bs, vocab] of a decode batch; valid until the next replay."""
+        shared = self._is_staged(fb) and self._staged.shared_prefix
         padded = self.prepare_replay(fb)
-        self.graphs[padded].replay()
-        return self.outputs[padded][: fb.batch_size]
+        graphs, outputs = (self.shared_graphs, self.shared_outputs) if shared else (self.graphs, self.outputs)
+        graphs[padded].replay()
+        return outputs[padded][: fb.batch_size]
 
 
 def build_cuda_graph_runner(model_runner: "ModelRunner") -> Optional[CudaGraphRunner]:

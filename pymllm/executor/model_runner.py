@@ -153,14 +153,18 @@ class ModelRunner:
     def _stage_extend_as_decode(self, hb: HostBatch) -> Tuple[ForwardBatch, torch.Tensor, torch.Tensor]:
         """Stage an extend as decode-graph rows (one per new token)."""
         ext = extend_as_decode_rows(hb)
-        if len(ext.prefix_write_index):
+        n = len(ext.prefix_write_index)
+        if n:
             # A prefix-cache hit's first extend copies the cached slots into the request's row,
             # more writes than the graph's per-row buffers hold: scattered here, before the
-            # graph's attention reads the row.
-            index = torch.from_numpy(ext.prefix_write_index).to(self.device)
-            loc = torch.from_numpy(ext.prefix_write_loc.astype(np.int32)).to(self.device)
-            self.req_to_token_pool.req_to_token.view(-1).index_copy_(0, index, loc)
-        fb, write_index, write_loc = self.cuda_graph_runner.stage(ext.rows)
+            # graph's attention reads the row. Index and slots travel in one pinned copy.
+            _, words = self.stager.upload(np.concatenate([ext.prefix_write_index, ext.prefix_write_loc]), 2 * n)
+            table = self.req_to_token_pool.req_to_token
+            table.view(-1).index_copy_(0, words[:n], words[n : 2 * n].to(table.dtype))
+        graphs = self.cuda_graph_runner
+        # Rows of a single request all read its KV: the shared-prefix graphs read it once.
+        shared = hb.batch_size == 1 and graphs.has_shared_prefix_graph(len(ext.rows.input_ids))
+        fb, write_index, write_loc = graphs.stage(ext.rows, shared_prefix=shared)
         fb.sample_rows = ext.sample_rows
         return fb, write_index, write_loc
 

@@ -105,3 +105,70 @@ def test_extend_rows_equal_an_ordinary_extend(fake_flashinfer):  # noqa: F811
         ref_c = runner.forward(runner.build_forward_batch(
             ScheduledBatch(ForwardMode.EXTEND, [c2], [0], [5], alloc(5), [False])))
     torch.testing.assert_close(got[:1], ref_c, rtol=1e-4, atol=1e-4)
+
+
+def _shared_prefix_reference(q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, sm_scale, num_splits,
+                             window_left=-1, counters=None):
+    """PyTorch stand-in for triton_shared_prefix.shared_prefix_attention: every row reads the first
+    row's request, up to its own length (the Triton kernel runs on CUDA only)."""
+    rows, num_heads, _ = q.shape
+    group = num_heads // k_buf.shape[1]
+    slots = req_to_token[int(req_pool_indices[0])].long()
+    out = torch.empty_like(q)
+    for i in range(rows):
+        n = int(seq_lens[i])
+        lo = max(0, n - 1 - window_left) if window_left >= 0 else 0
+        k = k_buf[slots[lo:n]].repeat_interleave(group, dim=1).float()
+        v = v_buf[slots[lo:n]].repeat_interleave(group, dim=1).float()
+        scores = torch.einsum("hd,khd->hk", q[i].float(), k) * sm_scale
+        out[i] = torch.einsum("hk,khd->hd", scores.softmax(-1), v).to(q.dtype)
+    return out
+
+
+def test_single_request_extend_uses_the_shared_prefix_graphs(fake_flashinfer, monkeypatch):  # noqa: F811
+    from pymllm.layers.attention import triton_shared_prefix
+
+    monkeypatch.setattr(fib.FlashInferAttnBackend, "supports_shared_prefix_graphs", lambda self: True)
+    monkeypatch.setattr(triton_shared_prefix, "shared_prefix_attention", _shared_prefix_reference)
+    runner = _runner(tiny_model_dir("qwen3"), max_total_tokens=512)
+    alloc = runner.token_to_kv_pool_allocator.alloc
+
+    def request(rid):
+        req = Req(rid=rid, origin_input_ids=PROMPT, sampling_params=greedy(4), seed=0)
+        req.req_pool_idx = runner.req_to_token_pool.alloc()
+        return req
+
+    a = request("a")
+    prefix_slots = alloc(12)
+    runner.run_batch(ScheduledBatch(ForwardMode.EXTEND, [a], [0], [12], prefix_slots, [False]))
+    a.append_kv_slots(prefix_slots)
+    with torch.inference_mode():
+        reference = runner.forward(runner.build_forward_batch(
+            ScheduledBatch(ForwardMode.EXTEND, [a], [12], [7], alloc(7), [True]))).clone()
+
+    runner.attn_backend = fib.FlashInferAttnBackend(runner)
+    graphs = CudaGraphRunner(runner)
+    assert graphs.shared_prefix_sizes and min(graphs.shared_prefix_sizes) >= 2
+    assert max(graphs.shared_prefix_sizes) <= 32
+    for bs in reversed(graphs.batch_sizes):
+        graphs.prepare_capture(bs)
+    for bs in reversed(graphs.shared_prefix_sizes):
+        graphs.prepare_capture(bs, shared_prefix=True)
+
+    # A prefix-cache hit of one request: 7 rows padded to 8, all reading B's row once.
+    b = request("b")
+    b.kv_slots, b.cache_owned_len = prefix_slots, 12
+    got, fb = _graph_rows_logits(runner, graphs, ScheduledBatch(ForwardMode.EXTEND, [b], [12], [7], alloc(7), [True]))
+    assert graphs._staged.shared_prefix and graphs._staged.padded_bs == 8
+    assert runner.attn_backend.forward_metadata.kind == "triton_shared_prefix"
+    torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4)
+
+    # Two requests in one extend read different rows: the ordinary decode graphs.
+    c, d = request("c"), request("d")
+    d.kv_slots, d.cache_owned_len = prefix_slots, 12
+    got, fb = _graph_rows_logits(runner, graphs, ScheduledBatch(ForwardMode.EXTEND, [c, d], [0, 12], [5, 7],
+                                                                alloc(12), [False, True]))
+    assert not graphs._staged.shared_prefix
+    assert runner.attn_backend.forward_metadata.kind != "triton_shared_prefix"
+    torch.testing.assert_close(got[1:], reference, rtol=1e-4, atol=1e-4)
+

@@ -33,7 +33,9 @@ needs no host-side attention work. For larger batches, decode wrappers created w
 kv_indptr / kv_indices / last_page_len buffers that were given at capture time. FlashInfer's
 plan in graph mode fixes the launch grid and the workspace layout by batch size alone (split-kv
 is always on), so re-planning before each replay with the new lengths refreshes the schedule
-in the workspace without changing what the captured kernels read.
+in the workspace without changing what the captured kernels read. Graphs captured for a short
+extend of one request (one row per new token, ``shared_prefix``) use
+``triton_shared_prefix.shared_prefix_attention``, which reads the request's KV once for all rows.
 """
 
 from __future__ import annotations
@@ -140,13 +142,13 @@ class AttentionGeometry:
 
 @dataclass
 class _ForwardMetadata:
-    kind: str  # "decode", "triton_decode", "ragged", "paged" or "cascade"
+    kind: str  # "decode", "triton_decode", "triton_shared_prefix", "ragged", "paged" or "cascade"
     wrappers: Dict[int, object]  # window_left -> wrapper planned for this forward
     # "cascade" only: the paged wrapper planned over the cached prefixes, and which new tokens
     # merge its result (None: all of them).
     prefix: Optional[object] = None
     merge_mask: Optional[torch.Tensor] = None
-    num_splits: int = 0  # "triton_decode" only: KV splits per sequence, fixed by the graph
+    num_splits: int = 0  # Triton kinds only: KV splits per sequence, fixed by the graph
 
 
 @dataclass
@@ -156,6 +158,11 @@ class _GraphState:
     last_page_len: torch.Tensor  # [max_bs] int32, all ones
     wrappers: Dict[int, Dict[int, object]] = field(default_factory=dict)  # bs -> window -> wrapper
     triton_splits: Dict[int, int] = field(default_factory=dict)  # bs -> splits, Triton-decoded graphs
+    shared_prefix_splits: Dict[int, int] = field(default_factory=dict)  # bs -> splits, shared-prefix graphs
+    # [max_bs * H_kv] int32 zeros (triton_decode.arrival_counters): the Triton decode kernel's
+    # per-(sequence, KV head) arrival counters, allocated once so graphs replay on them; every
+    # layer and graph shares them (one stream runs them in turn; each launch re-zeroes them).
+    triton_counters: Optional[torch.Tensor] = None
 
 
 def check_supported(device: torch.device, dtype: torch.dtype) -> None:
@@ -310,20 +317,42 @@ class FlashInferAttnBackend(AttentionBackend):
             kv_indptr=torch.zeros(max_bs + 1, dtype=torch.int32, device=self.device),
             kv_indices=torch.zeros(max_num_tokens, dtype=torch.int32, device=self.device),
             last_page_len=torch.ones(max_bs, dtype=torch.int32, device=self.device),
+            triton_counters=torch.zeros(max_bs * self.geometry.num_kv_heads, dtype=torch.int32, device=self.device),
         )
 
+    def supports_shared_prefix_graphs(self) -> bool:
+        """Whether graphs of rows that all extend one request (a short extend run as decode rows)
+        can read the request's KV once for all rows (``triton_shared_prefix.shared_prefix_attention``)
+        instead of once per row."""
+        return graph_decode_kernel(1, self.kv_dtype, self.geometry.head_dim) == "triton"
+
+    def _num_sms(self) -> int:
+        # (The CPU emulation in the tests has no SM count; any power-of-two split count works.)
+        return torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 4
+
     def init_forward_metadata_capture_cuda_graph(
-        self, bs: int, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, seq_lens_cpu: Sequence[int]
+        self, bs: int, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, seq_lens_cpu: Sequence[int],
+        shared_prefix: bool = False,
     ) -> None:
-        """Create this batch size's graph-mode decode wrappers on the static buffers and plan."""
+        """Create this batch size's graph-mode decode wrappers on the static buffers and plan.
+
+        shared_prefix: the graph's rows are consecutive new tokens of one request (see
+        ``supports_shared_prefix_graphs``); its attention needs no wrappers and no planning.
+        """
         st = self._graph
         if st is None:
             raise RuntimeError("init_cuda_graph_state must run before capturing")
+        if shared_prefix:
+            from pymllm.layers.attention import triton_shared_prefix
+
+            splits = triton_shared_prefix.shared_prefix_num_splits(self.geometry.num_kv_heads, self._num_sms())
+            st.shared_prefix_splits[bs] = splits
+            self.forward_metadata = _ForwardMetadata("triton_shared_prefix", {}, num_splits=splits)
+            return
         if graph_decode_kernel(bs, self.kv_dtype, self.geometry.head_dim) == "triton":
             from pymllm.layers.attention import triton_decode
 
-            # (The CPU emulation in the tests has no SM count; any power-of-two split count works.)
-            sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 4
+            sms = self._num_sms()
             st.triton_splits[bs] = triton_decode.num_splits_for(bs, self.geometry.num_kv_heads, sms)
             self.forward_metadata = _ForwardMetadata("triton_decode", {}, num_splits=st.triton_splits[bs])
             return
@@ -341,6 +370,7 @@ class FlashInferAttnBackend(AttentionBackend):
     def init_forward_metadata_replay_cuda_graph(
         self, bs: int, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, seq_lens_cpu: Sequence[int],
         indptr_host: Optional[torch.Tensor] = None, seq_lens_host: Optional[torch.Tensor] = None,
+        shared_prefix: bool = False,
     ) -> None:
         """Refill the static buffers for this (padded) batch and re-plan its wrappers.
 
@@ -353,8 +383,15 @@ class FlashInferAttnBackend(AttentionBackend):
         the kv_indptr that plan() just copied (same stream), so indptr needs no copy of its
         own; plan()'s copy of kv_indices onto themselves is a no-op, and its host-side
         scheduling never looks at their values.
+
+        shared_prefix: replaying a graph captured with shared_prefix=True (nothing to plan).
         """
         st = self._graph
+        if shared_prefix:
+            self.forward_metadata = _ForwardMetadata(
+                "triton_shared_prefix", {}, num_splits=st.shared_prefix_splits[bs]
+            )
+            return
         splits = st.triton_splits.get(bs)
         if splits is not None:
             # The captured kernels read req_to_token and the static seq_lens directly.
@@ -402,6 +439,15 @@ class FlashInferAttnBackend(AttentionBackend):
             out = decode_attention(
                 q, *kv_buffers, self.req_to_token, forward_batch.req_pool_indices, forward_batch.seq_lens,
                 layer.scaling, md.num_splits, window_left_for(layer.sliding_window),
+                counters=self._graph.triton_counters,
+            )
+        elif md.kind == "triton_shared_prefix":
+            from pymllm.layers.attention.triton_shared_prefix import shared_prefix_attention
+
+            out = shared_prefix_attention(
+                q, *kv_buffers, self.req_to_token, forward_batch.req_pool_indices, forward_batch.seq_lens,
+                layer.scaling, md.num_splits, window_left_for(layer.sliding_window),
+                counters=self._graph.triton_counters,
             )
         else:  # "paged" extend or FlashInfer "decode"
             out = self._wrapper(layer).run(q, kv_buffers)
