@@ -8,11 +8,12 @@
 //
 // Two weight formats share the loop:
 //  * dense fp16/bf16 weights (unquantized linear layers), fp32 accumulation;
-//  * int8 weights with per-channel scales (W8A8): the activation row is quantized per token
-//    inside the kernel exactly as per_token_quant_int8 does (scale = max|x| / 127.5, round half
-//    to even, clamp to [-128, 127]), the dot products run on dp4a in exact int32, and the
-//    epilogue applies (acc * scale_x) * scale_w (+ bias): the same numbers as the two-kernel
-//    quantize + int8 GEMM path, without the extra launch.
+//  * int8 weights with per-channel scales (W8A8) and int8 activations with per-token scales:
+//    the dot products run on dp4a in exact int32 and the epilogue applies
+//    (acc * scale_x) * scale_w (+ bias), the int8 GEMM's order. gemv_w8a8 below takes the
+//    activations already quantized (per_token_quant_int8); gemv_prologue.cuh adds the entries
+//    that quantize fp16/bf16 activations inside the kernel, optionally after an RMSNorm or a
+//    SiLU-and-mul, so a decode step launches one kernel where it launched two or three.
 #pragma once
 
 #include <type_traits>
@@ -50,11 +51,13 @@ template <>
 struct Half2Of<__half> {
   using type = __half2;
   static __device__ __forceinline__ float2 to_float2(type v) { return __half22float2(v); }
+  static __device__ __forceinline__ type from_float2(float a, float b) { return __floats2half2_rn(a, b); }
 };
 template <>
 struct Half2Of<__nv_bfloat16> {
   using type = __nv_bfloat162;
   static __device__ __forceinline__ float2 to_float2(type v) { return __bfloat1622float2(v); }
+  static __device__ __forceinline__ type from_float2(float a, float b) { return __floats2bfloat162_rn(a, b); }
 };
 
 // 8 consecutive fp16/bf16 values (one 16-byte vector) -> 8 floats.
@@ -79,6 +82,17 @@ __device__ __forceinline__ __half from_float<__half>(float v) {
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
+}
+
+// 8 floats -> 8 consecutive fp16/bf16 values (one 16-byte vector), each rounded to nearest.
+template <typename T>
+__device__ __forceinline__ uint4 pack8(const float (&v)[8]) {
+  using H2 = typename Half2Of<T>::type;
+  uint4 out;
+  H2* h = reinterpret_cast<H2*>(&out);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) h[i] = Half2Of<T>::from_float2(v[2 * i], v[2 * i + 1]);
+  return out;
 }
 
 struct Problem {
@@ -152,101 +166,156 @@ struct Int8Format {
   static constexpr int64_t kWBytes = 1;
 };
 
-// ---------------------------------------------------------------- the kernel
+// ---------------------------------------------------------------- the k loop
 // Without split-K, warp w of the grid owns output rows [w * R, w * R + R) and walks all of K.
-// With split-K (small N: too few rows to keep the GPU's memory pipes full), the kWarpsPerBlock
-// warps of a block share R rows and take every kWarpsPerBlock-th step of K, then reduce through
-// shared memory. A lane covers kElems consecutive k per step; kUnroll steps are loaded before
-// any is used, so each lane keeps kUnroll * R 16-byte weight loads in flight.
-template <typename F, typename T, int M, int R, bool kSplitK>
-__global__ void __launch_bounds__(kThreads) gemv_kernel(Problem p, typename F::Extra extra) {
+// With split-K (small N: too few rows to keep the GPU's memory pipes full), the kWarps warps of
+// a block share R rows and take every kWarps-th step of K, then reduce through shared memory.
+// A lane covers kElems consecutive k per step; kUnroll steps are loaded before any is used, so
+// each lane keeps kUnroll * R 16-byte weight loads in flight. gemv_kernel below and the prologue
+// kernel (gemv_prologue.cuh) are built from these pieces.
+template <typename F, int R, bool kSplitK, int kWarps>
+struct Walk {
   using Acc = typename F::Acc;
-  constexpr int kUnroll = R >= 4 ? 2 : 4;
-  constexpr int kWarpsOnK = kSplitK ? kWarpsPerBlock : 1;
-  constexpr int kStride = 32 * F::kElems * kWarpsOnK;  // k between one lane's consecutive steps
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x / 32;
-  const int64_t row0 = (kSplitK ? static_cast<int64_t>(blockIdx.x)
-                                : static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp) * R;
-  if (row0 >= p.n) return;  // whole blocks only under split-K: no __syncthreads is skipped
+  static constexpr int kUnroll = R >= 4 ? 2 : 4;
+  static constexpr int kStride = 32 * F::kElems * (kSplitK ? kWarps : 1);  // k between a lane's steps
 
-  Acc acc[M][R];
-#pragma unroll
-  for (int m = 0; m < M; ++m)
-#pragma unroll
-    for (int r = 0; r < R; ++r) acc[m][r] = Acc(0);
-
+  // The first of this warp's R weight rows.
+  static __device__ __forceinline__ int64_t row0(int warp) {
+    return (kSplitK ? static_cast<int64_t>(blockIdx.x) : static_cast<int64_t>(blockIdx.x) * kWarps + warp) * R;
+  }
+  // k of this lane's first step.
+  static __device__ __forceinline__ int64_t k_first(int lane, int warp) {
+    return (static_cast<int64_t>(kSplitK ? warp : 0) * 32 + lane) * F::kElems;
+  }
   // Rows past N (only in the last warp when N % R != 0) re-read the last row and are dropped.
-  const char* wrow[R];
+  static __device__ __forceinline__ void rows(const Problem& p, int64_t row0, const char* (&wrow)[R]) {
 #pragma unroll
-  for (int r = 0; r < R; ++r) wrow[r] = p.w + min(row0 + r, p.n - 1) * p.k * F::kWBytes;
+    for (int r = 0; r < R; ++r) wrow[r] = p.w + min(row0 + r, p.n - 1) * p.k * F::kWBytes;
+  }
+  template <int M>
+  static __device__ __forceinline__ void zero(Acc (&acc)[M][R]) {
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[m][r] = Acc(0);
+  }
 
-  int64_t k0 = (static_cast<int64_t>(kSplitK ? warp : 0) * 32 + lane) * F::kElems;
-  for (; k0 + (kUnroll - 1) * kStride < p.k; k0 += kUnroll * kStride) {
-    uint4 wv[kUnroll][R];
+  template <int kSteps>
+  static __device__ __forceinline__ void load(uint4 (&wv)[kUnroll][R], const char* const (&wrow)[R], int64_t k0) {
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
+    for (int u = 0; u < kSteps; ++u)
 #pragma unroll
       for (int r = 0; r < R; ++r) wv[u][r] = load_streaming(wrow[r] + (k0 + u * kStride) * F::kWBytes);
+  }
+
+  // Issues the weight loads of accumulate's first iteration over [k0, k_end) ahead of time, so
+  // that their latency overlaps other work; returns whether it issued any.
+  static __device__ __forceinline__ bool preload(uint4 (&wv)[kUnroll][R], const char* const (&wrow)[R], int64_t k0,
+                                                 int64_t k_end) {
+    if (k0 + (kUnroll - 1) * kStride < k_end) {
+      load<kUnroll>(wv, wrow, k0);
+      return true;
+    }
+    if (k0 < k_end) {
+      load<1>(wv, wrow, k0);
+      return true;
+    }
+    return false;
+  }
+
+  // acc[m][r] += x[m, k] * w[row r, k] over this lane's steps k0, k0 + kStride, ... < k_end.
+  // Activation row m starts at x + m * x_stride * kXBytes and holds k from x_k0 on. With
+  // `preloaded`, the first iteration's weights are already in wv (see preload).
+  template <int M>
+  static __device__ __forceinline__ void accumulate(const char* x, int64_t x_stride, int64_t x_k0,
+                                                    const char* const (&wrow)[R], int64_t k0, int64_t k_end,
+                                                    bool preloaded, uint4 (&wv)[kUnroll][R], Acc (&acc)[M][R]) {
+    for (; k0 + (kUnroll - 1) * kStride < k_end; k0 += kUnroll * kStride) {
+      if (!preloaded) load<kUnroll>(wv, wrow, k0);
+      preloaded = false;
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
+      for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          const typename F::X xs = F::load_x(x + m * x_stride * F::kXBytes, k0 + u * kStride - x_k0);
+#pragma unroll
+          for (int r = 0; r < R; ++r) F::dot(wv[u][r], xs, acc[m][r]);
+        }
+    }
+    for (; k0 < k_end; k0 += kStride) {  // the tail: fewer than kUnroll steps left
+      if (!preloaded) load<1>(wv, wrow, k0);
+      preloaded = false;
 #pragma unroll
       for (int m = 0; m < M; ++m) {
-        const typename F::X xs = F::load_x(p.x + m * p.x_stride * F::kXBytes, k0 + u * kStride);
+        const typename F::X xs = F::load_x(x + m * x_stride * F::kXBytes, k0 - x_k0);
 #pragma unroll
-        for (int r = 0; r < R; ++r) F::dot(wv[u][r], xs, acc[m][r]);
+        for (int r = 0; r < R; ++r) F::dot(wv[0][r], xs, acc[m][r]);
       }
-  }
-  for (; k0 < p.k; k0 += kStride) {  // the tail: fewer than kUnroll steps left
-    uint4 wv[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) wv[r] = load_streaming(wrow[r] + k0 * F::kWBytes);
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      const typename F::X xs = F::load_x(p.x + m * p.x_stride * F::kXBytes, k0);
-#pragma unroll
-      for (int r = 0; r < R; ++r) F::dot(wv[r], xs, acc[m][r]);
     }
   }
 
+  // Sums acc over the warp's lanes (and under split-K over the block's warps); then lane 0 (of
+  // warp 0) writes y[m, row0 + r]. Under split-K every warp of the block must get here.
+  template <typename T, int M>
+  static __device__ __forceinline__ void store(const Problem& p, const typename F::Extra& extra, Acc (&acc)[M][R],
+                                               int64_t row0, int lane, int warp) {
 #pragma unroll
-  for (int m = 0; m < M; ++m)
+    for (int m = 0; m < M; ++m)
 #pragma unroll
-    for (int r = 0; r < R; ++r) acc[m][r] = warp_sum(acc[m][r]);
-  if constexpr (kSplitK) {
-    __shared__ Acc partial[kWarpsPerBlock][M * R];
-    if (lane == 0) {
+      for (int r = 0; r < R; ++r) acc[m][r] = warp_sum(acc[m][r]);
+    if constexpr (kSplitK) {
+      __shared__ Acc partial[kWarps][M * R];
+      if (lane == 0) {
+#pragma unroll
+        for (int m = 0; m < M; ++m)
+#pragma unroll
+          for (int r = 0; r < R; ++r) partial[warp][m * R + r] = acc[m][r];
+      }
+      __syncthreads();
+      if (warp != 0) return;
 #pragma unroll
       for (int m = 0; m < M; ++m)
 #pragma unroll
-        for (int r = 0; r < R; ++r) partial[warp][m * R + r] = acc[m][r];
+        for (int r = 0; r < R; ++r) {
+          Acc total = partial[0][m * R + r];
+#pragma unroll
+          for (int w = 1; w < kWarps; ++w) total += partial[w][m * R + r];
+          acc[m][r] = total;
+        }
     }
-    __syncthreads();
-    if (warp != 0) return;
+
+    const T* bias = reinterpret_cast<const T*>(p.bias);
+    T* y = reinterpret_cast<T*>(p.y);
+    if (lane != 0) return;
 #pragma unroll
     for (int m = 0; m < M; ++m)
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        Acc total = partial[0][m * R + r];
-#pragma unroll
-        for (int w = 1; w < kWarpsPerBlock; ++w) total += partial[w][m * R + r];
-        acc[m][r] = total;
+        const int64_t row = row0 + r;
+        if (row >= p.n) continue;
+        float v = F::finish(acc[m][r], m, row, extra);
+        if (bias != nullptr) v = __fadd_rn(v, static_cast<float>(bias[row]));
+        y[m * p.y_stride + row] = from_float<T>(v);
       }
   }
+};
 
-  const T* bias = reinterpret_cast<const T*>(p.bias);
-  T* y = reinterpret_cast<T*>(p.y);
-  if (lane != 0) return;
-#pragma unroll
-  for (int m = 0; m < M; ++m)
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int64_t row = row0 + r;
-      if (row >= p.n) continue;
-      float v = F::finish(acc[m][r], m, row, extra);
-      if (bias != nullptr) v = __fadd_rn(v, static_cast<float>(bias[row]));
-      y[m * p.y_stride + row] = from_float<T>(v);
-    }
+// ---------------------------------------------------------------- the kernel
+template <typename F, typename T, int M, int R, bool kSplitK>
+__global__ void __launch_bounds__(kThreads) gemv_kernel(Problem p, typename F::Extra extra) {
+  using W = Walk<F, R, kSplitK, kWarpsPerBlock>;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x / 32;
+  const int64_t row0 = W::row0(warp);
+  if (row0 >= p.n) return;  // whole blocks only under split-K: no __syncthreads is skipped
+
+  typename F::Acc acc[M][R];
+  W::zero(acc);
+  const char* wrow[R];
+  W::rows(p, row0, wrow);
+  uint4 wv[W::kUnroll][R];
+  W::template accumulate<M>(p.x, p.x_stride, 0, wrow, W::k_first(lane, warp), p.k, false, wv, acc);
+  W::template store<T, M>(p, extra, acc, row0, lane, warp);
 }
 
 // ---------------------------------------------------------------- host side
@@ -288,12 +357,27 @@ void launch(const Problem& p, const typename F::Extra& extra, cudaStream_t strea
   check_launch();
 }
 
-// Instantiates the launch for the batch's row count (1..8) and the tiling, so one compiled
-// library per dtype serves every decode batch size.
+// Calls fn(std::integral_constant<int, M>{}) for the batch's row count M, so that one compiled
+// library serves every decode batch size (1..8).
+template <typename Fn>
+void with_rows(int64_t m, Fn&& fn) {
+  TVM_FFI_CHECK(m >= 1 && m <= kMaxRowsM, ValueError) << "gemv serves 1.." << kMaxRowsM << " rows, got " << m;
+  switch (m) {
+    case 1: return fn(std::integral_constant<int, 1>{});
+    case 2: return fn(std::integral_constant<int, 2>{});
+    case 3: return fn(std::integral_constant<int, 3>{});
+    case 4: return fn(std::integral_constant<int, 4>{});
+    case 5: return fn(std::integral_constant<int, 5>{});
+    case 6: return fn(std::integral_constant<int, 6>{});
+    case 7: return fn(std::integral_constant<int, 7>{});
+    default: return fn(std::integral_constant<int, 8>{});
+  }
+}
+
+// Instantiates the launch for the batch's row count (1..8) and the tiling.
 template <typename F, typename T>
 void dispatch(const Problem& p, int64_t m, const Tiling& t, const typename F::Extra& extra, cudaStream_t stream) {
-  TVM_FFI_CHECK(m >= 1 && m <= kMaxRowsM, ValueError) << "gemv serves 1.." << kMaxRowsM << " rows, got " << m;
-  auto for_m = [&](auto mc) {
+  with_rows(m, [&](auto mc) {
     constexpr int M = decltype(mc)::value;
     if (t.split_k) {
       if (t.rows == 4) return launch<F, T, M, 4, true>(p, extra, stream);
@@ -302,17 +386,7 @@ void dispatch(const Problem& p, int64_t m, const Tiling& t, const typename F::Ex
     if (t.rows == 4) return launch<F, T, M, 4, false>(p, extra, stream);
     if (t.rows == 2) return launch<F, T, M, 2, false>(p, extra, stream);
     return launch<F, T, M, 1, false>(p, extra, stream);
-  };
-  switch (m) {
-    case 1: return for_m(std::integral_constant<int, 1>{});
-    case 2: return for_m(std::integral_constant<int, 2>{});
-    case 3: return for_m(std::integral_constant<int, 3>{});
-    case 4: return for_m(std::integral_constant<int, 4>{});
-    case 5: return for_m(std::integral_constant<int, 5>{});
-    case 6: return for_m(std::integral_constant<int, 6>{});
-    case 7: return for_m(std::integral_constant<int, 7>{});
-    default: return for_m(std::integral_constant<int, 8>{});
-  }
+  });
 }
 
 inline bool same_dtype(const TensorView& a, const TensorView& b) {
@@ -320,12 +394,15 @@ inline bool same_dtype(const TensorView& a, const TensorView& b) {
 }
 
 // Shape and layout guards for direct callers; the Python wrappers give the user-facing errors.
+// x is [M, x_width * K]: x_width 2 for the SiLU-and-mul prologue (gate and up halves).
 inline Problem make_problem(const TensorView& x, const TensorView& w, const Optional<TensorView>& bias,
-                            const TensorView& y, int64_t x_elem, int64_t w_elem, int64_t k_align) {
+                            const TensorView& y, int64_t x_elem, int64_t w_elem, int64_t k_align,
+                            int64_t x_width = 1) {
   TVM_FFI_CHECK(x.ndim() == 2 && w.ndim() == 2 && y.ndim() == 2, ValueError) << "x, w and y must be 2-D";
   TVM_FFI_CHECK(y.size(0) == x.size(0), ValueError) << "x and y must have the same number of rows";
   const int64_t n = w.size(0), k = w.size(1);
-  TVM_FFI_CHECK(x.size(1) == k && y.size(1) == n, ValueError) << "x [M, K], w [N, K] and y [M, N] disagree";
+  TVM_FFI_CHECK(x.size(1) == x_width * k && y.size(1) == n, ValueError)
+      << "x [M, " << (x_width == 1 ? "" : "2 * ") << "K], w [N, K] and y [M, N] disagree";
   TVM_FFI_CHECK(k % k_align == 0, ValueError) << "K must be a multiple of " << k_align;
   TVM_FFI_CHECK(x.stride(1) == 1 && w.stride(1) == 1 && y.stride(1) == 1 && w.stride(0) == k, ValueError)
       << "x and y need unit inner stride and w must be contiguous";
@@ -347,6 +424,13 @@ inline Problem make_problem(const TensorView& x, const TensorView& w, const Opti
   return p;
 }
 
+inline void check_w_scale(const TensorView& w_scale, int64_t n) {
+  TVM_FFI_CHECK(w_scale.ndim() == 1 && w_scale.size(0) == n && w_scale.dtype().bits == 32 &&
+                    (n <= 1 || w_scale.stride(0) == 1),
+                ValueError)
+      << "w_scale must be a contiguous float32 [N] tensor";
+}
+
 }  // namespace gemv_detail
 
 // y [M, N] = x [M, K] @ w[N, K]^T (+ bias [N]) for 1 <= M <= 8; T in {__half, __nv_bfloat16}.
@@ -362,16 +446,14 @@ void gemv(TensorView x, TensorView w, Optional<TensorView> bias, TensorView y) {
 }
 
 // y [M, N] = (x_int8 [M, K] @ w_int8[N, K]^T) * x_scale[M] * w_scale[N] (+ bias [N]) in T:
-// the W8A8 GEMM for 1..8 rows, with x quantized per token beforehand.
+// the W8A8 GEMM for 1..8 rows, with x quantized per token beforehand (gemv_w8a8_dynamic in
+// gemv_prologue.cuh quantizes inside the kernel).
 template <typename T>
 void gemv_w8a8(TensorView x, TensorView x_scale, TensorView w, TensorView w_scale, Optional<TensorView> bias,
                TensorView y) {
   using namespace gemv_detail;
   const Problem p = make_problem(x, w, bias, y, 1, 1, 16);
-  TVM_FFI_CHECK(w_scale.ndim() == 1 && w_scale.size(0) == p.n && w_scale.dtype().bits == 32 &&
-                    (p.n <= 1 || w_scale.stride(0) == 1),
-                ValueError)
-      << "w_scale must be a contiguous float32 [N] tensor";
+  check_w_scale(w_scale, p.n);
   TVM_FFI_CHECK(x_scale.numel() == x.size(0) && x_scale.dtype().bits == 32 &&
                     (x_scale.numel() <= 1 || x_scale.stride(0) == 1),
                 ValueError)
