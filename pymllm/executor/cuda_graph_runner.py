@@ -235,9 +235,12 @@ class CudaGraphRunner:
 
     def _capture_one(self, bs: int, shared_prefix: bool = False) -> None:
         fb = self.prepare_capture(bs, shared_prefix)
-        # The warm-up run compiles Triton / JIT kernels and fills lazily built caches, none of
-        # which may happen during capture.
-        self.model(fb.input_ids, fb.positions, fb)
+        # The warm-up runs compile Triton / JIT kernels and fill lazily built caches, none of
+        # which may happen during capture; they also make the measured kernel choices: the first
+        # picks GEMV or GEMM per matmul, the second whether a fused prologue GEMV beats its
+        # separate kernels (fused_gemv), which can only be measured once the first is known.
+        for _ in range(2):
+            self.model(fb.input_ids, fb.positions, fb)
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):

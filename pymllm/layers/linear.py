@@ -6,14 +6,19 @@ weight loaders place each checkpoint shard at its offset along the output dimens
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from pymllm.layers.kernels.fused_gemv import dense_rmsnorm_linear, dense_silu_mul_linear, prepare_fused_gemvs
 from pymllm.layers.kernels.gemv_dispatch import dense_linear, prepare_gemv
 from pymllm.layers.utils import set_weight_attrs
+from pymllm.layers.fused_ops import silu_and_mul
 from pymllm.quantization.base import LinearMethodBase, QuantizationConfig
+
+if TYPE_CHECKING:
+    from pymllm.layers.layernorm import RMSNorm
 
 
 class UnquantizedLinearMethod(LinearMethodBase):
@@ -27,10 +32,17 @@ class UnquantizedLinearMethod(LinearMethodBase):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         # Builds the decode GEMV while the model loads, not inside the first request.
-        prepare_gemv("dense", layer.weight.device, layer.weight.dtype)
+        if prepare_gemv("dense", layer.weight.device, layer.weight.dtype):
+            prepare_fused_gemvs("dense", layer.weight.device, layer.weight.dtype)
 
     def apply(self, layer, x, bias):
         return dense_linear(x, layer.weight, bias)
+
+    def apply_rmsnorm(self, layer, x, residual, norm_weight, eps, bias):
+        return dense_rmsnorm_linear(x, residual, norm_weight, eps, layer.weight, bias)
+
+    def apply_silu_mul(self, layer, x, bias):
+        return dense_silu_mul_linear(x, layer.weight, bias)
 
 
 class LinearBase(nn.Module):
@@ -86,6 +98,24 @@ class LinearBase(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply(self, x, self.bias)
+
+    def forward_rmsnorm(
+        self, x: torch.Tensor, residual: Optional[torch.Tensor], norm: "RMSNorm"
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(self(norm(x [+ residual])), x [+ residual])``: the pre-norm block's entry, as one
+        kernel where the layer's method has one (decode GEMVs), else the norm, then the layer."""
+        fused = self.quant_method.apply_rmsnorm(self, x, residual, norm.weight, norm.variance_epsilon, self.bias)
+        if fused is not None:
+            return fused
+        if residual is None:
+            return self(norm(x)), x
+        hidden, residual = norm(x, residual)
+        return self(hidden), residual
+
+    def forward_silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """``self(silu(x[..., :K]) * x[..., K:])``, as one kernel where the layer's method has one."""
+        fused = self.quant_method.apply_silu_mul(self, x, self.bias)
+        return fused if fused is not None else self(silu_and_mul(x))
 
 
 class Linear(LinearBase):

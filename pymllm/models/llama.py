@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pymllm.engine.forward_batch import ForwardBatch
-from pymllm.layers.fused_ops import KVCacheWrite, qk_norm_rope_try_store_kv, silu_and_mul
+from pymllm.layers.fused_ops import KVCacheWrite, qk_norm_rope_try_store_kv
 from pymllm.layers.layernorm import RMSNorm
 from pymllm.layers.linear import Linear, MergedLinear, QKVLinear
 from pymllm.layers.radix_attention import RadixAttention
@@ -64,7 +64,11 @@ class DecoderAttention(nn.Module):
         )
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
-        qkv = self.qkv_proj(hidden)
+        return self.attend(positions, self.qkv_proj(hidden), forward_batch)
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
+        """Attention and o_proj from the qkv projection (which the decoder layer may compute
+        together with its input norm)."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
@@ -116,7 +120,7 @@ class DecoderMLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj.forward_silu_mul(self.gate_up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -132,14 +136,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
 
     def forward(self, positions, hidden, residual, forward_batch):
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, forward_batch)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        # Each norm runs inside the projection that consumes it where a fused decode GEMV
+        # exists (Linear.forward_rmsnorm), as does the SiLU-and-mul in front of down_proj.
+        qkv, residual = self.self_attn.qkv_proj.forward_rmsnorm(hidden, residual, self.input_layernorm)
+        hidden = self.self_attn.attend(positions, qkv, forward_batch)
+        gate_up, residual = self.mlp.gate_up_proj.forward_rmsnorm(hidden, residual, self.post_attention_layernorm)
+        return self.mlp.down_proj.forward_silu_mul(gate_up), residual
 
 
 class DecoderModel(nn.Module):

@@ -32,6 +32,18 @@ class LinearMethodBase(abc.ABC):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """The forward: y = x W^T (+ bias)."""
 
+    def apply_rmsnorm(
+        self, layer: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor,
+        eps: float, bias: Optional[torch.Tensor],
+    ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(apply(RMSNorm(x [+ residual])), x [+ residual])`` in one kernel, or None where this
+        method has none for these inputs (the layer then runs the norm and ``apply``)."""
+        return None
+
+    def apply_silu_mul(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """``apply(silu(x[..., :K]) * x[..., K:])`` in one kernel, or None (see apply_rmsnorm)."""
+        return None
+
 
 class QuantizationConfig(abc.ABC):
     def __init__(self) -> None:

@@ -140,11 +140,13 @@ class GemvChooser:
         self._timer = timer
         self.choices: Dict[ChoiceKey, bool] = {}
 
-    def use_gemv(self, key: ChoiceKey, weight: torch.Tensor, make_calls: Callable[[str, torch.Tensor], Callable]) -> bool:
+    def use_gemv(self, key: ChoiceKey, weight: torch.Tensor, make_calls: Callable[[str, torch.Tensor], Callable],
+                 labels: Tuple[str, str] = ("GEMV", "GEMM")) -> bool:
         """Whether to run the GEMV for ``key``; measures on first use outside a capture.
 
         make_calls(impl, weight) returns a zero-argument call of ``impl`` ("gemv" or "gemm") on
-        that weight with the caller's activations.
+        that weight with the caller's activations. ``labels`` name the two candidates in the log
+        (the fused GEMVs compare "fused" against "separate" kernels the same way).
         """
         choice = self.choices.get(key)
         if choice is not None:
@@ -162,8 +164,9 @@ class GemvChooser:
         choice = times["gemm"] >= GEMV_MIN_SPEEDUP * times["gemv"]
         self.choices[key] = choice
         logger.info(
-            "decode matmul %s N=%d K=%d rows=%d: GEMV %.1f us, GEMM %.1f us -> %s",
-            key[0], key[3], key[4], key[5], times["gemv"] * 1e6, times["gemm"] * 1e6, "GEMV" if choice else "GEMM",
+            "decode matmul %s N=%d K=%d rows=%d: %s %.1f us, %s %.1f us -> %s",
+            key[0], key[3], key[4], key[5], labels[0], times["gemv"] * 1e6, labels[1], times["gemm"] * 1e6,
+            labels[0] if choice else labels[1],
         )
         return choice
 

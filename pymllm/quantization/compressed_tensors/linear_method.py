@@ -25,3 +25,9 @@ class CompressedTensorsLinearMethod(LinearMethodBase):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         return self.scheme.apply(layer, x, bias)
+
+    def apply_rmsnorm(self, layer, x, residual, norm_weight, eps, bias):
+        return self.scheme.apply_rmsnorm(layer, x, residual, norm_weight, eps, bias)
+
+    def apply_silu_mul(self, layer, x, bias):
+        return self.scheme.apply_silu_mul(layer, x, bias)

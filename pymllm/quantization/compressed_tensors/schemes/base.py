@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -23,6 +23,17 @@ class CompressedTensorsScheme(abc.ABC):
     @abc.abstractmethod
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """Forward only: y = x W^T (+ bias) with the runtime layout; never repacks."""
+
+    def apply_rmsnorm(
+        self, layer: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor,
+        eps: float, bias: Optional[torch.Tensor],
+    ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """RMSNorm fused in front of ``apply`` (see LinearMethodBase.apply_rmsnorm); None: no such kernel."""
+        return None
+
+    def apply_silu_mul(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """SiLU-and-mul fused in front of ``apply``; None: no such kernel."""
+        return None
 
 
 def replace_parameter(layer: nn.Module, name: str, value: torch.Tensor) -> None:

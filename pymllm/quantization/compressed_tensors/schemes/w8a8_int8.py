@@ -4,7 +4,9 @@ Checkpoint (compressed-tensors ``int-quantized``): ``weight`` int8 [N, K], ``wei
 [N, 1]. Runtime: the same bytes viewed as the column-major [K, N] operand of the int8 GEMM
 and float32 scales [N]. Forward: quantize each token row to int8, then one int8 GEMM whose
 epilogue applies both scales and the bias; decode batches of up to 8 rows may take mllm_kernel's
-weight-streaming ``gemv_w8a8`` instead (same int32 products and epilogue) where it measures faster.
+weight-streaming ``gemv_w8a8`` instead (same int32 products and epilogue) where it measures faster,
+and once that is decided, its fused form that quantizes the rows itself and can also apply the
+preceding RMSNorm or SiLU-and-mul (``fused_gemv``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from pymllm.layers.kernels.fused_gemv import prepare_fused_gemvs, w8a8_fused_linear
 from pymllm.layers.kernels.gemv_dispatch import prepare_gemv, w8a8_gemv_or_none
 from pymllm.layers.utils import set_weight_attrs
 from pymllm.quantization.compressed_tensors.schemes.base import CompressedTensorsScheme, replace_parameter
@@ -42,10 +45,21 @@ class W8A8Int8Scheme(CompressedTensorsScheme):
         replace_parameter(layer, "weight", layer.weight.data.t())
         replace_parameter(layer, "weight_scale", layer.weight_scale.data.reshape(-1).float().contiguous())
         prepare_int8_scaled_mm(layer.weight.device, self.params_dtype)
-        prepare_gemv("w8a8", layer.weight.device, self.params_dtype)
+        if prepare_gemv("w8a8", layer.weight.device, self.params_dtype):
+            prepare_fused_gemvs("w8a8", layer.weight.device, self.params_dtype)
+
+    def apply_rmsnorm(self, layer, x, residual, norm_weight, eps, bias):
+        return w8a8_fused_linear(x, layer.weight.t(), layer.weight_scale, bias, "rmsnorm", residual, norm_weight, eps)
+
+    def apply_silu_mul(self, layer, x, bias):
+        return w8a8_fused_linear(x, layer.weight.t(), layer.weight_scale, bias, "silu_mul")
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         x2d = x.reshape(-1, x.shape[-1])
+        # Decode rows where the GEMV won: it quantizes the rows itself (no quantization launch).
+        fused = w8a8_fused_linear(x2d, layer.weight.t(), layer.weight_scale, bias)
+        if fused is not None:
+            return fused.reshape(*x.shape[:-1], fused.shape[-1])
         q, scale = per_token_quant_int8(x2d)
 
         def gemm(weight_nk: torch.Tensor) -> torch.Tensor:
