@@ -165,3 +165,31 @@ def test_generate_backend_counts_token_chunks():
     assert bench_serving._chunk_has_output({"text": "", "output_ids": [200]})
     assert not bench_serving._chunk_has_output({"text": "", "output_ids": []})
     assert bench_serving._chunk_has_output({"choices": [{"text": "a"}]})
+
+
+def test_aiohttp_client_reports_rejections_and_dead_servers():
+    port = _free_port()
+    fake = FakeEngineClient(ScriptedReply(reject=(400, "too long")))
+    server = uvicorn.Server(uvicorn.Config(create_app(fake, ServerConfig()), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    args = bench_serving.parse_args(["--base-url", f"http://127.0.0.1:{port}", "--num-prompts", "2",
+                                     "--input-len", "3", "--output-len", "2", "--vocab-size", "256"])
+    try:
+        deadline = time.time() + 10
+        while not server.started and time.time() < deadline:
+            time.sleep(0.02)
+        row = bench_serving.asyncio.run(bench_serving._main(args))
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert row["completed"] == 0 and row["failed"] == 2 and "HTTP 400" in row["first_error"]
+    assert "too long" in row["first_error"]
+
+    async def against_nothing():
+        async with bench_serving.AiohttpClient(f"http://127.0.0.1:{_free_port()}", {}, 5.0) as client:
+            return await bench_serving.send_request(client, args, "m", [20, 21, 22])
+
+    result = bench_serving.asyncio.run(against_nothing())
+    assert not result.ok and "ClientConnectorError" in result.error
