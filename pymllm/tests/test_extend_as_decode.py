@@ -108,7 +108,7 @@ def test_extend_rows_equal_an_ordinary_extend(fake_flashinfer):  # noqa: F811
 
 
 def _shared_prefix_reference(q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, sm_scale, num_splits,
-                             window_left=-1, counters=None):
+                             window_left=-1, **launch_options):
     """PyTorch stand-in for triton_shared_prefix.shared_prefix_attention: every row reads the first
     row's request, up to its own length (the Triton kernel runs on CUDA only)."""
     rows, num_heads, _ = q.shape

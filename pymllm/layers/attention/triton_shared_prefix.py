@@ -5,8 +5,11 @@ one row per new token (``cuda_graph_runner.extend_runs_as_decode``). ``triton_de
 kernel would read the request's whole KV once per row (32 rows of Qwen3-8B on 2,000 cached tokens:
 32 passes over ~300 MB per forward); here one program per (KV head, split[, row slice]) loads
 each K/V block once and scores it against every row's query heads with one tensor-core product,
-each row masked to its own length. Splits merge in the last-arriving program, as in
-``triton_decode``.
+each row masked to its own length. Splits merge in the last-arriving program (as in
+``triton_decode``) or, with ``separate_merge``, in a second launch, which the attention backend
+uses: one program merging every row of its KV head turned out to be the long pole (H200, 32 rows
+on 2,000 cached tokens, Qwen3-8B heads: 43.4 us per layer in-kernel, 16.9 us with the merge
+kernel, 63.6 us for per-row decode).
 """
 
 from __future__ import annotations
