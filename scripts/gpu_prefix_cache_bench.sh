@@ -5,6 +5,8 @@
 #   bash scripts/gpu_prefix_cache_bench.sh [config dir, default benchmarks/configs/qwen3-8b]
 # PREFIX_LEN overrides the shared prefix length (a CPU smoke run with a tiny config uses less).
 # Appends one JSONL row per setting to $OUT/prefix_cache.jsonl.
+# Where the time goes: PYMLLM_HOP_TRACE=/tmp/hops with scripts/hop_trace first on PYTHONPATH
+# records every process's hops; python scripts/hop_trace/analyze.py /tmp/hops breaks TTFT down.
 set -uo pipefail
 CONFIG=${1:-benchmarks/configs/qwen3-8b}
 OUT=${OUT:-$PWD/out}
@@ -38,7 +40,8 @@ run_setting() {
     kill -0 $pid 2>/dev/null || { echo "server $name died:"; tail -20 "$log"; return 1; }
     sleep 1
   done
-  python3 -m pymllm.bench_serving --base-url "http://127.0.0.1:$port" --num-prompts 24 \
+  # Imported rather than run as __main__, so scripts/hop_trace can patch it when tracing.
+  python3 -c 'import sys; from pymllm import bench_serving; sys.exit(bench_serving.main(sys.argv[1:]))' --base-url "http://127.0.0.1:$port" --num-prompts 24 \
     --shared-prefix-len ${PREFIX_LEN:-2000} --input-len 32 --output-len 8 --concurrency 1 --vocab-size 1400 --backend generate \
     --seed 1 --result-filename "$OUT/prefix_cache.jsonl" 2>&1 | tail -12
   python3 - "$OUT/prefix_cache.jsonl" "$name" "$CONFIG" <<'PY'
