@@ -37,7 +37,7 @@ tensor cores (as FlashInfer does), output rounded once.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -58,6 +58,60 @@ def arrival_counters(max_batch: int, num_kv_heads: int, device) -> torch.Tensor:
     zeros, one per (sequence, KV head). Allocate them once and pass them to every call (CUDA
     graphs replay with the same buffer); each launch leaves them at zero again."""
     return torch.zeros(max_batch * num_kv_heads, dtype=torch.int32, device=device)
+
+
+def check_attention_args(op: str, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
+                         num_splits: int) -> Tuple[int, int]:
+    """(KV heads, GQA group) after the layout checks the Triton attention kernels share: q
+    [rows, Hq, D] dense in D, a power-of-two head_dim >= 16, K/V buffers [slots, Hkv, D] dense in
+    their last two dims with equal strides, a power-of-two split count."""
+    if q.dim() != 3:
+        raise ValueError(f"{op}: q must be [rows, heads, head_dim], got {tuple(q.shape)}")
+    _, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_buf.shape[1]
+    group = num_q_heads // num_kv_heads
+    if group * num_kv_heads != num_q_heads:
+        raise ValueError(f"{op}: {num_q_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        raise ValueError(f"{op}: head_dim must be a power of two >= 16, got {head_dim}")
+    if k_buf.shape[2] != head_dim or v_buf.shape != k_buf.shape:
+        raise ValueError(f"{op}: k_buf {tuple(k_buf.shape)} / v_buf {tuple(v_buf.shape)} do not match head_dim {head_dim}")
+    if num_splits < 1 or num_splits & (num_splits - 1):
+        raise ValueError(f"{op}: num_splits must be a power of two, got {num_splits}")
+    if q.stride(2) != 1:
+        raise ValueError(f"{op}: q must be dense in its last dim")
+    for name, buf in (("k_buf", k_buf), ("v_buf", v_buf)):
+        if buf.stride(2) != 1 or buf.stride(1) != head_dim:
+            raise ValueError(f"{op}: {name} must be dense in its last two dims")
+    if v_buf.stride() != k_buf.stride():
+        raise ValueError(f"{op}: k_buf and v_buf must share strides")
+    return num_kv_heads, group
+
+
+def split_scratch(q: torch.Tensor, num_splits: int, out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Float32 partial outputs and log-sum-exps, one per (query row, head, split); with one split
+    the kernels write ``out`` directly and these are placeholders. Allocated per call: inside a
+    CUDA graph that happens at capture and the memory is reused by every replay."""
+    if num_splits == 1:
+        return out, out
+    rows, heads, head_dim = q.shape
+    o_part = torch.empty(rows * heads * num_splits, head_dim, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(rows * heads * num_splits, dtype=torch.float32, device=q.device)
+    return o_part, lse_part
+
+
+def arrival_counters_for(op: str, fused: bool, counters: Optional[torch.Tensor], groups: int, num_kv_heads: int,
+                         placeholder: torch.Tensor) -> torch.Tensor:
+    """The counters a fused-merge launch needs (``groups`` x KV heads of them, checked, or new
+    zeros), or ``placeholder`` when the launch merges otherwise."""
+    if not fused:
+        return placeholder
+    if counters is None:
+        return arrival_counters(groups, num_kv_heads, placeholder.device)
+    if counters.dtype != torch.int32 or counters.numel() < groups * num_kv_heads or not counters.is_contiguous():
+        raise ValueError(f"{op}: counters must be contiguous int32 with >= {groups * num_kv_heads} elements, "
+                         f"got {counters.dtype} {tuple(counters.shape)}")
+    return counters
 
 
 @triton.jit
@@ -227,39 +281,18 @@ def decode_attention(
     Calls that may overlap (other streams) need buffers of their own. separate_merge: merge
     the splits in a second launch instead (the earlier form, for comparison; no counters).
     """
+    op = "decode_attention"
     batch, num_q_heads, head_dim = q.shape
-    num_kv_heads = k_buf.shape[1]
-    group = num_q_heads // num_kv_heads
-    if group * num_kv_heads != num_q_heads:
-        raise ValueError(f"decode_attention: {num_q_heads} query heads are not a multiple of {num_kv_heads} KV heads")
-    if head_dim & (head_dim - 1) or head_dim < 16:
-        raise ValueError(f"decode_attention: head_dim must be a power of two >= 16, got {head_dim}")
-    if num_splits & (num_splits - 1):
-        raise ValueError(f"decode_attention: num_splits must be a power of two, got {num_splits}")
-    for name, buf in (("k_buf", k_buf), ("v_buf", v_buf)):
-        if buf.stride(2) != 1 or buf.stride(1) != head_dim:
-            raise ValueError(f"decode_attention: {name} must be dense in its last two dims")
-    if v_buf.stride() != k_buf.stride():
-        raise ValueError("decode_attention: k_buf and v_buf must share strides")
+    num_kv_heads, group = check_attention_args(op, q, k_buf, v_buf, num_splits)
     if out is None:
         out = torch.empty_like(q)
-    if out.stride(2) != 1:
-        raise ValueError("decode_attention: out must be dense in its last dim")
+    if out.shape != q.shape or out.stride(2) != 1:
+        raise ValueError(f"{op}: out must be {tuple(q.shape)} and dense in its last dim")
     if batch == 0:
         return out
     fused = num_splits > 1 and not separate_merge
-    if num_splits == 1:
-        o_part = lse_part = out  # unused: the kernel writes the output directly
-    else:
-        o_part = torch.empty(batch * num_q_heads * num_splits, head_dim, dtype=torch.float32, device=q.device)
-        lse_part = torch.empty(batch * num_q_heads * num_splits, dtype=torch.float32, device=q.device)
-    if not fused:
-        counters = out  # unused
-    elif counters is None:
-        counters = arrival_counters(batch, num_kv_heads, q.device)
-    elif counters.dtype != torch.int32 or counters.numel() < batch * num_kv_heads or not counters.is_contiguous():
-        raise ValueError(f"decode_attention: counters must be contiguous int32 with >= {batch * num_kv_heads} "
-                         f"elements, got {counters.dtype} {tuple(counters.shape)}")
+    o_part, lse_part = split_scratch(q, num_splits, out)
+    counters = arrival_counters_for(op, fused, counters, batch, num_kv_heads, out)
     _partial_kernel[(batch, num_kv_heads, num_splits)](
         q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, o_part, lse_part, out, counters,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), req_to_token.stride(0),

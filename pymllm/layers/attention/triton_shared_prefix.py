@@ -20,7 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
-from pymllm.layers.attention.triton_decode import BLOCK_N, _merge_kernel, arrival_counters
+from pymllm.layers.attention.triton_decode import (
+    BLOCK_N,
+    _merge_kernel,
+    arrival_counters_for,
+    check_attention_args,
+    split_scratch,
+)
 
 MAX_SHARED_PREFIX_ROWS = 64  # rows (new tokens) per call
 _SP_CHUNK = 128  # most query rows (tokens x heads of one KV head) in one tl.dot tile
@@ -244,57 +250,25 @@ def shared_prefix_attention(
     a second launch (``_merge_kernel``, grid (R, Hq)) instead. Numerics as ``decode_attention``:
     fp32 scores and softmax, P rounded to the KV dtype for P @ V, output rounded once.
     """
-    if q.dim() != 3:
-        raise ValueError(f"shared_prefix_attention: q must be [rows, heads, head_dim], got {tuple(q.shape)}")
+    op = "shared_prefix_attention"
+    num_kv_heads, group = check_attention_args(op, q, k_buf, v_buf, num_splits)
     rows, num_q_heads, head_dim = q.shape
-    num_kv_heads = k_buf.shape[1]
-    group = num_q_heads // num_kv_heads
-    if group * num_kv_heads != num_q_heads:
-        raise ValueError(f"shared_prefix_attention: {num_q_heads} query heads are not a multiple of "
-                         f"{num_kv_heads} KV heads")
-    if head_dim & (head_dim - 1) or head_dim < 16:
-        raise ValueError(f"shared_prefix_attention: head_dim must be a power of two >= 16, got {head_dim}")
-    if k_buf.shape[2] != head_dim or v_buf.shape != k_buf.shape:
-        raise ValueError(f"shared_prefix_attention: k_buf {tuple(k_buf.shape)} / v_buf {tuple(v_buf.shape)} "
-                         f"do not match head_dim {head_dim}")
-    if num_splits < 1 or num_splits & (num_splits - 1):
-        raise ValueError(f"shared_prefix_attention: num_splits must be a power of two, got {num_splits}")
     if row_programs < 1 or row_programs & (row_programs - 1):
-        raise ValueError(f"shared_prefix_attention: row_programs must be a power of two, got {row_programs}")
+        raise ValueError(f"{op}: row_programs must be a power of two, got {row_programs}")
     if rows > MAX_SHARED_PREFIX_ROWS:
-        raise ValueError(f"shared_prefix_attention: at most {MAX_SHARED_PREFIX_ROWS} rows, got {rows}")
-    if q.stride(2) != 1:
-        raise ValueError("shared_prefix_attention: q must be dense in its last dim")
-    for name, buf in (("k_buf", k_buf), ("v_buf", v_buf)):
-        if buf.stride(2) != 1 or buf.stride(1) != head_dim:
-            raise ValueError(f"shared_prefix_attention: {name} must be dense in its last two dims")
-    if v_buf.stride() != k_buf.stride():
-        raise ValueError("shared_prefix_attention: k_buf and v_buf must share strides")
+        raise ValueError(f"{op}: at most {MAX_SHARED_PREFIX_ROWS} rows, got {rows}")
     for name, vec in (("req_pool_indices", req_pool_indices), ("seq_lens", seq_lens)):
         if vec.dim() != 1 or vec.numel() < rows or (rows > 1 and vec.stride(0) != 1):
-            raise ValueError(f"shared_prefix_attention: {name} must be a dense vector of >= {rows} elements, "
-                             f"got {tuple(vec.shape)}")
+            raise ValueError(f"{op}: {name} must be a dense vector of >= {rows} elements, got {tuple(vec.shape)}")
     if out is None:
         out = torch.empty_like(q)
     if out.shape != q.shape or out.stride(2) != 1:
-        raise ValueError(f"shared_prefix_attention: out must be {tuple(q.shape)} and dense in its last dim")
+        raise ValueError(f"{op}: out must be {tuple(q.shape)} and dense in its last dim")
     if rows == 0:
         return out
     fused = num_splits > 1 and not separate_merge
-    if num_splits == 1:
-        o_part = lse_part = out  # unused: the kernel writes the output directly
-    else:
-        # Per call, as decode_attention: inside a CUDA graph this is allocated at capture and reused.
-        o_part = torch.empty(rows * num_q_heads * num_splits, head_dim, dtype=torch.float32, device=q.device)
-        lse_part = torch.empty(rows * num_q_heads * num_splits, dtype=torch.float32, device=q.device)
-    if not fused:
-        counters = out  # unused
-    elif counters is None:
-        counters = arrival_counters(row_programs, num_kv_heads, q.device)
-    elif (counters.dtype != torch.int32 or counters.numel() < num_kv_heads * row_programs
-          or not counters.is_contiguous()):
-        raise ValueError(f"shared_prefix_attention: counters must be contiguous int32 with >= "
-                         f"{num_kv_heads * row_programs} elements, got {counters.dtype} {tuple(counters.shape)}")
+    o_part, lse_part = split_scratch(q, num_splits, out)
+    counters = arrival_counters_for(op, fused, counters, row_programs, num_kv_heads, out)
     group_pad = triton.next_power_of_2(group)
     tile_rows = max(16, triton.next_power_of_2(rows) * group_pad)  # >= 16 for tl.dot
     programs = min(row_programs, tile_rows // 16)
