@@ -8,6 +8,8 @@ first) and for a batch of two requests.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import torch
 
@@ -54,7 +56,11 @@ def _graph_rows_logits(runner, graphs, batch):
     return logits[fb.sample_rows], fb
 
 
-def test_extend_rows_equal_an_ordinary_extend(fake_flashinfer):  # noqa: F811
+def _prefix_case(new_tokens):
+    """A runner where request A's 12-token prefix was computed eagerly (torch_native), the
+    logits of A's next ``new_tokens`` tokens as an ordinary extend (the reference), and then the
+    FlashInfer backend with every graph bucket prepared (shared-prefix buckets too, where the
+    backend supports them)."""
     runner = _runner(tiny_model_dir("qwen3"), max_total_tokens=512)
     native = runner.attn_backend
     alloc = runner.token_to_kv_pool_allocator.alloc
@@ -64,20 +70,29 @@ def test_extend_rows_equal_an_ordinary_extend(fake_flashinfer):  # noqa: F811
         req.req_pool_idx = runner.req_to_token_pool.alloc()
         return req
 
-    # The shared prefix: 12 tokens computed by request A (torch_native, eager).
     a = request("a")
     prefix_slots = alloc(12)
     runner.run_batch(ScheduledBatch(ForwardMode.EXTEND, [a], [0], [12], prefix_slots, [False]))
     a.append_kv_slots(prefix_slots)
     with torch.inference_mode():
         reference = runner.forward(runner.build_forward_batch(
-            ScheduledBatch(ForwardMode.EXTEND, [a], [12], [8], alloc(8), [True]))).clone()
+            ScheduledBatch(ForwardMode.EXTEND, [a], [12], [new_tokens], alloc(new_tokens), [True]))).clone()
 
     runner.attn_backend = fib.FlashInferAttnBackend(runner)
     graphs = CudaGraphRunner(runner)
-    assert max(graphs.batch_sizes) >= 8
     for bs in reversed(graphs.batch_sizes):
         graphs.prepare_capture(bs)
+    for bs in reversed(graphs.shared_prefix_sizes):
+        graphs.prepare_capture(bs, shared_prefix=True)
+    return SimpleNamespace(runner=runner, native=native, alloc=alloc, request=request, a=a,
+                           prefix_slots=prefix_slots, reference=reference, graphs=graphs)
+
+
+def test_extend_rows_equal_an_ordinary_extend(fake_flashinfer):  # noqa: F811
+    case = _prefix_case(8)
+    runner, native, alloc, request, a = case.runner, case.native, case.alloc, case.request, case.a
+    prefix_slots, reference, graphs = case.prefix_slots, case.reference, case.graphs
+    assert max(graphs.batch_sizes) >= 8
 
     # The continued chunk of A (its row already holds the prefix).
     got, fb = _graph_rows_logits(runner, graphs, ScheduledBatch(ForwardMode.EXTEND, [a], [12], [8], alloc(8), [True]))
@@ -130,30 +145,11 @@ def test_single_request_extend_uses_the_shared_prefix_graphs(fake_flashinfer, mo
 
     monkeypatch.setattr(fib.FlashInferAttnBackend, "supports_shared_prefix_graphs", lambda self: True)
     monkeypatch.setattr(triton_shared_prefix, "shared_prefix_attention", _shared_prefix_reference)
-    runner = _runner(tiny_model_dir("qwen3"), max_total_tokens=512)
-    alloc = runner.token_to_kv_pool_allocator.alloc
-
-    def request(rid):
-        req = Req(rid=rid, origin_input_ids=PROMPT, sampling_params=greedy(4), seed=0)
-        req.req_pool_idx = runner.req_to_token_pool.alloc()
-        return req
-
-    a = request("a")
-    prefix_slots = alloc(12)
-    runner.run_batch(ScheduledBatch(ForwardMode.EXTEND, [a], [0], [12], prefix_slots, [False]))
-    a.append_kv_slots(prefix_slots)
-    with torch.inference_mode():
-        reference = runner.forward(runner.build_forward_batch(
-            ScheduledBatch(ForwardMode.EXTEND, [a], [12], [7], alloc(7), [True]))).clone()
-
-    runner.attn_backend = fib.FlashInferAttnBackend(runner)
-    graphs = CudaGraphRunner(runner)
+    case = _prefix_case(7)
+    runner, alloc, request = case.runner, case.alloc, case.request
+    prefix_slots, reference, graphs = case.prefix_slots, case.reference, case.graphs
     assert graphs.shared_prefix_sizes and min(graphs.shared_prefix_sizes) >= 2
     assert max(graphs.shared_prefix_sizes) <= 32
-    for bs in reversed(graphs.batch_sizes):
-        graphs.prepare_capture(bs)
-    for bs in reversed(graphs.shared_prefix_sizes):
-        graphs.prepare_capture(bs, shared_prefix=True)
 
     # A prefix-cache hit of one request: 7 rows padded to 8, all reading B's row once.
     b = request("b")
