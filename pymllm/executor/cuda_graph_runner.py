@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from pymllm.engine.forward_batch import ForwardBatch, ForwardMode
+from pymllm.layers.kernels.gemv_dispatch import GEMV_MAX_ROWS
 from pymllm.executor.batch_inputs import (
     HostBatch,
     PackedLayout,
@@ -237,9 +238,9 @@ class CudaGraphRunner:
         fb = self.prepare_capture(bs, shared_prefix)
         # The warm-up runs compile Triton / JIT kernels and fill lazily built caches, none of
         # which may happen during capture; they also make the measured kernel choices: the first
-        # picks GEMV or GEMM per matmul, the second whether a fused prologue GEMV beats its
-        # separate kernels (fused_gemv), which can only be measured once the first is known.
-        for _ in range(2):
+        # picks GEMV or GEMM per matmul, a second (GEMV-sized batches only) whether a fused
+        # prologue GEMV beats its separate kernels, which needs the first choice made.
+        for _ in range(2 if bs <= GEMV_MAX_ROWS else 1):
             self.model(fb.input_ids, fb.positions, fb)
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()

@@ -25,7 +25,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from pymllm.layers.kernels.gemv_dispatch import CHOOSER, GEMV_MAX_ROWS, prepare_kernel
+from pymllm.layers.kernels.gemv_dispatch import CHOOSER, GEMV_MAX_ROWS, choice_key, prepare_kernel
 
 
 def _self_test(kind: str, device: torch.device, dtype: torch.dtype) -> None:
@@ -83,17 +83,17 @@ def prepare_fused_gemvs(kind: str, device: torch.device, dtype: torch.dtype) -> 
     )
 
 
-def _gemv_chosen(kind: str, x_rows: int, weight_nk: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether the measured decision for (kind, N, K, rows) exists and picked the GEMV."""
-    key = (kind, weight_nk.device, dtype, weight_nk.shape[0], weight_nk.shape[1], x_rows)
-    return CHOOSER.choices.get(key, False)
+def _gemv_chosen(kind: str, x: torch.Tensor, weight_nk: torch.Tensor) -> bool:
+    """Whether the measured decision for (kind, N, K, rows) exists and picked the GEMV (x of a
+    "silu_mul" prologue is twice as wide as K; only its rows count)."""
+    return CHOOSER.choices.get(choice_key(kind, x, weight_nk, x.dtype), False)
 
 
 def _fused_wins(prologue: str, kind: str, x: torch.Tensor, weight_nk: torch.Tensor,
                 fused: Callable[[torch.Tensor], object], separate: Callable[[torch.Tensor], object]) -> bool:
     """The measured fused-or-separate decision for (prologue, kind, N, K, rows); fused(w) and
     separate(w) run the two forms on weight w with the caller's inputs."""
-    key = (f"{prologue}+{kind}", weight_nk.device, x.dtype, weight_nk.shape[0], weight_nk.shape[1], x.shape[0])
+    key = choice_key(f"{prologue}+{kind}", x, weight_nk, x.dtype)
 
     def make_call(impl: str, w: torch.Tensor) -> Callable:
         return (lambda: fused(w)) if impl == "gemv" else (lambda: separate(w))
@@ -135,7 +135,7 @@ def dense_rmsnorm_linear(
         _fits(x, weight, bias, 8)
         and weight.dtype == x.dtype
         and _norm_inputs_ok(x, residual, norm_weight)
-        and _gemv_chosen("dense", x.shape[0], weight, x.dtype)
+        and _gemv_chosen("dense", x, weight)
         and prepare_fused_gemvs("dense", x.device, x.dtype)
     ):
         return None
@@ -160,7 +160,7 @@ def dense_silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
         _fits(x, weight, bias, 8)
         and weight.dtype == x.dtype
         and x.shape[1] == 2 * weight.shape[1]
-        and _gemv_chosen("dense", x.shape[0], weight, x.dtype)
+        and _gemv_chosen("dense", x, weight)
         and prepare_fused_gemvs("dense", x.device, x.dtype)
     ):
         return None
@@ -189,7 +189,7 @@ def w8a8_fused_linear(
         and x.shape[1] == k_width * weight_nk.shape[1]
         and w_scale.is_contiguous()
         and (prologue != "rmsnorm" or _norm_inputs_ok(x, residual, norm_weight))
-        and _gemv_chosen("w8a8", x.shape[0], weight_nk, x.dtype)
+        and _gemv_chosen("w8a8", x, weight_nk)
         and prepare_fused_gemvs("w8a8", x.device, x.dtype)
     ):
         return None

@@ -174,7 +174,8 @@ class GemvChooser:
 CHOOSER = GemvChooser()
 
 
-def _key(kind: str, x2d: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> ChoiceKey:
+def choice_key(kind: str, x2d: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> ChoiceKey:
+    """The decision's key: (kind, device, dtype, N, K, rows) of x2d [rows, K] times weight [N, K]."""
     return (kind, x2d.device, dtype, weight.shape[0], weight.shape[1], x2d.shape[0])
 
 
@@ -194,7 +195,7 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         def make_call(impl: str, w: torch.Tensor) -> Callable:
             return (lambda: gemv(x2d, w, bias)) if impl == "gemv" else (lambda: F.linear(x2d, w, bias))
 
-        if CHOOSER.use_gemv(_key("dense", x2d, weight, x.dtype), weight, make_call):
+        if CHOOSER.use_gemv(choice_key("dense", x2d, weight, x.dtype), weight, make_call):
             return gemv(x2d, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
@@ -228,6 +229,6 @@ def w8a8_gemv_or_none(
             return lambda: gemv_w8a8(x_q, x_scale, w, w_scale, out_dtype, bias)
         return lambda: gemm(w)
 
-    if CHOOSER.use_gemv(_key("w8a8", x_q, weight_nk, out_dtype), weight_nk, make_call):
+    if CHOOSER.use_gemv(choice_key("w8a8", x_q, weight_nk, out_dtype), weight_nk, make_call):
         return gemv_w8a8(x_q, x_scale, weight_nk, w_scale, out_dtype, bias)
     return None
