@@ -70,3 +70,32 @@ def run_under_triton_interpreter(module: str, function: str, timeout: float = 90
     code = f"from {module} import {function}; {function}()"
     return subprocess.run([sys.executable, "-c", code], env=env, cwd=_REPO, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def write_random_images(out_dir: Path, sizes: Sequence[tuple], seed: int = 0) -> List[str]:
+    """One random RGB PNG per (height, width) in out_dir; their paths."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i, (h, w) in enumerate(sizes):
+        path = Path(out_dir) / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def request_tokenizer_for(model_dir):
+    """The tokenizer process's RequestTokenizer for a model directory (image models get their
+    image pipeline), built in-process."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from pymllm.configs.model_config import load_model_config
+    from pymllm.orchestrator.tokenizer_process import build_request_tokenizer
+
+    config = GlobalConfig()
+    config.server.model_path = str(model_dir)
+    model_config = load_model_config(config.server, torch.device("cpu"))
+    return build_request_tokenizer(config, model_config, AutoTokenizer.from_pretrained(model_dir))

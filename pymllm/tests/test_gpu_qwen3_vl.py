@@ -45,6 +45,7 @@ from pymllm.orchestrator.request import Req
 from pymllm.orchestrator.schedule_batch import BatchResult, ScheduledBatch
 from pymllm.sampling_params import SamplingParams
 from pymllm.testing.tiny_models import build_tiny_vl_checkpoint
+from pymllm.tests.helpers import request_tokenizer_for, write_random_images
 
 pytestmark = pytest.mark.gpu
 
@@ -90,28 +91,12 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> List[str]:
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    out = tmp_path_factory.mktemp("images")
-    paths = []
-    for i, (h, w) in enumerate(IMAGE_SIZES):
-        path = out / f"img{i}.png"
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
-        paths.append(str(path))
-    return paths
+    return write_random_images(tmp_path_factory.mktemp("images"), IMAGE_SIZES)
 
 
 @pytest.fixture(scope="module")
 def request_tokenizer(model_dir):
-    from transformers import AutoTokenizer
-
-    from pymllm.orchestrator.tokenizer_process import build_request_tokenizer
-
-    config = GlobalConfig()
-    config.server.model_path = str(model_dir)
-    model_config = load_model_config(config.server, torch.device("cpu"))
-    return build_request_tokenizer(config, model_config, AutoTokenizer.from_pretrained(model_dir))
+    return request_tokenizer_for(model_dir)
 
 
 def _config(model_dir, device: str, **server) -> GlobalConfig:

@@ -14,17 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from pymllm.configs import GlobalConfig
-from pymllm.configs.model_config import load_model_config
 from pymllm.engine.forward_batch import ForwardMode
 from pymllm.engine.io_struct import GenerateReqInput, TokenizedGenerateReq
 from pymllm.layers.rotary_embedding import MRotaryEmbedding, RotaryEmbedding
 from pymllm.multimodal.inputs import mrope_positions
 from pymllm.orchestrator.request import Req
 from pymllm.orchestrator.schedule_batch import ScheduledBatch
-from pymllm.orchestrator.tokenizer_process import build_request_tokenizer
 from pymllm.testing.tiny_models import tiny_vl_model_dir
-from pymllm.tests.helpers import greedy, make_scheduler
+from pymllm.tests.helpers import greedy, make_scheduler, request_tokenizer_for, write_random_images
 
 # (height, width): wide, tall, tiny (upscaled to the minimum), square, and one past max_pixels.
 IMAGE_SIZES = [(30, 50), (100, 20), (5, 7), (40, 40), (90, 70)]
@@ -37,26 +34,12 @@ def model_dir():
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> List[str]:
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    out = tmp_path_factory.mktemp("images")
-    paths = []
-    for i, (h, w) in enumerate(IMAGE_SIZES):
-        path = out / f"img{i}.png"
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
-        paths.append(str(path))
-    return paths
+    return write_random_images(tmp_path_factory.mktemp("images"), IMAGE_SIZES)
 
 
 @pytest.fixture(scope="module")
 def request_tokenizer(model_dir):
-    from transformers import AutoTokenizer
-
-    config = GlobalConfig()
-    config.server.model_path = str(model_dir)
-    model_config = load_model_config(config.server, torch.device("cpu"))
-    return build_request_tokenizer(config, model_config, AutoTokenizer.from_pretrained(model_dir))
+    return request_tokenizer_for(model_dir)
 
 
 @pytest.fixture(scope="module")
