@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import random
@@ -93,18 +94,10 @@ class AiohttpClient:
             payload = await resp.json() if resp.status < 400 else None
             return _AiohttpJson(resp.status, payload)
 
-    def stream(self, method: str, path: str, json: Any):
-        session = self._session
-
-        class _Ctx:
-            async def __aenter__(self):
-                self._resp = await session.request(method, path, json=json)
-                return _AiohttpStream(self._resp)
-
-            async def __aexit__(self, *exc):
-                self._resp.release()
-
-        return _Ctx()
+    @contextlib.asynccontextmanager
+    async def stream(self, method: str, path: str, json: Any):
+        async with self._session.request(method, path, json=json) as resp:
+            yield _AiohttpStream(resp)
 
 
 # Transport failures of either client: the request counts as failed, the benchmark goes on.
