@@ -76,12 +76,14 @@ def graph_max_batch_size(server: "ServerConfig") -> int:
     return max(server.max_running_requests, EXTEND_AS_DECODE_MAX_TOKENS)
 
 
-def extend_runs_as_decode(num_new_tokens: int, max_seq_len: int, has_images: bool, graph_max_bs: int) -> bool:
-    """Whether an extend batch replays a decode graph, one row per new token."""
+def extend_runs_as_decode(num_new_tokens: int, max_seq_len: int, has_images: bool, graph_max_bs: int,
+                          shared_prefix: bool = False) -> bool:
+    """Whether an extend batch replays a decode graph, one row per new token. The KV re-read
+    limit only concerns per-row graphs: a shared-prefix graph reads the request's KV once."""
     return (
         not has_images  # image tokens need the vision tower and 3-D positions
         and 0 < num_new_tokens <= min(EXTEND_AS_DECODE_MAX_TOKENS, graph_max_bs)
-        and num_new_tokens * max_seq_len <= EXTEND_AS_DECODE_MAX_KV_READS
+        and (shared_prefix or num_new_tokens * max_seq_len <= EXTEND_AS_DECODE_MAX_KV_READS)
     )
 
 

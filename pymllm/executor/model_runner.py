@@ -134,13 +134,16 @@ class ModelRunner:
         """
         hb = host_batch(batch, self.req_to_token_pool.max_context_len)
         graphs = self.cuda_graph_runner
+        # Rows of a single request all read its KV: the shared-prefix graphs read it once.
+        shared = (graphs is not None and batch.mode.is_extend() and hb.batch_size == 1
+                  and graphs.has_shared_prefix_graph(len(hb.input_ids)))
         if graphs is not None and batch.mode.is_decode() and graphs.fits(hb.batch_size):
             fb, write_index, write_loc = graphs.stage(hb)
         elif graphs is not None and batch.mode.is_extend() and extend_runs_as_decode(
             len(hb.input_ids), int(hb.seq_lens.max()), any(getattr(r, "mm_inputs", None) for r in batch.reqs),
-            graphs.max_bs,
+            graphs.max_bs, shared,
         ):
-            fb, write_index, write_loc = self._stage_extend_as_decode(hb)
+            fb, write_index, write_loc = self._stage_extend_as_decode(hb, shared)
         else:
             fb, write_index, write_loc = self._stage_eager(batch.mode, hb)
         # Record where every new KV entry lives: one scatter into the flattened table.
@@ -150,8 +153,11 @@ class ModelRunner:
         attach_multimodal_inputs(self.model, batch, fb, self.device)
         return fb
 
-    def _stage_extend_as_decode(self, hb: HostBatch) -> Tuple[ForwardBatch, torch.Tensor, torch.Tensor]:
-        """Stage an extend as decode-graph rows (one per new token)."""
+    def _stage_extend_as_decode(
+        self, hb: HostBatch, shared_prefix: bool
+    ) -> Tuple[ForwardBatch, torch.Tensor, torch.Tensor]:
+        """Stage an extend as decode-graph rows (one per new token); ``shared_prefix``: into a
+        shared-prefix graph (the rows all belong to one request)."""
         ext = extend_as_decode_rows(hb)
         n = len(ext.prefix_write_index)
         if n:
@@ -161,10 +167,7 @@ class ModelRunner:
             _, words = self.stager.upload(np.concatenate([ext.prefix_write_index, ext.prefix_write_loc]), 2 * n)
             table = self.req_to_token_pool.req_to_token
             table.view(-1).index_copy_(0, words[:n], words[n : 2 * n].to(table.dtype))
-        graphs = self.cuda_graph_runner
-        # Rows of a single request all read its KV: the shared-prefix graphs read it once.
-        shared = hb.batch_size == 1 and graphs.has_shared_prefix_graph(len(ext.rows.input_ids))
-        fb, write_index, write_loc = graphs.stage(ext.rows, shared_prefix=shared)
+        fb, write_index, write_loc = self.cuda_graph_runner.stage(ext.rows, shared_prefix=shared_prefix)
         fb.sample_rows = ext.sample_rows
         return fb, write_index, write_loc
 

@@ -59,6 +59,9 @@ def test_extend_runs_as_decode_rule():
     assert not cgr.extend_runs_as_decode(8, 100, True, 64)  # images need the vision tower
     assert not cgr.extend_runs_as_decode(16, 100, False, 8)  # more rows than the graphs hold
     assert not cgr.extend_runs_as_decode(top, cgr.EXTEND_AS_DECODE_MAX_KV_READS // top + 1, False, 64)
+    # One request's rows in a shared-prefix graph read the prefix once, however long it is.
+    assert cgr.extend_runs_as_decode(top, cgr.EXTEND_AS_DECODE_MAX_KV_READS // top + 1, False, 64, True)
+    assert not cgr.extend_runs_as_decode(top + 1, 2032, False, 64, True)
     assert not cgr.extend_runs_as_decode(0, 1, False, 64)
 
 
