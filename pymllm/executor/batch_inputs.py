@@ -238,13 +238,15 @@ def pack_eager(hb: HostBatch) -> Tuple[PackedLayout, np.ndarray]:
     return layout, layout.pack({name: getattr(hb, name) for name in layout.segments})
 
 
-def pack_graph(hb: HostBatch, layout: PackedLayout, padded_bs: int, padding_row: int) -> np.ndarray:
+def pack_graph(hb: HostBatch, layout: PackedLayout, padded_bs: int, padding_row: int, row_stride: int) -> np.ndarray:
     """A decode batch padded to padded_bs, in graph_layout, with the host-only kv_indptr and
     seq_lens (what FlashInfer's plan() reads).
 
     Padding sequences touch only reserved memory: they read the pool's all-zero padding row
-    (one KV entry, slot 0) and write KV slot 0, which the allocator never hands out; they add
-    no req_to_token writes. Their token, position and mrope delta are 0.
+    (one KV entry, slot 0) and write KV slot 0, which the allocator never hands out. Their
+    req_to_token write (the graphs scatter every row's) puts 0 at position 0 of the padding row,
+    which leaves it all-zero; row_stride is the req_to_token row length. Their token, position
+    and mrope delta are 0.
     """
     bs = hb.batch_size
     if padded_bs < bs:
@@ -258,6 +260,7 @@ def pack_graph(hb: HostBatch, layout: PackedLayout, padded_bs: int, padding_row:
         views["mrope_position_deltas"][:bs] = hb.mrope_position_deltas
     views["req_pool_indices"][bs:padded_bs] = padding_row
     views["seq_lens"][bs:padded_bs] = 1
+    views["kv_write_index"][bs:padded_bs] = padding_row * row_stride
     lens = views["seq_lens_host"]
     lens[:bs] = hb.seq_lens
     lens[bs:padded_bs] = 1

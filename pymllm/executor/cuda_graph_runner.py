@@ -11,7 +11,10 @@ Every captured graph reads its inputs from one set of static buffers (sliced to 
 size), all views of one device buffer. ModelRunner.build_forward_batch pads a decode batch on
 the host and fills them with a single copy (``stage``); replay then lets the attention backend
 refresh its own static metadata (``init_forward_metadata_replay_cuda_graph``) and replays.
-The host does nothing else in between, so the GPU idles as briefly as possible.
+The graph itself records the batch's new slots in req_to_token (and, where the backend allows,
+builds the attention metadata that reads them), and ends with the argmax that greedy sampling
+reads: per step the host issues one copy, one graph launch and one read-back, since on the
+hosts we measured each CUDA call costs tens of microseconds of a decode step's host time.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import gc
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -114,27 +117,35 @@ class GraphInputs:
     out_cache_loc: torch.Tensor  # [max_bs] int64
     positions: torch.Tensor  # [max_bs] int64
     mrope_position_deltas: torch.Tensor  # [max_bs] int64, zeros unless the batch has deltas
-    # Not read by the graphs: the real rows' req_to_token writes, scattered before replay.
+    # Each row's req_to_token write, req_to_token.view(-1)[kv_write_index] = kv_write_loc: inside
+    # the graphs (graph_metadata_kernels gave a prologue) or eagerly before replay.
     kv_write_index: torch.Tensor  # [max_bs] int64
     kv_write_loc: torch.Tensor  # [max_bs] int32
+    padding_row: int
+    padding_write_index: int  # position 0 of the padding row: writing slot 0 there changes nothing
 
     @classmethod
-    def allocate(cls, max_bs: int, device: torch.device, padding_row: int) -> "GraphInputs":
+    def allocate(cls, max_bs: int, device: torch.device, padding_row: int, row_stride: int) -> "GraphInputs":
         layout = graph_layout(max_bs)
         empty = decode_host_batch([], [], [], [], 0)
-        words = torch.from_numpy(pack_graph(empty, layout, max_bs, padding_row)[: layout.device_words]).to(device)
-        return cls(layout=layout, words=words, **layout.torch_views(words))
+        packed = pack_graph(empty, layout, max_bs, padding_row, row_stride)
+        words = torch.from_numpy(packed[: layout.device_words]).to(device)
+        return cls(layout=layout, words=words, padding_row=padding_row,
+                   padding_write_index=padding_row * row_stride, **layout.torch_views(words))
 
-    def fill(self, fb: ForwardBatch, padded_bs: int, padding_row: int) -> None:
+    def fill(self, fb: ForwardBatch, padded_bs: int) -> None:
         """Copy a decode batch built elsewhere into rows [0, bs) and reset rows [bs, padded_bs)
-        to padding (batches from ModelRunner.build_forward_batch arrive already staged)."""
+        to padding (batches from ModelRunner.build_forward_batch arrive already staged). Its
+        builder has already written its req_to_token entries: every row's write is padding's."""
         bs = fb.batch_size
         pad = slice(bs, padded_bs)
-        for name, value in (("input_ids", 0), ("req_pool_indices", padding_row), ("seq_lens", 1),
+        for name, value in (("input_ids", 0), ("req_pool_indices", self.padding_row), ("seq_lens", 1),
                             ("out_cache_loc", 0), ("positions", 0)):
             buf = getattr(self, name)
             buf[:bs].copy_(getattr(fb, name), non_blocking=True)
             buf[pad].fill_(value)
+        self.kv_write_index[:padded_bs].fill_(self.padding_write_index)
+        self.kv_write_loc[:padded_bs].zero_()
         if fb.mrope_position_deltas is not None:
             self.mrope_position_deltas[:bs].copy_(fb.mrope_position_deltas.view(-1), non_blocking=True)
         else:
@@ -169,13 +180,23 @@ class CudaGraphRunner:
         self.max_bs = graph_max_batch_size(model_runner.server)
         self.batch_sizes = capture_batch_sizes(self.max_bs)
         context_len = model_runner.req_to_token_pool.max_context_len
+        self.row_stride = context_len
+        self._req_to_token_flat = model_runner.req_to_token_pool.req_to_token.view(-1)
         # Plain tensors (not inference tensors): replay updates them in place, and only plain
         # tensors may be updated both inside and outside torch.inference_mode().
-        self.inputs = GraphInputs.allocate(self.max_bs, self.device, self.padding_row)
+        self.inputs = GraphInputs.allocate(self.max_bs, self.device, self.padding_row, context_len)
         self.backend.init_cuda_graph_state(self.max_bs, self.max_bs * context_len)
         self._staged: Optional[StagedDecode] = None
+        # (bs, shared_prefix) -> the backend's in-graph metadata kernels, or None when that graph's
+        # req_to_token writes run eagerly before replay (graph_metadata_kernels).
+        self._prologues: Dict[Tuple[int, bool], Optional[Callable[[], None]]] = {}
+        # Slices of the static buffers per size, made once: a slice costs microseconds of host time.
+        self._slices: Dict[int, Dict[str, torch.Tensor]] = {}
+        self._host_slices: Dict[Tuple[int, int], Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._output_slices: Dict[Tuple[bool, int, int], Tuple[torch.Tensor, torch.Tensor]] = {}
         self.graphs: Dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: Dict[int, torch.Tensor] = {}
+        # bs -> (float32 logits [bs, vocab], their argmax [bs]), written by each replay
+        self.outputs: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
         # A short extend of one request runs as rows that all read that request's KV: graphs of
         # their own, whose attention reads the shared prefix once instead of once per row.
         shared_ok = getattr(self.backend, "supports_shared_prefix_graphs", lambda: False)()
@@ -183,26 +204,39 @@ class CudaGraphRunner:
             s for s in self.batch_sizes if 2 <= s <= EXTEND_AS_DECODE_MAX_TOKENS
         ] if shared_ok else []
         self.shared_graphs: Dict[int, torch.cuda.CUDAGraph] = {}
-        self.shared_outputs: Dict[int, torch.Tensor] = {}
+        self.shared_outputs: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
         self.pool = None
+
+    def _sliced(self, bs: int) -> Dict[str, torch.Tensor]:
+        views = self._slices.get(bs)
+        if views is None:
+            inp = self.inputs
+            names = ("input_ids", "positions", "req_pool_indices", "seq_lens", "out_cache_loc",
+                     "mrope_position_deltas", "kv_write_index", "kv_write_loc")
+            views = self._slices[bs] = {name: getattr(inp, name)[:bs] for name in names}
+        return views
 
     def _static_batch(self, bs: int, seq_lens_cpu: Sequence[int], with_mrope: bool = True) -> ForwardBatch:
         r = self.runner
-        inp = self.inputs
+        v = self._sliced(bs)
         return ForwardBatch(
             forward_mode=ForwardMode.DECODE,
             batch_size=bs,
-            input_ids=inp.input_ids[:bs],
-            positions=inp.positions[:bs],
-            req_pool_indices=inp.req_pool_indices[:bs],
-            seq_lens=inp.seq_lens[:bs],
-            out_cache_loc=inp.out_cache_loc[:bs],
+            input_ids=v["input_ids"],
+            positions=v["positions"],
+            req_pool_indices=v["req_pool_indices"],
+            seq_lens=v["seq_lens"],
+            out_cache_loc=v["out_cache_loc"],
             seq_lens_cpu=list(seq_lens_cpu),
             req_to_token_pool=r.req_to_token_pool,
             kv_pool=r.kv_pool,
             attn_backend=self.backend,
-            mrope_position_deltas=inp.mrope_position_deltas[:bs] if with_mrope else None,
+            mrope_position_deltas=v["mrope_position_deltas"] if with_mrope else None,
         )
+
+    def _write_req_to_token(self, bs: int) -> None:
+        v = self._sliced(bs)
+        self._req_to_token_flat.index_copy_(0, v["kv_write_index"], v["kv_write_loc"])
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -228,27 +262,43 @@ class CudaGraphRunner:
         )
 
     def prepare_capture(self, bs: int, shared_prefix: bool = False) -> ForwardBatch:
-        """The static batch of size bs (all padding) with its graph-mode attention metadata."""
+        """The static batch of size bs (all padding) with its graph-mode attention metadata;
+        also asks the backend which of its metadata kernels the graph should run."""
         fb = self._static_batch(bs, [1] * bs)
         extra = {"shared_prefix": True} if shared_prefix else {}
         self.backend.init_forward_metadata_capture_cuda_graph(
             bs, fb.req_pool_indices, fb.seq_lens, fb.seq_lens_cpu, **extra
         )
+        self._prologues[(bs, shared_prefix)] = self.backend.graph_metadata_kernels(
+            bs, fb.req_pool_indices, fb.seq_lens, **extra
+        )
         return fb
 
+    def run_static(self, bs: int, shared_prefix: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """What the graph of size bs runs (prepare_capture first), on the static buffers: the
+        rows' req_to_token writes and the backend's metadata kernels where they belong in the
+        graph, the forward, float32 logits and their argmax (what greedy sampling reads, with no
+        launch of its own). Captured once per size; the CPU tests run it eagerly."""
+        fb = self._static_batch(bs, [1] * bs)
+        prologue = self._prologues[(bs, shared_prefix)]
+        if prologue is not None:
+            self._write_req_to_token(bs)
+            prologue()
+        logits = self.model(fb.input_ids, fb.positions, fb).float()
+        return logits, torch.argmax(logits, dim=-1)
+
     def _capture_one(self, bs: int, shared_prefix: bool = False) -> None:
-        fb = self.prepare_capture(bs, shared_prefix)
+        self.prepare_capture(bs, shared_prefix)
         # The warm-up runs compile Triton / JIT kernels and fill lazily built caches, none of
         # which may happen during capture; they also make the measured kernel choices: the first
         # picks GEMV or GEMM per matmul, a second (GEMV-sized batches only) whether a fused
         # prologue GEMV beats its separate kernels, which needs the first choice made.
         for _ in range(2 if bs <= GEMV_MAX_ROWS else 1):
-            self.model(fb.input_ids, fb.positions, fb)
+            self.run_static(bs, shared_prefix)
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            # The float32 logits the sampler reads come out of the graph: no extra launch per step.
-            out = self.model(fb.input_ids, fb.positions, fb).float()
+            out = self.run_static(bs, shared_prefix)
         (self.shared_graphs if shared_prefix else self.graphs)[bs] = graph
         (self.shared_outputs if shared_prefix else self.outputs)[bs] = out
 
@@ -266,48 +316,56 @@ class CudaGraphRunner:
             and fb.positions.dim() == 1
         )
 
-    def stage(self, hb: HostBatch, shared_prefix: bool = False) -> Tuple[ForwardBatch, torch.Tensor, torch.Tensor]:
-        """Pad a decode batch on the host and copy it into the static buffers with one copy.
-
-        Returns the batch (rows [0, bs) of the static buffers) and the device views of its
-        req_to_token writes (kv_write_index, kv_write_loc) for the caller to scatter.
+    def stage(self, hb: HostBatch, shared_prefix: bool = False) -> ForwardBatch:
+        """Pad a decode batch on the host and copy it into the static buffers with one copy;
+        returns the batch (rows [0, bs) of the static buffers). Its req_to_token writes run in
+        the graph, or here when that graph's metadata is built before replay.
         shared_prefix: the rows all extend one request (``has_shared_prefix_graph``).
         """
         bs = hb.batch_size
         padded_bs = padded_batch_size(bs, self.batch_sizes)
         layout = self.inputs.layout
         stager = self.runner.stager
-        words = pack_graph(hb, layout, padded_bs, self.padding_row)
+        words = pack_graph(hb, layout, padded_bs, self.padding_row, self.row_stride)
         host, _ = stager.upload(words, layout.device_words, dst=self.inputs.words)
-        host_views = layout.torch_views(host, host_only=True)
+        if self._prologues.get((padded_bs, shared_prefix)) is None:
+            self._write_req_to_token(bs)
+        kv_indptr_host, seq_lens_host = self._host_views(host, padded_bs)
         seq_lens_cpu = hb.seq_lens.tolist()
         fb = self._static_batch(bs, seq_lens_cpu, with_mrope=hb.mrope_position_deltas is not None)
         self._staged = StagedDecode(
             batch=fb, padded_bs=padded_bs, upload=stager.uploads,
             seq_lens_cpu=padded_seq_lens_cpu(seq_lens_cpu, padded_bs),
-            kv_indptr_host=host_views["kv_indptr"][: padded_bs + 1],
-            seq_lens_host=host_views["seq_lens_host"][:padded_bs],
-            shared_prefix=shared_prefix,
+            kv_indptr_host=kv_indptr_host, seq_lens_host=seq_lens_host, shared_prefix=shared_prefix,
         )
-        return fb, self.inputs.kv_write_index[:bs], self.inputs.kv_write_loc[:bs]
+        return fb
+
+    def _host_views(self, host: torch.Tensor, padded_bs: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """kv_indptr and seq_lens of a staging buffer (one of a few, reused), sliced to padded_bs."""
+        key = (host.data_ptr(), padded_bs)
+        views = self._host_slices.get(key)
+        if views is None:
+            full = self.inputs.layout.torch_views(host, host_only=True)
+            views = self._host_slices[key] = (full["kv_indptr"][: padded_bs + 1], full["seq_lens_host"][:padded_bs])
+        return views
 
     def prepare_replay(self, fb: ForwardBatch) -> int:
         """Load a decode batch into the static buffers and metadata; returns the padded size."""
         staged = self._staged
-        inp = self.inputs
         if self._is_staged(fb):
             padded = staged.padded_bs
+            v = self._sliced(padded)
             extra = {"shared_prefix": True} if staged.shared_prefix else {}
             self.backend.init_forward_metadata_replay_cuda_graph(
-                padded, inp.req_pool_indices[:padded], inp.seq_lens[:padded], staged.seq_lens_cpu,
+                padded, v["req_pool_indices"], v["seq_lens"], staged.seq_lens_cpu,
                 indptr_host=staged.kv_indptr_host, seq_lens_host=staged.seq_lens_host, **extra,
             )
             return padded
         padded = padded_batch_size(fb.batch_size, self.batch_sizes)
-        inp.fill(fb, padded, self.padding_row)
+        self.inputs.fill(fb, padded)
+        v = self._sliced(padded)
         self.backend.init_forward_metadata_replay_cuda_graph(
-            padded, inp.req_pool_indices[:padded], inp.seq_lens[:padded],
-            padded_seq_lens_cpu(fb.seq_lens_cpu, padded),
+            padded, v["req_pool_indices"], v["seq_lens"], padded_seq_lens_cpu(fb.seq_lens_cpu, padded),
         )
         return padded
 
@@ -316,13 +374,18 @@ class CudaGraphRunner:
         staged = self._staged
         return staged is not None and staged.batch is fb and staged.upload == self.runner.stager.uploads
 
-    def replay(self, fb: ForwardBatch) -> torch.Tensor:
-        """Float32 logits [bs, vocab] of a decode batch; valid until the next replay."""
+    def replay(self, fb: ForwardBatch) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Float32 logits [bs, vocab] of a decode batch and their argmax [bs]; valid until the
+        next replay."""
         shared = self._is_staged(fb) and self._staged.shared_prefix
         padded = self.prepare_replay(fb)
-        graphs, outputs = (self.shared_graphs, self.shared_outputs) if shared else (self.graphs, self.outputs)
-        graphs[padded].replay()
-        return outputs[padded][: fb.batch_size]
+        (self.shared_graphs if shared else self.graphs)[padded].replay()
+        key = (shared, padded, fb.batch_size)
+        out = self._output_slices.get(key)
+        if out is None:
+            logits, ids = (self.shared_outputs if shared else self.outputs)[padded]
+            out = self._output_slices[key] = (logits[: fb.batch_size], ids[: fb.batch_size])
+        return out
 
 
 def build_cuda_graph_runner(model_runner: "ModelRunner") -> Optional[CudaGraphRunner]:

@@ -53,6 +53,7 @@ class ModelRunner:
         self.dtype = model_config.dtype
         self.model = None
         self.cuda_graph_runner = None
+        self._graph_argmax: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # (logits, argmax) of the last replay
 
     # ---------------- set-up ----------------
     def initialize(self) -> None:
@@ -138,24 +139,22 @@ class ModelRunner:
         shared = (graphs is not None and batch.mode.is_extend() and hb.batch_size == 1
                   and graphs.has_shared_prefix_graph(len(hb.input_ids)))
         if graphs is not None and batch.mode.is_decode() and graphs.fits(hb.batch_size):
-            fb, write_index, write_loc = graphs.stage(hb)
+            fb = graphs.stage(hb)  # the graph records the new slots in req_to_token
         elif graphs is not None and batch.mode.is_extend() and extend_runs_as_decode(
             len(hb.input_ids), int(hb.seq_lens.max()), any(getattr(r, "mm_inputs", None) for r in batch.reqs),
             graphs.max_bs, shared,
         ):
-            fb, write_index, write_loc = self._stage_extend_as_decode(hb, shared)
+            fb = self._stage_extend_as_decode(hb, shared)
         else:
             fb, write_index, write_loc = self._stage_eager(batch.mode, hb)
-        # Record where every new KV entry lives: one scatter into the flattened table.
-        self.req_to_token_pool.req_to_token.view(-1).index_copy_(0, write_index, write_loc)
+            # Record where every new KV entry lives: one scatter into the flattened table.
+            self.req_to_token_pool.req_to_token.view(-1).index_copy_(0, write_index, write_loc)
         # Images and mrope deltas; decode deltas attached here reach a staged graph batch's
         # static buffer in prepare_replay.
         attach_multimodal_inputs(self.model, batch, fb, self.device)
         return fb
 
-    def _stage_extend_as_decode(
-        self, hb: HostBatch, shared_prefix: bool
-    ) -> Tuple[ForwardBatch, torch.Tensor, torch.Tensor]:
+    def _stage_extend_as_decode(self, hb: HostBatch, shared_prefix: bool) -> ForwardBatch:
         """Stage an extend as decode-graph rows (one per new token); ``shared_prefix``: into a
         shared-prefix graph (the rows all belong to one request)."""
         ext = extend_as_decode_rows(hb)
@@ -167,9 +166,9 @@ class ModelRunner:
             _, words = self.stager.upload(np.concatenate([ext.prefix_write_index, ext.prefix_write_loc]), 2 * n)
             table = self.req_to_token_pool.req_to_token
             table.view(-1).index_copy_(0, words[:n], words[n : 2 * n].to(table.dtype))
-        fb, write_index, write_loc = self.cuda_graph_runner.stage(ext.rows, shared_prefix=shared_prefix)
+        fb = self.cuda_graph_runner.stage(ext.rows, shared_prefix=shared_prefix)
         fb.sample_rows = ext.sample_rows
-        return fb, write_index, write_loc
+        return fb
 
     def _stage_eager(self, mode: ForwardMode, hb: HostBatch) -> Tuple[ForwardBatch, torch.Tensor, torch.Tensor]:
         layout, words = pack_eager(hb)
@@ -199,21 +198,32 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
         """Logits of each sequence's last new token, float32 [bs, vocab]."""
+        self._graph_argmax = None
         if (
             self.cuda_graph_runner is not None
             and fb.forward_mode.is_decode()
             and self.cuda_graph_runner.can_run(fb)
         ):
-            logits = self.cuda_graph_runner.replay(fb)
+            logits, ids = self.cuda_graph_runner.replay(fb)
             if fb.sample_rows is not None:  # an extend run as decode rows: each request's last row
                 rows = fb.sample_rows
                 last = rows[-1]
                 if rows == list(range(last - len(rows) + 1, last + 1)):
-                    return logits[last - len(rows) + 1 : last + 1]
-                return logits[torch.tensor(rows, device=logits.device)]
+                    picked = slice(last - len(rows) + 1, last + 1)
+                else:
+                    picked = torch.tensor(rows, device=logits.device)
+                logits, ids = logits[picked], ids[picked]
+            self._graph_argmax = (logits, ids)
             return logits
         self.attn_backend.init_forward_metadata(fb)
         return self.model(fb.input_ids, fb.positions, fb).float()
+
+    def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        # A replayed graph has already taken the argmax of the logits it returned.
+        graph = self._graph_argmax
+        if graph is not None and graph[0] is logits:
+            return graph[1]
+        return torch.argmax(logits, dim=-1)
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, batch: ScheduledBatch) -> BatchResult:
@@ -222,7 +232,7 @@ class ModelRunner:
         if is_plain_greedy(params):
             # The Sampler would take the same argmax; skipping it skips building and copying
             # the per-request tensors.
-            next_ids = torch.argmax(logits, dim=-1).tolist()
+            next_ids = self._argmax(logits).tolist()
             return BatchResult(next_token_ids=next_ids, logprobs=[None] * len(reqs))
         need_history = any(
             p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params

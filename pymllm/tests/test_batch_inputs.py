@@ -94,7 +94,7 @@ def test_eager_pack_holds_every_field():
 def test_graph_pack_pads_with_reserved_rows_and_has_host_indptr():
     layout = bi.graph_layout(8)
     hb = bi.decode_host_batch([7, 8, 9], [4, 5, 6], [0, 1, 2], [31, 32, 33], STRIDE)
-    t = torch.from_numpy(bi.pack_graph(hb, layout, 4, padding_row=9))
+    t = torch.from_numpy(bi.pack_graph(hb, layout, 4, padding_row=9, row_stride=STRIDE))
     views = layout.torch_views(t)
     assert views["input_ids"][:4].tolist() == [7, 8, 9, 0]
     assert views["positions"][:4].tolist() == [4, 5, 6, 0]
@@ -102,9 +102,10 @@ def test_graph_pack_pads_with_reserved_rows_and_has_host_indptr():
     assert views["req_pool_indices"][:4].tolist() == [0, 1, 2, 9]
     assert views["seq_lens"][:4].tolist() == [5, 6, 7, 1] and views["seq_lens"].dtype == torch.int32
     assert views["mrope_position_deltas"][:4].tolist() == [0, 0, 0, 0]
-    # Only the real rows are written into req_to_token.
-    assert views["kv_write_index"][:3].tolist() == [4, STRIDE + 5, 2 * STRIDE + 6]
-    assert views["kv_write_loc"][:3].tolist() == [31, 32, 33]
+    # The real rows' req_to_token writes; the padding row's puts slot 0 at its position 0,
+    # which keeps that row all-zero.
+    assert views["kv_write_index"][:4].tolist() == [4, STRIDE + 5, 2 * STRIDE + 6, 9 * STRIDE]
+    assert views["kv_write_loc"][:4].tolist() == [31, 32, 33, 0]
     host = layout.torch_views(t, host_only=True)
     assert set(host) == {"kv_indptr", "seq_lens_host"}
     assert host["kv_indptr"][:5].tolist() == [0, 5, 11, 18, 19] and host["kv_indptr"].dtype == torch.int32
@@ -112,7 +113,7 @@ def test_graph_pack_pads_with_reserved_rows_and_has_host_indptr():
     # The layout depends on max_bs alone: captured graphs keep reading the same addresses.
     assert bi.graph_layout(8).segments == layout.segments
     with pytest.raises(ValueError):
-        bi.pack_graph(hb, layout, 2, padding_row=9)
+        bi.pack_graph(hb, layout, 2, padding_row=9, row_stride=STRIDE)
 
 
 def test_stager_on_cpu_returns_the_packed_words_or_fills_dst():
@@ -127,10 +128,11 @@ def test_stager_on_cpu_returns_the_packed_words_or_fills_dst():
 
 
 def test_graph_inputs_start_as_padding_and_share_one_buffer():
-    inputs = GraphInputs.allocate(8, torch.device("cpu"), padding_row=9)
+    inputs = GraphInputs.allocate(8, torch.device("cpu"), padding_row=9, row_stride=STRIDE)
     assert inputs.req_pool_indices.tolist() == [9] * 8 and inputs.seq_lens.tolist() == [1] * 8
     assert inputs.seq_lens.dtype == torch.int32 and inputs.kv_write_loc.dtype == torch.int32
     assert inputs.input_ids.tolist() == [0] * 8 and inputs.mrope_position_deltas.tolist() == [0] * 8
+    assert inputs.kv_write_index.tolist() == [9 * STRIDE] * 8 and inputs.kv_write_loc.tolist() == [0] * 8
     base = inputs.words.data_ptr()
     span = inputs.words.numel() * 8
     for t in (inputs.input_ids, inputs.positions, inputs.seq_lens, inputs.kv_write_index):
@@ -143,5 +145,5 @@ def test_mrope_deltas_travel_with_the_batch():
     hb.mrope_position_deltas = np.array([-3, 5])
     layout, words = bi.pack_eager(hb)
     assert layout.torch_views(torch.from_numpy(words))["mrope_position_deltas"].tolist() == [-3, 5]
-    words = bi.pack_graph(hb, bi.graph_layout(4), 4, padding_row=9)
+    words = bi.pack_graph(hb, bi.graph_layout(4), 4, padding_row=9, row_stride=STRIDE)
     assert bi.graph_layout(4).torch_views(torch.from_numpy(words))["mrope_position_deltas"].tolist() == [-3, 5, 0, 0]

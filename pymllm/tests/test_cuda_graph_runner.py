@@ -118,17 +118,19 @@ def _decode_batch(bs: int, mrope: bool = False) -> ForwardBatch:
 
 def test_graph_inputs_fill_pads_with_reserved_rows():
     padding_row = 9
-    inputs = cgr.GraphInputs.allocate(8, torch.device("cpu"), padding_row)
+    inputs = cgr.GraphInputs.allocate(8, torch.device("cpu"), padding_row, row_stride=100)
     assert inputs.req_pool_indices.tolist() == [padding_row] * 8 and inputs.seq_lens.tolist() == [1] * 8
-    inputs.fill(_decode_batch(7, mrope=True), 8, padding_row)
+    inputs.fill(_decode_batch(7, mrope=True), 8)
     # A smaller batch must reset rows the previous one left behind.
-    inputs.fill(_decode_batch(3), 4, padding_row)
+    inputs.fill(_decode_batch(3), 4)
     assert inputs.input_ids[:4].tolist() == [100, 101, 102, 0]
     assert inputs.req_pool_indices[:4].tolist() == [0, 1, 2, padding_row]
     assert inputs.seq_lens[:4].tolist() == [11, 12, 13, 1]
     assert inputs.out_cache_loc[:4].tolist() == [50, 51, 52, 0]
     assert inputs.positions[:4].tolist() == [10, 11, 12, 0]
     assert inputs.mrope_position_deltas[:4].tolist() == [0, 0, 0, 0]
-    inputs.fill(_decode_batch(2, mrope=True), 2, padding_row)
+    # Its builder wrote its req_to_token entries: the graph's writes are all padding's no-ops.
+    assert inputs.kv_write_index[:4].tolist() == [padding_row * 100] * 4 and inputs.kv_write_loc[:4].tolist() == [0] * 4
+    inputs.fill(_decode_batch(2, mrope=True), 2)
     assert inputs.mrope_position_deltas[:2].tolist() == [-3, -3]
     assert cgr.padded_seq_lens_cpu([11, 12, 13], 4) == [11, 12, 13, 1]

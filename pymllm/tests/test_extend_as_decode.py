@@ -50,9 +50,8 @@ def _graph_rows_logits(runner, graphs, batch):
     runner.cuda_graph_runner = None
     assert fb.forward_mode == ForwardMode.DECODE and fb.sample_rows is not None
     padded = graphs.prepare_replay(fb)
-    static = graphs._static_batch(padded, [1] * padded)
     with torch.inference_mode():
-        logits = runner.model(static.input_ids, static.positions, static).float()
+        logits, _ = graphs.run_static(padded, shared_prefix=graphs._staged.shared_prefix)
     return logits[fb.sample_rows], fb
 
 

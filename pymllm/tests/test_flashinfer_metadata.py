@@ -379,15 +379,85 @@ def test_backend_matches_torch_native(fake_flashinfer, arch, window):
         else:
             before = k_buf.clone()
             assert graphs.prepare_replay(fb) == 4
-            static = graphs._static_batch(4, [1] * 4)
             with torch.inference_mode():
-                got = runner.model(static.input_ids, static.positions, static).float()[:3]
+                got, ids = graphs.run_static(4)
+            got = got[:3]
+            assert torch.equal(ids[:3], got.argmax(-1))
             changed = (k_buf != before).flatten(1).any(1).nonzero().flatten().tolist()
             assert set(changed) <= {0, *slots.tolist()}, "padding wrote outside the reserved slot 0"
         ref = _forward_with(runner, native, fb)
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
         for req, token in zip(reqs, ref.argmax(-1).tolist()):
             req.output_ids.append(token)
+
+
+class _CapturableKVOps:
+    """The PyTorch KV ops posing as mllm_kernel's graph-safe gather (which sizes itself from
+    kv_indptr on the device; here the total is read back, fine on the CPU)."""
+
+    kv_indices_capturable = True
+
+    def __init__(self, inner):
+        self.inner, self.gathers = inner, 0
+
+    def kv_indices(self, req_to_token, req_pool_indices, seq_lens, kv_indptr, total, out=None):
+        self.gathers += 1
+        return self.inner.kv_indices(req_to_token, req_pool_indices, seq_lens, kv_indptr, int(kv_indptr[-1]), out)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+def test_graphs_record_their_slots_and_gather_kv_indices_themselves(fake_flashinfer, capturable):  # noqa: F811
+    """A FlashInfer-decoded graph with a graph-safe kv_indices gather writes the batch's slots
+    into req_to_token and gathers kv_indices inside the graph (after plan() copied kv_indptr), so
+    neither happens before replay; without one, staging writes the slots and the replay's
+    metadata step gathers, as before. Either way the graph's logits are torch_native's."""
+    runner = _runner(tiny_model_dir("qwen3"))
+    native = runner.attn_backend
+    backend = fib.FlashInferAttnBackend(runner)
+    if capturable:
+        backend.kv_ops = _CapturableKVOps(backend.kv_ops)
+    reqs = []
+    for i, ids in enumerate(PROMPTS[:3]):
+        req = Req(rid=str(i), origin_input_ids=ids, sampling_params=greedy(4), seed=0)
+        req.req_pool_idx = runner.req_to_token_pool.alloc()
+        reqs.append(req)
+    alloc = runner.token_to_kv_pool_allocator.alloc
+    lens = [len(p) for p in PROMPTS[:3]]
+    result = runner.run_batch(ScheduledBatch(ForwardMode.EXTEND, reqs, [0] * 3, lens, alloc(sum(lens)), [True] * 3))
+    for req, token in zip(reqs, result.next_token_ids):
+        req.output_ids.append(token)
+    runner.attn_backend = backend
+    graphs = CudaGraphRunner(runner)
+    for bs in reversed(graphs.batch_sizes):
+        graphs.prepare_capture(bs)
+    st = backend._graph
+    assert (4 in st.kv_indices_in_graph) == capturable
+    assert (graphs._prologues[(4, False)] is not None) == capturable
+    table = runner.req_to_token_pool.req_to_token
+    for _ in range(2):
+        slots = alloc(3)
+        runner.cuda_graph_runner = graphs
+        fb = runner.build_forward_batch(ScheduledBatch(ForwardMode.DECODE, reqs, lens, [1] * 3, slots, [True] * 3))
+        runner.cuda_graph_runner = None
+        written = [int(table[r.req_pool_idx, n]) for r, n in zip(reqs, lens)]
+        assert written == ([0, 0, 0] if capturable else slots.tolist())
+        gathers = backend.kv_ops.gathers if capturable else None
+        assert graphs.prepare_replay(fb) == 4
+        if capturable:
+            assert backend.kv_ops.gathers == gathers, "the graph gathers kv_indices, not the replay step"
+        with torch.inference_mode():
+            got, ids = graphs.run_static(4)
+        assert [int(table[r.req_pool_idx, n]) for r, n in zip(reqs, lens)] == slots.tolist()
+        assert table[runner.req_to_token_pool.padding_row].eq(0).all(), "the padding row stays all-zero"
+        ref = _forward_with(runner, native, fb)
+        torch.testing.assert_close(got[:3], ref, rtol=1e-4, atol=1e-4)
+        assert torch.equal(ids, got.argmax(-1))
+        for req, token in zip(reqs, ids[:3].tolist()):
+            req.output_ids.append(token)
+        lens = [n + 1 for n in lens]
 
 
 # ---------------- extend on a cached prefix: the strategies ----------------

@@ -442,27 +442,44 @@ def test_fused_kv_write_leaves_the_model_unchanged(monkeypatch):
         assert torch.equal(_bits(got[1:]), _bits(ref[1:]))
 
 
-def test_graph_replay_with_padding_equals_eager():
+@pytest.mark.parametrize("num_reqs, padded_bs", [(3, 4), (17, 24)])
+def test_graph_replay_with_padding_equals_eager(num_reqs, padded_bs):
+    """3 requests replay the bs-4 graph (Triton decode), 17 the bs-24 graph (FlashInfer decode,
+    whose kv_indices the graph gathers itself after recording the step's slots in req_to_token).
+    Greedy sampling reads the argmax the graph took."""
     _flashinfer_backend_cls()
-    runner = _runner(tiny_model_dir("qwen3", **TINY), "flashinfer")
+    runner = _runner(tiny_model_dir("qwen3", **TINY), "flashinfer", max_running_requests=32)
     graphs = runner.cuda_graph_runner
     assert graphs is not None and graphs.batch_sizes[:3] == [1, 2, 4]
+    if padded_bs > 16:
+        assert runner.attn_backend.kv_ops.kv_indices_capturable
+        assert padded_bs in runner.attn_backend._graph.kv_indices_in_graph
+    gen = torch.Generator().manual_seed(num_reqs)
+    prompts = [torch.randint(1, 400, (int(n),), generator=gen).tolist()
+               for n in torch.randint(3, 40, (num_reqs,), generator=gen)]
     reqs = []
-    for i, ids in enumerate(PROMPTS[:3]):
+    for i, ids in enumerate(prompts):
         req = Req(rid=str(i), origin_input_ids=ids, sampling_params=greedy(4), seed=0)
         req.req_pool_idx = runner.req_to_token_pool.alloc()
         reqs.append(req)
     lens = [len(r.origin_input_ids) for r in reqs]
     alloc = runner.token_to_kv_pool_allocator.alloc
     logits = runner.forward(runner.build_forward_batch(
-        ScheduledBatch(ForwardMode.EXTEND, reqs, [0] * 3, lens, alloc(sum(lens)), [True] * 3)
+        ScheduledBatch(ForwardMode.EXTEND, reqs, [0] * num_reqs, lens, alloc(sum(lens)), [True] * num_reqs)
     ))
+    next_ids = logits.argmax(-1).tolist()
     for _ in range(3):
-        for req, token in zip(reqs, logits.argmax(-1).tolist()):
+        for req, token in zip(reqs, next_ids):
             req.output_ids.append(token)
         kv = [len(r.fill_ids) - 1 for r in reqs]
-        fb = runner.build_forward_batch(ScheduledBatch(ForwardMode.DECODE, reqs, kv, [1] * 3, alloc(3), [True] * 3))
+        batch = ScheduledBatch(ForwardMode.DECODE, reqs, kv, [1] * num_reqs, alloc(num_reqs), [True] * num_reqs)
+        fb = runner.build_forward_batch(batch)
         assert graphs.can_run(fb)
-        logits = runner.forward(fb).clone()  # replays the bs=4 graph
-        eager = _eager_with_graph_kernels(runner, fb, padded_bs=4)
+        logits = runner.forward(fb)  # replays the padded graph
+        next_ids = runner.sample(logits, batch).next_token_ids
+        assert next_ids == logits.argmax(-1).tolist()
+        logits = logits.clone()
+        eager = _eager_with_graph_kernels(runner, fb, padded_bs=padded_bs)
         torch.testing.assert_close(logits, eager, rtol=2e-2, atol=5e-2)
+        padding = runner.req_to_token_pool.req_to_token[runner.req_to_token_pool.padding_row]
+        assert padding.eq(0).all(), "padding rows leave their row all-zero"

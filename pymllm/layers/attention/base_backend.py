@@ -9,7 +9,7 @@ over each sequence's slots listed in ``req_to_token``. It never allocates or fre
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
@@ -53,3 +53,12 @@ class AttentionBackend(abc.ABC):
     # CUDA graph support (backends that can be captured override these).
     def supports_cuda_graph(self) -> bool:
         return False
+
+    def graph_metadata_kernels(
+        self, bs: int, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, shared_prefix: bool = False
+    ) -> Optional[Callable[[], None]]:
+        """For a decode graph of size ``bs`` on the static buffers ``req_pool_indices`` /
+        ``seq_lens``: the metadata kernels to capture inside the graph, after the graph's own
+        req_to_token writes (a callable, possibly doing nothing), or None when metadata built
+        before replay reads req_to_token, so the batch's writes must precede the replay."""
+        return None

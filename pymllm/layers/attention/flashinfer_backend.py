@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -159,6 +159,8 @@ class _GraphState:
     wrappers: Dict[int, Dict[int, object]] = field(default_factory=dict)  # bs -> window -> wrapper
     triton_splits: Dict[int, int] = field(default_factory=dict)  # bs -> splits, Triton-decoded graphs
     shared_prefix_splits: Dict[int, int] = field(default_factory=dict)  # bs -> splits, shared-prefix graphs
+    # FlashInfer-decoded sizes whose graphs gather their own kv_indices (graph_metadata_kernels).
+    kv_indices_in_graph: Set[int] = field(default_factory=set)
     # [max_bs * H_kv] int32 zeros (triton_decode.arrival_counters): the Triton decode kernel's
     # per-(sequence, KV head) arrival counters, allocated once so graphs replay on them; every
     # layer and graph shares them (one stream runs them in turn; each launch re-zeroes them).
@@ -320,6 +322,27 @@ class FlashInferAttnBackend(AttentionBackend):
             triton_counters=torch.zeros(max_bs * self.geometry.num_kv_heads, dtype=torch.int32, device=self.device),
         )
 
+    def graph_metadata_kernels(
+        self, bs: int, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, shared_prefix: bool = False
+    ) -> Optional[Callable[[], None]]:
+        """The Triton graphs read req_to_token inside the graph: nothing to add. FlashInfer's
+        decode reads kv_indices gathered from req_to_token, so its graphs gather them themselves
+        (after their req_to_token writes, from the kv_indptr plan() copies in before replay),
+        which takes a gather that needs no host-side total: mllm_kernel's."""
+        st = self._graph
+        if shared_prefix or bs in st.triton_splits:
+            return lambda: None
+        if not self.kv_ops.kv_indices_capturable:
+            return None
+        indptr = st.kv_indptr[: bs + 1]
+        total = st.kv_indices.numel()
+
+        def gather() -> None:
+            self.kv_ops.kv_indices(self.req_to_token, req_pool_indices, seq_lens, indptr, total, st.kv_indices)
+
+        st.kv_indices_in_graph.add(bs)
+        return gather
+
     def supports_shared_prefix_graphs(self) -> bool:
         """Whether graphs of rows that all extend one request (a short extend run as decode rows)
         can read the request's KV once for all rows (``triton_shared_prefix.shared_prefix_attention``)
@@ -404,9 +427,10 @@ class FlashInferAttnBackend(AttentionBackend):
         total = sum(seq_lens_cpu)
         wrappers = st.wrappers[bs]
         self._plan_decode(wrappers, indptr_host, st.kv_indices[:total], bs, seq_lens_host)
-        self.kv_ops.kv_indices(
-            self.req_to_token, req_pool_indices, seq_lens, st.kv_indptr[: bs + 1], total, st.kv_indices
-        )
+        if bs not in st.kv_indices_in_graph:
+            self.kv_ops.kv_indices(
+                self.req_to_token, req_pool_indices, seq_lens, st.kv_indptr[: bs + 1], total, st.kv_indices
+            )
         self.forward_metadata = _ForwardMetadata("decode", wrappers)
 
     # ---------------- attention ----------------

@@ -123,6 +123,12 @@ class KVCacheOps:
         self._store_cache(k, v, k_cache, v_cache, loc)
         return True
 
+    @property
+    def kv_indices_capturable(self) -> bool:
+        """Whether kv_indices can be captured in a CUDA graph: mllm_kernel's gather sizes itself
+        from kv_indptr on the device; the PyTorch fallback needs the total on the host."""
+        return self._create_kv_indices is not None
+
     def kv_indices(
         self,
         req_to_token: torch.Tensor,
