@@ -210,6 +210,7 @@ class CaseTimes:
     decode: List[float]
     prompt_len: int
     vit: Optional[float] = None  # ViT time within ``prefill`` (image requests only)
+    decode_graph: Optional[float] = None  # GPU time of the decode graph alone (CUDA graphs only)
 
 
 @contextlib.contextmanager
@@ -299,7 +300,9 @@ def run_case(
     if prof is not None:
         prof.stop()
         prof.export_chrome_trace(str(trace_path))
-    return CaseTimes(prefill, decode, prompt_len, sum(vit) if images is not None else None)
+    graphs = runner.cuda_graph_runner
+    graph_time = graphs.replay_seconds(bs) if graphs is not None and decode and graphs.fits(bs) else None
+    return CaseTimes(prefill, decode, prompt_len, sum(vit) if images is not None else None, graph_time)
 
 
 def git_commit() -> Optional[str]:
@@ -343,6 +346,9 @@ def make_row(
         "hbm_bandwidth_gbs": bandwidth / 1e9,
         "decode_floor_latency": floor,
         "decode_vs_floor": decode_median / floor if decode_median else None,
+        # The decode graph replayed back to back: the step's GPU time; the median step minus it
+        # is what the host adds (batch building, launch, sampling, their gaps).
+        "decode_graph_latency": times.decode_graph,
         "matmul_tflops": matmul_rate / 1e12,
         "prefill_tflops": flops / decoder_time / 1e12,
         "prefill_vs_matmul_rate": flops / decoder_time / matmul_rate,

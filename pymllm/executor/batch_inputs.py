@@ -182,6 +182,8 @@ class PackedLayout:
         self.host_only = frozenset(name for name, _, _ in host_only)
         self.device_words = self._place(fields, 0)
         self.total_words = self._place(host_only, self.device_words)
+        # (name, dtype, first, end) per segment, resolved once: views are taken every step.
+        self._ranges = [(name, s.dtype, s.start, s.start + s.capacity) for name, s in self.segments.items()]
 
     def _place(self, fields: Sequence[Tuple[str, int, type]], offset: int) -> int:
         for name, capacity, dtype in fields:
@@ -191,15 +193,15 @@ class PackedLayout:
 
     def numpy_views(self, words: np.ndarray) -> Dict[str, np.ndarray]:
         flat = {np.int64: words, np.int32: words.view(np.int32)}
-        return {name: flat[s.dtype][s.start : s.start + s.capacity] for name, s in self.segments.items()}
+        return {name: flat[dtype][first:end] for name, dtype, first, end in self._ranges}
 
     def torch_views(self, words: torch.Tensor, host_only: bool = False) -> Dict[str, torch.Tensor]:
         """Views of an int64 tensor holding this layout: the device segments, or (host_only)
         the host-only ones."""
         flat = {np.int64: words, np.int32: words.view(torch.int32)}
         return {
-            name: flat[s.dtype][s.start : s.start + s.capacity]
-            for name, s in self.segments.items()
+            name: flat[dtype][first:end]
+            for name, dtype, first, end in self._ranges
             if (name in self.host_only) == host_only
         }
 
@@ -239,8 +241,34 @@ def pack_eager(hb: HostBatch) -> Tuple[PackedLayout, np.ndarray]:
 
 
 def pack_graph(hb: HostBatch, layout: PackedLayout, padded_bs: int, padding_row: int, row_stride: int) -> np.ndarray:
-    """A decode batch padded to padded_bs, in graph_layout, with the host-only kv_indptr and
-    seq_lens (what FlashInfer's plan() reads).
+    """A decode batch padded to padded_bs in a new array: see ``GraphPacker``."""
+    words = np.zeros(layout.total_words, dtype=np.int64)
+    fill_graph_words(layout.numpy_views(words), hb, padded_bs, padding_row, row_stride)
+    return words
+
+
+class GraphPacker:
+    """pack_graph into one reused array: the packed words only live until the stager has
+    copied them into its pinned buffer, and a fresh array plus its views cost more host time
+    than the whole copy."""
+
+    def __init__(self, layout: PackedLayout, padding_row: int, row_stride: int):
+        self.words = np.zeros(layout.total_words, dtype=np.int64)
+        self._views = layout.numpy_views(self.words)
+        self.padding_row, self.row_stride = padding_row, row_stride
+
+    def pack(self, hb: HostBatch, padded_bs: int) -> np.ndarray:
+        """The batch's words, valid until the next pack."""
+        self.words.fill(0)
+        fill_graph_words(self._views, hb, padded_bs, self.padding_row, self.row_stride)
+        return self.words
+
+
+def fill_graph_words(
+    views: Dict[str, np.ndarray], hb: HostBatch, padded_bs: int, padding_row: int, row_stride: int
+) -> None:
+    """Write a decode batch padded to padded_bs into zeroed graph_layout views, with the
+    host-only kv_indptr and seq_lens (what FlashInfer's plan() reads).
 
     Padding sequences touch only reserved memory: they read the pool's all-zero padding row
     (one KV entry, slot 0) and write KV slot 0, which the allocator never hands out. Their
@@ -251,8 +279,6 @@ def pack_graph(hb: HostBatch, layout: PackedLayout, padded_bs: int, padding_row:
     bs = hb.batch_size
     if padded_bs < bs:
         raise ValueError(f"batch size {bs} exceeds the padded size {padded_bs}")
-    words = np.zeros(layout.total_words, dtype=np.int64)
-    views = layout.numpy_views(words)
     for name in _INT64_FIELDS + _INT32_FIELDS:
         values = getattr(hb, name)
         views[name][: len(values)] = values
@@ -265,7 +291,6 @@ def pack_graph(hb: HostBatch, layout: PackedLayout, padded_bs: int, padding_row:
     lens[:bs] = hb.seq_lens
     lens[bs:padded_bs] = 1
     np.cumsum(lens[:padded_bs], dtype=np.int32, out=views["kv_indptr"][1 : padded_bs + 1])
-    return words
 
 
 class InputStager:

@@ -31,6 +31,7 @@ import torch
 from pymllm.engine.forward_batch import ForwardBatch, ForwardMode
 from pymllm.layers.kernels.gemv_dispatch import GEMV_MAX_ROWS
 from pymllm.executor.batch_inputs import (
+    GraphPacker,
     HostBatch,
     PackedLayout,
     decode_host_batch,
@@ -180,11 +181,11 @@ class CudaGraphRunner:
         self.max_bs = graph_max_batch_size(model_runner.server)
         self.batch_sizes = capture_batch_sizes(self.max_bs)
         context_len = model_runner.req_to_token_pool.max_context_len
-        self.row_stride = context_len
         self._req_to_token_flat = model_runner.req_to_token_pool.req_to_token.view(-1)
         # Plain tensors (not inference tensors): replay updates them in place, and only plain
         # tensors may be updated both inside and outside torch.inference_mode().
         self.inputs = GraphInputs.allocate(self.max_bs, self.device, self.padding_row, context_len)
+        self._packer = GraphPacker(self.inputs.layout, self.padding_row, context_len)
         self.backend.init_cuda_graph_state(self.max_bs, self.max_bs * context_len)
         self._staged: Optional[StagedDecode] = None
         # (bs, shared_prefix) -> the backend's in-graph metadata kernels, or None when that graph's
@@ -326,8 +327,7 @@ class CudaGraphRunner:
         padded_bs = padded_batch_size(bs, self.batch_sizes)
         layout = self.inputs.layout
         stager = self.runner.stager
-        words = pack_graph(hb, layout, padded_bs, self.padding_row, self.row_stride)
-        host, _ = stager.upload(words, layout.device_words, dst=self.inputs.words)
+        host, _ = stager.upload(self._packer.pack(hb, padded_bs), layout.device_words, dst=self.inputs.words)
         if self._prologues.get((padded_bs, shared_prefix)) is None:
             self._write_req_to_token(bs)
         kv_indptr_host, seq_lens_host = self._host_views(host, padded_bs)
@@ -345,6 +345,8 @@ class CudaGraphRunner:
         key = (host.data_ptr(), padded_bs)
         views = self._host_slices.get(key)
         if views is None:
+            if len(self._host_slices) > 256:  # the CPU stager hands out a new array every time
+                self._host_slices.clear()
             full = self.inputs.layout.torch_views(host, host_only=True)
             views = self._host_slices[key] = (full["kv_indptr"][: padded_bs + 1], full["seq_lens_host"][:padded_bs])
         return views
@@ -386,6 +388,21 @@ class CudaGraphRunner:
             logits, ids = (self.shared_outputs if shared else self.outputs)[padded]
             out = self._output_slices[key] = (logits[: fb.batch_size], ids[: fb.batch_size])
         return out
+
+
+    def replay_seconds(self, bs: int, iters: int = 20) -> float:
+        """GPU time of one decode step of bs rows alone: the graph that serves bs, replayed back
+        to back on whatever its static buffers hold (replaying the last staged step rewrites the
+        same KV entries with the same values). A step's latency minus this is host time."""
+        graph = self.graphs[padded_batch_size(bs, self.batch_sizes)]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        graph.replay()
+        start.record()
+        for _ in range(iters):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / iters
 
 
 def build_cuda_graph_runner(model_runner: "ModelRunner") -> Optional[CudaGraphRunner]:

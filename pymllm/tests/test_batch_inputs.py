@@ -147,3 +147,15 @@ def test_mrope_deltas_travel_with_the_batch():
     assert layout.torch_views(torch.from_numpy(words))["mrope_position_deltas"].tolist() == [-3, 5]
     words = bi.pack_graph(hb, bi.graph_layout(4), 4, padding_row=9, row_stride=STRIDE)
     assert bi.graph_layout(4).torch_views(torch.from_numpy(words))["mrope_position_deltas"].tolist() == [-3, 5, 0, 0]
+
+
+def test_graph_packer_reuses_one_array_without_stale_rows():
+    layout = bi.graph_layout(8)
+    packer = bi.GraphPacker(layout, padding_row=9, row_stride=STRIDE)
+    big = bi.decode_host_batch([7, 8, 9, 10, 11], [4, 5, 6, 7, 8], [0, 1, 2, 3, 4], [31, 32, 33, 34, 35], STRIDE)
+    small = bi.decode_host_batch([7], [4], [0], [31], STRIDE)
+    first = packer.pack(big, 8)
+    assert np.array_equal(first, bi.pack_graph(big, layout, 8, 9, STRIDE))
+    again = packer.pack(small, 2)
+    assert again is first, "one array, rewritten"
+    assert np.array_equal(again, bi.pack_graph(small, layout, 2, 9, STRIDE))

@@ -19,7 +19,7 @@ from pymllm.testing.tiny_models import tiny_model_dir, tiny_vl_model_dir
 FIELDS = {
     "run_name", "batch_size", "input_len", "output_len", "prefill_latency", "prefill_throughput",
     "median_decode_latency", "median_decode_throughput", "total_latency", "overall_throughput",
-    "hbm_bandwidth_gbs", "decode_floor_latency", "decode_vs_floor", "matmul_tflops", "prefill_tflops",
+    "hbm_bandwidth_gbs", "decode_floor_latency", "decode_vs_floor", "decode_graph_latency", "matmul_tflops", "prefill_tflops",
     "prefill_vs_matmul_rate", "device", "dtype", "cuda_graph", "attention_backend", "commit", "command",
     "model", "architecture", "load_format", "timestamp",
 }
@@ -43,6 +43,7 @@ def test_sweep_writes_one_row_per_case(tmp_path, capsys):
         assert set(row) == FIELDS
         assert row["run_name"] == "cpu-sweep" and row["device"] == "cpu" and row["dtype"] == "float32"
         assert row["attention_backend"] == "torch_native" and row["cuda_graph"] is False
+        assert row["decode_graph_latency"] is None  # no graphs on the CPU
         assert row["architecture"] == "Qwen3ForCausalLM" and row["load_format"] == "auto"
         assert row["command"].startswith("python -m pymllm.bench_one_batch --server.model_path")
         assert 0 < row["median_decode_latency"] and 0 < row["prefill_latency"]
@@ -262,3 +263,21 @@ def test_model_cost_counts_what_a_decode_step_reads(tie):
     assert cost.decode_weight_bytes == (40 + 16) * 4
     assert cost.kv_bytes_per_token == 2 * 1 * (4 + 4) * 2
     assert cost.lm_head_macs == 40 and cost.linear_macs_per_token == 0
+
+
+@pytest.mark.gpu
+def test_gpu_rows_report_the_decode_graph_time(tmp_path):
+    """With CUDA graphs a row carries the decode graph's GPU time alone, which a whole step
+    (host work included) cannot undercut by much."""
+    pytest.importorskip("flashinfer")
+    out = tmp_path / "rows.jsonl"
+    argv = [
+        "--server.model_path", str(tiny_model_dir("qwen3", head_dim=128)), "--server.load_format", "dummy",
+        "--server.device", "cuda", "--server.dtype", "bfloat16", "--server.log_level", "warning",
+        "--run-name", "gpu", "--batch-size", "1", "3", "--input-len", "16", "--output-len", "8",
+        "--result-filename", str(out),
+    ]
+    assert bench.main(argv) == 0
+    for row in _rows(out):
+        assert row["cuda_graph"] is True
+        assert 0 < row["decode_graph_latency"] < 1.2 * row["median_decode_latency"]
