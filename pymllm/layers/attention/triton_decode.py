@@ -267,6 +267,9 @@ def decode_attention(
     out: Optional[torch.Tensor] = None,
     counters: Optional[torch.Tensor] = None,
     separate_merge: bool = False,
+    block: int = BLOCK_N,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """Attention of one query token per sequence over its KV slots.
 
@@ -280,6 +283,8 @@ def decode_attention(
     same one at every replay); None allocates zeros for this call, which costs a fill launch.
     Calls that may overlap (other streams) need buffers of their own. separate_merge: merge
     the splits in a second launch instead (the earlier form, for comparison; no counters).
+    block / num_warps / num_stages: KV tokens per inner step and the launch's warps and
+    pipeline stages (scripts/tune_triton_decode.py sweeps them).
     """
     op = "decode_attention"
     batch, num_q_heads, head_dim = q.shape
@@ -298,8 +303,8 @@ def decode_attention(
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), req_to_token.stride(0),
         out.stride(0), out.stride(1), sm_scale, window_left,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        NUM_SPLITS=num_splits, BLOCK=BLOCK_N, FUSED_MERGE=fused, MERGE_ROWS=triton.next_power_of_2(group),
-        num_warps=4, num_stages=2,
+        NUM_SPLITS=num_splits, BLOCK=block, FUSED_MERGE=fused, MERGE_ROWS=triton.next_power_of_2(group),
+        num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1 and not fused:
         _merge_kernel[(batch, num_q_heads)](
