@@ -109,8 +109,11 @@ def test_num_splits_rule() -> None:
     from pymllm.layers.attention.triton_decode import num_splits_for
 
     assert num_splits_for(1, 8, 132) == 32  # one sequence: spread it over the SMs
-    assert num_splits_for(64, 8, 132) == 1  # enough programs already
-    assert num_splits_for(4, 8, 16) == 1
+    assert num_splits_for(64, 8, 132) == 1  # one full wave already
+    assert num_splits_for(128, 8, 132) == 1  # two full waves: splitting gains nothing
+    assert num_splits_for(96, 8, 132) == 2  # 1.45 waves unsplit; 2.9 waves of half the work
+    assert num_splits_for(32, 8, 132) == 2 and num_splits_for(16, 8, 132) == 4  # as measured best
+    assert num_splits_for(4, 8, 16) == 2
     for bs in range(1, 300):
         s = num_splits_for(bs, 8, 132)
         assert s & (s - 1) == 0 and 1 <= s <= 32

@@ -58,8 +58,11 @@ if TYPE_CHECKING:
     from torch import nn
 
 # Graph batches up to this size decode with the Triton split-KV kernel, which reads lengths and
-# the page table on the device; larger ones use FlashInfer (see graph_decode_kernel).
-TRITON_GRAPH_DECODE_MAX_BS = 16
+# the page table on the device; larger ones use FlashInfer (see graph_decode_kernel). 128 is the
+# largest batch measured (scripts/tune_triton_decode.py): there, as at every size from 16 on, the
+# Triton kernel was faster than FlashInfer's decode (bs 64, 1k tokens, Qwen3-8B heads: 66.6 vs
+# 77.8 us per layer on an H200), before counting FlashInfer's plan() (0.1-0.4 ms of host time).
+TRITON_GRAPH_DECODE_MAX_BS = 128
 WORKSPACE_BYTES = 256 << 20  # FlashInfer's split-kv scratch; 128 MB is its documented minimum
 CUDA_CORE_DECODE_GROUP_SIZES = (1, 2, 3, 4, 8)
 TENSOR_CORE_MIN_GROUP_SIZE = 4

@@ -21,7 +21,6 @@ import triton
 import triton.language as tl
 
 from pymllm.layers.attention.triton_decode import (
-    BLOCK_N,
     _merge_kernel,
     arrival_counters_for,
     check_attention_args,
@@ -29,6 +28,7 @@ from pymllm.layers.attention.triton_decode import (
 )
 
 MAX_SHARED_PREFIX_ROWS = 64  # rows (new tokens) per call
+BLOCK_N = 32  # KV tokens per inner step (its tiles score many rows at once: registers, not loads, bound it)
 _SP_CHUNK = 128  # most query rows (tokens x heads of one KV head) in one tl.dot tile
 _SP_MAX_SPLITS = 64
 # 8 warps for every tile size. Compiled for sm_90 (Triton 3.9, bf16, D=128; ptxas's count from
