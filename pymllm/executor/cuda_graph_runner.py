@@ -285,8 +285,10 @@ class CudaGraphRunner:
         if prologue is not None:
             self._write_req_to_token(bs)
             prologue()
-        logits = self.model(fb.input_ids, fb.positions, fb).float()
-        return logits, torch.argmax(logits, dim=-1)
+        raw = self.model(fb.input_ids, fb.positions, fb)
+        # The argmax of the model-dtype logits is that of their exact float32 copy (first index
+        # on ties in both) and reads half the bytes.
+        return raw.float(), torch.argmax(raw, dim=-1)
 
     def _capture_one(self, bs: int, shared_prefix: bool = False) -> None:
         self.prepare_capture(bs, shared_prefix)
