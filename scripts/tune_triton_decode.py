@@ -6,7 +6,8 @@ sizes where the graph runner chooses between it and FlashInfer's decode.
 Each case times, like scripts/bench_decode_attention.py, a graph of 20 calls on 20 layers' K/V
 buffers (so K/V come from DRAM), for every setting, next to FlashInfer's tensor-core and CUDA-core
 decode and the host time of FlashInfer's plan(), which a FlashInfer graph replay needs first and
-the Triton kernel does not. Prints the best Triton setting per case and the current default's time.
+the Triton kernel does not. Prints the best Triton setting per case and the time of the current defaults (launch_settings,
+num_splits_for).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def time_setting(q, kv, req_to_token, req_idx, seq_lens, splits, block, warps, s
 
 
 def main() -> None:
-    from pymllm.layers.attention.triton_decode import num_splits_for
+    from pymllm.layers.attention.triton_decode import NUM_WARPS, launch_settings, num_splits_for
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--heads", default="32/8", help="query/KV heads")
@@ -59,7 +60,8 @@ def main() -> None:
         torch.cuda.empty_cache()
         tc, plan_tc = time_flashinfer(num_qo, num_kv, bs, kv_len, True)
         cc, plan_cc = time_flashinfer(num_qo, num_kv, bs, kv_len, False)
-        default = (num_splits_for(bs, num_kv, sms), 32, 4, 2)
+        block, stages = launch_settings(bs)
+        default = (num_splits_for(bs, num_kv, sms), block, NUM_WARPS, stages)
         best = min(times, key=times.get)
         kv_bytes = bs * kv_len * num_kv * HEAD_DIM * 2 * 2
         row = dict(bench="tune_triton_decode", num_qo_heads=num_qo, num_kv_heads=num_kv, batch_size=bs, kv_len=kv_len,

@@ -195,9 +195,11 @@ class ModelRunner:
             fb.extend_prefix_lens = v["extend_prefix_lens"]
         return fb, v["kv_write_index"], v["kv_write_loc"]
 
-    @torch.inference_mode()
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
-        """Logits of each sequence's last new token, float32 [bs, vocab]."""
+        """Logits of each sequence's last new token, float32 [bs, vocab].
+
+        A graph replay needs no inference mode (entering it costs microseconds per step); the
+        eager forward runs in it."""
         self._graph_argmax = None
         if (
             self.cuda_graph_runner is not None
@@ -215,6 +217,10 @@ class ModelRunner:
                 logits, ids = logits[picked], ids[picked]
             self._graph_argmax = (logits, ids)
             return logits
+        return self._forward_eager(fb)
+
+    @torch.inference_mode()
+    def _forward_eager(self, fb: ForwardBatch) -> torch.Tensor:
         self.attn_backend.init_forward_metadata(fb)
         return self.model(fb.input_ids, fb.positions, fb).float()
 
@@ -225,15 +231,18 @@ class ModelRunner:
             return graph[1]
         return torch.argmax(logits, dim=-1)
 
-    @torch.inference_mode()
     def sample(self, logits: torch.Tensor, batch: ScheduledBatch) -> BatchResult:
         reqs = batch.reqs
         params = [r.sampling_params for r in reqs]
         if is_plain_greedy(params):
             # The Sampler would take the same argmax; skipping it skips building and copying
-            # the per-request tensors.
+            # the per-request tensors (and inference mode: an argmax records no autograd state).
             next_ids = self._argmax(logits).tolist()
             return BatchResult(next_token_ids=next_ids, logprobs=[None] * len(reqs))
+        return self._sample_with_sampler(logits, reqs, params)
+
+    @torch.inference_mode()
+    def _sample_with_sampler(self, logits: torch.Tensor, reqs: List[Req], params: List[SamplingParams]) -> BatchResult:
         need_history = any(
             p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params
         )

@@ -119,6 +119,13 @@ def test_num_splits_rule() -> None:
         assert s & (s - 1) == 0 and 1 <= s <= 32
 
 
+def test_launch_settings_rule() -> None:
+    from pymllm.layers.attention import triton_decode as td
+
+    assert td.launch_settings(1) == td.launch_settings(td.SMALL_BATCH) == (32, 2)
+    assert td.launch_settings(td.SMALL_BATCH + 1) == td.launch_settings(128) == (td.BLOCK_N, td.NUM_STAGES) == (64, 3)
+
+
 def test_rejects_unsupported_shapes() -> None:
     from pymllm.layers.attention.triton_decode import decode_attention
 

@@ -46,14 +46,25 @@ import triton.language as tl
 # Launch settings from scripts/tune_triton_decode.py (H200, Qwen3-8B heads, bs 16-128, KV
 # 1k-4k tokens; docs/perf/tune_triton_decode_h200.jsonl): 64-token KV blocks in a 3-stage
 # pipeline, 4 warps, were best or within a few percent of the best everywhere, 15-40 % faster
-# than the earlier 32-token blocks, 2 stages, and faster than FlashInfer's decode.
+# than the earlier 32-token blocks in 2 stages, and faster than FlashInfer's decode. Up to
+# SMALL_BATCH rows the earlier settings stay (decode_attention_h200.jsonl, both head layouts):
+# ~0.4 us faster per layer over 128-1024 tokens, ~1 us slower at 2048.
 BLOCK_N = 64  # KV tokens per inner step
 NUM_STAGES = 3
 NUM_WARPS = 4
+SMALL_BATCH = 4
+SMALL_BATCH_BLOCK_N, SMALL_BATCH_NUM_STAGES = 32, 2
 _MAX_SPLITS = 32
 # Programs of these settings resident on one SM at a time (registers and shared memory allow
 # about four): the unit of the wave model in num_splits_for.
 PROGRAMS_PER_SM = 4
+
+
+def launch_settings(batch_size: int) -> Tuple[int, int]:
+    """(KV tokens per inner step, pipeline stages) for a launch of ``batch_size`` rows."""
+    if batch_size <= SMALL_BATCH:
+        return SMALL_BATCH_BLOCK_N, SMALL_BATCH_NUM_STAGES
+    return BLOCK_N, NUM_STAGES
 
 
 def num_splits_for(batch_size: int, num_kv_heads: int, num_sms: int) -> int:
@@ -290,9 +301,9 @@ def decode_attention(
     out: Optional[torch.Tensor] = None,
     counters: Optional[torch.Tensor] = None,
     separate_merge: bool = False,
-    block: int = BLOCK_N,
+    block: Optional[int] = None,
     num_warps: int = NUM_WARPS,
-    num_stages: int = NUM_STAGES,
+    num_stages: Optional[int] = None,
 ) -> torch.Tensor:
     """Attention of one query token per sequence over its KV slots.
 
@@ -307,7 +318,8 @@ def decode_attention(
     Calls that may overlap (other streams) need buffers of their own. separate_merge: merge
     the splits in a second launch instead (the earlier form, for comparison; no counters).
     block / num_warps / num_stages: KV tokens per inner step and the launch's warps and
-    pipeline stages (scripts/tune_triton_decode.py sweeps them).
+    pipeline stages (scripts/tune_triton_decode.py sweeps them); block and stages default to
+    ``launch_settings(B)``.
     """
     op = "decode_attention"
     batch, num_q_heads, head_dim = q.shape
@@ -318,6 +330,9 @@ def decode_attention(
         raise ValueError(f"{op}: out must be {tuple(q.shape)} and dense in its last dim")
     if batch == 0:
         return out
+    default_block, default_stages = launch_settings(batch)
+    block = block or default_block
+    num_stages = num_stages or default_stages
     fused = num_splits > 1 and not separate_merge
     o_part, lse_part = split_scratch(q, num_splits, out)
     counters = arrival_counters_for(op, fused, counters, batch, num_kv_heads, out)
