@@ -29,9 +29,15 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def per_token_quant_int8_reference(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """PyTorch version: (q int8 [M, K], scale float32 [M, 1]) for x [M, K]."""
+    """PyTorch version: (q int8 [M, K], scale float32 [M, 1]) for x [M, K].
+
+    Both divisions are correctly rounded (IEEE), as in the Triton kernel and mllm_kernel's
+    gemv_w8a8_dynamic, so all three agree bit for bit. (On CUDA, PyTorch turns a division by a
+    Python scalar into a multiplication by its reciprocal, one ulp off in many rows: the divisor
+    is therefore a tensor.)"""
     x32 = x.float()
-    scale = x32.abs().amax(dim=-1, keepdim=True).clamp_min(_MIN_ABSMAX) / _HALF_RANGE
+    amax = x32.abs().amax(dim=-1, keepdim=True).clamp_min(_MIN_ABSMAX)
+    scale = amax / torch.full_like(amax, _HALF_RANGE)
     rounded = torch.round(x32 / scale).clamp_(-128, 127)
     return rounded.to(torch.int8), scale
 
@@ -48,13 +54,14 @@ if triton is not None:
             offs = k0 + tl.arange(0, BLOCK)
             x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
             running = tl.maximum(running, tl.abs(x))
-        scale = tl.maximum(tl.max(running, axis=0), 1e-10) / 127.5
+        # div_rn: correctly rounded, as the reference (Triton's "/" is the approximate division).
+        scale = tl.math.div_rn(tl.maximum(tl.max(running, axis=0), 1e-10), 127.5)
         tl.store(scale_ptr + row, scale)
         # Second pass re-reads the row from L2; rows up to BLOCK wide are read from DRAM once.
         for k0 in range(0, K, BLOCK):
             offs = k0 + tl.arange(0, BLOCK)
             mask = offs < K
-            scaled = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32) / scale
+            scaled = tl.math.div_rn(tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32), scale)
             # Adding and subtracting 1.5 * 2**23 rounds |v| < 2**22 to the nearest integer with
             # ties to even (the FPU's own rounding, as torch.round), without a libdevice call.
             rounded = (scaled + 12582912.0) - 12582912.0
