@@ -181,7 +181,7 @@ stage bench-0.6b-eager 80 "$BENCH_LOG" bash -c 'bench "$@"' _ qwen3-0.6b-eager q
 stage bench-8b-bs1 120 "$BENCH_LOG" bash -c 'bench "$@"' _ qwen3-8b-bs1 qwen3-8b \
   --batch-size 1 --input-len 1024 2048 --output-len 128
 stage bench-8b-bs64 120 "$BENCH_LOG" bash -c 'bench "$@"' _ qwen3-8b-bs64 qwen3-8b \
-  --batch-size 64 --input-len 1024 --output-len 8 --server.max_total_tokens 66560
+  --batch-size 64 --input-len 1024 --output-len 32 --server.max_total_tokens 68000
 stage bench-vl-8b-image 120 "$BENCH_LOG" bash -c 'bench_vl "$@"' _ \
   --batch-size 1 --input-len 256 --output-len 32
 cat "$BENCH_LOG" >>"$LOG" 2>/dev/null
