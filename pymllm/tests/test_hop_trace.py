@@ -11,15 +11,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 TRACE_DIR = ROOT / "scripts" / "hop_trace"
 
+# The sockets are closed and the context terminated explicitly: left to interpreter shutdown,
+# the context can be terminated while a socket is still open, and then it waits forever. A
+# receive timeout turns a lost message into a failure instead of a hang.
 _CHILD = """
 from pymllm.engine.io_struct import AbortReq
 from pymllm.orchestrator.ipc import Endpoints, pull, push
 import zmq
 ends = Endpoints.create()
-ctx = zmq.Context.instance()
+ctx = zmq.Context()
 inbox = pull(ctx, ends.scheduler_in)
-push(ctx, ends.scheduler_in).send(AbortReq("rid-1234"))
-assert inbox.recv() == AbortReq("rid-1234")
+inbox.socket.setsockopt(zmq.RCVTIMEO, 20000)
+outbox = push(ctx, ends.scheduler_in)
+outbox.send(AbortReq("rid-1234"))
+got = inbox.recv()
+outbox.close()
+inbox.close()
+ctx.term()
+assert got == AbortReq("rid-1234"), got
 """
 
 
