@@ -198,7 +198,10 @@ def test_split_plan():
         # gate_up's 384 tiles need few.
         assert plan(m, 4096, 4096, 132) > 1
         assert plan(m, 4096, 12288, 132) > 1
-        assert plan(m, 24576, 4096, 132) <= 2
+        assert plan(m, 24576, 4096, 132) == 1
+        # Split blocks stay within one wave of resident blocks (132 SMs x BLOCKS_PER_SM).
+        for n, k in [(6144, 4096), (4096, 4096), (4096, 12288)]:
+            assert -(-n // module.TILE_N) * plan(m, n, k, 132) <= 132 * module.BLOCKS_PER_SM
         # Tiny problems and tiny GPUs do not split.
         assert plan(m, 36, 96, 132) == 1
         assert plan(m, 4096, 4096, 1) == 1

@@ -119,9 +119,10 @@ def plan_splits(m: int, n: int, k: int, sm_count: int, blocks_per_sm: int = BLOC
     Time ~ (blocks on the busiest SM) x (batches per block) / (the fraction of its share of HBM
     bandwidth the SM can pull, saturating at ~16 resident warps: 16 x 2 KiB of weight loads in
     flight cover HBM latency at the per-SM share) + a per-block overhead + (when split) a fixed
-    cost for the partial round trip and the last block's reduction. The constants are estimates;
+    cost for the partial round trip and the last block's reduction, among the split counts whose
+    blocks fit in one wave (SMs x blocks_per_sm). The constants are estimates;
     ``bench_w4a16_gemv.py --sweep`` measures the alternatives. Few column tiles (N = 4096: 64)
-    need splits to occupy the GPU, many (N = 24576: 384) hardly any.
+    need splits to occupy the GPU, many (N = 24576: 384) none.
     """
     n_tiles = math.ceil(n / TILE_N)
     batches = math.ceil(k / 8 / BATCH_ROWS)
@@ -133,6 +134,11 @@ def plan_splits(m: int, n: int, k: int, sm_count: int, blocks_per_sm: int = BLOC
         if splits > 1 and (n_tiles > MAX_TILES or n_tiles * splits * m * TILE_N > WORKSPACE_FLOATS):
             break
         blocks = n_tiles * splits
+        if splits > 1 and blocks > sm_count * blocks_per_sm:
+            # Past one wave of resident blocks the last wave runs nearly empty: measured on an
+            # H200 (w4a16_gemv_h200.jsonl, kind "sweep"), gate_up's 384 tiles take 19.5 us
+            # unsplit against 22.5 us in 768 blocks, qkv 8.5 us in 384 blocks against 9.9 us in 768.
+            break
         per_sm = math.ceil(blocks / sm_count)
         busy_warps = min(per_sm, blocks_per_sm) * min(WARPS, chunk)
         rate = min(1.0, busy_warps / 16)
