@@ -122,6 +122,23 @@ def check_attention_args(op: str, q: torch.Tensor, k_buf: torch.Tensor, v_buf: t
     return num_kv_heads, group
 
 
+def output_for(op: str, q: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """``out`` checked against q [rows, Hq, D] (dense in D), or a new one like q."""
+    if out is None:
+        return torch.empty_like(q)
+    if out.shape != q.shape or out.stride(2) != 1:
+        raise ValueError(f"{op}: out must be {tuple(q.shape)} and dense in its last dim")
+    return out
+
+
+def merge_splits(o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor, num_splits: int) -> None:
+    """The separate merge launch (``separate_merge=True``): out[r, h] from the split partials."""
+    rows, num_q_heads, head_dim = out.shape
+    _merge_kernel[(rows, num_q_heads)](
+        o_part, lse_part, out, out.stride(0), out.stride(1), HEAD_DIM=head_dim, NUM_SPLITS=num_splits, num_warps=4,
+    )
+
+
 def split_scratch(q: torch.Tensor, num_splits: int, out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Float32 partial outputs and log-sum-exps, one per (query row, head, split); with one split
     the kernels write ``out`` directly and these are placeholders. Allocated per call: inside a
@@ -322,12 +339,9 @@ def decode_attention(
     ``launch_settings(B)``.
     """
     op = "decode_attention"
-    batch, num_q_heads, head_dim = q.shape
+    batch, _, head_dim = q.shape
     num_kv_heads, group = check_attention_args(op, q, k_buf, v_buf, num_splits)
-    if out is None:
-        out = torch.empty_like(q)
-    if out.shape != q.shape or out.stride(2) != 1:
-        raise ValueError(f"{op}: out must be {tuple(q.shape)} and dense in its last dim")
+    out = output_for(op, q, out)
     if batch == 0:
         return out
     default_block, default_stages = launch_settings(batch)
@@ -345,8 +359,5 @@ def decode_attention(
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1 and not fused:
-        _merge_kernel[(batch, num_q_heads)](
-            o_part, lse_part, out, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, num_warps=4,
-        )
+        merge_splits(o_part, lse_part, out, num_splits)
     return out

@@ -21,9 +21,10 @@ import triton
 import triton.language as tl
 
 from pymllm.layers.attention.triton_decode import (
-    _merge_kernel,
     arrival_counters_for,
     check_attention_args,
+    merge_splits,
+    output_for,
     split_scratch,
 )
 
@@ -239,7 +240,7 @@ def shared_prefix_attention(
     (32 tokens x 4 heads for Qwen3-8B) on tensor cores; a larger row slice (64 tokens x 4
     heads with row_programs=1) is processed as consecutive 128-row chunks, each walking the K/V
     slice again (from L1/L2), so registers stay bounded. K/V blocks are BLOCK_N = 32 tokens
-    (scores [128, 32] fp32), as in ``decode_attention``; 8 warps throughout (see _SP_WARPS).
+    (scores [128, 32] fp32); 8 warps throughout (see _SP_WARPS).
 
     With num_splits > 1 the last-arriving program of each (KV head, row slice) merges that
     slice's partials in-kernel ("last block merges"; ``counters``: int32 zeros, at least
@@ -252,7 +253,7 @@ def shared_prefix_attention(
     """
     op = "shared_prefix_attention"
     num_kv_heads, group = check_attention_args(op, q, k_buf, v_buf, num_splits)
-    rows, num_q_heads, head_dim = q.shape
+    rows, _, head_dim = q.shape
     if row_programs < 1 or row_programs & (row_programs - 1):
         raise ValueError(f"{op}: row_programs must be a power of two, got {row_programs}")
     if rows > MAX_SHARED_PREFIX_ROWS:
@@ -260,10 +261,7 @@ def shared_prefix_attention(
     for name, vec in (("req_pool_indices", req_pool_indices), ("seq_lens", seq_lens)):
         if vec.dim() != 1 or vec.numel() < rows or (rows > 1 and vec.stride(0) != 1):
             raise ValueError(f"{op}: {name} must be a dense vector of >= {rows} elements, got {tuple(vec.shape)}")
-    if out is None:
-        out = torch.empty_like(q)
-    if out.shape != q.shape or out.stride(2) != 1:
-        raise ValueError(f"{op}: out must be {tuple(q.shape)} and dense in its last dim")
+    out = output_for(op, q, out)
     if rows == 0:
         return out
     fused = num_splits > 1 and not separate_merge
@@ -286,8 +284,5 @@ def shared_prefix_attention(
         MERGE_ROWS=merge_rows, MERGE_UNROLL=min(4, num_splits), num_warps=_SP_WARPS, num_stages=2,
     )
     if num_splits > 1 and not fused:
-        _merge_kernel[(rows, num_q_heads)](
-            o_part, lse_part, out, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, num_warps=4,
-        )
+        merge_splits(o_part, lse_part, out, num_splits)
     return out

@@ -125,6 +125,19 @@ def _norm_inputs_ok(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weig
     )
 
 
+def _normed(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm(x [+ residual]) by the separate kernels (what a fused prologue is measured against)."""
+    from pymllm.layers.fused_ops import fused_add_rms_norm, rms_norm
+
+    return rms_norm(x, norm_weight, eps) if residual is None else fused_add_rms_norm(x, residual, norm_weight, eps)[0]
+
+
+def _with_residual(x: torch.Tensor, fused_out: Tuple[torch.Tensor, Optional[torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A fused RMSNorm GEMV's (y, x + residual), where x itself is the residual when there was none."""
+    y, residual_out = fused_out
+    return y, (x if residual_out is None else residual_out)
+
+
 def dense_rmsnorm_linear(
     x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor, eps: float,
     weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -141,17 +154,10 @@ def dense_rmsnorm_linear(
         return None
     from mllm_kernel.cuda.jit.gemv_kernels import gemv, rmsnorm_gemv
 
-    from pymllm.layers.fused_ops import fused_add_rms_norm, rms_norm
-
-    def separate(w):
-        hidden = rms_norm(x, norm_weight, eps) if residual is None else fused_add_rms_norm(x, residual, norm_weight, eps)[0]
-        return gemv(hidden, w, bias)
-
-    if not _fused_wins("rmsnorm", "dense", x, weight,
-                       lambda w: rmsnorm_gemv(x, residual, norm_weight, eps, w, bias), separate):
+    if not _fused_wins("rmsnorm", "dense", x, weight, lambda w: rmsnorm_gemv(x, residual, norm_weight, eps, w, bias),
+                       lambda w: gemv(_normed(x, residual, norm_weight, eps), w, bias)):
         return None
-    y, residual_out = rmsnorm_gemv(x, residual, norm_weight, eps, weight, bias)
-    return y, (x if residual_out is None else residual_out)
+    return _with_residual(x, rmsnorm_gemv(x, residual, norm_weight, eps, weight, bias))
 
 
 def dense_silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -195,7 +201,7 @@ def w8a8_fused_linear(
         return None
     from mllm_kernel.cuda.jit.gemv_kernels import gemv_w8a8, gemv_w8a8_dynamic
 
-    from pymllm.layers.fused_ops import fused_add_rms_norm, rms_norm, silu_and_mul
+    from pymllm.layers.fused_ops import silu_and_mul
     from pymllm.quantization.kernels.int8_activation_triton import per_token_quant_int8
 
     norm_args = {"residual": residual, "norm_weight": norm_weight, "eps": eps} if prologue == "rmsnorm" else {}
@@ -205,15 +211,12 @@ def w8a8_fused_linear(
 
     def separate(w):
         if prologue == "rmsnorm":
-            a = rms_norm(x, norm_weight, eps) if residual is None else fused_add_rms_norm(x, residual, norm_weight, eps)[0]
+            a = _normed(x, residual, norm_weight, eps)
         else:
             a = silu_and_mul(x) if prologue == "silu_mul" else x
         return gemv_w8a8(*per_token_quant_int8(a), w, w_scale, x.dtype, bias)
 
     if not _fused_wins(prologue, "w8a8", x, weight_nk, fused, separate):
         return None
-    if prologue != "rmsnorm":
-        return fused(weight_nk)
-    y, residual_out = fused(weight_nk)
-    return y, (x if residual_out is None else residual_out)
+    return _with_residual(x, fused(weight_nk)) if prologue == "rmsnorm" else fused(weight_nk)
 
