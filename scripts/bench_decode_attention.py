@@ -65,22 +65,32 @@ def time_flashinfer(num_qo, num_kv, bs, kv_len, tensor_cores):
     return kernel, host
 
 
+def page_table(bs, kv_len, device):
+    """(req_to_token, req_pool_indices, seq_lens): sequence i owns slots [i * kv_len + 1, ...)."""
+    req_to_token = (torch.arange(bs * kv_len, dtype=torch.int32, device=device) + 1).view(bs, kv_len)
+    return req_to_token, torch.arange(bs, device=device), torch.full((bs,), kv_len, dtype=torch.int32, device=device)
+
+
+def time_triton_calls(q, kv, table, splits, **launch) -> float:
+    """Microseconds per decode_attention call over the layers' K/V in a graph; ``launch``:
+    decode_attention's keyword settings (separate_merge, block, num_warps, num_stages)."""
+    from pymllm.layers.attention.triton_decode import arrival_counters, decode_attention
+
+    out = torch.empty_like(q)
+    counters = arrival_counters(q.shape[0], kv[0][0].shape[1], q.device)
+    return _graph_time_us([
+        lambda k=k, v=v: decode_attention(q, k, v, *table, HEAD_DIM**-0.5, splits, out=out, counters=counters, **launch)
+        for k, v in kv
+    ])
+
+
 def time_triton(num_qo, num_kv, bs, kv_len, separate_merge=False):
-    from pymllm.layers.attention.triton_decode import arrival_counters, decode_attention, num_splits_for
+    from pymllm.layers.attention.triton_decode import num_splits_for
 
     device = torch.device("cuda")
     q, kv = _buffers(num_qo, num_kv, bs, kv_len, device)
-    req_to_token = (torch.arange(bs * kv_len, dtype=torch.int32, device=device) + 1).view(bs, kv_len)
-    req_idx = torch.arange(bs, device=device)
-    seq_lens = torch.full((bs,), kv_len, device=device)
     splits = num_splits_for(bs, num_kv, torch.cuda.get_device_properties(0).multi_processor_count)
-    out = torch.empty_like(q)
-    counters = arrival_counters(bs, num_kv, device)
-    return _graph_time_us([
-        lambda k=k, v=v: decode_attention(q, k, v, req_to_token, req_idx, seq_lens, HEAD_DIM**-0.5, splits, out=out,
-                                          counters=counters, separate_merge=separate_merge)
-        for k, v in kv
-    ])
+    return time_triton_calls(q, kv, page_table(bs, kv_len, device), splits, separate_merge=separate_merge)
 
 
 def main() -> None:

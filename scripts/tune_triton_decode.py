@@ -6,8 +6,8 @@ sizes where the graph runner chooses between it and FlashInfer's decode.
 Each case times, like scripts/bench_decode_attention.py, a graph of 20 calls on 20 layers' K/V
 buffers (so K/V come from DRAM), for every setting, next to FlashInfer's tensor-core and CUDA-core
 decode and the host time of FlashInfer's plan(), which a FlashInfer graph replay needs first and
-the Triton kernel does not. Prints the best Triton setting per case and the time of the current defaults (launch_settings,
-num_splits_for).
+the Triton kernel does not. Prints the best Triton setting per case and the time of the current
+defaults (launch_settings, num_splits_for).
 """
 
 from __future__ import annotations
@@ -18,19 +18,7 @@ import json
 
 import torch
 
-from scripts.bench_decode_attention import HEAD_DIM, _buffers, _graph_time_us, time_flashinfer
-
-
-def time_setting(q, kv, req_to_token, req_idx, seq_lens, splits, block, warps, stages) -> float:
-    from pymllm.layers.attention.triton_decode import arrival_counters, decode_attention
-
-    out = torch.empty_like(q)
-    counters = arrival_counters(q.shape[0], kv[0][0].shape[1], q.device)
-    return _graph_time_us([
-        lambda k=k, v=v: decode_attention(q, k, v, req_to_token, req_idx, seq_lens, HEAD_DIM**-0.5, splits, out=out,
-                                          counters=counters, block=block, num_warps=warps, num_stages=stages)
-        for k, v in kv
-    ])
+from scripts.bench_decode_attention import HEAD_DIM, _buffers, page_table, time_flashinfer, time_triton_calls
 
 
 def main() -> None:
@@ -52,10 +40,9 @@ def main() -> None:
         if bs * kv_len * num_kv * HEAD_DIM * 4 * 20 > 60 << 30:
             continue
         q, kv = _buffers(num_qo, num_kv, bs, kv_len, device)
-        req_to_token = (torch.arange(bs * kv_len, dtype=torch.int32, device=device) + 1).view(bs, kv_len)
-        req_idx = torch.arange(bs, device=device)
-        seq_lens = torch.full((bs,), kv_len, dtype=torch.int32, device=device)
-        times = {s: time_setting(q, kv, req_to_token, req_idx, seq_lens, *s) for s in settings}
+        table = page_table(bs, kv_len, device)
+        times = {(sp, bl, w, st): time_triton_calls(q, kv, table, sp, block=bl, num_warps=w, num_stages=st)
+                 for sp, bl, w, st in settings}
         del q, kv
         torch.cuda.empty_cache()
         tc, plan_tc = time_flashinfer(num_qo, num_kv, bs, kv_len, True)
