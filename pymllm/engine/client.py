@@ -4,8 +4,9 @@ Sends requests to the tokenizer process and routes the detokenizer's outputs to 
 asyncio queues. Requests that arrive as token ids need no tokenizer: given a ``request_tokenizer``
 (the tokenizer process's validation, run here), they go straight to the scheduler, which saves a
 process hop and the tokenizer's turn (~0.5-0.8 ms of every such request's time to first token);
-their aborts follow the same way, so an abort never overtakes its request. A daemon thread blocks on the inbound socket, so it works from any event loop
-(the HTTP server's or the offline Engine's) without polling.
+their aborts follow the same way, so an abort never overtakes its request. A daemon thread
+blocks on the inbound socket, so it works from any event loop (the HTTP server's or the offline
+Engine's) without polling.
 """
 
 from __future__ import annotations

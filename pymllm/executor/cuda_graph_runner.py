@@ -161,7 +161,6 @@ class StagedDecode:
     batch: ForwardBatch
     padded_bs: int
     upload: int  # the stager's upload count right after staging it
-    seq_lens_cpu: List[int]  # padded
     kv_indptr_host: torch.Tensor  # [padded_bs + 1] int32, pinned on CUDA
     seq_lens_host: torch.Tensor  # [padded_bs] int32, pinned on CUDA
     shared_prefix: bool = False  # replays the graph whose rows all extend one request
@@ -333,11 +332,9 @@ class CudaGraphRunner:
         if self._prologues.get((padded_bs, shared_prefix)) is None:
             self._write_req_to_token(bs)
         kv_indptr_host, seq_lens_host = self._host_views(host, padded_bs)
-        seq_lens_cpu = hb.seq_lens.tolist()
-        fb = self._static_batch(bs, seq_lens_cpu, with_mrope=hb.mrope_position_deltas is not None)
+        fb = self._static_batch(bs, hb.seq_lens.tolist(), with_mrope=hb.mrope_position_deltas is not None)
         self._staged = StagedDecode(
             batch=fb, padded_bs=padded_bs, upload=stager.uploads,
-            seq_lens_cpu=padded_seq_lens_cpu(seq_lens_cpu, padded_bs),
             kv_indptr_host=kv_indptr_host, seq_lens_host=seq_lens_host, shared_prefix=shared_prefix,
         )
         return fb
@@ -355,14 +352,17 @@ class CudaGraphRunner:
 
     def prepare_replay(self, fb: ForwardBatch) -> int:
         """Load a decode batch into the static buffers and metadata; returns the padded size."""
-        staged = self._staged
-        if self._is_staged(fb):
-            padded = staged.padded_bs
+        return self._prepare(fb, self._is_staged(fb))
+
+    def _prepare(self, fb: ForwardBatch, staged: bool) -> int:
+        if staged:
+            staged_batch = self._staged
+            padded = staged_batch.padded_bs
             v = self._sliced(padded)
-            extra = {"shared_prefix": True} if staged.shared_prefix else {}
+            extra = {"shared_prefix": True} if staged_batch.shared_prefix else {}
             self.backend.init_forward_metadata_replay_cuda_graph(
-                padded, v["req_pool_indices"], v["seq_lens"], staged.seq_lens_cpu,
-                indptr_host=staged.kv_indptr_host, seq_lens_host=staged.seq_lens_host, **extra,
+                padded, v["req_pool_indices"], v["seq_lens"], None,
+                indptr_host=staged_batch.kv_indptr_host, seq_lens_host=staged_batch.seq_lens_host, **extra,
             )
             return padded
         padded = padded_batch_size(fb.batch_size, self.batch_sizes)
@@ -381,8 +381,9 @@ class CudaGraphRunner:
     def replay(self, fb: ForwardBatch) -> Tuple[torch.Tensor, torch.Tensor]:
         """Float32 logits [bs, vocab] of a decode batch and their argmax [bs]; valid until the
         next replay."""
-        shared = self._is_staged(fb) and self._staged.shared_prefix
-        padded = self.prepare_replay(fb)
+        staged = self._is_staged(fb)
+        shared = staged and self._staged.shared_prefix
+        padded = self._prepare(fb, staged)
         (self.shared_graphs if shared else self.graphs)[padded].replay()
         key = (shared, padded, fb.batch_size)
         out = self._output_slices.get(key)
@@ -390,7 +391,6 @@ class CudaGraphRunner:
             logits, ids = (self.shared_outputs if shared else self.outputs)[padded]
             out = self._output_slices[key] = (logits[: fb.batch_size], ids[: fb.batch_size])
         return out
-
 
     def replay_seconds(self, bs: int, iters: int = 20) -> float:
         """GPU time of one decode step of bs rows alone: the graph that serves bs, replayed back

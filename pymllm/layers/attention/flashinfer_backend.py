@@ -394,15 +394,15 @@ class FlashInferAttnBackend(AttentionBackend):
         self.init_forward_metadata_replay_cuda_graph(bs, req_pool_indices, seq_lens, seq_lens_cpu)
 
     def init_forward_metadata_replay_cuda_graph(
-        self, bs: int, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, seq_lens_cpu: Sequence[int],
-        indptr_host: Optional[torch.Tensor] = None, seq_lens_host: Optional[torch.Tensor] = None,
-        shared_prefix: bool = False,
+        self, bs: int, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
+        seq_lens_cpu: Optional[Sequence[int]], indptr_host: Optional[torch.Tensor] = None,
+        seq_lens_host: Optional[torch.Tensor] = None, shared_prefix: bool = False,
     ) -> None:
         """Refill the static buffers for this (padded) batch and re-plan its wrappers.
 
         indptr_host / seq_lens_host: the batch's int32 indptr and lengths on the host, ideally
-        pinned (the CUDA-graph runner hands over views of its staging buffer); built from
-        seq_lens_cpu when not given.
+        pinned (the CUDA-graph runner hands over views of its staging buffer); built from the
+        padded seq_lens_cpu when not given (which is needed only then).
 
         The graph-mode plan() copies indptr and last_page_len into the static buffers the
         wrappers were created on. kv_indices are then gathered straight into theirs, reading
@@ -427,7 +427,7 @@ class FlashInferAttnBackend(AttentionBackend):
             indptr_host = indptr_from_lens(seq_lens_cpu)
         if seq_lens_host is None:
             seq_lens_host = lens_host(seq_lens_cpu)
-        total = sum(seq_lens_cpu)
+        total = int(indptr_host[-1])
         wrappers = st.wrappers[bs]
         self._plan_decode(wrappers, indptr_host, st.kv_indices[:total], bs, seq_lens_host)
         if bs not in st.kv_indices_in_graph:
