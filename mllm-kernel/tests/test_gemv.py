@@ -11,6 +11,7 @@ from mllm_kernel_test_utils import assert_bitwise_equal
 import torch.nn.functional as F
 from mllm_kernel import gemv, gemv_reference, gemv_w8a8, gemv_w8a8_reference
 from mllm_kernel.cuda.jit.gemv_kernels import (
+    TILINGS,
     gemv_w8a8_dynamic,
     gemv_w8a8_dynamic_reference,
     rmsnorm_gemv,
@@ -86,6 +87,20 @@ def test_gemv_w8a8_matches_reference(n, k, m, dtype) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tiling", TILINGS)
+@pytest.mark.parametrize("m", (1, 3, 8))
+def test_every_forced_tiling_matches_reference(tiling, m) -> None:
+    # The dispatcher measures every tiling and may pick any; each covers all rows and all of K.
+    for n, k in ((6144, 4096), (131, 264), (1000, 12288)):
+        x, w, bias = _inputs(m, n, k, torch.bfloat16, seed=tiling * 7 + m + n, with_bias=True)
+        _assert_close(gemv(x, w, bias, _tiling=tiling), gemv_reference(x, w, bias), torch.bfloat16)
+        if k % 16 == 0:
+            x_q, x_scale, wq, w_scale, qbias = _int8_inputs(m, n, k, tiling + m + k, True, torch.bfloat16)
+            assert_bitwise_equal(gemv_w8a8(x_q, x_scale, wq, w_scale, torch.bfloat16, qbias, _tiling=tiling),
+                                 gemv_w8a8_reference(x_q, x_scale, wq, w_scale, torch.bfloat16, qbias))
+
+
+@pytest.mark.gpu
 def test_gemv_w8a8_in_a_graph_and_zero_rows() -> None:
     x_q, x_scale, w, w_scale, _ = _int8_inputs(2, 512, 1024, 7, False, torch.bfloat16)
     x_q[1].zero_()
@@ -128,6 +143,10 @@ def test_w8a8_reference_is_the_scaled_integer_product() -> None:
         (dict(x=torch.zeros(2, 12, dtype=torch.half), w=torch.zeros(4, 16, dtype=torch.half)), ValueError, "K of w"),
         (dict(x=torch.zeros(2, 16, dtype=torch.half), w=torch.zeros(4, 16, dtype=torch.half),
               bias=torch.zeros(5, dtype=torch.half)), ValueError, "N of w"),
+        (dict(x=torch.zeros(2, 16, dtype=torch.half), w=torch.zeros(4, 16, dtype=torch.half), _tiling=12),
+         ValueError, "_tiling must be 0 or one of"),
+        (dict(x=torch.zeros(2, 16, dtype=torch.half), w=torch.zeros(4, 16, dtype=torch.half), _tiling=True),
+         ValueError, "_tiling must be"),
     ],
 )
 def test_gemv_argument_errors(kwargs, error, match) -> None:
@@ -145,6 +164,8 @@ def test_gemv_w8a8_argument_errors() -> None:
         gemv_w8a8(x_q, torch.ones(2), torch.zeros(4, 32, dtype=torch.int8), torch.zeros(4), torch.bfloat16)
     with pytest.raises(TypeError, match="out_dtype"):
         gemv_w8a8(x_q, x_scale, torch.zeros(4, 32, dtype=torch.int8), torch.zeros(4), torch.float32)
+    with pytest.raises(ValueError, match="_tiling must be 0 or one of"):
+        gemv_w8a8(x_q, x_scale, torch.zeros(4, 32, dtype=torch.int8), torch.zeros(4), torch.bfloat16, _tiling=3)
 
 
 # ---------------------------------------------------------------- fused prologues

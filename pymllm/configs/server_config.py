@@ -82,6 +82,13 @@ class ServerConfig:
         default=False,
         metadata=_flag("Run decode eagerly instead of replaying captured CUDA graphs (for debugging)."),
     )
+    disable_pdl: bool = field(
+        default=False,
+        metadata=_flag(
+            "Launch the decode kernels plainly instead of as programmatic dependents of the kernel "
+            "before them (SM90+ only; for debugging and A/B timing)."
+        ),
+    )
     cuda_graph_max_bs: Optional[int] = field(
         default=None,
         metadata=_flag("Largest decode batch captured as a CUDA graph; default: max_running_requests."),

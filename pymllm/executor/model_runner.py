@@ -22,6 +22,7 @@ from pymllm.executor.cuda_graph_runner import build_cuda_graph_runner, extend_ru
 from pymllm.executor.device_memory import device_memory
 from pymllm.executor.multimodal_batch import attach_multimodal_inputs
 from pymllm.layers.attention.selection import create_attention_backend
+from pymllm.layers.kernels.pdl import configure as configure_pdl
 from pymllm.layers.sampler import Sampler, SamplingBatchInfo, is_plain_greedy
 from pymllm.mem_cache.memory_pool import KVPool, ReqToTokenPool, TokenToKVPoolAllocator
 from pymllm.model_loader.loader import load_model
@@ -58,6 +59,7 @@ class ModelRunner:
     # ---------------- set-up ----------------
     def initialize(self) -> None:
         torch.manual_seed(self.server.random_seed)
+        configure_pdl(self.server.disable_pdl, self.device)
         quant_config = get_quantization_config(self.config.quantization.method, self.model_config.hf_config)
         self.model = load_model(
             self.model_config, self.server.load_format, self.device, seed=self.server.random_seed,

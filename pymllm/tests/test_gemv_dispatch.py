@@ -20,7 +20,8 @@ _BF16 = dict(dtype=torch.bfloat16)
 
 
 class FakeTimer:
-    """Times each candidate by the impl name it was built for: {"gemv": s, "gemm": s}."""
+    """Times each candidate by the impl name it was built for: {"gemv": s, "gemm": s}; a tiled
+    candidate "gemv:<t>" takes its own entry if there is one, else the "gemv" time."""
 
     def __init__(self, seconds):
         self.seconds, self.calls = seconds, 0
@@ -29,7 +30,7 @@ class FakeTimer:
         self.calls += 1
         for call in calls:
             call()
-        return self.seconds[impl]
+        return self.seconds.get(impl, self.seconds.get(impl.partition(":")[0]))
 
 
 def test_chooser_measures_once_and_needs_a_clear_win():
@@ -65,6 +66,38 @@ def test_chooser_copies_small_weights_past_l2_and_repeats_calls():
     assert made[0] is small and all(w.data_ptr() != small.data_ptr() for w in made[1:gemv_dispatch._CALLS_PER_GRAPH])
 
 
+def test_chooser_keeps_the_fastest_tiling():
+    seconds = {"gemv:4": 1.0, "gemv:2": 0.8, "gemv:14": 0.6, "gemv:11": 0.9, "gemm": 0.7}
+    chooser = GemvChooser(timer=FakeTimer(seconds))
+    w = torch.zeros(16, 8)
+    key = ("dense", "cuda:0", torch.bfloat16, 16, 8, 1)
+    made = []
+
+    def make(impl, weight):
+        made.append(impl)
+        return lambda: None
+
+    # 0.7 us of GEMM against 0.6 for the best tiling: more than the 3 % margin, so the GEMV.
+    assert chooser.use_gemv(key, w, make, tilings=(4, 2, 14, 11)) is True
+    assert chooser.tiling(key) == 14 and chooser.tilings == {key: 14}
+    assert set(made) == {"gemv:4", "gemv:2", "gemv:14", "gemv:11", "gemm"}
+    # Without tilings the plain candidate is measured and no tiling is recorded.
+    plain = GemvChooser(timer=FakeTimer({"gemv": 1.0, "gemm": 2.0}))
+    assert plain.use_gemv(key, w, make) is True and plain.tiling(key) == 0 and plain.tilings == {}
+    assert gemv_dispatch.tiling_of("gemv:14") == 14 and gemv_dispatch.tiling_of("gemv") == 0
+
+
+def test_fastest_tiling_runs_the_layer(on_fake_gpu, monkeypatch):
+    calls, _ = on_fake_gpu
+    chooser = GemvChooser(timer=FakeTimer({"gemv": 1.0, "gemv:11": 0.5, "gemm": 2.0}))
+    monkeypatch.setattr(gemv_dispatch, "CHOOSER", chooser)
+    x, w = torch.randn(1, 64, **_BF16), torch.randn(8, 64, **_BF16)
+    dense_linear(x, w)
+    calls.clear()
+    dense_linear(x, w)
+    assert calls == [("gemv", (1, 64), 11)]
+
+
 def test_prepare_is_off_without_cuda():
     assert prepare_gemv("dense", torch.device("cpu"), torch.bfloat16) is False
     assert prepare_gemv("w8a8", torch.device("cpu"), torch.float16) is False
@@ -92,12 +125,12 @@ def on_fake_gpu(monkeypatch):
     """Pretend x is a CUDA tensor with usable kernels; record kernel calls, answer with references."""
     calls = []
 
-    def fake_gemv(x, w, bias=None):
-        calls.append(("gemv", tuple(x.shape)))
+    def fake_gemv(x, w, bias=None, _tiling=0):
+        calls.append(("gemv", tuple(x.shape), _tiling))
         return gemv_kernels.gemv_reference(x, w, bias)
 
-    def fake_w8a8(x_q, x_scale, w, w_scale, out_dtype, bias=None):
-        calls.append(("gemv_w8a8", tuple(x_q.shape)))
+    def fake_w8a8(x_q, x_scale, w, w_scale, out_dtype, bias=None, _tiling=0):
+        calls.append(("gemv_w8a8", tuple(x_q.shape), _tiling))
         return gemv_kernels.gemv_w8a8_reference(x_q, x_scale, w, w_scale, out_dtype, bias)
 
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
@@ -114,7 +147,8 @@ def test_decode_rows_route_to_the_faster_gemv(on_fake_gpu):
     w, bias = torch.randn(24, 64, **_BF16), torch.randn(24, **_BF16)
     x = torch.randn(3, 64, **_BF16)
     out = dense_linear(x, w, bias)
-    assert ("gemv", (3, 64)) in calls and len(chooser.choices) == 1
+    # Every tiling measured alike: the first of the fastest (TILINGS[0]) runs.
+    assert ("gemv", (3, 64), gemv_kernels.TILINGS[0]) in calls and len(chooser.choices) == 1
     assert torch.allclose(out.float(), F.linear(x, w, bias).float(), rtol=2**-7, atol=2**-6)
     assert dense_linear(x.unsqueeze(1), w).shape == (3, 1, 24)  # leading dims kept
 
@@ -125,7 +159,8 @@ def test_slower_gemv_is_not_used(on_fake_gpu, monkeypatch):
     x, w = torch.randn(1, 64, **_BF16), torch.randn(8, 64, **_BF16)
     calls.clear()
     assert torch.equal(dense_linear(x, w), F.linear(x, w))
-    assert len(calls) == gemv_dispatch._CALLS_PER_GRAPH  # only the measurement ran it
+    # only the measurement ran it, once per tiling
+    assert len(calls) == len(gemv_kernels.TILINGS) * gemv_dispatch._CALLS_PER_GRAPH
     calls.clear()
     dense_linear(x, w)
     assert calls == []
@@ -163,7 +198,7 @@ def test_w8a8_scheme_routes_decode_rows(on_fake_gpu, monkeypatch):
     scheme.process_weights_after_loading(layer)
     x = torch.randn(2, 64, **_BF16)
     decode = scheme.apply(layer, x, None)
-    assert ("gemv_w8a8", (2, 64)) in calls
+    assert ("gemv_w8a8", (2, 64), gemv_kernels.TILINGS[0]) in calls
     q, scale = per_token_quant_int8_reference(x)
     # Same integer products and epilogue as the int8 GEMM it replaces.
     assert torch.equal(decode, int8_scaled_mm_float(q, layer.weight, scale, layer.weight_scale, torch.bfloat16))

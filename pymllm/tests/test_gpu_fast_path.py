@@ -357,15 +357,17 @@ PROMPTS = [
 NEW_TOKENS = [12, 7, 10, 9, 6, 8]
 
 
-def _run_recorded(attention_backend: str):
+def _run_recorded(attention_backend: str, model=TINY, **overrides):
     """Outputs of the scheduler and the logits of every step."""
     from pymllm.orchestrator.scheduler_process import build_scheduler  # needs pyzmq
 
     config = GlobalConfig()
     server = config.server
-    server.model_path = str(tiny_model_dir("qwen3", **TINY))
+    server.model_path = str(tiny_model_dir("qwen3", **model))
     server.device, server.dtype, server.attention_backend = "cuda", "bfloat16", attention_backend
     server.max_total_tokens, server.max_running_requests, server.max_prefill_tokens = 512, 4, 8
+    for key, value in overrides.items():
+        setattr(server, key, value)
     config.validate()
     sched = build_scheduler(config)
     runner = sched.runner
@@ -440,6 +442,30 @@ def test_fused_kv_write_leaves_the_model_unchanged(monkeypatch):
     for got, ref in zip(fused_runner.kv_pool.k_buffers + fused_runner.kv_pool.v_buffers,
                         plain_runner.kv_pool.k_buffers + plain_runner.kv_pool.v_buffers):
         assert torch.equal(_bits(got[1:]), _bits(ref[1:]))
+
+
+def test_programmatic_dependent_launch_leaves_the_model_unchanged():
+    """Decode graphs whose kernels launch as programmatic dependents (SM90+) against plain
+    launches: the same kernels run on the same inputs, so tokens and every logit agree bit for
+    bit. A kernel that read an activation before the kernel writing it had finished would not.
+    The model is wide enough (hidden 1024) for the decode GEMVs to be chosen where they win."""
+    from mllm_kernel import pdl
+
+    _flashinfer_backend_cls()
+    if not pdl.capability_supports_pdl(torch.cuda.get_device_capability()):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0+")
+    wide = dict(TINY, hidden_size=1024, intermediate_size=3072, num_attention_heads=8, num_key_value_heads=4)
+    try:
+        on_out, on_steps, on_runner = _run_recorded("flashinfer", model=wide)
+        assert on_runner.cuda_graph_runner is not None and pdl.is_enabled()
+        off_out, off_steps, _ = _run_recorded("flashinfer", model=wide, disable_pdl=True)
+        assert not pdl.is_enabled()
+    finally:
+        pdl.set_enabled(True)
+    assert on_out == off_out
+    assert len(on_steps) == len(off_steps)
+    for got, ref in zip(on_steps, off_steps):
+        assert torch.equal(got, ref)
 
 
 @pytest.mark.parametrize("num_reqs, padded_bs", [(3, 4), (130, 136)])

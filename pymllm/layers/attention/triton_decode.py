@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pymllm.layers.kernels.pdl import launch_options
+
 # Launch settings from scripts/tune_triton_decode.py (H200, Qwen3-8B heads, bs 16-128, KV
 # 1k-4k tokens; docs/perf/tune_triton_decode_h200.jsonl): 64-token KV blocks in a 3-stage
 # pipeline, 4 warps, were best or within a few percent of the best everywhere, 15-40 % faster
@@ -136,6 +138,7 @@ def merge_splits(o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor
     rows, num_q_heads, head_dim = out.shape
     _merge_kernel[(rows, num_q_heads)](
         o_part, lse_part, out, out.stride(0), out.stride(1), HEAD_DIM=head_dim, NUM_SPLITS=num_splits, num_warps=4,
+        **launch_options(out.device, rows),
     )
 
 
@@ -208,8 +211,11 @@ def _partial_kernel(
     q_stride_b, q_stride_h, kv_stride_s, kv_stride_h, r2t_stride, out_stride_b, out_stride_h,
     sm_scale, window_left,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    BLOCK: tl.constexpr, FUSED_MERGE: tl.constexpr, MERGE_ROWS: tl.constexpr,
+    BLOCK: tl.constexpr, FUSED_MERGE: tl.constexpr, MERGE_ROWS: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # programmatic dependent launch: pymllm.layers.kernels.pdl
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -288,9 +294,12 @@ def _partial_kernel(
 
 @triton.jit
 def _merge_kernel(o_ptr, lse_ptr, out_ptr, out_stride_b, out_stride_h,
-                  HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr):
     """The separate merge launch of ``separate_merge=True`` (the earlier form, kept as it was),
     grid (batch, q_heads)."""
+    if USE_PDL:  # programmatic dependent launch: pymllm.layers.kernels.pdl
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)
     h = tl.program_id(1)
     row = (b.to(tl.int64) * tl.num_programs(1) + h) * NUM_SPLITS
@@ -356,7 +365,7 @@ def decode_attention(
         out.stride(0), out.stride(1), sm_scale, window_left,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         NUM_SPLITS=num_splits, BLOCK=block, FUSED_MERGE=fused, MERGE_ROWS=triton.next_power_of_2(group),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **launch_options(q.device, batch),
     )
     if num_splits > 1 and not fused:
         merge_splits(o_part, lse_part, out, num_splits)

@@ -89,6 +89,11 @@ def _gemv_chosen(kind: str, x: torch.Tensor, weight_nk: torch.Tensor) -> bool:
     return CHOOSER.choices.get(choice_key(kind, x, weight_nk, x.dtype), False)
 
 
+def _plain_tiling(kind: str, x: torch.Tensor, weight_nk: torch.Tensor) -> int:
+    """The tiling measured for the plain GEMV of (kind, N, K, rows): the separate form runs it."""
+    return CHOOSER.tiling(choice_key(kind, x, weight_nk, x.dtype))
+
+
 def _fused_wins(prologue: str, kind: str, x: torch.Tensor, weight_nk: torch.Tensor,
                 fused: Callable[[torch.Tensor], object], separate: Callable[[torch.Tensor], object]) -> bool:
     """The measured fused-or-separate decision for (prologue, kind, N, K, rows); fused(w) and
@@ -155,7 +160,8 @@ def dense_rmsnorm_linear(
     from mllm_kernel.cuda.jit.gemv_kernels import gemv, rmsnorm_gemv
 
     if not _fused_wins("rmsnorm", "dense", x, weight, lambda w: rmsnorm_gemv(x, residual, norm_weight, eps, w, bias),
-                       lambda w: gemv(_normed(x, residual, norm_weight, eps), w, bias)):
+                       lambda w: gemv(_normed(x, residual, norm_weight, eps), w, bias,
+                                      _tiling=_plain_tiling("dense", x, weight))):
         return None
     return _with_residual(x, rmsnorm_gemv(x, residual, norm_weight, eps, weight, bias))
 
@@ -175,7 +181,7 @@ def dense_silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     from pymllm.layers.fused_ops import silu_and_mul
 
     if not _fused_wins("silu_mul", "dense", x, weight, lambda w: silu_mul_gemv(x, w, bias),
-                       lambda w: gemv(silu_and_mul(x), w, bias)):
+                       lambda w: gemv(silu_and_mul(x), w, bias, _tiling=_plain_tiling("dense", x, weight))):
         return None
     return silu_mul_gemv(x, weight, bias)
 
@@ -214,7 +220,8 @@ def w8a8_fused_linear(
             a = _normed(x, residual, norm_weight, eps)
         else:
             a = silu_and_mul(x) if prologue == "silu_mul" else x
-        return gemv_w8a8(*per_token_quant_int8(a), w, w_scale, x.dtype, bias)
+        return gemv_w8a8(*per_token_quant_int8(a), w, w_scale, x.dtype, bias,
+                         _tiling=_plain_tiling("w8a8", x, weight_nk))
 
     if not _fused_wins(prologue, "w8a8", x, weight_nk, fused, separate):
         return None

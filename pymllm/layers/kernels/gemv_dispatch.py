@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -133,19 +133,32 @@ def graph_seconds_per_call(calls) -> float:
     return best
 
 
+def tiling_of(impl: str) -> int:
+    """The GEMV tiling a candidate name carries ("gemv:14" -> 14; plain "gemv" -> 0, the kernel's choice)."""
+    return int(impl.partition(":")[2] or 0)
+
+
 class GemvChooser:
-    """Measured GEMV-or-GEMM decisions, one per ChoiceKey (see the module docstring)."""
+    """Measured GEMV-or-GEMM decisions, one per ChoiceKey (see the module docstring), and for
+    the plain GEMVs the fastest of their compiled tilings."""
 
     def __init__(self, timer: Callable[[str, list], float] = lambda impl, calls: graph_seconds_per_call(calls)):
         self._timer = timer
         self.choices: Dict[ChoiceKey, bool] = {}
+        self.tilings: Dict[ChoiceKey, int] = {}  # the measured GEMV tiling of a key (0 when not measured)
+
+    def tiling(self, key: ChoiceKey) -> int:
+        return self.tilings.get(key, 0)
 
     def use_gemv(self, key: ChoiceKey, weight: torch.Tensor, make_calls: Callable[[str, torch.Tensor], Callable],
-                 labels: Tuple[str, str] = ("GEMV", "GEMM")) -> bool:
+                 labels: Tuple[str, str] = ("GEMV", "GEMM"), tilings: Sequence[int] = ()) -> bool:
         """Whether to run the GEMV for ``key``; measures on first use outside a capture.
 
-        make_calls(impl, weight) returns a zero-argument call of ``impl`` ("gemv" or "gemm") on
-        that weight with the caller's activations. ``labels`` name the two candidates in the log
+        make_calls(impl, weight) returns a zero-argument call of ``impl`` on that weight with the
+        caller's activations: "gemm", and "gemv", or with ``tilings`` one "gemv:<tiling>" per
+        tiling, of which the fastest stands for the GEMV (and is kept: ``tiling(key)``). Which
+        tiling streams fastest depends on the shape and the GPU (warps in flight against waves),
+        so it is measured like the GEMV-or-GEMM choice. ``labels`` name the two sides in the log
         (the fused GEMVs compare "fused" against "separate" kernels the same way).
         """
         choice = self.choices.get(key)
@@ -158,14 +171,22 @@ class GemvChooser:
         while len(copies) * weight_bytes < _L2_DEFEAT_BYTES and len(copies) < _CALLS_PER_GRAPH:
             copies.append(weight.clone())
         reps = max(1, _CALLS_PER_GRAPH // len(copies))
+        candidates = [f"gemv:{t}" for t in tilings] or ["gemv"]
         times = {
-            impl: self._timer(impl, [make_calls(impl, w) for w in copies] * reps) for impl in ("gemv", "gemm")
+            impl: self._timer(impl, [make_calls(impl, w) for w in copies] * reps) for impl in (*candidates, "gemm")
         }
-        choice = times["gemm"] >= GEMV_MIN_SPEEDUP * times["gemv"]
+        best = min(candidates, key=times.__getitem__)
+        choice = times["gemm"] >= GEMV_MIN_SPEEDUP * times[best]
         self.choices[key] = choice
+        if tilings:
+            self.tilings[key] = tiling_of(best)
+        detail = ""
+        if len(candidates) > 1:
+            detail = " (tiling %d; %s)" % (tiling_of(best), ", ".join(
+                f"{tiling_of(c)}: {times[c] * 1e6:.1f}" for c in candidates))
         logger.info(
-            "decode matmul %s N=%d K=%d rows=%d: %s %.1f us, %s %.1f us -> %s",
-            key[0], key[3], key[4], key[5], labels[0], times["gemv"] * 1e6, labels[1], times["gemm"] * 1e6,
+            "decode matmul %s N=%d K=%d rows=%d: %s %.1f us%s, %s %.1f us -> %s",
+            key[0], key[3], key[4], key[5], labels[0], times[best] * 1e6, detail, labels[1], times["gemm"] * 1e6,
             labels[0] if choice else labels[1],
         )
         return choice
@@ -190,13 +211,16 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         and gemv_layout_ok(x2d, weight, 8)
         and prepare_gemv("dense", x.device, x.dtype)
     ):
-        from mllm_kernel.cuda.jit.gemv_kernels import gemv
+        from mllm_kernel.cuda.jit.gemv_kernels import TILINGS, gemv
 
         def make_call(impl: str, w: torch.Tensor) -> Callable:
-            return (lambda: gemv(x2d, w, bias)) if impl == "gemv" else (lambda: F.linear(x2d, w, bias))
+            if impl == "gemm":
+                return lambda: F.linear(x2d, w, bias)
+            return lambda: gemv(x2d, w, bias, _tiling=tiling_of(impl))
 
-        if CHOOSER.use_gemv(choice_key("dense", x2d, weight, x.dtype), weight, make_call):
-            return gemv(x2d, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+        key = choice_key("dense", x2d, weight, x.dtype)
+        if CHOOSER.use_gemv(key, weight, make_call, tilings=TILINGS):
+            return gemv(x2d, weight, bias, _tiling=CHOOSER.tiling(key)).reshape(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 
@@ -222,13 +246,14 @@ def w8a8_gemv_or_none(
         and prepare_gemv("w8a8", x_q.device, out_dtype)
     ):
         return None
-    from mllm_kernel.cuda.jit.gemv_kernels import gemv_w8a8
+    from mllm_kernel.cuda.jit.gemv_kernels import TILINGS, gemv_w8a8
 
     def make_call(impl: str, w: torch.Tensor) -> Callable:
-        if impl == "gemv":
-            return lambda: gemv_w8a8(x_q, x_scale, w, w_scale, out_dtype, bias)
-        return lambda: gemm(w)
+        if impl == "gemm":
+            return lambda: gemm(w)
+        return lambda: gemv_w8a8(x_q, x_scale, w, w_scale, out_dtype, bias, _tiling=tiling_of(impl))
 
-    if CHOOSER.use_gemv(choice_key("w8a8", x_q, weight_nk, out_dtype), weight_nk, make_call):
-        return gemv_w8a8(x_q, x_scale, weight_nk, w_scale, out_dtype, bias)
+    key = choice_key("w8a8", x_q, weight_nk, out_dtype)
+    if CHOOSER.use_gemv(key, weight_nk, make_call, tilings=TILINGS):
+        return gemv_w8a8(x_q, x_scale, weight_nk, w_scale, out_dtype, bias, _tiling=CHOOSER.tiling(key))
     return None

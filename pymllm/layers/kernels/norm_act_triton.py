@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pymllm.layers.kernels.pdl import launch_options
+
 _ACT_BLOCK = 1024
 
 
@@ -30,8 +32,11 @@ def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     x_stride, res_stride, out_stride, res_out_stride,
     n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # programmatic dependent launch: pymllm.layers.kernels.pdl
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -49,7 +54,10 @@ def _rms_norm_kernel(
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, d, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, d, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:  # programmatic dependent launch: pymllm.layers.kernels.pdl
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -90,7 +98,7 @@ def rms_norm(
     _rms_norm_kernel[(rows,)](
         x, residual if has_res else x, weight, out, residual_out if has_res else out,
         n, n, n, n, n, eps,
-        HAS_RESIDUAL=has_res, BLOCK=block, num_warps=_num_warps(block),
+        HAS_RESIDUAL=has_res, BLOCK=block, num_warps=_num_warps(block), **launch_options(x.device, rows),
     )
     return out, residual_out
 
@@ -104,6 +112,6 @@ def silu_and_mul(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.T
         return out
     block = min(_ACT_BLOCK, triton.next_power_of_2(d))
     _silu_and_mul_kernel[(rows, triton.cdiv(d, block))](
-        x, out, 2 * d, d, d, BLOCK=block, num_warps=max(1, block // 256),
+        x, out, 2 * d, d, d, BLOCK=block, num_warps=max(1, block // 256), **launch_options(x.device, rows),
     )
     return out

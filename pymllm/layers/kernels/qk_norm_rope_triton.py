@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pymllm.layers.kernels.pdl import launch_options
+
 
 @triton.jit
 def _qk_norm_rope_kernel(
@@ -38,8 +40,11 @@ def _qk_norm_rope_kernel(
     v_tok_stride, v_head_stride, k_cache_slot_stride, v_cache_slot_stride,
     num_q_heads, num_k_heads, eps,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HALF_BLOCK: tl.constexpr, APPLY_NORM: tl.constexpr,
-    WRITE_KV: tl.constexpr,
+    WRITE_KV: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # programmatic dependent launch: pymllm.layers.kernels.pdl
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     tok = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
     offs = tl.arange(0, HALF_BLOCK)
@@ -141,6 +146,6 @@ def qk_norm_rope(
         num_q_heads, num_k_heads, eps,
         HEAD_DIM=head_dim, HALF=head_dim // 2, HALF_BLOCK=half_block, APPLY_NORM=apply_norm,
         WRITE_KV=write_kv,
-        num_warps=1 if half_block <= 64 else 2,
+        num_warps=1 if half_block <= 64 else 2, **launch_options(q.device, tokens),
     )
     return q_out, k_out

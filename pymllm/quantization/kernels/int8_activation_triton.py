@@ -13,6 +13,7 @@ from typing import Tuple
 
 import torch
 
+from pymllm.layers.kernels.pdl import launch_options
 from pymllm.quantization.kernels.device import cuda_capability
 
 try:
@@ -45,7 +46,11 @@ def per_token_quant_int8_reference(x: torch.Tensor) -> Tuple[torch.Tensor, torch
 if triton is not None:
 
     @triton.jit
-    def _per_token_quant_int8_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr):
+    def _per_token_quant_int8_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr,
+                                     USE_PDL: tl.constexpr):
+        if USE_PDL:  # programmatic dependent launch: pymllm.layers.kernels.pdl
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * stride_xm
         q_row = q_ptr + row * stride_qm
@@ -78,7 +83,8 @@ def per_token_quant_int8_triton(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Te
         return q, scale
     block = min(triton.next_power_of_2(k), 4096)
     num_warps = 8 if block >= 2048 else 4
-    _per_token_quant_int8_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0), BLOCK=block, num_warps=num_warps)
+    _per_token_quant_int8_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0), BLOCK=block, num_warps=num_warps,
+                                       **launch_options(x.device, m))
     return q, scale
 
 

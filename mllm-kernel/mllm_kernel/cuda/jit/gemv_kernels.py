@@ -29,7 +29,8 @@ Each ``*_reference`` function is the PyTorch version of its entry (with PyTorch'
 division, so also within one unit in the last place of ``a``).
 
 All entries read each weight once with 16-byte streaming loads and reduce in registers: one
-launch, no workspace, CUDA-graph safe. Larger batches belong to tensor-core GEMMs (cuBLAS /
+launch, no workspace, CUDA-graph safe. On SM90+ they launch as programmatic dependents
+(mllm_kernel.pdl): the first weight loads are issued before the wait for the previous kernel. Larger batches belong to tensor-core GEMMs (cuBLAS /
 CUTLASS); the caller dispatches. The C++ templates take the activation dtype and, for the fused
 entries, the prologue (``PROLOGUES``: 0 none, 1 rmsnorm, 2 silu_mul) as template arguments, so
 each combination is a small library compiled on first use (kernel names "gemv_prologue" for the
@@ -53,8 +54,12 @@ import torch
 
 from mllm_kernel.checks import check_same_device, check_size, check_tensor
 from mllm_kernel.jit_utils import JitKernel, jit
+from mllm_kernel.pdl import use_pdl
 
 MAX_ROWS = 8
+# Compiled tilings of the plain entries (``_tiling``): rows per warp + 10 * split-K; 0 lets the
+# kernel choose by its occupancy rule.
+TILINGS = (4, 2, 1, 14, 11)
 ACT_DTYPES = (torch.float16, torch.bfloat16)
 # The C++ prologue template argument (PrologueKind in gemv_prologue.cuh).
 PROLOGUES = {"none": 0, "rmsnorm": 1, "silu_mul": 2}
@@ -87,6 +92,11 @@ def _check_common(op: str, x: torch.Tensor, w: torch.Tensor, bias: Optional[torc
         raise ValueError(f"{op}: x and w must be 16-byte aligned")
 
 
+def _check_tiling(op: str, tiling: int) -> None:
+    if isinstance(tiling, bool) or tiling not in (0, *TILINGS):
+        raise ValueError(f"{op}: _tiling must be 0 or one of {TILINGS}, got {tiling!r}")
+
+
 def _require_cuda(op: str, x: torch.Tensor) -> None:
     # Checked last, so shape mistakes are reported the same way on every device.
     if x.device.type != "cuda":
@@ -94,23 +104,26 @@ def _require_cuda(op: str, x: torch.Tensor) -> None:
 
 
 @jit("gemv", entry="mllm_kernel::gemv", cuda_sources=["cuda/csrc/gemv/gemv.cuh"])
-def gemv(kernel: JitKernel, x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x [M, K] fp16/bf16 (M <= 8) @ w [N, K]^T (+ bias [N]) -> [M, N] in x's dtype."""
+def gemv(kernel: JitKernel, x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+         _tiling: int = 0) -> torch.Tensor:
+    """x [M, K] fp16/bf16 (M <= 8) @ w [N, K]^T (+ bias [N]) -> [M, N] in x's dtype. ``_tiling``
+    forces one of ``TILINGS`` (0: the kernel's own choice)."""
     check_tensor("gemv", "x", x, ndim=2, dtypes=ACT_DTYPES, shape_hint="[M, K]")
     _check_common("gemv", x, w, bias, (x.dtype,), 8, x.dtype)
+    _check_tiling("gemv", _tiling)
     _require_cuda("gemv", x)
     y = torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
-    kernel[x.dtype](x, w, bias, y)
+    kernel[x.dtype](x, w, bias, y, int(_tiling), use_pdl(x.device))
     return y
 
 
 @jit("gemv_w8a8", entry="mllm_kernel::gemv_w8a8", cuda_sources=["cuda/csrc/gemv/gemv.cuh"])
 def gemv_w8a8(kernel: JitKernel, x_q: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-              out_dtype: torch.dtype, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+              out_dtype: torch.dtype, bias: Optional[torch.Tensor] = None, *, _tiling: int = 0) -> torch.Tensor:
     """W8A8 GEMM for 1..8 rows: x_q int8 [M, K] with per-row float32 scales x_scale ([M] or
     [M, 1], as per_token_quant_int8 returns), w int8 [N, K], w_scale float32 [N] ->
     ``(x_q @ w.T) * x_scale * w_scale (+ bias)`` in ``out_dtype`` (fp16/bf16), with exact int32
-    products and the float32 scaling in that order.
+    products and the float32 scaling in that order. ``_tiling`` as in ``gemv``.
     """
     op = "gemv_w8a8"
     if out_dtype not in ACT_DTYPES:
@@ -124,9 +137,10 @@ def gemv_w8a8(kernel: JitKernel, x_q: torch.Tensor, x_scale: torch.Tensor, w: to
     for name, t in (("x_scale", x_scale), ("w_scale", w_scale)):
         if t.device != x_q.device or not t.is_contiguous():
             raise ValueError(f"{op}: {name} must be contiguous and on x_q's device")
+    _check_tiling(op, _tiling)
     _require_cuda(op, x_q)
     y = torch.empty((x_q.shape[0], w.shape[0]), dtype=out_dtype, device=x_q.device)
-    kernel[out_dtype](x_q, x_scale, w, w_scale, bias, y)
+    kernel[out_dtype](x_q, x_scale, w, w_scale, bias, y, int(_tiling), use_pdl(x_q.device))
     return y
 
 
@@ -197,7 +211,7 @@ def _launch_prologue(kernel: JitKernel, prologue: str, x: torch.Tensor, residual
             residual_out.copy_((x.float() + residual.float()).to(x.dtype))
         return y, residual_out
     kernel[x.dtype, PROLOGUES[prologue]](x, residual, norm_weight, residual_out, float(eps), w, *extra, bias, y,
-                                         int(tiling))
+                                         int(tiling), use_pdl(x.device))
     return y, residual_out
 
 

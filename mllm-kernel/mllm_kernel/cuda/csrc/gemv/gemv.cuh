@@ -19,6 +19,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "pdl.cuh"
 
 namespace mllm_kernel {
 namespace gemv_detail {
@@ -301,20 +302,27 @@ struct Walk {
 };
 
 // ---------------------------------------------------------------- the kernel
+// Under programmatic dependent launch (pdl.cuh) the first weight loads are issued before the
+// wait for the previous kernel, so they overlap its tail; x, the scales it wrote and y wait.
 template <typename F, typename T, int M, int R, bool kSplitK>
 __global__ void __launch_bounds__(kThreads) gemv_kernel(Problem p, typename F::Extra extra) {
   using W = Walk<F, R, kSplitK, kWarpsPerBlock>;
+  pdl_launch_dependents();
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x / 32;
   const int64_t row0 = W::row0(warp);
-  if (row0 >= p.n) return;  // whole blocks only under split-K: no __syncthreads is skipped
-
-  typename F::Acc acc[M][R];
-  W::zero(acc);
+  const bool active = row0 < p.n;  // false for whole blocks only under split-K: no barrier is skipped
   const char* wrow[R];
   W::rows(p, row0, wrow);
   uint4 wv[W::kUnroll][R];
-  W::template accumulate<M>(p.x, p.x_stride, 0, wrow, W::k_first(lane, warp), p.k, false, wv, acc);
+  const int64_t k0 = W::k_first(lane, warp);
+  const bool preloaded = active && W::preload(wv, wrow, k0, p.k);
+  pdl_wait();
+  if (!active) return;
+
+  typename F::Acc acc[M][R];
+  W::zero(acc);
+  W::template accumulate<M>(p.x, p.x_stride, 0, wrow, k0, p.k, preloaded, wv, acc);
   W::template store<T, M>(p, extra, acc, row0, lane, warp);
 }
 
@@ -349,12 +357,22 @@ inline Tiling choose_tiling(int64_t n, int64_t m, int sms) {
   return {1, n < busy};
 }
 
+// `forced` 0 picks with choose_tiling; else it names a compiled tiling as rows + 10 * split_k
+// (1, 2, 4, 11 or 14), which callers choose by measurement (pymllm's GEMV dispatcher) or force
+// in benchmarks.
+inline Tiling gemv_tiling(int64_t n, int64_t m, int device, int64_t forced) {
+  if (forced == 0) return choose_tiling(n, m, sm_count(device));
+  TVM_FFI_CHECK(forced == 1 || forced == 2 || forced == 4 || forced == 11 || forced == 14, ValueError)
+      << "no compiled GEMV tiling " << forced << " (rows per warp + 10 * split-K: 1, 2, 4, 11 or 14)";
+  return {static_cast<int>(forced % 10), forced >= 10};
+}
+
 template <typename F, typename T, int M, int R, bool kSplitK>
-void launch(const Problem& p, const typename F::Extra& extra, cudaStream_t stream) {
+void launch(const Problem& p, const typename F::Extra& extra, cudaStream_t stream, bool pdl) {
   const int64_t groups = ceil_div(p.n, R);  // warps (or, under split-K, blocks) with R rows each
   const int64_t blocks = kSplitK ? groups : ceil_div(groups, kWarpsPerBlock);
-  gemv_kernel<F, T, M, R, kSplitK><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, extra);
-  check_launch();
+  launch_kernel(gemv_kernel<F, T, M, R, kSplitK>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream, pdl,
+                p, extra);
 }
 
 // Calls fn(std::integral_constant<int, M>{}) for the batch's row count M, so that one compiled
@@ -376,16 +394,17 @@ void with_rows(int64_t m, Fn&& fn) {
 
 // Instantiates the launch for the batch's row count (1..8) and the tiling.
 template <typename F, typename T>
-void dispatch(const Problem& p, int64_t m, const Tiling& t, const typename F::Extra& extra, cudaStream_t stream) {
+void dispatch(const Problem& p, int64_t m, const Tiling& t, const typename F::Extra& extra, cudaStream_t stream,
+              bool pdl) {
   with_rows(m, [&](auto mc) {
     constexpr int M = decltype(mc)::value;
     if (t.split_k) {
-      if (t.rows == 4) return launch<F, T, M, 4, true>(p, extra, stream);
-      return launch<F, T, M, 1, true>(p, extra, stream);
+      if (t.rows == 4) return launch<F, T, M, 4, true>(p, extra, stream, pdl);
+      return launch<F, T, M, 1, true>(p, extra, stream, pdl);
     }
-    if (t.rows == 4) return launch<F, T, M, 4, false>(p, extra, stream);
-    if (t.rows == 2) return launch<F, T, M, 2, false>(p, extra, stream);
-    return launch<F, T, M, 1, false>(p, extra, stream);
+    if (t.rows == 4) return launch<F, T, M, 4, false>(p, extra, stream, pdl);
+    if (t.rows == 2) return launch<F, T, M, 2, false>(p, extra, stream, pdl);
+    return launch<F, T, M, 1, false>(p, extra, stream, pdl);
   });
 }
 
@@ -434,15 +453,17 @@ inline void check_w_scale(const TensorView& w_scale, int64_t n) {
 }  // namespace gemv_detail
 
 // y [M, N] = x [M, K] @ w[N, K]^T (+ bias [N]) for 1 <= M <= 8; T in {__half, __nv_bfloat16}.
+// pdl: launch as a programmatic dependent of the previous kernel (SM90+; pdl.cuh).
 template <typename T>
-void gemv(TensorView x, TensorView w, Optional<TensorView> bias, TensorView y) {
+// tiling: 0, or a forced tiling (see gemv_tiling).
+void gemv(TensorView x, TensorView w, Optional<TensorView> bias, TensorView y, int64_t tiling, bool pdl) {
   using namespace gemv_detail;
   const Problem p = make_problem(x, w, bias, y, sizeof(T), sizeof(T), 8);
   if (p.n == 0) return;
   tvm::ffi::CUDADeviceGuard guard(x.device().device_id);
   const cudaStream_t stream = current_stream(x);
-  const Tiling t = choose_tiling(p.n, x.size(0), sm_count(x.device().device_id));
-  dispatch<DenseFormat<T>, T>(p, x.size(0), t, {}, stream);
+  const Tiling t = gemv_tiling(p.n, x.size(0), x.device().device_id, tiling);
+  dispatch<DenseFormat<T>, T>(p, x.size(0), t, {}, stream, pdl);
 }
 
 // y [M, N] = (x_int8 [M, K] @ w_int8[N, K]^T) * x_scale[M] * w_scale[N] (+ bias [N]) in T:
@@ -450,7 +471,7 @@ void gemv(TensorView x, TensorView w, Optional<TensorView> bias, TensorView y) {
 // gemv_prologue.cuh quantizes inside the kernel).
 template <typename T>
 void gemv_w8a8(TensorView x, TensorView x_scale, TensorView w, TensorView w_scale, Optional<TensorView> bias,
-               TensorView y) {
+               TensorView y, int64_t tiling, bool pdl) {
   using namespace gemv_detail;
   const Problem p = make_problem(x, w, bias, y, 1, 1, 16);
   check_w_scale(w_scale, p.n);
@@ -464,8 +485,8 @@ void gemv_w8a8(TensorView x, TensorView x_scale, TensorView w, TensorView w_scal
                                  reinterpret_cast<const float*>(byte_ptr(w_scale))};
   tvm::ffi::CUDADeviceGuard guard(x.device().device_id);
   const cudaStream_t stream = current_stream(x);
-  const Tiling t = choose_tiling(p.n, x.size(0), sm_count(x.device().device_id));
-  dispatch<Int8Format, T>(p, x.size(0), t, extra, stream);
+  const Tiling t = gemv_tiling(p.n, x.size(0), x.device().device_id, tiling);
+  dispatch<Int8Format, T>(p, x.size(0), t, extra, stream, pdl);
 }
 
 }  // namespace mllm_kernel

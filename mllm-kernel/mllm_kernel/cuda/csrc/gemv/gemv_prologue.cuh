@@ -330,6 +330,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_prologue_kernel(Problem p, P
   extern __shared__ uint4 stage_vectors[];
   char* stage = reinterpret_cast<char*>(stage_vectors);
 
+  pdl_launch_dependents();
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x / 32;
   const int64_t row0 = W::row0(warp);
@@ -344,6 +345,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_prologue_kernel(Problem p, P
   const int64_t chunk = min(p.k, kChunk);
   // The first weights go out before the statistics, so their DRAM latency overlaps the prologue.
   bool preloaded = active && W::preload(wv, wrow, k_first, chunk);
+  pdl_wait();  // the weights above are not written by any kernel; x and the residual may be
 
   float stat[M], scale[M];  // RmsNorm: 1 / rms of each row; int8: each row's quantization scale
 #pragma unroll
@@ -397,32 +399,33 @@ inline PrologueTiling choose_prologue_tiling(int64_t n, int64_t m, int64_t k, in
 }
 
 template <typename F, typename P, typename T, int M, int R, int kWarps>
-void launch_prologue(const Problem& p, const PrologueArgs& a, const typename F::Extra& extra, cudaStream_t stream) {
+void launch_prologue(const Problem& p, const PrologueArgs& a, const typename F::Extra& extra, cudaStream_t stream,
+                     bool pdl) {
   using W = Walk<F, R, false, kWarps>;
   const int64_t blocks = ceil_div(p.n, static_cast<int64_t>(R) * kWarps);
   const int64_t chunk = std::min<int64_t>(p.k, stage_chunk<F, M, W::kStride>());
   const size_t smem = static_cast<size_t>(M * chunk * F::kXBytes);  // <= kStageBytes: no opt-in needed
-  gemv_prologue_kernel<F, P, T, M, R, kWarps><<<static_cast<unsigned>(blocks), kWarps * 32, smem, stream>>>(p, a, extra);
-  check_launch();
+  launch_kernel(gemv_prologue_kernel<F, P, T, M, R, kWarps>, dim3(static_cast<unsigned>(blocks)), dim3(kWarps * 32),
+                smem, stream, pdl, p, a, extra);
 }
 
 // Instantiates the launch for the batch's row count (1..8) and the tiling (R in {1, 2, 4} rows
 // per warp, 8 warps, or 16 warps for up to kMaxRowsM16 activation rows).
 template <typename F, typename P, typename T>
 void dispatch_prologue(const Problem& p, int64_t m, const PrologueTiling& t, const PrologueArgs& a,
-                       const typename F::Extra& extra, cudaStream_t stream) {
+                       const typename F::Extra& extra, cudaStream_t stream, bool pdl) {
   with_rows(m, [&](auto mc) {
     constexpr int M = decltype(mc)::value;
     if constexpr (M <= kMaxRowsM16) {
       if (t.warps == 16) {
-        if (t.rows == 4) return launch_prologue<F, P, T, M, 4, 16>(p, a, extra, stream);
-        if (t.rows == 2) return launch_prologue<F, P, T, M, 2, 16>(p, a, extra, stream);
-        return launch_prologue<F, P, T, M, 1, 16>(p, a, extra, stream);
+        if (t.rows == 4) return launch_prologue<F, P, T, M, 4, 16>(p, a, extra, stream, pdl);
+        if (t.rows == 2) return launch_prologue<F, P, T, M, 2, 16>(p, a, extra, stream, pdl);
+        return launch_prologue<F, P, T, M, 1, 16>(p, a, extra, stream, pdl);
       }
     }
-    if (t.rows == 4) return launch_prologue<F, P, T, M, 4, 8>(p, a, extra, stream);
-    if (t.rows == 2) return launch_prologue<F, P, T, M, 2, 8>(p, a, extra, stream);
-    return launch_prologue<F, P, T, M, 1, 8>(p, a, extra, stream);
+    if (t.rows == 4) return launch_prologue<F, P, T, M, 4, 8>(p, a, extra, stream, pdl);
+    if (t.rows == 2) return launch_prologue<F, P, T, M, 2, 8>(p, a, extra, stream, pdl);
+    return launch_prologue<F, P, T, M, 1, 8>(p, a, extra, stream, pdl);
   });
 }
 
@@ -489,7 +492,7 @@ PrologueArgs make_prologue_args(const TensorView& x, int64_t k, const Optional<T
 template <typename T, int kKind>
 void gemv_prologue(TensorView x, Optional<TensorView> residual, Optional<TensorView> norm_weight,
                    Optional<TensorView> residual_out, double eps, TensorView w, Optional<TensorView> bias,
-                   TensorView y, int64_t tiling) {
+                   TensorView y, int64_t tiling, bool pdl) {
   using namespace gemv_detail;
   static_assert(kKind == kRmsNormPrologue || kKind == kSiluMulPrologue, "gemv_prologue needs a prologue");
   const Problem p = make_problem(x, w, bias, y, sizeof(T), sizeof(T), 8, kKind == kSiluMulPrologue ? 2 : 1);
@@ -499,7 +502,7 @@ void gemv_prologue(TensorView x, Optional<TensorView> residual, Optional<TensorV
   tvm::ffi::CUDADeviceGuard guard(x.device().device_id);
   const cudaStream_t stream = current_stream(x);
   const PrologueTiling t = prologue_tiling(p, x.size(0), x.device().device_id, tiling);
-  dispatch_prologue<DenseFormat<T>, PrologueOf<T, kKind>, T>(p, x.size(0), t, a, {}, stream);
+  dispatch_prologue<DenseFormat<T>, PrologueOf<T, kKind>, T>(p, x.size(0), t, a, {}, stream, pdl);
 }
 
 // The W8A8 GEMV from fp16/bf16 activations: a = the prologue kKind (kNoPrologue too) applied to
@@ -508,7 +511,7 @@ void gemv_prologue(TensorView x, Optional<TensorView> residual, Optional<TensorV
 template <typename T, int kKind>
 void gemv_w8a8_dynamic(TensorView x, Optional<TensorView> residual, Optional<TensorView> norm_weight,
                        Optional<TensorView> residual_out, double eps, TensorView w, TensorView w_scale,
-                       Optional<TensorView> bias, TensorView y, int64_t tiling) {
+                       Optional<TensorView> bias, TensorView y, int64_t tiling, bool pdl) {
   using namespace gemv_detail;
   Problem p = make_problem(x, w, bias, y, sizeof(T), 1, 16, kKind == kSiluMulPrologue ? 2 : 1);
   check_w_scale(w_scale, p.n);
@@ -520,7 +523,7 @@ void gemv_w8a8_dynamic(TensorView x, Optional<TensorView> residual, Optional<Ten
   tvm::ffi::CUDADeviceGuard guard(x.device().device_id);
   const cudaStream_t stream = current_stream(x);
   const PrologueTiling t = prologue_tiling(p, x.size(0), x.device().device_id, tiling);
-  dispatch_prologue<Int8Format, PrologueOf<T, kKind>, T>(p, x.size(0), t, a, extra, stream);
+  dispatch_prologue<Int8Format, PrologueOf<T, kKind>, T>(p, x.size(0), t, a, extra, stream, pdl);
 }
 
 }  // namespace mllm_kernel
