@@ -124,17 +124,33 @@ def interpreter_checks() -> None:
         pos = torch.tensor([0, 39, 7, 7, 21])
         qw, kw = (1 + 0.1 * torch.randn(d, generator=gen)).to(dtype), (1 + 0.1 * torch.randn(d, generator=gen)).to(dtype)
         c, s = cos[pos].to(dtype), sin[pos].to(dtype)
-        for weights in ((qw, kw), (None, None)):
+        # One token per program (decode) and tiles of 4 tokens with a ragged last tile (prefill).
+        for weights, per_program in (((qw, kw), None), ((None, None), None), ((qw, kw), 4), ((None, None), 4)):
             q_out = torch.full((tokens, hq, d), float("nan"), dtype=dtype)
             k_out = torch.full((tokens, hk, d), float("nan"), dtype=dtype)
             got_q, got_k = qk_norm_rope_triton.qk_norm_rope(
-                q, k, pos, cos, sin, weights[0], weights[1], 1e-6, q_out=q_out, k_out=k_out
+                q, k, pos, cos, sin, weights[0], weights[1], 1e-6, q_out=q_out, k_out=k_out,
+                tokens_per_program_override=per_program,
             )
             ref_q = q if weights[0] is None else rms_norm_reference(q, qw, 1e-6)
             ref_k = k if weights[1] is None else rms_norm_reference(k, kw, 1e-6)
             torch.testing.assert_close(got_q, apply_rotary(ref_q, c, s), **tol)
             torch.testing.assert_close(got_k, apply_rotary(ref_k, c, s), **tol)
         assert torch.equal(qkv, qkv0)
+        # The KV-cache write from a tiled launch: rows at the given slots, the rest untouched.
+        v = rnd(tokens, hk, d)
+        k_cache = torch.full((12, hk, d), float("nan"), dtype=dtype)
+        v_cache = torch.full((12, hk, d), float("nan"), dtype=dtype)
+        loc = torch.tensor([3, 11, 0, 7, 5])
+        _, got_k = qk_norm_rope_triton.qk_norm_rope(
+            q, k, pos, cos, sin, qw, kw, 1e-6, v=v, k_cache=k_cache, v_cache=v_cache, out_cache_loc=loc,
+            tokens_per_program_override=4,
+        )
+        assert torch.equal(k_cache[loc], got_k) and torch.equal(v_cache[loc], v)
+        untouched = torch.ones(12, dtype=torch.bool)
+        untouched[loc] = False
+        assert k_cache[untouched].isnan().all() and v_cache[untouched].isnan().all()
+    assert qk_norm_rope_triton.tokens_per_program(1) == 1 and qk_norm_rope_triton.tokens_per_program(2048) == 16
     print("interpreter checks passed")
 
 
