@@ -25,7 +25,14 @@ import torch
 DISABLE_ENV = "MLLM_KERNEL_DISABLE_PDL"
 MIN_CAPABILITY = (9, 0)
 
-_enabled = os.environ.get(DISABLE_ENV, "0").strip().lower() in ("", "0", "false", "no")
+
+
+def enabled_by_environment() -> bool:
+    """False when ``MLLM_KERNEL_DISABLE_PDL`` is set to anything but "", "0", "false" or "no"."""
+    return os.environ.get(DISABLE_ENV, "0").strip().lower() in ("", "0", "false", "no")
+
+
+_enabled = enabled_by_environment()
 _capable: Dict[int, bool] = {}  # device index -> capability >= MIN_CAPABILITY
 
 

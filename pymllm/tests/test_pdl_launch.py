@@ -70,7 +70,17 @@ def test_configure_sets_the_switch_and_logs(monkeypatch, restore_switch, caplog)
     assert "needs compute capability 9.0+" in caplog.records[-1].getMessage()
 
 
-def test_model_runner_applies_the_flag(restore_switch):
+def test_environment_switch_survives_the_runner(monkeypatch, restore_switch, caplog):
+    monkeypatch.setattr(kernel_pdl, "_capable", {0: True})
+    monkeypatch.setenv(kernel_pdl.DISABLE_ENV, "1")
+    with caplog.at_level(logging.INFO, logger=pdl.__name__):
+        assert pdl.configure(disabled=False, device=torch.device("cuda", 0)) is False
+    assert not kernel_pdl.is_enabled()
+    assert caplog.records[-1].getMessage().endswith(f"off ({kernel_pdl.DISABLE_ENV})")
+
+
+def test_model_runner_applies_the_flag(restore_switch, monkeypatch):
+    monkeypatch.delenv(kernel_pdl.DISABLE_ENV, raising=False)
     config = GlobalConfig()
     config.server.model_path = str(tiny_model_dir("qwen3"))
     config.server.device = "cpu"

@@ -61,18 +61,22 @@ def launch_options(device: torch.device, rows: int) -> Dict[str, bool]:
 
 
 def configure(disabled: bool, device: torch.device) -> bool:
-    """Apply ``--server.disable_pdl`` to this process (mllm_kernel's switch) and log what the
-    decode kernels on ``device`` will do; returns whether the Triton kernels use PDL."""
+    """Apply ``--server.disable_pdl`` (and mllm_kernel's ``MLLM_KERNEL_DISABLE_PDL``) to this
+    process's switch and log what the decode kernels on ``device`` will do; returns whether the
+    Triton kernels use PDL."""
     try:
         from mllm_kernel import pdl as kernel_pdl
     except ImportError:
         return False
-    kernel_pdl.set_enabled(not disabled)
+    by_environment = kernel_pdl.enabled_by_environment()
+    kernel_pdl.set_enabled(not disabled and by_environment)
     if device.type != "cuda":
         return False
     triton_on = use_pdl(device)
     if disabled:
         reason = "off (--server.disable_pdl)"
+    elif not by_environment:
+        reason = f"off ({kernel_pdl.DISABLE_ENV})"
     elif not kernel_pdl.use_pdl(device):
         reason = f"off (needs compute capability {kernel_pdl.MIN_CAPABILITY[0]}.{kernel_pdl.MIN_CAPABILITY[1]}+)"
     else:
