@@ -28,12 +28,14 @@ def main() -> None:
     parser.add_argument("--heads", default="32/8", help="query/KV heads")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 24, 32, 48, 64, 96, 128])
     parser.add_argument("--kv-lens", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--splits", type=int, nargs="+", default=[1, 2, 4, 8],
+                        help="split counts to try (powers of two; small batches need more)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     num_qo, num_kv = map(int, args.heads.split("/"))
     device = torch.device("cuda")
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    settings = [(sp, bl, w, st) for sp, bl, w, st in itertools.product((1, 2, 4, 8), (32, 64), (4, 8), (2, 3))
+    settings = [(sp, bl, w, st) for sp, bl, w, st in itertools.product(args.splits, (32, 64), (4, 8), (2, 3))
                 if not (bl == 32 and w == 8)]
     rows = []
     for bs, kv_len in itertools.product(args.batch_sizes, args.kv_lens):

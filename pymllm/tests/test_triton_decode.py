@@ -108,7 +108,8 @@ def test_fused_merge_under_interpreter() -> None:
 def test_num_splits_rule() -> None:
     from pymllm.layers.attention.triton_decode import num_splits_for
 
-    assert num_splits_for(1, 8, 132) == 32  # one sequence: spread it over the SMs
+    assert num_splits_for(1, 8, 132) == 16  # one sequence: spread it over the SMs, up to the cap
+    assert num_splits_for(2, 8, 132) == 16 and num_splits_for(4, 8, 132) == 16
     assert num_splits_for(64, 8, 132) == 1  # one full wave already
     assert num_splits_for(128, 8, 132) == 1  # two full waves: splitting gains nothing
     assert num_splits_for(96, 8, 132) == 2  # 1.45 waves unsplit; 2.9 waves of half the work
@@ -116,14 +117,14 @@ def test_num_splits_rule() -> None:
     assert num_splits_for(4, 8, 16) == 2
     for bs in range(1, 300):
         s = num_splits_for(bs, 8, 132)
-        assert s & (s - 1) == 0 and 1 <= s <= 32
+        assert s & (s - 1) == 0 and 1 <= s <= 16
 
 
 def test_launch_settings_rule() -> None:
     from pymllm.layers.attention import triton_decode as td
 
-    assert td.launch_settings(1) == td.launch_settings(td.SMALL_BATCH) == (32, 2)
-    assert td.launch_settings(td.SMALL_BATCH + 1) == td.launch_settings(128) == (td.BLOCK_N, td.NUM_STAGES) == (64, 3)
+    assert td.launch_settings(1) == td.launch_settings(4) == td.launch_settings(128) == (64, 3)
+    assert (td.BLOCK_N, td.NUM_STAGES) == (64, 3)
 
 
 def test_rejects_unsupported_shapes() -> None:

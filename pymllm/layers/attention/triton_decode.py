@@ -48,24 +48,23 @@ from pymllm.layers.kernels.pdl import launch_options
 # Launch settings from scripts/tune_triton_decode.py (H200, Qwen3-8B heads, bs 16-128, KV
 # 1k-4k tokens; docs/perf/tune_triton_decode_h200.jsonl): 64-token KV blocks in a 3-stage
 # pipeline, 4 warps, were best or within a few percent of the best everywhere, 15-40 % faster
-# than the earlier 32-token blocks in 2 stages, and faster than FlashInfer's decode. Up to
-# SMALL_BATCH rows the earlier settings stay (decode_attention_h200.jsonl, both head layouts):
-# ~0.4 us faster per layer over 128-1024 tokens, ~1 us slower at 2048.
+# than the earlier 32-token blocks in 2 stages, and faster than FlashInfer's decode. A sweep with
+# PDL on at batch 1-4 (both head layouts, KV 128-4k, splits 4-32) found the same settings best
+# there too, and 16 splits better than 32 for one or two sequences (the merge of 32 partials
+# costs more than the shorter slices gain): Qwen3-8B heads, batch 1, KV 1k / 2k / 4k, 8.1 / 10.6
+# / 15.1 us per layer with 32-token blocks and 32 splits, 6.9 / 9.1 / 13.3 us now.
 BLOCK_N = 64  # KV tokens per inner step
 NUM_STAGES = 3
 NUM_WARPS = 4
-SMALL_BATCH = 4
-SMALL_BATCH_BLOCK_N, SMALL_BATCH_NUM_STAGES = 32, 2
-_MAX_SPLITS = 32
+_MAX_SPLITS = 16
 # Programs of these settings resident on one SM at a time (registers and shared memory allow
 # about four): the unit of the wave model in num_splits_for.
 PROGRAMS_PER_SM = 4
 
 
 def launch_settings(batch_size: int) -> Tuple[int, int]:
-    """(KV tokens per inner step, pipeline stages) for a launch of ``batch_size`` rows."""
-    if batch_size <= SMALL_BATCH:
-        return SMALL_BATCH_BLOCK_N, SMALL_BATCH_NUM_STAGES
+    """(KV tokens per inner step, pipeline stages) for a launch of ``batch_size`` rows: the same
+    at every batch size measured (1-128)."""
     return BLOCK_N, NUM_STAGES
 
 
