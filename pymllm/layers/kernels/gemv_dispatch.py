@@ -10,6 +10,10 @@ weight to miss L2, as in a decode step, and the GEMV must be at least 3% faster 
 The CUDA-graph runner's warm-up pass runs each captured batch size eagerly first, so every
 decision exists before capture; a combination first seen inside a capture takes the GEMM.
 
+The plain GEMVs come in several compiled tilings (weight rows per warp, split K or not); the
+same measurement times each and keeps the fastest for the key, since which one streams fastest
+depends on the shape and the GPU.
+
 The GEMV also needs: a CUDA device of SM80 or newer, at most ``GEMV_MAX_ROWS`` rows, the
 layouts its 16-byte loads need, and a one-time self-test of the compiled kernel against its
 PyTorch reference (``prepare_gemv``, run while the model loads so the JIT build never lands in

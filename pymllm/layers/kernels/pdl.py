@@ -39,13 +39,20 @@ def triton_supports_pdl() -> bool:
     return has_ops and "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
+@functools.lru_cache(maxsize=None)
+def _kernel_pdl():
+    """mllm_kernel.pdl, or None without mllm_kernel (looked up once: this runs at every launch)."""
+    try:
+        from mllm_kernel import pdl as kernel_pdl
+    except ImportError:
+        return None
+    return kernel_pdl
+
+
 def use_pdl(device: torch.device) -> bool:
     """Whether a Triton decode kernel launched now on ``device`` uses PDL."""
-    try:
-        from mllm_kernel.pdl import use_pdl as kernel_policy
-    except ImportError:
-        return False
-    return kernel_policy(device) and triton_supports_pdl()
+    kernel_pdl = _kernel_pdl()
+    return kernel_pdl is not None and kernel_pdl.use_pdl(device) and triton_supports_pdl()
 
 
 PDL_MAX_ROWS = 256  # rows (tokens, or sequences for decode attention) of a decode-sized launch
