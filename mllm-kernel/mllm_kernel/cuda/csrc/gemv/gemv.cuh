@@ -453,9 +453,9 @@ inline void check_w_scale(const TensorView& w_scale, int64_t n) {
 }  // namespace gemv_detail
 
 // y [M, N] = x [M, K] @ w[N, K]^T (+ bias [N]) for 1 <= M <= 8; T in {__half, __nv_bfloat16}.
-// pdl: launch as a programmatic dependent of the previous kernel (SM90+; pdl.cuh).
+// tiling: 0, or a forced tiling (see gemv_tiling); pdl: launch as a programmatic dependent of the
+// previous kernel (SM90+; pdl.cuh).
 template <typename T>
-// tiling: 0, or a forced tiling (see gemv_tiling).
 void gemv(TensorView x, TensorView w, Optional<TensorView> bias, TensorView y, int64_t tiling, bool pdl) {
   using namespace gemv_detail;
   const Problem p = make_problem(x, w, bias, y, sizeof(T), sizeof(T), 8);
@@ -468,7 +468,7 @@ void gemv(TensorView x, TensorView w, Optional<TensorView> bias, TensorView y, i
 
 // y [M, N] = (x_int8 [M, K] @ w_int8[N, K]^T) * x_scale[M] * w_scale[N] (+ bias [N]) in T:
 // the W8A8 GEMM for 1..8 rows, with x quantized per token beforehand (gemv_w8a8_dynamic in
-// gemv_prologue.cuh quantizes inside the kernel).
+// gemv_prologue.cuh quantizes inside the kernel). tiling and pdl as in gemv.
 template <typename T>
 void gemv_w8a8(TensorView x, TensorView x_scale, TensorView w, TensorView w_scale, Optional<TensorView> bias,
                TensorView y, int64_t tiling, bool pdl) {

@@ -488,7 +488,7 @@ PrologueArgs make_prologue_args(const TensorView& x, int64_t k, const Optional<T
 // kSiluMulPrologue) applied to x, for 1 <= M <= 8; T in {__half, __nv_bfloat16}.
 //   rmsnorm:  x [M, K], norm_weight [K], optional residual and residual_out [M, K], eps;
 //   silu_mul: x [M, 2K] (gate | up); residual, norm_weight and residual_out must be absent.
-// tiling: 0, or a forced tiling for benchmarks (see prologue_tiling).
+// tiling: 0, or a forced tiling for benchmarks (see prologue_tiling); pdl as in gemv (gemv.cuh).
 template <typename T, int kKind>
 void gemv_prologue(TensorView x, Optional<TensorView> residual, Optional<TensorView> norm_weight,
                    Optional<TensorView> residual_out, double eps, TensorView w, Optional<TensorView> bias,
