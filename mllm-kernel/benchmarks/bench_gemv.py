@@ -8,9 +8,14 @@ measured device-to-device copy bandwidth divided by the measured time (1.0 = cop
 With --fused it times the fused-prologue entries instead (rmsnorm_gemv for qkv / gate_up with a
 residual, silu_mul_gemv for down, and gemv_w8a8_dynamic with the same prologues) against the
 unfused path they replace: pymllm's Triton RMSNorm / SiLU-and-mul (and per-token int8 quant)
-kernel followed by gemv / gemv_w8a8, in the same graph. `_tiling` forces a compiled tiling.
+kernel followed by gemv / gemv_w8a8, in the same graph. `_tiling` forces a compiled tiling:
+`--tilings` lists them (plain entries: 0 = the kernel's rule, or 1 2 4 11 14 = rows per warp + 10 *
+split-K, what pymllm's dispatcher measures; fused entries: 100 * warps + rows).
 
-GPU:  python mllm-kernel/benchmarks/bench_gemv.py [--out FILE.jsonl] [--fused [--tilings 0 804 ...]]
+On SM90+ the kernels launch as programmatic dependents (mllm_kernel.pdl), so back-to-back calls
+overlap their ramps as in a decode step; MLLM_KERNEL_DISABLE_PDL=1 times plain launches.
+
+GPU:  python mllm-kernel/benchmarks/bench_gemv.py [--out FILE.jsonl] [--tilings 0 14 ...] [--fused]
 """
 
 from __future__ import annotations
@@ -45,14 +50,15 @@ _TARGET_BYTES = 1 << 30  # weights per case: well past any L2
 _REPS = 50  # graph_time_us takes the median of reps // 10 replays
 
 
-def bench_case(model, layer, n, k, m, bw, out, command):
+def bench_case(model, layer, n, k, m, bw, tilings, out, command):
     copies = max(2, min(64, _TARGET_BYTES // (n * k * 2)))
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
     rows = {}
     rows["torch_bf16"] = graph_time_us([lambda w=w: F.linear(x, w) for w in weights], _REPS)
-    if m <= 8:
-        rows["gemv_bf16"] = graph_time_us([lambda w=w: gemv(x, w) for w in weights], _REPS)
+    for t in tilings if m <= 8 else ():
+        rows["gemv_bf16" + (f"_t{t}" if t else "")] = graph_time_us(
+            [lambda w=w, t=t: gemv(x, w, _tiling=t) for w in weights], _REPS)
     del weights
     int8_copies = min(64, 2 * copies)
     qweights = [torch.randint(-128, 128, (n, k), device="cuda", dtype=torch.int8) for _ in range(int8_copies)]
@@ -60,13 +66,13 @@ def bench_case(model, layer, n, k, m, bw, out, command):
     # W8A8 activations as per_token_quant_int8 hands them over (the GEMV takes them quantized).
     x_scale = x.float().abs().amax(-1, keepdim=True) / 127.5
     x_q = torch.round(x.float() / x_scale).clamp(-128, 127).to(torch.int8)
-    if m <= 8:
-        rows["gemv_w8a8"] = graph_time_us(
-            [lambda w=w: gemv_w8a8(x_q, x_scale, w, scale, torch.bfloat16) for w in qweights], _REPS)
+    for t in tilings if m <= 8 else ():
+        rows["gemv_w8a8" + (f"_t{t}" if t else "")] = graph_time_us(
+            [lambda w=w, t=t: gemv_w8a8(x_q, x_scale, w, scale, torch.bfloat16, _tiling=t) for w in qweights], _REPS)
     del qweights
     torch.cuda.empty_cache()
     for impl, t in rows.items():
-        weight_bytes = n * k * (1 if impl == "gemv_w8a8" else 2)
+        weight_bytes = n * k * (1 if impl.startswith("gemv_w8a8") else 2)
         row = {
             "bench": "gemv", "device": torch.cuda.get_device_name(), "impl": impl, "model": model, "layer": layer,
             "m": m, "n": n, "k": k, "time_us": round(t, 3), "weight_bytes": weight_bytes,
@@ -150,7 +156,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=None)
     parser.add_argument("--fused", action="store_true", help="time the fused-prologue entries")
     parser.add_argument("--tilings", type=int, nargs="+", default=[0],
-                        help="with --fused: 0 (the kernel's choice) and/or forced tilings (100 * warps + rows)")
+                        help="0 (the kernel's choice) and/or forced tilings: rows per warp + 10 * split-K "
+                             "(1 2 4 11 14), or with --fused 100 * warps + rows")
     args = parser.parse_args()
     command = "python mllm-kernel/benchmarks/bench_gemv.py" + (" --fused" if args.fused else "")
     if args.fused:
@@ -164,7 +171,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw:.0f} GB/s")
     for model, layer, n, k in SHAPES:
         for m in args.rows or ROWS:
-            bench_case(model, layer, n, k, m, bw, args.out, command)
+            bench_case(model, layer, n, k, m, bw, args.tilings, args.out, command)
 
 
 if __name__ == "__main__":
