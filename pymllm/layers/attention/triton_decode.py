@@ -53,19 +53,13 @@ from pymllm.layers.kernels.pdl import launch_options
 # there too, and 16 splits better than 32 for one or two sequences (the merge of 32 partials
 # costs more than the shorter slices gain): Qwen3-8B heads, batch 1, KV 1k / 2k / 4k, 8.1 / 10.6
 # / 15.1 us per layer with 32-token blocks and 32 splits, 6.9 / 9.1 / 13.3 us now.
-BLOCK_N = 64  # KV tokens per inner step
+BLOCK_N = 64  # KV tokens per inner step, at every batch size measured (1-128)
 NUM_STAGES = 3
 NUM_WARPS = 4
 _MAX_SPLITS = 16
 # Programs of these settings resident on one SM at a time (registers and shared memory allow
 # about four): the unit of the wave model in num_splits_for.
 PROGRAMS_PER_SM = 4
-
-
-def launch_settings(batch_size: int) -> Tuple[int, int]:
-    """(KV tokens per inner step, pipeline stages) for a launch of ``batch_size`` rows: the same
-    at every batch size measured (1-128)."""
-    return BLOCK_N, NUM_STAGES
 
 
 def num_splits_for(batch_size: int, num_kv_heads: int, num_sms: int) -> int:
@@ -326,9 +320,9 @@ def decode_attention(
     out: Optional[torch.Tensor] = None,
     counters: Optional[torch.Tensor] = None,
     separate_merge: bool = False,
-    block: Optional[int] = None,
+    block: int = BLOCK_N,
     num_warps: int = NUM_WARPS,
-    num_stages: Optional[int] = None,
+    num_stages: int = NUM_STAGES,
 ) -> torch.Tensor:
     """Attention of one query token per sequence over its KV slots.
 
@@ -343,8 +337,7 @@ def decode_attention(
     Calls that may overlap (other streams) need buffers of their own. separate_merge: merge
     the splits in a second launch instead (the earlier form, for comparison; no counters).
     block / num_warps / num_stages: KV tokens per inner step and the launch's warps and
-    pipeline stages (scripts/tune_triton_decode.py sweeps them); block and stages default to
-    ``launch_settings(B)``.
+    pipeline stages (scripts/tune_triton_decode.py sweeps them).
     """
     op = "decode_attention"
     batch, _, head_dim = q.shape
@@ -352,9 +345,6 @@ def decode_attention(
     out = output_for(op, q, out)
     if batch == 0:
         return out
-    default_block, default_stages = launch_settings(batch)
-    block = block or default_block
-    num_stages = num_stages or default_stages
     fused = num_splits > 1 and not separate_merge
     o_part, lse_part = split_scratch(q, num_splits, out)
     counters = arrival_counters_for(op, fused, counters, batch, num_kv_heads, out)
