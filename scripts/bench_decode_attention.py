@@ -65,6 +65,18 @@ def time_flashinfer(num_qo, num_kv, bs, kv_len, tensor_cores):
     return kernel, host
 
 
+def kv_bytes(bs, kv_len, num_kv):
+    """Bytes of K and V (bf16) one decode step reads: the attention's memory floor."""
+    return bs * kv_len * num_kv * HEAD_DIM * 2 * 2
+
+
+def append_rows(path, rows):
+    """Append rows to a JSONL file (nothing without a path)."""
+    if path:
+        with open(path, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
 def page_table(bs, kv_len, device):
     """(req_to_token, req_pool_indices, seq_lens): sequence i owns slots [i * kv_len + 1, ...)."""
     req_to_token = (torch.arange(bs * kv_len, dtype=torch.int32, device=device) + 1).view(bs, kv_len)
@@ -109,11 +121,10 @@ def main() -> None:
                     tensor_cores, plan_tc_us = time_flashinfer(num_qo, num_kv, bs, kv_len, True)
                 triton_us = time_triton(num_qo, num_kv, bs, kv_len)
                 triton_2launch_us = time_triton(num_qo, num_kv, bs, kv_len, separate_merge=True)
-                kv_bytes = bs * kv_len * num_kv * HEAD_DIM * 2 * 2
                 row = dict(bench="decode_attention", num_qo_heads=num_qo, num_kv_heads=num_kv, batch_size=bs,
                            kv_len=kv_len, cuda_cores_us=cuda_cores, tensor_cores_us=tensor_cores,
                            triton_us=triton_us, triton_2launch_us=triton_2launch_us, plan_host_us=plan_us, plan_tc_host_us=plan_tc_us,
-                           kv_bytes=kv_bytes, device=torch.cuda.get_device_name(),
+                           kv_bytes=kv_bytes(bs, kv_len, num_kv), device=torch.cuda.get_device_name(),
                            command="python scripts/bench_decode_attention.py", graph_mode_wrappers=True)
                 rows.append(row)
                 print(f"heads {num_qo}/{num_kv} bs {bs:3d} kv {kv_len:5d}: cuda cores {cuda_cores:7.1f} us, "
@@ -121,9 +132,7 @@ def main() -> None:
                       f"(2 launches {triton_2launch_us:7.1f} us) | "
                       f"plan host {plan_us:5.0f}/{plan_tc_us:5.0f} us", flush=True)
                 torch.cuda.empty_cache()
-    if args.out:
-        with open(args.out, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+    append_rows(args.out, rows)
 
 
 if __name__ == "__main__":

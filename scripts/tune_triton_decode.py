@@ -7,22 +7,28 @@ Each case times, like scripts/bench_decode_attention.py, a graph of 20 calls on 
 buffers (so K/V come from DRAM), for every setting, next to FlashInfer's tensor-core and CUDA-core
 decode and the host time of FlashInfer's plan(), which a FlashInfer graph replay needs first and
 the Triton kernel does not. Prints the best Triton setting per case and the time of the current
-defaults (launch_settings, num_splits_for).
+defaults (BLOCK_N, NUM_WARPS, NUM_STAGES, num_splits_for).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
 
 import torch
 
-from scripts.bench_decode_attention import HEAD_DIM, _buffers, page_table, time_flashinfer, time_triton_calls
+from scripts.bench_decode_attention import (
+    _buffers,
+    append_rows,
+    kv_bytes,
+    page_table,
+    time_flashinfer,
+    time_triton_calls,
+)
 
 
 def main() -> None:
-    from pymllm.layers.attention.triton_decode import NUM_WARPS, launch_settings, num_splits_for
+    from pymllm.layers.attention.triton_decode import BLOCK_N, NUM_STAGES, NUM_WARPS, num_splits_for
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--heads", default="32/8", help="query/KV heads")
@@ -39,7 +45,7 @@ def main() -> None:
                 if not (bl == 32 and w == 8)]
     rows = []
     for bs, kv_len in itertools.product(args.batch_sizes, args.kv_lens):
-        if bs * kv_len * num_kv * HEAD_DIM * 4 * 20 > 60 << 30:
+        if kv_bytes(bs, kv_len, num_kv) * 20 > 60 << 30:  # 20 layers of K/V must fit
             continue
         q, kv = _buffers(num_qo, num_kv, bs, kv_len, device)
         table = page_table(bs, kv_len, device)
@@ -49,12 +55,10 @@ def main() -> None:
         torch.cuda.empty_cache()
         tc, plan_tc = time_flashinfer(num_qo, num_kv, bs, kv_len, True)
         cc, plan_cc = time_flashinfer(num_qo, num_kv, bs, kv_len, False)
-        block, stages = launch_settings(bs)
-        default = (num_splits_for(bs, num_kv, sms), block, NUM_WARPS, stages)
+        default = (num_splits_for(bs, num_kv, sms), BLOCK_N, NUM_WARPS, NUM_STAGES)
         best = min(times, key=times.get)
-        kv_bytes = bs * kv_len * num_kv * HEAD_DIM * 2 * 2
         row = dict(bench="tune_triton_decode", num_qo_heads=num_qo, num_kv_heads=num_kv, batch_size=bs, kv_len=kv_len,
-                   kv_bytes=kv_bytes, default=default, default_us=times.get(default), best=best, best_us=times[best],
+                   kv_bytes=kv_bytes(bs, kv_len, num_kv), default=default, default_us=times.get(default), best=best, best_us=times[best],
                    flashinfer_tc_us=tc, flashinfer_cc_us=cc, plan_tc_host_us=plan_tc, plan_cc_host_us=plan_cc,
                    all_us={"/".join(map(str, s)): round(t, 2) for s, t in times.items()},
                    device=torch.cuda.get_device_name(), command="python scripts/tune_triton_decode.py")
@@ -63,9 +67,7 @@ def main() -> None:
               f"best {best} {times[best]:7.1f} us | flashinfer tc {tc:7.1f} cc {cc:7.1f} us, plan host {plan_tc:5.0f} us",
               flush=True)
         torch.cuda.empty_cache()
-    if args.out:
-        with open(args.out, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+    append_rows(args.out, rows)
 
 
 if __name__ == "__main__":
