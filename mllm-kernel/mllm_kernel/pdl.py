@@ -26,7 +26,6 @@ DISABLE_ENV = "MLLM_KERNEL_DISABLE_PDL"
 MIN_CAPABILITY = (9, 0)
 
 
-
 def enabled_by_environment() -> bool:
     """False when ``MLLM_KERNEL_DISABLE_PDL`` is set to anything but "", "0", "false" or "no"."""
     return os.environ.get(DISABLE_ENV, "0").strip().lower() in ("", "0", "false", "no")

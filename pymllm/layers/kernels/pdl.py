@@ -71,9 +71,8 @@ def configure(disabled: bool, device: torch.device) -> bool:
     """Apply ``--server.disable_pdl`` (and mllm_kernel's ``MLLM_KERNEL_DISABLE_PDL``) to this
     process's switch and log what the decode kernels on ``device`` will do; returns whether the
     Triton kernels use PDL."""
-    try:
-        from mllm_kernel import pdl as kernel_pdl
-    except ImportError:
+    kernel_pdl = _kernel_pdl()
+    if kernel_pdl is None:
         return False
     by_environment = kernel_pdl.enabled_by_environment()
     kernel_pdl.set_enabled(not disabled and by_environment)
