@@ -10,7 +10,7 @@ kernels read without conversion kernels. The packing functions are pure numpy;
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -293,6 +293,28 @@ def fill_graph_words(
     np.cumsum(lens[:padded_bs], dtype=np.int32, out=views["kv_indptr"][1 : padded_bs + 1])
 
 
+class ViewCache:
+    """Views (slices of static or staging buffers) made once and reused: on a decode step's host
+    path every slice costs microseconds. Keys are the caller's; a cached view keeps its base
+    alive, so a key naming the base by data_ptr cannot alias a newer buffer. Past ``limit``
+    entries (bases that change every step, as on the CPU) it starts over."""
+
+    def __init__(self, limit: int):
+        self._views: Dict[Hashable, Any] = {}
+        self._limit = limit
+
+    def get(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        view = self._views.get(key)
+        if view is None:
+            if len(self._views) >= self._limit:
+                self._views.clear()
+            view = self._views[key] = make()
+        return view
+
+    def clear(self) -> None:
+        self._views.clear()
+
+
 class InputStager:
     """Copies packed host words to the device, one copy per batch.
 
@@ -319,7 +341,7 @@ class InputStager:
         # buffers' numpy views and slices, the destination slices, the current stream object
         # (re-fetched only when the raw stream changes: torch.cuda.current_stream costs ~10 us).
         self._numpy: List[Optional[np.ndarray]] = [None] * num_buffers
-        self._slices: Dict[Tuple[int, int], torch.Tensor] = {}
+        self._slices = ViewCache(limit=64)
         self._raw_stream: Optional[int] = None
         self._stream: Optional[torch.cuda.Stream] = None
 
@@ -361,13 +383,7 @@ class InputStager:
         return self._current
 
     def _slice(self, tensor: torch.Tensor, n: int) -> torch.Tensor:
-        key = (tensor.data_ptr(), n)
-        view = self._slices.get(key)
-        if view is None:
-            if len(self._slices) > 64:
-                self._slices.clear()
-            view = self._slices[key] = tensor[:n]
-        return view
+        return self._slices.get((tensor.data_ptr(), n), lambda: tensor[:n])
 
     def upload(
         self, words: np.ndarray, device_words: int, dst: Optional[torch.Tensor] = None

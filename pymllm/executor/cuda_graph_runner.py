@@ -32,6 +32,7 @@ from pymllm.engine.forward_batch import ForwardBatch, ForwardMode
 from pymllm.layers.kernels.gemv_dispatch import GEMV_MAX_ROWS
 from pymllm.executor.batch_inputs import (
     GraphPacker,
+    ViewCache,
     HostBatch,
     PackedLayout,
     decode_host_batch,
@@ -190,10 +191,8 @@ class CudaGraphRunner:
         # (bs, shared_prefix) -> the backend's in-graph metadata kernels, or None when that graph's
         # req_to_token writes run eagerly before replay (graph_metadata_kernels).
         self._prologues: Dict[Tuple[int, bool], Optional[Callable[[], None]]] = {}
-        # Slices of the static buffers per size, made once: a slice costs microseconds of host time.
-        self._slices: Dict[int, Dict[str, torch.Tensor]] = {}
-        self._host_slices: Dict[Tuple[int, int], Tuple[torch.Tensor, torch.Tensor]] = {}
-        self._output_slices: Dict[Tuple[bool, int, int], Tuple[torch.Tensor, torch.Tensor]] = {}
+        # Slices of the static buffers, the staging buffers and the outputs per size, made once.
+        self._views = ViewCache(limit=1024)
         self.graphs: Dict[int, torch.cuda.CUDAGraph] = {}
         # bs -> (float32 logits [bs, vocab], their argmax [bs]), written by each replay
         self.outputs: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
@@ -208,13 +207,9 @@ class CudaGraphRunner:
         self.pool = None
 
     def _sliced(self, bs: int) -> Dict[str, torch.Tensor]:
-        views = self._slices.get(bs)
-        if views is None:
-            inp = self.inputs
-            names = ("input_ids", "positions", "req_pool_indices", "seq_lens", "out_cache_loc",
-                     "mrope_position_deltas", "kv_write_index", "kv_write_loc")
-            views = self._slices[bs] = {name: getattr(inp, name)[:bs] for name in names}
-        return views
+        names = ("input_ids", "positions", "req_pool_indices", "seq_lens", "out_cache_loc",
+                 "mrope_position_deltas", "kv_write_index", "kv_write_loc")
+        return self._views.get(("static", bs), lambda: {name: getattr(self.inputs, name)[:bs] for name in names})
 
     def _static_batch(self, bs: int, seq_lens_cpu: Sequence[int], with_mrope: bool = True) -> ForwardBatch:
         r = self.runner
@@ -341,14 +336,11 @@ class CudaGraphRunner:
 
     def _host_views(self, host: torch.Tensor, padded_bs: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """kv_indptr and seq_lens of a staging buffer (one of a few, reused), sliced to padded_bs."""
-        key = (host.data_ptr(), padded_bs)
-        views = self._host_slices.get(key)
-        if views is None:
-            if len(self._host_slices) > 256:  # the CPU stager hands out a new array every time
-                self._host_slices.clear()
+        def make() -> Tuple[torch.Tensor, torch.Tensor]:
             full = self.inputs.layout.torch_views(host, host_only=True)
-            views = self._host_slices[key] = (full["kv_indptr"][: padded_bs + 1], full["seq_lens_host"][:padded_bs])
-        return views
+            return full["kv_indptr"][: padded_bs + 1], full["seq_lens_host"][:padded_bs]
+
+        return self._views.get(("host", host.data_ptr(), padded_bs), make)
 
     def prepare_replay(self, fb: ForwardBatch) -> int:
         """Load a decode batch into the static buffers and metadata; returns the padded size."""
@@ -385,12 +377,9 @@ class CudaGraphRunner:
         shared = staged and self._staged.shared_prefix
         padded = self._prepare(fb, staged)
         (self.shared_graphs if shared else self.graphs)[padded].replay()
-        key = (shared, padded, fb.batch_size)
-        out = self._output_slices.get(key)
-        if out is None:
-            logits, ids = (self.shared_outputs if shared else self.outputs)[padded]
-            out = self._output_slices[key] = (logits[: fb.batch_size], ids[: fb.batch_size])
-        return out
+        bs = fb.batch_size
+        logits, ids = (self.shared_outputs if shared else self.outputs)[padded]
+        return self._views.get(("output", shared, padded, bs), lambda: (logits[:bs], ids[:bs]))
 
     def replay_seconds(self, bs: int, iters: int = 20) -> float:
         """GPU time of one decode step of bs rows alone: the graph that serves bs, replayed back

@@ -159,3 +159,23 @@ def test_graph_packer_reuses_one_array_without_stale_rows():
     again = packer.pack(small, 2)
     assert again is first, "one array, rewritten"
     assert np.array_equal(again, bi.pack_graph(small, layout, 2, 9, STRIDE))
+
+
+def test_view_cache_makes_each_view_once_and_starts_over_past_its_limit():
+    from pymllm.executor.batch_inputs import ViewCache
+
+    made = []
+    cache = ViewCache(limit=2)
+
+    def make(n):
+        made.append(n)
+        return torch.arange(10)[:n]
+
+    first = cache.get(("a", 3), lambda: make(3))
+    assert cache.get(("a", 3), lambda: make(3)) is first and made == [3]
+    cache.get(("a", 4), lambda: make(4))
+    cache.get(("a", 5), lambda: make(5))  # third key: the cache starts over
+    assert cache.get(("a", 3), lambda: make(3)) is not first and made == [3, 4, 5, 3]
+    cache.clear()
+    cache.get(("a", 3), lambda: make(3))
+    assert made == [3, 4, 5, 3, 3]
