@@ -30,8 +30,8 @@ division, so also within one unit in the last place of ``a``).
 
 All entries read each weight once with 16-byte streaming loads and reduce in registers: one
 launch, no workspace, CUDA-graph safe. On SM90+ they launch as programmatic dependents
-(mllm_kernel.pdl): the first weight loads are issued before the wait for the previous kernel. Larger batches belong to tensor-core GEMMs (cuBLAS /
-CUTLASS); the caller dispatches. The C++ templates take the activation dtype and, for the fused
+(mllm_kernel.pdl): the first weight loads are issued before the wait for the previous kernel.
+Larger batches belong to tensor-core GEMMs (cuBLAS / CUTLASS); the caller dispatches. The C++ templates take the activation dtype and, for the fused
 entries, the prologue (``PROLOGUES``: 0 none, 1 rmsnorm, 2 silu_mul) as template arguments, so
 each combination is a small library compiled on first use (kernel names "gemv_prologue" for the
 dense fused entries, "gemv_w8a8_dynamic").
