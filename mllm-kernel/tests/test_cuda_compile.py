@@ -22,6 +22,7 @@ INSTANCES = {
     "create_kv_indices": [(torch.int64, torch.int32), (torch.int32, torch.int64)],
     "gemv": [(torch.bfloat16,)],
     "gemv_w8a8": [(torch.float16,)],
+    "gemv_gated_silu": [(torch.bfloat16,)],
     # Every prologue (1 rmsnorm, 2 silu_mul; 0 none for the int8 entry) with each format, each
     # in one dtype (the dtype only changes the element type, not the code paths).
     "gemv_prologue": [(torch.bfloat16, 1), (torch.float16, 2)],

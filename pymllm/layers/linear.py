@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from pymllm.layers.kernels.fused_gemv import dense_rmsnorm_linear, dense_silu_mul_linear, prepare_fused_gemvs
+from pymllm.layers.kernels.fused_gemv import (
+    dense_rmsnorm_linear, dense_silu_mul_linear, dense_swiglu_linear, prepare_fused_gemvs,
+)
 from pymllm.layers.kernels.gemv_dispatch import dense_linear, prepare_gemv
 from pymllm.layers.utils import set_weight_attrs
 from pymllm.layers.fused_ops import silu_and_mul
@@ -43,6 +45,9 @@ class UnquantizedLinearMethod(LinearMethodBase):
 
     def apply_silu_mul(self, layer, x, bias):
         return dense_silu_mul_linear(x, layer.weight, bias)
+
+    def apply_swiglu(self, layer, x, bias):
+        return dense_swiglu_linear(x, layer.weight, bias)
 
 
 class LinearBase(nn.Module):
@@ -104,18 +109,31 @@ class LinearBase(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(self(norm(x [+ residual])), x [+ residual])``: the pre-norm block's entry, as one
         kernel where the layer's method has one (decode GEMVs), else the norm, then the layer."""
-        fused = self.quant_method.apply_rmsnorm(self, x, residual, norm.weight, norm.variance_epsilon, self.bias)
+        fused = self.fused_rmsnorm(x, residual, norm)
         if fused is not None:
             return fused
-        if residual is None:
-            return self(norm(x)), x
-        hidden, residual = norm(x, residual)
+        hidden, residual = norm_with_residual(x, residual, norm)
         return self(hidden), residual
+
+    def fused_rmsnorm(
+        self, x: torch.Tensor, residual: Optional[torch.Tensor], norm: "RMSNorm"
+    ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """forward_rmsnorm's result when one kernel computes it here, else None."""
+        return self.quant_method.apply_rmsnorm(self, x, residual, norm.weight, norm.variance_epsilon, self.bias)
 
     def forward_silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         """``self(silu(x[..., :K]) * x[..., K:])``, as one kernel where the layer's method has one."""
         fused = self.quant_method.apply_silu_mul(self, x, self.bias)
         return fused if fused is not None else self(silu_and_mul(x))
+
+
+def norm_with_residual(
+    x: torch.Tensor, residual: Optional[torch.Tensor], norm: "RMSNorm"
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(norm(x [+ residual]), x [+ residual])``: a pre-norm block's normalised input and residual."""
+    if residual is None:
+        return norm(x), x
+    return norm(x, residual)
 
 
 class Linear(LinearBase):
@@ -131,6 +149,13 @@ class MergedLinear(LinearBase):
 
     def __init__(self, input_size: int, output_sizes: List[int], **kwargs):
         super().__init__(input_size, output_sizes, list(range(len(output_sizes))), **kwargs)
+
+    def forward_swiglu(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """``silu(gate) * up`` of this [gate; up] layer's output as one kernel (the GEMV with
+        the SiLU-and-mul as its epilogue) where the layer's method has one here, else None."""
+        if len(self.output_sizes) != 2 or self.output_sizes[0] != self.output_sizes[1]:
+            return None
+        return self.quant_method.apply_swiglu(self, x, self.bias)
 
 
 class QKVLinear(LinearBase):

@@ -10,7 +10,7 @@ from torch import nn
 from pymllm.engine.forward_batch import ForwardBatch
 from pymllm.layers.fused_ops import KVCacheWrite, qk_norm_rope_try_store_kv
 from pymllm.layers.layernorm import RMSNorm
-from pymllm.layers.linear import Linear, MergedLinear, QKVLinear
+from pymllm.layers.linear import Linear, MergedLinear, QKVLinear, norm_with_residual
 from pymllm.layers.radix_attention import RadixAttention
 from pymllm.layers.rotary_embedding import RotaryEmbedding
 from pymllm.layers.vocab_embedding import LMHead, VocabEmbedding
@@ -120,7 +120,24 @@ class DecoderMLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The SiLU-and-mul runs as the gate/up GEMV's epilogue, or in the down projection's
+        # prologue, or on its own: whichever kernels the decode measurements picked.
+        act = self.gate_up_proj.forward_swiglu(x)
+        if act is not None:
+            return self.down_proj(act)
         return self.down_proj.forward_silu_mul(self.gate_up_proj(x))
+
+    def forward_prenorm(
+        self, x: torch.Tensor, residual: Optional[torch.Tensor], norm: RMSNorm
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(self(norm(x [+ residual])), x [+ residual])``. Where the norm runs inside the gate/up
+        GEMV, the SiLU-and-mul goes into the down projection (a GEMV has one fused side)."""
+        fused = self.gate_up_proj.fused_rmsnorm(x, residual, norm)
+        if fused is not None:
+            gate_up, residual = fused
+            return self.down_proj.forward_silu_mul(gate_up), residual
+        hidden, residual = norm_with_residual(x, residual, norm)
+        return self(hidden), residual
 
 
 class DecoderLayer(nn.Module):
@@ -137,11 +154,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, positions, hidden, residual, forward_batch):
         # Each norm runs inside the projection that consumes it where a fused decode GEMV
-        # exists (Linear.forward_rmsnorm), as does the SiLU-and-mul in front of down_proj.
+        # exists (Linear.forward_rmsnorm), as does the SiLU-and-mul (DecoderMLP).
         qkv, residual = self.self_attn.qkv_proj.forward_rmsnorm(hidden, residual, self.input_layernorm)
         hidden = self.self_attn.attend(positions, qkv, forward_batch)
-        gate_up, residual = self.mlp.gate_up_proj.forward_rmsnorm(hidden, residual, self.post_attention_layernorm)
-        return self.mlp.down_proj.forward_silu_mul(gate_up), residual
+        return self.mlp.forward_prenorm(hidden, residual, self.post_attention_layernorm)
 
 
 class DecoderModel(nn.Module):

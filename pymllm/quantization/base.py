@@ -44,6 +44,11 @@ class LinearMethodBase(abc.ABC):
         """``apply(silu(x[..., :K]) * x[..., K:])`` in one kernel, or None (see apply_rmsnorm)."""
         return None
 
+    def apply_swiglu(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """``silu(g) * u`` of ``g | u = apply(x)`` (a stacked gate/up layer) in one kernel, or
+        None (see apply_rmsnorm)."""
+        return None
+
 
 class QuantizationConfig(abc.ABC):
     def __init__(self) -> None:

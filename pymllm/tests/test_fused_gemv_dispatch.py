@@ -36,6 +36,9 @@ def fused_on_cpu(monkeypatch):
     monkeypatch.setattr(gemv_kernels, "silu_mul_gemv", record("silu_mul", gemv_kernels.silu_mul_gemv_reference))
     monkeypatch.setattr(gemv_kernels, "gemv_w8a8_dynamic",
                         record("w8a8", gemv_kernels.gemv_w8a8_dynamic_reference))
+    monkeypatch.setattr(gemv_kernels, "gemv_gated_silu",
+                        record("swiglu", lambda x, w, bias=None, _tiling=0: gemv_kernels.gemv_gated_silu_reference(
+                            x, w, bias)))
     monkeypatch.setattr(fused_gemv, "prepare_fused_gemvs", lambda kind, device, dtype: True)
     real_fits = fused_gemv._fits
 
@@ -50,17 +53,18 @@ def fused_on_cpu(monkeypatch):
         return real_fits(_Cuda(x), w, bias, k_multiple)
 
     monkeypatch.setattr(fused_gemv, "_fits", fits_on_cpu)
-    saved = dict(CHOOSER.choices)
+    saved = dict(CHOOSER.choices), dict(CHOOSER.tilings)
     yield calls
-    CHOOSER.choices.clear()
-    CHOOSER.choices.update(saved)
+    for table, before in zip((CHOOSER.choices, CHOOSER.tilings), saved):
+        table.clear()
+        table.update(before)
 
 
 def _decide(kind, weight, rows, dtype, gemv: bool, fused: bool = True):
     """The plain GEMV-or-GEMM decision, and the fused-or-separate one of every prologue."""
     shape = (weight.device, dtype, weight.shape[0], weight.shape[1], rows)
     CHOOSER.choices[(kind, *shape)] = gemv
-    for prologue in ("none", "rmsnorm", "silu_mul"):
+    for prologue in ("none", "rmsnorm", "silu_mul", "swiglu"):
         CHOOSER.choices[(f"{prologue}+{kind}", *shape)] = fused
 
 
@@ -175,3 +179,77 @@ def test_w8a8_decode_rows_quantize_inside_the_gemv(fused_on_cpu):
 
     _decide("w8a8", weight_nk, 2, torch.bfloat16, gemv=False)
     assert scheme.apply_silu_mul(layer, torch.randn(2, 2 * K, dtype=torch.bfloat16), None) is None
+
+
+def _mlp():
+    from types import SimpleNamespace
+
+    from pymllm.models.llama import DecoderMLP
+
+    config = SimpleNamespace(hidden_size=K, intermediate_size=N, hidden_act="silu", mlp_bias=False)
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            mlp = DecoderMLP(config, None, "mlp")
+        finally:
+            torch.set_default_dtype(prev)
+    for layer in (mlp.gate_up_proj, mlp.down_proj):
+        layer.weight.data.normal_(0, 0.05)
+    return mlp
+
+
+def test_silu_mul_becomes_the_gate_up_epilogue_where_it_won(fused_on_cpu):
+    from pymllm.layers.fused_ops import silu_and_mul
+
+    mlp, norm = _mlp(), _norm()
+    x, residual = torch.randn(2, K, dtype=torch.bfloat16), torch.randn(2, K, dtype=torch.bfloat16)
+    hidden, want_res = norm(x, residual)
+    want = mlp.down_proj(silu_and_mul(mlp.gate_up_proj(hidden)))
+    _decide("dense", mlp.gate_up_proj.weight, 2, torch.bfloat16, gemv=True, fused=False)
+    CHOOSER.choices[("swiglu+dense", torch.device("cpu"), torch.bfloat16, 2 * N, K, 2)] = True
+    y, res = mlp.forward_prenorm(x, residual, norm)
+    assert fused_on_cpu == ["swiglu"]  # the RMSNorm fusion lost: norm, then the gated GEMV, then down
+    assert torch.equal(res, want_res)
+    torch.testing.assert_close(y, want, rtol=2**-6, atol=2**-6)
+
+
+def test_norm_fused_into_gate_up_leaves_the_silu_mul_to_the_down_projection(fused_on_cpu):
+    mlp, norm = _mlp(), _norm()
+    x = torch.randn(1, K, dtype=torch.bfloat16)
+    _decide("dense", mlp.gate_up_proj.weight, 1, torch.bfloat16, gemv=True)
+    _decide("dense", mlp.down_proj.weight, 1, torch.bfloat16, gemv=True)
+    mlp.forward_prenorm(x, None, norm)
+    assert fused_on_cpu == ["rmsnorm", "silu_mul"]
+
+
+def test_gated_gemv_measured_slower_keeps_gemv_then_silu_mul(fused_on_cpu):
+    mlp = _mlp()
+    _decide("dense", mlp.gate_up_proj.weight, 2, torch.bfloat16, gemv=True, fused=False)
+    assert mlp.gate_up_proj.forward_swiglu(torch.randn(2, K, dtype=torch.bfloat16)) is None
+    assert fused_on_cpu == []
+
+
+def test_swiglu_is_measured_at_every_gated_tiling(fused_on_cpu, monkeypatch):
+    # No decision yet: the chooser times the separate pair ("gemm" side) against the gated GEMV
+    # at each of its tilings and keeps the fastest tiling.
+    from pymllm.layers.kernels import gemv_dispatch
+
+    mlp = _mlp()
+    _decide("dense", mlp.gate_up_proj.weight, 2, torch.bfloat16, gemv=True, fused=False)
+    key = ("swiglu+dense", torch.device("cpu"), torch.bfloat16, 2 * N, K, 2)
+    del CHOOSER.choices[key]
+    timed = []
+    fast = {"gemv:14": 1.0, "gemv:4": 2.0, "gemv:2": 3.0, "gemv:12": 4.0, "gemm": 5.0}
+
+    def timer(impl, calls):
+        timed.append(impl)
+        return fast[impl]
+
+    monkeypatch.setattr(CHOOSER, "_timer", timer)
+    monkeypatch.setattr(gemv_dispatch.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(gemv_kernels, "gemv", lambda x, w, bias=None, _tiling=0: gemv_kernels.gemv_reference(x, w, bias))
+    act = mlp.gate_up_proj.forward_swiglu(torch.randn(2, K, dtype=torch.bfloat16))
+    assert sorted(timed) == sorted(fast) and CHOOSER.choices[key] and CHOOSER.tiling(key) == 14
+    assert act.shape == (2, N) and fused_on_cpu == ["swiglu"]

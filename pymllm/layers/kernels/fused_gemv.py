@@ -17,6 +17,10 @@ than the separate prologue kernel + GEMV. Both are measured outside CUDA-graph c
 graph runner's eager warm-ups); until they exist these functions return None and the caller runs
 the separate ops. Each fused kernel is also built and checked against its PyTorch reference once
 per (device, dtype) while the model loads (``prepare_fused_gemvs``); one that fails is never used.
+
+The SiLU-and-mul can also be the gate/up GEMV's epilogue (``dense_swiglu_linear``): that kernel
+recomputes nothing, so it can win for long rows too; it is measured the same way, against the
+gate/up GEMV followed by the SiLU-and-mul kernel.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from pymllm.layers.kernels.gemv_dispatch import CHOOSER, GEMV_MAX_ROWS, choice_key, prepare_kernel
+from pymllm.layers.kernels.gemv_dispatch import CHOOSER, GEMV_MAX_ROWS, choice_key, prepare_kernel, tiling_of
 
 
 def _self_test(kind: str, device: torch.device, dtype: torch.dtype) -> None:
@@ -42,7 +46,12 @@ def _self_test(kind: str, device: torch.device, dtype: torch.dtype) -> None:
     def close(got, want, tol=2.0**-6):
         return bool(((got.float() - want.float()).abs() <= tol * (want.float().abs() + 1)).all())
 
-    if kind == "rmsnorm":
+    if kind == "swiglu":
+        w = rand(192, 512, scale=1 / 16)
+        bias2 = rand(192)
+        got, want = kernels.gemv_gated_silu(x, w, bias2), kernels.gemv_gated_silu_reference(x, w, bias2)
+        ok = close(got, want, 2.0**-5)
+    elif kind == "rmsnorm":
         w = rand(96, 512, scale=1 / 16)
         (y, res), (y_ref, res_ref) = (
             kernels.rmsnorm_gemv(x, residual, norm_weight, 1e-6, w, bias),
@@ -76,8 +85,9 @@ def _self_test(kind: str, device: torch.device, dtype: torch.dtype) -> None:
 
 def prepare_fused_gemvs(kind: str, device: torch.device, dtype: torch.dtype) -> bool:
     """Build and self-test the fused GEMVs of ``kind`` ("dense": RMSNorm and SiLU-and-mul
-    prologues; "w8a8": the dynamic-quantization GEMV with its prologues) once per device and dtype."""
-    kinds = ("rmsnorm", "silu_mul") if kind == "dense" else ("w8a8_dynamic",)
+    prologues, the gated SwiGLU GEMV; "w8a8": the dynamic-quantization GEMV with its prologues)
+    once per device and dtype."""
+    kinds = ("rmsnorm", "silu_mul", "swiglu") if kind == "dense" else ("w8a8_dynamic",)
     return all(
         [prepare_kernel(f"{k} GEMV", device, dtype, lambda k=k: _self_test(k, device, dtype)) for k in kinds]
     )
@@ -184,6 +194,38 @@ def dense_silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
                        lambda w: gemv(silu_and_mul(x), w, bias, _tiling=_plain_tiling("dense", x, weight))):
         return None
     return silu_mul_gemv(x, weight, bias)
+
+
+def dense_swiglu_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``silu(g) * u`` with ``g | u = linear(x)`` of a stacked gate/up weight [2N, K], in one
+    kernel (the SiLU-and-mul as the GEMV's epilogue), or None (see dense_rmsnorm_linear).
+
+    The fused kernel is timed at each of its tilings against the plain GEMV (its measured
+    tiling) followed by the SiLU-and-mul kernel, and runs at its fastest tiling where that is
+    >= 3 % faster."""
+    if not (
+        _fits(x, weight, bias, 8)
+        and weight.dtype == x.dtype
+        and weight.shape[0] % 2 == 0
+        and _gemv_chosen("dense", x, weight)
+        and prepare_fused_gemvs("dense", x.device, x.dtype)
+    ):
+        return None
+    from mllm_kernel.cuda.jit.gemv_kernels import GATED_TILINGS, gemv, gemv_gated_silu
+
+    from pymllm.layers.fused_ops import silu_and_mul
+
+    plain = _plain_tiling("dense", x, weight)
+
+    def make_call(impl: str, w: torch.Tensor) -> Callable:
+        if impl == "gemm":
+            return lambda: silu_and_mul(gemv(x, w, bias, _tiling=plain))
+        return lambda: gemv_gated_silu(x, w, bias, _tiling=tiling_of(impl))
+
+    key = choice_key("swiglu+dense", x, weight, x.dtype)
+    if not CHOOSER.use_gemv(key, weight, make_call, labels=("fused", "separate"), tilings=GATED_TILINGS):
+        return None
+    return gemv_gated_silu(x, weight, bias, _tiling=CHOOSER.tiling(key))
 
 
 def w8a8_fused_linear(

@@ -31,3 +31,6 @@ class CompressedTensorsLinearMethod(LinearMethodBase):
 
     def apply_silu_mul(self, layer, x, bias):
         return self.scheme.apply_silu_mul(layer, x, bias)
+
+    def apply_swiglu(self, layer, x, bias):
+        return self.scheme.apply_swiglu(layer, x, bias)

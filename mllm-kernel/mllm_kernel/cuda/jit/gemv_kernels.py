@@ -5,6 +5,9 @@ Plain entries:
 - ``gemv(x, w, bias=None) -> y``: ``x @ w.T + bias`` for fp16/bf16 weights.
 - ``gemv_w8a8(x_q, x_scale, w, w_scale, out_dtype, bias=None) -> y``: the W8A8 GEMM (int8
   activations quantized per token beforehand, int8 per-channel weights) on dp4a.
+- ``gemv_gated_silu(x, w, bias=None) -> y``: a stacked gate/up projection (w [2N, K]) with the
+  SiLU-and-mul as its epilogue, ``silu(x @ w[:N].T) * (x @ w[N:].T)``: the gate/up output never
+  reaches memory and the SiLU-and-mul launch is gone (gemv_gated.cuh).
 
 Fused entries compute the GEMV's activation ``a`` inside the kernel from the layer's input, so a
 decode step launches one kernel where it launched two or three:
@@ -60,6 +63,8 @@ MAX_ROWS = 8
 # Compiled tilings of the plain entries (``_tiling``): rows per warp + 10 * split-K; 0 lets the
 # kernel choose by its occupancy rule.
 TILINGS = (4, 2, 1, 14, 11)
+# gemv_gated_silu's tilings: weight rows per warp (whole gate/up pairs) + 10 * split-K.
+GATED_TILINGS = (4, 2, 14, 12)
 ACT_DTYPES = (torch.float16, torch.bfloat16)
 # The C++ prologue template argument (PrologueKind in gemv_prologue.cuh).
 PROLOGUES = {"none": 0, "rmsnorm": 1, "silu_mul": 2}
@@ -141,6 +146,26 @@ def gemv_w8a8(kernel: JitKernel, x_q: torch.Tensor, x_scale: torch.Tensor, w: to
     _require_cuda(op, x_q)
     y = torch.empty((x_q.shape[0], w.shape[0]), dtype=out_dtype, device=x_q.device)
     kernel[out_dtype](x_q, x_scale, w, w_scale, bias, y, int(_tiling), use_pdl(x_q.device))
+    return y
+
+
+@jit("gemv_gated_silu", entry="mllm_kernel::gemv_gated_silu", cuda_sources=["cuda/csrc/gemv/gemv_gated.cuh"])
+def gemv_gated_silu(kernel: JitKernel, x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                    _tiling: int = 0) -> torch.Tensor:
+    """SwiGLU of a stacked gate/up projection in one kernel: w [2N, K] holds the gate rows, then
+    the up rows; ``g, u = x @ w.T (+ bias)`` split in halves, each rounded to x's dtype, and
+    ``silu(g) * u`` -> [M, N] rounded as pymllm's SiLU-and-mul kernel rounds it. ``_tiling``
+    forces one of ``GATED_TILINGS`` (weight rows per warp + 10 * split-K; 0: the kernel's choice)."""
+    op = "gemv_gated_silu"
+    check_tensor(op, "x", x, ndim=2, dtypes=ACT_DTYPES, shape_hint="[M, K]")
+    _check_common(op, x, w, bias, (x.dtype,), 8, x.dtype)
+    if w.shape[0] % 2:
+        raise ValueError(f"{op}: w must stack gate and up rows ([2N, K]), got {w.shape[0]} rows")
+    if isinstance(_tiling, bool) or _tiling not in (0, *GATED_TILINGS):
+        raise ValueError(f"{op}: _tiling must be 0 or one of {GATED_TILINGS}, got {_tiling!r}")
+    _require_cuda(op, x)
+    y = torch.empty((x.shape[0], w.shape[0] // 2), dtype=x.dtype, device=x.device)
+    kernel[x.dtype](x, w, bias, y, int(_tiling), use_pdl(x.device))
     return y
 
 
@@ -314,6 +339,11 @@ def rmsnorm_gemv_reference(x: torch.Tensor, residual: Optional[torch.Tensor], no
 
 def silu_mul_gemv_reference(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     return gemv_reference(_silu_mul_reference(x), w, bias)
+
+
+def gemv_gated_silu_reference(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """gemv_reference (the gate/up output in x's dtype), then the SiLU-and-mul of its halves."""
+    return _silu_mul_reference(gemv_reference(x, w, bias))
 
 
 def gemv_w8a8_dynamic_reference(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype,

@@ -35,6 +35,10 @@ class CompressedTensorsScheme(abc.ABC):
         """SiLU-and-mul fused in front of ``apply``; None: no such kernel."""
         return None
 
+    def apply_swiglu(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """SiLU-and-mul fused behind ``apply`` of a stacked gate/up layer; None: no such kernel."""
+        return None
+
 
 def replace_parameter(layer: nn.Module, name: str, value: torch.Tensor) -> None:
     """Swap a parameter for its runtime form (a plain frozen Parameter: loader attributes are spent)."""

@@ -255,11 +255,11 @@ struct Walk {
     }
   }
 
-  // Sums acc over the warp's lanes (and under split-K over the block's warps); then lane 0 (of
-  // warp 0) writes y[m, row0 + r]. Under split-K every warp of the block must get here.
-  template <typename T, int M>
-  static __device__ __forceinline__ void store(const Problem& p, const typename F::Extra& extra, Acc (&acc)[M][R],
-                                               int64_t row0, int lane, int warp) {
+  // Sums acc over the warp's lanes (and under split-K over the block's warps, into warp 0's acc);
+  // true in the thread that then holds the totals: lane 0 (of warp 0 under split-K). Under
+  // split-K every warp of the block must get here.
+  template <int M>
+  static __device__ __forceinline__ bool reduce(Acc (&acc)[M][R], int lane, int warp) {
 #pragma unroll
     for (int m = 0; m < M; ++m)
 #pragma unroll
@@ -273,7 +273,7 @@ struct Walk {
           for (int r = 0; r < R; ++r) partial[warp][m * R + r] = acc[m][r];
       }
       __syncthreads();
-      if (warp != 0) return;
+      if (warp != 0) return false;
 #pragma unroll
       for (int m = 0; m < M; ++m)
 #pragma unroll
@@ -284,10 +284,16 @@ struct Walk {
           acc[m][r] = total;
         }
     }
+    return lane == 0;
+  }
 
+  // reduce, then y[m, row0 + r] = the format's epilogue (+ bias).
+  template <typename T, int M>
+  static __device__ __forceinline__ void store(const Problem& p, const typename F::Extra& extra, Acc (&acc)[M][R],
+                                               int64_t row0, int lane, int warp) {
+    if (!reduce<M>(acc, lane, warp)) return;
     const T* bias = reinterpret_cast<const T*>(p.bias);
     T* y = reinterpret_cast<T*>(p.y);
-    if (lane != 0) return;
 #pragma unroll
     for (int m = 0; m < M; ++m)
 #pragma unroll
@@ -413,15 +419,18 @@ inline bool same_dtype(const TensorView& a, const TensorView& b) {
 }
 
 // Shape and layout guards for direct callers; the Python wrappers give the user-facing errors.
-// x is [M, x_width * K]: x_width 2 for the SiLU-and-mul prologue (gate and up halves).
+// x is [M, x_width * K]: x_width 2 for the SiLU-and-mul prologue (gate and up halves). w has
+// w_rows_per_y * N rows for y [M, N]: 2 for the gated GEMV (gate rows, then up rows); bias has
+// one entry per row of w.
 inline Problem make_problem(const TensorView& x, const TensorView& w, const Optional<TensorView>& bias,
                             const TensorView& y, int64_t x_elem, int64_t w_elem, int64_t k_align,
-                            int64_t x_width = 1) {
+                            int64_t x_width = 1, int64_t w_rows_per_y = 1) {
   TVM_FFI_CHECK(x.ndim() == 2 && w.ndim() == 2 && y.ndim() == 2, ValueError) << "x, w and y must be 2-D";
   TVM_FFI_CHECK(y.size(0) == x.size(0), ValueError) << "x and y must have the same number of rows";
-  const int64_t n = w.size(0), k = w.size(1);
-  TVM_FFI_CHECK(x.size(1) == x_width * k && y.size(1) == n, ValueError)
-      << "x [M, " << (x_width == 1 ? "" : "2 * ") << "K], w [N, K] and y [M, N] disagree";
+  const int64_t n = y.size(1), k = w.size(1);
+  TVM_FFI_CHECK(x.size(1) == x_width * k && w.size(0) == w_rows_per_y * n, ValueError)
+      << "x [M, " << (x_width == 1 ? "" : "2 * ") << "K], w [" << (w_rows_per_y == 1 ? "" : "2 * ")
+      << "N, K] and y [M, N] disagree";
   TVM_FFI_CHECK(k % k_align == 0, ValueError) << "K must be a multiple of " << k_align;
   TVM_FFI_CHECK(x.stride(1) == 1 && w.stride(1) == 1 && y.stride(1) == 1 && w.stride(0) == k, ValueError)
       << "x and y need unit inner stride and w must be contiguous";
@@ -429,9 +438,10 @@ inline Problem make_problem(const TensorView& x, const TensorView& w, const Opti
   const char* bias_ptr = nullptr;
   if (bias.has_value()) {
     const TensorView& b = bias.value();
-    TVM_FFI_CHECK(b.ndim() == 1 && b.size(0) == n && (n <= 1 || b.stride(0) == 1) && same_dtype(b, y),
+    TVM_FFI_CHECK(b.ndim() == 1 && b.size(0) == w.size(0) && (b.size(0) <= 1 || b.stride(0) == 1) &&
+                      same_dtype(b, y),
                   ValueError)
-        << "bias must be a contiguous [N] tensor of the activation dtype";
+        << "bias must be a contiguous tensor of the activation dtype with one entry per row of w";
     bias_ptr = byte_ptr(b);
   }
   const Problem p{byte_ptr(x), byte_ptr(w), bias_ptr, byte_ptr(y), x.stride(0), y.stride(0), n, k};

@@ -75,6 +75,13 @@ __device__ __forceinline__ float round_to(float v) {
   return static_cast<float>(from_float<T>(v));
 }
 
+// T(T(silu(g)) * u) for g and u already in T: _silu_and_mul_kernel's rounding and instructions.
+template <typename T>
+__device__ __forceinline__ float silu_mul_rounded(float g, float u) {
+  const float silu = triton_div(g, __fadd_rn(1.0f, triton_exp(-g)));
+  return round_to<T>(__fmul_rn(round_to<T>(silu), u));
+}
+
 template <typename T>
 __device__ __forceinline__ uint4 load16(const char* base, int64_t elem) {
   return *reinterpret_cast<const uint4*>(base + elem * static_cast<int64_t>(sizeof(T)));
@@ -211,10 +218,7 @@ struct SiluMulPrologue {
     unpack8<T>(in.gate, g);
     unpack8<T>(in.up, u);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const float silu = triton_div(g[i], __fadd_rn(1.0f, triton_exp(-g[i])));
-      out[i] = round_to<T>(__fmul_rn(round_to<T>(silu), u[i]));
-    }
+    for (int i = 0; i < 8; ++i) out[i] = silu_mul_rounded<T>(g[i], u[i]);
   }
   template <int M, int kWarps>
   static __device__ __forceinline__ void prepare(const Problem&, const PrologueArgs&, float (&)[M]) {}
