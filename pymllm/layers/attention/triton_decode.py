@@ -57,6 +57,10 @@ BLOCK_N = 64  # KV tokens per inner step, at every batch size measured (1-128)
 NUM_STAGES = 3
 NUM_WARPS = 4
 _MAX_SPLITS = 16
+# K/V blocks of its slice a program pulls into L2 before its PDL wait (see _partial_kernel): the
+# first ones, whose latency the program would otherwise wait out; later loads are pipelined, and
+# prefetching whole long slices of every program would overrun L2.
+PREFETCH_BLOCKS = 2
 # Programs of these settings resident on one SM at a time (registers and shared memory allow
 # about four): the unit of the wave model in num_splits_for.
 PROGRAMS_PER_SM = 4
@@ -198,6 +202,28 @@ def _merge_group(o_ptr, lse_ptr, first_row, out_ptr, out_stride_h,
 
 
 @triton.jit
+def _prefetch_l2(ptrs):
+    """prefetch.global.L2 of every address in ``ptrs`` (no register result, nothing in L1)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_kv_l2(k_ptr, v_ptr, req_row, start, stop, head_offset, kv_stride_s,
+                    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, LINE_ELEMS: tl.constexpr):
+    """L2 prefetch of the K and V rows of positions [start, stop) of one KV head: one address per
+    128-byte line (LINE_ELEMS elements). The page table is read around L1 (".cg"), so no line of
+    it stays in this SM's L1 from before the caller's wait."""
+    lines = tl.arange(0, HEAD_DIM // LINE_ELEMS) * LINE_ELEMS
+    for n0 in range(start, stop, BLOCK):
+        offs = n0 + tl.arange(0, BLOCK)
+        slots = tl.load(req_row + offs, mask=offs < stop, other=0, cache_modifier=".cg").to(tl.int64)
+        row_off = slots[:, None] * kv_stride_s + head_offset + lines[None, :]
+        _prefetch_l2(k_ptr + row_off)
+        _prefetch_l2(v_ptr + row_off)
+
+
+@triton.jit
 def _partial_kernel(
     q_ptr, k_ptr, v_ptr, req_to_token_ptr, req_idx_ptr, seq_lens_ptr, o_ptr, lse_ptr,
     out_ptr, counter_ptr,
@@ -205,31 +231,41 @@ def _partial_kernel(
     sm_scale, window_left,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK: tl.constexpr, FUSED_MERGE: tl.constexpr, MERGE_ROWS: tl.constexpr, USE_PDL: tl.constexpr,
+    PREFETCH_TOKENS: tl.constexpr, LINE_ELEMS: tl.constexpr,
 ):
-    if USE_PDL:  # programmatic dependent launch: pymllm.layers.kernels.pdl
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     num_kv_heads = tl.num_programs(1)
     num_q_heads = num_kv_heads * GROUP
+    dims = tl.arange(0, HEAD_DIM)
 
-    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    # The lengths, request rows and page table come from the step's inputs, copied in before the
+    # step's first kernel, never written by a kernel of the step: they may be read before the wait.
+    seq_len = tl.load(seq_lens_ptr + b, cache_modifier=".cg").to(tl.int32)
     lo = tl.where(window_left >= 0, tl.maximum(seq_len - 1 - window_left, 0), 0)
     span = seq_len - lo
     chunk = tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK) * BLOCK
     start = lo + split * chunk
     end = tl.minimum(start + chunk, seq_len)
+    req_row = req_to_token_ptr + tl.load(req_idx_ptr + b, cache_modifier=".cg").to(tl.int64) * r2t_stride
+
+    if USE_PDL:  # programmatic dependent launch: pymllm.layers.kernels.pdl
+        tl.extra.cuda.gdc_launch_dependents()
+        # While the kernel before this one (q/k-norm-rope, which stores this step's K/V) still
+        # runs, pull the first K/V blocks of the slice into L2, so that after the wait the
+        # page-table -> K chain and the V loads hit L2 instead of DRAM. Only an L2 prefetch:
+        # the K/V of this step's own tokens are written by that kernel, and L2 is where its
+        # stores land, so nothing stale can be read back later.
+        _prefetch_kv_l2(k_ptr, v_ptr, req_row, start, tl.minimum(end, start + PREFETCH_TOKENS),
+                        kv_head * kv_stride_h, kv_stride_s, HEAD_DIM, BLOCK, LINE_ELEMS)
+        tl.extra.cuda.gdc_wait()
 
     rows = tl.arange(0, GROUP_PAD)
     row_ok = rows < GROUP
     heads = kv_head * GROUP + rows
-    dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + b.to(tl.int64) * q_stride_b + heads[:, None] * q_stride_h + dims[None, :],
                 mask=row_ok[:, None], other=0.0)
-
-    req_row = req_to_token_ptr + tl.load(req_idx_ptr + b).to(tl.int64) * r2t_stride
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
@@ -354,6 +390,7 @@ def decode_attention(
         out.stride(0), out.stride(1), sm_scale, window_left,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         NUM_SPLITS=num_splits, BLOCK=block, FUSED_MERGE=fused, MERGE_ROWS=triton.next_power_of_2(group),
+        PREFETCH_TOKENS=PREFETCH_BLOCKS * block, LINE_ELEMS=min(head_dim, 128 // k_buf.element_size()),
         num_warps=num_warps, num_stages=num_stages, **launch_options(q.device, batch),
     )
     if num_splits > 1 and not fused:
