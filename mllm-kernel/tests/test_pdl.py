@@ -64,38 +64,6 @@ def test_environment_switch(value, expected) -> None:
     assert out == str(expected)
 
 
-def test_l2_prefetch_budget_follows_pdl(fresh_policy, monkeypatch) -> None:
-    monkeypatch.setattr(pdl, "_capable", {0: True, 1: False})
-    monkeypatch.setattr(pdl, "_prefetch_bytes", pdl._prefetch_bytes)
-    pdl.set_enabled(True)
-    cuda = torch.device("cuda", 0)
-    assert pdl.l2_prefetch_bytes(cuda) == pdl.DEFAULT_PREFETCH_MB * 2**20
-    assert pdl.l2_prefetch_bytes(torch.device("cuda", 1)) == 0  # no PDL wait to overlap
-    assert pdl.l2_prefetch_bytes(torch.device("cpu")) == 0
-    pdl.set_l2_prefetch_bytes(3 << 20)
-    assert pdl.l2_prefetch_bytes(cuda) == 3 << 20
-    pdl.set_enabled(False)
-    assert pdl.l2_prefetch_bytes(cuda) == 0
-    with pytest.raises(ValueError, match=">= 0"):
-        pdl.set_l2_prefetch_bytes(-1)
-
-
-@pytest.mark.parametrize("value, expected", [(None, 16 << 20), ("8", 8 << 20), ("0", 0), ("0.5", 1 << 19)])
-def test_l2_prefetch_environment(value, expected) -> None:
-    env = {key: v for key, v in os.environ.items() if key != pdl.PREFETCH_ENV}
-    if value is not None:
-        env[pdl.PREFETCH_ENV] = value
-    out = subprocess.run([sys.executable, "-c", "from mllm_kernel import pdl; print(pdl._prefetch_bytes)"],
-                         env=env, capture_output=True, text=True, check=True).stdout.strip()
-    assert out == str(expected)
-
-
-def test_l2_prefetch_environment_rejects_garbage() -> None:
-    env = dict(os.environ, **{pdl.PREFETCH_ENV: "lots"})
-    out = subprocess.run([sys.executable, "-c", "from mllm_kernel import pdl"], env=env, capture_output=True, text=True)
-    assert out.returncode != 0 and "must be a number of MiB" in out.stderr
-
-
 @pytest.mark.gpu
 def test_dependent_chain_in_a_graph_equals_plain_launches(fresh_policy) -> None:
     """Each kernel reads the output of the one before it. Under PDL a kernel starts before its

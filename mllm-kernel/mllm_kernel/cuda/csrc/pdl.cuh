@@ -33,11 +33,6 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
-// An L2 prefetch hint for the 128-byte line holding ptr: no register result, nothing in L1. A
-// dependent kernel may issue it before pdl_wait() for data no kernel of the step writes, so that
-// its memory stream starts while the previous kernel (often a short, latency-bound one) runs.
-__device__ __forceinline__ void prefetch_l2(const void* ptr) { asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr)); }
-
 // kernel<<<grid, block, smem, stream>>>(args...), with the programmatic-stream-serialization
 // attribute when `pdl` is set (the caller decides: SM90+ only; mllm_kernel.pdl).
 template <typename... KernelArgs, typename... Args>

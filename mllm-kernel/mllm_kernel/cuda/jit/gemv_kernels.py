@@ -57,7 +57,7 @@ import torch
 
 from mllm_kernel.checks import check_same_device, check_size, check_tensor
 from mllm_kernel.jit_utils import JitKernel, jit
-from mllm_kernel.pdl import l2_prefetch_bytes, use_pdl
+from mllm_kernel.pdl import use_pdl
 
 MAX_ROWS = 8
 # Compiled tilings of the plain entries (``_tiling``): rows per warp + 10 * split-K; 0 lets the
@@ -118,7 +118,7 @@ def gemv(kernel: JitKernel, x: torch.Tensor, w: torch.Tensor, bias: Optional[tor
     _check_tiling("gemv", _tiling)
     _require_cuda("gemv", x)
     y = torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
-    kernel[x.dtype](x, w, bias, y, int(_tiling), use_pdl(x.device), l2_prefetch_bytes(x.device))
+    kernel[x.dtype](x, w, bias, y, int(_tiling), use_pdl(x.device))
     return y
 
 
@@ -145,8 +145,7 @@ def gemv_w8a8(kernel: JitKernel, x_q: torch.Tensor, x_scale: torch.Tensor, w: to
     _check_tiling(op, _tiling)
     _require_cuda(op, x_q)
     y = torch.empty((x_q.shape[0], w.shape[0]), dtype=out_dtype, device=x_q.device)
-    kernel[out_dtype](x_q, x_scale, w, w_scale, bias, y, int(_tiling), use_pdl(x_q.device),
-                      l2_prefetch_bytes(x_q.device))
+    kernel[out_dtype](x_q, x_scale, w, w_scale, bias, y, int(_tiling), use_pdl(x_q.device))
     return y
 
 
@@ -166,7 +165,7 @@ def gemv_gated_silu(kernel: JitKernel, x: torch.Tensor, w: torch.Tensor, bias: O
         raise ValueError(f"{op}: _tiling must be 0 or one of {GATED_TILINGS}, got {_tiling!r}")
     _require_cuda(op, x)
     y = torch.empty((x.shape[0], w.shape[0] // 2), dtype=x.dtype, device=x.device)
-    kernel[x.dtype](x, w, bias, y, int(_tiling), use_pdl(x.device), l2_prefetch_bytes(x.device))
+    kernel[x.dtype](x, w, bias, y, int(_tiling), use_pdl(x.device))
     return y
 
 
@@ -237,7 +236,7 @@ def _launch_prologue(kernel: JitKernel, prologue: str, x: torch.Tensor, residual
             residual_out.copy_((x.float() + residual.float()).to(x.dtype))
         return y, residual_out
     kernel[x.dtype, PROLOGUES[prologue]](x, residual, norm_weight, residual_out, float(eps), w, *extra, bias, y,
-                                         int(tiling), use_pdl(x.device), l2_prefetch_bytes(x.device))
+                                         int(tiling), use_pdl(x.device))
     return y, residual_out
 
 

@@ -105,7 +105,6 @@ struct Problem {
   int64_t y_stride;  // elements between output rows
   int64_t n;
   int64_t k;
-  int64_t prefetch_k = 0;  // leading elements of each weight row to prefetch into L2 before the PDL wait
 };
 
 // ---------------------------------------------------------------- weight formats
@@ -208,20 +207,6 @@ struct Walk {
     for (int u = 0; u < kSteps; ++u)
 #pragma unroll
       for (int r = 0; r < R; ++r) wv[u][r] = load_streaming(wrow[r] + (k0 + u * kStride) * F::kWBytes);
-  }
-
-  // L2 prefetch of the first prefetch_k elements of this warp's R rows (under split-K the block's
-  // warps share the rows and take every kWarps-th line), before pdl_wait: the weight stream then
-  // starts while the previous kernel of the step still runs (prefetch_elems sets the amount).
-  static __device__ __forceinline__ void prefetch(const char* const (&wrow)[R], int64_t prefetch_k, int lane,
-                                                  int warp) {
-    constexpr int64_t kLine = 128;
-    constexpr int kSharing = kSplitK ? kWarps * 32 : 32;
-    const int tid = kSplitK ? warp * 32 + lane : lane;
-    const int64_t bytes = prefetch_k * F::kWBytes;
-    for (int64_t off = tid * kLine; off < bytes; off += kSharing * kLine)
-#pragma unroll
-      for (int r = 0; r < R; ++r) prefetch_l2(wrow[r] + off);
   }
 
   // Issues the weight loads of accumulate's first iteration over [k0, k_end) ahead of time, so
@@ -338,7 +323,6 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(Problem p, typename F::E
   uint4 wv[W::kUnroll][R];
   const int64_t k0 = W::k_first(lane, warp);
   const bool preloaded = active && W::preload(wv, wrow, k0, p.k);
-  if (active) W::prefetch(wrow, p.prefetch_k, lane, warp);
   pdl_wait();
   if (!active) return;
 
@@ -358,16 +342,6 @@ inline int sm_count(int device) {
   TVM_FFI_CHECK_CUDA_ERROR(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
   if (cached) counts[device] = count;
   return count;
-}
-
-// Elements of each weight row that a PDL launch prefetches into L2 before its wait: all of them
-// when the whole weight fits budget_bytes, else the same leading share of every row (whole
-// 128-byte lines), so that the prefetched lines are the first ones the k loop reads and what L2
-// holds stays within the budget. 0 without PDL (the wait is then a no-op: nothing to overlap).
-inline int64_t prefetch_elems(bool pdl, int64_t w_rows, int64_t k, int64_t w_elem, int64_t budget_bytes) {
-  if (!pdl || budget_bytes <= 0 || w_rows <= 0 || k <= 0) return 0;
-  if (w_rows * k * w_elem <= budget_bytes) return k;
-  return budget_bytes / w_rows / 128 * 128 / w_elem;
 }
 
 // How a launch covers the rows: R rows per warp, and whether a block's warps split K.
@@ -490,14 +464,11 @@ inline void check_w_scale(const TensorView& w_scale, int64_t n) {
 
 // y [M, N] = x [M, K] @ w[N, K]^T (+ bias [N]) for 1 <= M <= 8; T in {__half, __nv_bfloat16}.
 // tiling: 0, or a forced tiling (see gemv_tiling); pdl: launch as a programmatic dependent of the
-// previous kernel (SM90+; pdl.cuh), prefetching up to prefetch_bytes of w into L2 before the
-// wait (prefetch_elems).
+// previous kernel (SM90+; pdl.cuh).
 template <typename T>
-void gemv(TensorView x, TensorView w, Optional<TensorView> bias, TensorView y, int64_t tiling, bool pdl,
-          int64_t prefetch_bytes) {
+void gemv(TensorView x, TensorView w, Optional<TensorView> bias, TensorView y, int64_t tiling, bool pdl) {
   using namespace gemv_detail;
-  Problem p = make_problem(x, w, bias, y, sizeof(T), sizeof(T), 8);
-  p.prefetch_k = prefetch_elems(pdl, w.size(0), p.k, sizeof(T), prefetch_bytes);
+  const Problem p = make_problem(x, w, bias, y, sizeof(T), sizeof(T), 8);
   if (p.n == 0) return;
   tvm::ffi::CUDADeviceGuard guard(x.device().device_id);
   const cudaStream_t stream = current_stream(x);
@@ -507,13 +478,12 @@ void gemv(TensorView x, TensorView w, Optional<TensorView> bias, TensorView y, i
 
 // y [M, N] = (x_int8 [M, K] @ w_int8[N, K]^T) * x_scale[M] * w_scale[N] (+ bias [N]) in T:
 // the W8A8 GEMM for 1..8 rows, with x quantized per token beforehand (gemv_w8a8_dynamic in
-// gemv_prologue.cuh quantizes inside the kernel). tiling, pdl and prefetch_bytes as in gemv.
+// gemv_prologue.cuh quantizes inside the kernel). tiling and pdl as in gemv.
 template <typename T>
 void gemv_w8a8(TensorView x, TensorView x_scale, TensorView w, TensorView w_scale, Optional<TensorView> bias,
-               TensorView y, int64_t tiling, bool pdl, int64_t prefetch_bytes) {
+               TensorView y, int64_t tiling, bool pdl) {
   using namespace gemv_detail;
-  Problem p = make_problem(x, w, bias, y, 1, 1, 16);
-  p.prefetch_k = prefetch_elems(pdl, w.size(0), p.k, 1, prefetch_bytes);
+  const Problem p = make_problem(x, w, bias, y, 1, 1, 16);
   check_w_scale(w_scale, p.n);
   TVM_FFI_CHECK(x_scale.numel() == x.size(0) && x_scale.dtype().bits == 32 &&
                     (x_scale.numel() <= 1 || x_scale.stride(0) == 1),

@@ -41,7 +41,6 @@ __global__ void __launch_bounds__(kThreads) gemv_gated_silu_kernel(Problem p, ty
   uint4 wv[W::kUnroll][R];
   const int64_t k0 = W::k_first(lane, warp);
   const bool preloaded = active && W::preload(wv, wrow, k0, p.k);
-  if (active) W::prefetch(wrow, p.prefetch_k, lane, warp);
   pdl_wait();
   if (!active) return;
 
@@ -109,13 +108,11 @@ void dispatch_gated(const Problem& p, int64_t m, const Tiling& t, const typename
 
 // y [M, N] = silu(x @ w[:N]^T (+ bias[:N])) * (x @ w[N:]^T (+ bias[N:])) for x [M, K] (M <= 8),
 // w [2N, K], bias [2N], each product rounded to T first; T in {__half, __nv_bfloat16}. tiling: 0
-// or a forced tiling (gated_tiling); pdl and prefetch_bytes as in gemv.
+// or a forced tiling (gated_tiling); pdl as in gemv.
 template <typename T>
-void gemv_gated_silu(TensorView x, TensorView w, Optional<TensorView> bias, TensorView y, int64_t tiling, bool pdl,
-                     int64_t prefetch_bytes) {
+void gemv_gated_silu(TensorView x, TensorView w, Optional<TensorView> bias, TensorView y, int64_t tiling, bool pdl) {
   using namespace gemv_detail;
-  Problem p = make_problem(x, w, bias, y, sizeof(T), sizeof(T), 8, 1, 2);
-  p.prefetch_k = prefetch_elems(pdl, w.size(0), p.k, sizeof(T), prefetch_bytes);
+  const Problem p = make_problem(x, w, bias, y, sizeof(T), sizeof(T), 8, 1, 2);
   if (p.n == 0) return;
   tvm::ffi::CUDADeviceGuard guard(x.device().device_id);
   const cudaStream_t stream = current_stream(x);

@@ -349,7 +349,6 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_prologue_kernel(Problem p, P
   const int64_t chunk = min(p.k, kChunk);
   // The first weights go out before the statistics, so their DRAM latency overlaps the prologue.
   bool preloaded = active && W::preload(wv, wrow, k_first, chunk);
-  if (active) W::prefetch(wrow, p.prefetch_k, lane, warp);
   pdl_wait();  // the weights above are not written by any kernel; x and the residual may be
 
   float stat[M], scale[M];  // RmsNorm: 1 / rms of each row; int8: each row's quantization scale
@@ -493,16 +492,14 @@ PrologueArgs make_prologue_args(const TensorView& x, int64_t k, const Optional<T
 // kSiluMulPrologue) applied to x, for 1 <= M <= 8; T in {__half, __nv_bfloat16}.
 //   rmsnorm:  x [M, K], norm_weight [K], optional residual and residual_out [M, K], eps;
 //   silu_mul: x [M, 2K] (gate | up); residual, norm_weight and residual_out must be absent.
-// tiling: 0, or a forced tiling for benchmarks (see prologue_tiling); pdl and prefetch_bytes as in
-// gemv (gemv.cuh).
+// tiling: 0, or a forced tiling for benchmarks (see prologue_tiling); pdl as in gemv (gemv.cuh).
 template <typename T, int kKind>
 void gemv_prologue(TensorView x, Optional<TensorView> residual, Optional<TensorView> norm_weight,
                    Optional<TensorView> residual_out, double eps, TensorView w, Optional<TensorView> bias,
-                   TensorView y, int64_t tiling, bool pdl, int64_t prefetch_bytes) {
+                   TensorView y, int64_t tiling, bool pdl) {
   using namespace gemv_detail;
   static_assert(kKind == kRmsNormPrologue || kKind == kSiluMulPrologue, "gemv_prologue needs a prologue");
-  Problem p = make_problem(x, w, bias, y, sizeof(T), sizeof(T), 8, kKind == kSiluMulPrologue ? 2 : 1);
-  p.prefetch_k = prefetch_elems(pdl, w.size(0), p.k, sizeof(T), prefetch_bytes);
+  const Problem p = make_problem(x, w, bias, y, sizeof(T), sizeof(T), 8, kKind == kSiluMulPrologue ? 2 : 1);
   TVM_FFI_CHECK(p.k > 0, ValueError) << "K must be positive";
   const PrologueArgs a = make_prologue_args<T, kKind>(x, p.k, residual, norm_weight, residual_out, eps);
   if (p.n == 0) return;  // (residual_out is then left unwritten; the wrapper handles N == 0)
@@ -518,10 +515,9 @@ void gemv_prologue(TensorView x, Optional<TensorView> residual, Optional<TensorV
 template <typename T, int kKind>
 void gemv_w8a8_dynamic(TensorView x, Optional<TensorView> residual, Optional<TensorView> norm_weight,
                        Optional<TensorView> residual_out, double eps, TensorView w, TensorView w_scale,
-                       Optional<TensorView> bias, TensorView y, int64_t tiling, bool pdl, int64_t prefetch_bytes) {
+                       Optional<TensorView> bias, TensorView y, int64_t tiling, bool pdl) {
   using namespace gemv_detail;
   Problem p = make_problem(x, w, bias, y, sizeof(T), 1, 16, kKind == kSiluMulPrologue ? 2 : 1);
-  p.prefetch_k = prefetch_elems(pdl, w.size(0), p.k, 1, prefetch_bytes);
   check_w_scale(w_scale, p.n);
   TVM_FFI_CHECK(same_dtype(x, y), TypeError) << "y must have x's dtype";
   TVM_FFI_CHECK(p.k > 0, ValueError) << "K must be positive";
