@@ -131,6 +131,20 @@ def test_launch_settings_rule() -> None:
     assert (td.BLOCK_N, td.NUM_STAGES) == (64, 3)
 
 
+def test_kv_prefetch_lines_cover_each_row() -> None:
+    # One prefetch address per 128-byte line of a K/V row (bf16 head_dim 128: two lines), the whole
+    # row when it is shorter than a line; a whole number of addresses per row in every case.
+    from pymllm.layers.attention.triton_decode import PREFETCH_BLOCKS, prefetch_line_elems
+
+    assert prefetch_line_elems(128, 2) == 64 and prefetch_line_elems(128, 1) == 128  # bf16; fp8
+    assert prefetch_line_elems(256, 4) == 32 and prefetch_line_elems(16, 2) == 16
+    for head_dim in (16, 32, 64, 128, 256):
+        for size in (1, 2, 4):
+            line = prefetch_line_elems(head_dim, size)
+            assert head_dim % line == 0 and line * size <= 128
+    assert PREFETCH_BLOCKS >= 1
+
+
 def test_rejects_unsupported_shapes() -> None:
     from pymllm.layers.attention.triton_decode import decode_attention
 

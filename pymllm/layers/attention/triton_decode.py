@@ -88,6 +88,12 @@ def num_splits_for(batch_size: int, num_kv_heads: int, num_sms: int) -> int:
     return best
 
 
+def prefetch_line_elems(head_dim: int, element_size: int) -> int:
+    """Elements of a K/V row per prefetch address: one per 128-byte line, or the whole row when it
+    is shorter (head_dim and the line are powers of two, so the row holds a whole number of them)."""
+    return min(head_dim, 128 // element_size)
+
+
 def arrival_counters(max_batch: int, num_kv_heads: int, device) -> torch.Tensor:
     """The arrival counters ``decode_attention`` needs when it runs more than one split: int32
     zeros, one per (sequence, KV head). Allocate them once and pass them to every call (CUDA
@@ -392,7 +398,7 @@ def decode_attention(
         out.stride(0), out.stride(1), sm_scale, window_left,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         NUM_SPLITS=num_splits, BLOCK=block, FUSED_MERGE=fused, MERGE_ROWS=triton.next_power_of_2(group),
-        PREFETCH_TOKENS=PREFETCH_BLOCKS * block, LINE_ELEMS=min(head_dim, 128 // k_buf.element_size()),
+        PREFETCH_TOKENS=PREFETCH_BLOCKS * block, LINE_ELEMS=prefetch_line_elems(head_dim, k_buf.element_size()),
         num_warps=num_warps, num_stages=num_stages, **launch_options(q.device, batch),
     )
     if num_splits > 1 and not fused:
