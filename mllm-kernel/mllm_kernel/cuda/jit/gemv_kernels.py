@@ -34,10 +34,11 @@ division, so also within one unit in the last place of ``a``).
 All entries read each weight once with 16-byte streaming loads and reduce in registers: one
 launch, no workspace, CUDA-graph safe. On SM90+ they launch as programmatic dependents
 (mllm_kernel.pdl): the first weight loads are issued before the wait for the previous kernel.
-Larger batches belong to tensor-core GEMMs (cuBLAS / CUTLASS); the caller dispatches. The C++ templates take the activation dtype and, for the fused
-entries, the prologue (``PROLOGUES``: 0 none, 1 rmsnorm, 2 silu_mul) as template arguments, so
-each combination is a small library compiled on first use (kernel names "gemv_prologue" for the
-dense fused entries, "gemv_w8a8_dynamic").
+Larger batches belong to tensor-core GEMMs (cuBLAS / CUTLASS); the caller dispatches. The C++
+templates take the activation dtype and, for the fused entries, the prologue (``PROLOGUES``: 0
+none, 1 rmsnorm, 2 silu_mul) as template arguments, so each combination is a small library
+compiled on first use (kernel names "gemv_prologue" for the dense fused entries,
+"gemv_w8a8_dynamic").
 
 Every block of a fused kernel computes the whole activation (its rows span all of K), so the
 fusion pays off where that is cheap next to the weight stream. On an H200 (bench_gemv.py
@@ -97,9 +98,9 @@ def _check_common(op: str, x: torch.Tensor, w: torch.Tensor, bias: Optional[torc
         raise ValueError(f"{op}: x and w must be 16-byte aligned")
 
 
-def _check_tiling(op: str, tiling: int) -> None:
-    if isinstance(tiling, bool) or tiling not in (0, *TILINGS):
-        raise ValueError(f"{op}: _tiling must be 0 or one of {TILINGS}, got {tiling!r}")
+def _check_tiling(op: str, tiling: int, compiled: Tuple[int, ...] = TILINGS) -> None:
+    if isinstance(tiling, bool) or tiling not in (0, *compiled):
+        raise ValueError(f"{op}: _tiling must be 0 or one of {compiled}, got {tiling!r}")
 
 
 def _require_cuda(op: str, x: torch.Tensor) -> None:
@@ -161,8 +162,7 @@ def gemv_gated_silu(kernel: JitKernel, x: torch.Tensor, w: torch.Tensor, bias: O
     _check_common(op, x, w, bias, (x.dtype,), 8, x.dtype)
     if w.shape[0] % 2:
         raise ValueError(f"{op}: w must stack gate and up rows ([2N, K]), got {w.shape[0]} rows")
-    if isinstance(_tiling, bool) or _tiling not in (0, *GATED_TILINGS):
-        raise ValueError(f"{op}: _tiling must be 0 or one of {GATED_TILINGS}, got {_tiling!r}")
+    _check_tiling(op, _tiling, GATED_TILINGS)
     _require_cuda(op, x)
     y = torch.empty((x.shape[0], w.shape[0] // 2), dtype=x.dtype, device=x.device)
     kernel[x.dtype](x, w, bias, y, int(_tiling), use_pdl(x.device))

@@ -188,11 +188,6 @@ struct Walk {
   static __device__ __forceinline__ int64_t k_first(int lane, int warp) {
     return (static_cast<int64_t>(kSplitK ? warp : 0) * 32 + lane) * F::kElems;
   }
-  // Rows past N (only in the last warp when N % R != 0) re-read the last row and are dropped.
-  static __device__ __forceinline__ void rows(const Problem& p, int64_t row0, const char* (&wrow)[R]) {
-#pragma unroll
-    for (int r = 0; r < R; ++r) wrow[r] = p.w + min(row0 + r, p.n - 1) * p.k * F::kWBytes;
-  }
   template <int M>
   static __device__ __forceinline__ void zero(Acc (&acc)[M][R]) {
 #pragma unroll
@@ -286,19 +281,32 @@ struct Walk {
     }
     return lane == 0;
   }
+};
 
-  // reduce, then y[m, row0 + r] = the format's epilogue (+ bias).
-  template <typename T, int M>
-  static __device__ __forceinline__ void store(const Problem& p, const typename F::Extra& extra, Acc (&acc)[M][R],
-                                               int64_t row0, int lane, int warp) {
-    if (!reduce<M>(acc, lane, warp)) return;
+// ---------------------------------------------------------------- outputs
+// An output policy says which weight rows a warp's R rows are, given its first output out0, and
+// what the thread holding the summed products writes. PlainOutput: row r is output out0 + r and
+// y = the format's epilogue (+ bias). gemv_gated.cuh adds the gate/up pairs of the gated GEMV.
+struct PlainOutput {
+  static constexpr int kWeightRows = 1;  // weight rows per output
+
+  // Rows past N (only in the last warp when N % R != 0) re-read the last row and are dropped.
+  template <typename F, int R>
+  static __device__ __forceinline__ void rows(const Problem& p, int64_t out0, const char* (&wrow)[R]) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) wrow[r] = p.w + min(out0 + r, p.n - 1) * p.k * F::kWBytes;
+  }
+
+  template <typename F, typename T, int M, int R>
+  static __device__ __forceinline__ void write(const Problem& p, const typename F::Extra& extra,
+                                               const typename F::Acc (&acc)[M][R], int64_t out0) {
     const T* bias = reinterpret_cast<const T*>(p.bias);
     T* y = reinterpret_cast<T*>(p.y);
 #pragma unroll
     for (int m = 0; m < M; ++m)
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        const int64_t row = row0 + r;
+        const int64_t row = out0 + r;
         if (row >= p.n) continue;
         float v = F::finish(acc[m][r], m, row, extra);
         if (bias != nullptr) v = __fadd_rn(v, static_cast<float>(bias[row]));
@@ -310,16 +318,17 @@ struct Walk {
 // ---------------------------------------------------------------- the kernel
 // Under programmatic dependent launch (pdl.cuh) the first weight loads are issued before the
 // wait for the previous kernel, so they overlap its tail; x, the scales it wrote and y wait.
-template <typename F, typename T, int M, int R, bool kSplitK>
+template <typename F, typename T, int M, int R, bool kSplitK, typename Out>
 __global__ void __launch_bounds__(kThreads) gemv_kernel(Problem p, typename F::Extra extra) {
   using W = Walk<F, R, kSplitK, kWarpsPerBlock>;
+  static_assert(R % Out::kWeightRows == 0, "a warp takes whole outputs");
   pdl_launch_dependents();
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x / 32;
-  const int64_t row0 = W::row0(warp);
-  const bool active = row0 < p.n;  // false for whole blocks only under split-K: no barrier is skipped
+  const int64_t out0 = W::row0(warp) / Out::kWeightRows;  // the warp's first output
+  const bool active = out0 < p.n;  // false for whole blocks only under split-K: no barrier is skipped
   const char* wrow[R];
-  W::rows(p, row0, wrow);
+  Out::template rows<F, R>(p, out0, wrow);
   uint4 wv[W::kUnroll][R];
   const int64_t k0 = W::k_first(lane, warp);
   const bool preloaded = active && W::preload(wv, wrow, k0, p.k);
@@ -329,7 +338,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(Problem p, typename F::E
   typename F::Acc acc[M][R];
   W::zero(acc);
   W::template accumulate<M>(p.x, p.x_stride, 0, wrow, k0, p.k, preloaded, wv, acc);
-  W::template store<T, M>(p, extra, acc, row0, lane, warp);
+  if (W::template reduce<M>(acc, lane, warp)) Out::template write<F, T, M, R>(p, extra, acc, out0);
 }
 
 // ---------------------------------------------------------------- host side
@@ -373,12 +382,13 @@ inline Tiling gemv_tiling(int64_t n, int64_t m, int device, int64_t forced) {
   return {static_cast<int>(forced % 10), forced >= 10};
 }
 
-template <typename F, typename T, int M, int R, bool kSplitK>
+template <typename F, typename T, int M, int R, bool kSplitK, typename Out>
 void launch(const Problem& p, const typename F::Extra& extra, cudaStream_t stream, bool pdl) {
-  const int64_t groups = ceil_div(p.n, R);  // warps (or, under split-K, blocks) with R rows each
+  // warps (or, under split-K, blocks) with R weight rows each
+  const int64_t groups = ceil_div(p.n, static_cast<int64_t>(R / Out::kWeightRows));
   const int64_t blocks = kSplitK ? groups : ceil_div(groups, kWarpsPerBlock);
-  launch_kernel(gemv_kernel<F, T, M, R, kSplitK>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream, pdl,
-                p, extra);
+  launch_kernel(gemv_kernel<F, T, M, R, kSplitK, Out>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream,
+                pdl, p, extra);
 }
 
 // Calls fn(std::integral_constant<int, M>{}) for the batch's row count M, so that one compiled
@@ -398,19 +408,21 @@ void with_rows(int64_t m, Fn&& fn) {
   }
 }
 
-// Instantiates the launch for the batch's row count (1..8) and the tiling.
-template <typename F, typename T>
+// Instantiates the launch for the batch's row count (1..8) and the tiling: 4 or 2 weight rows
+// per warp, else the fewest the output policy allows (1 plain, 2 gated), split-K with 4 or that.
+template <typename F, typename T, typename Out = PlainOutput>
 void dispatch(const Problem& p, int64_t m, const Tiling& t, const typename F::Extra& extra, cudaStream_t stream,
               bool pdl) {
+  constexpr int kFewest = Out::kWeightRows;
   with_rows(m, [&](auto mc) {
     constexpr int M = decltype(mc)::value;
     if (t.split_k) {
-      if (t.rows == 4) return launch<F, T, M, 4, true>(p, extra, stream, pdl);
-      return launch<F, T, M, 1, true>(p, extra, stream, pdl);
+      if (t.rows == 4) return launch<F, T, M, 4, true, Out>(p, extra, stream, pdl);
+      return launch<F, T, M, kFewest, true, Out>(p, extra, stream, pdl);
     }
-    if (t.rows == 4) return launch<F, T, M, 4, false>(p, extra, stream, pdl);
-    if (t.rows == 2) return launch<F, T, M, 2, false>(p, extra, stream, pdl);
-    return launch<F, T, M, 1, false>(p, extra, stream, pdl);
+    if (t.rows == 4) return launch<F, T, M, 4, false, Out>(p, extra, stream, pdl);
+    if (t.rows == 2) return launch<F, T, M, 2, false, Out>(p, extra, stream, pdl);
+    return launch<F, T, M, kFewest, false, Out>(p, extra, stream, pdl);
   });
 }
 

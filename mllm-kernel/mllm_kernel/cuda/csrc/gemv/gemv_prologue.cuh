@@ -343,7 +343,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_prologue_kernel(Problem p, P
   typename F::Acc acc[M][R];
   W::zero(acc);
   const char* wrow[R];
-  W::rows(p, row0, wrow);
+  PlainOutput::rows<F, R>(p, row0, wrow);
   uint4 wv[W::kUnroll][R];
   const int64_t k_first = W::k_first(lane, warp);
   const int64_t chunk = min(p.k, kChunk);
@@ -376,7 +376,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_prologue_kernel(Problem p, P
     if (active) W::template accumulate<M>(stage, chunk, c0, wrow, c0 + k_first, c1, preloaded, wv, acc);
   }
   if (!active) return;
-  W::template store<T, M>(p, extra, acc, row0, lane, warp);
+  if (W::template reduce<M>(acc, lane, warp)) PlainOutput::write<F, T, M, R>(p, extra, acc, row0);
 }
 
 // ---------------------------------------------------------------- host side
