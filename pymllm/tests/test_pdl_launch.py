@@ -1,7 +1,7 @@
 """Programmatic dependent launch on pymllm's side (CPU): the launch options the Triton decode
-kernels get, --server.disable_pdl reaching mllm_kernel's switch through the ModelRunner, and
-the Triton kernels still matching their references with the USE_PDL constexpr off (the
-interpreter). The GPU side is test_gpu_fast_path's PDL on/off model comparison and
+kernels get and --server.disable_pdl reaching mllm_kernel's switch through the ModelRunner. The
+kernels with the USE_PDL constexpr off run under the interpreter in test_fused_ops and
+test_triton_decode; the GPU side is test_gpu_fast_path's PDL on/off model comparison and
 mllm-kernel's test_pdl chain."""
 
 from __future__ import annotations

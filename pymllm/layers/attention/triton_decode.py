@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pymllm.layers.kernels.pdl import launch_options
+from pymllm.layers.kernels.pdl import enter_dependent, launch_options
 
 # Launch settings from scripts/tune_triton_decode.py (H200, Qwen3-8B heads, bs 16-128, KV
 # 1k-4k tokens; docs/perf/tune_triton_decode_h200.jsonl): 64-token KV blocks in a 3-stage
@@ -334,9 +334,7 @@ def _merge_kernel(o_ptr, lse_ptr, out_ptr, out_stride_b, out_stride_h,
                   HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_PDL: tl.constexpr):
     """The separate merge launch of ``separate_merge=True`` (the earlier form, kept as it was),
     grid (batch, q_heads)."""
-    if USE_PDL:  # programmatic dependent launch: pymllm.layers.kernels.pdl
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    enter_dependent(USE_PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     row = (b.to(tl.int64) * tl.num_programs(1) + h) * NUM_SPLITS

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pymllm.layers.kernels.pdl import launch_options
+from pymllm.layers.kernels.pdl import enter_dependent, launch_options
 
 _ACT_BLOCK = 1024
 
@@ -34,9 +34,7 @@ def _rms_norm_kernel(
     n_cols, eps,
     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    if USE_PDL:  # programmatic dependent launch: pymllm.layers.kernels.pdl
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    enter_dependent(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -55,9 +53,7 @@ def _rms_norm_kernel(
 
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, d, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    if USE_PDL:  # programmatic dependent launch: pymllm.layers.kernels.pdl
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    enter_dependent(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d

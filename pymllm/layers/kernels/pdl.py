@@ -3,17 +3,18 @@
 mllm_kernel.pdl explains the mechanism and owns the decision (process switch, SM90+). The
 Triton kernels that run inside a decode step (RMSNorm, SiLU-and-mul, q/k-norm-rope, decode
 attention, per-token int8 quantization) take a ``USE_PDL`` constexpr: with it they signal
-``gdc_launch_dependents`` and then ``gdc_wait`` before their first load, so the kernel after
-them (typically a GEMV) can start streaming its weights while they run, and they themselves
-start while the kernel before them drains. They write nothing before the wait, which keeps the
-chain as ordered as plain launches for every buffer a kernel of the step writes.
+``gdc_launch_dependents`` and then ``gdc_wait`` before their first load (``enter_dependent``;
+decode attention prefetches K/V in between), so the kernel after them (typically a GEMV) can
+start streaming its weights while they run, and they themselves start while the kernel before
+them drains. They write nothing before the wait, which keeps the chain as ordered as plain
+launches for every buffer a kernel of the step writes.
 
 ``launch_options(device, rows)`` gives the keyword arguments for one launch: ``USE_PDL`` and,
 when it is set, Triton's ``launch_pdl`` option. Only decode-sized launches (up to
 ``PDL_MAX_ROWS`` rows) use it: a prefill's kernels run long enough that the launch gap does not
 count, and an early-launched kernel's waiting blocks would only hold SM resources next to the
-GEMM before it. Triton builds without the griddepcontrol ops (older
-than 3.4) and mllm_kernel missing both mean plain launches.
+GEMM before it. Triton builds without the griddepcontrol ops (older than 3.4) and mllm_kernel
+missing both mean plain launches.
 """
 
 from __future__ import annotations
@@ -24,7 +25,24 @@ from typing import Dict
 
 import torch
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU-only install: no Triton kernels to launch
+    triton = None
+
 logger = logging.getLogger(__name__)
+
+if triton is not None:
+
+    @triton.jit
+    def enter_dependent(USE_PDL: tl.constexpr):
+        """A decode kernel's first statement: with ``USE_PDL``, let the next kernel launch, then
+        wait for the previous one before any load or store (its contract above). A kernel with
+        loads that may precede the wait (decode attention's prefetch) calls the two ops itself."""
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
 
 
 @functools.lru_cache(maxsize=None)

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pymllm.layers.kernels.pdl import launch_options
+from pymllm.layers.kernels.pdl import enter_dependent, launch_options
 
 
 @triton.jit
@@ -43,9 +43,7 @@ def _qk_norm_rope_kernel(
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HALF_BLOCK: tl.constexpr, TOKENS: tl.constexpr,
     APPLY_NORM: tl.constexpr, WRITE_KV: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    if USE_PDL:  # programmatic dependent launch: pymllm.layers.kernels.pdl
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    enter_dependent(USE_PDL)
     # One program: one head of TOKENS consecutive tokens, a [TOKENS, HALF] tile per half.
     toks = tl.program_id(0).to(tl.int64) * TOKENS + tl.arange(0, TOKENS)
     tok_ok = toks < num_tokens

@@ -44,13 +44,12 @@ def per_token_quant_int8_reference(x: torch.Tensor) -> Tuple[torch.Tensor, torch
 
 
 if triton is not None:
+    from pymllm.layers.kernels.pdl import enter_dependent
 
     @triton.jit
     def _per_token_quant_int8_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr,
                                      USE_PDL: tl.constexpr):
-        if USE_PDL:  # programmatic dependent launch: pymllm.layers.kernels.pdl
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
+        enter_dependent(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * stride_xm
         q_row = q_ptr + row * stride_qm
