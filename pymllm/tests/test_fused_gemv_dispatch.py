@@ -253,3 +253,21 @@ def test_swiglu_is_measured_at_every_gated_tiling(fused_on_cpu, monkeypatch):
     act = mlp.gate_up_proj.forward_swiglu(torch.randn(2, K, dtype=torch.bfloat16))
     assert sorted(timed) == sorted(fast) and CHOOSER.choices[key] and CHOOSER.tiling(key) == 14
     assert act.shape == (2, N) and fused_on_cpu == ["swiglu"]
+
+
+def test_fused_readiness_is_settled_once(monkeypatch):
+    # The fused entries ask on every decode call: after the first answer no kernel is prepared again.
+    asked = []
+
+    def prepare(kind, device, dtype, self_test):
+        asked.append(kind)
+        return False
+
+    monkeypatch.setattr(fused_gemv, "prepare_kernel", prepare)
+    monkeypatch.setattr(fused_gemv, "_fused_ready", {})
+    cpu = torch.device("cpu")
+    assert fused_gemv.prepare_fused_gemvs("dense", cpu, torch.bfloat16) is False
+    assert asked == ["rmsnorm GEMV", "silu_mul GEMV", "swiglu GEMV"]
+    assert fused_gemv.prepare_fused_gemvs("dense", cpu, torch.bfloat16) is False
+    assert fused_gemv.prepare_fused_gemvs("w8a8", cpu, torch.bfloat16) is False
+    assert asked[3:] == ["w8a8_dynamic GEMV"]

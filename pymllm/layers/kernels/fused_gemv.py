@@ -25,7 +25,7 @@ gate/up GEMV followed by the SiLU-and-mul kernel.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -83,14 +83,26 @@ def _self_test(kind: str, device: torch.device, dtype: torch.dtype) -> None:
         raise RuntimeError("results differ from the PyTorch reference")
 
 
+# (kind, device, dtype) -> prepare_fused_gemvs' settled answer: the fused entries ask on every call.
+_fused_ready: Dict[Tuple[str, torch.device, torch.dtype], bool] = {}
+
+
 def prepare_fused_gemvs(kind: str, device: torch.device, dtype: torch.dtype) -> bool:
     """Build and self-test the fused GEMVs of ``kind`` ("dense": RMSNorm and SiLU-and-mul
     prologues, the gated SwiGLU GEMV; "w8a8": the dynamic-quantization GEMV with its prologues)
     once per device and dtype."""
+    key = (kind, device, dtype)
+    ready = _fused_ready.get(key)
+    if ready is not None:
+        return ready
     kinds = ("rmsnorm", "silu_mul", "swiglu") if kind == "dense" else ("w8a8_dynamic",)
-    return all(
+    ready = all(
         [prepare_kernel(f"{k} GEMV", device, dtype, lambda k=k: _self_test(k, device, dtype)) for k in kinds]
     )
+    # A "no" from inside a CUDA-graph capture is not final (prepare_kernel builds nothing there).
+    if ready or not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        _fused_ready[key] = ready
+    return ready
 
 
 def _gemv_chosen(kind: str, x: torch.Tensor, weight_nk: torch.Tensor) -> bool:
