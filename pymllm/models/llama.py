@@ -76,13 +76,19 @@ class DecoderAttention(nn.Module):
             q, k = self._mrope[0](positions, self.q_norm(q), self.k_norm(k))
             out = self.attn(q.reshape(-1, self.q_size), k.reshape(-1, self.kv_size), v, forward_batch)
             return self.o_proj(out)
+        v_heads = v.reshape(-1, self.num_kv_heads, self.head_dim)
+        # Decode attention may take q/k raw and apply the norms and rope itself (one launch).
+        out = self.attn.forward_rope(
+            q, k, v_heads, positions, self.rotary_emb, self.q_norm, self.k_norm, forward_batch
+        )
+        if out is not None:
+            return self.o_proj(out)
         # The norm+rope kernel can also store this layer's K/V, which saves the backend's
         # store launch per layer. It writes through forward_batch.out_cache_loc, the static
         # buffer under CUDA graphs, so a captured graph writes each replay's slots.
         kv_write = None
         if forward_batch.kv_pool is not None:
             k_cache, v_cache = forward_batch.kv_pool.get_kv_buffer(self.attn.layer_id)
-            v_heads = v.reshape(-1, self.num_kv_heads, self.head_dim)
             kv_write = KVCacheWrite(v_heads, k_cache, v_cache, forward_batch.out_cache_loc)
         q, k, stored = qk_norm_rope_try_store_kv(
             q, k, positions, self.rotary_emb, self.q_norm, self.k_norm, kv_write

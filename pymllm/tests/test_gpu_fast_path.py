@@ -418,8 +418,12 @@ def test_fused_kv_write_leaves_the_model_unchanged(monkeypatch):
     against the backend's separate store: the kernel computes the same k and the store is a
     copy, so the pool and every logit agree bit for bit (all kernels see identical inputs)."""
     _flashinfer_backend_cls()
+    from pymllm.layers.attention import flashinfer_backend as fib
     from pymllm.models import llama
 
+    # The q/k-norm-rope kernel with and without its KV write, so the decode attention must not
+    # take over both (test_rope_in_decode_attention_leaves_the_model_unchanged covers that).
+    monkeypatch.setattr(fib, "DECODE_ROPE_FUSION", False)
     stored = []
     try_store = llama.qk_norm_rope_try_store_kv
 
@@ -442,6 +446,38 @@ def test_fused_kv_write_leaves_the_model_unchanged(monkeypatch):
     for got, ref in zip(fused_runner.kv_pool.k_buffers + fused_runner.kv_pool.v_buffers,
                         plain_runner.kv_pool.k_buffers + plain_runner.kv_pool.v_buffers):
         assert torch.equal(_bits(got[1:]), _bits(ref[1:]))
+
+
+def test_rope_in_decode_attention_leaves_the_model_unchanged(monkeypatch):
+    """Graph decode with the q/k norms, rope and KV store inside the Triton attention kernel
+    (default) against the q/k-norm-rope kernel before it: the same rounding except the norm's
+    sum order, so the logits agree to bf16 noise and the tokens match (or part at a near-tie)."""
+    _flashinfer_backend_cls()
+    from pymllm.layers.attention import flashinfer_backend as fib
+
+    calls = []
+    fused = fib.FlashInferAttnBackend.forward_decode_rope
+
+    def counting(self, *args, **kwargs):
+        out = fused(self, *args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(fib.FlashInferAttnBackend, "forward_decode_rope", counting)
+    on_out, on_steps, _ = _run_recorded("flashinfer")
+    assert any(calls)  # graph decode fuses; eager decode (the warm-up's, FlashInfer's kernel) cannot
+    monkeypatch.setattr(fib, "DECODE_ROPE_FUSION", False)
+    calls.clear()
+    off_out, off_steps, _ = _run_recorded("flashinfer")
+    assert calls and not any(calls)
+    for ref, got in zip(off_steps, on_steps):
+        assert ((got - ref).float().norm() / ref.float().norm()).item() < 1e-2
+        differ = (ref.argmax(-1) != got.argmax(-1)).nonzero().flatten().tolist()
+        if differ:
+            top2 = ref[differ].topk(2, dim=-1).values
+            assert ((top2[:, 0] - top2[:, 1]) < 0.3).all(), "argmax differs without a near-tie"
+            return
+    assert on_out == off_out
 
 
 def test_programmatic_dependent_launch_leaves_the_model_unchanged():

@@ -25,10 +25,16 @@ def test_graph_decode_kernel_rule():
     assert fib.graph_decode_kernel(1, torch.bfloat16, 96) == "flashinfer"  # not a power of two
 
 
-def graph_path_checks() -> None:
+def graph_path_checks(fused_ops_forced: bool = False) -> None:
     """Prefill three prompts, then decode through the captured-graph metadata path (padded from
-    3 to 4 rows), with the Triton kernels, against torch_native. Needs TRITON_INTERPRET=1."""
+    3 to 4 rows), with the Triton kernels, against torch_native. Needs TRITON_INTERPRET=1.
+
+    fused_ops_forced: the fused ops' device check bypassed (CPU tensors take the Triton kernels),
+    so the decode attention also applies the q/k norms and rope and stores K/V itself
+    (FlashInferAttnBackend.forward_decode_rope), which must then run in every layer."""
     import pytest
+
+    from pymllm.layers import fused_ops
 
     from pymllm.engine.forward_batch import ForwardMode
     from pymllm.executor.cuda_graph_runner import CudaGraphRunner
@@ -41,6 +47,17 @@ def graph_path_checks() -> None:
     monkeypatch = pytest.MonkeyPatch()
     try:
         tfm.fake_flashinfer.__wrapped__(monkeypatch)
+        fused_calls = []
+        if fused_ops_forced:
+            monkeypatch.setattr(fused_ops, "can_use_fast_path", lambda *t: fused_ops._same_device_and_dtype(*t))
+            fused_rope = fib.FlashInferAttnBackend.forward_decode_rope
+
+            def counting(self, *args, **kwargs):
+                out = fused_rope(self, *args, **kwargs)
+                fused_calls.append(out is not None)
+                return out
+
+            monkeypatch.setattr(fib.FlashInferAttnBackend, "forward_decode_rope", counting)
         runner = tfm._runner(tiny_model_dir("qwen3"), dtype="float16")
         native = runner.attn_backend
         backend = fib.FlashInferAttnBackend(runner)
@@ -69,8 +86,10 @@ def graph_path_checks() -> None:
             runner.cuda_graph_runner = None
             assert graphs.prepare_replay(fb) == 4
             assert backend.forward_metadata.kind == "triton_decode"
+            fused_calls.clear()
             with torch.inference_mode():
                 got = graphs.run_static(4)[0][:3]
+            assert fused_calls == ([True] * len(runner.model.model.layers) if fused_ops_forced else []), fused_calls
             ref = tfm._forward_with(runner, native, fb)
             torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
             for req, token in zip(reqs, ref.argmax(-1).tolist()):
@@ -81,4 +100,13 @@ def graph_path_checks() -> None:
 
 def test_graph_path_matches_torch_native_under_interpreter():
     result = run_under_triton_interpreter("pymllm.tests.test_triton_graph_decode", "graph_path_checks")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
+
+
+def graph_path_fused_rope_checks() -> None:
+    graph_path_checks(fused_ops_forced=True)
+
+
+def test_graph_path_with_rope_in_attention_matches_torch_native_under_interpreter():
+    result = run_under_triton_interpreter("pymllm.tests.test_triton_graph_decode", "graph_path_fused_rope_checks")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]

@@ -50,6 +50,16 @@ class AttentionBackend(abc.ABC):
             return self.forward_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache)
         return self.forward_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache)
 
+    def forward_decode_rope(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, rotary_emb,
+        q_norm, k_norm, layer: "RadixAttention", forward_batch: "ForwardBatch",
+    ) -> Optional[torch.Tensor]:
+        """Decode attention from q [B, Hq, D] and k [B, Hkv, D] *before* the layer's per-head
+        norms (None: none) and rotary embedding, which the backend applies itself while it stores
+        k/v: [B, Hq*D], or None where this backend does not fuse them (then the layer applies
+        them and calls forward)."""
+        return None
+
     # CUDA graph support (backends that can be captured override these).
     def supports_cuda_graph(self) -> bool:
         return False

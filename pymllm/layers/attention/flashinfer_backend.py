@@ -41,6 +41,7 @@ extend of one request (one row per new token, ``shared_prefix``) use
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -63,6 +64,9 @@ if TYPE_CHECKING:
 # Triton kernel was faster than FlashInfer's decode (bs 64, 1k tokens, Qwen3-8B heads: 66.6 vs
 # 77.8 us per layer on an H200), before counting FlashInfer's plan() (0.1-0.4 ms of host time).
 TRITON_GRAPH_DECODE_MAX_BS = 128
+# The q/k norm, rope and KV store inside the Triton decode kernel (forward_decode_rope);
+# PYMLLM_DECODE_ROPE_FUSION=0 keeps them in their own kernel (A/B measurements, a way out).
+DECODE_ROPE_FUSION = os.environ.get("PYMLLM_DECODE_ROPE_FUSION", "1") != "0"
 WORKSPACE_BYTES = 256 << 20  # FlashInfer's split-kv scratch; 128 MB is its documented minimum
 CUDA_CORE_DECODE_GROUP_SIZES = (1, 2, 3, 4, 8)
 TENSOR_CORE_MIN_GROUP_SIZE = 4
@@ -486,6 +490,29 @@ class FlashInferAttnBackend(AttentionBackend):
         self, q, k, v, layer: RadixAttention, forward_batch: ForwardBatch, save_kv_cache: bool = True
     ):
         return self._attend(q, k, v, layer, forward_batch, save_kv_cache)
+
+    def forward_decode_rope(self, q, k, v, positions, rotary_emb, q_norm, k_norm, layer: RadixAttention,
+                            forward_batch: ForwardBatch):
+        """The Triton decode kernel (captured graphs of small batches) with the q/k norms, rope and
+        KV store inside (pymllm.layers.attention.decode_rope): one launch per layer fewer."""
+        md = self.forward_metadata
+        if md.kind != "triton_decode" or not DECODE_ROPE_FUSION:
+            return None
+        from pymllm.layers.attention.decode_rope import decode_rope
+        from pymllm.layers.attention.triton_decode import decode_attention
+        from pymllm.layers.fused_ops import KVCacheWrite
+
+        k_buf, v_buf = forward_batch.kv_pool.get_kv_buffer(layer.layer_id)
+        rope = decode_rope(q, k, v, positions, rotary_emb, q_norm, k_norm,
+                           KVCacheWrite(v, k_buf, v_buf, forward_batch.out_cache_loc))
+        if rope is None:
+            return None
+        out = decode_attention(
+            q, k_buf, v_buf, self.req_to_token, forward_batch.req_pool_indices, forward_batch.seq_lens,
+            layer.scaling, md.num_splits, window_left_for(layer.sliding_window),
+            counters=self._graph.triton_counters, rope=rope,
+        )
+        return out.view(-1, layer.num_heads * layer.head_dim)
 
     def forward_decode(
         self, q, k, v, layer: RadixAttention, forward_batch: ForwardBatch, save_kv_cache: bool = True

@@ -21,6 +21,10 @@ size (a CUDA graph fixes the grid) and chosen to give the GPU enough programs; a
 tokens writes lse = -inf and drops out of the merge. With one split the program writes the
 output directly: no scratch, no counter.
 
+With ``rope=DecodeRope(...)`` the kernel also applies the layer's q/k norms and rotary
+embedding and stores the new K/V (pymllm.layers.attention.decode_rope): the separate
+q/k-norm-rope launch is gone from a graph decode step.
+
 ``separate_merge=True`` keeps the earlier two-launch form (partials, then ``_merge_kernel``,
 grid (batch, q_heads)) for benchmarks and as a cross-check.
 
@@ -43,6 +47,9 @@ import torch
 import triton
 import triton.language as tl
 
+from pymllm.layers.attention.decode_rope import (
+    DecodeRope, check_decode_rope, rope_kernel_args, rope_new_token, rope_operands,
+)
 from pymllm.layers.kernels.pdl import enter_dependent, launch_options
 
 # Launch settings from scripts/tune_triton_decode.py (H200, Qwen3-8B heads, bs 16-128, KV
@@ -235,11 +242,13 @@ def _prefetch_kv_l2(k_ptr, v_ptr, req_row, start, stop, head_offset, kv_stride_s
 def _partial_kernel(
     q_ptr, k_ptr, v_ptr, req_to_token_ptr, req_idx_ptr, seq_lens_ptr, o_ptr, lse_ptr,
     out_ptr, counter_ptr,
+    k_new_ptr, v_new_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, pos_ptr, loc_ptr,
     q_stride_b, q_stride_h, kv_stride_s, kv_stride_h, r2t_stride, out_stride_b, out_stride_h,
-    sm_scale, window_left,
+    k_new_stride_b, k_new_stride_h, v_new_stride_b, v_new_stride_h,
+    sm_scale, window_left, eps,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK: tl.constexpr, FUSED_MERGE: tl.constexpr, MERGE_ROWS: tl.constexpr, USE_PDL: tl.constexpr,
-    PREFETCH_TOKENS: tl.constexpr, LINE_ELEMS: tl.constexpr,
+    PREFETCH_TOKENS: tl.constexpr, LINE_ELEMS: tl.constexpr, ROPE: tl.constexpr, APPLY_NORM: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -257,6 +266,11 @@ def _partial_kernel(
     start = lo + split * chunk
     end = tl.minimum(start + chunk, seq_len)
     req_row = req_to_token_ptr + tl.load(req_idx_ptr + b, cache_modifier=".cg").to(tl.int64) * r2t_stride
+    if ROPE:
+        # Also step inputs: the position's cos/sin row, the norm weights and the new slot.
+        cos, sin, q_w, q_wp, k_w, k_wp, new_slot = rope_operands(
+            q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, pos_ptr, loc_ptr, b, dims, HEAD_DIM, APPLY_NORM,
+            k_ptr.dtype.element_ty)
 
     if USE_PDL:  # programmatic dependent launch: pymllm.layers.kernels.pdl
         tl.extra.cuda.gdc_launch_dependents()
@@ -272,16 +286,35 @@ def _partial_kernel(
     rows = tl.arange(0, GROUP_PAD)
     row_ok = rows < GROUP
     heads = kv_head * GROUP + rows
-    q = tl.load(q_ptr + b.to(tl.int64) * q_stride_b + heads[:, None] * q_stride_h + dims[None, :],
-                mask=row_ok[:, None], other=0.0)
+    if ROPE:
+        q, k_new, v_new = rope_new_token(
+            q_ptr + b.to(tl.int64) * q_stride_b + heads * q_stride_h, row_ok,
+            k_new_ptr + b.to(tl.int64) * k_new_stride_b + kv_head * k_new_stride_h,
+            v_new_ptr + b.to(tl.int64) * v_new_stride_b + kv_head * v_new_stride_h,
+            dims, cos, sin, q_w, q_wp, k_w, k_wp, eps, HEAD_DIM, APPLY_NORM, k_ptr.dtype.element_ty,
+        )
+        holds_new = end == seq_len  # the new token (position seq_len - 1) is this slice's last
+        if holds_new & (end > start):
+            # Its program stores the token's K/V. Nothing in this launch reads them back: the
+            # loop below stops before that slot and the token joins from registers after it
+            # (a select inside the loop would cost the K/V loads their shared-memory pipeline).
+            row = new_slot * kv_stride_s + kv_head * kv_stride_h + dims[None, :]
+            tl.store(k_ptr + row, k_new)
+            tl.store(v_ptr + row, v_new)
+    else:
+        q = tl.load(q_ptr + b.to(tl.int64) * q_stride_b + heads[:, None] * q_stride_h + dims[None, :],
+                    mask=row_ok[:, None], other=0.0)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     # log2 domain: exp2 is one instruction.
     qk_scale = sm_scale * 1.4426950408889634
-    for n0 in range(start, end, BLOCK):
+    cached_end = end
+    if ROPE:
+        cached_end = tl.minimum(end, seq_len - 1)
+    for n0 in range(start, cached_end, BLOCK):
         offs = n0 + tl.arange(0, BLOCK)
-        tok_ok = offs < end
+        tok_ok = offs < cached_end
         slots = tl.load(req_row + offs, mask=tok_ok, other=0).to(tl.int64)
         kv_off = slots[:, None] * kv_stride_s + kv_head * kv_stride_h + dims[None, :]
         k = tl.load(k_ptr + kv_off, mask=tok_ok[:, None], other=0.0)
@@ -294,6 +327,17 @@ def _partial_kernel(
         v = tl.load(v_ptr + kv_off, mask=tok_ok[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
+    if ROPE:
+        if holds_new & (end > start):
+            # One more online-softmax step, for the new token: its score in float32 (the
+            # products of 16-bit values are exact, as on the tensor cores), P rounded as above.
+            s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), axis=1) * qk_scale
+            m_new = tl.maximum(m_i, s_new)
+            alpha = tl.exp2(m_i - m_new)
+            p_new = tl.exp2(s_new - m_new)
+            l_i = l_i * alpha + p_new
+            acc = acc * alpha[:, None] + p_new.to(v_new.dtype).to(tl.float32)[:, None] * v_new.to(tl.float32)
+            m_i = m_new
 
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     o = acc / safe_l[:, None]
@@ -365,6 +409,7 @@ def decode_attention(
     block: int = BLOCK_N,
     num_warps: int = NUM_WARPS,
     num_stages: int = NUM_STAGES,
+    rope: Optional[DecodeRope] = None,
 ) -> torch.Tensor:
     """Attention of one query token per sequence over its KV slots.
 
@@ -380,23 +425,33 @@ def decode_attention(
     the splits in a second launch instead (the earlier form, for comparison; no counters).
     block / num_warps / num_stages: KV tokens per inner step and the launch's warps and
     pipeline stages (scripts/tune_triton_decode.py sweeps them).
+
+    rope: q (and ``rope.k``) are the new tokens' projections before their per-head norm and
+    rotary embedding, which the kernel applies (pymllm.layers.attention.decode_rope); it also
+    stores the new K/V at ``rope.out_cache_loc``, so seq_lens count that token but the pool
+    need not hold it yet. Its position in each sequence is seq_len - 1.
     """
     op = "decode_attention"
     batch, _, head_dim = q.shape
     num_kv_heads, group = check_attention_args(op, q, k_buf, v_buf, num_splits)
+    if rope is not None:
+        check_decode_rope(op, q, k_buf, rope)
     out = output_for(op, q, out)
     if batch == 0:
         return out
     fused = num_splits > 1 and not separate_merge
     o_part, lse_part = split_scratch(q, num_splits, out)
     counters = arrival_counters_for(op, fused, counters, batch, num_kv_heads, out)
+    rope_args = rope_kernel_args(rope, out)
     _partial_kernel[(batch, num_kv_heads, num_splits)](
         q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, o_part, lse_part, out, counters,
+        *rope_args[:8],
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), req_to_token.stride(0),
-        out.stride(0), out.stride(1), sm_scale, window_left,
+        out.stride(0), out.stride(1), *rope_args[8:12], sm_scale, window_left, rope_args[12],
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         NUM_SPLITS=num_splits, BLOCK=block, FUSED_MERGE=fused, MERGE_ROWS=triton.next_power_of_2(group),
         PREFETCH_TOKENS=PREFETCH_BLOCKS * block, LINE_ELEMS=prefetch_line_elems(head_dim, k_buf.element_size()),
+        ROPE=rope is not None, APPLY_NORM=rope is not None and rope.q_weight is not None,
         num_warps=num_warps, num_stages=num_stages, **launch_options(q.device, batch),
     )
     if num_splits > 1 and not fused:

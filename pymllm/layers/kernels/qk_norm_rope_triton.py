@@ -97,6 +97,29 @@ def _qk_norm_rope_kernel(
             tl.store(v_row + HALF + offs[None, :], tl.load(v_src + HALF + offs[None, :], mask=mask), mask=mask)
 
 
+@triton.jit
+def norm_rope_rows(row_ptrs, row_ok, dims, partner, w, w_partner, cos, sin_signed, eps,
+                   HEAD_DIM: tl.constexpr, APPLY_NORM: tl.constexpr, dtype: tl.constexpr):
+    """Whole heads through the kernel above's norm + rope, as [R, HEAD_DIM] tiles (for kernels
+    that consume the heads in registers, such as decode attention). ``row_ptrs`` [R]: each
+    head's first element; ``partner`` [HEAD_DIM]: the rotate-half partner of each column,
+    (d + HEAD_DIM / 2) % HEAD_DIM; ``w`` / ``w_partner``: the norm weight at the columns and at
+    their partners (float32); ``cos`` [HEAD_DIM]: the position's cos at d % (HEAD_DIM / 2),
+    rounded to ``dtype`` and back; ``sin_signed``: likewise for sin, negated in the first half.
+
+    Every product is rounded where the kernel above rounds it, so column d < HEAD_DIM / 2 is its
+    o1 = (x1 c) - (x2 s) and the others its o2 = (x2 c) + (x1 s): rounding to nearest is
+    symmetric, so adding the rounded (x2 * -s) subtracts the rounded (x2 s). Only the norm's sum
+    of squares runs in another order (one sum over the head instead of one per half)."""
+    x = tl.load(row_ptrs[:, None] + dims[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    xp = tl.load(row_ptrs[:, None] + partner[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    if APPLY_NORM:
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]
+        x = (w[None, :] * (x * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        xp = (w_partner[None, :] * (xp * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    return ((x * cos[None, :]).to(dtype).to(tl.float32) + (xp * sin_signed[None, :]).to(dtype).to(tl.float32)).to(dtype)
+
+
 # Tokens per program: one for decode-sized launches (the lowest latency); a tile of 16 for
 # prefill, where one-warp programs of a single (token, head) held the kernel at about a quarter of
 # the memory bandwidth (H200, Qwen3-8B, 2048 tokens: 51 us per layer for ~50 MB moved).
