@@ -162,8 +162,8 @@ def test_decode_rope_follows_the_fused_ops_checks(monkeypatch) -> None:
 
 
 def test_who_fuses(monkeypatch) -> None:
-    """Only the FlashInfer backend's Triton graph decode fuses, and only in decode mode; the off
-    switch turns it off."""
+    """Only the FlashInfer backend's one-row Triton graph decode fuses, and only in decode mode;
+    the off switch turns it off."""
     layer = RadixAttention(4, 16, 0.25, 2, layer_id=0)
     fb = types.SimpleNamespace(forward_mode=ForwardMode.EXTEND, kv_pool=object(), attn_backend=None)
     assert layer.forward_rope(None, None, None, None, None, None, None, fb) is None  # extend: nothing runs
@@ -171,9 +171,13 @@ def test_who_fuses(monkeypatch) -> None:
     backend = fib.FlashInferAttnBackend.__new__(fib.FlashInferAttnBackend)
     backend.forward_metadata = fib._ForwardMetadata("decode", {})
     assert backend.forward_decode_rope(*([None] * 9)) is None  # FlashInfer's decode kernel
-    backend.forward_metadata = fib._ForwardMetadata("triton_decode", {}, num_splits=2)
-    monkeypatch.setattr(fib, "DECODE_ROPE_FUSION", False)
+    backend.forward_metadata = fib._ForwardMetadata("triton_decode", {}, num_splits=2, rope_in_attention=False)
     assert backend.forward_decode_rope(*([None] * 9)) is None
+    # Only the one-row graph fuses (larger ones also replay extends whose rows read each other's
+    # new K/V), and the off switch turns it off there too.
+    assert fib.rope_in_attention_ok(1) and not fib.rope_in_attention_ok(2) and not fib.rope_in_attention_ok(32)
+    monkeypatch.setattr(fib, "DECODE_ROPE_FUSION", False)
+    assert not fib.rope_in_attention_ok(1)
 
 
 @pytest.mark.gpu

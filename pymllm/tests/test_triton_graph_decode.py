@@ -25,13 +25,14 @@ def test_graph_decode_kernel_rule():
     assert fib.graph_decode_kernel(1, torch.bfloat16, 96) == "flashinfer"  # not a power of two
 
 
-def graph_path_checks(fused_ops_forced: bool = False) -> None:
-    """Prefill three prompts, then decode through the captured-graph metadata path (padded from
-    3 to 4 rows), with the Triton kernels, against torch_native. Needs TRITON_INTERPRET=1.
+def graph_path_checks(fused_ops_forced: bool = False, num_reqs: int = 3) -> None:
+    """Prefill ``num_reqs`` prompts, then decode through the captured-graph metadata path (3 rows
+    padded to 4, or 1 row), with the Triton kernels, against torch_native. Needs
+    TRITON_INTERPRET=1.
 
     fused_ops_forced: the fused ops' device check bypassed (CPU tensors take the Triton kernels),
-    so the decode attention also applies the q/k norms and rope and stores K/V itself
-    (FlashInferAttnBackend.forward_decode_rope), which must then run in every layer."""
+    so the one-row graph's attention also applies the q/k norms and rope and stores K/V itself
+    (FlashInferAttnBackend.forward_decode_rope) in every layer; the 4-row graph must not."""
     import pytest
 
     from pymllm.layers import fused_ops
@@ -62,13 +63,15 @@ def graph_path_checks(fused_ops_forced: bool = False) -> None:
         native = runner.attn_backend
         backend = fib.FlashInferAttnBackend(runner)
         reqs = []
-        for i, ids in enumerate(tfm.PROMPTS):
+        prompts = tfm.PROMPTS[:num_reqs]
+        for i, ids in enumerate(prompts):
             req = Req(rid=str(i), origin_input_ids=ids, sampling_params=greedy(8), seed=0)
             req.req_pool_idx = runner.req_to_token_pool.alloc()
             reqs.append(req)
         alloc = runner.token_to_kv_pool_allocator.alloc
-        lens = [len(p) for p in tfm.PROMPTS]
-        batch = ScheduledBatch(ForwardMode.EXTEND, reqs, [0] * 3, lens, alloc(sum(lens)), [True] * 3)
+        lens = [len(p) for p in prompts]
+        n = num_reqs
+        batch = ScheduledBatch(ForwardMode.EXTEND, reqs, [0] * n, lens, alloc(sum(lens)), [True] * n)
         ref, _, _ = tfm._both(runner, native, backend, batch)
         for req, token in zip(reqs, ref.argmax(-1).tolist()):
             req.output_ids.append(token)
@@ -82,14 +85,18 @@ def graph_path_checks(fused_ops_forced: bool = False) -> None:
         for _ in range(3):
             lens = [len(r.fill_ids) - 1 for r in reqs]
             runner.cuda_graph_runner = graphs
-            fb = runner.build_forward_batch(ScheduledBatch(ForwardMode.DECODE, reqs, lens, [1] * 3, alloc(3), [True] * 3))
+            fb = runner.build_forward_batch(ScheduledBatch(ForwardMode.DECODE, reqs, lens, [1] * n, alloc(n), [True] * n))
             runner.cuda_graph_runner = None
-            assert graphs.prepare_replay(fb) == 4
+            padded = graphs.prepare_replay(fb)
+            assert padded == (4 if n == 3 else n)
             assert backend.forward_metadata.kind == "triton_decode"
             fused_calls.clear()
             with torch.inference_mode():
-                got = graphs.run_static(4)[0][:3]
-            assert fused_calls == ([True] * len(runner.model.model.layers) if fused_ops_forced else []), fused_calls
+                got = graphs.run_static(padded)[0][:n]
+            if fused_ops_forced:
+                assert fused_calls == [padded == 1] * len(runner.model.model.layers), fused_calls
+            else:
+                assert fused_calls == []
             ref = tfm._forward_with(runner, native, fb)
             torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
             for req, token in zip(reqs, ref.argmax(-1).tolist()):
@@ -104,7 +111,8 @@ def test_graph_path_matches_torch_native_under_interpreter():
 
 
 def graph_path_fused_rope_checks() -> None:
-    graph_path_checks(fused_ops_forced=True)
+    graph_path_checks(fused_ops_forced=True, num_reqs=1)
+    graph_path_checks(fused_ops_forced=True, num_reqs=3)
 
 
 def test_graph_path_with_rope_in_attention_matches_torch_native_under_interpreter():

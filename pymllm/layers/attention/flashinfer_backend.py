@@ -67,6 +67,16 @@ TRITON_GRAPH_DECODE_MAX_BS = 128
 # The q/k norm, rope and KV store inside the Triton decode kernel (forward_decode_rope);
 # PYMLLM_DECODE_ROPE_FUSION=0 keeps them in their own kernel (A/B measurements, a way out).
 DECODE_ROPE_FUSION = os.environ.get("PYMLLM_DECODE_ROPE_FUSION", "1") != "0"
+
+
+def rope_in_attention_ok(bs: int) -> bool:
+    """Whether the Triton decode graph of ``bs`` rows takes the q/k norms, rope and KV store into
+    its attention kernel: the one-row graph only. Larger decode graphs also replay short extends
+    as decode rows (cuda_graph_runner.extend_runs_as_decode), where a row attends to the new
+    tokens of the same request's earlier rows; inside one launch their K/V stores are not ordered
+    before those reads, so these graphs keep the separate q/k-norm-rope kernel, whose stores all
+    land before the attention launch starts. One row has no other row to wait for."""
+    return DECODE_ROPE_FUSION and bs == 1
 WORKSPACE_BYTES = 256 << 20  # FlashInfer's split-kv scratch; 128 MB is its documented minimum
 CUDA_CORE_DECODE_GROUP_SIZES = (1, 2, 3, 4, 8)
 TENSOR_CORE_MIN_GROUP_SIZE = 4
@@ -156,6 +166,7 @@ class _ForwardMetadata:
     prefix: Optional[object] = None
     merge_mask: Optional[torch.Tensor] = None
     num_splits: int = 0  # Triton kinds only: KV splits per sequence, fixed by the graph
+    rope_in_attention: bool = False  # "triton_decode" only: see rope_in_attention_ok
 
 
 @dataclass
@@ -384,7 +395,9 @@ class FlashInferAttnBackend(AttentionBackend):
 
             sms = self._num_sms()
             st.triton_splits[bs] = triton_decode.num_splits_for(bs, self.geometry.num_kv_heads, sms)
-            self.forward_metadata = _ForwardMetadata("triton_decode", {}, num_splits=st.triton_splits[bs])
+            self.forward_metadata = _ForwardMetadata(
+                "triton_decode", {}, num_splits=st.triton_splits[bs], rope_in_attention=rope_in_attention_ok(bs)
+            )
             return
         st.wrappers[bs] = {
             w: self._new_decode_wrapper(
@@ -425,7 +438,9 @@ class FlashInferAttnBackend(AttentionBackend):
         splits = st.triton_splits.get(bs)
         if splits is not None:
             # The captured kernels read req_to_token and the static seq_lens directly.
-            self.forward_metadata = _ForwardMetadata("triton_decode", {}, num_splits=splits)
+            self.forward_metadata = _ForwardMetadata(
+                "triton_decode", {}, num_splits=splits, rope_in_attention=rope_in_attention_ok(bs)
+            )
             return
         if indptr_host is None:
             indptr_host = indptr_from_lens(seq_lens_cpu)
@@ -493,10 +508,10 @@ class FlashInferAttnBackend(AttentionBackend):
 
     def forward_decode_rope(self, q, k, v, positions, rotary_emb, q_norm, k_norm, layer: RadixAttention,
                             forward_batch: ForwardBatch):
-        """The Triton decode kernel (captured graphs of small batches) with the q/k norms, rope and
-        KV store inside (pymllm.layers.attention.decode_rope): one launch per layer fewer."""
+        """The Triton decode kernel of the one-row graph (rope_in_attention_ok) with the q/k norms,
+        rope and KV store inside (pymllm.layers.attention.decode_rope): one launch per layer fewer."""
         md = self.forward_metadata
-        if md.kind != "triton_decode" or not DECODE_ROPE_FUSION:
+        if md.kind != "triton_decode" or not md.rope_in_attention:
             return None
         from pymllm.layers.attention.decode_rope import decode_rope
         from pymllm.layers.attention.triton_decode import decode_attention
