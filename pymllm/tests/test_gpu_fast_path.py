@@ -450,8 +450,10 @@ def test_fused_kv_write_leaves_the_model_unchanged(monkeypatch):
 
 def test_rope_in_decode_attention_leaves_the_model_unchanged(monkeypatch):
     """Graph decode with the q/k norms, rope and KV store inside the Triton attention kernel
-    (default) against the q/k-norm-rope kernel before it: the same rounding except the norm's
-    sum order, so the logits agree to bf16 noise and the tokens match (or part at a near-tie)."""
+    (default, one-row graphs) against the q/k-norm-rope kernel before it: the same rounding
+    except the norm's sum order, whose last-bit differences the random tiny model carries through
+    its bf16 layers like any other rounding; so the bound of the torch_native comparison above,
+    and matching tokens (or a parting at a near-tie)."""
     _flashinfer_backend_cls()
     from pymllm.layers.attention import flashinfer_backend as fib
 
@@ -471,7 +473,7 @@ def test_rope_in_decode_attention_leaves_the_model_unchanged(monkeypatch):
     off_out, off_steps, _ = _run_recorded("flashinfer")
     assert calls and not any(calls)
     for ref, got in zip(off_steps, on_steps):
-        assert ((got - ref).float().norm() / ref.float().norm()).item() < 1e-2
+        assert ((got - ref).float().norm() / ref.float().norm()).item() < 2e-2
         differ = (ref.argmax(-1) != got.argmax(-1)).nonzero().flatten().tolist()
         if differ:
             top2 = ref[differ].topk(2, dim=-1).values
