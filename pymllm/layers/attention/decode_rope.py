@@ -12,6 +12,10 @@ new slot are step inputs, loaded before the PDL wait.
 
 Numerics: the rounding of ``qk_norm_rope_triton`` (see ``norm_rope_rows``); the cache rows equal
 what that kernel would store, up to its norm's sum order.
+
+The rows of one launch must not read each other's new K/V (the stores are unordered with the
+other programs' loads), so the FlashInfer backend fuses only in its one-row decode graph
+(``flashinfer_backend.rope_in_attention_ok``); measured gain there: run S8/S3 in docs/perf.
 """
 
 from __future__ import annotations
