@@ -62,6 +62,18 @@ def decode_host_batch(
     )
 
 
+def next_decode_host_batch(hb: HostBatch) -> HostBatch:
+    """The decode step after the decode step ``hb`` if the same requests go on: positions,
+    lengths and req_to_token writes one further; tokens and new slots 0 until they are known
+    (sampled / allocated; ``GraphPacker.set_new_tokens``)."""
+    zeros = np.zeros_like(hb.input_ids)
+    return HostBatch(
+        input_ids=zeros, positions=hb.positions + 1, out_cache_loc=zeros.copy(), req_pool_indices=hb.req_pool_indices,
+        seq_lens=hb.seq_lens + 1, kv_write_index=hb.kv_write_index + 1, kv_write_loc=zeros.copy(),
+        mrope_position_deltas=hb.mrope_position_deltas,
+    )
+
+
 def extend_host_batch(
     token_ids: Sequence[Sequence[int]],
     prefix_lens: Sequence[int],
@@ -261,6 +273,19 @@ class GraphPacker:
         """The batch's words, valid until the next pack."""
         self.words.fill(0)
         fill_graph_words(self._views, hb, padded_bs, self.padding_row, self.row_stride)
+        return self.words
+
+    def set_new_tokens(self, hb: HostBatch, tokens: Sequence[int], slots) -> np.ndarray:
+        """Fill in the tokens and new KV slots of a packed decode batch (``hb``, the one packed
+        last, gets them too): what pack would have written had they been known; returns the words."""
+        n = len(tokens)
+        hb.input_ids[:] = tokens
+        hb.out_cache_loc[:] = slots
+        hb.kv_write_loc[:] = slots
+        views = self._views
+        views["input_ids"][:n] = hb.input_ids
+        views["out_cache_loc"][:n] = hb.out_cache_loc
+        views["kv_write_loc"][:n] = hb.kv_write_loc
         return self.words
 
 

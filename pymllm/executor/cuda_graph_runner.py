@@ -15,6 +15,10 @@ The graph itself records the batch's new slots in req_to_token (and, where the b
 builds the attention metadata that reads them), and ends with the argmax that greedy sampling
 reads: per step the host issues one copy, one graph launch and one read-back, since on the
 hosts we measured each CUDA call costs tens of microseconds of a decode step's host time.
+
+Right after a decode step's launch, while the GPU runs it, the host packs the step that most
+likely follows (the same requests one token further, ``predict_next``); when that step comes,
+only its sampled tokens and new KV slots are written into those words (``stage_next``).
 """
 
 from __future__ import annotations
@@ -37,12 +41,14 @@ from pymllm.executor.batch_inputs import (
     PackedLayout,
     decode_host_batch,
     graph_layout,
+    next_decode_host_batch,
     pack_graph,
 )
 
 if TYPE_CHECKING:
     from pymllm.configs.server_config import ServerConfig
     from pymllm.executor.model_runner import ModelRunner
+    from pymllm.orchestrator.schedule_batch import ScheduledBatch
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +162,17 @@ class GraphInputs:
 
 
 @dataclass
+class NextDecode:
+    """The decode step predicted to follow a staged one (``CudaGraphRunner.predict_next``),
+    packed while the GPU ran that one; its tokens and new slots are filled in at staging."""
+
+    rows: List[int]  # req_pool_idx of each request, in batch order
+    positions: List[int]  # each request's next position (its prefix length then)
+    hb: HostBatch
+    padded_bs: int
+
+
+@dataclass
 class StagedDecode:
     """A decode batch already copied into the static buffers by CudaGraphRunner.stage."""
 
@@ -186,6 +203,10 @@ class CudaGraphRunner:
         # tensors may be updated both inside and outside torch.inference_mode().
         self.inputs = GraphInputs.allocate(self.max_bs, self.device, self.padding_row, context_len)
         self._packer = GraphPacker(self.inputs.layout, self.padding_row, context_len)
+        # The next decode step, packed in the shadow of the running one (predict_next).
+        self._next_packer = GraphPacker(self.inputs.layout, self.padding_row, context_len)
+        self._next: Optional[NextDecode] = None
+        self._predict_from: Optional[HostBatch] = None
         self.backend.init_cuda_graph_state(self.max_bs, self.max_bs * context_len)
         self._staged: Optional[StagedDecode] = None
         # (bs, shared_prefix) -> the backend's in-graph metadata kernels, or None when that graph's
@@ -313,17 +334,52 @@ class CudaGraphRunner:
             and fb.positions.dim() == 1
         )
 
-    def stage(self, hb: HostBatch, shared_prefix: bool = False) -> ForwardBatch:
+    def stage(self, hb: HostBatch, shared_prefix: bool = False, decode: bool = False) -> ForwardBatch:
         """Pad a decode batch on the host and copy it into the static buffers with one copy;
         returns the batch (rows [0, bs) of the static buffers). Its req_to_token writes run in
         the graph, or here when that graph's metadata is built before replay.
         shared_prefix: the rows all extend one request (``has_shared_prefix_graph``).
+        decode: the rows are requests' decode steps, so the replay may pack the step after it
+        (``predict_next``); extends run as rows are not.
         """
+        padded_bs = padded_batch_size(hb.batch_size, self.batch_sizes)
+        return self._stage_words(hb, padded_bs, self._packer.pack(hb, padded_bs), shared_prefix, decode)
+
+    def stage_next(self, batch: "ScheduledBatch") -> Optional[ForwardBatch]:
+        """Stage a decode batch from the words predict_next packed while the previous step ran,
+        when the batch is that prediction: the same requests (by request row, in order) at the
+        predicted positions; only its tokens and new KV slots are written now, so the words are
+        exactly what ``stage`` would pack (test_cuda_graph_runner checks it). None otherwise,
+        with nothing staged; every batch built after a prediction ends it, used or not."""
+        nxt, self._next = self._next, None
+        if nxt is None or not batch.mode.is_decode():
+            return None
+        reqs = batch.reqs
+        if [r.req_pool_idx for r in reqs] != nxt.rows or list(batch.prefix_lens) != nxt.positions:
+            return None
+        words = self._next_packer.set_new_tokens(nxt.hb, [r.output_ids[-1] for r in reqs], batch.out_cache_loc)
+        return self._stage_words(nxt.hb, nxt.padded_bs, words, decode=True)
+
+    def predict_next(self) -> None:
+        """Pack the decode step that follows the one just staged with ``decode=True`` (same
+        requests, one token further), for stage_next. Called right after that step's graph
+        launch: this host work then overlaps the GPU instead of preceding the next launch."""
+        hb, self._predict_from = self._predict_from, None
+        if hb is None:
+            return
+        nxt = next_decode_host_batch(hb)
+        padded_bs = padded_batch_size(hb.batch_size, self.batch_sizes)
+        self._next_packer.pack(nxt, padded_bs)
+        self._next = NextDecode(hb.req_pool_indices.tolist(), nxt.positions.tolist(), nxt, padded_bs)
+
+    def _stage_words(self, hb: HostBatch, padded_bs: int, words, shared_prefix: bool = False,
+                     decode: bool = False) -> ForwardBatch:
         bs = hb.batch_size
-        padded_bs = padded_batch_size(bs, self.batch_sizes)
         layout = self.inputs.layout
         stager = self.runner.stager
-        host, _ = stager.upload(self._packer.pack(hb, padded_bs), layout.device_words, dst=self.inputs.words)
+        self._next = None  # any staging ends the prediction's batch
+        self._predict_from = hb if decode and not shared_prefix else None
+        host, _ = stager.upload(words, layout.device_words, dst=self.inputs.words)
         if self._prologues.get((padded_bs, shared_prefix)) is None:
             self._write_req_to_token(bs)
         kv_indptr_host, seq_lens_host = self._host_views(host, padded_bs)
@@ -377,6 +433,7 @@ class CudaGraphRunner:
         shared = staged and self._staged.shared_prefix
         padded = self._prepare(fb, staged)
         (self.shared_graphs if shared else self.graphs)[padded].replay()
+        self.predict_next()
         bs = fb.batch_size
         logits, ids = (self.shared_outputs if shared else self.outputs)[padded]
         return self._views.get(("output", shared, padded, bs), lambda: (logits[:bs], ids[:bs]))

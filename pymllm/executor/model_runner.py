@@ -135,13 +135,18 @@ class ModelRunner:
         into the graph's static input buffers. Either way the device tensors live in reused
         buffers: a batch is valid until the next build_forward_batch.
         """
-        hb = host_batch(batch, self.req_to_token_pool.max_context_len)
         graphs = self.cuda_graph_runner
+        # A decode step is usually the one after the last: packed while that one ran.
+        fb = graphs.stage_next(batch) if graphs is not None else None
+        if fb is not None:
+            attach_multimodal_inputs(self.model, batch, fb, self.device)
+            return fb
+        hb = host_batch(batch, self.req_to_token_pool.max_context_len)
         # Rows of a single request all read its KV: the shared-prefix graphs read it once.
         shared = (graphs is not None and batch.mode.is_extend() and hb.batch_size == 1
                   and graphs.has_shared_prefix_graph(len(hb.input_ids)))
         if graphs is not None and batch.mode.is_decode() and graphs.fits(hb.batch_size):
-            fb = graphs.stage(hb)  # the graph records the new slots in req_to_token
+            fb = graphs.stage(hb, decode=True)  # the graph records the new slots in req_to_token
         elif graphs is not None and batch.mode.is_extend() and extend_runs_as_decode(
             len(hb.input_ids), int(hb.seq_lens.max()), any(getattr(r, "mm_inputs", None) for r in batch.reqs),
             graphs.max_bs, shared,

@@ -1,0 +1,109 @@
+"""Staging a decode step from words packed while the previous step ran (CudaGraphRunner.
+predict_next / stage_next), on CPU with the graph runner's host path (FlashInfer stand-in).
+
+Oracle: the full staging path (host_batch → GraphPacker.pack → upload) of the same batch. The
+predicted path must leave the graph's static inputs exactly as the full path would, and must step
+aside whenever the batch is not the predicted one (other requests, other order, other positions,
+an extend in between).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pymllm.engine.forward_batch import ForwardMode
+from pymllm.executor.batch_inputs import host_batch, next_decode_host_batch
+from pymllm.executor.cuda_graph_runner import CudaGraphRunner, padded_batch_size
+from pymllm.layers.attention import flashinfer_backend as fib
+from pymllm.orchestrator.request import Req
+from pymllm.orchestrator.schedule_batch import ScheduledBatch
+from pymllm.testing.tiny_models import tiny_model_dir
+from pymllm.tests.helpers import greedy
+from pymllm.tests.test_flashinfer_metadata import _runner, fake_flashinfer  # noqa: F401 (fixture)
+
+
+def _setup():
+    runner = _runner(tiny_model_dir("qwen3"))
+    runner.attn_backend = fib.FlashInferAttnBackend(runner)
+    graphs = CudaGraphRunner(runner)
+    runner.cuda_graph_runner = graphs
+    reqs = []
+    for i, n in enumerate((5, 9, 3)):
+        req = Req(rid=str(i), origin_input_ids=list(range(10, 10 + n)), sampling_params=greedy(50), seed=0)
+        req.req_pool_idx = runner.req_to_token_pool.alloc()
+        req.output_ids.append(100 + i)
+        reqs.append(req)
+    return runner, graphs, reqs
+
+
+def _decode(runner, reqs) -> ScheduledBatch:
+    slots = runner.token_to_kv_pool_allocator.alloc(len(reqs))
+    return ScheduledBatch(ForwardMode.DECODE, reqs, [len(r.fill_ids) - 1 for r in reqs], [1] * len(reqs), slots,
+                          [True] * len(reqs))
+
+
+def _full_words(runner, graphs, batch) -> torch.Tensor:
+    """The static inputs the full staging path writes for ``batch`` (packed, device part)."""
+    hb = host_batch(batch, runner.req_to_token_pool.max_context_len)
+    words = graphs._packer.pack(hb, padded_batch_size(hb.batch_size, graphs.batch_sizes))
+    return torch.from_numpy(words[: graphs.inputs.layout.device_words].copy())
+
+
+def _spy_on_stage_next(graphs) -> list:
+    """Whether each build took the predicted words."""
+    used, stage_next = [], graphs.stage_next
+
+    def spy(batch):
+        fb = stage_next(batch)
+        used.append(fb is not None)
+        return fb
+
+    graphs.stage_next = spy
+    return used
+
+
+def test_next_decode_host_batch_is_one_token_further(fake_flashinfer):  # noqa: F811
+    runner, graphs, reqs = _setup()
+    hb = host_batch(_decode(runner, reqs), runner.req_to_token_pool.max_context_len)
+    nxt = next_decode_host_batch(hb)
+    assert (nxt.positions == hb.positions + 1).all() and (nxt.seq_lens == hb.seq_lens + 1).all()
+    assert (nxt.kv_write_index == hb.kv_write_index + 1).all()
+    assert (nxt.req_pool_indices == hb.req_pool_indices).all()
+    assert not nxt.input_ids.any() and not nxt.out_cache_loc.any() and not nxt.kv_write_loc.any()
+
+
+def test_predicted_staging_equals_full_staging(fake_flashinfer):  # noqa: F811
+    runner, graphs, reqs = _setup()
+    used = _spy_on_stage_next(graphs)
+    # The same three requests go on (predicted), one finishes (not), the other two go on
+    # (predicted), their order changes (not), then that order goes on (predicted).
+    plans = [reqs, reqs, reqs, reqs[:2], reqs[:2], reqs[:2], [reqs[1], reqs[0]], [reqs[1], reqs[0]]]
+    for step, batch_reqs in enumerate(plans):
+        batch = _decode(runner, batch_reqs)
+        want = _full_words(runner, graphs, batch)
+        fb = runner.build_forward_batch(batch)
+        assert torch.equal(graphs.inputs.words, want), step
+        assert fb.batch_size == len(batch_reqs) and fb.seq_lens_cpu == [len(r.fill_ids) for r in batch_reqs]
+        graphs.predict_next()  # what replay() does right after the graph launch
+        for i, r in enumerate(batch_reqs):
+            r.output_ids.append(1000 + 10 * step + i)
+    assert used == [False, True, True, False, True, True, False, True]
+
+
+def test_a_batch_in_between_ends_the_prediction(fake_flashinfer):  # noqa: F811
+    runner, graphs, reqs = _setup()
+    runner.build_forward_batch(_decode(runner, reqs))
+    graphs.predict_next()
+    assert graphs._next is not None
+    new = Req(rid="x", origin_input_ids=[7, 8, 9], sampling_params=greedy(5), seed=0)
+    new.req_pool_idx = runner.req_to_token_pool.alloc()
+    slots = runner.token_to_kv_pool_allocator.alloc(3)
+    runner.build_forward_batch(ScheduledBatch(ForwardMode.EXTEND, [new], [0], [3], slots, [True]))
+    assert graphs._next is None
+    for r in reqs:
+        r.output_ids.append(1)
+    used = _spy_on_stage_next(graphs)
+    batch = _decode(runner, reqs)
+    want = _full_words(runner, graphs, batch)
+    runner.build_forward_batch(batch)
+    assert used == [False] and torch.equal(graphs.inputs.words, want)
