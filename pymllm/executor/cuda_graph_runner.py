@@ -349,7 +349,7 @@ class CudaGraphRunner:
         """Stage a decode batch from the words predict_next packed while the previous step ran,
         when the batch is that prediction: the same requests (by request row, in order) at the
         predicted positions; only its tokens and new KV slots are written now, so the words are
-        exactly what ``stage`` would pack (test_cuda_graph_runner checks it). None otherwise,
+        exactly what ``stage`` would pack (test_next_decode_staging checks it). None otherwise,
         with nothing staged; every batch built after a prediction ends it, used or not."""
         nxt, self._next = self._next, None
         if nxt is None or not batch.mode.is_decode():

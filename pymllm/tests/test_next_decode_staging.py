@@ -107,3 +107,24 @@ def test_a_batch_in_between_ends_the_prediction(fake_flashinfer):  # noqa: F811
     want = _full_words(runner, graphs, batch)
     runner.build_forward_batch(batch)
     assert used == [False] and torch.equal(graphs.inputs.words, want)
+
+
+def test_replay_packs_the_next_step_after_the_launch(fake_flashinfer):  # noqa: F811
+    """CudaGraphRunner.replay launches the graph, then predicts (stand-in graphs on CPU)."""
+    runner, graphs, reqs = _setup()
+    order = []
+
+    class Graph:
+        def replay(self):
+            order.append("launch")
+
+    predict = graphs.predict_next
+    graphs.predict_next = lambda: (order.append("predict"), predict())
+    for bs in graphs.batch_sizes:
+        graphs.graphs[bs] = Graph()
+        graphs.outputs[bs] = (torch.zeros(bs, 8), torch.zeros(bs, dtype=torch.int64))
+    fb = runner.build_forward_batch(_decode(runner, reqs))
+    graphs.replay(fb)
+    assert order == ["launch", "predict"] and graphs._next is not None
+    assert graphs._next.rows == [r.req_pool_idx for r in reqs]
+    assert graphs._next.positions == [len(r.fill_ids) for r in reqs]
