@@ -121,6 +121,7 @@ def test_replay_packs_the_next_step_after_the_launch(fake_flashinfer):  # noqa: 
     predict = graphs.predict_next
     graphs.predict_next = lambda: (order.append("predict"), predict())
     for bs in graphs.batch_sizes:
+        graphs.prepare_capture(bs)  # the backend's graph-mode state, as capture leaves it
         graphs.graphs[bs] = Graph()
         graphs.outputs[bs] = (torch.zeros(bs, 8), torch.zeros(bs, dtype=torch.int64))
     fb = runner.build_forward_batch(_decode(runner, reqs))
