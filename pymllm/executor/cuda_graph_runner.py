@@ -377,8 +377,7 @@ class CudaGraphRunner:
         bs = hb.batch_size
         layout = self.inputs.layout
         stager = self.runner.stager
-        self._next = None  # any staging ends the prediction's batch
-        self._predict_from = hb if decode and not shared_prefix else None
+        self._predict_from = hb if decode else None
         host, _ = stager.upload(words, layout.device_words, dst=self.inputs.words)
         if self._prologues.get((padded_bs, shared_prefix)) is None:
             self._write_req_to_token(bs)
