@@ -140,10 +140,13 @@ def test_argument_errors() -> None:
 def test_kernel_args_order_and_placeholders() -> None:
     (q, *_), spec, *_ = make_rope_case(4, 2, 16, [3, 9], torch.float16, "cpu", False, torch.int32)
     args = rope_kernel_args(spec, q)
-    assert args[:2] == (spec.k, spec.v) and args[2] is q and args[3] is q  # no norm weights
-    assert args[4:8] == (spec.cos_cache, spec.sin_cache, spec.positions, spec.out_cache_loc)
-    assert args[8:] == (spec.k.stride(0), spec.k.stride(1), spec.v.stride(0), spec.v.stride(1), spec.eps)
-    assert rope_kernel_args(None, q) == (q,) * 8 + (0, 0, 0, 0, 0.0)
+    ptrs = args.pointers
+    assert ptrs[:2] == (spec.k, spec.v) and ptrs[2] is q and ptrs[3] is q  # no norm weights
+    assert ptrs[4:8] == (spec.cos_cache, spec.sin_cache, spec.positions, spec.out_cache_loc)
+    assert args.strides + (args.eps,) == (spec.k.stride(0), spec.k.stride(1), spec.v.stride(0), spec.v.stride(1),
+                                          spec.eps)
+    none = rope_kernel_args(None, q)
+    assert tuple(none.pointers) + none.strides + (none.eps,) == (q,) * 8 + (0, 0, 0, 0, 0.0)
 
 
 def test_decode_rope_follows_the_fused_ops_checks(monkeypatch) -> None:

@@ -93,25 +93,34 @@ def check_decode_rope(op: str, q: torch.Tensor, k_buf: torch.Tensor, rope: Decod
             raise ValueError(f"{op}: rope.{name} must be contiguous int32/int64 [{batch}]")
 
 
-def rope_kernel_args(rope: Optional[DecodeRope], placeholder: torch.Tensor) -> tuple:
-    """The rope arguments of the attention kernel, in its order: 8 pointers, 4 strides, eps.
-    Without rope every pointer is ``placeholder`` (never read) and the strides are 0."""
+class RopeKernelArgs(NamedTuple):
+    """The rope arguments of the attention kernel, grouped as its signature has them."""
+
+    pointers: tuple  # k, v, q_weight, k_weight, cos, sin, positions, out_cache_loc
+    strides: tuple  # k's and v's (batch, head) strides
+    eps: float
+
+
+def rope_kernel_args(rope: Optional[DecodeRope], placeholder: torch.Tensor) -> RopeKernelArgs:
+    """The kernel's rope arguments; without rope every pointer is ``placeholder`` (never read)
+    and the strides are 0."""
     if rope is None:
-        return (placeholder,) * 8 + (0, 0, 0, 0, 0.0)
+        return RopeKernelArgs((placeholder,) * 8, (0, 0, 0, 0), 0.0)
     q_w = rope.q_weight if rope.q_weight is not None else placeholder
     k_w = rope.k_weight if rope.k_weight is not None else placeholder
-    return (
-        rope.k, rope.v, q_w, k_w, rope.cos_cache, rope.sin_cache, rope.positions, rope.out_cache_loc,
-        rope.k.stride(0), rope.k.stride(1), rope.v.stride(0), rope.v.stride(1), float(rope.eps),
+    return RopeKernelArgs(
+        (rope.k, rope.v, q_w, k_w, rope.cos_cache, rope.sin_cache, rope.positions, rope.out_cache_loc),
+        (rope.k.stride(0), rope.k.stride(1), rope.v.stride(0), rope.v.stride(1)),
+        float(rope.eps),
     )
 
 
 @triton.jit
 def rope_operands(q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, pos_ptr, loc_ptr, b, dims,
                   HEAD_DIM: tl.constexpr, APPLY_NORM: tl.constexpr, dtype: tl.constexpr):
-    """Row b's step inputs for norm_rope_rows, which may be read before a PDL wait: cos, signed
-    sin, the q and k norm weights at each column and at its rotate-half partner, and the slot of
-    the new K/V. Without norm the weights are unused zeros."""
+    """Row b's step inputs for norm_rope_rows, which may be read before a PDL wait: each column's
+    rotate-half partner, cos, signed sin, the q and k norm weights at each column and at its
+    partner, and the slot of the new K/V. Without norm the weights are unused zeros."""
     half: tl.constexpr = HEAD_DIM // 2
     partner = (dims + half) % HEAD_DIM
     freq = dims % half
@@ -130,16 +139,15 @@ def rope_operands(q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, pos_ptr, loc_ptr, b,
         k_w = q_w
         k_wp = q_w
     slot = tl.load(loc_ptr + b, cache_modifier=".cg").to(tl.int64)
-    return cos, sin, q_w, q_wp, k_w, k_wp, slot
+    return partner, cos, sin, q_w, q_wp, k_w, k_wp, slot
 
 
 @triton.jit
-def rope_new_token(q_rows, q_row_ok, k_row, v_row, dims, cos, sin, q_w, q_wp, k_w, k_wp, eps,
+def rope_new_token(q_rows, q_row_ok, k_row, v_row, dims, partner, cos, sin, q_w, q_wp, k_w, k_wp, eps,
                    HEAD_DIM: tl.constexpr, APPLY_NORM: tl.constexpr, dtype: tl.constexpr):
     """(q [R, D], k [1, D], v [1, D]) of the new token, q and k normalised and rotated: q from
     the head pointers ``q_rows`` [R] (rows off ``q_row_ok`` are zeros), k and v from one head
-    each. Reads activations: after the PDL wait."""
-    partner = (dims + HEAD_DIM // 2) % HEAD_DIM
+    each; the other operands as rope_operands returns them. Reads activations: after the PDL wait."""
     q = norm_rope_rows(q_rows, q_row_ok, dims, partner, q_w, q_wp, cos, sin, eps, HEAD_DIM, APPLY_NORM, dtype)
     one = tl.zeros([1], tl.int64)
     k = norm_rope_rows(k_row + one, one == 0, dims, partner, k_w, k_wp, cos, sin, eps, HEAD_DIM, APPLY_NORM, dtype)

@@ -268,7 +268,7 @@ def _partial_kernel(
     req_row = req_to_token_ptr + tl.load(req_idx_ptr + b, cache_modifier=".cg").to(tl.int64) * r2t_stride
     if ROPE:
         # Also step inputs: the position's cos/sin row, the norm weights and the new slot.
-        cos, sin, q_w, q_wp, k_w, k_wp, new_slot = rope_operands(
+        partner, cos, sin, q_w, q_wp, k_w, k_wp, new_slot = rope_operands(
             q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, pos_ptr, loc_ptr, b, dims, HEAD_DIM, APPLY_NORM,
             k_ptr.dtype.element_ty)
 
@@ -291,7 +291,7 @@ def _partial_kernel(
             q_ptr + b.to(tl.int64) * q_stride_b + heads * q_stride_h, row_ok,
             k_new_ptr + b.to(tl.int64) * k_new_stride_b + kv_head * k_new_stride_h,
             v_new_ptr + b.to(tl.int64) * v_new_stride_b + kv_head * v_new_stride_h,
-            dims, cos, sin, q_w, q_wp, k_w, k_wp, eps, HEAD_DIM, APPLY_NORM, k_ptr.dtype.element_ty,
+            dims, partner, cos, sin, q_w, q_wp, k_w, k_wp, eps, HEAD_DIM, APPLY_NORM, k_ptr.dtype.element_ty,
         )
         holds_new = end == seq_len  # the new token (position seq_len - 1) is this slice's last
         if holds_new & (end > start):
@@ -446,9 +446,9 @@ def decode_attention(
     rope_args = rope_kernel_args(rope, out)
     _partial_kernel[(batch, num_kv_heads, num_splits)](
         q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, o_part, lse_part, out, counters,
-        *rope_args[:8],
+        *rope_args.pointers,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), req_to_token.stride(0),
-        out.stride(0), out.stride(1), *rope_args[8:12], sm_scale, window_left, rope_args[12],
+        out.stride(0), out.stride(1), *rope_args.strides, sm_scale, window_left, rope_args.eps,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         NUM_SPLITS=num_splits, BLOCK=block, FUSED_MERGE=fused, MERGE_ROWS=triton.next_power_of_2(group),
         PREFETCH_TOKENS=PREFETCH_BLOCKS * block, LINE_ELEMS=prefetch_line_elems(head_dim, k_buf.element_size()),
