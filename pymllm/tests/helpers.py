@@ -99,3 +99,20 @@ def request_tokenizer_for(model_dir):
     config.server.model_path = str(model_dir)
     model_config = load_model_config(config.server, torch.device("cpu"))
     return build_request_tokenizer(config, model_config, AutoTokenizer.from_pretrained(model_dir))
+
+
+def record_decode_rope_fusions(monkeypatch) -> List[bool]:
+    """Patch FlashInferAttnBackend.forward_decode_rope to record, per call, whether the backend
+    fused the q/k norms and rope into its attention (the list it appends to is returned)."""
+    from pymllm.layers.attention import flashinfer_backend as fib
+
+    calls: List[bool] = []
+    fused = fib.FlashInferAttnBackend.forward_decode_rope
+
+    def recording(self, *args, **kwargs):
+        out = fused(self, *args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(fib.FlashInferAttnBackend, "forward_decode_rope", recording)
+    return calls

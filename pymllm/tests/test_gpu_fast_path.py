@@ -38,6 +38,7 @@ from pymllm.mem_cache.memory_pool import KVPool, ReqToTokenPool
 from pymllm.orchestrator.request import Req
 from pymllm.orchestrator.schedule_batch import ScheduledBatch
 from pymllm.sampling_params import SamplingParams
+from pymllm.tests.helpers import record_decode_rope_fusions
 from pymllm.testing.tiny_models import tiny_model_dir
 
 pytestmark = pytest.mark.gpu
@@ -398,19 +399,23 @@ def test_greedy_flashinfer_with_graphs_matches_torch_native():
     ref_out, ref_steps, _ = _run_recorded("torch_native")
     fi_out, fi_steps, fi_runner = _run_recorded("flashinfer")
     assert fi_runner.cuda_graph_runner is not None and fi_runner.attn_backend.name == "flashinfer"
-    # Identical tokens mean identical batches, so the logits line up step by step until the
-    # first differing argmax; there the reference must have had a near-tie.
-    for ref, got in zip(ref_steps, fi_steps):
+    _assert_greedy_runs_agree(ref_out, ref_steps, fi_out, fi_steps)
+
+
+def _assert_greedy_runs_agree(ref_out, ref_steps, got_out, got_steps) -> None:
+    """Two bf16 greedy runs of the same requests: identical tokens mean identical batches, so
+    the logits line up step by step until the first differing argmax, where the reference must
+    have had a near-tie; before it each step's logits agree by relative norm (the measure that
+    fits a whole-model comparison in bf16) within 2 %. Without a parting the tokens are equal."""
+    for ref, got in zip(ref_steps, got_steps):
         assert ref.shape == got.shape
-        # bf16 end to end (FlashInfer has no fp32 kernels): compare by relative norm, the
-        # measure that fits a whole-model comparison in bf16.
         assert ((got - ref).float().norm() / ref.float().norm()).item() < 2e-2
         differ = (ref.argmax(-1) != got.argmax(-1)).nonzero().flatten().tolist()
         if differ:
             top2 = ref[differ].topk(2, dim=-1).values
             assert ((top2[:, 0] - top2[:, 1]) < 0.3).all(), "argmax differs without a near-tie"
             return
-    assert fi_out == ref_out
+    assert got_out == ref_out
 
 
 def test_fused_kv_write_leaves_the_model_unchanged(monkeypatch):
@@ -457,29 +462,14 @@ def test_rope_in_decode_attention_leaves_the_model_unchanged(monkeypatch):
     _flashinfer_backend_cls()
     from pymllm.layers.attention import flashinfer_backend as fib
 
-    calls = []
-    fused = fib.FlashInferAttnBackend.forward_decode_rope
-
-    def counting(self, *args, **kwargs):
-        out = fused(self, *args, **kwargs)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(fib.FlashInferAttnBackend, "forward_decode_rope", counting)
+    calls = record_decode_rope_fusions(monkeypatch)
     on_out, on_steps, _ = _run_recorded("flashinfer")
     assert any(calls)  # graph decode fuses; eager decode (the warm-up's, FlashInfer's kernel) cannot
     monkeypatch.setattr(fib, "DECODE_ROPE_FUSION", False)
     calls.clear()
     off_out, off_steps, _ = _run_recorded("flashinfer")
     assert calls and not any(calls)
-    for ref, got in zip(off_steps, on_steps):
-        assert ((got - ref).float().norm() / ref.float().norm()).item() < 2e-2
-        differ = (ref.argmax(-1) != got.argmax(-1)).nonzero().flatten().tolist()
-        if differ:
-            top2 = ref[differ].topk(2, dim=-1).values
-            assert ((top2[:, 0] - top2[:, 1]) < 0.3).all(), "argmax differs without a near-tie"
-            return
-    assert on_out == off_out
+    _assert_greedy_runs_agree(off_out, off_steps, on_out, on_steps)
 
 
 def test_programmatic_dependent_launch_leaves_the_model_unchanged():
