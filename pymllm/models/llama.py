@@ -255,7 +255,7 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids, positions, forward_batch: ForwardBatch) -> torch.Tensor:
         """Returns logits of each sequence's last new token: [batch, vocab]."""
         hidden = self.model(input_ids, positions, forward_batch)
-        hidden = hidden[forward_batch.last_token_indices()]
+        hidden = forward_batch.last_token_rows(hidden)
         return self.lm_head(hidden)
 
     def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> set:

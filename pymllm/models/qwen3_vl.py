@@ -336,7 +336,7 @@ class Qwen3VLForConditionalGeneration(nn.Module):
         if mm is not None:
             hidden = hidden.index_copy(0, mm.image_indices, mm.image_embeds.to(hidden.dtype))
         hidden = self.model.language_model(positions, hidden, forward_batch, mm)
-        hidden = hidden[forward_batch.last_token_indices()]
+        hidden = forward_batch.last_token_rows(hidden)
         return self.lm_head(hidden)
 
     def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> set:
