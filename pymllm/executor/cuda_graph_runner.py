@@ -13,7 +13,8 @@ the host and fills them with a single copy (``stage``); replay then lets the att
 refresh its own static metadata (``init_forward_metadata_replay_cuda_graph``) and replays.
 The graph itself records the batch's new slots in req_to_token (and, where the backend allows,
 builds the attention metadata that reads them), and ends with the argmax that greedy sampling
-reads: per step the host issues one copy, one graph launch and one read-back, since on the
+reads, copied into pinned host memory: per step the host issues one copy, one graph launch and
+one stream sync, since on the
 hosts we measured each CUDA call costs tens of microseconds of a decode step's host time.
 
 Right after a decode step's launch, while the GPU runs it, the host packs the step that most
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tupl
 import torch
 
 from pymllm.engine.forward_batch import ForwardBatch, ForwardMode
+from pymllm.layers.fused_ops import float_logits_argmax
 from pymllm.layers.kernels.gemv_dispatch import GEMV_MAX_ROWS
 from pymllm.executor.batch_inputs import (
     GraphPacker,
@@ -226,6 +228,13 @@ class CudaGraphRunner:
         self.shared_graphs: Dict[int, torch.cuda.CUDAGraph] = {}
         self.shared_outputs: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
         self.pool = None
+        # Every graph ends by casting its logits and taking their argmax in one kernel (whose
+        # arrival counters these are) and copying the ids into pinned host memory, so greedy
+        # sampling reads them after a stream sync instead of issuing a read-back of its own.
+        self._argmax_counters = torch.zeros(self.max_bs, dtype=torch.int32, device=self.device)
+        pinned = self.device.type == "cuda"
+        self.ids_host = torch.zeros(self.max_bs, dtype=torch.int64, pin_memory=pinned)
+        self.ids_host_np = self.ids_host.numpy()
 
     def _sliced(self, bs: int) -> Dict[str, torch.Tensor]:
         names = ("input_ids", "positions", "req_pool_indices", "seq_lens", "out_cache_loc",
@@ -294,16 +303,17 @@ class CudaGraphRunner:
         """What the graph of size bs runs (prepare_capture first), on the static buffers: the
         rows' req_to_token writes and the backend's metadata kernels where they belong in the
         graph, the forward, float32 logits and their argmax (what greedy sampling reads, with no
-        launch of its own). Captured once per size; the CPU tests run it eagerly."""
+        launch of its own), the argmax also copied to ``ids_host``. Captured once per size; the
+        CPU tests run it eagerly."""
         fb = self._static_batch(bs, [1] * bs)
         prologue = self._prologues[(bs, shared_prefix)]
         if prologue is not None:
             self._write_req_to_token(bs)
             prologue()
         raw = self.model(fb.input_ids, fb.positions, fb)
-        # The argmax of the model-dtype logits is that of their exact float32 copy (first index
-        # on ties in both) and reads half the bytes.
-        return raw.float(), torch.argmax(raw, dim=-1)
+        logits, ids = float_logits_argmax(raw, self._argmax_counters)
+        self.ids_host[:bs].copy_(ids, non_blocking=True)
+        return logits, ids
 
     def _capture_one(self, bs: int, shared_prefix: bool = False) -> None:
         self.prepare_capture(bs, shared_prefix)
@@ -432,6 +442,7 @@ class CudaGraphRunner:
         shared = staged and self._staged.shared_prefix
         padded = self._prepare(fb, staged)
         (self.shared_graphs if shared else self.graphs)[padded].replay()
+        self.runner.stager.seal()  # the replay was the staged words' last reader
         self.predict_next()
         bs = fb.batch_size
         logits, ids = (self.shared_outputs if shared else self.outputs)[padded]

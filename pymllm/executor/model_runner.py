@@ -54,7 +54,8 @@ class ModelRunner:
         self.dtype = model_config.dtype
         self.model = None
         self.cuda_graph_runner = None
-        self._graph_argmax: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # (logits, argmax) of the last replay
+        # (logits, argmax, rows of graphs.ids_host) of the last replay
+        self._graph_argmax: Optional[Tuple[torch.Tensor, torch.Tensor, object]] = None
 
     # ---------------- set-up ----------------
     def initialize(self) -> None:
@@ -213,16 +214,18 @@ class ModelRunner:
             and fb.forward_mode.is_decode()
             and self.cuda_graph_runner.can_run(fb)
         ):
-            logits, ids = self.cuda_graph_runner.replay(fb)
+            graphs = self.cuda_graph_runner
+            logits, ids = graphs.replay(fb)
+            host_rows: object = slice(0, fb.batch_size)
             if fb.sample_rows is not None:  # an extend run as decode rows: each request's last row
                 rows = fb.sample_rows
                 last = rows[-1]
                 if rows == list(range(last - len(rows) + 1, last + 1)):
-                    picked = slice(last - len(rows) + 1, last + 1)
+                    host_rows = picked = slice(last - len(rows) + 1, last + 1)
                 else:
-                    picked = torch.tensor(rows, device=logits.device)
+                    host_rows, picked = rows, torch.tensor(rows, device=logits.device)
                 logits, ids = logits[picked], ids[picked]
-            self._graph_argmax = (logits, ids)
+            self._graph_argmax = (logits, ids, host_rows)
             return logits
         return self._forward_eager(fb)
 
@@ -231,12 +234,15 @@ class ModelRunner:
         self.attn_backend.init_forward_metadata(fb)
         return self.model(fb.input_ids, fb.positions, fb).float()
 
-    def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
-        # A replayed graph has already taken the argmax of the logits it returned.
+    def _argmax(self, logits: torch.Tensor) -> List[int]:
+        # A replayed graph has already taken the argmax of the logits it returned and copied it
+        # to pinned memory: waiting for the stream is all that is left.
         graph = self._graph_argmax
         if graph is not None and graph[0] is logits:
-            return graph[1]
-        return torch.argmax(logits, dim=-1)
+            if self.device.type == "cuda":
+                self.stager.current_stream().synchronize()
+            return self.cuda_graph_runner.ids_host_np[graph[2]].tolist()
+        return torch.argmax(logits, dim=-1).tolist()
 
     def sample(self, logits: torch.Tensor, batch: ScheduledBatch) -> BatchResult:
         reqs = batch.reqs
@@ -244,7 +250,7 @@ class ModelRunner:
         if is_plain_greedy(params):
             # The Sampler would take the same argmax; skipping it skips building and copying
             # the per-request tensors (and inference mode: an argmax records no autograd state).
-            next_ids = self._argmax(logits).tolist()
+            next_ids = self._argmax(logits)
             return BatchResult(next_token_ids=next_ids, logprobs=[None] * len(reqs))
         return self._sample_with_sampler(logits, reqs, params)
 

@@ -282,3 +282,22 @@ def qk_norm_rope_try_store_kv(
     if kv_write is not None and _kv_write_fast_path_ok(k, kv_write):
         return (*_qk_norm_rope_triton(q, k, positions, rotary_emb, q_norm, k_norm, kv_write), True)
     return (*_qk_norm_rope_triton(q, k, positions, rotary_emb, q_norm, k_norm, None), False)
+
+
+def float_logits_argmax_reference(logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    # The argmax of the model-dtype logits is that of their exact float32 copy (first index on
+    # ties in both) and reads half the bytes.
+    return logits.float(), torch.argmax(logits, dim=-1)
+
+
+def float_logits_argmax(
+    logits: torch.Tensor, counters: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(float32 logits, their argmax per row) of model-dtype logits [rows, vocab]: the end of a
+    decode step. ``counters``: the kernel's reusable arrival counters
+    (``logits_argmax_triton.arrival_counters``); pass them inside a CUDA graph capture."""
+    if can_use_fast_path(logits) and logits.dim() == 2 and logits.stride(1) == 1:
+        from pymllm.layers.kernels import logits_argmax_triton
+
+        return logits_argmax_triton.float_logits_argmax(logits, counters)
+    return float_logits_argmax_reference(logits)
