@@ -369,6 +369,7 @@ class InputStager:
         self._slices = ViewCache(limit=64)
         self._raw_stream: Optional[int] = None
         self._stream: Optional[torch.cuda.Stream] = None
+        self._sealed = False  # the current buffer's event is recorded (seal)
 
     @staticmethod
     def _capacity(words: int) -> int:
@@ -385,17 +386,27 @@ class InputStager:
             self._slices.clear()  # let the old buffer go once its batches are done with it
         return buf
 
-    def _current_stream(self) -> "torch.cuda.Stream":
+    def current_stream(self) -> "torch.cuda.Stream":
+        """The device's current stream, as an object made once per raw stream."""
         raw = torch._C._cuda_getCurrentRawStream(self.device.index if self.device.index is not None
                                                  else torch.cuda.current_device())
         if raw != self._raw_stream:
             self._raw_stream, self._stream = raw, torch.cuda.current_stream(self.device)
         return self._stream
 
+    def seal(self) -> None:
+        """Mark the last upload's buffer as handed over: everything that reads it is enqueued.
+        The next upload would do this itself; a caller that knows it earlier (the graph runner,
+        right after its launch) takes the event record off the path to the next launch."""
+        if self._on_cuda and not self._sealed:
+            self._events[self._current].record(self.current_stream())
+            self._sealed = True
+
     def _next_pinned(self, words: int) -> int:
         """Index of the pinned buffer for the next upload, holding at least ``words``."""
         # Hand over the buffer of the previous batch: all its consumers are enqueued by now.
-        self._events[self._current].record(self._current_stream())
+        self.seal()
+        self._sealed = False
         self._current = (self._current + 1) % len(self._pinned)
         self._events[self._current].synchronize()
         buf = self._pinned[self._current]
