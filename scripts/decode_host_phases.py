@@ -2,7 +2,9 @@
 sync), without a profiler: build_forward_batch, forward (stage + graph launch), sample (wait +
 D2H + tolist), and the bench's own sync; medians / p10 / p90 over 300 steps. Also the graph
 replayed alone and a pure-Python loop (the CPU speed of this process: the lent machines' hosts
-differ, and so does a step's host share).
+differ, and so does a step's host share). Then 300 more steps with the calls inside run_batch
+timed one by one (stage_next, the stager's upload, the backend's replay metadata, the graph
+launch, predict_next, the wait for the ids): where the host time before the launch goes.
 
     python scripts/decode_host_phases.py benchmarks/configs/qwen3-8b 1024
 """
@@ -53,3 +55,50 @@ for _ in range(20):
     t0 = time.perf_counter(); gr.replay(); launch.append(time.perf_counter() - t0)
 torch.cuda.synchronize()
 print(f"replay() call alone (queued behind others) median {statistics.median(launch)*1e6:.1f} us")
+
+
+# The calls inside a step, each wrapped with a clock (the wrappers add ~0.3 us per call).
+spent: dict = {}
+
+
+def clocked(obj, name, key):
+    inner = getattr(obj, name)
+
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter_ns()
+        out = inner(*args, **kwargs)
+        spent.setdefault(key, []).append(time.perf_counter_ns() - t0)
+        return out
+
+    setattr(obj, name, wrapper)
+
+
+class ClockedGraph:
+    def __init__(self, graph):
+        self.graph = graph
+
+    def replay(self):
+        t0 = time.perf_counter_ns()
+        self.graph.replay()
+        spent.setdefault("graph.replay() launch", []).append(time.perf_counter_ns() - t0)
+
+
+clocked(g, "stage_next", "stage_next (all of build's staged path)")
+clocked(runner.stager, "upload", "  stager.upload (in stage_next)")
+clocked(runner.stager, "_next_pinned", "    stager._next_pinned (in upload)")
+clocked(g, "_prepare", "backend replay metadata (_prepare)")
+clocked(g, "predict_next", "predict_next (after launch)")
+clocked(runner, "_argmax", "wait + ids to host")
+clocked(runner, "build_forward_batch", "build_forward_batch")
+clocked(runner, "forward", "forward")
+g.graphs[1] = ClockedGraph(gr)
+for i in range(330):
+    b = ScheduledBatch(ForwardMode.DECODE, [req], [len(req.fill_ids) - 1], [1], runner.token_to_kv_pool_allocator.alloc(1), [True])
+    torch.cuda.synchronize()
+    t0 = time.perf_counter_ns()
+    out = runner.run_batch(b)
+    spent.setdefault("run_batch", []).append(time.perf_counter_ns() - t0)
+    req.output_ids.append(out.next_token_ids[0])
+for key, vals in spent.items():
+    vals = vals[30:]
+    print(f"{key:45s} median {statistics.median(vals) / 1e3:8.1f} us  p90 {sorted(vals)[int(0.9 * (len(vals) - 1))] / 1e3:8.1f}")
