@@ -22,7 +22,7 @@ print("pid", os.getpid(), "cpu", os.sched_getaffinity(0).__len__(), "torch threa
 t0 = time.perf_counter(); x = 0
 for i in range(2_000_000): x += i
 print(f"pure-python 2M adds: {(time.perf_counter() - t0) * 1e3:.1f} ms")
-runner = build_runner(cfg, 1, n + 400)
+runner = build_runner(cfg, 1, n + 1000)
 params = SamplingParams(max_new_tokens=10_000, temperature=0.0, ignore_eos=True).with_defaults({})
 req = Req(rid="0", origin_input_ids=np.random.default_rng(0).integers(0, 1000, n).tolist(), sampling_params=params, seed=0)
 req.req_pool_idx = runner.req_to_token_pool.alloc()

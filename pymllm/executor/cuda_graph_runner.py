@@ -19,7 +19,9 @@ hosts we measured each CUDA call costs tens of microseconds of a decode step's h
 
 Right after a decode step's launch, while the GPU runs it, the host packs the step that most
 likely follows (the same requests one token further, ``predict_next``); when that step comes,
-only its sampled tokens and new KV slots are written into those words (``stage_next``).
+only its sampled tokens and new KV slots are written into those words, and its graph is launched
+right there, before the Python objects that describe the batch are built (``stage_next``; the
+forward that follows finds it running).
 """
 
 from __future__ import annotations
@@ -178,12 +180,13 @@ class NextDecode:
 class StagedDecode:
     """A decode batch already copied into the static buffers by CudaGraphRunner.stage."""
 
-    batch: ForwardBatch
+    batch: Optional[ForwardBatch]  # None only while _stage_words builds it
     padded_bs: int
     upload: int  # the stager's upload count right after staging it
     kv_indptr_host: torch.Tensor  # [padded_bs + 1] int32, pinned on CUDA
     seq_lens_host: torch.Tensor  # [padded_bs] int32, pinned on CUDA
     shared_prefix: bool = False  # replays the graph whose rows all extend one request
+    launched: bool = False  # its graph already runs (a predicted step, see stage_next)
 
 
 def padded_seq_lens_cpu(seq_lens_cpu: Sequence[int], padded_bs: int) -> List[int]:
@@ -359,8 +362,9 @@ class CudaGraphRunner:
         """Stage a decode batch from the words predict_next packed while the previous step ran,
         when the batch is that prediction: the same requests (by request row, in order) at the
         predicted positions; only its tokens and new KV slots are written now, so the words are
-        exactly what ``stage`` would pack (test_next_decode_staging checks it). None otherwise,
-        with nothing staged; every batch built after a prediction ends it, used or not."""
+        exactly what ``stage`` would pack (test_next_decode_staging checks it), and the step is
+        launched at once: its forward (``replay``) returns the outputs of that run. None
+        otherwise, with nothing staged; every batch built after a prediction ends it, used or not."""
         nxt, self._next = self._next, None
         if nxt is None or not batch.mode.is_decode():
             return None
@@ -368,7 +372,9 @@ class CudaGraphRunner:
         if [r.req_pool_idx for r in reqs] != nxt.rows or list(batch.prefix_lens) != nxt.positions:
             return None
         words = self._next_packer.set_new_tokens(nxt.hb, [r.output_ids[-1] for r in reqs], batch.out_cache_loc)
-        return self._stage_words(nxt.hb, nxt.padded_bs, words, decode=True)
+        # Nothing is left to decide about this step, so it goes to the GPU before the objects
+        # that describe it are made; the forward that follows finds it running (replay).
+        return self._stage_words(nxt.hb, nxt.padded_bs, words, decode=True, launch=True)
 
     def predict_next(self) -> None:
         """Pack the decode step that follows the one just staged with ``decode=True`` (same
@@ -383,7 +389,8 @@ class CudaGraphRunner:
         self._next = NextDecode(hb.req_pool_indices.tolist(), nxt.positions.tolist(), nxt, padded_bs)
 
     def _stage_words(self, hb: HostBatch, padded_bs: int, words, shared_prefix: bool = False,
-                     decode: bool = False) -> ForwardBatch:
+                     decode: bool = False, launch: bool = False) -> ForwardBatch:
+        """Upload packed words into the static buffers; ``launch``: also replay the graph now."""
         bs = hb.batch_size
         layout = self.inputs.layout
         stager = self.runner.stager
@@ -392,12 +399,15 @@ class CudaGraphRunner:
         if self._prologues.get((padded_bs, shared_prefix)) is None:
             self._write_req_to_token(bs)
         kv_indptr_host, seq_lens_host = self._host_views(host, padded_bs)
-        fb = self._static_batch(bs, hb.seq_lens.tolist(), with_mrope=hb.mrope_position_deltas is not None)
-        self._staged = StagedDecode(
-            batch=fb, padded_bs=padded_bs, upload=stager.uploads,
+        staged = StagedDecode(
+            batch=None, padded_bs=padded_bs, upload=stager.uploads,
             kv_indptr_host=kv_indptr_host, seq_lens_host=seq_lens_host, shared_prefix=shared_prefix,
         )
-        return fb
+        if launch:
+            self._launch(staged)
+        staged.batch = self._static_batch(bs, hb.seq_lens.tolist(), with_mrope=hb.mrope_position_deltas is not None)
+        self._staged = staged
+        return staged.batch
 
     def _host_views(self, host: torch.Tensor, padded_bs: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """kv_indptr and seq_lens of a staging buffer (one of a few, reused), sliced to padded_bs."""
@@ -413,15 +423,7 @@ class CudaGraphRunner:
 
     def _prepare(self, fb: ForwardBatch, staged: bool) -> int:
         if staged:
-            staged_batch = self._staged
-            padded = staged_batch.padded_bs
-            v = self._sliced(padded)
-            extra = {"shared_prefix": True} if staged_batch.shared_prefix else {}
-            self.backend.init_forward_metadata_replay_cuda_graph(
-                padded, v["req_pool_indices"], v["seq_lens"], None,
-                indptr_host=staged_batch.kv_indptr_host, seq_lens_host=staged_batch.seq_lens_host, **extra,
-            )
-            return padded
+            return self._prepare_staged(self._staged)
         padded = padded_batch_size(fb.batch_size, self.batch_sizes)
         self.inputs.fill(fb, padded)
         v = self._sliced(padded)
@@ -429,6 +431,25 @@ class CudaGraphRunner:
             padded, v["req_pool_indices"], v["seq_lens"], padded_seq_lens_cpu(fb.seq_lens_cpu, padded),
         )
         return padded
+
+    def _prepare_staged(self, staged: StagedDecode) -> int:
+        padded = staged.padded_bs
+        v = self._sliced(padded)
+        extra = {"shared_prefix": True} if staged.shared_prefix else {}
+        self.backend.init_forward_metadata_replay_cuda_graph(
+            padded, v["req_pool_indices"], v["seq_lens"], None,
+            indptr_host=staged.kv_indptr_host, seq_lens_host=staged.seq_lens_host, **extra,
+        )
+        return padded
+
+    def _launch(self, staged: StagedDecode) -> None:
+        """Replay the graph of a staged batch; then, while it runs, seal the staging buffer and
+        pack the step predicted to follow."""
+        padded = self._prepare_staged(staged)
+        (self.shared_graphs if staged.shared_prefix else self.graphs)[padded].replay()
+        staged.launched = True
+        self.runner.stager.seal()  # the replay was the staged words' last reader
+        self.predict_next()
 
     def _is_staged(self, fb: ForwardBatch) -> bool:
         # The host views of a staged batch stay valid until the stager's next upload.
@@ -438,12 +459,17 @@ class CudaGraphRunner:
     def replay(self, fb: ForwardBatch) -> Tuple[torch.Tensor, torch.Tensor]:
         """Float32 logits [bs, vocab] of a decode batch and their argmax [bs]; valid until the
         next replay."""
-        staged = self._is_staged(fb)
-        shared = staged and self._staged.shared_prefix
-        padded = self._prepare(fb, staged)
-        (self.shared_graphs if shared else self.graphs)[padded].replay()
-        self.runner.stager.seal()  # the replay was the staged words' last reader
-        self.predict_next()
+        if self._is_staged(fb):
+            staged = self._staged
+            if staged.launched:  # launched at staging (stage_next): this forward is that run
+                staged.launched = False
+            else:
+                self._launch(staged)
+            shared, padded = staged.shared_prefix, staged.padded_bs
+        else:
+            shared, padded = False, self._prepare(fb, staged=False)
+            self.graphs[padded].replay()
+            self.runner.stager.seal()
         bs = fb.batch_size
         logits, ids = (self.shared_outputs if shared else self.outputs)[padded]
         return self._views.get(("output", shared, padded, bs), lambda: (logits[:bs], ids[:bs]))

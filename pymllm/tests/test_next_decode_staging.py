@@ -22,11 +22,28 @@ from pymllm.tests.helpers import greedy
 from pymllm.tests.test_flashinfer_metadata import _runner, fake_flashinfer  # noqa: F401 (fixture)
 
 
-def _setup():
+class StandInGraph:
+    """A captured graph on CPU: replay records itself in ``events``."""
+
+    def __init__(self, events: list, bs: int):
+        self.events, self.bs = events, bs
+
+    def replay(self):
+        self.events.append(("launch", self.bs))
+
+
+def _setup(events=None):
+    """A graph runner over a tiny Qwen3 with stand-in graphs (the backend's graph-mode state as
+    capture leaves it); ``events`` collects their launches."""
     runner = _runner(tiny_model_dir("qwen3"))
     runner.attn_backend = fib.FlashInferAttnBackend(runner)
     graphs = CudaGraphRunner(runner)
     runner.cuda_graph_runner = graphs
+    events = [] if events is None else events
+    for bs in graphs.batch_sizes:
+        graphs.prepare_capture(bs)
+        graphs.graphs[bs] = StandInGraph(events, bs)
+        graphs.outputs[bs] = (torch.zeros(bs, 8), torch.zeros(bs, dtype=torch.int64))
     reqs = []
     for i, n in enumerate((5, 9, 3)):
         req = Req(rid=str(i), origin_input_ids=list(range(10, 10 + n)), sampling_params=greedy(50), seed=0)
@@ -111,21 +128,31 @@ def test_a_batch_in_between_ends_the_prediction(fake_flashinfer):  # noqa: F811
 
 def test_replay_packs_the_next_step_after_the_launch(fake_flashinfer):  # noqa: F811
     """CudaGraphRunner.replay launches the graph, then predicts (stand-in graphs on CPU)."""
-    runner, graphs, reqs = _setup()
     order = []
-
-    class Graph:
-        def replay(self):
-            order.append("launch")
-
+    runner, graphs, reqs = _setup(order)
     predict = graphs.predict_next
     graphs.predict_next = lambda: (order.append("predict"), predict())
-    for bs in graphs.batch_sizes:
-        graphs.prepare_capture(bs)  # the backend's graph-mode state, as capture leaves it
-        graphs.graphs[bs] = Graph()
-        graphs.outputs[bs] = (torch.zeros(bs, 8), torch.zeros(bs, dtype=torch.int64))
     fb = runner.build_forward_batch(_decode(runner, reqs))
+    assert order == []  # a step that was not predicted launches at its forward
     graphs.replay(fb)
-    assert order == ["launch", "predict"] and graphs._next is not None
+    assert order == [("launch", 4), "predict"] and graphs._next is not None
     assert graphs._next.rows == [r.req_pool_idx for r in reqs]
     assert graphs._next.positions == [len(r.fill_ids) for r in reqs]
+
+
+def test_a_predicted_step_launches_when_it_is_staged(fake_flashinfer):  # noqa: F811
+    """The predicted step's graph runs before its ForwardBatch exists; its forward returns that
+    run's outputs without a second launch."""
+    events = []
+    runner, graphs, reqs = _setup(events)
+    built = graphs._static_batch
+    graphs._static_batch = lambda *a, **k: (events.append("batch object"), built(*a, **k))[1]
+    runner.forward(runner.build_forward_batch(_decode(runner, reqs)))
+    for r in reqs:
+        r.output_ids.append(7)
+    events.clear()
+    fb = runner.build_forward_batch(_decode(runner, reqs))
+    assert events == [("launch", 4), "batch object"]
+    assert graphs._next is not None  # the step after it, packed while it runs
+    logits = runner.forward(fb)
+    assert events == [("launch", 4), "batch object"] and logits.shape == (3, 8)

@@ -176,6 +176,7 @@ class _GraphState:
     last_page_len: torch.Tensor  # [max_bs] int32, all ones
     wrappers: Dict[int, Dict[int, object]] = field(default_factory=dict)  # bs -> window -> wrapper
     triton_splits: Dict[int, int] = field(default_factory=dict)  # bs -> splits, Triton-decoded graphs
+    triton_metadata: Dict[int, "_ForwardMetadata"] = field(default_factory=dict)  # bs -> their replay metadata
     shared_prefix_splits: Dict[int, int] = field(default_factory=dict)  # bs -> splits, shared-prefix graphs
     # FlashInfer-decoded sizes whose graphs gather their own kv_indices (graph_metadata_kernels).
     kv_indices_in_graph: Set[int] = field(default_factory=set)
@@ -437,10 +438,15 @@ class FlashInferAttnBackend(AttentionBackend):
             return
         splits = st.triton_splits.get(bs)
         if splits is not None:
-            # The captured kernels read req_to_token and the static seq_lens directly.
-            self.forward_metadata = _ForwardMetadata(
-                "triton_decode", {}, num_splits=splits, rope_in_attention=rope_in_attention_ok(bs)
-            )
+            # The captured kernels read req_to_token and the static seq_lens directly; the
+            # metadata only describes them, the same for every replay of this size (made once:
+            # this runs before every launch).
+            md = st.triton_metadata.get(bs)
+            if md is None:
+                md = st.triton_metadata[bs] = _ForwardMetadata(
+                    "triton_decode", {}, num_splits=splits, rope_in_attention=rope_in_attention_ok(bs)
+                )
+            self.forward_metadata = md
             return
         if indptr_host is None:
             indptr_host = indptr_from_lens(seq_lens_cpu)
