@@ -369,7 +369,6 @@ class InputStager:
         self._slices = ViewCache(limit=64)
         self._raw_stream: Optional[int] = None
         self._stream: Optional[torch.cuda.Stream] = None
-        self._sealed = False  # the current buffer's event is recorded (seal)
 
     @staticmethod
     def _capacity(words: int) -> int:
@@ -394,19 +393,10 @@ class InputStager:
             self._raw_stream, self._stream = raw, torch.cuda.current_stream(self.device)
         return self._stream
 
-    def seal(self) -> None:
-        """Mark the last upload's buffer as handed over: everything that reads it is enqueued.
-        The next upload would do this itself; a caller that knows it earlier (the graph runner,
-        right after its launch) takes the event record off the path to the next launch."""
-        if self._on_cuda and not self._sealed:
-            self._events[self._current].record(self.current_stream())
-            self._sealed = True
-
     def _next_pinned(self, words: int) -> int:
         """Index of the pinned buffer for the next upload, holding at least ``words``."""
         # Hand over the buffer of the previous batch: all its consumers are enqueued by now.
-        self.seal()
-        self._sealed = False
+        self._events[self._current].record(self.current_stream())
         self._current = (self._current + 1) % len(self._pinned)
         self._events[self._current].synchronize()
         buf = self._pinned[self._current]
@@ -441,3 +431,40 @@ class InputStager:
         target = dst if dst is not None else self._device_buffer(device_words)
         self._slice(target, device_words).copy_(self._slice(buf, device_words), non_blocking=True)
         return self._slice(buf, n), target
+
+
+class StaticWordsUpload:
+    """Copies a graph batch's packed words into the graphs' static input buffer.
+
+    The InputStager serves batches of any size through alternating buffers it looks up per call;
+    the graphs' words always have one layout, so this keeps one pinned host buffer, the two
+    slices of the copy made once, and one event: recorded (``seal``) right after the launch that
+    consumed the words, waited on before the buffer is written again. That is less host work on
+    the path to every graph launch. ``host`` also holds the host-only words (what FlashInfer's
+    plan reads), valid until the next upload.
+    """
+
+    def __init__(self, device_words: torch.Tensor, total_words: int):
+        self._on_cuda = device_words.is_cuda
+        self.host = torch.zeros(total_words, dtype=torch.int64, pin_memory=self._on_cuda)
+        self._host_np = self.host.numpy()
+        self._src, self._dst = self.host[: device_words.numel()], device_words
+        self._event = torch.cuda.Event() if self._on_cuda else None
+        self._pending = False
+        self.uploads = 0  # host views of an upload live until the next
+
+    def upload(self, words: np.ndarray) -> torch.Tensor:
+        """Copy ``words`` (the packed layout, device part first) in; returns ``host``."""
+        if self._pending:  # the last launch must have read the buffer before it is rewritten
+            self._event.synchronize()
+            self._pending = False
+        self._host_np[: len(words)] = words
+        self._dst.copy_(self._src, non_blocking=True)
+        self.uploads += 1
+        return self.host
+
+    def seal(self, stream: Optional["torch.cuda.Stream"]) -> None:
+        """Everything that reads the last upload is enqueued on ``stream``."""
+        if self._on_cuda:
+            self._event.record(stream)
+            self._pending = True

@@ -43,6 +43,7 @@ from pymllm.executor.batch_inputs import (
     ViewCache,
     HostBatch,
     PackedLayout,
+    StaticWordsUpload,
     decode_host_batch,
     graph_layout,
     next_decode_host_batch,
@@ -182,7 +183,7 @@ class StagedDecode:
 
     batch: Optional[ForwardBatch]  # None only while _stage_words builds it
     padded_bs: int
-    upload: int  # the stager's upload count right after staging it
+    upload: int  # the static upload's count right after staging it
     kv_indptr_host: torch.Tensor  # [padded_bs + 1] int32, pinned on CUDA
     seq_lens_host: torch.Tensor  # [padded_bs] int32, pinned on CUDA
     shared_prefix: bool = False  # replays the graph whose rows all extend one request
@@ -208,6 +209,7 @@ class CudaGraphRunner:
         # tensors may be updated both inside and outside torch.inference_mode().
         self.inputs = GraphInputs.allocate(self.max_bs, self.device, self.padding_row, context_len)
         self._packer = GraphPacker(self.inputs.layout, self.padding_row, context_len)
+        self._upload = StaticWordsUpload(self.inputs.words, len(self._packer.words))
         # The next decode step, packed in the shadow of the running one (predict_next).
         self._next_packer = GraphPacker(self.inputs.layout, self.padding_row, context_len)
         self._next: Optional[NextDecode] = None
@@ -392,15 +394,13 @@ class CudaGraphRunner:
                      decode: bool = False, launch: bool = False) -> ForwardBatch:
         """Upload packed words into the static buffers; ``launch``: also replay the graph now."""
         bs = hb.batch_size
-        layout = self.inputs.layout
-        stager = self.runner.stager
         self._predict_from = hb if decode else None
-        host, _ = stager.upload(words, layout.device_words, dst=self.inputs.words)
+        host = self._upload.upload(words)
         if self._prologues.get((padded_bs, shared_prefix)) is None:
             self._write_req_to_token(bs)
         kv_indptr_host, seq_lens_host = self._host_views(host, padded_bs)
         staged = StagedDecode(
-            batch=None, padded_bs=padded_bs, upload=stager.uploads,
+            batch=None, padded_bs=padded_bs, upload=self._upload.uploads,
             kv_indptr_host=kv_indptr_host, seq_lens_host=seq_lens_host, shared_prefix=shared_prefix,
         )
         if launch:
@@ -448,13 +448,16 @@ class CudaGraphRunner:
         padded = self._prepare_staged(staged)
         (self.shared_graphs if staged.shared_prefix else self.graphs)[padded].replay()
         staged.launched = True
-        self.runner.stager.seal()  # the replay was the staged words' last reader
+        self._seal()  # the replay was the staged words' last reader
         self.predict_next()
 
     def _is_staged(self, fb: ForwardBatch) -> bool:
-        # The host views of a staged batch stay valid until the stager's next upload.
+        # The host views of a staged batch stay valid until the next upload of graph words.
         staged = self._staged
-        return staged is not None and staged.batch is fb and staged.upload == self.runner.stager.uploads
+        return staged is not None and staged.batch is fb and staged.upload == self._upload.uploads
+
+    def _seal(self) -> None:
+        self._upload.seal(self.runner.stager.current_stream() if self.device.type == "cuda" else None)
 
     def replay(self, fb: ForwardBatch) -> Tuple[torch.Tensor, torch.Tensor]:
         """Float32 logits [bs, vocab] of a decode batch and their argmax [bs]; valid until the
@@ -469,7 +472,7 @@ class CudaGraphRunner:
         else:
             shared, padded = False, self._prepare(fb, staged=False)
             self.graphs[padded].replay()
-            self.runner.stager.seal()
+            self._seal()
         bs = fb.batch_size
         logits, ids = (self.shared_outputs if shared else self.outputs)[padded]
         return self._views.get(("output", shared, padded, bs), lambda: (logits[:bs], ids[:bs]))

@@ -179,3 +179,16 @@ def test_view_cache_makes_each_view_once_and_starts_over_past_its_limit():
     cache.clear()
     cache.get(("a", 3), lambda: make(3))
     assert made == [3, 4, 5, 3, 3]
+
+
+def test_static_words_upload_copies_the_device_part_and_keeps_the_host_words() -> None:
+    from pymllm.executor.batch_inputs import StaticWordsUpload
+
+    device_words = torch.full((6,), -1, dtype=torch.int64)
+    up = StaticWordsUpload(device_words, total_words=9)
+    for step in range(2):
+        words = np.arange(9, dtype=np.int64) + 100 * step
+        host = up.upload(words)
+        up.seal(None)  # nothing to record on CPU
+        assert device_words.tolist() == words[:6].tolist()
+        assert host.tolist() == words.tolist() and up.uploads == step + 1
