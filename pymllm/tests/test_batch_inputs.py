@@ -8,7 +8,7 @@ import torch
 
 from pymllm.engine.forward_batch import ForwardMode
 from pymllm.executor import batch_inputs as bi
-from pymllm.executor.cuda_graph_runner import GraphInputs
+from pymllm.executor.graph_inputs import GraphInputs
 from pymllm.orchestrator.request import Req
 from pymllm.orchestrator.schedule_batch import ScheduledBatch
 from pymllm.sampling_params import SamplingParams
