@@ -275,17 +275,15 @@ class GraphPacker:
         fill_graph_words(self._views, hb, padded_bs, self.padding_row, self.row_stride)
         return self.words
 
-    def set_new_tokens(self, hb: HostBatch, tokens: Sequence[int], slots) -> np.ndarray:
-        """Fill in the tokens and new KV slots of a packed decode batch (``hb``, the one packed
-        last, gets them too): what pack would have written had they been known; returns the words."""
+    def set_new_tokens(self, tokens: Sequence[int], slots) -> np.ndarray:
+        """Fill in the tokens and new KV slots of the decode batch packed last: what pack would
+        have written had they been known; returns the words. (Its HostBatch keeps zeros there:
+        what is read of it later, next_decode_host_batch and the lengths, does not need them.)"""
         n = len(tokens)
-        hb.input_ids[:] = tokens
-        hb.out_cache_loc[:] = slots
-        hb.kv_write_loc[:] = slots
         views = self._views
-        views["input_ids"][:n] = hb.input_ids
-        views["out_cache_loc"][:n] = hb.out_cache_loc
-        views["kv_write_loc"][:n] = hb.kv_write_loc
+        views["input_ids"][:n] = tokens
+        views["out_cache_loc"][:n] = slots
+        views["kv_write_loc"][:n] = slots
         return self.words
 
 
@@ -444,14 +442,15 @@ class StaticWordsUpload:
     plan reads), valid until the next upload.
     """
 
-    def __init__(self, device_words: torch.Tensor, total_words: int):
+    def __init__(self, device_words: torch.Tensor, total_words: int,
+                 stream: Callable[[], "torch.cuda.Stream"]):
         self._on_cuda = device_words.is_cuda
         self.host = torch.zeros(total_words, dtype=torch.int64, pin_memory=self._on_cuda)
         self._host_np = self.host.numpy()
         self._src, self._dst = self.host[: device_words.numel()], device_words
+        self._stream = stream
         self._event = torch.cuda.Event() if self._on_cuda else None
         self._pending = False
-        self.uploads = 0  # host views of an upload live until the next
 
     def upload(self, words: np.ndarray) -> torch.Tensor:
         """Copy ``words`` (the packed layout, device part first) in; returns ``host``."""
@@ -460,11 +459,10 @@ class StaticWordsUpload:
             self._pending = False
         self._host_np[: len(words)] = words
         self._dst.copy_(self._src, non_blocking=True)
-        self.uploads += 1
         return self.host
 
-    def seal(self, stream: Optional["torch.cuda.Stream"]) -> None:
-        """Everything that reads the last upload is enqueued on ``stream``."""
+    def seal(self) -> None:
+        """Everything that reads the last upload is enqueued (on the current stream)."""
         if self._on_cuda:
-            self._event.record(stream)
+            self._event.record(self._stream())
             self._pending = True

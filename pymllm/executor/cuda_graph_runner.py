@@ -129,7 +129,7 @@ class CudaGraphRunner:
         # tensors may be updated both inside and outside torch.inference_mode().
         self.inputs = GraphInputs.allocate(self.max_bs, self.device, self.padding_row, context_len)
         self._packer = GraphPacker(self.inputs.layout, self.padding_row, context_len)
-        self._upload = StaticWordsUpload(self.inputs.words, len(self._packer.words))
+        self._upload = StaticWordsUpload(self.inputs.words, len(self._packer.words), model_runner.stager.current_stream)
         # The next decode step, packed in the shadow of the running one (predict_next).
         self._next_packer = GraphPacker(self.inputs.layout, self.padding_row, context_len)
         self._next: Optional[NextDecode] = None
@@ -293,7 +293,7 @@ class CudaGraphRunner:
         reqs = batch.reqs
         if [r.req_pool_idx for r in reqs] != nxt.rows or list(batch.prefix_lens) != nxt.positions:
             return None
-        words = self._next_packer.set_new_tokens(nxt.hb, [r.output_ids[-1] for r in reqs], batch.out_cache_loc)
+        words = self._next_packer.set_new_tokens([r.output_ids[-1] for r in reqs], batch.out_cache_loc)
         # Nothing is left to decide about this step, so it goes to the GPU before the objects
         # that describe it are made; the forward that follows finds it running (replay).
         return self._stage_words(nxt.hb, nxt.padded_bs, words, decode=True, launch=True)
@@ -320,8 +320,8 @@ class CudaGraphRunner:
             self._write_req_to_token(bs)
         kv_indptr_host, seq_lens_host = self._host_views(host, padded_bs)
         staged = StagedDecode(
-            batch=None, padded_bs=padded_bs, upload=self._upload.uploads,
-            kv_indptr_host=kv_indptr_host, seq_lens_host=seq_lens_host, shared_prefix=shared_prefix,
+            batch=None, padded_bs=padded_bs, kv_indptr_host=kv_indptr_host, seq_lens_host=seq_lens_host,
+            shared_prefix=shared_prefix,
         )
         if launch:
             self._launch(staged)
@@ -339,11 +339,10 @@ class CudaGraphRunner:
 
     def prepare_replay(self, fb: ForwardBatch) -> int:
         """Load a decode batch into the static buffers and metadata; returns the padded size."""
-        return self._prepare(fb, self._is_staged(fb))
+        return self._prepare_staged(self._staged) if self._is_staged(fb) else self._prepare_unstaged(fb)
 
-    def _prepare(self, fb: ForwardBatch, staged: bool) -> int:
-        if staged:
-            return self._prepare_staged(self._staged)
+    def _prepare_unstaged(self, fb: ForwardBatch) -> int:
+        """A decode batch built elsewhere: copied into the static buffers on the device."""
         padded = padded_batch_size(fb.batch_size, self.batch_sizes)
         self.inputs.fill(fb, padded)
         v = self._sliced(padded)
@@ -368,20 +367,18 @@ class CudaGraphRunner:
         padded = self._prepare_staged(staged)
         (self.shared_graphs if staged.shared_prefix else self.graphs)[padded].replay()
         staged.launched = True
-        self._seal()  # the replay was the staged words' last reader
+        self._upload.seal()  # the replay was the staged words' last reader
         self.predict_next()
 
     def _is_staged(self, fb: ForwardBatch) -> bool:
-        # The host views of a staged batch stay valid until the next upload of graph words.
+        # Every upload of graph words stages a new batch, so the last one staged is the one whose
+        # words (and host views) the buffers hold.
         staged = self._staged
-        return staged is not None and staged.batch is fb and staged.upload == self._upload.uploads
+        return staged is not None and staged.batch is fb
 
-    def _seal(self) -> None:
-        self._upload.seal(self.runner.stager.current_stream() if self.device.type == "cuda" else None)
-
-    def replay(self, fb: ForwardBatch) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Float32 logits [bs, vocab] of a decode batch and their argmax [bs]; valid until the
-        next replay."""
+    def replay(self, fb: ForwardBatch) -> torch.Tensor:
+        """Float32 logits [bs, vocab] of a decode batch, valid until the next replay; their
+        argmax is in ``ids_host`` once the stream has run it."""
         if self._is_staged(fb):
             staged = self._staged
             if staged.launched:  # launched at staging (stage_next): this forward is that run
@@ -390,12 +387,11 @@ class CudaGraphRunner:
                 self._launch(staged)
             shared, padded = staged.shared_prefix, staged.padded_bs
         else:
-            shared, padded = False, self._prepare(fb, staged=False)
+            shared, padded = False, self._prepare_unstaged(fb)
             self.graphs[padded].replay()
-            self._seal()
         bs = fb.batch_size
-        logits, ids = (self.shared_outputs if shared else self.outputs)[padded]
-        return self._views.get(("output", shared, padded, bs), lambda: (logits[:bs], ids[:bs]))
+        logits = (self.shared_outputs if shared else self.outputs)[padded][0]
+        return self._views.get(("output", shared, padded, bs), lambda: logits[:bs])
 
     def replay_seconds(self, bs: int, iters: int = 20) -> float:
         """GPU time of one decode step of bs rows alone: the graph that serves bs, replayed back

@@ -82,7 +82,6 @@ class StagedDecode:
 
     batch: Optional[ForwardBatch]  # None only while _stage_words builds it
     padded_bs: int
-    upload: int  # the static upload's count right after staging it
     kv_indptr_host: torch.Tensor  # [padded_bs + 1] int32, pinned on CUDA
     seq_lens_host: torch.Tensor  # [padded_bs] int32, pinned on CUDA
     shared_prefix: bool = False  # replays the graph whose rows all extend one request

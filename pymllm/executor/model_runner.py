@@ -54,8 +54,8 @@ class ModelRunner:
         self.dtype = model_config.dtype
         self.model = None
         self.cuda_graph_runner = None
-        # (logits, argmax, rows of graphs.ids_host) of the last replay
-        self._graph_argmax: Optional[Tuple[torch.Tensor, torch.Tensor, object]] = None
+        # (logits, their rows of cuda_graph_runner.ids_host) of the last replay
+        self._graph_argmax: Optional[Tuple[torch.Tensor, object]] = None
 
     # ---------------- set-up ----------------
     def initialize(self) -> None:
@@ -214,8 +214,7 @@ class ModelRunner:
             and fb.forward_mode.is_decode()
             and self.cuda_graph_runner.can_run(fb)
         ):
-            graphs = self.cuda_graph_runner
-            logits, ids = graphs.replay(fb)
+            logits = self.cuda_graph_runner.replay(fb)
             host_rows: object = slice(0, fb.batch_size)
             if fb.sample_rows is not None:  # an extend run as decode rows: each request's last row
                 rows = fb.sample_rows
@@ -224,8 +223,8 @@ class ModelRunner:
                     host_rows = picked = slice(last - len(rows) + 1, last + 1)
                 else:
                     host_rows, picked = rows, torch.tensor(rows, device=logits.device)
-                logits, ids = logits[picked], ids[picked]
-            self._graph_argmax = (logits, ids, host_rows)
+                logits = logits[picked]
+            self._graph_argmax = (logits, host_rows)
             return logits
         return self._forward_eager(fb)
 
@@ -241,7 +240,7 @@ class ModelRunner:
         if graph is not None and graph[0] is logits:
             if self.device.type == "cuda":
                 self.stager.current_stream().synchronize()
-            return self.cuda_graph_runner.ids_host_np[graph[2]].tolist()
+            return self.cuda_graph_runner.ids_host_np[graph[1]].tolist()
         return torch.argmax(logits, dim=-1).tolist()
 
     def sample(self, logits: torch.Tensor, batch: ScheduledBatch) -> BatchResult:

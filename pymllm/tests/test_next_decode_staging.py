@@ -156,3 +156,13 @@ def test_a_predicted_step_launches_when_it_is_staged(fake_flashinfer):  # noqa: 
     assert graphs._next is not None  # the step after it, packed while it runs
     logits = runner.forward(fb)
     assert events == [("launch", 4), "batch object"] and logits.shape == (3, 8)
+
+
+def test_greedy_sampling_of_a_replay_reads_the_graphs_host_ids(fake_flashinfer):  # noqa: F811
+    """The graph copies its argmax into ``ids_host``; greedy sampling returns those rows (here
+    written by hand: the stand-in graph runs nothing), not an argmax of its own."""
+    runner, graphs, reqs = _setup()
+    batch = _decode(runner, reqs)
+    logits = runner.forward(runner.build_forward_batch(batch))
+    graphs.ids_host_np[:4] = [11, 12, 13, 14]  # row 3 is padding
+    assert runner.sample(logits, batch).next_token_ids == [11, 12, 13]
