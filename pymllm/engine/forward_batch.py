@@ -60,17 +60,11 @@ class ForwardBatch:
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
 
-    def last_token_indices(self) -> torch.Tensor:
-        """Index of each sequence's last new token in the flattened token dimension."""
-        if self.forward_mode.is_decode():
-            return torch.arange(self.batch_size, device=self.input_ids.device)
-        assert self.extend_seq_lens is not None
-        return torch.cumsum(self.extend_seq_lens, dim=0) - 1
-
     def last_token_rows(self, hidden: torch.Tensor) -> torch.Tensor:
         """Each sequence's last new token's row of ``hidden`` [tokens, ...]. A decode batch has
         one token per sequence, so that is ``hidden`` itself: no index kernels in a decode step
         (an arange and a gather, ~4 us of a Qwen3-8B graph on an H200)."""
         if self.forward_mode.is_decode():
             return hidden
-        return hidden[self.last_token_indices()]
+        assert self.extend_seq_lens is not None
+        return hidden[torch.cumsum(self.extend_seq_lens, dim=0) - 1]

@@ -192,3 +192,17 @@ def test_static_words_upload_copies_the_device_part_and_keeps_the_host_words() -
         up.seal()  # nothing to record on CPU
         assert device_words.tolist() == words[:6].tolist()
         assert host.tolist() == words.tolist() and host is up.host
+
+
+def test_last_token_rows_gathers_only_for_extends() -> None:
+    from pymllm.engine.forward_batch import ForwardBatch
+
+    hidden = torch.arange(12.0).view(6, 2)
+    common = dict(input_ids=torch.zeros(6, dtype=torch.int64), positions=None, req_pool_indices=None,
+                  seq_lens=None, out_cache_loc=None, seq_lens_cpu=[], req_to_token_pool=None, kv_pool=None,
+                  attn_backend=None)
+    decode = ForwardBatch(forward_mode=ForwardMode.DECODE, batch_size=6, **common)
+    assert decode.last_token_rows(hidden) is hidden  # every decode row is a last token: no kernel
+    extend = ForwardBatch(forward_mode=ForwardMode.EXTEND, batch_size=2, **common)
+    extend.extend_seq_lens = torch.tensor([2, 4])
+    assert extend.last_token_rows(hidden).tolist() == [hidden[1].tolist(), hidden[5].tolist()]
