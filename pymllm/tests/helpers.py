@@ -72,6 +72,19 @@ def run_under_triton_interpreter(module: str, function: str, timeout: float = 90
                           timeout=timeout)
 
 
+def assert_passes_under_triton_interpreter(module: str, function: str, printed: Optional[str] = None) -> None:
+    """``module.function()`` under Triton's interpreter (run_under_triton_interpreter) exits 0 and,
+    when given, prints ``printed`` (the checks' own proof that they ran to the end); skipped
+    without Triton."""
+    import pytest
+
+    pytest.importorskip("triton")
+    result = run_under_triton_interpreter(module, function)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
+    if printed is not None:
+        assert printed in result.stdout
+
+
 def write_random_images(out_dir: Path, sizes: Sequence[tuple], seed: int = 0) -> List[str]:
     """One random RGB PNG per (height, width) in out_dir; their paths."""
     import numpy as np

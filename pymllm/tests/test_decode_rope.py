@@ -22,7 +22,7 @@ from pymllm.layers.fused_ops import KVCacheWrite
 from pymllm.layers.layernorm import RMSNorm
 from pymllm.layers.radix_attention import RadixAttention
 from pymllm.layers.rotary_embedding import RotaryEmbedding
-from pymllm.tests.helpers import run_under_triton_interpreter
+from pymllm.tests.helpers import assert_passes_under_triton_interpreter
 from pymllm.tests.test_triton_decode import make_case, reference
 
 
@@ -110,10 +110,8 @@ def interpreter_checks() -> None:
 
 
 def test_kernel_under_interpreter() -> None:
-    pytest.importorskip("triton")
-    result = run_under_triton_interpreter("pymllm.tests.test_decode_rope", "interpreter_checks")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "interpreter checks passed" in result.stdout
+    assert_passes_under_triton_interpreter("pymllm.tests.test_decode_rope", "interpreter_checks",
+                                           printed="interpreter checks passed")
 
 
 def test_argument_errors() -> None:

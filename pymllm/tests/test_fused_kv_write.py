@@ -17,7 +17,7 @@ import types
 import pytest
 import torch
 
-from pymllm.tests.helpers import run_under_triton_interpreter
+from pymllm.tests.helpers import assert_passes_under_triton_interpreter
 from pymllm.engine.forward_batch import ForwardBatch, ForwardMode
 from pymllm.layers import fused_ops
 from pymllm.layers.attention import flashinfer_backend as fib
@@ -296,10 +296,7 @@ def model_checks() -> None:
 
 
 def _run_interpreted(function: str) -> None:
-    pytest.importorskip("triton")
-    proc = run_under_triton_interpreter("pymllm.tests.test_fused_kv_write", function)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "checks passed" in proc.stdout
+    assert_passes_under_triton_interpreter("pymllm.tests.test_fused_kv_write", function, printed="checks passed")
 
 
 def test_fused_kv_write_kernel_under_the_interpreter():

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import types
 
-import pytest
 import torch
 
-from pymllm.tests.helpers import run_under_triton_interpreter
+from pymllm.tests.helpers import assert_passes_under_triton_interpreter
 from pymllm.layers import fused_ops
 from pymllm.layers.layernorm import RMSNorm, rms_norm_reference
 from pymllm.layers.rotary_embedding import RotaryEmbedding, apply_rotary
@@ -155,7 +154,5 @@ def interpreter_checks() -> None:
 
 
 def test_triton_kernels_under_the_interpreter():
-    pytest.importorskip("triton")
-    proc = run_under_triton_interpreter("pymllm.tests.test_fused_ops", "interpreter_checks")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "interpreter checks passed" in proc.stdout
+    assert_passes_under_triton_interpreter("pymllm.tests.test_fused_ops", "interpreter_checks",
+                                           printed="interpreter checks passed")

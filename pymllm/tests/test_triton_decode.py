@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pymllm.tests.helpers import run_under_triton_interpreter
+from pymllm.tests.helpers import assert_passes_under_triton_interpreter
 
 
 def reference(q, k_buf, v_buf, req_to_token, req_idx, seq_lens, sm_scale, window_left=-1):
@@ -67,8 +67,7 @@ def interpreter_checks() -> None:
 
 
 def test_kernels_under_interpreter() -> None:
-    result = run_under_triton_interpreter("pymllm.tests.test_triton_decode", "interpreter_checks")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert_passes_under_triton_interpreter("pymllm.tests.test_triton_decode", "interpreter_checks")
 
 
 def fused_merge_checks() -> None:
@@ -101,8 +100,7 @@ def fused_merge_checks() -> None:
 
 
 def test_fused_merge_under_interpreter() -> None:
-    result = run_under_triton_interpreter("pymllm.tests.test_triton_decode", "fused_merge_checks")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert_passes_under_triton_interpreter("pymllm.tests.test_triton_decode", "fused_merge_checks")
 
 
 def test_num_splits_rule() -> None:

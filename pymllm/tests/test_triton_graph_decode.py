@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from pymllm.tests.helpers import record_decode_rope_fusions, run_under_triton_interpreter
+from pymllm.tests.helpers import assert_passes_under_triton_interpreter, record_decode_rope_fusions
 from pymllm.layers.attention import flashinfer_backend as fib
 
 
@@ -98,8 +98,7 @@ def graph_path_checks(fused_ops_forced: bool = False, num_reqs: int = 3) -> None
 
 
 def test_graph_path_matches_torch_native_under_interpreter():
-    result = run_under_triton_interpreter("pymllm.tests.test_triton_graph_decode", "graph_path_checks")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
+    assert_passes_under_triton_interpreter("pymllm.tests.test_triton_graph_decode", "graph_path_checks")
 
 
 def graph_path_fused_rope_checks() -> None:
@@ -108,5 +107,4 @@ def graph_path_fused_rope_checks() -> None:
 
 
 def test_graph_path_with_rope_in_attention_matches_torch_native_under_interpreter():
-    result = run_under_triton_interpreter("pymllm.tests.test_triton_graph_decode", "graph_path_fused_rope_checks")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
+    assert_passes_under_triton_interpreter("pymllm.tests.test_triton_graph_decode", "graph_path_fused_rope_checks")

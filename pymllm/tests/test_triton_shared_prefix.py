@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pymllm.tests.helpers import run_under_triton_interpreter
+from pymllm.tests.helpers import assert_passes_under_triton_interpreter
 
 
 def make_extend_case(hq, hkv, d, prefix, new, pad, dtype, device, seed=0, capacity=None):
@@ -124,8 +124,7 @@ def shared_prefix_checks() -> None:
 
 
 def test_shared_prefix_under_interpreter() -> None:
-    result = run_under_triton_interpreter("pymllm.tests.test_triton_shared_prefix", "shared_prefix_checks")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert_passes_under_triton_interpreter("pymllm.tests.test_triton_shared_prefix", "shared_prefix_checks")
 
 
 def test_shared_prefix_num_splits_rule() -> None:
