@@ -3,7 +3,7 @@ sync), without a profiler: build_forward_batch, forward (stage + graph launch), 
 D2H + tolist), and the bench's own sync; medians / p10 / p90 over 300 steps. Also the graph
 replayed alone and a pure-Python loop (the CPU speed of this process: the lent machines' hosts
 differ, and so does a step's host share). Then 300 more steps with the calls inside run_batch
-timed one by one (stage_next, the stager's upload, the backend's replay metadata, the graph
+timed one by one (stage_next, the words' upload, the backend's replay metadata, the graph
 launch, predict_next, the wait for the ids): where the host time before the launch goes.
 
     python scripts/decode_host_phases.py benchmarks/configs/qwen3-8b 1024
@@ -84,10 +84,10 @@ class ClockedGraph:
 
 
 clocked(g, "stage_next", "stage_next (all of build's staged path)")
-clocked(runner.stager, "upload", "  stager.upload (in stage_next)")
-clocked(runner.stager, "_next_pinned", "    stager._next_pinned (in upload)")
-clocked(g, "_prepare", "backend replay metadata (_prepare)")
-clocked(g, "predict_next", "predict_next (after launch)")
+clocked(g._upload, "upload", "  static words upload (in stage_next)")
+clocked(g, "_launch", "  _launch (in stage_next: metadata, launch, seal, predict_next)")
+clocked(g, "_prepare_staged", "    backend replay metadata (in _launch)")
+clocked(g, "predict_next", "    predict_next (in _launch, after the launch)")
 clocked(runner, "_argmax", "wait + ids to host")
 clocked(runner, "build_forward_batch", "build_forward_batch")
 clocked(runner, "forward", "forward")
