@@ -359,7 +359,6 @@ class InputStager:
         self._events = [torch.cuda.Event() if self._on_cuda else None for _ in range(num_buffers)]
         self._current = num_buffers - 1
         self._device_words: Optional[torch.Tensor] = None
-        self.uploads = 0  # how many uploads so far: host views of an upload live until the next
         # Per-step host time is the point of this class, so what can be reused is: the pinned
         # buffers' numpy views and slices, the destination slices, the current stream object
         # (re-fetched only when the raw stream changes: torch.cuda.current_stream costs ~10 us).
@@ -409,24 +408,17 @@ class InputStager:
     def _slice(self, tensor: torch.Tensor, n: int) -> torch.Tensor:
         return self._slices.get((tensor.data_ptr(), n), lambda: tensor[:n])
 
-    def upload(
-        self, words: np.ndarray, device_words: int, dst: Optional[torch.Tensor] = None
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def upload(self, words: np.ndarray, device_words: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """(host, device) int64 tensors holding ``words``; the device one has its first
-        ``device_words`` words, in ``dst`` when given (else in a reused staging buffer, valid
-        until the next upload)."""
+        ``device_words`` words, in a reused staging buffer (valid until the next upload)."""
         n = len(words)
-        self.uploads += 1
         if not self._on_cuda:
             host = torch.from_numpy(words)
-            if dst is None:
-                return host, host
-            dst[:device_words].copy_(host[:device_words])
-            return host, dst
+            return host, host
         index = self._next_pinned(n)
         self._numpy[index][:n] = words
         buf = self._pinned[index]
-        target = dst if dst is not None else self._device_buffer(device_words)
+        target = self._device_buffer(device_words)
         self._slice(target, device_words).copy_(self._slice(buf, device_words), non_blocking=True)
         return self._slice(buf, n), target
 
