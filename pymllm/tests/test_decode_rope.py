@@ -74,8 +74,9 @@ def check_against_references(hq, hkv, d, lens, dtype, device, with_norm, loc_dty
     untouched[loc] = False
     k_before, v_before = k_buf.clone(), v_buf.clone()
     scale = d**-0.5
+    # kv_settled: no kernel right before this call writes the rows of the cached tokens.
     got = decode_attention(q_raw, k_buf, v_buf, r2t, req_idx, seq_lens, scale, splits, window,
-                           out=torch.full_like(q_raw, float("nan")), rope=spec)
+                           out=torch.full_like(q_raw, float("nan")), rope=spec, kv_settled=True)
     # The pool: the new rows hold k after norm + rope and v as given; nothing else changed.
     assert torch.equal(_bits(v_buf[loc]), _bits(spec.v))
     torch.testing.assert_close(k_buf[loc], ref_k, rtol=tol, atol=tol)
@@ -195,9 +196,13 @@ def test_gpu_matches_references(hq, hkv, lens, with_norm) -> None:
 
 
 @pytest.mark.gpu
-def test_gpu_graph_replays_follow_new_tokens() -> None:
+@pytest.mark.parametrize("kv_settled", [False, True])
+def test_gpu_graph_replays_follow_new_tokens(kv_settled) -> None:
     """Captured once (with PDL where the GPU has it), replayed with new lengths, positions, slots
-    and q/k/v each time: output and pool rows as an eager call on the same inputs."""
+    and q/k/v each time: output and pool rows as an eager call on the same inputs. The graph
+    may load its first K/V blocks before its PDL wait (kv_settled: the pool is written before
+    each replay); the eager call must not (the pool clones are the kernels right before it),
+    and the results are the same bits."""
     from pymllm.layers.attention.triton_decode import arrival_counters, decode_attention
 
     (q, k_buf, v_buf, r2t, req_idx, seq_lens), spec, *_ = make_rope_case(
@@ -207,7 +212,7 @@ def test_gpu_graph_replays_follow_new_tokens() -> None:
 
     def call(o):
         return decode_attention(q, k_buf, v_buf, r2t, req_idx, seq_lens, 128**-0.5, 16, out=o, counters=counters,
-                                rope=spec)
+                                rope=spec, kv_settled=kv_settled)
 
     call(out)
     graph = torch.cuda.CUDAGraph()

@@ -531,7 +531,7 @@ class FlashInferAttnBackend(AttentionBackend):
         out = decode_attention(
             q, k_buf, v_buf, self.req_to_token, forward_batch.req_pool_indices, forward_batch.seq_lens,
             layer.scaling, md.num_splits, window_left_for(layer.sliding_window),
-            counters=self._graph.triton_counters, rope=rope,
+            counters=self._graph.triton_counters, rope=rope, kv_settled=True,
         )
         return out.view(-1, layer.num_heads * layer.head_dim)
 
