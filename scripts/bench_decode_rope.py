@@ -69,7 +69,8 @@ def main() -> None:
             launch = dict(counters=counters, block=block, num_warps=warps, num_stages=stages)
             if fused:
                 spec = DecodeRope(k, v, pos, rope.cos_cached, rope.sin_cached, q_w, k_w, 1e-6, loc)
-                o = decode_attention(q, weights["k"], weights["v"], r2t, req, lens, D**-0.5, splits, rope=spec, **launch)
+                o = decode_attention(q, weights["k"], weights["v"], r2t, req, lens, D**-0.5, splits, rope=spec,
+                                     kv_settled=True, **launch)
             else:
                 q, _ = qk_norm_rope(q, k, pos, rope.cos_cached, rope.sin_cached, q_w, k_w, 1e-6,
                                     v=v, k_cache=weights["k"], v_cache=weights["v"], out_cache_loc=loc)
@@ -95,7 +96,7 @@ def main() -> None:
             sweep = {}
             for splits in (8, 16, 32):
                 for block in (32, 64):
-                    for warps in (4, 8):
+                    for warps in (1, 2, 4, 8):
                         for stages in (1, 2, 3):
                             sweep[f"{splits}/{block}/{warps}/{stages}"] = round(
                                 per_layer_us(fused=True, splits=splits, block=block, warps=warps, stages=stages), 2)

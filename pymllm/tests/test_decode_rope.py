@@ -182,6 +182,35 @@ def test_who_fuses(monkeypatch) -> None:
     assert not fib.rope_in_attention_ok(1)
 
 
+def test_the_one_row_graph_launch(monkeypatch) -> None:
+    """Where the backend fuses, it launches the kernel with the preload before the PDL wait
+    (kv_settled: in a graph decode step no kernel of the step writes the cached tokens' rows) and
+    the one-row launch settings, on its graph counters and the layer's pool."""
+    from pymllm.layers.attention import decode_rope as dr
+    from pymllm.layers.attention import triton_decode as td
+
+    seen = {}
+
+    def fake_attention(q, k_buf, v_buf, *args, **kwargs):
+        seen.update(kwargs, args=args, k_buf=k_buf)
+        return torch.zeros(q.shape[0], q.shape[1], q.shape[2])
+
+    monkeypatch.setattr(td, "decode_attention", fake_attention)
+    monkeypatch.setattr(dr, "decode_rope", lambda *a: "rope spec")
+    backend = fib.FlashInferAttnBackend.__new__(fib.FlashInferAttnBackend)
+    backend.forward_metadata = fib._ForwardMetadata("triton_decode", {}, num_splits=16, rope_in_attention=True)
+    backend.req_to_token = torch.zeros(2, 8, dtype=torch.int32)
+    backend._graph = types.SimpleNamespace(triton_counters=torch.zeros(8, dtype=torch.int32))
+    pool = types.SimpleNamespace(get_kv_buffer=lambda layer_id: (f"k{layer_id}", f"v{layer_id}"))
+    fb = types.SimpleNamespace(kv_pool=pool, out_cache_loc=None, req_pool_indices=None, seq_lens=None)
+    layer = RadixAttention(4, 16, 0.25, 2, layer_id=3)
+    out = backend.forward_decode_rope(torch.zeros(1, 4, 16), None, None, None, None, None, None, layer, fb)
+    assert out.shape == (1, 64)
+    assert seen["kv_settled"] is True and seen["rope"] == "rope spec" and seen["k_buf"] == "k3"
+    assert seen["num_warps"] == td.ROPE_NUM_WARPS and seen["num_stages"] == td.ROPE_NUM_STAGES
+    assert seen["counters"] is backend._graph.triton_counters and seen["args"][4] == 16  # the graph's split count
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("hq, hkv", [(32, 8), (16, 8)])
 @pytest.mark.parametrize("lens", [[1], [1090], [5, 2048, 77, 300]])
@@ -199,34 +228,42 @@ def test_gpu_matches_references(hq, hkv, lens, with_norm) -> None:
 @pytest.mark.parametrize("kv_settled", [False, True])
 def test_gpu_graph_replays_follow_new_tokens(kv_settled) -> None:
     """Captured once (with PDL where the GPU has it), replayed with new lengths, positions, slots
-    and q/k/v each time: output and pool rows as an eager call on the same inputs. The graph
-    may load its first K/V blocks before its PDL wait (kv_settled: the pool is written before
-    each replay); the eager call must not (the pool clones are the kernels right before it),
-    and the results are the same bits."""
+    and q/k/v each time: output and pool rows as an eager call on the same inputs, bit for bit,
+    with and without the K/V preload before the PDL wait (kv_settled)."""
     from pymllm.layers.attention.triton_decode import arrival_counters, decode_attention
 
+    # Slots for the longest lengths of the loop: every position of every row has a slot of its
+    # own, so no step's new slot is a cached slot of another row (as in the pool; with the
+    # table's zero padding a new token could land in a slot the other rows read, an unordered
+    # read in any launch, and one the preload reads before the store).
     (q, k_buf, v_buf, r2t, req_idx, seq_lens), spec, *_ = make_rope_case(
-        32, 8, 128, [700, 40], torch.bfloat16, "cuda", True, torch.int64)
+        32, 8, 128, [705, 705], torch.bfloat16, "cuda", True, torch.int64)
     counters = arrival_counters(2, 8, "cuda")
     out = torch.empty_like(q)
-
-    def call(o):
-        return decode_attention(q, k_buf, v_buf, r2t, req_idx, seq_lens, 128**-0.5, 16, out=o, counters=counters,
-                                rope=spec, kv_settled=kv_settled)
-
-    call(out)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call(out)
     gen = torch.Generator().manual_seed(1)
-    for new_lens in ([700, 40], [1, 705], [512, 512]):
+
+    def set_step(new_lens):
         seq_lens.copy_(torch.tensor(new_lens))
         spec.positions.copy_(seq_lens - 1)
         spec.out_cache_loc.copy_(torch.stack([r2t[req_idx[b], n - 1] for b, n in enumerate(new_lens)]))
         for t in (q, spec.k, spec.v):
             t.copy_(torch.randn(t.shape, generator=gen).to(t.dtype))
+
+    def call(o):
+        return decode_attention(q, k_buf, v_buf, r2t, req_idx, seq_lens, 128**-0.5, 16, out=o, counters=counters,
+                                rope=spec, kv_settled=kv_settled)
+
+    set_step([700, 40])
+    call(out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call(out)
+    for new_lens in ([700, 40], [1, 705], [512, 512]):
+        set_step(new_lens)
         k_eager, v_eager = k_buf.clone(), v_buf.clone()
-        want = decode_attention(q, k_eager, v_eager, r2t, req_idx, seq_lens, 128**-0.5, 16, rope=spec)
+        torch.cuda.synchronize()  # the clones are the pool rows a kv_settled call may read before its wait
+        want = decode_attention(q, k_eager, v_eager, r2t, req_idx, seq_lens, 128**-0.5, 16, rope=spec,
+                                kv_settled=kv_settled)
         out.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()

@@ -520,7 +520,7 @@ class FlashInferAttnBackend(AttentionBackend):
         if md.kind != "triton_decode" or not md.rope_in_attention:
             return None
         from pymllm.layers.attention.decode_rope import decode_rope
-        from pymllm.layers.attention.triton_decode import decode_attention
+        from pymllm.layers.attention.triton_decode import ROPE_NUM_STAGES, ROPE_NUM_WARPS, decode_attention
         from pymllm.layers.fused_ops import KVCacheWrite
 
         k_buf, v_buf = forward_batch.kv_pool.get_kv_buffer(layer.layer_id)
@@ -532,6 +532,7 @@ class FlashInferAttnBackend(AttentionBackend):
             q, k_buf, v_buf, self.req_to_token, forward_batch.req_pool_indices, forward_batch.seq_lens,
             layer.scaling, md.num_splits, window_left_for(layer.sliding_window),
             counters=self._graph.triton_counters, rope=rope, kv_settled=True,
+            num_warps=ROPE_NUM_WARPS, num_stages=ROPE_NUM_STAGES,
         )
         return out.view(-1, layer.num_heads * layer.head_dim)
 

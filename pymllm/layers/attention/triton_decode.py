@@ -63,6 +63,13 @@ from pymllm.layers.kernels.pdl import enter_dependent, launch_options
 BLOCK_N = 64  # KV tokens per inner step, at every batch size measured (1-128)
 NUM_STAGES = 3
 NUM_WARPS = 4
+# The one-row graph's launch with rope fused and the first K/V block preloaded (kv_settled): there
+# a program's work after its PDL wait is a few small tiles, whose latency more warps shorten.
+# Measured in the decode graphs on an H200 (runs T5/T6, processes alternating): Qwen3-8B bs1
+# graph 4.078-4.088 ms with 4 warps / 3 stages, 4.022-4.058 with 8 / 2 (in1024), 4.149 vs
+# 4.113-4.142 (in2048); Qwen3-0.6B 0.680-0.706 vs 0.637-0.640 ms (in128).
+ROPE_NUM_WARPS = 8
+ROPE_NUM_STAGES = 2
 _MAX_SPLITS = 16
 # K/V blocks of its slice a program pulls into L2 before its PDL wait (see _partial_kernel): the
 # first ones, whose latency the program would otherwise wait out; later loads are pipelined, and
