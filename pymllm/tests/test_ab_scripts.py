@@ -1,0 +1,63 @@
+"""The A/B wrappers in scripts/ behind rows of docs/perf (they patch one decision and run bench_one_batch)."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import runpy
+import sys
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "ab_rope_attention_launch.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("ab_rope_attention_launch", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_it_overrides_the_launch_and_runs_bench_one_batch(monkeypatch) -> None:
+    from pymllm.layers.attention import triton_decode as td
+
+    seen = {}
+    monkeypatch.setattr(td, "decode_attention", lambda *a, **kw: seen.setdefault("kwargs", kw))
+    monkeypatch.setattr(td, "num_splits_for", td.num_splits_for)
+    monkeypatch.setattr(runpy, "run_module", lambda name, run_name: seen.update(module=name, argv=list(sys.argv)))
+    monkeypatch.setattr(sys, "argv", ["ab", "8", "2", "32", "32", "--", "--batch-size", "1"])
+    _load().main()
+    assert seen["module"] == "pymllm.bench_one_batch" and seen["argv"][1:] == ["--batch-size", "1"]
+    td.decode_attention("q", num_warps=4)  # the backend's own settings are overridden
+    assert seen["kwargs"] == {"num_warps": 8, "num_stages": 2, "block": 32}
+    assert td.num_splits_for(1, 8, 132) == 32
+
+
+def test_bad_arguments_print_the_usage(monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["ab", "8", "2"])
+    with pytest.raises(SystemExit, match="WARPS STAGES SPLITS BLOCK"):
+        _load().main()
+
+
+def test_forced_fused_gemv_decisions(monkeypatch) -> None:
+    """scripts/ab_fused_gemv_decisions.py: the forced modes, and measured decisions kept for other kinds."""
+    from pymllm.layers.kernels import fused_gemv
+
+    spec = importlib.util.spec_from_file_location("ab_fused", SCRIPT.parent / "ab_fused_gemv_decisions.py")
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    assert [ab.forced_decision("all", p) for p in ("none", "rmsnorm", "silu_mul")] == [True, True, True]
+    assert [ab.forced_decision("none", p) for p in ("none", "rmsnorm", "silu_mul")] == [True, False, False]
+    assert [ab.forced_decision("prologues", p) for p in ("none", "rmsnorm", "silu_mul")] == [False, True, True]
+    assert [ab.forced_decision("separate", p) for p in ("none", "rmsnorm", "silu_mul")] == [False, False, False]
+    monkeypatch.setattr(fused_gemv, "_fused_wins", lambda *args: "measured")
+    monkeypatch.setattr(runpy, "run_module", lambda name, run_name: None)
+    monkeypatch.setattr(sys, "argv", ["ab", "w8a8", "prologues", "--", "--batch-size", "1"])
+    ab.main()
+    assert fused_gemv._fused_wins("rmsnorm", "w8a8", None, None, None, None) is True
+    assert fused_gemv._fused_wins("none", "w8a8", None, None, None, None) is False
+    assert fused_gemv._fused_wins("rmsnorm", "dense", None, None, None, None) == "measured"
+    monkeypatch.setattr(sys, "argv", ["ab", "w8a8", "sometimes", "--"])
+    with pytest.raises(SystemExit, match="KIND MODE"):
+        ab.main()
