@@ -143,7 +143,7 @@ def check_per_token_quant(m: int, k: int, dtype: torch.dtype, device: str) -> No
 def interpreter_checks() -> None:
     from pymllm.quantization.kernels.triton_common import SmallMConfig
 
-    for m, k in [(3, 7), (4, 300), (2, 5000)]:
+    for m, k in [(3, 7), (4, 300), (2, 5000), (2, 16500)]:  # one block in registers; two passes past ONE_BLOCK_MAX
         check_per_token_quant(m, k, torch.float16, "cpu")
     for m, n, k in [(1, 96, 256), (3, 64, 512), (16, 80, 128), (33, 40, 64)]:
         check_small_m(m, n, k, torch.float16, "cpu")
@@ -224,7 +224,7 @@ def test_triton_small_m_on_gpu(m, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_per_token_quant_on_gpu(dtype):
-    for m, k in [(1, 4096), (7, 12288), (2048, 4096), (3, 100)]:
+    for m, k in [(1, 4096), (7, 12288), (2048, 4096), (3, 100), (2, 20000)]:
         check_per_token_quant(m, k, dtype, "cuda")
 
 

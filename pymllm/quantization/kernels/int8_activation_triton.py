@@ -47,30 +47,49 @@ if triton is not None:
     from pymllm.layers.kernels.pdl import enter_dependent
 
     @triton.jit
+    def _quantize_block(x, scale):
+        # div_rn: correctly rounded, as the reference (Triton's "/" is the approximate division).
+        scaled = tl.math.div_rn(x, scale)
+        # Adding and subtracting 1.5 * 2**23 rounds |v| < 2**22 to the nearest integer with
+        # ties to even (the FPU's own rounding, as torch.round), without a libdevice call.
+        rounded = (scaled + 12582912.0) - 12582912.0
+        return tl.minimum(tl.maximum(rounded, -128.0), 127.0).to(tl.int8)
+
+    @triton.jit
     def _per_token_quant_int8_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr,
-                                     USE_PDL: tl.constexpr):
+                                     ONE_BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
         enter_dependent(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * stride_xm
         q_row = q_ptr + row * stride_qm
-        running = tl.zeros([BLOCK], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK):
-            offs = k0 + tl.arange(0, BLOCK)
-            x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-            running = tl.maximum(running, tl.abs(x))
-        # div_rn: correctly rounded, as the reference (Triton's "/" is the approximate division).
-        scale = tl.math.div_rn(tl.maximum(tl.max(running, axis=0), 1e-10), 127.5)
-        tl.store(scale_ptr + row, scale)
-        # Second pass re-reads the row from L2; rows up to BLOCK wide are read from DRAM once.
-        for k0 in range(0, K, BLOCK):
-            offs = k0 + tl.arange(0, BLOCK)
+        if ONE_BLOCK:
+            # The row fits in one block: it stays in registers between the max and the quantization
+            # (one load: at batch 1 this kernel's time is its chain of memory round trips).
+            offs = tl.arange(0, BLOCK)
             mask = offs < K
-            scaled = tl.math.div_rn(tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32), scale)
-            # Adding and subtracting 1.5 * 2**23 rounds |v| < 2**22 to the nearest integer with
-            # ties to even (the FPU's own rounding, as torch.round), without a libdevice call.
-            rounded = (scaled + 12582912.0) - 12582912.0
-            q = tl.minimum(tl.maximum(rounded, -128.0), 127.0).to(tl.int8)
-            tl.store(q_row + offs, q, mask=mask)
+            x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+            scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-10), 127.5)
+            tl.store(scale_ptr + row, scale)
+            tl.store(q_row + offs, _quantize_block(x, scale), mask=mask)
+        else:
+            running = tl.zeros([BLOCK], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK):
+                offs = k0 + tl.arange(0, BLOCK)
+                x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+                running = tl.maximum(running, tl.abs(x))
+            scale = tl.math.div_rn(tl.maximum(tl.max(running, axis=0), 1e-10), 127.5)
+            tl.store(scale_ptr + row, scale)
+            # Second pass re-reads the row from L2.
+            for k0 in range(0, K, BLOCK):
+                offs = k0 + tl.arange(0, BLOCK)
+                mask = offs < K
+                x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+                tl.store(q_row + offs, _quantize_block(x, scale), mask=mask)
+
+
+# Rows up to this wide are quantized in one block held in registers (Qwen3-8B's 4096 and 12288 wide
+# activations included); wider rows take two passes over blocks of 4096.
+ONE_BLOCK_MAX = 16384
 
 
 def per_token_quant_int8_triton(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -80,10 +99,12 @@ def per_token_quant_int8_triton(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Te
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m == 0:
         return q, scale
-    block = min(triton.next_power_of_2(k), 4096)
-    num_warps = 8 if block >= 2048 else 4
-    _per_token_quant_int8_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0), BLOCK=block, num_warps=num_warps,
-                                       **launch_options(x.device, m))
+    one_block = k <= ONE_BLOCK_MAX
+    block = triton.next_power_of_2(k) if one_block else 4096
+    # ~16-32 row elements per thread: registers, no spills.
+    num_warps = max(4, min(16, block // 512))
+    _per_token_quant_int8_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0), BLOCK=block, ONE_BLOCK=one_block,
+                                       num_warps=num_warps, **launch_options(x.device, m))
     return q, scale
 
 
