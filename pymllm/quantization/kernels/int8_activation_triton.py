@@ -27,6 +27,9 @@ except ImportError:  # CPU-only installs (and Jetson images without Triton) use 
 _MIN_ABSMAX = 1e-10
 _HALF_RANGE = 127.5  # (q_max - q_min) / 2 for int8
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Rows up to this wide are quantized in one block held in registers (Qwen3-8B's 4096 and 12288 wide
+# activations included); wider rows take two passes over blocks of 4096.
+ONE_BLOCK_MAX = 16384
 
 
 def per_token_quant_int8_reference(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -85,11 +88,6 @@ if triton is not None:
                 mask = offs < K
                 x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
                 tl.store(q_row + offs, _quantize_block(x, scale), mask=mask)
-
-
-# Rows up to this wide are quantized in one block held in registers (Qwen3-8B's 4096 and 12288 wide
-# activations included); wider rows take two passes over blocks of 4096.
-ONE_BLOCK_MAX = 16384
 
 
 def per_token_quant_int8_triton(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
