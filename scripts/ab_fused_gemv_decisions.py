@@ -10,7 +10,6 @@ prologues (the RMSNorm and SiLU-and-mul prologues), separate (never fused).
 
 from __future__ import annotations
 
-import runpy
 import sys
 
 MODES = ("measured", "all", "none", "prologues", "separate")
@@ -41,8 +40,9 @@ def main() -> None:
         return forced_decision(mode, prologue)
 
     fused_gemv._fused_wins = decision
-    sys.argv = ["pymllm.bench_one_batch"] + sys.argv[4:]
-    runpy.run_module("pymllm.bench_one_batch", run_name="__main__")
+    from pymllm.bench_one_batch import main as bench_main
+
+    sys.exit(bench_main(sys.argv[4:]))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ one-row graph's included); compare processes of one machine, alternating.
 
 from __future__ import annotations
 
-import runpy
 import sys
 
 
@@ -29,8 +28,9 @@ def main() -> None:
     td.decode_attention = with_settings
     if splits > 0:
         td.num_splits_for = lambda *args, **kwargs: splits
-    sys.argv = ["pymllm.bench_one_batch"] + sys.argv[6:]
-    runpy.run_module("pymllm.bench_one_batch", run_name="__main__")
+    from pymllm.bench_one_batch import main as bench_main
+
+    sys.exit(bench_main(sys.argv[6:]))
 
 
 if __name__ == "__main__":

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
-import runpy
 import sys
 
 import pytest
+
+from pymllm import bench_one_batch
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "ab_rope_attention_launch.py"
 
@@ -25,10 +26,11 @@ def test_it_overrides_the_launch_and_runs_bench_one_batch(monkeypatch) -> None:
     seen = {}
     monkeypatch.setattr(td, "decode_attention", lambda *a, **kw: seen.setdefault("kwargs", kw))
     monkeypatch.setattr(td, "num_splits_for", td.num_splits_for)
-    monkeypatch.setattr(runpy, "run_module", lambda name, run_name: seen.update(module=name, argv=list(sys.argv)))
+    monkeypatch.setattr(bench_one_batch, "main", lambda argv: seen.update(argv=list(argv)) or 0)
     monkeypatch.setattr(sys, "argv", ["ab", "8", "2", "32", "32", "--", "--batch-size", "1"])
-    _load().main()
-    assert seen["module"] == "pymllm.bench_one_batch" and seen["argv"][1:] == ["--batch-size", "1"]
+    with pytest.raises(SystemExit) as done:
+        _load().main()
+    assert done.value.code == 0 and seen["argv"] == ["--batch-size", "1"]  # bench_one_batch gets the rest
     td.decode_attention("q", num_warps=4)  # the backend's own settings are overridden
     assert seen["kwargs"] == {"num_warps": 8, "num_stages": 2, "block": 32}
     assert td.num_splits_for(1, 8, 132) == 32
@@ -52,9 +54,10 @@ def test_forced_fused_gemv_decisions(monkeypatch) -> None:
     assert [ab.forced_decision("prologues", p) for p in ("none", "rmsnorm", "silu_mul")] == [False, True, True]
     assert [ab.forced_decision("separate", p) for p in ("none", "rmsnorm", "silu_mul")] == [False, False, False]
     monkeypatch.setattr(fused_gemv, "_fused_wins", lambda *args: "measured")
-    monkeypatch.setattr(runpy, "run_module", lambda name, run_name: None)
+    monkeypatch.setattr(bench_one_batch, "main", lambda argv: 0)
     monkeypatch.setattr(sys, "argv", ["ab", "w8a8", "prologues", "--", "--batch-size", "1"])
-    ab.main()
+    with pytest.raises(SystemExit):
+        ab.main()
     assert fused_gemv._fused_wins("rmsnorm", "w8a8", None, None, None, None) is True
     assert fused_gemv._fused_wins("none", "w8a8", None, None, None, None) is False
     assert fused_gemv._fused_wins("rmsnorm", "dense", None, None, None, None) == "measured"
