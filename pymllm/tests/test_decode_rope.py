@@ -77,6 +77,10 @@ def check_against_references(hq, hkv, d, lens, dtype, device, with_norm, loc_dty
     # kv_settled: no kernel right before this call writes the rows of the cached tokens.
     got = decode_attention(q_raw, k_buf, v_buf, r2t, req_idx, seq_lens, scale, splits, window,
                            out=torch.full_like(q_raw, float("nan")), rope=spec, kv_settled=True)
+    # Without the preload (the default for eager callers) the same attention, from the loop alone.
+    k_plain, v_plain = k_before.clone(), v_before.clone()
+    plain = decode_attention(q_raw, k_plain, v_plain, r2t, req_idx, seq_lens, scale, splits, window, rope=spec)
+    torch.testing.assert_close(plain, got, rtol=tol, atol=tol)
     # The pool: the new rows hold k after norm + rope and v as given; nothing else changed.
     assert torch.equal(_bits(v_buf[loc]), _bits(spec.v))
     torch.testing.assert_close(k_buf[loc], ref_k, rtol=tol, atol=tol)
