@@ -262,7 +262,7 @@ def w8a8_fused_linear(
     from mllm_kernel.cuda.jit.gemv_kernels import gemv_w8a8, gemv_w8a8_dynamic
 
     from pymllm.layers.fused_ops import silu_and_mul
-    from pymllm.quantization.kernels.int8_activation_triton import per_token_quant_int8
+    from pymllm.quantization.kernels.int8_activation_triton import per_token_quant_int8, rms_norm_quant_int8
 
     norm_args = {"residual": residual, "norm_weight": norm_weight, "eps": eps} if prologue == "rmsnorm" else {}
 
@@ -270,12 +270,16 @@ def w8a8_fused_linear(
         return gemv_w8a8_dynamic(x, w, w_scale, x.dtype, bias, prologue=prologue, **norm_args)
 
     def separate(w):
-        if prologue == "rmsnorm":
-            a = _normed(x, residual, norm_weight, eps)
+        # What the scheme runs when the fused kernel is not chosen (W8A8Int8Scheme.apply_rmsnorm).
+        quantized = rms_norm_quant_int8(x, norm_weight, eps, residual) if prologue == "rmsnorm" else None
+        if quantized is not None:
+            q, scale = quantized[0], quantized[1]
         else:
             a = silu_and_mul(x) if prologue == "silu_mul" else x
-        return gemv_w8a8(*per_token_quant_int8(a), w, w_scale, x.dtype, bias,
-                         _tiling=_plain_tiling("w8a8", x, weight_nk))
+            if prologue == "rmsnorm":
+                a = _normed(x, residual, norm_weight, eps)
+            q, scale = per_token_quant_int8(a)
+        return gemv_w8a8(q, scale, w, w_scale, x.dtype, bias, _tiling=_plain_tiling("w8a8", x, weight_nk))
 
     if not _fused_wins(prologue, "w8a8", x, weight_nk, fused, separate):
         return None

@@ -28,17 +28,15 @@ _ACT_BLOCK = 1024
 
 
 @triton.jit
-def _rms_norm_kernel(
-    x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
-    x_stride, res_stride, out_stride, res_out_stride,
-    n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
-):
-    enter_dependent(USE_PDL)
-    row = tl.program_id(0).to(tl.int64)
+def rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, x_stride, res_stride, res_out_stride, n_cols, eps,
+                 HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    """(cols, mask, y) of row ``row``: y = RMSNorm(x [+ residual]) in x's dtype, rounded where the
+    reference rounds (the residual sum, stored first where there is one, and the normalised row
+    before the weight). Masked columns are 0. Shared by the RMSNorm kernel and the RMSNorm that
+    quantizes its output (pymllm.quantization.kernels.int8_activation_triton)."""
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    dtype = out_ptr.dtype.element_ty
+    dtype = x_ptr.dtype.element_ty
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0)
@@ -48,7 +46,21 @@ def _rms_norm_kernel(
     var = tl.sum(xf * xf, axis=0) / n_cols
     normed = (xf * tl.rsqrt(var + eps)).to(dtype).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * out_stride + cols, (w * normed).to(dtype), mask=mask)
+    return cols, mask, (w * normed).to(dtype)
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
+    x_stride, res_stride, out_stride, res_out_stride,
+    n_cols, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    enter_dependent(USE_PDL)
+    row = tl.program_id(0).to(tl.int64)
+    cols, mask, y = rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, x_stride, res_stride, res_out_stride,
+                                 n_cols, eps, HAS_RESIDUAL, BLOCK)
+    tl.store(out_ptr + row * out_stride + cols, y, mask=mask)
 
 
 @triton.jit
@@ -64,7 +76,7 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, d, BLOCK: tl.cons
     tl.store(out_ptr + row * out_stride + cols, (act * up).to(dtype), mask=mask)
 
 
-def _num_warps(block: int) -> int:
+def norm_num_warps(block: int) -> int:
     # About 16 elements per thread keeps the row in registers without spilling.
     return max(1, min(16, block // 512))
 
@@ -94,7 +106,7 @@ def rms_norm(
     _rms_norm_kernel[(rows,)](
         x, residual if has_res else x, weight, out, residual_out if has_res else out,
         n, n, n, n, n, eps,
-        HAS_RESIDUAL=has_res, BLOCK=block, num_warps=_num_warps(block), **launch_options(x.device, rows),
+        HAS_RESIDUAL=has_res, BLOCK=block, num_warps=norm_num_warps(block), **launch_options(x.device, rows),
     )
     return out, residual_out
 

@@ -9,7 +9,7 @@ correctly rounded, and otherwise differ by one step in rare ties.
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -47,6 +47,7 @@ def per_token_quant_int8_reference(x: torch.Tensor) -> Tuple[torch.Tensor, torch
 
 
 if triton is not None:
+    from pymllm.layers.kernels.norm_act_triton import norm_num_warps, rms_norm_row
     from pymllm.layers.kernels.pdl import enter_dependent
 
     @triton.jit
@@ -89,6 +90,19 @@ if triton is not None:
                 x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
                 tl.store(q_row + offs, _quantize_block(x, scale), mask=mask)
 
+    @triton.jit
+    def _rms_norm_quant_int8_kernel(x_ptr, res_ptr, w_ptr, q_ptr, scale_ptr, res_out_ptr,
+                                    x_stride, res_stride, q_stride, res_out_stride, n_cols, eps,
+                                    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+        enter_dependent(USE_PDL)
+        row = tl.program_id(0).to(tl.int64)
+        cols, mask, y = rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, x_stride, res_stride, res_out_stride,
+                                     n_cols, eps, HAS_RESIDUAL, BLOCK)
+        yf = y.to(tl.float32)
+        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(yf), axis=0), 1e-10), 127.5)
+        tl.store(scale_ptr + row, scale)
+        tl.store(q_ptr + row * q_stride + cols, _quantize_block(yf, scale), mask=mask)
+
 
 def per_token_quant_int8_triton(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launch the Triton kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1)."""
@@ -115,6 +129,45 @@ def triton_supported(x: torch.Tensor) -> bool:
         and x.dim() == 2
         and x.stride(-1) == 1
     )
+
+
+def rms_norm_quant_int8_triton(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``per_token_quant_int8(rms_norm(x [+ residual]))`` and ``x [+ residual]`` from one kernel
+    (CUDA, or CPU tensors under TRITON_INTERPRET=1): (q int8 [M, K], scale float32 [M, 1], residual).
+    x, residual contiguous [M, K] with K <= ONE_BLOCK_MAX; the RMSNorm rounds as
+    ``norm_act_triton.rms_norm`` does, so the result is that kernel's output quantized, bit for bit."""
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    residual_out = torch.empty_like(x) if residual is not None else x
+    if m == 0:
+        return q, scale, residual_out
+    block = triton.next_power_of_2(k)
+    has_res = residual is not None
+    _rms_norm_quant_int8_kernel[(m,)](
+        x, residual if has_res else x, weight, q, scale, residual_out if has_res else x,
+        k, k, k, k, k, eps, HAS_RESIDUAL=has_res, BLOCK=block, num_warps=norm_num_warps(block),
+        **launch_options(x.device, m),
+    )
+    return q, scale, residual_out
+
+
+def rms_norm_quant_int8(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None,
+) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """rms_norm_quant_int8_triton where it can run (the checks of the RMSNorm and quantization
+    kernels, a 2-D x of at most ONE_BLOCK_MAX columns), else None: the caller then runs the RMSNorm
+    and the quantization as two launches. Why one: a W8A8 decode step otherwise launches a
+    quantization kernel after each of its two RMSNorms per layer, a kernel boundary each."""
+    from pymllm.layers.fused_ops import rms_norm_supported
+
+    if triton is None or x.dim() != 2 or x.shape[-1] > ONE_BLOCK_MAX:
+        return None
+    if not (triton_supported(x) and rms_norm_supported(x, weight, residual)):
+        return None
+    return rms_norm_quant_int8_triton(x, weight, eps, residual)
 
 
 def per_token_quant_int8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,7 @@ from pymllm.layers.kernels.fused_gemv import prepare_fused_gemvs, w8a8_fused_lin
 from pymllm.layers.kernels.gemv_dispatch import prepare_gemv, w8a8_gemv_or_none
 from pymllm.layers.utils import set_weight_attrs
 from pymllm.quantization.compressed_tensors.schemes.base import CompressedTensorsScheme, replace_parameter
-from pymllm.quantization.kernels.int8_activation_triton import per_token_quant_int8
+from pymllm.quantization.kernels.int8_activation_triton import per_token_quant_int8, rms_norm_quant_int8
 from pymllm.quantization.kernels.int8_scaled_mm import int8_scaled_mm, prepare_int8_scaled_mm
 
 
@@ -49,7 +49,15 @@ class W8A8Int8Scheme(CompressedTensorsScheme):
             prepare_fused_gemvs("w8a8", layer.weight.device, self.params_dtype)
 
     def apply_rmsnorm(self, layer, x, residual, norm_weight, eps, bias):
-        return w8a8_fused_linear(x, layer.weight.t(), layer.weight_scale, bias, "rmsnorm", residual, norm_weight, eps)
+        fused = w8a8_fused_linear(x, layer.weight.t(), layer.weight_scale, bias, "rmsnorm", residual, norm_weight, eps)
+        if fused is not None:
+            return fused
+        # Otherwise the RMSNorm quantizes its own output: one launch fewer than norm, then apply.
+        quantized = rms_norm_quant_int8(x, norm_weight, eps, residual)
+        if quantized is None:
+            return None
+        q, scale, residual = quantized
+        return self._linear_quantized(layer, q, scale, x.dtype, bias), residual
 
     def apply_silu_mul(self, layer, x, bias):
         return w8a8_fused_linear(x, layer.weight.t(), layer.weight_scale, bias, "silu_mul")
@@ -61,13 +69,18 @@ class W8A8Int8Scheme(CompressedTensorsScheme):
         if fused is not None:
             return fused.reshape(*x.shape[:-1], fused.shape[-1])
         q, scale = per_token_quant_int8(x2d)
+        out = self._linear_quantized(layer, q, scale, x.dtype, bias)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def _linear_quantized(layer: nn.Module, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+                          bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """The layer's output from rows already quantized per token: the int8 GEMM, or for
+        decode-sized batches the weight-streaming GEMV where it measures faster."""
 
         def gemm(weight_nk: torch.Tensor) -> torch.Tensor:
-            return int8_scaled_mm(q, weight_nk.t(), scale, layer.weight_scale, x.dtype, bias)
+            return int8_scaled_mm(q, weight_nk.t(), scale, layer.weight_scale, dtype, bias)
 
-        # Decode-sized batches: the weight-streaming GEMV where it measures faster.
         weight_nk = layer.weight.t()  # the checkpoint's row-major [N, K]
-        out = w8a8_gemv_or_none(q, scale, weight_nk, layer.weight_scale, x.dtype, bias, gemm)
-        if out is None:
-            out = gemm(weight_nk)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        out = w8a8_gemv_or_none(q, scale, weight_nk, layer.weight_scale, dtype, bias, gemm)
+        return gemm(weight_nk) if out is None else out
