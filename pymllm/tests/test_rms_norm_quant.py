@@ -32,11 +32,14 @@ def check_against_separate_kernels(rows: int, n: int, dtype: torch.dtype, device
     else:
         assert res_out is x  # as norm_with_residual: the block's input is its residual
     assert torch.equal(x, x_before)
-    # And against the plain float reference: q * scale within one quantization step of the norm.
+    # And against a float reference: half a quantization step of rounding, plus the few units in the
+    # last place by which the kernel's RMSNorm (its own sum order, an approximate rsqrt) may differ
+    # from the reference's; in bf16 one unit near the row's max is about one quantization step.
     ref = x.float() + (res.float() if with_residual else 0)
     ref = ref.to(dtype).float()
-    ref = (ref * torch.rsqrt(ref.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype).float() * w.float()
-    assert ((q.float() * scale - ref.to(dtype).float()).abs() <= scale * 1.01 + 1e-3 * ref.abs()).all()
+    ref = ((ref * torch.rsqrt(ref.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype).float() * w.float()).to(dtype).float()
+    ulps = 4 * torch.finfo(dtype).eps * ref.abs()
+    assert ((q.float() * scale - ref).abs() <= 0.5 * scale * 1.001 + ulps + 1e-6).all()
 
 
 def interpreter_checks() -> None:
