@@ -64,16 +64,26 @@ def _rms_norm_kernel(
 
 
 @triton.jit
+def silu_and_mul_cols(x_row_ptr, cols, mask, d):
+    """silu(gate) * up at columns ``cols`` of one row (gate at x_row_ptr[:d], up at [d:2d]), in
+    x's dtype, rounded where the reference rounds (the activation, then the product); masked
+    columns are 0. Shared by the SiLU-and-mul kernel and the one that quantizes its output
+    (pymllm.quantization.kernels.int8_activation_triton)."""
+    dtype = x_row_ptr.dtype.element_ty
+    gate = tl.load(x_row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_row_ptr + d + cols, mask=mask, other=0.0).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    return (act * up).to(dtype)
+
+
+@triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, d, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     enter_dependent(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
-    dtype = out_ptr.dtype.element_ty
-    gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + row * x_stride + d + cols, mask=mask, other=0.0).to(tl.float32)
-    act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-    tl.store(out_ptr + row * out_stride + cols, (act * up).to(dtype), mask=mask)
+    y = silu_and_mul_cols(x_ptr + row * x_stride, cols, mask, d)
+    tl.store(out_ptr + row * out_stride + cols, y, mask=mask)
 
 
 def norm_num_warps(block: int) -> int:

@@ -47,7 +47,7 @@ def per_token_quant_int8_reference(x: torch.Tensor) -> Tuple[torch.Tensor, torch
 
 
 if triton is not None:
-    from pymllm.layers.kernels.norm_act_triton import norm_num_warps, rms_norm_row
+    from pymllm.layers.kernels.norm_act_triton import norm_num_warps, rms_norm_row, silu_and_mul_cols
     from pymllm.layers.kernels.pdl import enter_dependent
 
     @triton.jit
@@ -58,6 +58,14 @@ if triton is not None:
         # ties to even (the FPU's own rounding, as torch.round), without a libdevice call.
         rounded = (scaled + 12582912.0) - 12582912.0
         return tl.minimum(tl.maximum(rounded, -128.0), 127.0).to(tl.int8)
+
+    @triton.jit
+    def _quantize_row(x, q_row, scale_at, offs, mask):
+        """Quantize a whole row held in registers (float32 x, masked columns 0): its scale to
+        ``scale_at``, its int8 values to ``q_row + offs``."""
+        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-10), 127.5)
+        tl.store(scale_at, scale)
+        tl.store(q_row + offs, _quantize_block(x, scale), mask=mask)
 
     @triton.jit
     def _per_token_quant_int8_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr,
@@ -72,9 +80,7 @@ if triton is not None:
             offs = tl.arange(0, BLOCK)
             mask = offs < K
             x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-            scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-10), 127.5)
-            tl.store(scale_ptr + row, scale)
-            tl.store(q_row + offs, _quantize_block(x, scale), mask=mask)
+            _quantize_row(x, q_row, scale_ptr + row, offs, mask)
         else:
             running = tl.zeros([BLOCK], dtype=tl.float32)
             for k0 in range(0, K, BLOCK):
@@ -98,10 +104,17 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         cols, mask, y = rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, x_stride, res_stride, res_out_stride,
                                      n_cols, eps, HAS_RESIDUAL, BLOCK)
-        yf = y.to(tl.float32)
-        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(yf), axis=0), 1e-10), 127.5)
-        tl.store(scale_ptr + row, scale)
-        tl.store(q_ptr + row * q_stride + cols, _quantize_block(yf, scale), mask=mask)
+        _quantize_row(y.to(tl.float32), q_ptr + row * q_stride, scale_ptr + row, cols, mask)
+
+    @triton.jit
+    def _silu_mul_quant_int8_kernel(x_ptr, q_ptr, scale_ptr, x_stride, q_stride, d, BLOCK: tl.constexpr,
+                                    USE_PDL: tl.constexpr):
+        enter_dependent(USE_PDL)
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < d
+        y = silu_and_mul_cols(x_ptr + row * x_stride, cols, mask, d)
+        _quantize_row(y.to(tl.float32), q_ptr + row * q_stride, scale_ptr + row, cols, mask)
 
 
 def per_token_quant_int8_triton(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +150,9 @@ def rms_norm_quant_int8_triton(
     """``per_token_quant_int8(rms_norm(x [+ residual]))`` and ``x [+ residual]`` from one kernel
     (CUDA, or CPU tensors under TRITON_INTERPRET=1): (q int8 [M, K], scale float32 [M, 1], residual).
     x, residual contiguous [M, K] with K <= ONE_BLOCK_MAX; the RMSNorm rounds as
-    ``norm_act_triton.rms_norm`` does, so the result is that kernel's output quantized, bit for bit."""
+    ``norm_act_triton.rms_norm`` does, so the result is that kernel's output quantized (bit for bit
+    in the interpreter; compiled, the two kernels may round a rare element one unit apart, which
+    moves it one quantization step: 2-4 of 8.4M elements on an H200)."""
     m, k = x.shape
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
@@ -168,6 +183,36 @@ def rms_norm_quant_int8(
     if not (triton_supported(x) and rms_norm_supported(x, weight, residual)):
         return None
     return rms_norm_quant_int8_triton(x, weight, eps, residual)
+
+
+def silu_mul_quant_int8_triton(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``per_token_quant_int8(silu_and_mul(x))`` from one kernel (CUDA, or CPU tensors under
+    TRITON_INTERPRET=1): x contiguous [M, 2d] holding (gate, up) with d <= ONE_BLOCK_MAX ->
+    (q int8 [M, d], scale float32 [M, 1]). One program holds a whole row, so the product is
+    ``norm_act_triton.silu_and_mul``'s, rounded the same way, and its quantization the same."""
+    m, d = x.shape[0], x.shape[1] // 2
+    q = torch.empty((m, d), dtype=torch.int8, device=x.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return q, scale
+    block = triton.next_power_of_2(d)
+    _silu_mul_quant_int8_kernel[(m,)](x, q, scale, x.stride(0), d, d, BLOCK=block, num_warps=norm_num_warps(block),
+                                      **launch_options(x.device, m))
+    return q, scale
+
+
+def silu_mul_quant_int8(x: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """silu_mul_quant_int8_triton where it can run (CUDA SM80+, fp16/bf16, a contiguous 2-D x of
+    even width at most 2 x ONE_BLOCK_MAX), else None: the caller then runs SiLU-and-mul and the
+    quantization as two launches. Why one: in a W8A8 decode step the product exists only to be
+    quantized for down_proj, a kernel boundary per layer."""
+    from pymllm.layers.fused_ops import can_use_fast_path
+
+    if triton is None or x.dim() != 2 or x.shape[-1] % 2 or not 0 < x.shape[-1] <= 2 * ONE_BLOCK_MAX:
+        return None
+    if not (triton_supported(x) and can_use_fast_path(x) and x.is_contiguous()):
+        return None
+    return silu_mul_quant_int8_triton(x)
 
 
 def per_token_quant_int8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,8 @@ and float32 scales [N]. Forward: quantize each token row to int8, then one int8 
 epilogue applies both scales and the bias; decode batches of up to 8 rows may take mllm_kernel's
 weight-streaming ``gemv_w8a8`` instead (same int32 products and epilogue) where it measures faster,
 and once that is decided, its fused form that quantizes the rows itself and can also apply the
-preceding RMSNorm or SiLU-and-mul (``fused_gemv``).
+preceding RMSNorm or SiLU-and-mul (``fused_gemv``). Where that fused form is not chosen, the
+RMSNorm or SiLU-and-mul in front of a layer quantizes its own output (one launch, not two).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from pymllm.layers.kernels.fused_gemv import prepare_fused_gemvs, w8a8_fused_lin
 from pymllm.layers.kernels.gemv_dispatch import prepare_gemv, w8a8_gemv_or_none
 from pymllm.layers.utils import set_weight_attrs
 from pymllm.quantization.compressed_tensors.schemes.base import CompressedTensorsScheme, replace_parameter
-from pymllm.quantization.kernels.int8_activation_triton import per_token_quant_int8, rms_norm_quant_int8
+from pymllm.quantization.kernels.int8_activation_triton import (
+    per_token_quant_int8, rms_norm_quant_int8, silu_mul_quant_int8,
+)
 from pymllm.quantization.kernels.int8_scaled_mm import int8_scaled_mm, prepare_int8_scaled_mm
 
 
@@ -60,7 +63,17 @@ class W8A8Int8Scheme(CompressedTensorsScheme):
         return self._linear_quantized(layer, q, scale, x.dtype, bias), residual
 
     def apply_silu_mul(self, layer, x, bias):
-        return w8a8_fused_linear(x, layer.weight.t(), layer.weight_scale, bias, "silu_mul")
+        fused = w8a8_fused_linear(x, layer.weight.t(), layer.weight_scale, bias, "silu_mul")
+        if fused is not None:
+            return fused
+        # Otherwise the SiLU-and-mul quantizes its own output: one launch fewer than the product,
+        # then apply.
+        x2d = x.reshape(-1, x.shape[-1])
+        quantized = silu_mul_quant_int8(x2d)
+        if quantized is None:
+            return None
+        out = self._linear_quantized(layer, *quantized, x.dtype, bias)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         x2d = x.reshape(-1, x.shape[-1])
