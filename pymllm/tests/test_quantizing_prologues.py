@@ -107,6 +107,14 @@ def test_the_dispatchers_decline_what_the_kernels_cannot_run() -> None:
     assert silu_mul_quant_int8(torch.ones(1, 2 * ONE_BLOCK_MAX + 2, dtype=torch.bfloat16)) is None
 
 
+def test_the_silu_quantizes_its_output_only_once_the_rows_fill_the_gpu() -> None:
+    from pymllm.quantization.kernels.int8_activation_triton import one_kernel_silu_quant_pays
+
+    assert not one_kernel_silu_quant_pays(1, 132)  # decode: two kernels (T12a)
+    assert not one_kernel_silu_quant_pays(64, 132)
+    assert one_kernel_silu_quant_pays(132, 132) and one_kernel_silu_quant_pays(2048, 132)  # prefill
+
+
 def _tiny_w8a8_layer(k: int, n: int):
     from pymllm.quantization.compressed_tensors.schemes import w8a8_int8
 
@@ -189,4 +197,5 @@ def test_gpu_silu_mul_quant_matches_the_separate_kernels(dtype) -> None:
 
     for rows, d in ((1, 12288), (7, 12288), (2048, 12288), (3, 1000), (1, 16384)):
         check_silu_mul_quant(rows, d, dtype, "cuda")
-    assert silu_mul_quant_int8(torch.randn(1, 24576, dtype=dtype, device="cuda")) is not None
+    assert silu_mul_quant_int8(torch.randn(4096, 2048, dtype=dtype, device="cuda")) is not None
+    assert silu_mul_quant_int8(torch.randn(1, 24576, dtype=dtype, device="cuda")) is None  # decode: two kernels
