@@ -28,9 +28,9 @@ MAX_M = 8
 ACT_DTYPES = (torch.float16, torch.bfloat16)
 # Mirrors of the kernel's tiling (w4a16_gemv.cuh); the C++ side re-checks the workspace bounds.
 TILE_N = 64  # columns per block
-BATCH_ROWS = 8  # packed rows (8 k each) a warp loads at once
+BATCH_ROWS = 16  # packed rows (8 k each) a warp loads at once
 WARPS = 4
-BLOCKS_PER_SM = 5  # __launch_bounds__ minimum: 96 registers, 20 warps per SM
+BLOCKS_PER_SM = 4  # __launch_bounds__ minimum: 128 registers, 16 warps per SM
 # Batches ahead each warp prefetches into L2 (kernel argument, so benchmarks can compare).
 PREFETCH_BATCHES = 1
 # Workspace: fp32 partials of (tiles x splits x M x TILE_N) and one counter per tile.
@@ -113,14 +113,23 @@ def supported(x, qweight, scales, zeros, group, bias=None) -> bool:
     return _problem(x, qweight, scales, zeros, group, bias, None) is None
 
 
+# plan_splits' cost model: a warp's batch of weight loads, the bytes in flight per SM that saturate
+# its share of HBM (H200: ~4.2 TB/s over 132 SMs, ~32 B/ns each; 64 KiB reproduces the best splits
+# measured in run T12b: qkv 4-5, o 8, gate_up 1, down 8 at one row), and the split-K round trip.
+_WARP_BATCH_BYTES = BATCH_ROWS * TILE_N * 4  # one int32 word per packed row and column of the tile
+_SATURATING_BYTES = 64 << 10
+_BATCH_NS = _WARP_BATCH_BYTES / 32
+_SPLIT_COST_NS = 1000.0
+
+
 def plan_splits(m: int, n: int, k: int, sm_count: int, blocks_per_sm: int = BLOCKS_PER_SM) -> int:
     """K chunks per column tile, from a small cost model of the busiest SM.
 
     Time ~ (blocks on the busiest SM) x (batches per block) / (the fraction of its share of HBM
-    bandwidth the SM can pull, saturating at ~16 resident warps: 16 x 2 KiB of weight loads in
-    flight cover HBM latency at the per-SM share) + a per-block overhead + (when split) a fixed
-    cost for the partial round trip and the last block's reduction, among the split counts whose
-    blocks fit in one wave (SMs x blocks_per_sm). The constants are estimates;
+    bandwidth the SM can pull, saturating at ~64 KiB of weight loads in flight, which cover HBM
+    latency at the per-SM share) + a per-block overhead + (when split) a fixed cost for the
+    partial round trip and the last block's reduction, among the split counts whose blocks fit in
+    one wave (SMs x blocks_per_sm). The constants are estimates;
     ``bench_w4a16_gemv.py --sweep`` measures the alternatives. Few column tiles (N = 4096: 64)
     need splits to occupy the GPU, many (N = 24576: 384) none.
     """
@@ -141,12 +150,12 @@ def plan_splits(m: int, n: int, k: int, sm_count: int, blocks_per_sm: int = BLOC
             break
         per_sm = math.ceil(blocks / sm_count)
         busy_warps = min(per_sm, blocks_per_sm) * min(WARPS, chunk)
-        rate = min(1.0, busy_warps / 16)
+        rate = min(1.0, busy_warps * _WARP_BATCH_BYTES / _SATURATING_BYTES)
         # Each block also pays a prologue and the shared-memory reduction (~half a batch).
         cost = per_sm * chunk / rate + 0.5 * per_sm
         if splits > 1:
-            # ~1 us of fence + counter + partial reads, in units of one block-batch (~60 ns).
-            cost += 14 + splits * m / 16
+            # ~1 us of fence + counter + partial reads, in units of one warp batch at the SM's share.
+            cost += _SPLIT_COST_NS / _BATCH_NS + splits * m / 16
         if cost < best_cost - 1e-9:
             best, best_cost = splits, cost
     return best
