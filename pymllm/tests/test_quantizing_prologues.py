@@ -115,15 +115,15 @@ def test_the_silu_quantizes_its_output_only_once_the_rows_fill_the_gpu() -> None
     assert one_kernel_silu_quant_pays(132, 132) and one_kernel_silu_quant_pays(2048, 132)  # prefill
 
 
-def _tiny_w8a8_layer(k: int, n: int):
+def _tiny_w8a8_layer(k: int, n: int, device: str = "cpu", dtype: torch.dtype = torch.float32):
     from pymllm.quantization.compressed_tensors.schemes import w8a8_int8
 
     scheme = w8a8_int8.W8A8Int8Scheme()
     layer = torch.nn.Module()
     layer.weight_loader = None
-    scheme.create_weights(layer, k, [n], torch.float32)
-    layer.weight.data.copy_(torch.randint(-127, 128, (n, k), dtype=torch.int8))
-    layer.weight_scale.data.copy_(torch.rand(n, 1) * 0.01 + 1e-3)
+    scheme.create_weights(layer, k, [n], dtype)
+    layer.weight.data = torch.randint(-127, 128, (n, k), dtype=torch.int8).to(device)
+    layer.weight_scale.data = (torch.rand(n, 1) * 0.01 + 1e-3).to(device)
     scheme.process_weights_after_loading(layer)
     return scheme, layer
 
@@ -199,3 +199,33 @@ def test_gpu_silu_mul_quant_matches_the_separate_kernels(dtype) -> None:
         check_silu_mul_quant(rows, d, dtype, "cuda")
     assert silu_mul_quant_int8(torch.randn(4096, 2048, dtype=dtype, device="cuda")) is not None
     assert silu_mul_quant_int8(torch.randn(1, 24576, dtype=dtype, device="cuda")) is None  # decode: two kernels
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 300])  # a decode row (two kernels) and a prefill-sized batch (one)
+def test_gpu_w8a8_layer_through_its_prologues(rows) -> None:
+    """The scheme's wiring with the real kernels on the GPU: a W8A8 layer behind a norm and in
+    down_proj's place gives what norm / SiLU-and-mul, then the layer give, within one quantization
+    step of its input rows (the GEMV or the int8 GEMM, whichever the dispatch picks)."""
+    from pymllm.layers.fused_ops import fused_add_rms_norm, silu_and_mul
+
+    torch.manual_seed(rows)
+    scheme, layer = _tiny_w8a8_layer(256, 192, "cuda", torch.bfloat16)
+    x = torch.randn(rows, 256, dtype=torch.bfloat16, device="cuda")
+    residual = torch.randn(rows, 256, dtype=torch.bfloat16, device="cuda")
+    w = (1 + 0.1 * torch.randn(256, device="cuda")).to(torch.bfloat16)
+    normed, want_res = fused_add_rms_norm(x, residual, w, 1e-6)
+    fused = scheme.apply_rmsnorm(layer, x, residual, w, 1e-6, None)
+    assert fused is not None
+    out, res_out = fused
+    assert torch.equal(res_out, want_res)
+    want = scheme.apply(layer, normed, None)
+    # One int8 step on an input element moves an output by |w| * scale_x * scale_w at most.
+    bound = (127 * layer.weight_scale.float().max() * normed.float().abs().amax(-1, keepdim=True) / 127.5).max()
+    assert (out.float() - want.float()).abs().max() <= 2 * bound + 1e-2 * want.float().abs().max()
+    gate_up = torch.randn(rows, 512, dtype=torch.bfloat16, device="cuda")
+    got = scheme.apply_silu_mul(layer, gate_up, None)
+    product = silu_and_mul(gate_up)
+    want = scheme.apply(layer, product, None)
+    bound = (127 * layer.weight_scale.float().max() * product.float().abs().amax(-1, keepdim=True) / 127.5).max()
+    assert got is not None and (got.float() - want.float()).abs().max() <= 2 * bound + 1e-2 * want.float().abs().max()
