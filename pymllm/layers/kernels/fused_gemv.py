@@ -262,9 +262,7 @@ def w8a8_fused_linear(
     from mllm_kernel.cuda.jit.gemv_kernels import gemv_w8a8, gemv_w8a8_dynamic
 
     from pymllm.layers.fused_ops import silu_and_mul
-    from pymllm.quantization.kernels.int8_activation_triton import (
-        per_token_quant_int8, rms_norm_quant_int8, silu_mul_quant_int8,
-    )
+    from pymllm.quantization.kernels.int8_activation_triton import per_token_quant_int8, prologue_quant_int8
 
     norm_args = {"residual": residual, "norm_weight": norm_weight, "eps": eps} if prologue == "rmsnorm" else {}
 
@@ -272,13 +270,9 @@ def w8a8_fused_linear(
         return gemv_w8a8_dynamic(x, w, w_scale, x.dtype, bias, prologue=prologue, **norm_args)
 
     def separate(w):
-        # What the scheme runs when the fused kernel is not chosen (W8A8Int8Scheme.apply_rmsnorm,
-        # apply_silu_mul): the prologue quantizes its own output where it can.
-        quantized = None
-        if prologue == "rmsnorm":
-            quantized = rms_norm_quant_int8(x, norm_weight, eps, residual)
-        elif prologue == "silu_mul":
-            quantized = silu_mul_quant_int8(x)
+        # What the scheme runs when the fused kernel is not chosen (W8A8Int8Scheme._behind_prologue):
+        # the prologue quantizes its own output where it can.
+        quantized = None if prologue == "none" else prologue_quant_int8(x, prologue, residual, norm_weight, eps)
         if quantized is not None:
             q, scale = quantized[0], quantized[1]
         else:

@@ -49,6 +49,7 @@ def per_token_quant_int8_reference(x: torch.Tensor) -> Tuple[torch.Tensor, torch
 if triton is not None:
     from pymllm.layers.kernels.norm_act_triton import norm_num_warps, rms_norm_row, silu_and_mul_cols
     from pymllm.layers.kernels.pdl import enter_dependent
+    from pymllm.quantization.kernels.triton_common import sm_count_of
 
     @triton.jit
     def _quantize_block(x, scale):
@@ -205,7 +206,7 @@ def one_kernel_silu_quant_pays(rows: int, sm_count: int) -> bool:
     """Whether SiLU-and-mul should quantize its own output (one program per row) rather than run
     as two kernels (the product over many programs per row, then the quantization): only once the
     rows fill the GPU. Then it saves writing and re-reading the bf16 product (W8A8 prefill of 2048
-    tokens, H200: 23.4 / 24.0 ms against 25.1 / 34.6 (T12a)); with fewer rows each SM's program
+    tokens, H200: 28.44 / 28.27 ms against 30.99 / 29.03 (T12b)); with fewer rows each SM's program
     does a whole row's SiLU too, and at one row that costs more than the kernel boundary it saves
     (Qwen3-8B W8A8 decode graph 2.715-2.727 ms against 2.655-2.662, T12a)."""
     return rows >= sm_count
@@ -219,13 +220,30 @@ def silu_mul_quant_int8(x: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.T
 
     if triton is None or x.dim() != 2 or x.shape[-1] % 2 or not 0 < x.shape[-1] <= 2 * ONE_BLOCK_MAX:
         return None
-    if not (triton_supported(x) and can_use_fast_path(x) and x.is_contiguous()):
-        return None
-    from pymllm.quantization.kernels.triton_common import sm_count_of
-
+    # First the row count: decode batches stop here, before the capability checks.
     if not one_kernel_silu_quant_pays(x.shape[0], sm_count_of(x.device)):
         return None
+    if not (triton_supported(x) and can_use_fast_path(x) and x.is_contiguous()):
+        return None
     return silu_mul_quant_int8_triton(x)
+
+
+def prologue_quant_int8(
+    x: torch.Tensor, prologue: str, residual: Optional[torch.Tensor] = None,
+    norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-6,
+) -> Optional[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+    """The op in front of a W8A8 layer, quantizing its own output per token in one kernel:
+    (q, scale, residual) for "rmsnorm" (``rms_norm_quant_int8``), (q, scale, None) for "silu_mul"
+    (``silu_mul_quant_int8``), or None where that kernel does not run here (the caller then runs
+    the op and the quantization as two launches). x is 2-D. The one place both the W8A8 scheme and
+    the fused-GEMV decision (``fused_gemv.w8a8_fused_linear``'s separate path) take it from, so the
+    decision times what the scheme runs."""
+    if prologue == "rmsnorm":
+        return rms_norm_quant_int8(x, norm_weight, eps, residual)
+    if prologue == "silu_mul":
+        quantized = silu_mul_quant_int8(x)
+        return None if quantized is None else (*quantized, None)
+    raise ValueError(f"prologue_quant_int8: unknown prologue {prologue!r}")
 
 
 def per_token_quant_int8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -21,9 +21,7 @@ from pymllm.layers.kernels.fused_gemv import prepare_fused_gemvs, w8a8_fused_lin
 from pymllm.layers.kernels.gemv_dispatch import prepare_gemv, w8a8_gemv_or_none
 from pymllm.layers.utils import set_weight_attrs
 from pymllm.quantization.compressed_tensors.schemes.base import CompressedTensorsScheme, replace_parameter
-from pymllm.quantization.kernels.int8_activation_triton import (
-    per_token_quant_int8, rms_norm_quant_int8, silu_mul_quant_int8,
-)
+from pymllm.quantization.kernels.int8_activation_triton import per_token_quant_int8, prologue_quant_int8
 from pymllm.quantization.kernels.int8_scaled_mm import int8_scaled_mm, prepare_int8_scaled_mm
 
 
@@ -52,28 +50,27 @@ class W8A8Int8Scheme(CompressedTensorsScheme):
             prepare_fused_gemvs("w8a8", layer.weight.device, self.params_dtype)
 
     def apply_rmsnorm(self, layer, x, residual, norm_weight, eps, bias):
-        fused = w8a8_fused_linear(x, layer.weight.t(), layer.weight_scale, bias, "rmsnorm", residual, norm_weight, eps)
-        if fused is not None:
-            return fused
-        # Otherwise the RMSNorm quantizes its own output: one launch fewer than norm, then apply.
-        quantized = rms_norm_quant_int8(x, norm_weight, eps, residual)
-        if quantized is None:
-            return None
-        q, scale, residual = quantized
-        return self._linear_quantized(layer, q, scale, x.dtype, bias), residual
+        return self._behind_prologue(layer, x, bias, "rmsnorm", residual, norm_weight, eps)
 
     def apply_silu_mul(self, layer, x, bias):
-        fused = w8a8_fused_linear(x, layer.weight.t(), layer.weight_scale, bias, "silu_mul")
+        return self._behind_prologue(layer, x, bias, "silu_mul")
+
+    def _behind_prologue(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor], prologue: str,
+                         residual: Optional[torch.Tensor] = None, norm_weight: Optional[torch.Tensor] = None,
+                         eps: float = 1e-6):
+        """``apply`` behind the RMSNorm ((y, residual)) or SiLU-and-mul (y) in front of the layer:
+        the fused GEMV where it won; else the prologue quantizing its own output, one launch fewer
+        than the prologue and then ``apply``; None where neither runs (the layer then does that)."""
+        fused = w8a8_fused_linear(x, layer.weight.t(), layer.weight_scale, bias, prologue, residual, norm_weight, eps)
         if fused is not None:
             return fused
-        # Otherwise the SiLU-and-mul quantizes its own output: one launch fewer than the product,
-        # then apply.
-        x2d = x.reshape(-1, x.shape[-1])
-        quantized = silu_mul_quant_int8(x2d)
+        rows = lambda t: t if t is None or t.dim() == 2 else t.reshape(-1, t.shape[-1])  # noqa: E731
+        quantized = prologue_quant_int8(rows(x), prologue, rows(residual), norm_weight, eps)
         if quantized is None:
             return None
-        out = self._linear_quantized(layer, *quantized, x.dtype, bias)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        q, scale, residual_out = quantized
+        out = self._linear_quantized(layer, q, scale, x.dtype, bias).reshape(*x.shape[:-1], -1)
+        return (out, residual_out.reshape(x.shape)) if prologue == "rmsnorm" else out
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         x2d = x.reshape(-1, x.shape[-1])
