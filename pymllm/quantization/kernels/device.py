@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
 from typing import Tuple
 
 import torch
+
+from pymllm.layers.fused_ops import triton_available  # noqa: F401  (one check for every dispatcher)
 
 
 @functools.lru_cache(maxsize=None)
@@ -20,7 +21,3 @@ def cuda_capability(device: torch.device) -> Tuple[int, int]:
         return (0, 0)
     return _capability(device.index if device.index is not None else torch.cuda.current_device())
 
-
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
