@@ -118,7 +118,8 @@ def supported(x, qweight, scales, zeros, group, bias=None) -> bool:
 # measured in run T12b: qkv 4-5, o 8, gate_up 1, down 8 at one row), and the split-K round trip.
 _WARP_BATCH_BYTES = BATCH_ROWS * TILE_N * 4  # one int32 word per packed row and column of the tile
 _SATURATING_BYTES = 64 << 10
-_BATCH_NS = _WARP_BATCH_BYTES / 32
+_SM_SHARE_BYTES_PER_NS = 32
+_BATCH_NS = _WARP_BATCH_BYTES / _SM_SHARE_BYTES_PER_NS
 _SPLIT_COST_NS = 1000.0
 
 
