@@ -102,7 +102,8 @@ def test_the_dispatchers_decline_what_the_kernels_cannot_run() -> None:
     assert rms_norm_quant_int8(torch.ones(2, 3, 64, dtype=torch.bfloat16), w, 1e-6) is None  # not 2-D
     wide = torch.ones(1, ONE_BLOCK_MAX + 1, dtype=torch.bfloat16)
     assert rms_norm_quant_int8(wide, torch.ones(ONE_BLOCK_MAX + 1, dtype=torch.bfloat16), 1e-6) is None
-    assert silu_mul_quant_int8(torch.ones(2, 64, dtype=torch.bfloat16)) is None  # a CPU tensor
+    # A CPU tensor, with rows enough to pass the row-count test (sm_count_of's nominal 4 off CUDA).
+    assert silu_mul_quant_int8(torch.ones(8, 64, dtype=torch.bfloat16)) is None
     assert silu_mul_quant_int8(torch.ones(2, 63, dtype=torch.bfloat16)) is None  # odd width
     assert silu_mul_quant_int8(torch.ones(1, 2 * ONE_BLOCK_MAX + 2, dtype=torch.bfloat16)) is None
 
