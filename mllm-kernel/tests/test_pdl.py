@@ -71,6 +71,7 @@ def test_dependent_chain_in_a_graph_equals_plain_launches(fresh_policy) -> None:
     wait reads stale or half-written rows and shows up as differing bits here."""
     from mllm_kernel import gemv
     from mllm_kernel.cuda.jit.gemv_kernels import gemv_gated_silu, gemv_w8a8_dynamic, rmsnorm_gemv, silu_mul_gemv
+    from mllm_kernel.cuda.jit.w4a16_gemv import w4a16_gemv
 
     cuda = torch.device("cuda")
     pdl.set_enabled(True)
@@ -87,11 +88,19 @@ def test_dependent_chain_in_a_graph_equals_plain_launches(fresh_policy) -> None:
     norm_w = randn(k).abs() + 0.5
     q8 = torch.randint(-128, 128, (k, k), generator=gen, dtype=torch.int8).to(cuda)
     q8_scale = (torch.rand(k, generator=gen) / (30 * k**0.5)).to(cuda)
+    # W4A16 back to back with split K: both launches share the split-K workspace, which the
+    # second may touch only after the first has finished with it.
+    q4 = [torch.randint(-2**31, 2**31, (k // 8, k), generator=gen, dtype=torch.int64).to(torch.int32).to(cuda)
+          for _ in range(2)]
+    q4_scales = [(torch.rand(k // 128, k, generator=gen) / (4 * k**0.5)).to(dtype=dtype, device=cuda) for _ in range(2)]
     x = randn(2, k)
     residual = randn(2, k)
 
     def chain():
-        h = gemv_gated_silu(gemv(x, dense[0]), gate_up)
+        h = gemv(x, dense[0])
+        h = w4a16_gemv(w4a16_gemv(h, q4[0], q4_scales[0], None, 128, splits=4), q4[1], q4_scales[1], None, 128,
+                       splits=8)
+        h = gemv_gated_silu(h, gate_up)
         h, res = rmsnorm_gemv(h, residual, norm_w, 1e-6, gate_up)
         h = silu_mul_gemv(h, dense[1])
         h = gemv_w8a8_dynamic(h, q8, q8_scale, dtype, prologue="rmsnorm", residual=res, norm_weight=norm_w)[0]

@@ -10,7 +10,8 @@ Split K runs in the same launch: fp32 partials go to a workspace allocated once 
 (``workspace``; the first call must happen outside CUDA graph capture) and the last block of
 each column tile reduces them and resets its counter, so replays of a captured graph work.
 Launches on one device share the workspace, so they must be ordered (one stream), as pymllm's
-forward is.
+forward is. On SM90+ the kernel launches as a programmatic dependent (mllm_kernel.pdl): its blocks
+may be resident before the previous kernel ends and wait for it before reading anything.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from mllm_kernel.jit_utils import JitKernel, jit
+from mllm_kernel.pdl import use_pdl
 
 _OP = "w4a16_gemv"
 MAX_M = 8
@@ -226,7 +228,7 @@ def w4a16_gemv(
     if n:
         partials, counters = workspace(x.device)
         kernel[x.dtype, zeros is not None](out, x, qweight, scales, zeros, bias, partials, counters, group, splits,
-                                           prefetch)
+                                           prefetch, use_pdl(x.device))
     return out
 
 
