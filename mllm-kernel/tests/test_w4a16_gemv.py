@@ -212,6 +212,54 @@ def test_split_plan():
         assert splits <= -(-k // 8 // module.BATCH_ROWS)
 
 
+# ---------------------------------------------------------------- GPU: the gated form
+def _silu_mul_triton_rounding(gate_up: torch.Tensor) -> torch.Tensor:
+    """pymllm's SiLU-and-mul in PyTorch (its exp and division differ from the kernel's approximate
+    instructions by at most an ulp of the rounded silu)."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    return ((gate / (1.0 + torch.exp(-gate))).to(gate_up.dtype).float() * up).to(gate_up.dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("splits", [None, 1, 3])
+@pytest.mark.parametrize("with_zeros, with_bias", [(False, False), (True, True)])
+def test_gated_is_the_plain_launch_then_silu_mul(m, splits, with_zeros, with_bias):
+    # The gated epilogue sums each column exactly as the plain launch does (same tiles, same split
+    # order), so g and u are the plain outputs bit for bit; only the SiLU-and-mul (approximate
+    # exp / division against PyTorch's) may move a result by a unit in the last place.
+    dtype = torch.bfloat16
+    for n, k, group in ((2 * 12288, 4096, 128), (2 * 100, 512, 64)):
+        qweight, scales, zeros = random_layer(n, k, group, with_zeros, dtype)
+        x = torch.randn(m, k, device="cuda").to(dtype)
+        bias = torch.randn(n, device="cuda").to(dtype) if with_bias else None
+        out = torch.full((m, n // 2), float("nan"), dtype=dtype, device="cuda")
+        got = w4a16_gemv(x, qweight, scales, zeros, group, bias, out=out, splits=splits, gated=True)
+        assert got.data_ptr() == out.data_ptr() and torch.isfinite(got).all()
+        plain = w4a16_gemv(x, qweight, scales, zeros, group, bias, splits=splits)
+        want = _silu_mul_triton_rounding(plain).float()
+        ulp = 2.0**-7
+        assert ((got.float() - want).abs() <= 2 * ulp * want.abs() + 2.0**-126).all(), (n, k, m, splits)
+        assert (got.float() == want).float().mean().item() > 0.9
+        reference = module.w4a16_gemv_gated_reference(x, qweight, scales, zeros, group, bias).float()
+        assert ((got.float() - reference).abs() <= 0.02 * reference.abs().max()).all()
+
+
+@pytest.mark.gpu
+def test_gated_in_a_cuda_graph_with_split_k():
+    qweight, scales, zeros = random_layer(2 * 256, 1024, 128, False, torch.bfloat16)
+    x = torch.randn(1, 1024, device="cuda").to(torch.bfloat16)
+    expected = w4a16_gemv(x, qweight, scales, zeros, 128, splits=4, gated=True)  # builds outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = w4a16_gemv(x, qweight, scales, zeros, 128, splits=4, gated=True)
+    for _ in range(2):  # the counters are reset by each launch
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, expected)
+
+
 # ---------------------------------------------------------------- CPU: argument checks
 def _valid(m=2, n=64, k=256, group=64, dtype=torch.bfloat16, device="cpu"):
     return dict(
@@ -283,6 +331,33 @@ def test_output_and_splits_errors():
     for prefetch in (-1, 9, 1.0, None):
         with pytest.raises(ValueError, match=r"prefetch must be an int in 0..8"):
             w4a16_gemv(**args, prefetch=prefetch)
+
+
+def test_gated_argument_errors():
+    args = _valid()
+    with pytest.raises(ValueError, match=r"out must be a contiguous \[M, N/2\] = \[2, 32\]"):
+        w4a16_gemv(**args, out=torch.empty(2, 64, dtype=torch.bfloat16), gated=True)
+    odd = _with(qweight=torch.zeros(32, 60, dtype=torch.int32), scales=torch.ones(4, 60, dtype=torch.bfloat16),
+                zeros=None, bias=None)
+    with pytest.raises(ValueError, match=r"gated: N \(qweight.shape\[1\] = 60\) must be a multiple of 8"):
+        w4a16_gemv(**odd, gated=True)
+    assert not module.supported(**odd, gated=True)
+    assert module._problem(**odd, out=None)[1].startswith("CUDA only")  # the plain form takes N = 60
+
+
+def test_gated_reference_is_the_reference_then_silu_mul():
+    gen = torch.Generator().manual_seed(2)
+    k, n, group = 64, 16, 32
+    qweight = random_bytes_int32(k // 8, n, gen, "cpu")
+    scales = (torch.rand(k // group, n, generator=gen) * 0.05).to(torch.bfloat16)
+    x = torch.randn(2, k, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(n, generator=gen).to(torch.bfloat16)
+    gate_up = module.w4a16_gemv_reference(x, qweight, scales, None, group, bias)
+    g, u = gate_up.float().chunk(2, dim=-1)
+    expected = ((g * torch.sigmoid(g)).to(torch.bfloat16).float() * u).to(torch.bfloat16)
+    got = module.w4a16_gemv_gated_reference(x, qweight, scales, None, group, bias)
+    assert got.shape == (2, n // 2)
+    torch.testing.assert_close(got, expected, rtol=2**-7, atol=0)
 
 
 def test_supported_accepts_valid_cuda_shaped_arguments():

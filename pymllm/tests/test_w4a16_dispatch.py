@@ -70,7 +70,10 @@ def routed(monkeypatch):
     gemv_module = pytest.importorskip("mllm_kernel.cuda.jit.w4a16_gemv")
     calls = []
 
-    def fake_gemv(x, qweight, scales, zeros, group, bias=None, out=None, splits=None, validate=True):
+    def fake_gemv(x, qweight, scales, zeros, group, bias=None, out=None, splits=None, validate=True, gated=False):
+        if gated:
+            calls.append(("gated", tuple(x.shape), validate))
+            return gemv_module.w4a16_gemv_gated_reference(x, qweight, scales, zeros, group, bias)
         calls.append((tuple(x.shape), validate))
         return gemv_module.w4a16_gemv_reference(x, qweight, scales, zeros, group, bias)
 
@@ -78,7 +81,7 @@ def routed(monkeypatch):
     monkeypatch.setattr(w4a16, "fast_path_supported", lambda *args: False)
     monkeypatch.setattr(gemv_module, "w4a16_gemv", fake_gemv)
     # gemv_fits checks x.is_cuda and the device; on CPU stand in with the layout checks only.
-    monkeypatch.setattr(w4a16, "gemv_fits", lambda x, *rest: 1 <= x.shape[0] <= GEMV_MAX_M)
+    monkeypatch.setattr(w4a16, "gemv_fits", lambda x, *rest, gated=False: 1 <= x.shape[0] <= GEMV_MAX_M)
     return calls
 
 
@@ -98,3 +101,72 @@ def test_w4a16_linear_routes_decode_rows_to_the_gemv(routed):
 def test_w4a16_linear_on_cpu_uses_the_reference():
     args = _layer(2)
     assert torch.equal(w4a16_linear(*args), w4a16_linear_reference(*args))
+
+
+def test_w4a16_swiglu_takes_the_gated_gemv_at_decode_rows(routed):
+    from pymllm.layers.fused_ops import silu_and_mul_reference
+
+    for m in (1, GEMV_MAX_M):
+        x, qweight, scales, zeros, group, bias = _layer(m, n=128)
+        got = w4a16.w4a16_swiglu(x, qweight, scales, zeros, group, bias)
+        want = silu_and_mul_reference(w4a16_linear_reference(x, qweight, scales, zeros, group, bias))
+        assert got.shape == (m, 64)
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    assert routed == [("gated", (1, 256), False), ("gated", (GEMV_MAX_M, 256), False)]
+    # More rows than the GEMV serves: None, so the layer runs its GEMM and the SiLU-and-mul.
+    assert w4a16.w4a16_swiglu(*_layer(GEMV_MAX_M + 1, n=128)) is None
+    assert len(routed) == 2
+
+
+def test_w4a16_swiglu_declines_off_the_gpu_or_before_sm80(monkeypatch):
+    args = _layer(1, n=128)
+    assert w4a16.w4a16_swiglu(*args) is None  # CPU: gemv_fits says no
+    monkeypatch.setattr(w4a16, "cuda_capability", lambda device: (7, 5))
+    monkeypatch.setattr(w4a16, "gemv_fits", lambda *a, **k: True)
+    assert w4a16.w4a16_swiglu(*args) is None
+
+
+def test_gate_up_layers_route_swiglu_and_others_do_not(routed):
+    from types import SimpleNamespace
+
+    from pymllm.models.llama import DecoderMLP
+    from pymllm.tests.test_compressed_tensors_config import W4A16
+    from pymllm.tests.test_compressed_tensors_runtime import config_for
+
+    config = SimpleNamespace(hidden_size=256, intermediate_size=128, hidden_act="silu", mlp_bias=False)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        mlp = DecoderMLP(config, config_for(W4A16), "model.layers.0.mlp")
+    finally:
+        torch.set_default_dtype(prev)
+    gen = torch.Generator().manual_seed(5)
+    for layer in (mlp.gate_up_proj, mlp.down_proj):
+        rows, cols = layer.weight_packed.shape
+        layer.weight_packed.data = torch.randint(-2**31, 2**31, (rows, cols), generator=gen, dtype=torch.int64).to(torch.int32)
+        layer.weight_scale.data = (torch.rand(*layer.weight_scale.shape, generator=gen) * 0.01).to(torch.bfloat16)
+        layer.weight_shape.data = torch.tensor([rows, cols * 8])
+        layer.quant_method.process_weights_after_loading(layer)
+    assert mlp.gate_up_proj.quant_method.scheme.gate_up and not mlp.down_proj.quant_method.scheme.gate_up
+    x = torch.randn(2, 256, generator=gen).to(torch.bfloat16)
+    out = mlp(x)
+    assert out.shape == (2, 256)
+    assert routed[0] == ("gated", (2, 256), False)  # gate/up: the gated GEMV
+    assert routed[1] == ((2, 128), False)  # down: the plain GEMV on its product
+    assert mlp.down_proj.quant_method.apply_swiglu(mlp.down_proj, torch.zeros(1, 128, dtype=torch.bfloat16),
+                                                   None) is None
+
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 5])
+def test_gated_gemv_equals_the_gemv_then_the_silu_mul_kernel_bit_for_bit(m):
+    # The epilogue rounds g and u as the plain GEMV stores them and combines them with the Triton
+    # SiLU-and-mul kernel's instructions, so swapping the two launches for one changes no bit.
+    from pymllm.layers.fused_ops import silu_and_mul
+
+    x, qweight, scales, zeros, group, bias = (t.cuda() if isinstance(t, torch.Tensor) else t
+                                              for t in _layer(m, k=4096, n=2 * 3072))
+    got = w4a16.w4a16_swiglu(x, qweight, scales, zeros, group, bias)
+    assert got is not None, "the gated GEMV did not run"
+    assert torch.equal(got, silu_and_mul(w4a16_linear(x, qweight, scales, zeros, group, bias)))

@@ -106,45 +106,48 @@ def choose_w4a16_kernel(m: int, sm80: bool, gemv_ok: bool, triton_ok: bool) -> s
     return "triton_small_m" if m <= TRITON_MAX_M else "dequant_cublas"
 
 
-def _gemv_self_test(device: torch.device, dtype: torch.dtype, with_zeros: bool) -> None:
-    from mllm_kernel.cuda.jit.w4a16_gemv import w4a16_gemv, w4a16_gemv_reference
+def _gemv_self_test(device: torch.device, dtype: torch.dtype, with_zeros: bool, gated: bool = False) -> None:
+    from mllm_kernel.cuda.jit.w4a16_gemv import w4a16_gemv, w4a16_gemv_gated_reference, w4a16_gemv_reference
 
     gen = torch.Generator().manual_seed(0)
-    k, n, group = 512, 100, 64  # a partial column tile, two K splits
+    k, n, group = 512, 104, 64  # a partial column tile (of each half when gated), two K splits
     raw = torch.randint(0, 256, (k // 8, n, 4), generator=gen, dtype=torch.uint8)
     qweight = raw.view(torch.int32).reshape(k // 8, n).to(device)
     scales = (torch.rand(k // group, n, generator=gen) * 0.02 + 0.002).to(device=device, dtype=dtype)
     zeros = torch.randint(-8, 8, (k // group, n), generator=gen).to(device=device, dtype=dtype) if with_zeros else None
     x = torch.randn(3, k, generator=gen).to(device=device, dtype=dtype)
     bias = torch.randn(n, generator=gen).to(device=device, dtype=dtype)
-    got = w4a16_gemv(x, qweight, scales, zeros, group, bias, splits=2).double()
-    want = w4a16_gemv_reference(x, qweight, scales, zeros, group, bias).double()
+    got = w4a16_gemv(x, qweight, scales, zeros, group, bias, splits=2, gated=gated).double()
+    reference = w4a16_gemv_gated_reference if gated else w4a16_gemv_reference
+    want = reference(x, qweight, scales, zeros, group, bias).double()
     error = ((got - want).abs().max() / want.abs().max()).item()
     if not error < 2e-2:  # also catches NaN
         raise RuntimeError(f"results differ from the PyTorch reference (relative error {error:.3g})")
 
 
-def prepare_w4a16_gemv(device: torch.device, dtype: torch.dtype, with_zeros: bool) -> bool:
-    """Build, self-test and allocate the split-K workspace of the CUDA GEMV for this device,
-    dtype and zero-point mode, once (``gemv_dispatch.prepare_kernel``). ``WNA16Scheme`` calls it
-    while the model loads. False, with a warning, when it cannot be used."""
+def prepare_w4a16_gemv(device: torch.device, dtype: torch.dtype, with_zeros: bool, gated: bool = False) -> bool:
+    """Build, self-test and allocate the split-K workspace of the CUDA GEMV (``gated``: its form
+    with the SiLU-and-mul as the epilogue) for this device, dtype and zero-point mode, once
+    (``gemv_dispatch.prepare_kernel``). ``WNA16Scheme`` calls it while the model loads. False,
+    with a warning, when it cannot be used."""
     from pymllm.layers.kernels.gemv_dispatch import prepare_kernel
 
-    kind = "W4A16 GEMV" + (" (zero points)" if with_zeros else "")
-    return prepare_kernel(kind, device, dtype, lambda: _gemv_self_test(device, dtype, with_zeros))
+    kind = "W4A16 " + ("gated GEMV" if gated else "GEMV") + (" (zero points)" if with_zeros else "")
+    return prepare_kernel(kind, device, dtype, lambda: _gemv_self_test(device, dtype, with_zeros, gated))
 
 
 def gemv_fits(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
-              group: int, bias: Optional[torch.Tensor]) -> bool:
-    """The CUDA GEMV takes these arguments here (rows, dtypes, layouts, alignment) and is ready."""
+              group: int, bias: Optional[torch.Tensor], gated: bool = False) -> bool:
+    """The CUDA GEMV (or its gated form) takes these arguments here (rows, dtypes, layouts,
+    alignment) and is ready."""
     if not (x.is_cuda and x.dim() == 2 and 1 <= x.shape[0] <= GEMV_MAX_M):
         return False
     try:
         from mllm_kernel.cuda.jit.w4a16_gemv import supported
     except ImportError:  # mllm_kernel or tvm_ffi missing
         return False
-    return (supported(x, qweight, scales, zeros, group, bias)
-            and prepare_w4a16_gemv(x.device, x.dtype, zeros is not None))
+    return (supported(x, qweight, scales, zeros, group, bias, gated)
+            and prepare_w4a16_gemv(x.device, x.dtype, zeros is not None, gated))
 
 
 def w4a16_linear(
@@ -174,3 +177,26 @@ def w4a16_linear(
         return w4a16_triton.w4a16_gemm_small_m(x, qweight, scales, zeros, group, bias)
     w = w4a16_triton.w4a16_dequantize(qweight, scales, zeros, group, x.dtype)
     return torch.addmm(bias, x, w) if bias is not None else x @ w
+
+
+def w4a16_swiglu(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: Optional[torch.Tensor],
+    group: int,
+    bias: Optional[torch.Tensor] = None,
+) -> Optional[torch.Tensor]:
+    """``silu(g) * u`` of ``g | u = x @ W^T (+ bias)`` for a stacked [gate; up] weight, as the gated
+    CUDA GEMV (one kernel: the SiLU-and-mul is its epilogue) where the GEMV would run (M <= 8 on
+    SM80+, the kernel ready); None otherwise (the caller runs ``w4a16_linear`` and the SiLU-and-mul).
+    The result equals that pair's bit for bit."""
+    m = x.shape[0]
+    if not (1 <= m <= GEMV_MAX_M and cuda_capability(x.device) >= (8, 0)):
+        return None
+    if not gemv_fits(x, qweight, scales, zeros, group, bias, gated=True):
+        return None
+    from mllm_kernel.cuda.jit.w4a16_gemv import w4a16_gemv
+
+    return w4a16_gemv(x, qweight, scales, zeros, group, bias, validate=False, gated=True)
+

@@ -40,7 +40,7 @@ WORKSPACE_FLOATS = 1 << 20  # 4 MiB
 MAX_TILES = 8192  # counters (int32)
 
 
-def _problem(x, qweight, scales, zeros, group, bias, out) -> Optional[Tuple[type, str]]:
+def _problem(x, qweight, scales, zeros, group, bias, out, gated=False) -> Optional[Tuple[type, str]]:
     """The first reason these arguments cannot run, as (exception type, message), or None."""
     for name, t in (("x", x), ("qweight", qweight), ("scales", scales)):
         if not isinstance(t, torch.Tensor):
@@ -62,6 +62,8 @@ def _problem(x, qweight, scales, zeros, group, bias, out) -> Optional[Tuple[type
     if qweight.dim() != 2 or qweight.shape[0] != k // 8:
         return ValueError, f"qweight must be [K/8, N] = [{k // 8}, N], got shape {tuple(qweight.shape)}"
     n = qweight.shape[1]
+    if gated and n % 8:
+        return ValueError, f"gated: N (qweight.shape[1] = {n}) must be a multiple of 8 (gate and up halves of 4k)"
     if n % 4:
         return ValueError, f"N (qweight.shape[1] = {n}) must be a multiple of 4"
     if not qweight.is_contiguous() or qweight.data_ptr() % 16:
@@ -89,10 +91,12 @@ def _problem(x, qweight, scales, zeros, group, bias, out) -> Optional[Tuple[type
         if bias.shape != (n,) or not bias.is_contiguous():
             return ValueError, f"bias must be a contiguous [N] = [{n}] tensor, got shape {tuple(bias.shape)}"
     if out is not None:
+        n_out = n // 2 if gated else n
         if not isinstance(out, torch.Tensor) or out.dtype != x.dtype:
             return TypeError, f"out must be a tensor of x's dtype {x.dtype}"
-        if out.shape != (m, n) or not out.is_contiguous():
-            return ValueError, f"out must be a contiguous [M, N] = [{m}, {n}] tensor, got shape {tuple(out.shape)}"
+        if out.shape != (m, n_out) or not out.is_contiguous():
+            return ValueError, (f"out must be a contiguous [M, {'N/2' if gated else 'N'}] = [{m}, {n_out}] tensor, "
+                                f"got shape {tuple(out.shape)}")
     tensors = {"x": x, "qweight": qweight, "scales": scales, "zeros": zeros, "bias": bias, "out": out}
     for name, t in tensors.items():
         if t is not None and t.device != x.device:
@@ -102,17 +106,17 @@ def _problem(x, qweight, scales, zeros, group, bias, out) -> Optional[Tuple[type
     return None
 
 
-def check_arguments(x, qweight, scales, zeros, group, bias=None, out=None) -> None:
+def check_arguments(x, qweight, scales, zeros, group, bias=None, out=None, gated=False) -> None:
     """Raise TypeError/ValueError naming the first argument w4a16_gemv cannot take."""
-    problem = _problem(x, qweight, scales, zeros, group, bias, out)
+    problem = _problem(x, qweight, scales, zeros, group, bias, out, gated)
     if problem is not None:
         error, message = problem
         raise error(f"{_OP}: {message}")
 
 
-def supported(x, qweight, scales, zeros, group, bias=None) -> bool:
+def supported(x, qweight, scales, zeros, group, bias=None, gated=False) -> bool:
     """Whether w4a16_gemv takes these arguments (the dispatcher's shape/layout test)."""
-    return _problem(x, qweight, scales, zeros, group, bias, None) is None
+    return _problem(x, qweight, scales, zeros, group, bias, None, gated) is None
 
 
 # plan_splits' cost model: a warp's batch of weight loads, the bytes in flight per SM that saturate
@@ -207,28 +211,32 @@ def w4a16_gemv(
     splits: Optional[int] = None,
     prefetch: int = PREFETCH_BATCHES,
     validate: bool = True,
+    gated: bool = False,
 ) -> torch.Tensor:
     """x [M, K] (M <= 8) @ W (+ bias) -> [M, N] in x's dtype; see the module docstring for the
     layout. ``out`` (contiguous [M, N]) is written in place when given. ``splits`` overrides the
     K split and ``prefetch`` (0..8) the L2 prefetch distance in batches (benchmarks);
     ``validate=False`` skips the Python checks for callers that already ran ``supported`` (the
-    C++ entry still checks shapes, dtypes and alignment)."""
+    C++ entry still checks shapes, dtypes and alignment). ``gated=True``: the weight stacks a gate
+    and an up projection ([K/8, 2H], bias [2H]) and the result is ``silu(gate) * up`` [M, H], each
+    half rounded to x's dtype first and combined as pymllm's SiLU-and-mul kernel does: the plain
+    launch followed by that kernel, in one kernel."""
     if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int) or splits < 1):
         raise ValueError(f"{_OP}: splits must be a positive int, got {splits!r}")
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or not 0 <= prefetch <= 8:
         raise ValueError(f"{_OP}: prefetch must be an int in 0..8, got {prefetch!r}")
     if validate:
-        check_arguments(x, qweight, scales, zeros, group, bias, out)
+        check_arguments(x, qweight, scales, zeros, group, bias, out, gated)
     m, k = x.shape
     n = qweight.shape[1]
     if out is None:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        out = torch.empty((m, n // 2 if gated else n), dtype=x.dtype, device=x.device)
     if splits is None:
         splits = _auto_splits(m, n, k, x.device.index if x.device.index is not None else torch.cuda.current_device())
     if n:
         partials, counters = workspace(x.device)
-        kernel[x.dtype, zeros is not None](out, x, qweight, scales, zeros, bias, partials, counters, group, splits,
-                                           prefetch, use_pdl(x.device))
+        kernel[x.dtype, zeros is not None, bool(gated)](out, x, qweight, scales, zeros, bias, partials, counters,
+                                                        group, splits, prefetch, use_pdl(x.device))
     return out
 
 
@@ -257,3 +265,18 @@ def w4a16_gemv_reference(
     if bias is not None:
         acc = acc + bias.double()
     return acc.to(x.dtype)
+
+
+def w4a16_gemv_gated_reference(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: Optional[torch.Tensor],
+    group: int,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``w4a16_gemv(..., gated=True)`` in PyTorch: the reference product rounded to x's dtype, then
+    silu(gate) rounded, times up, rounded (pymllm's SiLU-and-mul with PyTorch's exp and division)."""
+    gate, up = w4a16_gemv_reference(x, qweight, scales, zeros, group, bias).float().chunk(2, dim=-1)
+    return ((gate / (1.0 + torch.exp(-gate))).to(x.dtype).float() * up).to(x.dtype)
+

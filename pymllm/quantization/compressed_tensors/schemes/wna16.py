@@ -4,7 +4,8 @@ with zero points; activations stay fp16/bf16.
 Checkpoint: ``weight_packed`` int32 [N, K/8], ``weight_scale`` [N, K/G], ``weight_shape``
 [2], and for asymmetric schemes ``weight_zero_point`` int32 [N/8, K/G] (packed along N).
 ``process_weights_after_loading`` repacks them once into the kernel layout (see
-``kernels.w4a16``); ``apply`` only runs the GEMM.
+``kernels.w4a16``); ``apply`` only runs the GEMM. A stacked gate/up layer also has
+``apply_swiglu``: at decode sizes the GEMV with the SiLU-and-mul as its epilogue.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 from pymllm.layers.utils import set_weight_attrs
 from pymllm.quantization.compressed_tensors.schemes.base import CompressedTensorsScheme, replace_parameter
 from pymllm.quantization.compressed_tensors.schemes.shape_check import register_weight_shape
-from pymllm.quantization.kernels.w4a16 import prepare_w4a16_gemv, repack_wna16, w4a16_linear
+from pymllm.quantization.kernels.w4a16 import prepare_w4a16_gemv, repack_wna16, w4a16_linear, w4a16_swiglu
 
 PACK_FACTOR = 8  # int4 values per int32
 
@@ -28,6 +29,7 @@ class WNA16Scheme(CompressedTensorsScheme):
         self.symmetric = symmetric
         self.group = 0  # resolved in create_weights (K for channel-wise)
         self.params_dtype = torch.float32
+        self.gate_up = False  # two equal stacked outputs (a gated MLP's gate/up): the gated GEMV applies
 
     def create_weights(
         self, layer: nn.Module, input_size: int, output_partition_sizes: List[int], params_dtype: torch.dtype
@@ -45,6 +47,7 @@ class WNA16Scheme(CompressedTensorsScheme):
                 "for packed zero points"
             )
         rows = sum(output_partition_sizes)
+        self.gate_up = len(output_partition_sizes) == 2 and output_partition_sizes[0] == output_partition_sizes[1]
         groups = input_size // self.group
         packed = nn.Parameter(torch.empty(rows, input_size // PACK_FACTOR, dtype=torch.int32), requires_grad=False)
         set_weight_attrs(packed, {"output_dim": 0, "input_dim": 1, "weight_loader": layer.weight_loader})
@@ -73,9 +76,20 @@ class WNA16Scheme(CompressedTensorsScheme):
         delattr(layer, "weight_shape")
         # Decode GEMV: JIT build + self-test + workspace now, not in the first request or capture.
         prepare_w4a16_gemv(qweight.device, self.params_dtype, zeros is not None)
+        if self.gate_up:
+            prepare_w4a16_gemv(qweight.device, self.params_dtype, zeros is not None, gated=True)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         x2d = x.reshape(-1, x.shape[-1])
         zeros = None if self.symmetric else layer.weight_zero_point
         out = w4a16_linear(x2d, layer.weight_packed, layer.weight_scale, zeros, self.group, bias)
         return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def apply_swiglu(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if not self.gate_up:
+            return None
+        x2d = x.reshape(-1, x.shape[-1])
+        zeros = None if self.symmetric else layer.weight_zero_point
+        out = w4a16_swiglu(x2d, layer.weight_packed, layer.weight_scale, zeros, self.group, bias)
+        return None if out is None else out.reshape(*x.shape[:-1], out.shape[-1])
+

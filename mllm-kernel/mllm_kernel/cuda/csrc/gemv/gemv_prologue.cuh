@@ -36,6 +36,7 @@
 #include <algorithm>
 
 #include "gemv.cuh"
+#include "triton_math.cuh"
 
 namespace mllm_kernel {
 namespace gemv_detail {
@@ -53,33 +54,9 @@ struct PrologueArgs {
   float eps;
 };
 
-// The instructions of Triton's float32 exp (ex2.approx of x * log2 e) and division (div.full).
-__device__ __forceinline__ float triton_exp(float x) {
-  float r;
-  asm("ex2.approx.f32 %0, %1;" : "=f"(r) : "f"(__fmul_rn(x, 1.4426950408889634f)));
-  return r;
-}
-__device__ __forceinline__ float triton_div(float a, float b) {
-  float r;
-  asm("div.full.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-__device__ __forceinline__ float triton_rsqrt(float x) {
-  float r;
-  asm("rsqrt.approx.f32 %0, %1;" : "=f"(r) : "f"(x));
-  return r;
-}
-
 template <typename T>
 __device__ __forceinline__ float round_to(float v) {
   return static_cast<float>(from_float<T>(v));
-}
-
-// T(T(silu(g)) * u) for g and u already in T: _silu_and_mul_kernel's rounding and instructions.
-template <typename T>
-__device__ __forceinline__ float silu_mul_rounded(float g, float u) {
-  const float silu = triton_div(g, __fadd_rn(1.0f, triton_exp(-g)));
-  return round_to<T>(__fmul_rn(round_to<T>(silu), u));
 }
 
 template <typename T>

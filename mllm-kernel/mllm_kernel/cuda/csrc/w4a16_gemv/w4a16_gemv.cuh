@@ -3,6 +3,8 @@
 //   qweight [K/8, N] int32: word (j, n) holds w[8j + i, n] + 8 in bits 4i..4i+3;
 //   scales  [K/G, N], zeros [K/G, N] (optional), both of x's dtype;
 //   w[k, n] = (q - 8 - zero[k / G, n]) * scale[k / G, n].
+// The gated form multiplies a stacked [gate | up] weight (N = 2H columns) and writes
+// out[m, j] = silu(gate_j) * up_j, [M, H]: the SiLU-and-mul of a gated MLP as the epilogue.
 //
 // Decode reads every weight once and is bound by HBM bandwidth, so the kernel is built around the
 // loads: lane (g, t) = (lane / 4, lane % 4) loads the 4 words of columns 4g..4g+3 of packed row t,
@@ -35,6 +37,7 @@
 
 #include "common.cuh"
 #include "pdl.cuh"
+#include "triton_math.cuh"
 
 namespace mllm_kernel {
 namespace w4a16_gemv_detail {
@@ -168,7 +171,33 @@ __device__ __forceinline__ float meta_at(const uint2& v, int c) {
   return Traits<T>::to_float(static_cast<uint16_t>((c & 1) ? pair >> 16 : pair & 0xFFFFu));
 }
 
-template <typename T, int M, bool kHasZero>
+// The block's outputs from its column sums: value(m, nl) is the sum for activation row m and tile
+// column nl (0..kTileN). Plain: output n = tile * kTileN + nl, rounded once after the bias. Gated:
+// the tile's first 32 columns are gate columns j, the next 32 the matching up columns N/2 + j; g
+// and u are rounded to T after their bias, as the plain kernel would store them, then combined as
+// the SiLU-and-mul kernel combines them (silu_mul_rounded).
+template <typename T, int M, bool kGated, typename Value>
+__device__ __forceinline__ void write_outputs(const Params& p, int tile, Value value) {
+  using Tr = Traits<T>;
+  constexpr int kCols = kGated ? kTileN / 2 : kTileN;
+  const int n_out = kGated ? p.n / 2 : p.n;
+  for (int idx = threadIdx.x; idx < M * kCols; idx += kThreads) {
+    const int m = idx / kCols;
+    const int j = idx % kCols;
+    const int n = tile * kCols + j;
+    if (n >= n_out) continue;
+    float v = value(m, j);
+    if (p.bias != nullptr) v += Tr::to_float(p.bias[n]);
+    if constexpr (kGated) {
+      float up = value(m, j + kCols);
+      if (p.bias != nullptr) up += Tr::to_float(p.bias[n_out + n]);
+      v = silu_mul_rounded<T>(round_to_dtype<T>(v), round_to_dtype<T>(up));
+    }
+    p.out[static_cast<int64_t>(m) * n_out + n] = Tr::from_float(v);
+  }
+}
+
+template <typename T, int M, bool kHasZero, bool kGated>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) w4a16_gemv_kernel(const Params p) {
   using Tr = Traits<T>;
   // sum(x) per window feeds the zero points and bf16's 136 offset.
@@ -179,7 +208,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) w4a16_gemv_kernel(c
   const int t = lane & 3;   // packed row within a step
   const int tile = blockIdx.x;
   const int split = blockIdx.y;
-  const int tile_n0 = tile * kTileN;
+  const int tile_n0 = tile * kTileN;  // (plain tiles; a gated tile is columns 32 * tile of each half)
   // Under PDL (pdl.cuh) the block waits before anything else: loading weights ahead of the wait
   // measured slower (the step's graph 2.77-2.86 ms against 2.47 plain, an earlier version of this
   // kernel), waiting first faster (T21: 2.389-2.392 ms against 2.445-2.451).
@@ -194,7 +223,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) w4a16_gemv_kernel(c
   uint32_t col[kSubtiles];  // zero points: 32-bit offsets from the kernel argument (fewer registers)
 #pragma unroll
   for (int u = 0; u < kSubtiles; ++u) {
-    col[u] = min(tile_n0 + 32 * u + 4 * g, p.n - 4);
+    if constexpr (kGated) {  // subtile 0: gate columns, subtile 1: the matching up columns
+      static_assert(kSubtiles == 2, "a gated tile pairs a gate subtile with an up subtile");
+      col[u] = u * (p.n / 2) + min(32 * tile + 4 * g, p.n / 2 - 4);
+    } else {
+      col[u] = min(tile_n0 + 32 * u + 4 * g, p.n - 4);
+    }
     wcol[u] = pinned(p.qweight + col[u]);
     scol[u] = pinned(p.scales + col[u]);
   }
@@ -334,24 +368,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) w4a16_gemv_kernel(c
   }
   __syncthreads();
 
-  float* tile_partials = p.partials + static_cast<int64_t>(tile) * p.splits * M * kTileN;
-  for (int idx = threadIdx.x; idx < M * kTileN; idx += kThreads) {
-    const int m = idx / kTileN;
-    const int nl = idx % kTileN;
+  auto block_sum = [&](int m, int nl) {
     float v = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) v += red[w][m][nl];
-    const int n = tile_n0 + nl;
-    if (p.splits == 1) {
-      if (n < p.n) {
-        if (p.bias != nullptr) v += Tr::to_float(p.bias[n]);
-        p.out[static_cast<int64_t>(m) * p.n + n] = Tr::from_float(v);
-      }
-    } else {
-      tile_partials[split * M * kTileN + idx] = v;
-    }
+    return v;
+  };
+  if (p.splits == 1) {
+    write_outputs<T, M, kGated>(p, tile, block_sum);
+    return;
   }
-  if (p.splits == 1) return;
+  float* tile_partials = p.partials + static_cast<int64_t>(tile) * p.splits * M * kTileN;
+  for (int idx = threadIdx.x; idx < M * kTileN; idx += kThreads) {
+    tile_partials[split * M * kTileN + idx] = block_sum(idx / kTileN, idx % kTileN);
+  }
 
   // Publish the partials (each thread fences its own stores), then count this block in.
   __threadfence();
@@ -360,26 +390,22 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) w4a16_gemv_kernel(c
   __syncthreads();
   if (!last_block) return;
   __threadfence();  // order the reads below after the other blocks' published stores
-  for (int idx = threadIdx.x; idx < M * kTileN; idx += kThreads) {
-    const int n = tile_n0 + idx % kTileN;
+  // .cg loads go to L2, where the other SMs' stores are; in split order, so results are deterministic.
+  write_outputs<T, M, kGated>(p, tile, [&](int m, int nl) {
     float v = 0.f;
-    // .cg loads go to L2, where the other SMs' stores are; in split order, so results are deterministic.
 #pragma unroll 4
-    for (int s = 0; s < p.splits; ++s) v += __ldcg(tile_partials + s * M * kTileN + idx);
-    if (n < p.n) {
-      if (p.bias != nullptr) v += Tr::to_float(p.bias[n]);
-      p.out[static_cast<int64_t>(idx / kTileN) * p.n + n] = Tr::from_float(v);
-    }
-  }
+    for (int s = 0; s < p.splits; ++s) v += __ldcg(tile_partials + s * M * kTileN + m * kTileN + nl);
+    return v;
+  });
   if (threadIdx.x == 0) p.counters[tile] = 0u;  // every other block of the tile has counted: reset for the next launch
 }
 
 // One kernel per M = 1..8 (the epilogue and the activation row clamp are specialised).
-template <typename T, bool kHasZero, int... Ms>
+template <typename T, bool kHasZero, bool kGated, int... Ms>
 void launch_rows(int m, const Params& p, int n_tiles, cudaStream_t stream, bool pdl,
                  std::integer_sequence<int, Ms...>) {
   const dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(p.splits));
-  ((m == Ms + 1 ? launch_kernel(w4a16_gemv_kernel<T, Ms + 1, kHasZero>, grid, dim3(kThreads), 0, stream,
+  ((m == Ms + 1 ? launch_kernel(w4a16_gemv_kernel<T, Ms + 1, kHasZero, kGated>, grid, dim3(kThreads), 0, stream,
                                 pdl, p)
                 : void()),
    ...);
@@ -415,7 +441,9 @@ inline void check_matrix(const TensorView& t, const char* name, int64_t rows, in
 // requested number of K chunks (the wrapper's plan), shrunk here so no chunk is empty;
 // `prefetch` how many batches ahead each warp prefetches its weights into L2 (0 disables); `pdl`
 // launches it as a programmatic dependent of the kernel before it (SM90+; mllm_kernel.pdl).
-template <typename T, bool kHasZero>
+// kGated: the weight stacks gate and up projections ([K/8, 2H], bias [2H]) and out [M, H] is
+// silu(gate) * up, the SiLU-and-mul as the epilogue (see write_outputs); N must then be a multiple of 8.
+template <typename T, bool kHasZero, bool kGated>
 void w4a16_gemv(TensorView out, TensorView x, TensorView qweight, TensorView scales, Optional<TensorView> zeros,
                 Optional<TensorView> bias, TensorView partials, TensorView counters, int64_t group, int64_t splits,
                 int64_t prefetch, bool pdl) {
@@ -432,7 +460,8 @@ void w4a16_gemv(TensorView out, TensorView x, TensorView qweight, TensorView sca
       << "w4a16_gemv: x needs dense rows, a row stride of a multiple of 8 elements and 16-byte alignment";
   TVM_FFI_CHECK(qweight.ndim() == 2, ValueError) << "w4a16_gemv: qweight must be [K/8, N]";
   const int64_t n = qweight.size(1);
-  TVM_FFI_CHECK(n % 4 == 0, ValueError) << "w4a16_gemv: N must be a multiple of 4";
+  TVM_FFI_CHECK(n % (kGated ? 8 : 4) == 0, ValueError)
+      << "w4a16_gemv: N must be a multiple of " << (kGated ? "8 (gated: two halves of multiples of 4)" : "4");
   TVM_FFI_CHECK((k / 8) * n < (int64_t{1} << 31), ValueError)
       << "w4a16_gemv: qweight must have fewer than 2^31 words (32-bit offsets)";
   check_matrix(qweight, "qweight", k / 8, n, kDLInt, 32, 16);
@@ -446,7 +475,7 @@ void w4a16_gemv(TensorView out, TensorView x, TensorView qweight, TensorView sca
     TVM_FFI_CHECK(has_dtype(b, code, 16) && b.ndim() == 1 && b.size(0) == n && b.IsContiguous(), ValueError)
         << "w4a16_gemv: bias must be a contiguous [N] tensor of x's dtype";
   }
-  check_matrix(out, "out", m, n, code, 16, 2);
+  check_matrix(out, "out", m, kGated ? n / 2 : n, code, 16, 2);
   TVM_FFI_CHECK(has_dtype(partials, kDLFloat, 32) && partials.IsContiguous(), TypeError)
       << "w4a16_gemv: partials must be a contiguous float32 tensor";
   TVM_FFI_CHECK(has_dtype(counters, kDLInt, 32) && counters.IsContiguous(), TypeError)
@@ -460,7 +489,7 @@ void w4a16_gemv(TensorView out, TensorView x, TensorView qweight, TensorView sca
   // At most one split per batch, and gridDim.y <= 65535.
   const int chunk = static_cast<int>(ceil_div(total_batches, std::min<int64_t>({splits, total_batches, 65535})));
   const int used_splits = static_cast<int>(ceil_div(total_batches, chunk));
-  const int n_tiles = static_cast<int>(ceil_div(n, kTileN));
+  const int n_tiles = static_cast<int>(kGated ? ceil_div(n / 2, kTileN / 2) : ceil_div(n, kTileN));
   if (used_splits > 1) {
     TVM_FFI_CHECK(n_tiles <= counters.numel() && int64_t{n_tiles} * used_splits * m * kTileN <= partials.numel(),
                   ValueError)
@@ -497,7 +526,7 @@ void w4a16_gemv(TensorView out, TensorView x, TensorView qweight, TensorView sca
   p.splits = used_splits;
 
   tvm::ffi::CUDADeviceGuard guard(x.device().device_id);
-  launch_rows<T, kHasZero>(static_cast<int>(m), p, n_tiles, current_stream(x), pdl,
+  launch_rows<T, kHasZero, kGated>(static_cast<int>(m), p, n_tiles, current_stream(x), pdl,
                            std::make_integer_sequence<int, kMaxM>{});
 }
 
