@@ -28,7 +28,7 @@ from mllm_kernel.pdl import use_pdl
 _OP = "w4a16_gemv"
 MAX_M = 8
 ACT_DTYPES = (torch.float16, torch.bfloat16)
-# Mirrors of the kernel's tiling (w4a16_gemv.cuh); the C++ side re-checks the workspace bounds.
+# Mirrors of the kernel's tiling (w4a16_gemv_kernel.cuh); the C++ side re-checks the workspace bounds.
 TILE_N = 64  # columns per block
 BATCH_ROWS = 16  # packed rows (8 k each) a warp loads at once
 WARPS = 4

@@ -1,0 +1,404 @@
+// w4a16_gemv: decode-sized GEMM with 4-bit weights, out[m, n] = sum_k x[m, k] * w[k, n] (+ bias[n])
+// for M = 1..8 rows of fp16/bf16 activations, in the runtime layout of pymllm's W4A16 scheme:
+//   qweight [K/8, N] int32: word (j, n) holds w[8j + i, n] + 8 in bits 4i..4i+3;
+//   scales  [K/G, N], zeros [K/G, N] (optional), both of x's dtype;
+//   w[k, n] = (q - 8 - zero[k / G, n]) * scale[k / G, n].
+// The gated form multiplies a stacked [gate | up] weight (N = 2H columns) and writes
+// out[m, j] = silu(gate_j) * up_j, [M, H]: the SiLU-and-mul of a gated MLP as the epilogue.
+//
+// Decode reads every weight once and is bound by HBM bandwidth, so the kernel is built around the
+// loads: lane (g, t) = (lane / 4, lane % 4) loads the 4 words of columns 4g..4g+3 of packed row t,
+// so one 16-byte load instruction of a warp reads 4 rows x 128 contiguous bytes, and each lane
+// issues kSteps x kSubtiles of them (a "batch") before using any.
+//
+// The arithmetic runs on tensor cores (mma.m16n8k16, fp32 accumulation): a CUDA-core GEMV would
+// spend 8 * M FMAs per weight, which cannot keep up with HBM at M = 8, while the MMA costs the
+// same for any M <= 8. Its 16 A rows are weight columns, its 8 B columns the activation rows
+// (lanes g >= M repeat row M - 1; those output columns are never written). A sum over k may run in
+// any order both operands agree on, so the k order inside an MMA is chosen for cheap unpacking:
+// nibble i pairs with nibble i + 4 (bits 4i and 16 + 4i are the two halves of a half2 after one
+// mask), and the activations are permuted to match with byte_perm. Unpacking a word of 8 weights
+// takes ~7 (bf16) or ~9 (fp16) instructions, see Traits.
+//
+// Scales and zero points are applied in fp32 to partial sums over a fold window (1 or 2 steps of
+// 32 k inside one group):
+//   sum_k (q - 8 - z) * s * x = s * (sum_k (q - 8) * x - z * sum_k x),
+// the formula above without rounding w to 16 bits; sum_k x comes from one more MMA against ones.
+//
+// Split K in one launch: blocks of one column tile that cover different K chunks write fp32
+// partials to a workspace; the last block to finish (a per-tile counter) adds them in a fixed
+// order (deterministic), writes the output and resets the counter to zero, so the workspace is
+// ready for the next launch and the kernel can be replayed in a CUDA graph.
+#pragma once
+
+#include <algorithm>
+#include <type_traits>
+#include <utility>
+
+#include "common.cuh"
+#include "pdl.cuh"
+#include "triton_math.cuh"
+
+namespace mllm_kernel {
+namespace w4a16_gemv_detail {
+
+constexpr int kWarps = 4;                 // warps per block, each on its own K batches
+constexpr int kThreads = 32 * kWarps;
+constexpr int kSubtiles = 2;              // 32-column subtiles per warp
+constexpr int kTileN = 32 * kSubtiles;    // columns per block (the Python wrapper mirrors it)
+constexpr int kSteps = 4;                 // 4-row steps whose loads are issued together
+constexpr int kBatchRows = 4 * kSteps;    // packed rows per batch (mirrored in Python)
+constexpr int kMaxM = 8;
+constexpr int kMinBlocksPerSm = 4;        // caps registers at 128 (no spills) so 16 warps fit on an SM
+constexpr int kRedStride = kTileN + 4;    // padded shared row: t-strided float2 stores spread banks
+
+struct Params {
+  const uint32_t* qweight;
+  const uint16_t* x;
+  const uint16_t* scales;
+  const uint16_t* zeros;  // nullptr when symmetric
+  const uint16_t* bias;   // nullptr without bias
+  uint16_t* out;
+  float* partials;
+  unsigned* counters;
+  int64_t x_stride;  // elements between activation rows
+  int n;
+  int rows;           // K / 8
+  int group_shift;    // row -> group: row >> group_shift (31 when one group spans K)
+  int fold_mask;      // steps per fold window - 1
+  int chunk_batches;  // batches per split
+  int splits;
+  int prefetch;       // batches ahead whose weights each warp asks L2 for (0: none)
+};
+
+// (a & kMask) | magic as one LOP3: SASS takes one immediate per LOP3, so the magic comes in a
+// register (hoisted out of the loop); written in C, the compiler emits an AND and an OR.
+template <uint32_t kMask>
+__device__ __forceinline__ uint32_t mask_or(uint32_t a, uint32_t magic) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "n"(kMask), "r"(magic));
+  return d;
+}
+
+template <typename T>
+struct Traits;
+
+template <>
+struct Traits<__half> {
+  static constexpr uint32_t kMagic = 0x64006400u;  // fp16 1024 in both halves
+  static constexpr uint32_t kOnes = 0x3C003C00u;
+  static constexpr float kBias = 0.f;  // unpack yields q - 8 itself
+  // OR-ing a nibble q into the mantissa of 1024 gives 1024 + q, and fma(h, 1, -1032) = q - 8 exactly.
+  // The nibble at bits 4..7 gives 1024 + 16q, and fma(h, 1/16, -72) = q - 8: one shift per word.
+  static __device__ __forceinline__ void unpack(uint32_t w, uint32_t magic, uint32_t (&pairs)[4]) {
+    const uint32_t hi = w >> 8;
+    pairs[0] = fma2(mask_or<0x000F000Fu>(w, magic), 0x3C003C00u, 0xE408E408u);
+    pairs[1] = fma2(mask_or<0x00F000F0u>(w, magic), 0x2C002C00u, 0xD480D480u);
+    pairs[2] = fma2(mask_or<0x000F000Fu>(hi, magic), 0x3C003C00u, 0xE408E408u);
+    pairs[3] = fma2(mask_or<0x00F000F0u>(hi, magic), 0x2C002C00u, 0xD480D480u);
+  }
+  static __device__ __forceinline__ uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
+    uint32_t d;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+  }
+  static __device__ __forceinline__ void mma(float (&d)[4], const float* c, uint32_t a0, uint32_t a1,
+                                             uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%11,%12,%13};"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+  }
+  static __device__ __forceinline__ float to_float(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
+  static __device__ __forceinline__ uint16_t from_float(float v) { return __half_as_ushort(__float2half_rn(v)); }
+};
+
+template <>
+struct Traits<__nv_bfloat16> {
+  static constexpr uint32_t kMagic = 0x43004300u;  // bf16 128 in both halves
+  static constexpr uint32_t kOnes = 0x3F803F80u;
+  // bf16 has 7 mantissa bits, so only bits 0..3 can take a nibble (the others are shifted down):
+  // 128 + q exactly. The MMA takes 128 + q as it is and the fold subtracts 136 * sum(x) in fp32,
+  // one FMA per output instead of one HFMA2 per weight pair; the cancellation (at most ~30x over
+  // a 64-k window) costs ~1e-5 relative, far below bf16's rounding.
+  static constexpr float kBias = 136.f;
+  static __device__ __forceinline__ void unpack(uint32_t w, uint32_t magic, uint32_t (&pairs)[4]) {
+    pairs[0] = mask_or<0x000F000Fu>(w, magic);
+    pairs[1] = mask_or<0x000F000Fu>(w >> 4, magic);
+    pairs[2] = mask_or<0x000F000Fu>(w >> 8, magic);
+    pairs[3] = mask_or<0x000F000Fu>(w >> 12, magic);
+  }
+  static __device__ __forceinline__ void mma(float (&d)[4], const float* c, uint32_t a0, uint32_t a1,
+                                             uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%11,%12,%13};"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+  }
+  static __device__ __forceinline__ float to_float(uint16_t bits) { return __uint_as_float(uint32_t(bits) << 16); }
+  static __device__ __forceinline__ uint16_t from_float(float v) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+  }
+};
+
+// Opaque copies: the compiler keeps these in registers instead of re-deriving base + (column +
+// offset) * size with 64-bit adds at every load (each address is then one IMAD.WIDE), or of
+// re-materialising a constant once per use.
+template <typename P>
+__device__ __forceinline__ const P* pinned(const P* ptr) {
+  const P* out;
+  asm("mov.b64 %0, %1;" : "=l"(out) : "l"(ptr));
+  return out;
+}
+__device__ __forceinline__ uint32_t pinned_u32(uint32_t v) {
+  uint32_t out;
+  asm("mov.b32 %0, %1;" : "=r"(out) : "r"(v));
+  return out;
+}
+
+// Ask L2 for a line without waiting for it or holding a register: the warp's later batches are
+// fetched from HBM while it waits on and computes the current one.
+__device__ __forceinline__ void prefetch_l2(const void* ptr) { asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr)); }
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int c) {
+  return c == 0 ? v.x : c == 1 ? v.y : c == 2 ? v.z : v.w;
+}
+
+// half of a packed pair (c even: low half) of scales/zeros, as float.
+template <typename T>
+__device__ __forceinline__ float meta_at(const uint2& v, int c) {
+  const uint32_t pair = c < 2 ? v.x : v.y;
+  return Traits<T>::to_float(static_cast<uint16_t>((c & 1) ? pair >> 16 : pair & 0xFFFFu));
+}
+
+// The block's outputs from its column sums: value(m, nl) is the sum for activation row m and tile
+// column nl (0..kTileN). Plain: output n = tile * kTileN + nl, rounded once after the bias. Gated:
+// the tile's first 32 columns are gate columns j, the next 32 the matching up columns N/2 + j; g
+// and u are rounded to T after their bias, as the plain kernel would store them, then combined as
+// the SiLU-and-mul kernel combines them (silu_mul_rounded).
+template <typename T, int M, bool kGated, typename Value>
+__device__ __forceinline__ void write_outputs(const Params& p, int tile, Value value) {
+  using Tr = Traits<T>;
+  constexpr int kCols = kGated ? kTileN / 2 : kTileN;
+  const int n_out = kGated ? p.n / 2 : p.n;
+  for (int idx = threadIdx.x; idx < M * kCols; idx += kThreads) {
+    const int m = idx / kCols;
+    const int j = idx % kCols;
+    const int n = tile * kCols + j;
+    if (n >= n_out) continue;
+    float v = value(m, j);
+    if (p.bias != nullptr) v += Tr::to_float(p.bias[n]);
+    if constexpr (kGated) {
+      float up = value(m, j + kCols);
+      if (p.bias != nullptr) up += Tr::to_float(p.bias[n_out + n]);
+      v = silu_mul_rounded<T>(round_to_dtype<T>(v), round_to_dtype<T>(up));
+    }
+    p.out[static_cast<int64_t>(m) * n_out + n] = Tr::from_float(v);
+  }
+}
+
+template <typename T, int M, bool kHasZero, bool kGated>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) w4a16_gemv_kernel(const Params p) {
+  using Tr = Traits<T>;
+  // sum(x) per window feeds the zero points and bf16's 136 offset.
+  constexpr bool kXsum = kHasZero || Tr::kBias != 0.f;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int g = lane >> 2;  // MMA group: weight columns 4g..4g+3 of a subtile; activation row g
+  const int t = lane & 3;   // packed row within a step
+  const int tile = blockIdx.x;
+  const int split = blockIdx.y;
+  const int tile_n0 = tile * kTileN;  // (plain tiles; a gated tile is columns 32 * tile of each half)
+  // Under PDL (pdl.cuh) the block waits before anything else: loading weights ahead of the wait
+  // measured slower (the step's graph 2.77-2.86 ms against 2.47 plain, an earlier version of this
+  // kernel), waiting first faster (T21: 2.389-2.392 ms against 2.445-2.451).
+  pdl_wait();
+
+  // Loads never need masks on the common path: a column past N (last tile, N % 64 != 0) is
+  // clamped onto column N - 4 and its junk sums are never written; activation rows g >= M repeat
+  // row M - 1 and only feed MMA columns that are never written. Rows past K/8 (tail batch) are
+  // clamped too, and there the activations are zeroed, which zeroes their products.
+  const uint32_t* wcol[kSubtiles];
+  const uint16_t* scol[kSubtiles];
+  uint32_t col[kSubtiles];  // zero points: 32-bit offsets from the kernel argument (fewer registers)
+#pragma unroll
+  for (int u = 0; u < kSubtiles; ++u) {
+    if constexpr (kGated) {  // subtile 0: gate columns, subtile 1: the matching up columns
+      static_assert(kSubtiles == 2, "a gated tile pairs a gate subtile with an up subtile");
+      col[u] = u * (p.n / 2) + min(32 * tile + 4 * g, p.n / 2 - 4);
+    } else {
+      col[u] = min(tile_n0 + 32 * u + 4 * g, p.n - 4);
+    }
+    wcol[u] = pinned(p.qweight + col[u]);
+    scol[u] = pinned(p.scales + col[u]);
+  }
+  const uint16_t* x_row = pinned(p.x + min(g, M - 1) * p.x_stride);
+  const uint32_t magic = pinned_u32(Tr::kMagic);  // a register operand of the 3-input LOP3
+  const uint32_t ones = pinned_u32(Tr::kOnes);     // one register for all four A operands of sum(x)
+  const float kZero[4] = {0.f, 0.f, 0.f, 0.f};
+
+  // acc[u][h][r]: MMA accumulator layout, columns 4g + 2h (r = 0, 1) and 4g + 2h + 1 (r = 2, 3),
+  // activation rows 2t (r even) and 2t + 1 (r odd).
+  float acc[kSubtiles][2][4] = {};
+  float part[kSubtiles][2][4];  // the current fold window's sums, before scaling
+  float xsum[4];                // the window's activation sums, rows 2t and 2t + 1 (kXsum only)
+  uint2 cur_scale[kSubtiles];
+  uint2 cur_zero[kSubtiles];
+
+  const int total_batches = (p.rows + kBatchRows - 1) / kBatchRows;
+  const int batch_end = min((split + 1) * p.chunk_batches, total_batches);
+  auto prefetch_batch = [&](int b) {
+    if (b >= batch_end) return;
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+      const uint32_t w_off = static_cast<uint32_t>(min(b * kBatchRows + 4 * s + t, p.rows - 1)) * p.n;
+#pragma unroll
+      for (int u = 0; u < kSubtiles; ++u) prefetch_l2(wcol[u] + w_off);
+    }
+  };
+  const int first_batch = split * p.chunk_batches + warp;
+  for (int d = 1; d < p.prefetch; ++d) prefetch_batch(first_batch + d * kWarps);
+
+  for (int b = first_batch; b < batch_end; b += kWarps) {
+    if (p.prefetch > 0) prefetch_batch(b + p.prefetch * kWarps);
+    uint4 wv[kSteps][kSubtiles];
+    uint4 xv[kSteps];
+    uint2 sv[kSteps][kSubtiles];
+    uint2 zv[kSteps][kSubtiles];
+    // Issue every load of the batch before using any, so each lane has kSteps * kSubtiles
+    // 16-byte weight loads (plus activations and scales) in flight.
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+      // Offsets are 32-bit (the host checks K/8 * N < 2^31): one IMAD.WIDE per address.
+      const int step_row = b * kBatchRows + 4 * s;  // warp-uniform
+      const uint32_t w_off = static_cast<uint32_t>(min(step_row + t, p.rows - 1)) * p.n;
+#pragma unroll
+      for (int u = 0; u < kSubtiles; ++u) wv[s][u] = load_streaming(wcol[u] + w_off);
+      xv[s] = make_uint4(0, 0, 0, 0);
+      if (step_row + t < p.rows) {
+        xv[s] = __ldg(reinterpret_cast<const uint4*>(x_row + 8 * static_cast<uint32_t>(step_row + t)));
+      }
+      if ((s & p.fold_mask) == 0) {  // first step of a fold window: its group's scales
+        const uint32_t meta = static_cast<uint32_t>(min(step_row, p.rows - 1) >> p.group_shift) * p.n;
+#pragma unroll
+        for (int u = 0; u < kSubtiles; ++u) {
+          sv[s][u] = __ldg(reinterpret_cast<const uint2*>(scol[u] + meta));
+          if constexpr (kHasZero) zv[s][u] = __ldg(reinterpret_cast<const uint2*>(p.zeros + (meta + col[u])));
+        }
+      }
+    }
+
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+      if ((s & p.fold_mask) == 0) {
+#pragma unroll
+        for (int u = 0; u < kSubtiles; ++u) {
+          cur_scale[u] = sv[s][u];
+          if constexpr (kHasZero) cur_zero[u] = zv[s][u];
+        }
+      }
+      // B operand: this lane's 8 activations x[g][8j..8j+7] reordered to the (i, i + 4) pairing.
+      const uint32_t b0 = __byte_perm(xv[s].x, xv[s].z, 0x5410);  // k + 0, k + 4
+      const uint32_t b1 = __byte_perm(xv[s].x, xv[s].z, 0x7632);  // k + 1, k + 5
+      const uint32_t b2 = __byte_perm(xv[s].y, xv[s].w, 0x5410);  // k + 2, k + 6
+      const uint32_t b3 = __byte_perm(xv[s].y, xv[s].w, 0x7632);  // k + 3, k + 7
+#pragma unroll
+      for (int u = 0; u < kSubtiles; ++u) {
+        uint32_t pr[4][4];  // [word c = column 4g + c][pair i = nibbles (i, i + 4)]
+#pragma unroll
+        for (int c = 0; c < 4; ++c) Tr::unpack(word(wv[s][u], c), magic, pr[c]);
+        // A rows g / g + 8 are columns 4g + 2h / 4g + 2h + 1; A columns 2t, 2t + 1, 2t + 8, 2t + 9
+        // are nibbles (0, 4, 1, 5) of row t in the first MMA and (2, 6, 3, 7) in the second.
+        // A batch starts a fold window, so its first MMA starts from zero.
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          Tr::mma(part[u][h], s == 0 ? kZero : part[u][h], pr[2 * h][0], pr[2 * h + 1][0], pr[2 * h][1],
+                  pr[2 * h + 1][1], b0, b1);
+          Tr::mma(part[u][h], part[u][h], pr[2 * h][2], pr[2 * h + 1][2], pr[2 * h][3], pr[2 * h + 1][3], b2, b3);
+        }
+      }
+      if constexpr (kXsum) {
+        Tr::mma(xsum, s == 0 ? kZero : xsum, ones, ones, ones, ones, b0, b1);
+        Tr::mma(xsum, xsum, ones, ones, ones, ones, b2, b3);
+      }
+      if (((s + 1) & p.fold_mask) == 0) {  // last step of a fold window: all of it in one group
+#pragma unroll
+        for (int u = 0; u < kSubtiles; ++u) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+              const int c = 2 * h + (r >> 1);
+              float v = part[u][h][r];
+              if constexpr (kXsum) {
+                float offset = Tr::kBias;  // sum (a - bias - zero) x = sum a x - (bias + zero) sum x
+                if constexpr (kHasZero) offset += meta_at<T>(cur_zero[u], c);
+                v = fmaf(-offset, xsum[r & 1], v);
+              }
+              acc[u][h][r] = fmaf(meta_at<T>(cur_scale[u], c), v, acc[u][h][r]);
+              if (s + 1 < kSteps) part[u][h][r] = 0.f;  // a window ends mid-batch (G < 32 x kSteps)
+            }
+          }
+        }
+        if (kXsum && s + 1 < kSteps) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) xsum[r] = 0.f;
+        }
+      }
+    }
+  }
+
+  // The next kernel may launch while the blocks reduce (it waits for this grid before reading).
+  // Signalled here, not at the start: blocks of the next kernel resident early would take the
+  // slots of this grid's blocks that have not started yet.
+  pdl_launch_dependents();
+  // Sum the block's warps through shared memory.
+  __shared__ __align__(16) float red[kWarps][M][kRedStride];  // float2 stores need 8-byte alignment
+  __shared__ bool last_block;
+#pragma unroll
+  for (int u = 0; u < kSubtiles; ++u) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int nl = 32 * u + 4 * g + 2 * h;
+      if (2 * t < M) *reinterpret_cast<float2*>(&red[warp][2 * t][nl]) = make_float2(acc[u][h][0], acc[u][h][2]);
+      if (2 * t + 1 < M) {
+        *reinterpret_cast<float2*>(&red[warp][2 * t + 1][nl]) = make_float2(acc[u][h][1], acc[u][h][3]);
+      }
+    }
+  }
+  __syncthreads();
+
+  auto block_sum = [&](int m, int nl) {
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) v += red[w][m][nl];
+    return v;
+  };
+  if (p.splits == 1) {
+    write_outputs<T, M, kGated>(p, tile, block_sum);
+    return;
+  }
+  float* tile_partials = p.partials + static_cast<int64_t>(tile) * p.splits * M * kTileN;
+  for (int idx = threadIdx.x; idx < M * kTileN; idx += kThreads) {
+    tile_partials[split * M * kTileN + idx] = block_sum(idx / kTileN, idx % kTileN);
+  }
+
+  // Publish the partials (each thread fences its own stores), then count this block in.
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last_block = atomicAdd(p.counters + tile, 1u) == static_cast<unsigned>(p.splits - 1);
+  __syncthreads();
+  if (!last_block) return;
+  __threadfence();  // order the reads below after the other blocks' published stores
+  // .cg loads go to L2, where the other SMs' stores are; in split order, so results are deterministic.
+  write_outputs<T, M, kGated>(p, tile, [&](int m, int nl) {
+    float v = 0.f;
+#pragma unroll 4
+    for (int s = 0; s < p.splits; ++s) v += __ldcg(tile_partials + s * M * kTileN + m * kTileN + nl);
+    return v;
+  });
+  if (threadIdx.x == 0) p.counters[tile] = 0u;  // every other block of the tile has counted: reset for the next launch
+}
+
+}  // namespace w4a16_gemv_detail
+}  // namespace mllm_kernel
