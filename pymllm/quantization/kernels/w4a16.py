@@ -199,4 +199,3 @@ def w4a16_swiglu(
     from mllm_kernel.cuda.jit.w4a16_gemv import w4a16_gemv
 
     return w4a16_gemv(x, qweight, scales, zeros, group, bias, validate=False, gated=True)
-

@@ -63,7 +63,7 @@ def _problem(x, qweight, scales, zeros, group, bias, out, gated=False) -> Option
         return ValueError, f"qweight must be [K/8, N] = [{k // 8}, N], got shape {tuple(qweight.shape)}"
     n = qweight.shape[1]
     if gated and n % 8:
-        return ValueError, f"gated: N (qweight.shape[1] = {n}) must be a multiple of 8 (gate and up halves of 4k)"
+        return ValueError, f"gated: N (qweight.shape[1] = {n}) must be a multiple of 8 (gate and up halves of a multiple of 4 each)"
     if n % 4:
         return ValueError, f"N (qweight.shape[1] = {n}) must be a multiple of 4"
     if not qweight.is_contiguous() or qweight.data_ptr() % 16:
@@ -279,4 +279,3 @@ def w4a16_gemv_gated_reference(
     silu(gate) rounded, times up, rounded (pymllm's SiLU-and-mul with PyTorch's exp and division)."""
     gate, up = w4a16_gemv_reference(x, qweight, scales, zeros, group, bias).float().chunk(2, dim=-1)
     return ((gate / (1.0 + torch.exp(-gate))).to(x.dtype).float() * up).to(x.dtype)
-

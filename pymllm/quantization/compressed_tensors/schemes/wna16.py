@@ -92,4 +92,3 @@ class WNA16Scheme(CompressedTensorsScheme):
         zeros = None if self.symmetric else layer.weight_zero_point
         out = w4a16_swiglu(x2d, layer.weight_packed, layer.weight_scale, zeros, self.group, bias)
         return None if out is None else out.reshape(*x.shape[:-1], out.shape[-1])
-
