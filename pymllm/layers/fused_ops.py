@@ -36,7 +36,6 @@ MAX_ROPE_HEAD_DIM = 512
 
 
 @functools.lru_cache(maxsize=None)
-@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     """Triton is installed and imports (cached: every fast-path check of every op asks)."""
     if importlib.util.find_spec("triton") is None:
