@@ -56,7 +56,8 @@ struct GatedSiluOutput {
           g = __fadd_rn(g, static_cast<float>(bias[j]));
           u = __fadd_rn(u, static_cast<float>(bias[p.n + j]));
         }
-        y[m * p.y_stride + j] = from_float<T>(silu_mul_rounded<T>(round_to<T>(g), round_to<T>(u)));
+        y[m * p.y_stride + j] =
+            from_float<T>(silu_mul_rounded<T>(round_to_dtype<T>(g), round_to_dtype<T>(u)));
       }
   }
 };

@@ -55,11 +55,6 @@ struct PrologueArgs {
 };
 
 template <typename T>
-__device__ __forceinline__ float round_to(float v) {
-  return static_cast<float>(from_float<T>(v));
-}
-
-template <typename T>
 __device__ __forceinline__ uint4 load16(const char* base, int64_t elem) {
   return *reinterpret_cast<const uint4*>(base + elem * static_cast<int64_t>(sizeof(T)));
 }
@@ -115,7 +110,7 @@ struct RmsNormPrologue {
       float r[8];
       unpack8<T>(in.r, r);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) h[i] = round_to<T>(__fadd_rn(h[i], r[i]));
+      for (int i = 0; i < 8; ++i) h[i] = round_to_dtype<T>(__fadd_rn(h[i], r[i]));
     }
   }
   // a = T(w * T(h / rms)), inv_rms = 1 / rms.
@@ -125,7 +120,9 @@ struct RmsNormPrologue {
     sum(a, in, h);
     unpack8<T>(c.w, w);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) out[i] = round_to<T>(__fmul_rn(w[i], round_to<T>(__fmul_rn(h[i], inv_rms))));
+    for (int i = 0; i < 8; ++i) {
+      out[i] = round_to_dtype<T>(__fmul_rn(w[i], round_to_dtype<T>(__fmul_rn(h[i], inv_rms))));
+    }
   }
 
   // inv_rms[m] = 1 / sqrt(sum(h^2) / K + eps) over row m, for every thread of the block;
