@@ -9,7 +9,7 @@ import torch
 
 from mllm_kernel.cuda.jit.gemv_kernels import (
     GATED_TILINGS,
-    _silu_mul_reference,
+    silu_mul_reference,
     gemv,
     gemv_gated_silu,
     gemv_gated_silu_reference,
@@ -73,7 +73,7 @@ def test_every_tiling_is_the_plain_gemv_then_silu_mul(tiling, m) -> None:
         x, w, bias = _to_cuda(*_inputs(m, n, k, torch.bfloat16, seed=tiling + m + n, with_bias=True))
         _poison(m, n, torch.bfloat16)
         got = gemv_gated_silu(x, w, bias, _tiling=tiling)
-        want = _silu_mul_reference(gemv(x, w, bias, _tiling=plain))
+        want = silu_mul_reference(gemv(x, w, bias, _tiling=plain))
         e = want.float()
         assert ((got.float() - e).abs() <= 2 * ULP[torch.bfloat16] * e.abs() + 2.0**-126).all()
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mllm_kernel import w4a16_gemv, w4a16_gemv_reference
+from mllm_kernel.cuda.jit.gemv_kernels import silu_mul_reference
 
 # The package re-exports the function under the module's name, so fetch the module itself.
 module = importlib.import_module("mllm_kernel.cuda.jit.w4a16_gemv")
@@ -213,13 +214,6 @@ def test_split_plan():
 
 
 # ---------------------------------------------------------------- GPU: the gated form
-def _silu_mul_triton_rounding(gate_up: torch.Tensor) -> torch.Tensor:
-    """pymllm's SiLU-and-mul in PyTorch (its exp and division differ from the kernel's approximate
-    instructions by at most an ulp of the rounded silu)."""
-    gate, up = gate_up.float().chunk(2, dim=-1)
-    return ((gate / (1.0 + torch.exp(-gate))).to(gate_up.dtype).float() * up).to(gate_up.dtype)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("splits", [None, 1, 3])
@@ -237,7 +231,7 @@ def test_gated_is_the_plain_launch_then_silu_mul(m, splits, with_zeros, with_bia
         got = w4a16_gemv(x, qweight, scales, zeros, group, bias, out=out, splits=splits, gated=True)
         assert got.data_ptr() == out.data_ptr() and torch.isfinite(got).all()
         plain = w4a16_gemv(x, qweight, scales, zeros, group, bias, splits=splits)
-        want = _silu_mul_triton_rounding(plain).float()
+        want = silu_mul_reference(plain).float()
         ulp = 2.0**-7
         assert ((got.float() - want).abs() <= 2 * ulp * want.abs() + 2.0**-126).all(), (n, k, m, splits)
         assert (got.float() == want).float().mean().item() > 0.9

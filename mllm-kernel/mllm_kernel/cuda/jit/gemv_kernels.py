@@ -308,7 +308,9 @@ def _rmsnorm_reference(x: torch.Tensor, residual: Optional[torch.Tensor], norm_w
     return a, (None if residual is None else h)
 
 
-def _silu_mul_reference(x: torch.Tensor) -> torch.Tensor:
+def silu_mul_reference(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of x = [gate | up] in PyTorch, rounded where pymllm's SiLU-and-mul kernel
+    rounds (the activation, then the product); the reference of every fused SiLU-and-mul here."""
     gate, up = x.float().chunk(2, dim=-1)
     act = (gate / (1.0 + torch.exp(-gate))).to(x.dtype)
     return (act.float() * up).to(x.dtype)
@@ -338,12 +340,12 @@ def rmsnorm_gemv_reference(x: torch.Tensor, residual: Optional[torch.Tensor], no
 
 
 def silu_mul_gemv_reference(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return gemv_reference(_silu_mul_reference(x), w, bias)
+    return gemv_reference(silu_mul_reference(x), w, bias)
 
 
 def gemv_gated_silu_reference(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """gemv_reference (the gate/up output in x's dtype), then the SiLU-and-mul of its halves."""
-    return _silu_mul_reference(gemv_reference(x, w, bias))
+    return silu_mul_reference(gemv_reference(x, w, bias))
 
 
 def gemv_w8a8_dynamic_reference(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype,
@@ -355,7 +357,7 @@ def gemv_w8a8_dynamic_reference(x: torch.Tensor, w: torch.Tensor, w_scale: torch
     if prologue == "rmsnorm":
         a, residual_out = _rmsnorm_reference(x, residual, norm_weight, eps)
     elif prologue == "silu_mul":
-        a = _silu_mul_reference(x)
+        a = silu_mul_reference(x)
     elif prologue == "none":
         a = x
     else:

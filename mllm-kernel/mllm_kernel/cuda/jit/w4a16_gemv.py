@@ -276,6 +276,7 @@ def w4a16_gemv_gated_reference(
     bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``w4a16_gemv(..., gated=True)`` in PyTorch: the reference product rounded to x's dtype, then
-    silu(gate) rounded, times up, rounded (pymllm's SiLU-and-mul with PyTorch's exp and division)."""
-    gate, up = w4a16_gemv_reference(x, qweight, scales, zeros, group, bias).float().chunk(2, dim=-1)
-    return ((gate / (1.0 + torch.exp(-gate))).to(x.dtype).float() * up).to(x.dtype)
+    its SiLU-and-mul (``gemv_kernels.silu_mul_reference``)."""
+    from mllm_kernel.cuda.jit.gemv_kernels import silu_mul_reference
+
+    return silu_mul_reference(w4a16_gemv_reference(x, qweight, scales, zeros, group, bias))
