@@ -275,11 +275,10 @@ def w8a8_fused_linear(
         quantized = None if prologue == "none" else prologue_quant_int8(x, prologue, residual, norm_weight, eps)
         if quantized is not None:
             q, scale = quantized[0], quantized[1]
+        elif prologue == "rmsnorm":
+            q, scale = per_token_quant_int8(_normed(x, residual, norm_weight, eps))
         else:
-            a = silu_and_mul(x) if prologue == "silu_mul" else x
-            if prologue == "rmsnorm":
-                a = _normed(x, residual, norm_weight, eps)
-            q, scale = per_token_quant_int8(a)
+            q, scale = per_token_quant_int8(silu_and_mul(x) if prologue == "silu_mul" else x)
         return gemv_w8a8(q, scale, w, w_scale, x.dtype, bias, _tiling=_plain_tiling("w8a8", x, weight_nk))
 
     if not _fused_wins(prologue, "w8a8", x, weight_nk, fused, separate):

@@ -191,10 +191,8 @@ def w4a16_swiglu(
     CUDA GEMV (one kernel: the SiLU-and-mul is its epilogue) where the GEMV would run (M <= 8 on
     SM80+, the kernel ready); None otherwise (the caller runs ``w4a16_linear`` and the SiLU-and-mul).
     The result equals that pair's bit for bit."""
-    m = x.shape[0]
-    if not (1 <= m <= GEMV_MAX_M and cuda_capability(x.device) >= (8, 0)):
-        return None
-    if not gemv_fits(x, qweight, scales, zeros, group, bias, gated=True):
+    # gemv_fits checks the rows (1..GEMV_MAX_M), the device and the arguments.
+    if cuda_capability(x.device) < (8, 0) or not gemv_fits(x, qweight, scales, zeros, group, bias, gated=True):
         return None
     from mllm_kernel.cuda.jit.w4a16_gemv import w4a16_gemv
 
