@@ -31,10 +31,6 @@
 // ready for the next launch and the kernel can be replayed in a CUDA graph.
 #pragma once
 
-#include <algorithm>
-#include <type_traits>
-#include <utility>
-
 #include "common.cuh"
 #include "pdl.cuh"
 #include "triton_math.cuh"
