@@ -11,7 +11,7 @@ the floor (bytes / copy bandwidth) and speedups over bf16 and Triton. ``summary`
 four layers up per M (the decode-step view of the issue's targets: <= 1.4x floor, >= 2.5x bf16).
 
 GPU (PYTHONPATH=$PWD:$PWD/mllm-kernel):
-    python mllm-kernel/benchmarks/bench_w4a16_gemv.py [--m 1 2 4 8] [--dtype bfloat16] [--group 128]
+    python mllm-kernel/benchmarks/bench_w4a16_gemv.py [--m 1 2 4 8 16] [--dtype bfloat16] [--group 128]
         [--zeros] [--sweep] [--mode graph|events] [--out FILE.jsonl] [--smoke]
 """
 

@@ -72,7 +72,7 @@ def check(m, n, k, group, with_zeros, dtype, with_bias, splits=None, x=None, bia
 
 # ---------------------------------------------------------------- GPU
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 16])
 @pytest.mark.parametrize("with_zeros", [False, True])
 @pytest.mark.parametrize("group", [32, 64, 128, None])  # None: channel-wise, G = K
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -87,12 +87,30 @@ def test_matches_reference(dtype, group, with_zeros, m):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_every_row_count_and_tiny_shapes(dtype):
-    for m in range(1, 9):
+    for m in range(1, module.MAX_M + 1):
         check(m, 4096, 4096, 128, m % 2 == 0, dtype, with_bias=m % 3 == 0)
     # N below one tile, K with a partial 4-row step (channel-wise is the only group there).
     for n, k, group in [(4, 8, 8), (20, 40, 40), (36, 96, 32), (132, 264, 264), (100, 256, 64)]:
         for m in (1, 5):
             check(m, n, k, group, True, dtype, with_bias=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("m", [9, 13, 16])
+def test_wide_rows_equal_two_narrow_launches(m, gated):
+    # The wide kernel runs rows 0..7 and 8..m-1 as two MMA groups over one pass of the weights;
+    # each group sums exactly as an 8-row (or shorter) launch does, so the results are equal bit
+    # for bit, whatever the split.
+    n, k, group = (2 * 1000, 4096, 64) if gated else (1000, 4096, 64)
+    qweight, scales, zeros = random_layer(n, k, group, True, torch.float16)
+    x = torch.randn(m, k, device="cuda").to(torch.float16)
+    bias = torch.randn(n, device="cuda").to(torch.float16)
+    for splits in (None, 1, 3):
+        wide = w4a16_gemv(x, qweight, scales, zeros, group, bias, splits=splits, gated=gated)
+        low = w4a16_gemv(x[:8], qweight, scales, zeros, group, bias, splits=splits, gated=gated)
+        high = w4a16_gemv(x[8:], qweight, scales, zeros, group, bias, splits=splits, gated=gated)
+        assert torch.equal(wide, torch.cat([low, high])), (m, gated, splits)
 
 
 @pytest.mark.gpu
@@ -206,16 +224,21 @@ def test_split_plan():
         # Tiny problems and tiny GPUs do not split.
         assert plan(m, 36, 96, 132) == 1
         assert plan(m, 4096, 4096, 1) == 1
-    for m, n, k in [(8, 4096, 12288), (8, 256, 65536), (1, 64, 1 << 20)]:
+    for m in (9, 16):  # the wide kernel: 3 blocks per SM (168 registers), 16 rows of partials
+        assert module.blocks_per_sm_for(m) == module.WIDE_BLOCKS_PER_SM and module.partial_rows(m) == module.MAX_M
+        for n, k in [(6144, 4096), (4096, 4096), (4096, 12288)]:
+            assert -(-n // module.TILE_N) * plan(m, n, k, 132) <= 132 * module.WIDE_BLOCKS_PER_SM
+    assert module.blocks_per_sm_for(8) == module.BLOCKS_PER_SM and module.partial_rows(5) == 5
+    for m, n, k in [(8, 4096, 12288), (8, 256, 65536), (1, 64, 1 << 20), (9, 256, 65536)]:
         splits = plan(m, n, k, 10_000)  # a huge GPU pushes towards the workspace limit
         tiles = -(-n // module.TILE_N)
-        assert splits == 1 or tiles * splits * m * module.TILE_N <= module.WORKSPACE_FLOATS
+        assert splits == 1 or tiles * splits * module.partial_rows(m) * module.TILE_N <= module.WORKSPACE_FLOATS
         assert splits <= -(-k // 8 // module.BATCH_ROWS)
 
 
 # ---------------------------------------------------------------- GPU: the gated form
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("m", [1, 3, 8, 12])
 @pytest.mark.parametrize("splits", [None, 1, 3])
 @pytest.mark.parametrize("with_zeros, with_bias", [(False, False), (True, True)])
 def test_gated_is_the_plain_launch_then_silu_mul(m, splits, with_zeros, with_bias):
@@ -276,8 +299,8 @@ INVALID = [
     (_with(x=[[1.0]]), TypeError, "x must be a torch.Tensor"),
     (_with(x=torch.zeros(2, 256)), TypeError, "x must be float16 or bfloat16"),
     (_with(x=torch.zeros(1, 2, 256, dtype=torch.bfloat16)), ValueError, r"x must be 2-D \[M, K\]"),
-    (_with(x=torch.zeros(9, 256, dtype=torch.bfloat16)), ValueError, r"x must have 1..8 rows"),
-    (_with(x=torch.zeros(0, 256, dtype=torch.bfloat16)), ValueError, r"x must have 1..8 rows"),
+    (_with(x=torch.zeros(17, 256, dtype=torch.bfloat16)), ValueError, r"x must have 1..16 rows"),
+    (_with(x=torch.zeros(0, 256, dtype=torch.bfloat16)), ValueError, r"x must have 1..16 rows"),
     (_with(x=torch.zeros(2, 252, dtype=torch.bfloat16)), ValueError,
      r"K \(x.shape\[1\] = 252\) must be a positive multiple of 8"),
     (_with(x=torch.zeros(2, 512, dtype=torch.bfloat16)[:, ::2]), ValueError, "x needs unit column stride"),

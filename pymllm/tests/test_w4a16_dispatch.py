@@ -44,6 +44,11 @@ def test_w4a16_triton_limit_mirrors_the_kernel():
     assert w4a16_triton.MAX_M == TRITON_MAX_M
 
 
+def test_w4a16_gemv_limit_mirrors_the_kernel():
+    gemv_module = pytest.importorskip("mllm_kernel.cuda.jit.w4a16_gemv")
+    assert gemv_module.MAX_M == GEMV_MAX_M
+
+
 def test_w4a16_gemv_prepare_is_off_without_cuda():
     assert prepare_w4a16_gemv(torch.device("cpu"), torch.bfloat16, False) is False
     assert prepare_w4a16_gemv(torch.device("cpu"), torch.float16, True) is False

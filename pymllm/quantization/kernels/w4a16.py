@@ -6,10 +6,10 @@ Checkpoint (compressed-tensors ``pack-quantized``, 4 bits):
   along N. Runtime layout: see ``w4a16_triton`` (words transposed to [K/8, N], scales and
   unpacked zero points as [K/G, N]).
 
-Dispatch (``choose_w4a16_kernel``): M <= 8 on SM80+ runs mllm_kernel's CUDA GEMV
-(``w4a16_gemv``: tensor-core dequant-GEMV streaming the int4 weights, split K in one launch) when
-it is importable, builds and passes a one-time self-test on the device, and takes the shapes;
-M <= 64 runs the fused Triton dequant-GEMM (decode is memory-bound and reads the int4 weights
+Dispatch (``choose_w4a16_kernel``): M <= 16 on SM80+ runs mllm_kernel's CUDA GEMV
+(``w4a16_gemv``: tensor-core dequant-GEMV streaming the int4 weights, split K in one launch; 9..16
+rows share one pass over the weights) when it is importable, builds and passes a one-time
+self-test on the device, and takes the shapes; M <= 64 runs the fused Triton dequant-GEMM (decode is memory-bound and reads the int4 weights
 once); larger M dequantizes the weight once into a scratch matrix and uses cuBLAS, which is
 compute-bound anyway; everything else (CPU, odd shapes) uses the reference.
 """
@@ -23,7 +23,7 @@ import torch
 from pymllm.quantization.kernels.device import cuda_capability, triton_available
 
 
-GEMV_MAX_M = 8  # mllm_kernel.w4a16_gemv serves 1..8 rows
+GEMV_MAX_M = 16  # mllm_kernel.w4a16_gemv serves 1..16 rows
 TRITON_MAX_M = 64  # w4a16_triton.MAX_M (not imported here: that would import Triton)
 
 _SHIFTS = torch.arange(8, dtype=torch.int32) * 4
@@ -115,14 +115,15 @@ def _gemv_self_test(device: torch.device, dtype: torch.dtype, with_zeros: bool, 
     qweight = raw.view(torch.int32).reshape(k // 8, n).to(device)
     scales = (torch.rand(k // group, n, generator=gen) * 0.02 + 0.002).to(device=device, dtype=dtype)
     zeros = torch.randint(-8, 8, (k // group, n), generator=gen).to(device=device, dtype=dtype) if with_zeros else None
-    x = torch.randn(3, k, generator=gen).to(device=device, dtype=dtype)
     bias = torch.randn(n, generator=gen).to(device=device, dtype=dtype)
-    got = w4a16_gemv(x, qweight, scales, zeros, group, bias, splits=2, gated=gated).double()
     reference = w4a16_gemv_gated_reference if gated else w4a16_gemv_reference
-    want = reference(x, qweight, scales, zeros, group, bias).double()
-    error = ((got - want).abs().max() / want.abs().max()).item()
-    if not error < 2e-2:  # also catches NaN
-        raise RuntimeError(f"results differ from the PyTorch reference (relative error {error:.3g})")
+    for rows in (3, 11):  # one row group, and the wide kernel's two
+        x = torch.randn(rows, k, generator=gen).to(device=device, dtype=dtype)
+        got = w4a16_gemv(x, qweight, scales, zeros, group, bias, splits=2, gated=gated).double()
+        want = reference(x, qweight, scales, zeros, group, bias).double()
+        error = ((got - want).abs().max() / want.abs().max()).item()
+        if not error < 2e-2:  # also catches NaN
+            raise RuntimeError(f"{rows} rows: results differ from the PyTorch reference (relative error {error:.3g})")
 
 
 def prepare_w4a16_gemv(device: torch.device, dtype: torch.dtype, with_zeros: bool, gated: bool = False) -> bool:
@@ -188,7 +189,7 @@ def w4a16_swiglu(
     bias: Optional[torch.Tensor] = None,
 ) -> Optional[torch.Tensor]:
     """``silu(g) * u`` of ``g | u = x @ W^T (+ bias)`` for a stacked [gate; up] weight, as the gated
-    CUDA GEMV (one kernel: the SiLU-and-mul is its epilogue) where the GEMV would run (M <= 8 on
+    CUDA GEMV (one kernel: the SiLU-and-mul is its epilogue) where the GEMV would run (M <= 16 on
     SM80+, the kernel ready); None otherwise (the caller runs ``w4a16_linear`` and the SiLU-and-mul).
     The result equals that pair's bit for bit."""
     # gemv_fits checks the rows (1..GEMV_MAX_M), the device and the arguments.

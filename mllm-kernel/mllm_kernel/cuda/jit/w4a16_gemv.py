@@ -1,4 +1,4 @@
-"""w4a16_gemv: decode GEMM (M = 1..8 rows) with 4-bit weights in pymllm's W4A16 runtime layout.
+"""w4a16_gemv: decode GEMM (M = 1..16 rows) with 4-bit weights in pymllm's W4A16 runtime layout.
 
     out [M, N] = x [M, K] @ W (+ bias),   W[k, n] = (q[k, n] - 8 - zeros[k // G, n]) * scales[k // G, n]
 
@@ -26,17 +26,19 @@ from mllm_kernel.jit_utils import JitKernel, jit
 from mllm_kernel.pdl import use_pdl
 
 _OP = "w4a16_gemv"
-MAX_M = 8
+MAX_M = 16
+NARROW_MAX_M = 8  # rows per MMA group; 9..16 rows run in the wide kernel (two groups, one weight pass)
 ACT_DTYPES = (torch.float16, torch.bfloat16)
 # Mirrors of the kernel's tiling (w4a16_gemv_kernel.cuh); the C++ side re-checks the workspace bounds.
 TILE_N = 64  # columns per block
 BATCH_ROWS = 16  # packed rows (8 k each) a warp loads at once
 WARPS = 4
 BLOCKS_PER_SM = 4  # __launch_bounds__ minimum: 128 registers, 16 warps per SM
+WIDE_BLOCKS_PER_SM = 3  # the wide kernel's (168 registers)
 # Batches ahead each warp prefetches into L2 (kernel argument, so benchmarks can compare).
 PREFETCH_BATCHES = 1
 # Workspace: fp32 partials of (tiles x splits x M x TILE_N) and one counter per tile.
-WORKSPACE_FLOATS = 1 << 20  # 4 MiB
+WORKSPACE_FLOATS = 1 << 21  # 8 MiB: gate_up's 384 tiles x 3 splits x 16 rows x 64 columns fit
 MAX_TILES = 8192  # counters (int32)
 
 
@@ -129,7 +131,17 @@ _BATCH_NS = _WARP_BATCH_BYTES / _SM_SHARE_BYTES_PER_NS
 _SPLIT_COST_NS = 1000.0
 
 
-def plan_splits(m: int, n: int, k: int, sm_count: int, blocks_per_sm: int = BLOCKS_PER_SM) -> int:
+def partial_rows(m: int) -> int:
+    """Rows of fp32 partials a launch of m rows reserves per (tile, split): the wide kernel's
+    stride is MAX_M (w4a16_gemv.cuh's partial_rows)."""
+    return MAX_M if m > NARROW_MAX_M else m
+
+
+def blocks_per_sm_for(m: int) -> int:
+    return WIDE_BLOCKS_PER_SM if m > NARROW_MAX_M else BLOCKS_PER_SM
+
+
+def plan_splits(m: int, n: int, k: int, sm_count: int, blocks_per_sm: Optional[int] = None) -> int:
     """K chunks per column tile, from a small cost model of the busiest SM.
 
     Time ~ (blocks on the busiest SM) x (batches per block) / (the fraction of its share of HBM
@@ -140,6 +152,7 @@ def plan_splits(m: int, n: int, k: int, sm_count: int, blocks_per_sm: int = BLOC
     ``bench_w4a16_gemv.py --sweep`` measures the alternatives. Few column tiles (N = 4096: 64)
     need splits to occupy the GPU, many (N = 24576: 384) none.
     """
+    blocks_per_sm = blocks_per_sm_for(m) if blocks_per_sm is None else blocks_per_sm
     n_tiles = math.ceil(n / TILE_N)
     batches = math.ceil(k / 8 / BATCH_ROWS)
     best, best_cost = 1, math.inf
@@ -147,7 +160,7 @@ def plan_splits(m: int, n: int, k: int, sm_count: int, blocks_per_sm: int = BLOC
         chunk = math.ceil(batches / splits)
         if math.ceil(batches / chunk) != splits:
             continue  # same chunking as a smaller split count
-        if splits > 1 and (n_tiles > MAX_TILES or n_tiles * splits * m * TILE_N > WORKSPACE_FLOATS):
+        if splits > 1 and (n_tiles > MAX_TILES or n_tiles * splits * partial_rows(m) * TILE_N > WORKSPACE_FLOATS):
             break
         blocks = n_tiles * splits
         if splits > 1 and blocks > sm_count * blocks_per_sm:
@@ -213,7 +226,7 @@ def w4a16_gemv(
     validate: bool = True,
     gated: bool = False,
 ) -> torch.Tensor:
-    """x [M, K] (M <= 8) @ W (+ bias) -> [M, N] in x's dtype; see the module docstring for the
+    """x [M, K] (M <= 16) @ W (+ bias) -> [M, N] in x's dtype; see the module docstring for the
     layout. ``out`` (contiguous [M, N]) is written in place when given. ``splits`` overrides the
     K split and ``prefetch`` (0..8) the L2 prefetch distance in batches (benchmarks);
     ``validate=False`` skips the Python checks for callers that already ran ``supported`` (the

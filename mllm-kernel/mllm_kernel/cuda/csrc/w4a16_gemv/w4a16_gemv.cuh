@@ -11,16 +11,24 @@
 namespace mllm_kernel {
 namespace w4a16_gemv_detail {
 
-// One kernel per M = 1..8 (the epilogue and the activation row clamp are specialised).
+// One kernel per M = 1..8 (the epilogue and the activation row clamp are specialised), and one
+// wide kernel for 9..16 rows (two MMA row groups, the row count read at run time).
 template <typename T, bool kHasZero, bool kGated, int... Ms>
 void launch_rows(int m, const Params& p, int n_tiles, cudaStream_t stream, bool pdl,
                  std::integer_sequence<int, Ms...>) {
   const dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(p.splits));
+  if (m > kNarrowMaxM) {
+    launch_kernel(w4a16_gemv_kernel<T, kMaxM, kHasZero, kGated>, grid, dim3(kThreads), 0, stream, pdl, p);
+    return;
+  }
   ((m == Ms + 1 ? launch_kernel(w4a16_gemv_kernel<T, Ms + 1, kHasZero, kGated>, grid, dim3(kThreads), 0, stream,
                                 pdl, p)
                 : void()),
    ...);
 }
+
+// Rows of partials a launch of m rows reserves per (tile, split): the wide kernel's stride is kMaxM.
+inline int64_t partial_rows(int64_t m) { return m > kNarrowMaxM ? kMaxM : m; }
 
 template <typename T>
 constexpr uint8_t dtype_code() {
@@ -47,7 +55,7 @@ inline void check_matrix(const TensorView& t, const char* name, int64_t rows, in
 
 }  // namespace w4a16_gemv_detail
 
-// out [M, N] = x [M, K] @ dequant(qweight, scales, zeros) (+ bias); M in 1..8. partials (float32)
+// out [M, N] = x [M, K] @ dequant(qweight, scales, zeros) (+ bias); M in 1..16. partials (float32)
 // and counters (int32, all zero between launches) are the split-K workspace; `splits` is the
 // requested number of K chunks (the wrapper's plan), shrunk here so no chunk is empty;
 // `prefetch` how many batches ahead each warp prefetches its weights into L2 (0 disables); `pdl`
@@ -102,7 +110,8 @@ void w4a16_gemv(TensorView out, TensorView x, TensorView qweight, TensorView sca
   const int used_splits = static_cast<int>(ceil_div(total_batches, chunk));
   const int n_tiles = static_cast<int>(kGated ? ceil_div(n / 2, kTileN / 2) : ceil_div(n, kTileN));
   if (used_splits > 1) {
-    TVM_FFI_CHECK(n_tiles <= counters.numel() && int64_t{n_tiles} * used_splits * m * kTileN <= partials.numel(),
+    TVM_FFI_CHECK(n_tiles <= counters.numel() &&
+                      int64_t{n_tiles} * used_splits * partial_rows(m) * kTileN <= partials.numel(),
                   ValueError)
         << "w4a16_gemv: the workspace is too small for " << used_splits << " splits of " << n_tiles << " tiles";
   }
@@ -129,6 +138,7 @@ void w4a16_gemv(TensorView out, TensorView x, TensorView qweight, TensorView sca
   p.counters = reinterpret_cast<unsigned*>(byte_ptr(counters));
   p.x_stride = m == 1 ? k : x.stride(0);
   p.n = static_cast<int>(n);
+  p.m = static_cast<int>(m);
   p.rows = rows;
   p.group_shift = group_shift;
   p.fold_mask = window - 1;
@@ -138,7 +148,7 @@ void w4a16_gemv(TensorView out, TensorView x, TensorView qweight, TensorView sca
 
   tvm::ffi::CUDADeviceGuard guard(x.device().device_id);
   launch_rows<T, kHasZero, kGated>(static_cast<int>(m), p, n_tiles, current_stream(x), pdl,
-                           std::make_integer_sequence<int, kMaxM>{});
+                           std::make_integer_sequence<int, kNarrowMaxM>{});
 }
 
 }  // namespace mllm_kernel

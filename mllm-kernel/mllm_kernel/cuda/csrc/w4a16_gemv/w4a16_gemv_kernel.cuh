@@ -1,5 +1,5 @@
 // w4a16_gemv: decode-sized GEMM with 4-bit weights, out[m, n] = sum_k x[m, k] * w[k, n] (+ bias[n])
-// for M = 1..8 rows of fp16/bf16 activations, in the runtime layout of pymllm's W4A16 scheme:
+// for M = 1..16 rows of fp16/bf16 activations, in the runtime layout of pymllm's W4A16 scheme:
 //   qweight [K/8, N] int32: word (j, n) holds w[8j + i, n] + 8 in bits 4i..4i+3;
 //   scales  [K/G, N], zeros [K/G, N] (optional), both of x's dtype;
 //   w[k, n] = (q - 8 - zero[k / G, n]) * scale[k / G, n].
@@ -13,8 +13,10 @@
 //
 // The arithmetic runs on tensor cores (mma.m16n8k16, fp32 accumulation): a CUDA-core GEMV would
 // spend 8 * M FMAs per weight, which cannot keep up with HBM at M = 8, while the MMA costs the
-// same for any M <= 8. Its 16 A rows are weight columns, its 8 B columns the activation rows
-// (lanes g >= M repeat row M - 1; those output columns are never written). A sum over k may run in
+// same for any M <= 8 per MMA. Its 16 A rows are weight columns, its 8 B columns the activation rows
+// (lanes g >= M repeat row M - 1; those output columns are never written). 9..16 rows run as two
+// such groups of 8 that share every unpacked weight (the wide instance, M = 16 with the row count
+// at run time): one pass over the weights instead of two launches. A sum over k may run in
 // any order both operands agree on, so the k order inside an MMA is chosen for cheap unpacking:
 // nibble i pairs with nibble i + 4 (bits 4i and 16 + 4i are the two halves of a half2 after one
 // mask), and the activations are permuted to match with byte_perm. Unpacking a word of 8 weights
@@ -44,8 +46,10 @@ constexpr int kSubtiles = 2;              // 32-column subtiles per warp
 constexpr int kTileN = 32 * kSubtiles;    // columns per block (the Python wrapper mirrors it)
 constexpr int kSteps = 4;                 // 4-row steps whose loads are issued together
 constexpr int kBatchRows = 4 * kSteps;    // packed rows per batch (mirrored in Python)
-constexpr int kMaxM = 8;
-constexpr int kMinBlocksPerSm = 4;        // caps registers at 128 (no spills) so 16 warps fit on an SM
+constexpr int kMaxM = 16;                // rows 9..16: the wide instance
+constexpr int kNarrowMaxM = 8;           // rows per MMA group (the B operand's 8 columns)
+constexpr int kMinBlocksPerSm = 4;       // caps registers at 128 (no spills) so 16 warps fit on an SM
+constexpr int kWideMinBlocksPerSm = 3;   // the wide instance's second row group needs ~40 more registers
 constexpr int kRedStride = kTileN + 4;    // padded shared row: t-strided float2 stores spread banks
 
 struct Params {
@@ -59,6 +63,7 @@ struct Params {
   unsigned* counters;
   int64_t x_stride;  // elements between activation rows
   int n;
+  int m;              // activation rows (the wide instance reads it; the others are compiled for theirs)
   int rows;           // K / 8
   int group_shift;    // row -> group: row >> group_shift (31 when one group spans K)
   int fold_mask;      // steps per fold window - 1
@@ -172,12 +177,12 @@ __device__ __forceinline__ float meta_at(const uint2& v, int c) {
 // the tile's first 32 columns are gate columns j, the next 32 the matching up columns N/2 + j; g
 // and u are rounded to T after their bias, as the plain kernel would store them, then combined as
 // the SiLU-and-mul kernel combines them (silu_mul_rounded).
-template <typename T, int M, bool kGated, typename Value>
-__device__ __forceinline__ void write_outputs(const Params& p, int tile, Value value) {
+template <typename T, bool kGated, typename Value>
+__device__ __forceinline__ void write_outputs(const Params& p, int tile, int m_rows, Value value) {
   using Tr = Traits<T>;
   constexpr int kCols = kGated ? kTileN / 2 : kTileN;
   const int n_out = kGated ? p.n / 2 : p.n;
-  for (int idx = threadIdx.x; idx < M * kCols; idx += kThreads) {
+  for (int idx = threadIdx.x; idx < m_rows * kCols; idx += kThreads) {
     const int m = idx / kCols;
     const int j = idx % kCols;
     const int n = tile * kCols + j;
@@ -194,8 +199,11 @@ __device__ __forceinline__ void write_outputs(const Params& p, int tile, Value v
 }
 
 template <typename T, int M, bool kHasZero, bool kGated>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) w4a16_gemv_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, M > kNarrowMaxM ? kWideMinBlocksPerSm : kMinBlocksPerSm)
+    w4a16_gemv_kernel(const Params p) {
   using Tr = Traits<T>;
+  constexpr int kGroups = (M + kNarrowMaxM - 1) / kNarrowMaxM;  // MMA groups of 8 activation rows
+  const int m_rows = M > kNarrowMaxM ? p.m : M;
   // sum(x) per window feeds the zero points and bf16's 136 offset.
   constexpr bool kXsum = kHasZero || Tr::kBias != 0.f;
   const int lane = threadIdx.x & 31;
@@ -211,8 +219,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) w4a16_gemv_kernel(c
   pdl_wait();
 
   // Loads never need masks on the common path: a column past N (last tile, N % 64 != 0) is
-  // clamped onto column N - 4 and its junk sums are never written; activation rows g >= M repeat
-  // row M - 1 and only feed MMA columns that are never written. Rows past K/8 (tail batch) are
+  // clamped onto column N - 4 and its junk sums are never written; activation rows past the last
+  // repeat it and only feed MMA columns that are never written. Rows past K/8 (tail batch) are
   // clamped too, and there the activations are zeroed, which zeroes their products.
   const uint32_t* wcol[kSubtiles];
   const uint16_t* scol[kSubtiles];
@@ -228,16 +236,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) w4a16_gemv_kernel(c
     wcol[u] = pinned(p.qweight + col[u]);
     scol[u] = pinned(p.scales + col[u]);
   }
-  const uint16_t* x_row = pinned(p.x + min(g, M - 1) * p.x_stride);
+  const uint16_t* x_row[kGroups];
+#pragma unroll
+  for (int q = 0; q < kGroups; ++q) x_row[q] = pinned(p.x + min(8 * q + g, m_rows - 1) * p.x_stride);
   const uint32_t magic = pinned_u32(Tr::kMagic);  // a register operand of the 3-input LOP3
   const uint32_t ones = pinned_u32(Tr::kOnes);     // one register for all four A operands of sum(x)
   const float kZero[4] = {0.f, 0.f, 0.f, 0.f};
 
-  // acc[u][h][r]: MMA accumulator layout, columns 4g + 2h (r = 0, 1) and 4g + 2h + 1 (r = 2, 3),
-  // activation rows 2t (r even) and 2t + 1 (r odd).
-  float acc[kSubtiles][2][4] = {};
-  float part[kSubtiles][2][4];  // the current fold window's sums, before scaling
-  float xsum[4];                // the window's activation sums, rows 2t and 2t + 1 (kXsum only)
+  // acc[q][u][h][r]: MMA accumulator layout, columns 4g + 2h (r = 0, 1) and 4g + 2h + 1 (r = 2, 3),
+  // activation rows 8q + 2t (r even) and 8q + 2t + 1 (r odd).
+  float acc[kGroups][kSubtiles][2][4] = {};
+  float part[kGroups][kSubtiles][2][4];  // the current fold window's sums, before scaling
+  float xsum[kGroups][4];                // the window's activation sums, rows 2t and 2t + 1 (kXsum only)
   uint2 cur_scale[kSubtiles];
   uint2 cur_zero[kSubtiles];
 
@@ -258,7 +268,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) w4a16_gemv_kernel(c
   for (int b = first_batch; b < batch_end; b += kWarps) {
     if (p.prefetch > 0) prefetch_batch(b + p.prefetch * kWarps);
     uint4 wv[kSteps][kSubtiles];
-    uint4 xv[kSteps];
+    uint4 xv[kGroups][kSteps];
     uint2 sv[kSteps][kSubtiles];
     uint2 zv[kSteps][kSubtiles];
     // Issue every load of the batch before using any, so each lane has kSteps * kSubtiles
@@ -270,9 +280,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) w4a16_gemv_kernel(c
       const uint32_t w_off = static_cast<uint32_t>(min(step_row + t, p.rows - 1)) * p.n;
 #pragma unroll
       for (int u = 0; u < kSubtiles; ++u) wv[s][u] = load_streaming(wcol[u] + w_off);
-      xv[s] = make_uint4(0, 0, 0, 0);
-      if (step_row + t < p.rows) {
-        xv[s] = __ldg(reinterpret_cast<const uint4*>(x_row + 8 * static_cast<uint32_t>(step_row + t)));
+#pragma unroll
+      for (int q = 0; q < kGroups; ++q) {
+        xv[q][s] = make_uint4(0, 0, 0, 0);
+        if (step_row + t < p.rows) {
+          xv[q][s] = __ldg(reinterpret_cast<const uint4*>(x_row[q] + 8 * static_cast<uint32_t>(step_row + t)));
+        }
       }
       if ((s & p.fold_mask) == 0) {  // first step of a fold window: its group's scales
         const uint32_t meta = static_cast<uint32_t>(min(step_row, p.rows - 1) >> p.group_shift) * p.n;
@@ -293,11 +306,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) w4a16_gemv_kernel(c
           if constexpr (kHasZero) cur_zero[u] = zv[s][u];
         }
       }
-      // B operand: this lane's 8 activations x[g][8j..8j+7] reordered to the (i, i + 4) pairing.
-      const uint32_t b0 = __byte_perm(xv[s].x, xv[s].z, 0x5410);  // k + 0, k + 4
-      const uint32_t b1 = __byte_perm(xv[s].x, xv[s].z, 0x7632);  // k + 1, k + 5
-      const uint32_t b2 = __byte_perm(xv[s].y, xv[s].w, 0x5410);  // k + 2, k + 6
-      const uint32_t b3 = __byte_perm(xv[s].y, xv[s].w, 0x7632);  // k + 3, k + 7
+      // B operand: this lane's 8 activations x[8q + g][8j..8j+7] reordered to the (i, i + 4) pairing.
+      uint32_t bq[kGroups][4];
+#pragma unroll
+      for (int q = 0; q < kGroups; ++q) {
+        bq[q][0] = __byte_perm(xv[q][s].x, xv[q][s].z, 0x5410);  // k + 0, k + 4
+        bq[q][1] = __byte_perm(xv[q][s].x, xv[q][s].z, 0x7632);  // k + 1, k + 5
+        bq[q][2] = __byte_perm(xv[q][s].y, xv[q][s].w, 0x5410);  // k + 2, k + 6
+        bq[q][3] = __byte_perm(xv[q][s].y, xv[q][s].w, 0x7632);  // k + 3, k + 7
+      }
 #pragma unroll
       for (int u = 0; u < kSubtiles; ++u) {
         uint32_t pr[4][4];  // [word c = column 4g + c][pair i = nibbles (i, i + 4)]
@@ -308,14 +325,21 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) w4a16_gemv_kernel(c
         // A batch starts a fold window, so its first MMA starts from zero.
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          Tr::mma(part[u][h], s == 0 ? kZero : part[u][h], pr[2 * h][0], pr[2 * h + 1][0], pr[2 * h][1],
-                  pr[2 * h + 1][1], b0, b1);
-          Tr::mma(part[u][h], part[u][h], pr[2 * h][2], pr[2 * h + 1][2], pr[2 * h][3], pr[2 * h + 1][3], b2, b3);
+#pragma unroll
+          for (int q = 0; q < kGroups; ++q) {
+            Tr::mma(part[q][u][h], s == 0 ? kZero : part[q][u][h], pr[2 * h][0], pr[2 * h + 1][0], pr[2 * h][1],
+                    pr[2 * h + 1][1], bq[q][0], bq[q][1]);
+            Tr::mma(part[q][u][h], part[q][u][h], pr[2 * h][2], pr[2 * h + 1][2], pr[2 * h][3], pr[2 * h + 1][3],
+                    bq[q][2], bq[q][3]);
+          }
         }
       }
       if constexpr (kXsum) {
-        Tr::mma(xsum, s == 0 ? kZero : xsum, ones, ones, ones, ones, b0, b1);
-        Tr::mma(xsum, xsum, ones, ones, ones, ones, b2, b3);
+#pragma unroll
+        for (int q = 0; q < kGroups; ++q) {
+          Tr::mma(xsum[q], s == 0 ? kZero : xsum[q], ones, ones, ones, ones, bq[q][0], bq[q][1]);
+          Tr::mma(xsum[q], xsum[q], ones, ones, ones, ones, bq[q][2], bq[q][3]);
+        }
       }
       if (((s + 1) & p.fold_mask) == 0) {  // last step of a fold window: all of it in one group
 #pragma unroll
@@ -325,20 +349,25 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) w4a16_gemv_kernel(c
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
               const int c = 2 * h + (r >> 1);
-              float v = part[u][h][r];
-              if constexpr (kXsum) {
-                float offset = Tr::kBias;  // sum (a - bias - zero) x = sum a x - (bias + zero) sum x
-                if constexpr (kHasZero) offset += meta_at<T>(cur_zero[u], c);
-                v = fmaf(-offset, xsum[r & 1], v);
+              const float scale = meta_at<T>(cur_scale[u], c);
+              float offset = Tr::kBias;  // sum (a - bias - zero) x = sum a x - (bias + zero) sum x
+              if constexpr (kHasZero) offset += meta_at<T>(cur_zero[u], c);
+#pragma unroll
+              for (int q = 0; q < kGroups; ++q) {
+                float v = part[q][u][h][r];
+                if constexpr (kXsum) v = fmaf(-offset, xsum[q][r & 1], v);
+                acc[q][u][h][r] = fmaf(scale, v, acc[q][u][h][r]);
+                if (s + 1 < kSteps) part[q][u][h][r] = 0.f;  // a window ends mid-batch (G < 32 x kSteps)
               }
-              acc[u][h][r] = fmaf(meta_at<T>(cur_scale[u], c), v, acc[u][h][r]);
-              if (s + 1 < kSteps) part[u][h][r] = 0.f;  // a window ends mid-batch (G < 32 x kSteps)
             }
           }
         }
         if (kXsum && s + 1 < kSteps) {
 #pragma unroll
-          for (int r = 0; r < 4; ++r) xsum[r] = 0.f;
+          for (int q = 0; q < kGroups; ++q) {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) xsum[q][r] = 0.f;
+          }
         }
       }
     }
@@ -352,13 +381,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) w4a16_gemv_kernel(c
   __shared__ __align__(16) float red[kWarps][M][kRedStride];  // float2 stores need 8-byte alignment
   __shared__ bool last_block;
 #pragma unroll
-  for (int u = 0; u < kSubtiles; ++u) {
+  for (int q = 0; q < kGroups; ++q) {
+    const int row = 8 * q + 2 * t;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int nl = 32 * u + 4 * g + 2 * h;
-      if (2 * t < M) *reinterpret_cast<float2*>(&red[warp][2 * t][nl]) = make_float2(acc[u][h][0], acc[u][h][2]);
-      if (2 * t + 1 < M) {
-        *reinterpret_cast<float2*>(&red[warp][2 * t + 1][nl]) = make_float2(acc[u][h][1], acc[u][h][3]);
+    for (int u = 0; u < kSubtiles; ++u) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int nl = 32 * u + 4 * g + 2 * h;
+        if (row < m_rows) {
+          *reinterpret_cast<float2*>(&red[warp][row][nl]) = make_float2(acc[q][u][h][0], acc[q][u][h][2]);
+        }
+        if (row + 1 < m_rows) {
+          *reinterpret_cast<float2*>(&red[warp][row + 1][nl]) = make_float2(acc[q][u][h][1], acc[q][u][h][3]);
+        }
       }
     }
   }
@@ -371,11 +406,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) w4a16_gemv_kernel(c
     return v;
   };
   if (p.splits == 1) {
-    write_outputs<T, M, kGated>(p, tile, block_sum);
+    write_outputs<T, kGated>(p, tile, m_rows, block_sum);
     return;
   }
   float* tile_partials = p.partials + static_cast<int64_t>(tile) * p.splits * M * kTileN;
-  for (int idx = threadIdx.x; idx < M * kTileN; idx += kThreads) {
+  for (int idx = threadIdx.x; idx < m_rows * kTileN; idx += kThreads) {
     tile_partials[split * M * kTileN + idx] = block_sum(idx / kTileN, idx % kTileN);
   }
 
@@ -387,7 +422,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) w4a16_gemv_kernel(c
   if (!last_block) return;
   __threadfence();  // order the reads below after the other blocks' published stores
   // .cg loads go to L2, where the other SMs' stores are; in split order, so results are deterministic.
-  write_outputs<T, M, kGated>(p, tile, [&](int m, int nl) {
+  write_outputs<T, kGated>(p, tile, m_rows, [&](int m, int nl) {
     float v = 0.f;
 #pragma unroll 4
     for (int s = 0; s < p.splits; ++s) v += __ldcg(tile_partials + s * M * kTileN + m * kTileN + nl);
