@@ -72,7 +72,7 @@ def check(m, n, k, group, with_zeros, dtype, with_bias, splits=None, x=None, bia
 
 # ---------------------------------------------------------------- GPU
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 3, 8, 9, 16])
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 16, 33])
 @pytest.mark.parametrize("with_zeros", [False, True])
 @pytest.mark.parametrize("group", [32, 64, 128, None])  # None: channel-wise, G = K
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -87,7 +87,7 @@ def test_matches_reference(dtype, group, with_zeros, m):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_every_row_count_and_tiny_shapes(dtype):
-    for m in range(1, module.MAX_M + 1):
+    for m in list(range(1, 17)) + [23, 32, 47, module.MAX_M]:
         check(m, 4096, 4096, 128, m % 2 == 0, dtype, with_bias=m % 3 == 0)
     # N below one tile, K with a partial 4-row step (channel-wise is the only group there).
     for n, k, group in [(4, 8, 8), (20, 40, 40), (36, 96, 32), (132, 264, 264), (100, 256, 64)]:
@@ -97,20 +97,25 @@ def test_every_row_count_and_tiny_shapes(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize("m", [9, 13, 16])
-def test_wide_rows_equal_two_narrow_launches(m, gated):
-    # The wide kernel runs rows 0..7 and 8..m-1 as two MMA groups over one pass of the weights;
-    # each group sums exactly as an 8-row (or shorter) launch does, so the results are equal bit
-    # for bit, whatever the split.
+@pytest.mark.parametrize("m", [9, 13, 16, 17, 40, 64])
+def test_wide_rows_equal_narrow_launches(m, gated):
+    # The wide kernel runs each chunk of 16 rows as two MMA groups of 8 over one pass of the
+    # weights; each group sums exactly as an 8-row (or shorter) launch does, so at the same split
+    # the results equal those of 8-row launches bit for bit. (The planned splits depend on the
+    # row count, and another split sums in another order: those are checked against the reference.)
     n, k, group = (2 * 1000, 4096, 64) if gated else (1000, 4096, 64)
     qweight, scales, zeros = random_layer(n, k, group, True, torch.float16)
     x = torch.randn(m, k, device="cuda").to(torch.float16)
     bias = torch.randn(n, device="cuda").to(torch.float16)
-    for splits in (None, 1, 3):
+    planned = w4a16_gemv(x, qweight, scales, zeros, group, bias, gated=gated)
+    reference = (module.w4a16_gemv_gated_reference if gated else w4a16_gemv_reference)(x, qweight, scales, zeros,
+                                                                                        group, bias)
+    assert relative_error(planned, reference.double()) < 2e-2
+    for splits in (1, 3):
         wide = w4a16_gemv(x, qweight, scales, zeros, group, bias, splits=splits, gated=gated)
-        low = w4a16_gemv(x[:8], qweight, scales, zeros, group, bias, splits=splits, gated=gated)
-        high = w4a16_gemv(x[8:], qweight, scales, zeros, group, bias, splits=splits, gated=gated)
-        assert torch.equal(wide, torch.cat([low, high])), (m, gated, splits)
+        narrow = [w4a16_gemv(x[lo:lo + 8], qweight, scales, zeros, group, bias, splits=splits, gated=gated)
+                  for lo in range(0, m, 8)]
+        assert torch.equal(wide, torch.cat(narrow)), (m, gated, splits)
 
 
 @pytest.mark.gpu
@@ -224,15 +229,19 @@ def test_split_plan():
         # Tiny problems and tiny GPUs do not split.
         assert plan(m, 36, 96, 132) == 1
         assert plan(m, 4096, 4096, 1) == 1
-    for m in (9, 16):  # the wide kernel: 3 blocks per SM (168 registers), 16 rows of partials
-        assert module.blocks_per_sm_for(m) == module.WIDE_BLOCKS_PER_SM and module.partial_rows(m) == module.MAX_M
+    for m in (9, 16, 40, 64):  # the wide kernel: 3 blocks per SM (168 registers), chunks of 16 rows
+        assert module.blocks_per_sm_for(m) == module.WIDE_BLOCKS_PER_SM and module.partial_rows(m) == module.WIDE_ROWS
+        chunks = module.row_chunks(m)
+        assert chunks == -(-m // module.WIDE_ROWS)
         for n, k in [(6144, 4096), (4096, 4096), (4096, 12288)]:
-            assert -(-n // module.TILE_N) * plan(m, n, k, 132) <= 132 * module.WIDE_BLOCKS_PER_SM
+            splits = plan(m, n, k, 132)
+            assert splits == 1 or -(-n // module.TILE_N) * chunks * splits <= 132 * module.WIDE_BLOCKS_PER_SM
     assert module.blocks_per_sm_for(8) == module.BLOCKS_PER_SM and module.partial_rows(5) == 5
-    for m, n, k in [(8, 4096, 12288), (8, 256, 65536), (1, 64, 1 << 20), (9, 256, 65536)]:
+    assert module.row_chunks(8) == 1
+    for m, n, k in [(8, 4096, 12288), (8, 256, 65536), (1, 64, 1 << 20), (9, 256, 65536), (64, 256, 65536)]:
         splits = plan(m, n, k, 10_000)  # a huge GPU pushes towards the workspace limit
-        tiles = -(-n // module.TILE_N)
-        assert splits == 1 or tiles * splits * module.partial_rows(m) * module.TILE_N <= module.WORKSPACE_FLOATS
+        slots = -(-n // module.TILE_N) * module.row_chunks(m)
+        assert splits == 1 or slots * splits * module.partial_rows(m) * module.TILE_N <= module.WORKSPACE_FLOATS
         assert splits <= -(-k // 8 // module.BATCH_ROWS)
 
 
@@ -299,8 +308,8 @@ INVALID = [
     (_with(x=[[1.0]]), TypeError, "x must be a torch.Tensor"),
     (_with(x=torch.zeros(2, 256)), TypeError, "x must be float16 or bfloat16"),
     (_with(x=torch.zeros(1, 2, 256, dtype=torch.bfloat16)), ValueError, r"x must be 2-D \[M, K\]"),
-    (_with(x=torch.zeros(17, 256, dtype=torch.bfloat16)), ValueError, r"x must have 1..16 rows"),
-    (_with(x=torch.zeros(0, 256, dtype=torch.bfloat16)), ValueError, r"x must have 1..16 rows"),
+    (_with(x=torch.zeros(65, 256, dtype=torch.bfloat16)), ValueError, r"x must have 1..64 rows"),
+    (_with(x=torch.zeros(0, 256, dtype=torch.bfloat16)), ValueError, r"x must have 1..64 rows"),
     (_with(x=torch.zeros(2, 252, dtype=torch.bfloat16)), ValueError,
      r"K \(x.shape\[1\] = 252\) must be a positive multiple of 8"),
     (_with(x=torch.zeros(2, 512, dtype=torch.bfloat16)[:, ::2]), ValueError, "x needs unit column stride"),

@@ -127,7 +127,7 @@ def test_small_m_gemm_on_gpu(m, group, symmetric, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_dispatcher_on_gpu(dtype):
-    """w4a16_linear for decode and prefill sizes (CUDA GEMV up to 16 rows, fused Triton kernel,
+    """w4a16_linear for decode and prefill sizes (CUDA GEMV up to 64 rows, fused Triton kernel,
     dequantize + cuBLAS) vs reference."""
     from pymllm.quantization.kernels.w4a16 import w4a16_linear
 

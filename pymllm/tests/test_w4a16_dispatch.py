@@ -29,8 +29,10 @@ def test_w4a16_kernel_choice():
         # Without it (no mllm_kernel/nvcc, failed self-test, unsupported shape): Triton as before.
         assert choose_w4a16_kernel(m, sm80=True, gemv_ok=False, triton_ok=True) == "triton_small_m"
         assert choose_w4a16_kernel(m, sm80=True, gemv_ok=False, triton_ok=False) == "reference"
-    # Past the GEMV's rows, even if gemv_ok were claimed: Triton small-M, then dequantize + cuBLAS.
-    assert choose_w4a16_kernel(GEMV_MAX_M + 1, sm80=True, gemv_ok=True, triton_ok=True) == "triton_small_m"
+    # Past the GEMV's rows, even if gemv_ok were claimed: Triton small-M (up to its rows), then
+    # dequantize + cuBLAS.
+    past_gemv = "triton_small_m" if GEMV_MAX_M < TRITON_MAX_M else "dequant_cublas"
+    assert choose_w4a16_kernel(GEMV_MAX_M + 1, sm80=True, gemv_ok=True, triton_ok=True) == past_gemv
     assert choose_w4a16_kernel(TRITON_MAX_M, sm80=True, gemv_ok=False, triton_ok=True) == "triton_small_m"
     assert choose_w4a16_kernel(TRITON_MAX_M + 1, sm80=True, gemv_ok=False, triton_ok=True) == "dequant_cublas"
     assert choose_w4a16_kernel(2048, sm80=True, gemv_ok=False, triton_ok=False) == "reference"
@@ -44,9 +46,9 @@ def test_w4a16_triton_limit_mirrors_the_kernel():
     assert w4a16_triton.MAX_M == TRITON_MAX_M
 
 
-def test_w4a16_gemv_limit_mirrors_the_kernel():
+def test_w4a16_gemv_limit_is_within_the_kernel():
     gemv_module = pytest.importorskip("mllm_kernel.cuda.jit.w4a16_gemv")
-    assert gemv_module.MAX_M == GEMV_MAX_M
+    assert GEMV_MAX_M <= gemv_module.MAX_M
 
 
 def test_w4a16_gemv_prepare_is_off_without_cuda():
@@ -114,7 +116,10 @@ def test_w4a16_swiglu_takes_the_gated_gemv_at_decode_rows(routed):
     for m in (1, GEMV_MAX_M):
         x, qweight, scales, zeros, group, bias = _layer(m, n=128)
         got = w4a16.w4a16_swiglu(x, qweight, scales, zeros, group, bias)
-        want = silu_and_mul_reference(w4a16_linear_reference(x, qweight, scales, zeros, group, bias))
+        # The oracle in float32: a bf16 CPU matmul rounds its sums, which at 64 rows put a few
+        # outputs past the tolerance.
+        f32 = [t.float() for t in (x, scales, zeros, bias)]
+        want = silu_and_mul_reference(w4a16_linear_reference(f32[0], qweight, f32[1], f32[2], group, f32[3]))
         assert got.shape == (m, 64)
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
     assert routed == [("gated", (1, 256), False), ("gated", (GEMV_MAX_M, 256), False)]

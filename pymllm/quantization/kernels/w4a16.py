@@ -6,12 +6,15 @@ Checkpoint (compressed-tensors ``pack-quantized``, 4 bits):
   along N. Runtime layout: see ``w4a16_triton`` (words transposed to [K/8, N], scales and
   unpacked zero points as [K/G, N]).
 
-Dispatch (``choose_w4a16_kernel``): M <= 16 on SM80+ runs mllm_kernel's CUDA GEMV
+Dispatch (``choose_w4a16_kernel``): M <= 64 on SM80+ runs mllm_kernel's CUDA GEMV
 (``w4a16_gemv``: tensor-core dequant-GEMV streaming the int4 weights, split K in one launch; 9..16
-rows share one pass over the weights) when it is importable, builds and passes a one-time
-self-test on the device, and takes the shapes; M <= 64 runs the fused Triton dequant-GEMM (decode is memory-bound and reads the int4 weights
-once); larger M dequantizes the weight once into a scratch matrix and uses cuBLAS, which is
-compute-bound anyway; everything else (CPU, odd shapes) uses the reference.
+rows share one pass over the weights, more rows run in chunks of 16 that share it through L2)
+when it is importable, builds and passes a one-time self-test on the device, and takes the
+shapes. It beats the fused Triton dequant-GEMM at every row count up to 64 (H200, Qwen3-8B layers:
+72 against 135 us per layer at 16 rows, 102 against 165 at 32, 167 against 212 at 64; run T38 in
+docs/perf), which runs where the GEMV cannot (M <= 64); larger M dequantizes the weight once into
+a scratch matrix and uses cuBLAS, which is compute-bound anyway; everything else (CPU, odd shapes)
+uses the reference.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 from pymllm.quantization.kernels.device import cuda_capability, triton_available
 
 
-GEMV_MAX_M = 16  # mllm_kernel.w4a16_gemv serves 1..16 rows
+GEMV_MAX_M = 64  # mllm_kernel.w4a16_gemv serves 1..64 rows
 TRITON_MAX_M = 64  # w4a16_triton.MAX_M (not imported here: that would import Triton)
 
 _SHIFTS = torch.arange(8, dtype=torch.int32) * 4
@@ -96,7 +99,7 @@ def choose_w4a16_kernel(m: int, sm80: bool, gemv_ok: bool, triton_ok: bool) -> s
     gemv_ok: the CUDA GEMV is ready on this device and takes these arguments; triton_ok: the
     Triton kernels can run them (``fast_path_supported``). The GEMV streams the weights in one
     launch and beats the Triton kernel at decode sizes (bench_w4a16_gemv.py); the Triton
-    kernels keep 8 < M <= 64 and the dequantize + cuBLAS path everything larger."""
+    kernels take M <= 64 where the GEMV cannot run, the dequantize + cuBLAS path everything larger."""
     if m == 0 or not sm80:
         return "reference"
     if m <= GEMV_MAX_M and gemv_ok:
@@ -117,7 +120,7 @@ def _gemv_self_test(device: torch.device, dtype: torch.dtype, with_zeros: bool, 
     zeros = torch.randint(-8, 8, (k // group, n), generator=gen).to(device=device, dtype=dtype) if with_zeros else None
     bias = torch.randn(n, generator=gen).to(device=device, dtype=dtype)
     reference = w4a16_gemv_gated_reference if gated else w4a16_gemv_reference
-    for rows in (3, 11):  # one row group, and the wide kernel's two
+    for rows in (3, 11, 37):  # one row group; the wide kernel's two; three chunks of 16 rows
         x = torch.randn(rows, k, generator=gen).to(device=device, dtype=dtype)
         got = w4a16_gemv(x, qweight, scales, zeros, group, bias, splits=2, gated=gated).double()
         want = reference(x, qweight, scales, zeros, group, bias).double()
@@ -189,7 +192,7 @@ def w4a16_swiglu(
     bias: Optional[torch.Tensor] = None,
 ) -> Optional[torch.Tensor]:
     """``silu(g) * u`` of ``g | u = x @ W^T (+ bias)`` for a stacked [gate; up] weight, as the gated
-    CUDA GEMV (one kernel: the SiLU-and-mul is its epilogue) where the GEMV would run (M <= 16 on
+    CUDA GEMV (one kernel: the SiLU-and-mul is its epilogue) where the GEMV would run (M <= 64 on
     SM80+, the kernel ready); None otherwise (the caller runs ``w4a16_linear`` and the SiLU-and-mul).
     The result equals that pair's bit for bit."""
     # gemv_fits checks the rows (1..GEMV_MAX_M), the device and the arguments.

@@ -1,4 +1,4 @@
-"""w4a16_gemv: decode GEMM (M = 1..16 rows) with 4-bit weights in pymllm's W4A16 runtime layout.
+"""w4a16_gemv: decode GEMM (M = 1..64 rows) with 4-bit weights in pymllm's W4A16 runtime layout.
 
     out [M, N] = x [M, K] @ W (+ bias),   W[k, n] = (q[k, n] - 8 - zeros[k // G, n]) * scales[k // G, n]
 
@@ -26,8 +26,9 @@ from mllm_kernel.jit_utils import JitKernel, jit
 from mllm_kernel.pdl import use_pdl
 
 _OP = "w4a16_gemv"
-MAX_M = 16
-NARROW_MAX_M = 8  # rows per MMA group; 9..16 rows run in the wide kernel (two groups, one weight pass)
+MAX_M = 64
+NARROW_MAX_M = 8  # rows per MMA group; more rows run in the wide kernel (two groups, one weight pass)
+WIDE_ROWS = 16  # rows per block of the wide kernel; more rows take chunks of 16 in neighbouring blocks
 ACT_DTYPES = (torch.float16, torch.bfloat16)
 # Mirrors of the kernel's tiling (w4a16_gemv_kernel.cuh); the C++ side re-checks the workspace bounds.
 TILE_N = 64  # columns per block
@@ -132,9 +133,14 @@ _SPLIT_COST_NS = 1000.0
 
 
 def partial_rows(m: int) -> int:
-    """Rows of fp32 partials a launch of m rows reserves per (tile, split): the wide kernel's
-    stride is MAX_M (w4a16_gemv.cuh's partial_rows)."""
-    return MAX_M if m > NARROW_MAX_M else m
+    """Rows of fp32 partials a launch of m rows reserves per (tile, row chunk, split): the wide
+    kernel's stride is WIDE_ROWS (w4a16_gemv.cuh's partial_rows)."""
+    return WIDE_ROWS if m > NARROW_MAX_M else m
+
+
+def row_chunks(m: int) -> int:
+    """Blocks per column tile and split: chunks of WIDE_ROWS rows in the wide kernel."""
+    return math.ceil(m / WIDE_ROWS) if m > NARROW_MAX_M else 1
 
 
 def blocks_per_sm_for(m: int) -> int:
@@ -153,7 +159,7 @@ def plan_splits(m: int, n: int, k: int, sm_count: int, blocks_per_sm: Optional[i
     need splits to occupy the GPU, many (N = 24576: 384) none.
     """
     blocks_per_sm = blocks_per_sm_for(m) if blocks_per_sm is None else blocks_per_sm
-    n_tiles = math.ceil(n / TILE_N)
+    n_tiles = math.ceil(n / TILE_N) * row_chunks(m)  # (tile, row chunk) pairs
     batches = math.ceil(k / 8 / BATCH_ROWS)
     best, best_cost = 1, math.inf
     for splits in range(1, batches + 1):

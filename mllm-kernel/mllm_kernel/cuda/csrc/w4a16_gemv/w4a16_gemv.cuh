@@ -12,11 +12,12 @@ namespace mllm_kernel {
 namespace w4a16_gemv_detail {
 
 // One kernel per M = 1..8 (the epilogue and the activation row clamp are specialised), and one
-// wide kernel for 9..16 rows (two MMA row groups, the row count read at run time).
+// wide kernel for 9..64 rows (two MMA row groups, the row count read at run time, chunks of 16
+// rows in neighbouring blocks).
 template <typename T, bool kHasZero, bool kGated, int... Ms>
 void launch_rows(int m, const Params& p, int n_tiles, cudaStream_t stream, bool pdl,
                  std::integer_sequence<int, Ms...>) {
-  const dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(p.splits));
+  const dim3 grid(static_cast<unsigned>(n_tiles * p.chunks), static_cast<unsigned>(p.splits));
   if (m > kNarrowMaxM) {
     launch_kernel(w4a16_gemv_kernel<T, kMaxM, kHasZero, kGated>, grid, dim3(kThreads), 0, stream, pdl, p);
     return;
@@ -27,8 +28,10 @@ void launch_rows(int m, const Params& p, int n_tiles, cudaStream_t stream, bool 
    ...);
 }
 
-// Rows of partials a launch of m rows reserves per (tile, split): the wide kernel's stride is kMaxM.
+// Rows of partials a launch of m rows reserves per (tile, chunk, split): the wide kernel's stride is kMaxM.
 inline int64_t partial_rows(int64_t m) { return m > kNarrowMaxM ? kMaxM : m; }
+// Row chunks (blocks per column tile and split) of a launch of m rows.
+inline int64_t row_chunks(int64_t m) { return m > kNarrowMaxM ? ceil_div(m, kMaxM) : 1; }
 
 template <typename T>
 constexpr uint8_t dtype_code() {
@@ -55,7 +58,7 @@ inline void check_matrix(const TensorView& t, const char* name, int64_t rows, in
 
 }  // namespace w4a16_gemv_detail
 
-// out [M, N] = x [M, K] @ dequant(qweight, scales, zeros) (+ bias); M in 1..16. partials (float32)
+// out [M, N] = x [M, K] @ dequant(qweight, scales, zeros) (+ bias); M in 1..64. partials (float32)
 // and counters (int32, all zero between launches) are the split-K workspace; `splits` is the
 // requested number of K chunks (the wrapper's plan), shrunk here so no chunk is empty;
 // `prefetch` how many batches ahead each warp prefetches its weights into L2 (0 disables); `pdl`
@@ -73,7 +76,7 @@ void w4a16_gemv(TensorView out, TensorView x, TensorView qweight, TensorView sca
       << "w4a16_gemv: x must be [M, K] of the kernel dtype";
   const int64_t m = x.size(0);
   const int64_t k = x.size(1);
-  TVM_FFI_CHECK(m >= 1 && m <= kMaxM, ValueError) << "w4a16_gemv: x must have 1.." << kMaxM << " rows";
+  TVM_FFI_CHECK(m >= 1 && m <= kMaxRows, ValueError) << "w4a16_gemv: x must have 1.." << kMaxRows << " rows";
   TVM_FFI_CHECK(k > 0 && k % 8 == 0, ValueError) << "w4a16_gemv: K must be a positive multiple of 8";
   TVM_FFI_CHECK(x.stride(1) == 1 && (m == 1 || x.stride(0) % 8 == 0) && aligned(x, 16), ValueError)
       << "w4a16_gemv: x needs dense rows, a row stride of a multiple of 8 elements and 16-byte alignment";
@@ -109,11 +112,12 @@ void w4a16_gemv(TensorView out, TensorView x, TensorView qweight, TensorView sca
   const int chunk = static_cast<int>(ceil_div(total_batches, std::min<int64_t>({splits, total_batches, 65535})));
   const int used_splits = static_cast<int>(ceil_div(total_batches, chunk));
   const int n_tiles = static_cast<int>(kGated ? ceil_div(n / 2, kTileN / 2) : ceil_div(n, kTileN));
+  const int64_t slots = n_tiles * row_chunks(m);  // (tile, row chunk) pairs
   if (used_splits > 1) {
-    TVM_FFI_CHECK(n_tiles <= counters.numel() &&
-                      int64_t{n_tiles} * used_splits * partial_rows(m) * kTileN <= partials.numel(),
+    TVM_FFI_CHECK(slots <= counters.numel() && slots * used_splits * partial_rows(m) * kTileN <= partials.numel(),
                   ValueError)
-        << "w4a16_gemv: the workspace is too small for " << used_splits << " splits of " << n_tiles << " tiles";
+        << "w4a16_gemv: the workspace is too small for " << used_splits << " splits of " << slots
+        << " tiles x row chunks";
   }
 
   // Packed row -> group is a shift: groups are powers of two, and one group for all of K
@@ -139,6 +143,7 @@ void w4a16_gemv(TensorView out, TensorView x, TensorView qweight, TensorView sca
   p.x_stride = m == 1 ? k : x.stride(0);
   p.n = static_cast<int>(n);
   p.m = static_cast<int>(m);
+  p.chunks = static_cast<int>(row_chunks(m));
   p.rows = rows;
   p.group_shift = group_shift;
   p.fold_mask = window - 1;

@@ -1,5 +1,5 @@
 // w4a16_gemv: decode-sized GEMM with 4-bit weights, out[m, n] = sum_k x[m, k] * w[k, n] (+ bias[n])
-// for M = 1..16 rows of fp16/bf16 activations, in the runtime layout of pymllm's W4A16 scheme:
+// for M = 1..64 rows of fp16/bf16 activations, in the runtime layout of pymllm's W4A16 scheme:
 //   qweight [K/8, N] int32: word (j, n) holds w[8j + i, n] + 8 in bits 4i..4i+3;
 //   scales  [K/G, N], zeros [K/G, N] (optional), both of x's dtype;
 //   w[k, n] = (q - 8 - zero[k / G, n]) * scale[k / G, n].
@@ -16,7 +16,10 @@
 // same for any M <= 8 per MMA. Its 16 A rows are weight columns, its 8 B columns the activation rows
 // (lanes g >= M repeat row M - 1; those output columns are never written). 9..16 rows run as two
 // such groups of 8 that share every unpacked weight (the wide instance, M = 16 with the row count
-// at run time): one pass over the weights instead of two launches. A sum over k may run in
+// at run time): one pass over the weights instead of two launches. Past 16 rows the wide instance
+// takes chunks of 16 rows in blocks next to each other in the grid (chunk fastest), which run at
+// about the same time and read the same weights, so L2 serves the later reads of a line from the
+// first one's fill: the weights cross HBM about once. A sum over k may run in
 // any order both operands agree on, so the k order inside an MMA is chosen for cheap unpacking:
 // nibble i pairs with nibble i + 4 (bits 4i and 16 + 4i are the two halves of a half2 after one
 // mask), and the activations are permuted to match with byte_perm. Unpacking a word of 8 weights
@@ -46,7 +49,8 @@ constexpr int kSubtiles = 2;              // 32-column subtiles per warp
 constexpr int kTileN = 32 * kSubtiles;    // columns per block (the Python wrapper mirrors it)
 constexpr int kSteps = 4;                 // 4-row steps whose loads are issued together
 constexpr int kBatchRows = 4 * kSteps;    // packed rows per batch (mirrored in Python)
-constexpr int kMaxM = 16;                // rows 9..16: the wide instance
+constexpr int kMaxM = 16;                // rows per block of the wide instance (9..64 rows in chunks of 16)
+constexpr int kMaxRows = 64;             // rows per launch
 constexpr int kNarrowMaxM = 8;           // rows per MMA group (the B operand's 8 columns)
 constexpr int kMinBlocksPerSm = 4;       // caps registers at 128 (no spills) so 16 warps fit on an SM
 constexpr int kWideMinBlocksPerSm = 3;   // the wide instance's second row group needs ~40 more registers
@@ -64,6 +68,7 @@ struct Params {
   int64_t x_stride;  // elements between activation rows
   int n;
   int m;              // activation rows (the wide instance reads it; the others are compiled for theirs)
+  int chunks;         // row chunks of kMaxM (wide instance; 1 otherwise): blockIdx.x = tile * chunks + chunk
   int rows;           // K / 8
   int group_shift;    // row -> group: row >> group_shift (31 when one group spans K)
   int fold_mask;      // steps per fold window - 1
@@ -178,7 +183,7 @@ __device__ __forceinline__ float meta_at(const uint2& v, int c) {
 // and u are rounded to T after their bias, as the plain kernel would store them, then combined as
 // the SiLU-and-mul kernel combines them (silu_mul_rounded).
 template <typename T, bool kGated, typename Value>
-__device__ __forceinline__ void write_outputs(const Params& p, int tile, int m_rows, Value value) {
+__device__ __forceinline__ void write_outputs(const Params& p, int tile, int row0, int m_rows, Value value) {
   using Tr = Traits<T>;
   constexpr int kCols = kGated ? kTileN / 2 : kTileN;
   const int n_out = kGated ? p.n / 2 : p.n;
@@ -194,7 +199,7 @@ __device__ __forceinline__ void write_outputs(const Params& p, int tile, int m_r
       if (p.bias != nullptr) up += Tr::to_float(p.bias[n_out + n]);
       v = silu_mul_rounded<T>(round_to_dtype<T>(v), round_to_dtype<T>(up));
     }
-    p.out[static_cast<int64_t>(m) * n_out + n] = Tr::from_float(v);
+    p.out[static_cast<int64_t>(row0 + m) * n_out + n] = Tr::from_float(v);
   }
 }
 
@@ -203,14 +208,19 @@ __global__ void __launch_bounds__(kThreads, M > kNarrowMaxM ? kWideMinBlocksPerS
     w4a16_gemv_kernel(const Params p) {
   using Tr = Traits<T>;
   constexpr int kGroups = (M + kNarrowMaxM - 1) / kNarrowMaxM;  // MMA groups of 8 activation rows
-  const int m_rows = M > kNarrowMaxM ? p.m : M;
+  // The wide instance's block covers rows [row0, row0 + m_rows) of its chunk; `slot` numbers the
+  // (tile, chunk) pairs for the split-K workspace.
+  const int slot = blockIdx.x;
+  const int chunk = M > kNarrowMaxM ? slot % p.chunks : 0;
+  const int row0 = kMaxM * chunk;
+  const int m_rows = M > kNarrowMaxM ? min(kMaxM, p.m - row0) : M;
   // sum(x) per window feeds the zero points and bf16's 136 offset.
   constexpr bool kXsum = kHasZero || Tr::kBias != 0.f;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int g = lane >> 2;  // MMA group: weight columns 4g..4g+3 of a subtile; activation row g
   const int t = lane & 3;   // packed row within a step
-  const int tile = blockIdx.x;
+  const int tile = M > kNarrowMaxM ? slot / p.chunks : slot;
   const int split = blockIdx.y;
   const int tile_n0 = tile * kTileN;  // (plain tiles; a gated tile is columns 32 * tile of each half)
   // Under PDL (pdl.cuh) the block waits before anything else: loading weights ahead of the wait
@@ -238,7 +248,7 @@ __global__ void __launch_bounds__(kThreads, M > kNarrowMaxM ? kWideMinBlocksPerS
   }
   const uint16_t* x_row[kGroups];
 #pragma unroll
-  for (int q = 0; q < kGroups; ++q) x_row[q] = pinned(p.x + min(8 * q + g, m_rows - 1) * p.x_stride);
+  for (int q = 0; q < kGroups; ++q) x_row[q] = pinned(p.x + (row0 + min(8 * q + g, m_rows - 1)) * p.x_stride);
   const uint32_t magic = pinned_u32(Tr::kMagic);  // a register operand of the 3-input LOP3
   const uint32_t ones = pinned_u32(Tr::kOnes);     // one register for all four A operands of sum(x)
   const float kZero[4] = {0.f, 0.f, 0.f, 0.f};
@@ -406,10 +416,10 @@ __global__ void __launch_bounds__(kThreads, M > kNarrowMaxM ? kWideMinBlocksPerS
     return v;
   };
   if (p.splits == 1) {
-    write_outputs<T, kGated>(p, tile, m_rows, block_sum);
+    write_outputs<T, kGated>(p, tile, row0, m_rows, block_sum);
     return;
   }
-  float* tile_partials = p.partials + static_cast<int64_t>(tile) * p.splits * M * kTileN;
+  float* tile_partials = p.partials + static_cast<int64_t>(slot) * p.splits * M * kTileN;
   for (int idx = threadIdx.x; idx < m_rows * kTileN; idx += kThreads) {
     tile_partials[split * M * kTileN + idx] = block_sum(idx / kTileN, idx % kTileN);
   }
@@ -417,18 +427,18 @@ __global__ void __launch_bounds__(kThreads, M > kNarrowMaxM ? kWideMinBlocksPerS
   // Publish the partials (each thread fences its own stores), then count this block in.
   __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) last_block = atomicAdd(p.counters + tile, 1u) == static_cast<unsigned>(p.splits - 1);
+  if (threadIdx.x == 0) last_block = atomicAdd(p.counters + slot, 1u) == static_cast<unsigned>(p.splits - 1);
   __syncthreads();
   if (!last_block) return;
   __threadfence();  // order the reads below after the other blocks' published stores
   // .cg loads go to L2, where the other SMs' stores are; in split order, so results are deterministic.
-  write_outputs<T, kGated>(p, tile, m_rows, [&](int m, int nl) {
+  write_outputs<T, kGated>(p, tile, row0, m_rows, [&](int m, int nl) {
     float v = 0.f;
 #pragma unroll 4
     for (int s = 0; s < p.splits; ++s) v += __ldcg(tile_partials + s * M * kTileN + m * kTileN + nl);
     return v;
   });
-  if (threadIdx.x == 0) p.counters[tile] = 0u;  // every other block of the tile has counted: reset for the next launch
+  if (threadIdx.x == 0) p.counters[slot] = 0u;  // every other block of the tile has counted: reset for the next launch
 }
 
 }  // namespace w4a16_gemv_detail
