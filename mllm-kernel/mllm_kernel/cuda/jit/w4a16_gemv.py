@@ -35,7 +35,7 @@ TILE_N = 64  # columns per block
 BATCH_ROWS = 16  # packed rows (8 k each) a warp loads at once
 WARPS = 4
 BLOCKS_PER_SM = 4  # __launch_bounds__ minimum: 128 registers, 16 warps per SM
-WIDE_BLOCKS_PER_SM = 3  # the wide kernel's (168 registers)
+WIDE_BLOCKS_PER_SM = 3  # the wide kernel's __launch_bounds__ minimum (168 registers)
 # Batches ahead each warp prefetches into L2 (kernel argument, so benchmarks can compare).
 PREFETCH_BATCHES = 1
 # Workspace: fp32 partials of (tiles x splits x M x TILE_N) and one counter per tile.
@@ -232,7 +232,7 @@ def w4a16_gemv(
     validate: bool = True,
     gated: bool = False,
 ) -> torch.Tensor:
-    """x [M, K] (M <= 16) @ W (+ bias) -> [M, N] in x's dtype; see the module docstring for the
+    """x [M, K] (M <= 64) @ W (+ bias) -> [M, N] in x's dtype; see the module docstring for the
     layout. ``out`` (contiguous [M, N]) is written in place when given. ``splits`` overrides the
     K split and ``prefetch`` (0..8) the L2 prefetch distance in batches (benchmarks);
     ``validate=False`` skips the Python checks for callers that already ran ``supported`` (the

@@ -19,7 +19,7 @@ void launch_rows(int m, const Params& p, int n_tiles, cudaStream_t stream, bool 
                  std::integer_sequence<int, Ms...>) {
   const dim3 grid(static_cast<unsigned>(n_tiles * p.chunks), static_cast<unsigned>(p.splits));
   if (m > kNarrowMaxM) {
-    launch_kernel(w4a16_gemv_kernel<T, kMaxM, kHasZero, kGated>, grid, dim3(kThreads), 0, stream, pdl, p);
+    launch_kernel(w4a16_gemv_kernel<T, kWideRows, kHasZero, kGated>, grid, dim3(kThreads), 0, stream, pdl, p);
     return;
   }
   ((m == Ms + 1 ? launch_kernel(w4a16_gemv_kernel<T, Ms + 1, kHasZero, kGated>, grid, dim3(kThreads), 0, stream,
@@ -28,10 +28,10 @@ void launch_rows(int m, const Params& p, int n_tiles, cudaStream_t stream, bool 
    ...);
 }
 
-// Rows of partials a launch of m rows reserves per (tile, chunk, split): the wide kernel's stride is kMaxM.
-inline int64_t partial_rows(int64_t m) { return m > kNarrowMaxM ? kMaxM : m; }
+// Rows of partials a launch of m rows reserves per (tile, chunk, split): the wide kernel's stride is kWideRows.
+inline int64_t partial_rows(int64_t m) { return m > kNarrowMaxM ? kWideRows : m; }
 // Row chunks (blocks per column tile and split) of a launch of m rows.
-inline int64_t row_chunks(int64_t m) { return m > kNarrowMaxM ? ceil_div(m, kMaxM) : 1; }
+inline int64_t row_chunks(int64_t m) { return m > kNarrowMaxM ? ceil_div(m, kWideRows) : 1; }
 
 template <typename T>
 constexpr uint8_t dtype_code() {

@@ -12,8 +12,8 @@
 // issues kSteps x kSubtiles of them (a "batch") before using any.
 //
 // The arithmetic runs on tensor cores (mma.m16n8k16, fp32 accumulation): a CUDA-core GEMV would
-// spend 8 * M FMAs per weight, which cannot keep up with HBM at M = 8, while the MMA costs the
-// same for any M <= 8 per MMA. Its 16 A rows are weight columns, its 8 B columns the activation rows
+// spend 8 * M FMAs per weight, which cannot keep up with HBM at M = 8, while an MMA costs the
+// same for any M <= 8. Its 16 A rows are weight columns, its 8 B columns the activation rows
 // (lanes g >= M repeat row M - 1; those output columns are never written). 9..16 rows run as two
 // such groups of 8 that share every unpacked weight (the wide instance, M = 16 with the row count
 // at run time): one pass over the weights instead of two launches. Past 16 rows the wide instance
@@ -49,7 +49,7 @@ constexpr int kSubtiles = 2;              // 32-column subtiles per warp
 constexpr int kTileN = 32 * kSubtiles;    // columns per block (the Python wrapper mirrors it)
 constexpr int kSteps = 4;                 // 4-row steps whose loads are issued together
 constexpr int kBatchRows = 4 * kSteps;    // packed rows per batch (mirrored in Python)
-constexpr int kMaxM = 16;                // rows per block of the wide instance (9..64 rows in chunks of 16)
+constexpr int kWideRows = 16;            // rows per block of the wide instance (9..64 rows in chunks of 16)
 constexpr int kMaxRows = 64;             // rows per launch
 constexpr int kNarrowMaxM = 8;           // rows per MMA group (the B operand's 8 columns)
 constexpr int kMinBlocksPerSm = 4;       // caps registers at 128 (no spills) so 16 warps fit on an SM
@@ -68,7 +68,7 @@ struct Params {
   int64_t x_stride;  // elements between activation rows
   int n;
   int m;              // activation rows (the wide instance reads it; the others are compiled for theirs)
-  int chunks;         // row chunks of kMaxM (wide instance; 1 otherwise): blockIdx.x = tile * chunks + chunk
+  int chunks;         // row chunks of kWideRows (wide instance; 1 otherwise): blockIdx.x = tile * chunks + chunk
   int rows;           // K / 8
   int group_shift;    // row -> group: row >> group_shift (31 when one group spans K)
   int fold_mask;      // steps per fold window - 1
@@ -212,8 +212,8 @@ __global__ void __launch_bounds__(kThreads, M > kNarrowMaxM ? kWideMinBlocksPerS
   // (tile, chunk) pairs for the split-K workspace.
   const int slot = blockIdx.x;
   const int chunk = M > kNarrowMaxM ? slot % p.chunks : 0;
-  const int row0 = kMaxM * chunk;
-  const int m_rows = M > kNarrowMaxM ? min(kMaxM, p.m - row0) : M;
+  const int row0 = kWideRows * chunk;
+  const int m_rows = M > kNarrowMaxM ? min(kWideRows, p.m - row0) : M;
   // sum(x) per window feeds the zero points and bf16's 136 offset.
   constexpr bool kXsum = kHasZero || Tr::kBias != 0.f;
   const int lane = threadIdx.x & 31;
