@@ -53,7 +53,7 @@ constexpr int kWideRows = 16;            // rows per block of the wide instance 
 constexpr int kMaxRows = 64;             // rows per launch
 constexpr int kNarrowMaxM = 8;           // rows per MMA group (the B operand's 8 columns)
 constexpr int kMinBlocksPerSm = 4;       // caps registers at 128 (no spills) so 16 warps fit on an SM
-constexpr int kWideMinBlocksPerSm = 3;   // the wide instance's second row group needs ~40 more registers
+constexpr int kWideMinBlocksPerSm = 3;   // 168 registers: the wide instance (a second row group), the rolling one
 constexpr int kRedStride = kTileN + 4;    // padded shared row: t-strided float2 stores spread banks
 
 struct Params {
@@ -203,10 +203,20 @@ __device__ __forceinline__ void write_outputs(const Params& p, int tile, int row
   }
 }
 
+// Rolling loads (see load_step) for the narrow gated instance: the gate/up layer is the one long
+// enough per warp (8 batches at Qwen3-8B's K) for the overlap to pay, and it has ~3 blocks per SM
+// anyway (384 tiles), so the ~150 registers the rolling needs cost it no occupancy. Measured on an
+// H200 (run T43, processes alternating): Qwen3-8B W4A16 bs1 graph 2.246 / 2.254 ms against 2.377 /
+// 2.391. Rolling every instance spills at 128 registers and was slower (T42: 2.453 / 2.455).
+template <int M, bool kGated>
+constexpr bool kRollingLoads = kGated && M <= kNarrowMaxM;
+
 template <typename T, int M, bool kHasZero, bool kGated>
-__global__ void __launch_bounds__(kThreads, M > kNarrowMaxM ? kWideMinBlocksPerSm : kMinBlocksPerSm)
+__global__ void __launch_bounds__(kThreads, (M > kNarrowMaxM || kRollingLoads<M, kGated>) ? kWideMinBlocksPerSm
+                                                                                          : kMinBlocksPerSm)
     w4a16_gemv_kernel(const Params p) {
   using Tr = Traits<T>;
+  constexpr bool kRoll = kRollingLoads<M, kGated>;
   constexpr int kGroups = (M + kNarrowMaxM - 1) / kNarrowMaxM;  // MMA groups of 8 activation rows
   // The wide instance's block covers rows [row0, row0 + m_rows) of its chunk; `slot` numbers the
   // (tile, chunk) pairs for the split-K workspace.
@@ -275,36 +285,49 @@ __global__ void __launch_bounds__(kThreads, M > kNarrowMaxM ? kWideMinBlocksPerS
   const int first_batch = split * p.chunk_batches + warp;
   for (int d = 1; d < p.prefetch; ++d) prefetch_batch(first_batch + d * kWarps);
 
+  uint4 wv[kSteps][kSubtiles];
+  uint4 xv[kGroups][kSteps];
+  uint2 sv[kSteps][kSubtiles];
+  uint2 zv[kSteps][kSubtiles];
+  // Loads of step s of batch b into the step's registers. Plain: every load of a batch is issued
+  // before any is used, so each lane has kSteps * kSubtiles 16-byte weight loads (plus activations
+  // and scales) in flight. Rolling (kRoll): the first batch is loaded up front, then each step,
+  // once computed, loads the same step of the warp's next batch, so the next batch's loads are in
+  // flight while the rest of this one computes.
+  auto load_step = [&](int b, int s) {
+    // Offsets are 32-bit (the host checks K/8 * N < 2^31): one IMAD.WIDE per address.
+    const int step_row = b * kBatchRows + 4 * s;  // warp-uniform
+    const uint32_t w_off = static_cast<uint32_t>(min(step_row + t, p.rows - 1)) * p.n;
+#pragma unroll
+    for (int u = 0; u < kSubtiles; ++u) wv[s][u] = load_streaming(wcol[u] + w_off);
+#pragma unroll
+    for (int q = 0; q < kGroups; ++q) {
+      xv[q][s] = make_uint4(0, 0, 0, 0);
+      if (step_row + t < p.rows) {
+        xv[q][s] = __ldg(reinterpret_cast<const uint4*>(x_row[q] + 8 * static_cast<uint32_t>(step_row + t)));
+      }
+    }
+    if ((s & p.fold_mask) == 0) {  // first step of a fold window: its group's scales
+      const uint32_t meta = static_cast<uint32_t>(min(step_row, p.rows - 1) >> p.group_shift) * p.n;
+#pragma unroll
+      for (int u = 0; u < kSubtiles; ++u) {
+        sv[s][u] = __ldg(reinterpret_cast<const uint2*>(scol[u] + meta));
+        if constexpr (kHasZero) zv[s][u] = __ldg(reinterpret_cast<const uint2*>(p.zeros + (meta + col[u])));
+      }
+    }
+  };
+  if (kRoll && first_batch < batch_end) {
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) load_step(first_batch, s);
+  }
+
   for (int b = first_batch; b < batch_end; b += kWarps) {
     if (p.prefetch > 0) prefetch_batch(b + p.prefetch * kWarps);
-    uint4 wv[kSteps][kSubtiles];
-    uint4 xv[kGroups][kSteps];
-    uint2 sv[kSteps][kSubtiles];
-    uint2 zv[kSteps][kSubtiles];
-    // Issue every load of the batch before using any, so each lane has kSteps * kSubtiles
-    // 16-byte weight loads (plus activations and scales) in flight.
+    const int next = b + kWarps;
+    const bool more = next < batch_end;  // warp-uniform
+    if constexpr (!kRoll) {
 #pragma unroll
-    for (int s = 0; s < kSteps; ++s) {
-      // Offsets are 32-bit (the host checks K/8 * N < 2^31): one IMAD.WIDE per address.
-      const int step_row = b * kBatchRows + 4 * s;  // warp-uniform
-      const uint32_t w_off = static_cast<uint32_t>(min(step_row + t, p.rows - 1)) * p.n;
-#pragma unroll
-      for (int u = 0; u < kSubtiles; ++u) wv[s][u] = load_streaming(wcol[u] + w_off);
-#pragma unroll
-      for (int q = 0; q < kGroups; ++q) {
-        xv[q][s] = make_uint4(0, 0, 0, 0);
-        if (step_row + t < p.rows) {
-          xv[q][s] = __ldg(reinterpret_cast<const uint4*>(x_row[q] + 8 * static_cast<uint32_t>(step_row + t)));
-        }
-      }
-      if ((s & p.fold_mask) == 0) {  // first step of a fold window: its group's scales
-        const uint32_t meta = static_cast<uint32_t>(min(step_row, p.rows - 1) >> p.group_shift) * p.n;
-#pragma unroll
-        for (int u = 0; u < kSubtiles; ++u) {
-          sv[s][u] = __ldg(reinterpret_cast<const uint2*>(scol[u] + meta));
-          if constexpr (kHasZero) zv[s][u] = __ldg(reinterpret_cast<const uint2*>(p.zeros + (meta + col[u])));
-        }
-      }
+      for (int s = 0; s < kSteps; ++s) load_step(b, s);
     }
 
 #pragma unroll
@@ -380,6 +403,7 @@ __global__ void __launch_bounds__(kThreads, M > kNarrowMaxM ? kWideMinBlocksPerS
           }
         }
       }
+      if (kRoll && more) load_step(next, s);  // this step's registers are free again
     }
   }
 
