@@ -230,18 +230,18 @@ def test_split_plan():
         assert plan(m, 36, 96, 132) == 1
         assert plan(m, 4096, 4096, 1) == 1
     for m in (9, 16, 40, 64):  # the wide kernel: 3 blocks per SM (168 registers), chunks of 16 rows
-        assert module.blocks_per_sm_for(m) == module.WIDE_BLOCKS_PER_SM and module.partial_rows(m) == module.WIDE_ROWS
+        assert module.blocks_per_sm_for(m) == module.HEAVY_BLOCKS_PER_SM and module.partial_rows(m) == module.WIDE_ROWS
         chunks = module.row_chunks(m)
         assert chunks == -(-m // module.WIDE_ROWS)
         for n, k in [(6144, 4096), (4096, 4096), (4096, 12288)]:
             splits = plan(m, n, k, 132)
-            assert splits == 1 or -(-n // module.TILE_N) * chunks * splits <= 132 * module.WIDE_BLOCKS_PER_SM
+            assert splits == 1 or -(-n // module.TILE_N) * chunks * splits <= 132 * module.HEAVY_BLOCKS_PER_SM
     assert module.blocks_per_sm_for(8) == module.BLOCKS_PER_SM and module.partial_rows(5) == 5
     # The gated kernel (rolling loads, ~150 registers) also runs 3 blocks per SM.
-    assert module.blocks_per_sm_for(1, gated=True) == module.WIDE_BLOCKS_PER_SM
+    assert module.blocks_per_sm_for(1, gated=True) == module.HEAVY_BLOCKS_PER_SM
     for n, k in [(2 * 3072, 1024), (2 * 12288, 4096)]:  # Qwen3-0.6B's and Qwen3-8B's gate/up
         splits = plan(1, n, k, 132, gated=True)
-        assert splits == 1 or -(-n // module.TILE_N) * splits <= 132 * module.WIDE_BLOCKS_PER_SM
+        assert splits == 1 or -(-n // module.TILE_N) * splits <= 132 * module.HEAVY_BLOCKS_PER_SM
     assert module.row_chunks(8) == 1
     for m, n, k in [(8, 4096, 12288), (8, 256, 65536), (1, 64, 1 << 20), (9, 256, 65536), (64, 256, 65536)]:
         splits = plan(m, n, k, 10_000)  # a huge GPU pushes towards the workspace limit

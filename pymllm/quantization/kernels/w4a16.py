@@ -166,7 +166,7 @@ def w4a16_linear(
     m, k = x.shape
     n = qweight.shape[1]
     sm80 = cuda_capability(x.device) >= (8, 0)  # (0, 0) off CUDA
-    gemv_ok = sm80 and m <= GEMV_MAX_M and gemv_fits(x, qweight, scales, zeros, group, bias)
+    gemv_ok = sm80 and gemv_fits(x, qweight, scales, zeros, group, bias)  # it checks the rows too
     triton_ok = sm80 and fast_path_supported(x, n, k, group)
     choice = choose_w4a16_kernel(m, sm80, gemv_ok, triton_ok)
     if choice == "cuda_gemv":

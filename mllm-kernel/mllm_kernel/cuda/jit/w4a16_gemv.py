@@ -35,7 +35,7 @@ TILE_N = 64  # columns per block
 BATCH_ROWS = 16  # packed rows (8 k each) a warp loads at once
 WARPS = 4
 BLOCKS_PER_SM = 4  # __launch_bounds__ minimum: 128 registers, 16 warps per SM
-WIDE_BLOCKS_PER_SM = 3  # __launch_bounds__ minimum of the wide kernel (168 registers) and the gated one (~150)
+HEAVY_BLOCKS_PER_SM = 3  # __launch_bounds__ minimum of the wide and the rolling (gated) kernels: 168 registers
 # Batches ahead each warp prefetches into L2 (kernel argument, so benchmarks can compare).
 PREFETCH_BATCHES = 1
 # Workspace: fp32 partials of (tiles x splits x M x TILE_N) and one counter per tile.
@@ -146,7 +146,7 @@ def row_chunks(m: int) -> int:
 def blocks_per_sm_for(m: int, gated: bool = False) -> int:
     """Resident blocks per SM of the instance that runs m rows: the wide and the gated (rolling
     loads) kernels take more registers."""
-    return WIDE_BLOCKS_PER_SM if m > NARROW_MAX_M or gated else BLOCKS_PER_SM
+    return HEAVY_BLOCKS_PER_SM if m > NARROW_MAX_M or gated else BLOCKS_PER_SM
 
 
 def plan_splits(m: int, n: int, k: int, sm_count: int, blocks_per_sm: Optional[int] = None,

@@ -53,7 +53,7 @@ constexpr int kWideRows = 16;            // rows per block of the wide instance 
 constexpr int kMaxRows = 64;             // rows per launch
 constexpr int kNarrowMaxM = 8;           // rows per MMA group (the B operand's 8 columns)
 constexpr int kMinBlocksPerSm = 4;       // caps registers at 128 (no spills) so 16 warps fit on an SM
-constexpr int kWideMinBlocksPerSm = 3;   // 168 registers: the wide instance (a second row group), the rolling one
+constexpr int kHeavyMinBlocksPerSm = 3;  // 168 registers: the wide instance (a second row group), the rolling one
 constexpr int kRedStride = kTileN + 4;    // padded shared row: t-strided float2 stores spread banks
 
 struct Params {
@@ -210,11 +210,12 @@ __device__ __forceinline__ void write_outputs(const Params& p, int tile, int row
 // 2.391. Rolling every instance spills at 128 registers and was slower (T42: 2.453 / 2.455).
 template <int M, bool kGated>
 constexpr bool kRollingLoads = kGated && M <= kNarrowMaxM;
+// Blocks per SM the register cap allows (mirrored by the Python wrapper's blocks_per_sm_for).
+template <int M, bool kGated>
+constexpr int kBlocksPerSm = (M > kNarrowMaxM || kRollingLoads<M, kGated>) ? kHeavyMinBlocksPerSm : kMinBlocksPerSm;
 
 template <typename T, int M, bool kHasZero, bool kGated>
-__global__ void __launch_bounds__(kThreads, (M > kNarrowMaxM || kRollingLoads<M, kGated>) ? kWideMinBlocksPerSm
-                                                                                          : kMinBlocksPerSm)
-    w4a16_gemv_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm<M, kGated>) w4a16_gemv_kernel(const Params p) {
   using Tr = Traits<T>;
   constexpr bool kRoll = kRollingLoads<M, kGated>;
   constexpr int kGroups = (M + kNarrowMaxM - 1) / kNarrowMaxM;  // MMA groups of 8 activation rows
