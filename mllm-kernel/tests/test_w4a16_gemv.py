@@ -237,11 +237,10 @@ def test_split_plan():
             splits = plan(m, n, k, 132)
             assert splits == 1 or -(-n // module.TILE_N) * chunks * splits <= 132 * module.HEAVY_BLOCKS_PER_SM
     assert module.blocks_per_sm_for(8) == module.BLOCKS_PER_SM and module.partial_rows(5) == 5
-    # The gated kernel (rolling loads, ~150 registers) also runs 3 blocks per SM.
-    assert module.blocks_per_sm_for(1, gated=True) == module.HEAVY_BLOCKS_PER_SM
-    for n, k in [(2 * 3072, 1024), (2 * 12288, 4096)]:  # Qwen3-0.6B's and Qwen3-8B's gate/up
-        splits = plan(1, n, k, 132, gated=True)
-        assert splits == 1 or -(-n // module.TILE_N) * splits <= 132 * module.HEAVY_BLOCKS_PER_SM
+    # A gated launch is planned as the plain one (the same split order, hence bit-equal sums); its
+    # narrow kernel (rolling loads) runs 3 blocks per SM, and Qwen3-8B's gate/up still fits one wave.
+    n, k = 2 * 12288, 4096
+    assert plan(1, n, k, 132) == 1 and -(-n // module.TILE_N) <= 132 * module.HEAVY_BLOCKS_PER_SM
     assert module.row_chunks(8) == 1
     for m, n, k in [(8, 4096, 12288), (8, 256, 65536), (1, 64, 1 << 20), (9, 256, 65536), (64, 256, 65536)]:
         splits = plan(m, n, k, 10_000)  # a huge GPU pushes towards the workspace limit

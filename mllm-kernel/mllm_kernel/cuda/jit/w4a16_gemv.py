@@ -143,14 +143,15 @@ def row_chunks(m: int) -> int:
     return math.ceil(m / WIDE_ROWS) if m > NARROW_MAX_M else 1
 
 
-def blocks_per_sm_for(m: int, gated: bool = False) -> int:
-    """Resident blocks per SM of the instance that runs m rows: the wide and the gated (rolling
-    loads) kernels take more registers."""
-    return HEAVY_BLOCKS_PER_SM if m > NARROW_MAX_M or gated else BLOCKS_PER_SM
+def blocks_per_sm_for(m: int) -> int:
+    """Resident blocks per SM that plan_splits assumes for m rows: the wide kernel takes more
+    registers. A gated launch (whose narrow kernel also runs 3 blocks per SM) is planned as the
+    plain launch of the same weight, so that it sums in the same split order and equals the plain
+    GEMV followed by the SiLU-and-mul bit for bit; Qwen3-8B's gate/up runs unsplit either way."""
+    return HEAVY_BLOCKS_PER_SM if m > NARROW_MAX_M else BLOCKS_PER_SM
 
 
-def plan_splits(m: int, n: int, k: int, sm_count: int, blocks_per_sm: Optional[int] = None,
-                gated: bool = False) -> int:
+def plan_splits(m: int, n: int, k: int, sm_count: int, blocks_per_sm: Optional[int] = None) -> int:
     """K chunks per column tile, from a small cost model of the busiest SM.
 
     Time ~ (blocks on the busiest SM) x (batches per block) / (the fraction of its share of HBM
@@ -161,7 +162,7 @@ def plan_splits(m: int, n: int, k: int, sm_count: int, blocks_per_sm: Optional[i
     ``bench_w4a16_gemv.py --sweep`` measures the alternatives. Few column tiles (N = 4096: 64)
     need splits to occupy the GPU, many (N = 24576: 384) none.
     """
-    blocks_per_sm = blocks_per_sm_for(m, gated) if blocks_per_sm is None else blocks_per_sm
+    blocks_per_sm = blocks_per_sm_for(m) if blocks_per_sm is None else blocks_per_sm
     n_tiles = math.ceil(n / TILE_N) * row_chunks(m)  # (tile, row chunk) pairs
     batches = math.ceil(k / 8 / BATCH_ROWS)
     best, best_cost = 1, math.inf
@@ -196,8 +197,8 @@ def _sm_count(index: int) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def _auto_splits(m: int, n: int, k: int, device_index: int, gated: bool) -> int:
-    return plan_splits(m, n, k, _sm_count(device_index), gated=gated)
+def _auto_splits(m: int, n: int, k: int, device_index: int) -> int:
+    return plan_splits(m, n, k, _sm_count(device_index))
 
 
 _workspaces: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
@@ -254,8 +255,7 @@ def w4a16_gemv(
     if out is None:
         out = torch.empty((m, n // 2 if gated else n), dtype=x.dtype, device=x.device)
     if splits is None:
-        splits = _auto_splits(m, n, k, x.device.index if x.device.index is not None else torch.cuda.current_device(),
-                              bool(gated))
+        splits = _auto_splits(m, n, k, x.device.index if x.device.index is not None else torch.cuda.current_device())
     if n:
         partials, counters = workspace(x.device)
         kernel[x.dtype, zeros is not None, bool(gated)](out, x, qweight, scales, zeros, bias, partials, counters,
