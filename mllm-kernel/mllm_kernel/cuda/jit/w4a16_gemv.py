@@ -151,18 +151,18 @@ def blocks_per_sm_for(m: int) -> int:
     return HEAVY_BLOCKS_PER_SM if m > NARROW_MAX_M else BLOCKS_PER_SM
 
 
-def plan_splits(m: int, n: int, k: int, sm_count: int, blocks_per_sm: Optional[int] = None) -> int:
+def plan_splits(m: int, n: int, k: int, sm_count: int) -> int:
     """K chunks per column tile, from a small cost model of the busiest SM.
 
     Time ~ (blocks on the busiest SM) x (batches per block) / (the fraction of its share of HBM
     bandwidth the SM can pull, saturating at ~64 KiB of weight loads in flight, which cover HBM
     latency at the per-SM share) + a per-block overhead + (when split) a fixed cost for the
     partial round trip and the last block's reduction, among the split counts whose blocks fit in
-    one wave (SMs x blocks_per_sm). The constants are estimates;
+    one wave (SMs x blocks_per_sm_for(m)). The constants are estimates;
     ``bench_w4a16_gemv.py --sweep`` measures the alternatives. Few column tiles (N = 4096: 64)
     need splits to occupy the GPU, many (N = 24576: 384) none.
     """
-    blocks_per_sm = blocks_per_sm_for(m) if blocks_per_sm is None else blocks_per_sm
+    blocks_per_sm = blocks_per_sm_for(m)
     n_tiles = math.ceil(n / TILE_N) * row_chunks(m)  # (tile, row chunk) pairs
     batches = math.ceil(k / 8 / BATCH_ROWS)
     best, best_cost = 1, math.inf
