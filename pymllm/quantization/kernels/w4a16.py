@@ -167,7 +167,9 @@ def w4a16_linear(
     n = qweight.shape[1]
     sm80 = cuda_capability(x.device) >= (8, 0)  # (0, 0) off CUDA
     gemv_ok = sm80 and gemv_fits(x, qweight, scales, zeros, group, bias)  # it checks the rows too
-    triton_ok = sm80 and fast_path_supported(x, n, k, group)
+    # The Triton capability check only matters where the GEMV does not run (every decode call
+    # would otherwise pay for it).
+    triton_ok = sm80 and not gemv_ok and fast_path_supported(x, n, k, group)
     choice = choose_w4a16_kernel(m, sm80, gemv_ok, triton_ok)
     if choice == "cuda_gemv":
         from mllm_kernel.cuda.jit.w4a16_gemv import w4a16_gemv
