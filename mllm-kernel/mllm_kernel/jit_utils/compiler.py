@@ -19,10 +19,50 @@ CUDA_FLAGS = ("-O3", "-std=c++17", "--expt-relaxed-constexpr")
 
 _SOURCE_SUFFIX = {"cpu": ".cpp", "cuda": ".cu"}
 
-# tvm_ffi takes CUDA archs only from this variable (else it asks nvidia-smi);
-# the lock keeps concurrent builds in this process from seeing each other's value.
+# tvm_ffi takes CUDA archs only from this variable (else it asks nvidia-smi).
 _TVM_FFI_ARCH_ENV = "TVM_FFI_CUDA_ARCH_LIST"
-_arch_env_lock = threading.Lock()
+
+
+class _SharedArchEnv:
+    """The variable, shared by concurrent builds in this process: builds for the same archs run
+    together (build_in_parallel), a build for other archs (the CUTLASS GEMM's sm_90a next to
+    sm_90 GEMVs) waits until none of them holds it, and the last one out restores it."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._users = 0
+        self._value: str | None = None
+        self._previous: str | None = None
+
+    @contextlib.contextmanager
+    def holding(self, value: str) -> Iterator[None]:
+        with self._changed:
+            while self._users and self._value != value:
+                self._changed.wait()
+            if not self._users:
+                self._previous = os.environ.get(_TVM_FFI_ARCH_ENV)
+                os.environ[_TVM_FFI_ARCH_ENV] = self._value = value
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._users -= 1
+                if not self._users:
+                    if self._previous is None:
+                        os.environ.pop(_TVM_FFI_ARCH_ENV, None)
+                    else:
+                        os.environ[_TVM_FFI_ARCH_ENV] = self._previous
+                    self._value = None
+                    self._changed.notify_all()
+
+
+_arch_env = _SharedArchEnv()
+
+
+def cuda_arch_env(archs: Sequence[str]) -> contextlib.AbstractContextManager[None]:
+    """Hold ``TVM_FFI_CUDA_ARCH_LIST`` at ``archs`` for one tvm_ffi build (see _SharedArchEnv)."""
+    return _arch_env.holding(" ".join(archs))
 
 
 def include_dirs(device: str) -> list[Path]:
@@ -58,23 +98,6 @@ def render_wrapper(spec: KernelSpec, device: str, template_args: Sequence[str]) 
     return "\n".join(lines)
 
 
-@contextlib.contextmanager
-def _cuda_arch_env(target: Target) -> Iterator[None]:
-    if target.device != "cuda":
-        yield
-        return
-    with _arch_env_lock:
-        previous = os.environ.get(_TVM_FFI_ARCH_ENV)
-        os.environ[_TVM_FFI_ARCH_ENV] = " ".join(target.archs)
-        try:
-            yield
-        finally:
-            if previous is None:
-                del os.environ[_TVM_FFI_ARCH_ENV]
-            else:
-                os.environ[_TVM_FFI_ARCH_ENV] = previous
-
-
 def build(
     spec: KernelSpec,
     target: Target,
@@ -86,7 +109,7 @@ def build(
     file when ``output`` ends in ``.o`` (used to compile-check without linking)."""
     wrapper = build_dir / f"{spec.name}_export{_SOURCE_SUFFIX[target.device]}"
     wrapper.write_text(render_wrapper(spec, target.device, template_args))
-    with _cuda_arch_env(target):
+    with cuda_arch_env(target.archs) if target.device == "cuda" else contextlib.nullcontext():
         path = tvm_ffi.cpp.build(
             name=spec.name,
             sources=[str(wrapper)],

@@ -26,6 +26,7 @@ import torch
 import tvm_ffi
 
 from mllm_kernel.jit_utils import cache
+from mllm_kernel.jit_utils.parallel_build import BuildStep
 from mllm_kernel.jit_utils.registry import KernelSpec, make_spec, register
 from mllm_kernel.jit_utils.target import target_for
 from mllm_kernel.jit_utils.template import render_template_args
@@ -54,14 +55,33 @@ class KernelInstance:
         self._kernel = kernel
         self._template_args = template_args
         self._functions: dict[torch.device, Callable[..., Any]] = {}
+        # Per instance, so that different instances of one kernel can compile in parallel
+        # (build_in_parallel) while racing threads still compile each instance once.
+        self._lock = threading.Lock()
 
     def __call__(self, *args: Any) -> Any:
         device = _device_of(args)
         function = self._functions.get(device)
         if function is None:
-            function = self._kernel.load(device, self._template_args)
-            self._functions[device] = function
+            function = self.load(device)
         return function(*args)
+
+    def name(self, device_type: str = "cuda") -> str:
+        """``entry<args>`` as the build logs name it, e.g. ``gemv<__nv_bfloat16>``."""
+        return cache.describe(self._kernel.spec, render_template_args(self._template_args, device_type))
+
+    def load(self, device: torch.device) -> Callable[..., Any]:
+        """Compile (or load from the disk cache) this instance for ``device``, once."""
+        with self._lock:
+            function = self._functions.get(device)
+            if function is None:
+                function = self._kernel.load(device, self._template_args)
+                self._functions[device] = function
+            return function
+
+    def build_step(self, device: torch.device) -> BuildStep:
+        """This instance's compile for ``device`` as a step of ``build_in_parallel``."""
+        return BuildStep(self.name(device.type), lambda: self.load(device))
 
 
 class JitKernel:
@@ -70,7 +90,6 @@ class JitKernel:
     def __init__(self, spec: KernelSpec) -> None:
         self.spec = spec
         self._instances: dict[tuple[Any, ...], KernelInstance] = {}
-        self._lock = threading.Lock()
 
     def __getitem__(self, template_args: Any) -> KernelInstance:
         if not isinstance(template_args, tuple):
@@ -85,9 +104,8 @@ class JitKernel:
         target = target_for(device)
         self.spec.sources_for(device.type)  # fail before compiling for a device without sources
         rendered = render_template_args(template_args, device.type)
-        with self._lock:  # one compile per instance even if threads race here
-            library = cache.load_or_build(self.spec, target, rendered)
-            return getattr(tvm_ffi.load_module(str(library)), self.spec.name)
+        library = cache.load_or_build(self.spec, target, rendered)
+        return getattr(tvm_ffi.load_module(str(library)), self.spec.name)
 
 
 def jit(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from mllm_kernel.checks import check_contiguous, check_same_device, check_size, check_tensor
-from mllm_kernel.jit_utils import JitKernel, jit
+from mllm_kernel.jit_utils import BuildStep, JitKernel, jit
 
 _OP = "create_kv_indices"
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -95,3 +95,10 @@ def create_kv_indices_reference(
         kv_indices_out = torch.empty(int(kv_indptr[-1]), dtype=torch.int32, device=req_to_token.device)
     kv_indices_out[per_token(kv_indptr[:-1]) + j] = req_to_token[per_token(req_pool_indices), per_token(starts) + j]
     return kv_indices_out
+
+
+def build_step(device: torch.device, index_dtype: torch.dtype = torch.int64,
+               start_dtype: torch.dtype = torch.int32) -> BuildStep:
+    """The instance calls with ``index_dtype`` request indices and ``start_dtype`` starts (int32
+    when no kv_start_idx is given) compile."""
+    return create_kv_indices.kernel[index_dtype, start_dtype].build_step(device)

@@ -52,12 +52,12 @@ dispatch on measurements. The fused entries take a keyword ``_tiling`` (0: the k
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
 from mllm_kernel.checks import check_same_device, check_size, check_tensor
-from mllm_kernel.jit_utils import JitKernel, jit
+from mllm_kernel.jit_utils import BuildStep, JitKernel, jit
 from mllm_kernel.pdl import use_pdl
 
 MAX_ROWS = 8
@@ -364,3 +364,24 @@ def gemv_w8a8_dynamic_reference(x: torch.Tensor, w: torch.Tensor, w_scale: torch
         raise ValueError(f"gemv_w8a8_dynamic_reference: unknown prologue {prologue!r}")
     y = gemv_w8a8_reference(*_per_token_quant_int8_reference(a), w, w_scale, out_dtype, bias)
     return (y, residual_out) if prologue == "rmsnorm" else y
+
+
+BUILD_KINDS = ("dense", "dense_fused", "w8a8", "w8a8_fused")
+
+
+def build_steps(kind: str, dtype: torch.dtype, device: torch.device) -> List[BuildStep]:
+    """The instances that ``kind``'s calls compile for activations of ``dtype`` ("dense": gemv;
+    "dense_fused": the RMSNorm and SiLU-and-mul prologue GEMVs and the gated one; "w8a8":
+    gemv_w8a8; "w8a8_fused": gemv_w8a8_dynamic with each prologue), as build_in_parallel steps."""
+    if kind == "dense":
+        instances = [gemv.kernel[dtype]]
+    elif kind == "dense_fused":
+        instances = [_gemv_prologue.kernel[dtype, PROLOGUES[p]] for p in ("rmsnorm", "silu_mul")]
+        instances.append(gemv_gated_silu.kernel[dtype])
+    elif kind == "w8a8":
+        instances = [gemv_w8a8.kernel[dtype]]
+    elif kind == "w8a8_fused":
+        instances = [gemv_w8a8_dynamic.kernel[dtype, p] for p in PROLOGUES.values()]
+    else:
+        raise ValueError(f"unknown GEMV build kind {kind!r}; expected one of {BUILD_KINDS}")
+    return [instance.build_step(device) for instance in instances]

@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from mllm_kernel.jit_utils import cache, compiler
+from mllm_kernel.jit_utils import BuildStep, cache, compiler
 from mllm_kernel.jit_utils.registry import KernelSpec, make_spec
 from mllm_kernel.jit_utils.target import Target, target_for
 from mllm_kernel.jit_utils.template import render_template_args
@@ -152,10 +152,6 @@ def _cache_key(spec: KernelSpec, target: Target, template_args: Sequence[str], i
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
 
 
-_ARCH_ENV = "TVM_FFI_CUDA_ARCH_LIST"
-_arch_env_lock = threading.Lock()
-
-
 def build(spec: KernelSpec, target: Target, template_args: Sequence[str], build_dir: Path,
           output: Optional[str] = None) -> Path:
     """Compile into ``build_dir``: the shared library, or an object file when ``output`` ends in .o."""
@@ -164,26 +160,18 @@ def build(spec: KernelSpec, target: Target, template_args: Sequence[str], build_
     include_dirs = find_cutlass_include_dirs()
     wrapper = build_dir / f"{spec.name}_export.cu"
     wrapper.write_text(compiler.render_wrapper(spec, "cuda", template_args))
-    # tvm_ffi reads the archs only from this variable; the lock keeps concurrent builds apart.
-    with _arch_env_lock:
-        previous = os.environ.get(_ARCH_ENV)
-        os.environ[_ARCH_ENV] = " ".join(target.archs)
-        try:
-            path = tvm_ffi.cpp.build(
-                name=spec.name,
-                sources=[str(wrapper)],
-                extra_cflags=list(compiler.CXX_FLAGS),
-                extra_cuda_cflags=list(CUTLASS_CUDA_FLAGS),
-                extra_include_paths=[str(p) for p in (*compiler.include_dirs("cuda"), *include_dirs)],
-                build_directory=str(build_dir),
-                backend="cuda",
-                output=output,
-            )
-        finally:
-            if previous is None:
-                del os.environ[_ARCH_ENV]
-            else:
-                os.environ[_ARCH_ENV] = previous
+    # tvm_ffi reads the archs only from the environment, shared with the other builds.
+    with compiler.cuda_arch_env(target.archs):
+        path = tvm_ffi.cpp.build(
+            name=spec.name,
+            sources=[str(wrapper)],
+            extra_cflags=list(compiler.CXX_FLAGS),
+            extra_cuda_cflags=list(CUTLASS_CUDA_FLAGS),
+            extra_include_paths=[str(p) for p in (*compiler.include_dirs("cuda"), *include_dirs)],
+            build_directory=str(build_dir),
+            backend="cuda",
+            output=output,
+        )
     return Path(path)
 
 
@@ -248,6 +236,16 @@ def load_kernel(variant: str, out_dtype: torch.dtype, device: torch.device) -> C
                 function = getattr(tvm_ffi.load_module(str(library)), spec.name)
                 _functions[key] = function
     return function
+
+
+def build_step(device: torch.device, out_dtype: torch.dtype) -> Optional[BuildStep]:
+    """``load_kernel`` of the build that runs on ``device`` as a build_in_parallel step; None
+    where no build runs there."""
+    variant = variant_for(device)
+    if variant is None:
+        return None
+    return BuildStep(f"int8_scaled_mm_{variant}<{out_dtype}>".replace("torch.", ""),
+                     lambda: load_kernel(variant, out_dtype, device))
 
 
 def check_arguments(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,

@@ -12,7 +12,7 @@ from mllm_kernel.checks import (
     check_size,
     check_tensor,
 )
-from mllm_kernel.jit_utils import JitKernel, jit
+from mllm_kernel.jit_utils import BuildStep, JitKernel, jit
 
 _OP = "store_cache"
 VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -75,3 +75,8 @@ def store_cache_reference(
     """Pure-PyTorch equivalent of :func:`store_cache`."""
     k_cache[out_cache_loc] = k
     v_cache[out_cache_loc] = v
+
+
+def build_step(dtype: torch.dtype, device: torch.device, loc_dtype: torch.dtype = torch.int64) -> BuildStep:
+    """The instance a KV pool of ``dtype`` with ``loc_dtype`` slots compiles."""
+    return store_cache.kernel[dtype, loc_dtype].build_step(device)

@@ -22,7 +22,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from mllm_kernel.jit_utils import JitKernel, jit
+from mllm_kernel.jit_utils import BuildStep, JitKernel, jit
 from mllm_kernel.pdl import use_pdl
 
 _OP = "w4a16_gemv"
@@ -261,6 +261,11 @@ def w4a16_gemv(
         kernel[x.dtype, zeros is not None, bool(gated)](out, x, qweight, scales, zeros, bias, partials, counters,
                                                         group, splits, prefetch, use_pdl(x.device))
     return out
+
+
+def build_step(dtype: torch.dtype, with_zeros: bool, gated: bool, device: torch.device) -> BuildStep:
+    """The instance calls with these activations, zero-point mode and form compile."""
+    return w4a16_gemv.kernel[dtype, bool(with_zeros), bool(gated)].build_step(device)
 
 
 def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
