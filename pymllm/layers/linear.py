@@ -37,6 +37,11 @@ class UnquantizedLinearMethod(LinearMethodBase):
         if prepare_gemv("dense", layer.weight.device, layer.weight.dtype):
             prepare_fused_gemvs("dense", layer.weight.device, layer.weight.dtype)
 
+    def jit_kernels(self, layer, device, dtype):
+        from pymllm.layers.kernels.jit_prebuild import gemv_builds
+
+        return gemv_builds(("dense", "dense_fused"), device, dtype)
+
     def apply(self, layer, x, bias):
         return dense_linear(x, layer.weight, bias)
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from pymllm.configs.errors import ConfigError
 from pymllm.configs.model_config import ModelConfig
+from pymllm.layers.kernels.jit_prebuild import start_kernel_builds
 from pymllm.models import get_model_class
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,8 @@ def load_model(
             model = cls(model_config.hf_config, quant_config=quant_config)
     finally:
         torch.set_default_dtype(previous)
+    # The JIT kernels compile on a thread pool while the weights load (first start only).
+    builds = start_kernel_builds(model, device, model_config.dtype)
     if load_format == "dummy":
         _init_dummy_weights(model, seed)
     else:
@@ -98,6 +101,8 @@ def load_model(
             raise ConfigError(
                 f"--server.model_path: checkpoint lacks {len(missing)} parameter(s), e.g. {sorted(missing)[:5]}"
             )
+    if builds is not None:
+        builds.wait()
     for module in model.modules():
         method = getattr(module, "quant_method", None)
         if method is not None:

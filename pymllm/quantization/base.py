@@ -8,10 +8,13 @@ the forward.
 from __future__ import annotations
 
 import abc
-from typing import Dict, Iterable, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from mllm_kernel.jit_utils import BuildStep
 
 
 class LinearMethodBase(abc.ABC):
@@ -27,6 +30,12 @@ class LinearMethodBase(abc.ABC):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Convert checkpoint layout to kernel layout, once, after all weights are loaded."""
+
+    def jit_kernels(self, layer: nn.Module, device: torch.device, dtype: torch.dtype) -> List["BuildStep"]:
+        """The JIT kernel builds ``process_weights_after_loading`` and the forward will ask for
+        (pymllm.layers.kernels.jit_prebuild runs them in parallel while the weights load); only
+        builds, never required: a kernel missing here is built on first use."""
+        return []
 
     @abc.abstractmethod
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

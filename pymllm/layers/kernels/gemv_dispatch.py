@@ -81,6 +81,15 @@ def _self_test(kind: str, device: torch.device, dtype: torch.dtype) -> None:
 _ready: Dict[Tuple[str, torch.device, torch.dtype], bool] = {}
 
 
+def decode_kernels_run_on(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether mllm_kernel's decode kernels (GEMVs, their fused forms) exist for this device and
+    activation dtype: CUDA SM80+, fp16 / bf16."""
+    # Imported here: pymllm.quantization's schemes import this module.
+    from pymllm.quantization.kernels.device import cuda_capability
+
+    return device.type == "cuda" and cuda_capability(device) >= (8, 0) and dtype in _ACT_DTYPES
+
+
 def prepare_kernel(kind: str, device: torch.device, dtype: torch.dtype, self_test: Callable[[], None]) -> bool:
     """Build (or load from mllm_kernel's cache) and self-test a decode kernel once per
     (kind, device, dtype): ``self_test`` runs it against its PyTorch reference and raises on a
@@ -90,10 +99,7 @@ def prepare_kernel(kind: str, device: torch.device, dtype: torch.dtype, self_tes
     ready = _ready.get(key)  # the per-call path: one lookup once prepared
     if ready is not None:
         return ready
-    # Imported here: pymllm.quantization's schemes import this module.
-    from pymllm.quantization.kernels.device import cuda_capability
-
-    if device.type != "cuda" or cuda_capability(device) < (8, 0) or dtype not in _ACT_DTYPES:
+    if not decode_kernels_run_on(device, dtype):
         _ready[key] = False
         return False
     if torch.cuda.is_current_stream_capturing():

@@ -23,6 +23,9 @@ class CompressedTensorsLinearMethod(LinearMethodBase):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         self.scheme.process_weights_after_loading(layer)
 
+    def jit_kernels(self, layer, device, dtype):
+        return self.scheme.jit_kernels(device, dtype)
+
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         return self.scheme.apply(layer, x, bias)
 

@@ -24,6 +24,10 @@ class CompressedTensorsScheme(abc.ABC):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """Forward only: y = x W^T (+ bias) with the runtime layout; never repacks."""
 
+    def jit_kernels(self, device: torch.device, dtype: torch.dtype) -> list:
+        """The JIT builds this scheme's layers use (LinearMethodBase.jit_kernels)."""
+        return []
+
     def apply_rmsnorm(
         self, layer: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor,
         eps: float, bias: Optional[torch.Tensor],

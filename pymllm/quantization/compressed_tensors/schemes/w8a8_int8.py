@@ -49,6 +49,11 @@ class W8A8Int8Scheme(CompressedTensorsScheme):
         if prepare_gemv("w8a8", layer.weight.device, self.params_dtype):
             prepare_fused_gemvs("w8a8", layer.weight.device, self.params_dtype)
 
+    def jit_kernels(self, device, dtype):
+        from pymllm.layers.kernels.jit_prebuild import cutlass_builds, gemv_builds
+
+        return cutlass_builds(device, dtype) + gemv_builds(("w8a8", "w8a8_fused"), device, dtype)
+
     def apply_rmsnorm(self, layer, x, residual, norm_weight, eps, bias):
         return self._behind_prologue(layer, x, bias, "rmsnorm", residual, norm_weight, eps)
 

@@ -79,6 +79,11 @@ class WNA16Scheme(CompressedTensorsScheme):
         if self.gate_up:
             prepare_w4a16_gemv(qweight.device, self.params_dtype, zeros is not None, gated=True)
 
+    def jit_kernels(self, device, dtype):
+        from pymllm.layers.kernels.jit_prebuild import w4a16_builds
+
+        return w4a16_builds(device, dtype, with_zeros=not self.symmetric, gated=self.gate_up)
+
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         x2d = x.reshape(-1, x.shape[-1])
         zeros = None if self.symmetric else layer.weight_zero_point
