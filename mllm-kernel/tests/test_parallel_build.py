@@ -86,6 +86,14 @@ def test_duplicate_steps_run_once() -> None:
     assert build_in_parallel([]) == {}
 
 
+def test_a_set_stop_skips_the_steps_not_started(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="mllm_kernel")
+    stop, runs = threading.Event(), []
+    stop.set()
+    assert build_in_parallel([BuildStep("k<1>", lambda: runs.append(1))], stop=stop) == {}
+    assert runs == [] and "1 skipped: stopped" in caplog.text
+
+
 def test_job_count(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(JOBS_ENV, raising=False)
     monkeypatch.setattr("os.cpu_count", lambda: 16)

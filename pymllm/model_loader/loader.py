@@ -88,21 +88,20 @@ def load_model(
             model = cls(model_config.hf_config, quant_config=quant_config)
     finally:
         torch.set_default_dtype(previous)
-    # The JIT kernels compile on a thread pool while the weights load (first start only).
-    builds = start_kernel_builds(model, device, model_config.dtype)
-    if load_format == "dummy":
-        _init_dummy_weights(model, seed)
-    else:
-        files = safetensors_files(model_config.model_path)
-        loaded = model.load_weights(iterate_safetensors(files))
-        expected = {n for n, _ in model.named_parameters()}
-        missing = expected - loaded
-        if missing:
-            raise ConfigError(
-                f"--server.model_path: checkpoint lacks {len(missing)} parameter(s), e.g. {sorted(missing)[:5]}"
-            )
-    if builds is not None:
-        builds.wait()
+    # The JIT kernels compile on a thread pool while the weights load (first start only); the
+    # block's end joins them, so the post-load self-tests below find them built.
+    with start_kernel_builds(model, device, model_config.dtype):
+        if load_format == "dummy":
+            _init_dummy_weights(model, seed)
+        else:
+            files = safetensors_files(model_config.model_path)
+            loaded = model.load_weights(iterate_safetensors(files))
+            expected = {n for n, _ in model.named_parameters()}
+            missing = expected - loaded
+            if missing:
+                raise ConfigError(
+                    f"--server.model_path: checkpoint lacks {len(missing)} parameter(s), e.g. {sorted(missing)[:5]}"
+                )
     for module in model.modules():
         method = getattr(module, "quant_method", None)
         if method is not None:

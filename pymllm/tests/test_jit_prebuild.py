@@ -55,7 +55,8 @@ def test_w4a16_model_builds_plain_and_gated_gemvs(monkeypatch, symmetric):
 
 def test_nothing_to_build_on_the_cpu():
     model = torch.nn.Linear(2, 2)
-    assert jit_prebuild.start_kernel_builds(model, torch.device("cpu"), torch.float32) is None
+    assert not isinstance(jit_prebuild.start_kernel_builds(model, torch.device("cpu"), torch.float32),
+                          jit_prebuild.KernelBuilds)
     assert jit_prebuild.gemv_builds(("dense",), torch.device("cpu"), torch.bfloat16) == []
     assert jit_prebuild.kv_cache_builds(torch.device("cpu"), torch.bfloat16) == []
 
@@ -75,20 +76,56 @@ def test_background_builds_run_and_report_failures():
     def broken():
         raise RuntimeError("no nvcc")
 
-    builds = jit_prebuild.KernelBuilds([BuildStep("a", lambda: ran.append("a")), BuildStep("b", broken)])
-    builds.wait()
-    builds.wait()  # idempotent
+    with jit_prebuild.KernelBuilds([BuildStep("a", lambda: ran.append("a")), BuildStep("b", broken)]) as builds:
+        pass
+    builds.wait()  # joined by the block already; idempotent
     assert ran == ["a"] and list(builds.failures) == ["b"]
+
+
+def test_a_failed_load_stops_the_builds_not_yet_started(monkeypatch):
+    """An exception in the block (a bad checkpoint, Ctrl-C) must not leave the process waiting
+    for every queued compile: the steps not started are skipped."""
+    import threading
+
+    from mllm_kernel.jit_utils import BuildStep
+
+    monkeypatch.setenv("MLLM_KERNEL_JIT_JOBS", "1")
+    started, release, ran = threading.Event(), threading.Event(), []
+
+    def first():
+        started.set()
+        release.wait(30)
+        ran.append("first")
+
+    steps = [BuildStep("first", first), BuildStep("second", lambda: ran.append("second"))]
+    with pytest.raises(RuntimeError, match="checkpoint"):
+        with jit_prebuild.KernelBuilds(steps) as builds:
+            started.wait(30)
+            raise RuntimeError("bad checkpoint")
+    release.set()
+    builds._thread.join(30)
+    assert ran == ["first"] and builds.failures == {}
+
+
+def test_a_bad_job_count_fails_on_the_loading_thread(monkeypatch):
+    from mllm_kernel.jit_utils import BuildStep
+
+    monkeypatch.setenv("MLLM_KERNEL_JIT_JOBS", "lots")
+    with pytest.raises(ValueError, match="MLLM_KERNEL_JIT_JOBS"):
+        jit_prebuild.KernelBuilds([BuildStep("a", lambda: None)])
 
 
 def test_loader_joins_the_builds_before_the_post_load_conversion(monkeypatch):
     events = []
 
     class FakeBuilds:
-        def wait(self):
-            events.append("wait")
+        def __enter__(self):
+            events.append("start")
 
-    monkeypatch.setattr(loader, "start_kernel_builds", lambda model, device, dtype: events.append("start") or FakeBuilds())
+        def __exit__(self, *exc):
+            events.append("join")
+
+    monkeypatch.setattr(loader, "start_kernel_builds", lambda model, device, dtype: FakeBuilds())
     from pymllm.layers.linear import UnquantizedLinearMethod
 
     monkeypatch.setattr(UnquantizedLinearMethod, "process_weights_after_loading",
@@ -97,4 +134,4 @@ def test_loader_joins_the_builds_before_the_post_load_conversion(monkeypatch):
     model_config = ModelConfig(model_path=path, tokenizer_path=path, hf_config=AutoConfig.from_pretrained(path),
                                dtype=torch.float32, context_length=128)
     loader.load_model(model_config, "dummy", torch.device("cpu"))
-    assert events[:2] == ["start", "wait"] and events[2:] and set(events[2:]) == {"convert"}
+    assert events[:2] == ["start", "join"] and events[2:] and set(events[2:]) == {"convert"}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -67,28 +68,43 @@ def unique_steps(steps: Sequence[BuildStep]) -> list[BuildStep]:
     return list(seen.values())
 
 
-def build_in_parallel(steps: Sequence[BuildStep], jobs: int | None = None) -> dict[str, BaseException]:
+class _Skipped(Exception):
+    """A step not started because the builds were stopped."""
+
+
+def build_in_parallel(steps: Sequence[BuildStep], jobs: int | None = None,
+                      stop: threading.Event | None = None) -> dict[str, BaseException]:
     """Run every step (duplicates by name once) on ``jobs`` threads; returns the failures by
     name. A failure is logged, not raised: the kernel's own first call raises it again, where
-    its caller decides whether to fall back."""
+    its caller decides whether to fall back. Once ``stop`` is set, steps not yet started are
+    skipped (running compiles finish), so an interrupted start does not wait for all of them."""
     steps = unique_steps(steps)
     if not steps:
         return {}
     jobs = default_jobs(len(steps)) if jobs is None else max(1, min(jobs, len(steps)))
     start = time.perf_counter()
     logger.info("building %d JIT kernel(s) on %d thread(s) (cached ones only load)", len(steps), jobs)
+
+    def run(step: BuildStep) -> Any:
+        if stop is not None and stop.is_set():
+            raise _Skipped
+        return step.run()
+
     failures: dict[str, BaseException] = {}
+    skipped = 0
     with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="mllm-kernel-jit") as pool:
-        futures = {pool.submit(step.run): step for step in steps}
+        futures = {pool.submit(run, step): step for step in steps}
         for done, future in enumerate(as_completed(futures), 1):
             step = futures[future]
             error = future.exception()
-            if error is not None:
+            if isinstance(error, _Skipped):
+                skipped += 1
+            elif error is not None:
                 failures[step.name] = error
                 logger.warning("JIT kernel %s failed to build (%d/%d): %s", step.name, done, len(steps), error)
             else:
                 logger.info("JIT kernel %s ready (%d/%d, %.1f s)", step.name, done, len(steps),
                             time.perf_counter() - start)
-    logger.info("JIT kernels ready in %.1f s (%d built or loaded, %d failed)", time.perf_counter() - start,
-                len(steps) - len(failures), len(failures))
+    logger.info("JIT kernels ready in %.1f s (%d built or loaded, %d failed%s)", time.perf_counter() - start,
+                len(steps) - len(failures) - skipped, len(failures), f", {skipped} skipped: stopped" if skipped else "")
     return failures

@@ -12,9 +12,10 @@ cache. Nothing depends on this list being complete: a kernel not listed builds o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from typing import TYPE_CHECKING, Iterable, List, Optional
+from typing import TYPE_CHECKING, Iterable, List
 
 import torch
 from torch import nn
@@ -80,31 +81,53 @@ def model_builds(model: nn.Module, device: torch.device, dtype: torch.dtype) -> 
 
 
 class KernelBuilds:
-    """Builds running on a background thread; ``wait`` joins them (idempotent)."""
+    """Builds running on a background thread. Used as a context manager around the weight
+    loading: a clean exit joins them, an exception (a bad checkpoint, Ctrl-C) stops the builds not
+    yet started and leaves the running ones to finish on their own."""
 
     def __init__(self, steps: List["BuildStep"]):
         from mllm_kernel.jit_utils import build_in_parallel
+        from mllm_kernel.jit_utils.parallel_build import default_jobs, unique_steps
 
+        jobs = default_jobs(len(unique_steps(steps)))  # a bad MLLM_KERNEL_JIT_JOBS fails here, not in the thread
         self.failures: dict = {}
-        self._thread = threading.Thread(target=self._run, args=(build_in_parallel, steps), daemon=True,
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(build_in_parallel, steps, jobs), daemon=True,
                                         name="pymllm-kernel-builds")
         self._thread.start()
 
-    def _run(self, build_in_parallel, steps) -> None:
-        self.failures = build_in_parallel(steps)
+    def _run(self, build_in_parallel, steps, jobs) -> None:
+        self.failures = build_in_parallel(steps, jobs, self._stop)
 
     def wait(self) -> None:
-        self._thread.join()
+        try:
+            self._thread.join()
+        except BaseException:  # interrupted while waiting
+            self.cancel()
+            raise
+
+    def cancel(self) -> None:
+        self._stop.set()
+
+    def __enter__(self) -> "KernelBuilds":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.wait()
+        else:
+            self.cancel()
 
 
-def start_kernel_builds(model: nn.Module, device: torch.device, dtype: torch.dtype) -> Optional[KernelBuilds]:
-    """Start the model's kernel builds in the background; None when there is nothing to build
-    (CPU, or mllm_kernel not importable: the layers then fall back on their own)."""
+def start_kernel_builds(model: nn.Module, device: torch.device, dtype: torch.dtype):
+    """Start the model's kernel builds in the background: a KernelBuilds, or a null context when
+    there is nothing to build (CPU, or mllm_kernel not importable: the layers then fall back on
+    their own)."""
     if device.type != "cuda":
-        return None
+        return contextlib.nullcontext()
     try:
         steps = model_builds(model, device, dtype)
     except ImportError as error:
         logger.info("no kernel builds ahead of the load: mllm_kernel not importable (%s)", error)
-        return None
-    return KernelBuilds(steps) if steps else None
+        return contextlib.nullcontext()
+    return KernelBuilds(steps) if steps else contextlib.nullcontext()
