@@ -21,7 +21,7 @@ from pymllm.executor.batch_inputs import HostBatch, InputStager, extend_as_decod
 from pymllm.executor.cuda_graph_runner import build_cuda_graph_runner, extend_runs_as_decode
 from pymllm.executor.device_memory import device_memory
 from pymllm.executor.multimodal_batch import attach_multimodal_inputs
-from pymllm.layers.attention.selection import create_attention_backend
+from pymllm.layers.attention.selection import attention_jit_builds, create_attention_backend
 from pymllm.layers.kernels.pdl import configure as configure_pdl
 from pymllm.layers.sampler import Sampler, SamplingBatchInfo, is_plain_greedy
 from pymllm.mem_cache.memory_pool import KVPool, ReqToTokenPool, TokenToKVPoolAllocator
@@ -64,7 +64,7 @@ class ModelRunner:
         quant_config = get_quantization_config(self.config.quantization.method, self.model_config.hf_config)
         self.model = load_model(
             self.model_config, self.server.load_format, self.device, seed=self.server.random_seed,
-            quant_config=quant_config,
+            quant_config=quant_config, extra_builds=attention_jit_builds(self.server.attention_backend, self),
         )
         self._init_memory_pools()
         self.attn_backend = create_attention_backend(self.server.attention_backend, self)

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import time
-from typing import Iterator, List, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -75,7 +75,11 @@ def load_model(
     device: torch.device,
     seed: int = 0,
     quant_config=None,
+    extra_builds: Optional[Callable[[nn.Module], list]] = None,
 ) -> nn.Module:
+    """The model with its weights (a checkpoint, or ``dummy``), in its kernels' layout.
+    ``extra_builds(model)``: more JIT build steps for the pool that compiles the model's kernels
+    while the weights load (the runner's attention modules)."""
     cls = get_model_class(model_config.hf_config)
     if quant_config is not None:
         # Quantization configs name checkpoint modules (q_proj); layers are named after the fusion.
@@ -90,7 +94,7 @@ def load_model(
         torch.set_default_dtype(previous)
     # The JIT kernels compile on a thread pool while the weights load (first start only); the
     # block's end joins them, so the post-load self-tests below find them built.
-    with start_kernel_builds(model, device, model_config.dtype):
+    with start_kernel_builds(model, device, model_config.dtype, extra_builds):
         if load_format == "dummy":
             _init_dummy_weights(model, seed)
         else:

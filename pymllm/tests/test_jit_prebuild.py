@@ -125,7 +125,11 @@ def test_loader_joins_the_builds_before_the_post_load_conversion(monkeypatch):
         def __exit__(self, *exc):
             events.append("join")
 
-    monkeypatch.setattr(loader, "start_kernel_builds", lambda model, device, dtype: FakeBuilds())
+    def start(model, device, dtype, extra):
+        events.append(extra(model))
+        return FakeBuilds()
+
+    monkeypatch.setattr(loader, "start_kernel_builds", start)
     from pymllm.layers.linear import UnquantizedLinearMethod
 
     monkeypatch.setattr(UnquantizedLinearMethod, "process_weights_after_loading",
@@ -133,5 +137,5 @@ def test_loader_joins_the_builds_before_the_post_load_conversion(monkeypatch):
     path = str(base_checkpoint())
     model_config = ModelConfig(model_path=path, tokenizer_path=path, hf_config=AutoConfig.from_pretrained(path),
                                dtype=torch.float32, context_length=128)
-    loader.load_model(model_config, "dummy", torch.device("cpu"))
-    assert events[:2] == ["start", "join"] and events[2:] and set(events[2:]) == {"convert"}
+    loader.load_model(model_config, "dummy", torch.device("cpu"), extra_builds=lambda model: "extra steps")
+    assert events[:3] == ["extra steps", "start", "join"] and events[3:] and set(events[3:]) == {"convert"}

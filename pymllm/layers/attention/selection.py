@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+from torch import nn
 
 from pymllm.configs.errors import ConfigError
 from pymllm.layers.attention.base_backend import AttentionBackend
@@ -39,6 +40,16 @@ def choose_attention_backend(
                 f"--server.attention_backend: flashinfer needs --server.dtype float16 or bfloat16, not {dtype}"
             )
     return requested
+
+
+def attention_jit_builds(requested: str, runner) -> Optional[Callable[[nn.Module], list]]:
+    """The JIT builds of the backend ``create_attention_backend`` will pick, as a function of the
+    model for the loader's build pool (FlashInfer's attention modules); None for the others."""
+    if choose_attention_backend(requested, runner.device.type, flashinfer_available(), runner.dtype) != "flashinfer":
+        return None
+    from pymllm.layers.attention.flashinfer_warmup import flashinfer_builds
+
+    return lambda model: flashinfer_builds(model, runner.device, runner.dtype)
 
 
 def create_attention_backend(requested: str, runner) -> AttentionBackend:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from typing import TYPE_CHECKING, Iterable, List
+from typing import TYPE_CHECKING, Callable, Iterable, List, Optional
 
 import torch
 from torch import nn
@@ -119,14 +119,15 @@ class KernelBuilds:
             self.cancel()
 
 
-def start_kernel_builds(model: nn.Module, device: torch.device, dtype: torch.dtype):
-    """Start the model's kernel builds in the background: a KernelBuilds, or a null context when
-    there is nothing to build (CPU, or mllm_kernel not importable: the layers then fall back on
-    their own)."""
+def start_kernel_builds(model: nn.Module, device: torch.device, dtype: torch.dtype,
+                        extra: Optional[Callable[[nn.Module], List["BuildStep"]]] = None):
+    """Start the model's kernel builds (and ``extra(model)``'s) in the background: a KernelBuilds,
+    or a null context when there is nothing to build (CPU, or mllm_kernel not importable: the
+    layers then fall back on their own)."""
     if device.type != "cuda":
         return contextlib.nullcontext()
     try:
-        steps = model_builds(model, device, dtype)
+        steps = model_builds(model, device, dtype) + (extra(model) if extra is not None else [])
     except ImportError as error:
         logger.info("no kernel builds ahead of the load: mllm_kernel not importable (%s)", error)
         return contextlib.nullcontext()
