@@ -109,22 +109,26 @@ def test_job_count(monkeypatch: pytest.MonkeyPatch) -> None:
             default_jobs(4)
 
 
-def test_kv_cache_kernels_as_steps(cache_dir: Path) -> None:
-    """The KV kernels' steps (CPU builds here) name the instances their calls then use."""
+def test_kv_cache_kernels_as_steps(cache_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                   caplog: pytest.LogCaptureFixture) -> None:
+    """The KV kernels' steps (CPU builds here) compile the very instances their calls then use."""
     from mllm_kernel.cuda.jit import create_kv_indices, store_cache
 
+    for kernel in (store_cache.kernel, create_kv_indices.kernel):  # no instance loaded by other tests
+        monkeypatch.setattr(kernel, "_instances", {})
+    caplog.set_level(logging.INFO, logger="mllm_kernel")
     steps = [store_build(torch.float32, CPU), kv_indices_build(CPU)]
     assert [s.name for s in steps] == ["store_cache<float, int64_t>", "create_kv_indices<int64_t, int32_t>"]
     assert build_in_parallel(steps) == {}
+    assert caplog.text.count("compiling kernel") == 2 and cache.cache_root() == cache_dir
+    caplog.clear()
     k = torch.randn(2, 1, 4)
     k_cache = torch.zeros(5, 1, 4)
     v_cache = torch.zeros(5, 1, 4)
     loc = torch.tensor([3, 1])
     store_cache(k, k, k_cache, v_cache, loc)
     assert torch.equal(k_cache[loc], k)
-    assert store_cache.kernel[torch.float32, torch.int64]._functions  # loaded by the step, reused by the call
-    assert create_kv_indices.kernel[torch.int64, torch.int32]._functions
-    assert cache.cache_root() == cache_dir
+    assert "compiling" not in caplog.text and "loaded cached" not in caplog.text  # the step's function
 
 
 def test_arch_variable_is_shared_by_equal_archs_only(monkeypatch: pytest.MonkeyPatch) -> None:
