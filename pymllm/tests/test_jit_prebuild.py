@@ -24,6 +24,7 @@ def build_names(raw, monkeypatch, cutlass: bool = True):
     monkeypatch.setattr("pymllm.quantization.kernels.int8_scaled_mm.cutlass_unavailable_reason",
                         lambda: None if cutlass else "no CUTLASS headers")
     monkeypatch.setattr("mllm_kernel.cuda.jit.int8_scaled_mm_cutlass.variant_for", lambda device: "sm90")
+    monkeypatch.setattr("pymllm.quantization.kernels.int8_scaled_mm.cuda_capability", lambda device: (9, 0))
     hf_config = AutoConfig.from_pretrained(base_checkpoint())
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)

@@ -3,8 +3,9 @@
 FlashInfer 0.6 compiles each attention module (by dtypes, head dim, backend) the first time a
 wrapper is planned with it; on a machine without its cache that took ~80 s of a Qwen3-8B first
 start on an H200 host, in the runner's warm-up, after the weights and mllm_kernel's builds. This
-step plans a throwaway ``FlashInferAttnBackend`` the way the runner's warm-up will (a prefill, an
-extend on a cached prefix, a decode step) on a tiny pool of its own, so the same modules compile
+step plans a throwaway ``FlashInferAttnBackend`` on a tiny pool of its own for the batch kinds a
+server plans (the runner's warm-up: a prefill and an extend on a cached prefix; and an eager
+decode step, which batches beyond the captured graphs take), so the same modules compile
 on the loader's build pool (pymllm.layers.kernels.jit_prebuild) next to the other JIT builds; the
 real backend then finds them in FlashInfer's caches. Planning the same backend class through
 ``init_forward_metadata`` keeps the module choices identical to the runner's by construction.
@@ -24,7 +25,7 @@ from pymllm.mem_cache.memory_pool import KVPool, ReqToTokenPool
 if TYPE_CHECKING:
     from mllm_kernel.jit_utils import BuildStep
 
-# (prefix, new tokens) of the extend batches the runner's warm-up runs, then one decode row.
+# (prefix, new tokens) of the extend batches the runner's warm-up runs; then one eager decode row.
 _EXTENDS = ((0, 8), (8, 4))
 _POOL_TOKENS = 64
 
@@ -57,8 +58,8 @@ def _decode_batch(seq_len: int, device: torch.device) -> ForwardBatch:
 
 
 def plan_like_the_warmup(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Build a FlashInferAttnBackend for ``model`` on a tiny pool and plan every batch kind the
-    runner's warm-up plans; FlashInfer compiles (or loads) the modules they need."""
+    """Build a FlashInferAttnBackend for ``model`` on a tiny pool and plan the runner's warm-up
+    batches and an eager decode step; FlashInfer compiles (or loads) the modules they need."""
     from pymllm.layers.attention.flashinfer_backend import AttentionGeometry, FlashInferAttnBackend, attention_layers
 
     geometry = AttentionGeometry.from_layers(attention_layers(model))

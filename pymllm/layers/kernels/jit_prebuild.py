@@ -4,10 +4,11 @@ A first start compiles a dozen mllm_kernel instances (the decode GEMVs of the we
 their fused forms, the CUTLASS W8A8 GEMM, the KV-cache kernels). Built lazily, one at a time, by
 the self-tests in ``process_weights_after_loading`` they took over three minutes for a W8A8
 model on an H200 host. ``start_kernel_builds`` asks every linear method which builds it will
-need (``LinearMethodBase.jit_kernels``), adds the LM head's GEMV and the KV-cache kernels, and
-runs them on a background thread pool (``mllm_kernel.jit_utils.build_in_parallel``) while the
-loader reads the checkpoint; ``wait`` joins before the self-tests, which then load from the disk
-cache. Nothing depends on this list being complete: a kernel not listed builds on first use.
+need (``LinearMethodBase.jit_kernels``), adds the LM head's GEMV, the KV-cache kernels and the
+attention backend's builds (the loader's ``extra_builds``), and runs them on a background thread
+pool (``mllm_kernel.jit_utils.build_in_parallel``) while the loader reads the checkpoint; the
+loader's ``with`` block joins them before the self-tests, which then load from the disk cache.
+Nothing depends on this list being complete: a kernel not listed builds on first use.
 """
 
 from __future__ import annotations
@@ -47,18 +48,6 @@ def w4a16_builds(device: torch.device, dtype: torch.dtype, with_zeros: bool, gat
     return [build_step(dtype, with_zeros, g, device) for g in ((False, True) if gated else (False,))]
 
 
-def cutlass_builds(device: torch.device, dtype: torch.dtype) -> List["BuildStep"]:
-    """The CUTLASS int8 GEMM's build for this device, where CUTLASS and nvcc are found."""
-    from pymllm.quantization.kernels.int8_scaled_mm import cutlass_unavailable_reason
-
-    if not decode_kernels_run_on(device, dtype) or cutlass_unavailable_reason() is not None:
-        return []
-    from mllm_kernel.cuda.jit import int8_scaled_mm_cutlass
-
-    step = int8_scaled_mm_cutlass.build_step(device, dtype)
-    return [] if step is None else [step]
-
-
 def kv_cache_builds(device: torch.device, dtype: torch.dtype) -> List["BuildStep"]:
     """The KV store and kv_indices kernels (pymllm.layers.kernels.kv_cache_ops) on CUDA."""
     if device.type != "cuda":
@@ -89,7 +78,8 @@ class KernelBuilds:
         from mllm_kernel.jit_utils import build_in_parallel
         from mllm_kernel.jit_utils.parallel_build import default_jobs, unique_steps
 
-        jobs = default_jobs(len(unique_steps(steps)))  # a bad MLLM_KERNEL_JIT_JOBS fails here, not in the thread
+        steps = unique_steps(steps)
+        jobs = default_jobs(len(steps))  # a bad MLLM_KERNEL_JIT_JOBS fails here, not in the thread
         self.failures: dict = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(build_in_parallel, steps, jobs), daemon=True,

@@ -41,18 +41,26 @@ def _warn_fallback(reason: str) -> None:
     logger.warning("int8_scaled_mm: CUTLASS kernel unavailable (%s); using torch._int_mm", reason)
 
 
-def prepare_int8_scaled_mm(device: torch.device, out_dtype: torch.dtype) -> None:
-    """Build (or load from the disk cache) the CUTLASS kernel this device will use, so the
-    first-use compile happens while the model loads rather than inside the first request."""
+def cutlass_builds(device: torch.device, out_dtype: torch.dtype) -> list:
+    """The CUTLASS build this device and output dtype use, as build_in_parallel steps: none where
+    the kernel does not run (the fallback's reason is logged once)."""
     if cuda_capability(device) < (8, 0) or out_dtype not in (torch.float16, torch.bfloat16):
-        return
+        return []
     reason = cutlass_unavailable_reason()
     if reason is not None:
         _warn_fallback(reason)
-        return
+        return []
     from mllm_kernel.cuda.jit import int8_scaled_mm_cutlass
 
-    int8_scaled_mm_cutlass.load_kernel(int8_scaled_mm_cutlass.variant_for(device), out_dtype, device)
+    step = int8_scaled_mm_cutlass.build_step(device, out_dtype)
+    return [] if step is None else [step]
+
+
+def prepare_int8_scaled_mm(device: torch.device, out_dtype: torch.dtype) -> None:
+    """Build (or load from the disk cache) the CUTLASS kernel this device will use, so the
+    first-use compile happens while the model loads rather than inside the first request."""
+    for step in cutlass_builds(device, out_dtype):
+        step.run()
 
 
 def int8_scaled_mm_float(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,

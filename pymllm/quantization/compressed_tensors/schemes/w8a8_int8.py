@@ -22,7 +22,7 @@ from pymllm.layers.kernels.gemv_dispatch import prepare_gemv, w8a8_gemv_or_none
 from pymllm.layers.utils import set_weight_attrs
 from pymllm.quantization.compressed_tensors.schemes.base import CompressedTensorsScheme, replace_parameter
 from pymllm.quantization.kernels.int8_activation_triton import per_token_quant_int8, prologue_quant_int8
-from pymllm.quantization.kernels.int8_scaled_mm import int8_scaled_mm, prepare_int8_scaled_mm
+from pymllm.quantization.kernels.int8_scaled_mm import cutlass_builds, int8_scaled_mm, prepare_int8_scaled_mm
 
 
 class W8A8Int8Scheme(CompressedTensorsScheme):
@@ -50,7 +50,7 @@ class W8A8Int8Scheme(CompressedTensorsScheme):
             prepare_fused_gemvs("w8a8", layer.weight.device, self.params_dtype)
 
     def jit_kernels(self, device, dtype):
-        from pymllm.layers.kernels.jit_prebuild import cutlass_builds, gemv_builds
+        from pymllm.layers.kernels.jit_prebuild import gemv_builds
 
         return cutlass_builds(device, dtype) + gemv_builds(("w8a8", "w8a8_fused"), device, dtype)
 
