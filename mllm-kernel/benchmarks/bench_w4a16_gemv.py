@@ -1,5 +1,6 @@
 """Benchmark w4a16_gemv against bf16 cuBLAS (F.linear) and pymllm's Triton W4A16 kernel at
-Qwen3-8B decode shapes (M = 1, 2, 4, 8 rows).
+Qwen3-8B decode shapes (M = 1, 2, 4, 8 rows). At one row, ``w4a16_gemv_registers`` also times the
+register kernel that the one-row kernel replaces there (``one_row_warps=0``).
 
 A decode step runs every layer's GEMM once with cold weights, back to back inside a CUDA graph.
 So by default each case captures one graph of R calls over distinct weight copies (together well
@@ -82,8 +83,9 @@ def time_impl(case: Case, m: int, impl: str, mode: str, reps: int, splits: Optio
     elif impl == "w4a16_triton":
         calls = [lambda q=q, s=s, z=z: triton_fn(x, q, s, z, case.group, None, out=out) for q, s, z in case.int4]
     else:
+        warps = 0 if impl == "w4a16_gemv_registers" else None
         calls = [lambda q=q, s=s, z=z: w4a16_gemv(x, q, s, z, case.group, None, out=out, splits=splits,
-                                                  prefetch=prefetch) for q, s, z in case.int4]
+                                                  prefetch=prefetch, one_row_warps=warps) for q, s, z in case.int4]
     if mode == "graph":
         return graph_time_us(calls, reps)
     return median_time_us(calls[0], "cuda", reps)
@@ -136,7 +138,8 @@ def main() -> int:
             group = args.group or k
             case = Case(n, k, group, args.zeros, dtype, cold=args.mode == "graph")
             for m in args.m:
-                times = {impl: time_impl(case, m, impl, args.mode, reps, triton_fn=triton_fn) for impl in impls}
+                timed = impls + (["w4a16_gemv_registers"] if m == 1 else [])
+                times = {impl: time_impl(case, m, impl, args.mode, reps, triton_fn=triton_fn) for impl in timed}
                 planned = gemv_module.plan_splits(m, n, k, base["sms"])
                 for impl, time_us in times.items():
                     nbytes = case.moved(m, impl)
@@ -145,7 +148,10 @@ def main() -> int:
                            "group": group, "time_us": time_us, "bytes": nbytes, "gbps": nbytes / time_us / 1e3,
                            "frac_of_copy": floor_us / time_us, "floor_us": floor_us, "vs_floor": time_us / floor_us}
                     if impl == "w4a16_gemv":
-                        row["splits"] = planned
+                        row["splits"] = gemv_module.plan_one_row(n, k, base["sms"])[1] if m == 1 else planned
+                        if m == 1:
+                            row["one_row_warps"] = gemv_module.plan_one_row(n, k, base["sms"])[0]
+                            row["speedup_vs_registers"] = times["w4a16_gemv_registers"] / time_us
                         row["speedup_vs_bf16"] = times["bf16_linear"] / time_us
                         if "w4a16_triton" in times:
                             row["speedup_vs_triton"] = times["w4a16_triton"] / time_us
@@ -170,6 +176,9 @@ def main() -> int:
                    "floor_us": floor, "vs_floor": ours / floor, "target_vs_floor": "<= 1.4",
                    "bf16_us": totals[(m, "bf16_linear", "time")],
                    "speedup_vs_bf16": totals[(m, "bf16_linear", "time")] / ours, "target_vs_bf16": ">= 2.5"}
+            if (m, "w4a16_gemv_registers", "time") in totals:
+                row["registers_us"] = totals[(m, "w4a16_gemv_registers", "time")]
+                row["speedup_vs_registers"] = row["registers_us"] / ours
             if (m, "w4a16_triton", "time") in totals:
                 row["triton_us"] = totals[(m, "w4a16_triton", "time")]
                 row["speedup_vs_triton"] = row["triton_us"] / ours

@@ -56,17 +56,19 @@ def exact(x, qweight, scales, zeros, group, bias):
     return out + bias.double() if bias is not None else out
 
 
-def check(m, n, k, group, with_zeros, dtype, with_bias, splits=None, x=None, bias=None, prefetch=1):
+def check(m, n, k, group, with_zeros, dtype, with_bias, splits=None, x=None, bias=None, prefetch=1,
+          one_row_warps=None, early_weights=True):
     """One call on fresh random activations (and bias) into a NaN-poisoned output."""
     qweight, scales, zeros = random_layer(n, k, group, with_zeros, dtype)
     x = torch.randn(m, k, device="cuda").to(dtype) if x is None else x
     if with_bias and bias is None:
         bias = torch.randn(n, device="cuda").to(dtype)
     out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
-    result = w4a16_gemv(x, qweight, scales, zeros, group, bias, out=out, splits=splits, prefetch=prefetch)
+    result = w4a16_gemv(x, qweight, scales, zeros, group, bias, out=out, splits=splits, prefetch=prefetch,
+                        one_row_warps=one_row_warps, early_weights=early_weights)
     assert result.data_ptr() == out.data_ptr()
     error = relative_error(out, exact(x, qweight, scales, zeros, group, bias))
-    assert error < TOLERANCE[dtype], (m, n, k, group, with_zeros, dtype, with_bias, splits, error)
+    assert error < TOLERANCE[dtype], (m, n, k, group, with_zeros, dtype, with_bias, splits, one_row_warps, error)
     return out
 
 
@@ -82,6 +84,45 @@ def test_matches_reference(dtype, group, with_zeros, m):
     n, k = SMALL  # K = 96: groups 64 and 128 do not divide it, so those cases run channel-wise
     for with_bias in (False, True):
         check(m, n, k, group if group and k % group == 0 else k, with_zeros, dtype, with_bias)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("early_weights", [False, True])
+@pytest.mark.parametrize("one_row_warps", [0, 8, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_one_row_kernels_match_reference(dtype, one_row_warps, early_weights):
+    # Both kernels of a one-row call (0: the register kernel), every group form, forced and
+    # planned splits, K with a partial batch (96 = 12 packed rows: one and a half 8-row batches).
+    cases = [(6144, 4096, 128, False), (4096, 12288, 64, True), (24576, 4096, 32, False), (4096, 4096, None, True),
+             (36, 96, 32, True), (100, 256, 64, False), (4, 8, None, True)]
+    for index, (n, k, group, with_zeros) in enumerate(cases):
+        for splits in (None, 1, 3):
+            check(1, n, k, group or k, with_zeros, dtype, with_bias=(index + (splits or 0)) % 2 == 1, splits=splits,
+                  one_row_warps=one_row_warps, early_weights=early_weights)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("one_row_warps", [8, 16])
+def test_one_row_splits_are_deterministic(one_row_warps):
+    n, k, group = 4096, 12288, 128
+    x = torch.randn(1, k, device="cuda").to(torch.bfloat16)
+    bias = torch.randn(n, device="cuda").to(torch.bfloat16)
+    batches = k // 8 // module.ONE_ROW_BATCH_ROWS
+    for splits in (1, 2, 5, 17, batches, 10 * batches):  # more than the batches: shrunk to one each
+        first = check(1, n, k, group, True, torch.bfloat16, True, splits=splits, x=x, bias=bias,
+                      one_row_warps=one_row_warps)
+        # The counters were reset by the last block: a second launch reduces the same way.
+        second = check(1, n, k, group, True, torch.bfloat16, True, splits=splits, x=x, bias=bias,
+                       one_row_warps=one_row_warps)
+        assert torch.equal(first, second), splits
+
+
+@pytest.mark.gpu
+def test_one_row_kernel_refuses_more_rows():
+    qweight, scales, zeros = random_layer(4096, 4096, 128, False, torch.bfloat16)
+    x = torch.randn(2, 4096, device="cuda").to(torch.bfloat16)
+    with pytest.raises(ValueError, match="one activation row"):
+        w4a16_gemv(x, qweight, scales, zeros, 128, one_row_warps=8)
 
 
 @pytest.mark.gpu
@@ -113,8 +154,9 @@ def test_wide_rows_equal_narrow_launches(m, gated):
     assert relative_error(planned, reference.double()) < 2e-2
     for splits in (1, 3):
         wide = w4a16_gemv(x, qweight, scales, zeros, group, bias, splits=splits, gated=gated)
-        narrow = [w4a16_gemv(x[lo:lo + 8], qweight, scales, zeros, group, bias, splits=splits, gated=gated)
-                  for lo in range(0, m, 8)]
+        # (one_row_warps=0: a last chunk of one row in the register kernel, not the one-row kernel)
+        narrow = [w4a16_gemv(x[lo:lo + 8], qweight, scales, zeros, group, bias, splits=splits, gated=gated,
+                             one_row_warps=0) for lo in range(0, m, 8)]
         assert torch.equal(wide, torch.cat(narrow)), (m, gated, splits)
 
 
@@ -150,12 +192,13 @@ def test_strided_rows_and_default_output():
 
 
 @pytest.mark.gpu
-def test_cuda_graph_replay():
+@pytest.mark.parametrize("m", [1, 2])  # the one-row kernel (2 splits planned for this shape) and the register kernel
+def test_cuda_graph_replay(m):
     n, k, group = 4096, 12288, 128
     qweight, scales, zeros = random_layer(n, k, group, False, torch.bfloat16)
     bias = torch.randn(n, device="cuda").to(torch.bfloat16)
-    x = torch.randn(2, k, device="cuda").to(torch.bfloat16)
-    out = torch.empty(2, n, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up: compiles the kernel and allocates the workspace
@@ -165,7 +208,7 @@ def test_cuda_graph_replay():
     with torch.cuda.graph(graph):
         w4a16_gemv(x, qweight, scales, zeros, group, bias, out=out)
     for _ in range(3):
-        x.copy_(torch.randn(2, k, device="cuda").to(torch.bfloat16))
+        x.copy_(torch.randn(m, k, device="cuda").to(torch.bfloat16))
         out.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
@@ -247,6 +290,27 @@ def test_split_plan():
         slots = -(-n // module.TILE_N) * module.row_chunks(m)
         assert splits == 1 or slots * splits * module.partial_rows(m) * module.TILE_N <= module.WORKSPACE_FLOATS
         assert splits <= -(-k // 8 // module.BATCH_ROWS)
+
+
+def test_one_row_plan():
+    plan = module.plan_one_row
+    # Qwen3-8B on an H100/H200 (132 SMs), as measured best in run T74: qkv (96 tiles) 16 warps
+    # unsplit, o and down (64 tiles) 16 warps in 2 splits, gate/up (384 tiles) 8 warps unsplit.
+    assert plan(6144, 4096, 132) == (16, 1)
+    assert plan(4096, 4096, 132) == (16, 2)
+    assert plan(4096, 12288, 132) == (16, 2)
+    assert plan(24576, 4096, 132) == (8, 1)
+    # A Jetson AGX Orin (16 SMs): every Qwen3-8B layer has more tiles than SMs.
+    for n, k in [(6144, 4096), (4096, 4096), (4096, 12288), (24576, 4096)]:
+        assert plan(n, k, 16) == (8, 1)
+    # Few tiles split until the grid covers the SMs, never past one 8-row batch per split.
+    assert plan(64, 4096, 132) == (16, 64)
+    assert plan(36, 96, 132) == (16, 2)  # 12 packed rows: two batches
+    assert plan(4, 8, 132) == (16, 1)
+    for n, k in [(64, 1 << 20), (4096, 4096), (256, 65536)]:
+        warps, splits = plan(n, k, 10_000)  # a huge GPU pushes towards the workspace limit
+        assert -(-n // module.TILE_N) * splits * module.TILE_N <= module.WORKSPACE_FLOATS
+        assert splits <= -(-k // 8 // module.ONE_ROW_BATCH_ROWS)
 
 
 # ---------------------------------------------------------------- GPU: the gated form
@@ -361,6 +425,9 @@ def test_output_and_splits_errors():
     for prefetch in (-1, 9, 1.0, None):
         with pytest.raises(ValueError, match=r"prefetch must be an int in 0..8"):
             w4a16_gemv(**args, prefetch=prefetch)
+    for warps in (4, 32, True, 8.0):
+        with pytest.raises(ValueError, match=r"one_row_warps must be None, 0 or one of \(8, 16\)"):
+            w4a16_gemv(**args, one_row_warps=warps)
 
 
 def test_gated_argument_errors():

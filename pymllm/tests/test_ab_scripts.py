@@ -64,3 +64,35 @@ def test_forced_fused_gemv_decisions(monkeypatch) -> None:
     monkeypatch.setattr(sys, "argv", ["ab", "w8a8", "sometimes", "--"])
     with pytest.raises(SystemExit, match="KIND MODE"):
         ab.main()
+
+
+def test_forced_w4a16_one_row_kernel(monkeypatch) -> None:
+    """scripts/ab_w4a16_one_row.py: each mode's arguments reach every w4a16_gemv call; explicit ones stay."""
+    import importlib
+
+    gemv = importlib.import_module("mllm_kernel.cuda.jit.w4a16_gemv")
+    spec = importlib.util.spec_from_file_location("ab_one_row", SCRIPT.parent / "ab_w4a16_one_row.py")
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    assert ab.forced_arguments("planned", {"gated": True}) == {"gated": True}
+    assert ab.forced_arguments("registers", {}) == {"one_row_warps": 0}
+    assert ab.forced_arguments("late", {}) == {"early_weights": False}
+    assert ab.forced_arguments("registers", {"one_row_warps": 8}) == {"one_row_warps": 8}
+    seen = []
+
+    def planned(*args, **kwargs):
+        seen.append(kwargs)
+
+    planned.kernel = "jit handle"
+    monkeypatch.setattr(gemv, "w4a16_gemv", planned)
+    monkeypatch.setattr(bench_one_batch, "main", lambda argv: seen.append(list(argv)) or 0)
+    monkeypatch.setattr(sys, "argv", ["ab", "registers", "--", "--batch-size", "1"])
+    with pytest.raises(SystemExit) as done:
+        ab.main()
+    assert done.value.code == 0 and seen == [["--batch-size", "1"]]
+    gemv.w4a16_gemv("x", gated=True)  # what pymllm's W4A16 layers call
+    assert seen[-1] == {"gated": True, "one_row_warps": 0}
+    assert gemv.w4a16_gemv.kernel == "jit handle"  # build_step still finds the kernel
+    monkeypatch.setattr(sys, "argv", ["ab", "sometimes", "--"])
+    with pytest.raises(SystemExit, match="MODE"):
+        ab.main()

@@ -120,7 +120,7 @@ def _gemv_self_test(device: torch.device, dtype: torch.dtype, with_zeros: bool, 
     zeros = torch.randint(-8, 8, (k // group, n), generator=gen).to(device=device, dtype=dtype) if with_zeros else None
     bias = torch.randn(n, generator=gen).to(device=device, dtype=dtype)
     reference = w4a16_gemv_gated_reference if gated else w4a16_gemv_reference
-    for rows in (3, 11, 37):  # one row group; the wide kernel's two; three chunks of 16 rows
+    for rows in (1, 3, 11, 37):  # the one-row kernel; one row group; the wide kernel's two; three chunks of 16
         x = torch.randn(rows, k, generator=gen).to(device=device, dtype=dtype)
         got = w4a16_gemv(x, qweight, scales, zeros, group, bias, splits=2, gated=gated).double()
         want = reference(x, qweight, scales, zeros, group, bias).double()

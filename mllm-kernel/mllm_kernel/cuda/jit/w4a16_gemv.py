@@ -10,7 +10,11 @@ Split K runs in the same launch: fp32 partials go to a workspace allocated once 
 (``workspace``; the first call must happen outside CUDA graph capture) and the last block of
 each column tile reduces them and resets its counter, so replays of a captured graph work.
 Launches on one device share the workspace, so they must be ordered (one stream), as pymllm's
-forward is. On SM90+ the kernel launches as a programmatic dependent (mllm_kernel.pdl): its blocks
+forward is.
+
+One activation row (a decode step at batch 1) runs a second kernel by default: the same
+arithmetic with the weights streamed through shared memory by cp.async (w4a16_gemv_one_row.cuh),
+in blocks of 8 or 16 warps (``plan_one_row``); at 2..64 rows the register kernel runs. On SM90+ the kernel launches as a programmatic dependent (mllm_kernel.pdl): its blocks
 may be resident before the previous kernel ends and wait for it before reading anything.
 """
 
@@ -38,6 +42,9 @@ BLOCKS_PER_SM = 4  # __launch_bounds__ minimum: 128 registers, 16 warps per SM
 HEAVY_BLOCKS_PER_SM = 3  # __launch_bounds__ minimum of the wide and the rolling (gated) kernels: 168 registers
 # Batches ahead each warp prefetches into L2 (kernel argument, so benchmarks can compare).
 PREFETCH_BATCHES = 1
+# The one-row kernel (w4a16_gemv_one_row.cuh): packed rows per warp batch and block sizes in warps.
+ONE_ROW_BATCH_ROWS = 8
+ONE_ROW_WARPS = (8, 16)
 # Workspace: fp32 partials of (tiles x splits x M x TILE_N) and one counter per tile.
 WORKSPACE_FLOATS = 1 << 21  # 8 MiB: gate_up's 384 tiles x 3 splits x 16 rows x 64 columns fit
 MAX_TILES = 8192  # counters (int32)
@@ -191,6 +198,26 @@ def plan_splits(m: int, n: int, k: int, sm_count: int) -> int:
     return best
 
 
+def plan_one_row(n: int, k: int, sm_count: int) -> Tuple[int, int]:
+    """(warps per block, K splits) of the one-row kernel for an [K/8, N] weight.
+
+    A block of 16 warps takes a whole SM (80 registers per thread), so layers with no more column
+    tiles than SMs get 16-warp blocks and split K until the grid covers the SMs once; wider layers
+    get 8-warp blocks (3 per SM) and no split. Measured on an H200 (run T74, Qwen3-8B, best of the
+    sweep per layer): qkv (96 tiles) 16 warps unsplit 6.3 us, o and down (64 tiles) 16 warps in 2
+    splits 5.6 and 10.3 us, gate/up (384 tiles) 8 warps unsplit 17.2 us. A gated launch is planned
+    as the plain launch of the same weight (same blocks, same sum order).
+    """
+    tiles = math.ceil(n / TILE_N)
+    batches = math.ceil(k / 8 / ONE_ROW_BATCH_ROWS)
+    if tiles > sm_count:
+        return 8, 1
+    splits = max(1, min(sm_count // tiles, batches))
+    while splits > 1 and tiles * splits * TILE_N > WORKSPACE_FLOATS:
+        splits -= 1
+    return 16, splits
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -199,6 +226,11 @@ def _sm_count(index: int) -> int:
 @functools.lru_cache(maxsize=4096)
 def _auto_splits(m: int, n: int, k: int, device_index: int) -> int:
     return plan_splits(m, n, k, _sm_count(device_index))
+
+
+@functools.lru_cache(maxsize=4096)
+def _auto_one_row(n: int, k: int, device_index: int) -> Tuple[int, int]:
+    return plan_one_row(n, k, _sm_count(device_index))
 
 
 _workspaces: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
@@ -235,31 +267,47 @@ def w4a16_gemv(
     prefetch: int = PREFETCH_BATCHES,
     validate: bool = True,
     gated: bool = False,
+    one_row_warps: Optional[int] = None,
+    early_weights: bool = True,
 ) -> torch.Tensor:
     """x [M, K] (M <= 64) @ W (+ bias) -> [M, N] in x's dtype; see the module docstring for the
     layout. ``out`` (contiguous [M, N]) is written in place when given. ``splits`` overrides the
-    K split and ``prefetch`` (0..8) the L2 prefetch distance in batches (benchmarks);
-    ``validate=False`` skips the Python checks for callers that already ran ``supported`` (the
-    C++ entry still checks shapes, dtypes and alignment). ``gated=True``: the weight stacks a gate
-    and an up projection ([K/8, 2H], bias [2H]) and the result is ``silu(gate) * up`` [M, H], each
-    half rounded to x's dtype first and combined as pymllm's SiLU-and-mul kernel does: the plain
-    launch followed by that kernel, in one kernel."""
+    K split and ``prefetch`` (0..8) the register kernel's L2 prefetch distance in batches
+    (benchmarks); ``one_row_warps`` picks the kernel of a one-row call (8 or 16: the one-row kernel
+    in blocks of that many warps; 0: the register kernel; None: ``plan_one_row``) and
+    ``early_weights`` whether the one-row kernel copies its first weights before waiting on the
+    kernel before it (PDL). ``validate=False`` skips the Python checks for callers that already ran
+    ``supported`` (the C++ entry still checks shapes, dtypes and alignment). ``gated=True``: the
+    weight stacks a gate and an up projection ([K/8, 2H], bias [2H]) and the result is
+    ``silu(gate) * up`` [M, H], each half rounded to x's dtype first and combined as pymllm's
+    SiLU-and-mul kernel does: the plain launch followed by that kernel, in one kernel."""
     if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int) or splits < 1):
         raise ValueError(f"{_OP}: splits must be a positive int, got {splits!r}")
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or not 0 <= prefetch <= 8:
         raise ValueError(f"{_OP}: prefetch must be an int in 0..8, got {prefetch!r}")
+    if one_row_warps is not None and (isinstance(one_row_warps, bool) or not isinstance(one_row_warps, int)
+                                      or one_row_warps not in (0, *ONE_ROW_WARPS)):
+        raise ValueError(f"{_OP}: one_row_warps must be None, 0 or one of {ONE_ROW_WARPS}, got {one_row_warps!r}")
     if validate:
         check_arguments(x, qweight, scales, zeros, group, bias, out, gated)
     m, k = x.shape
     n = qweight.shape[1]
+    if one_row_warps and m != 1:
+        raise ValueError(f"{_OP}: one_row_warps={one_row_warps} needs one activation row, got {m}")
     if out is None:
         out = torch.empty((m, n // 2 if gated else n), dtype=x.dtype, device=x.device)
+    device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if m == 1 and one_row_warps is None:
+        one_row_warps, planned = _auto_one_row(n, k, device_index)
+        splits = planned if splits is None else splits
+    one_row_warps = one_row_warps or 0
     if splits is None:
-        splits = _auto_splits(m, n, k, x.device.index if x.device.index is not None else torch.cuda.current_device())
+        splits = _auto_splits(m, n, k, device_index)
     if n:
         partials, counters = workspace(x.device)
         kernel[x.dtype, zeros is not None, bool(gated)](out, x, qweight, scales, zeros, bias, partials, counters,
-                                                        group, splits, prefetch, use_pdl(x.device))
+                                                        group, splits, prefetch, one_row_warps, bool(early_weights),
+                                                        use_pdl(x.device))
     return out
 
 

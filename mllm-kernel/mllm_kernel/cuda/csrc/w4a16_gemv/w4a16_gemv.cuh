@@ -6,6 +6,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "w4a16_gemv_one_row.cuh"
 #include "w4a16_gemv_kernel.cuh"
 
 namespace mllm_kernel {
@@ -26,6 +27,22 @@ void launch_rows(int m, const Params& p, int n_tiles, cudaStream_t stream, bool 
                                 pdl, p)
                 : void()),
    ...);
+}
+
+// The one-row kernel in blocks of kBlockWarps warps. Past 48 KiB of static + dynamic shared memory
+// a kernel must opt in, once per device.
+template <typename T, bool kHasZero, bool kGated, int kBlockWarps>
+void launch_one_row(const Params& p, int n_tiles, cudaStream_t stream, bool pdl, int device) {
+  auto kernel = w4a16_gemv_one_row_kernel<T, kHasZero, kGated, kBlockWarps>;
+  constexpr int bytes = one_row_ring_bytes(kBlockWarps);
+  static bool granted[64] = {};
+  TVM_FFI_CHECK(device < 64, ValueError) << "w4a16_gemv: device index " << device << " out of range";
+  if (!granted[device]) {
+    TVM_FFI_CHECK_CUDA_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    granted[device] = true;
+  }
+  const dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(p.splits));
+  launch_kernel(kernel, grid, dim3(32 * kBlockWarps), bytes, stream, pdl, p);
 }
 
 // Rows of partials a launch of m rows reserves per (tile, chunk, split): the wide kernel's stride is kWideRows.
@@ -61,15 +78,19 @@ inline void check_matrix(const TensorView& t, const char* name, int64_t rows, in
 // out [M, N] = x [M, K] @ dequant(qweight, scales, zeros) (+ bias); M in 1..64. partials (float32)
 // and counters (int32, all zero between launches) are the split-K workspace; `splits` is the
 // requested number of K chunks (the wrapper's plan), shrunk here so no chunk is empty;
-// `prefetch` how many batches ahead each warp prefetches its weights into L2 (0 disables); `pdl`
+// `prefetch` how many batches ahead each warp of the register kernel prefetches its weights into
+// L2 (0 disables); `one_row_warps` (8 or 16; M = 1 only) runs the one-row kernel of
+// w4a16_gemv_one_row.cuh in blocks of that many warps instead (0: the register kernel), and
+// `early_weights` lets it copy its first weights before the PDL wait; `pdl`
 // launches it as a programmatic dependent of the kernel before it (SM90+; mllm_kernel.pdl).
 // kGated: the weight stacks gate and up projections ([K/8, 2H], bias [2H]) and out [M, H] is
 // silu(gate) * up, the SiLU-and-mul as the epilogue (see write_outputs); N must then be a multiple of 8.
 template <typename T, bool kHasZero, bool kGated>
 void w4a16_gemv(TensorView out, TensorView x, TensorView qweight, TensorView scales, Optional<TensorView> zeros,
                 Optional<TensorView> bias, TensorView partials, TensorView counters, int64_t group, int64_t splits,
-                int64_t prefetch, bool pdl) {
+                int64_t prefetch, int64_t one_row_warps, bool early_weights, bool pdl) {
   using namespace w4a16_gemv_detail;
+
   constexpr uint8_t code = dtype_code<T>();
   // The Python wrapper reports user-facing errors; these checks guard the address arithmetic.
   TVM_FFI_CHECK(has_dtype(x, code, 16) && x.ndim() == 2, TypeError)
@@ -104,10 +125,16 @@ void w4a16_gemv(TensorView out, TensorView x, TensorView qweight, TensorView sca
       << "w4a16_gemv: counters must be a contiguous int32 tensor";
   TVM_FFI_CHECK(splits >= 1, ValueError) << "w4a16_gemv: splits must be >= 1";
   TVM_FFI_CHECK(prefetch >= 0 && prefetch <= 8, ValueError) << "w4a16_gemv: prefetch must be in 0..8";
+  TVM_FFI_CHECK(one_row_warps == 0 || ((one_row_warps == 8 || one_row_warps == 16) && m == 1), ValueError)
+      << "w4a16_gemv: one_row_warps must be 0, or 8 or 16 for one activation row";
   if (n == 0) return;
 
   const int rows = static_cast<int>(k / 8);
-  const int total_batches = static_cast<int>(ceil_div(rows, kBatchRows));
+  // Rows per batch (and steps per fold window at most): the one-row kernel's stage, or the
+  // register kernel's batch.
+  const int batch_rows = one_row_warps != 0 ? kOneRowRows : kBatchRows;
+  const int batch_steps = batch_rows / 4;
+  const int total_batches = static_cast<int>(ceil_div(rows, batch_rows));
   // At most one split per batch, and gridDim.y <= 65535.
   const int chunk = static_cast<int>(ceil_div(total_batches, std::min<int64_t>({splits, total_batches, 65535})));
   const int used_splits = static_cast<int>(ceil_div(total_batches, chunk));
@@ -129,7 +156,7 @@ void w4a16_gemv(TensorView out, TensorView x, TensorView qweight, TensorView sca
     while ((1 << group_shift) < group_rows) ++group_shift;
   }
   // A fold window is as many steps as fit in one group (a group holds group_rows / 4 steps).
-  const int window = group == k ? kSteps : std::min(kSteps, group_rows / 4);
+  const int window = group == k ? batch_steps : std::min(batch_steps, group_rows / 4);
 
   Params p{};
   p.qweight = reinterpret_cast<const uint32_t*>(byte_ptr(qweight));
@@ -149,11 +176,19 @@ void w4a16_gemv(TensorView out, TensorView x, TensorView qweight, TensorView sca
   p.fold_mask = window - 1;
   p.chunk_batches = chunk;
   p.prefetch = static_cast<int>(prefetch);
+  p.early_weights = early_weights ? 1 : 0;
   p.splits = used_splits;
 
   tvm::ffi::CUDADeviceGuard guard(x.device().device_id);
-  launch_rows<T, kHasZero, kGated>(static_cast<int>(m), p, n_tiles, current_stream(x), pdl,
-                           std::make_integer_sequence<int, kNarrowMaxM>{});
+  const cudaStream_t stream = current_stream(x);
+  if (one_row_warps == 8) {
+    launch_one_row<T, kHasZero, kGated, 8>(p, n_tiles, stream, pdl, x.device().device_id);
+  } else if (one_row_warps == 16) {
+    launch_one_row<T, kHasZero, kGated, 16>(p, n_tiles, stream, pdl, x.device().device_id);
+  } else {
+    launch_rows<T, kHasZero, kGated>(static_cast<int>(m), p, n_tiles, stream, pdl,
+                                     std::make_integer_sequence<int, kNarrowMaxM>{});
+  }
 }
 
 }  // namespace mllm_kernel

@@ -34,6 +34,9 @@
 // partials to a workspace; the last block to finish (a per-tile counter) adds them in a fixed
 // order (deterministic), writes the output and resets the counter to zero, so the workspace is
 // ready for the next launch and the kernel can be replayed in a CUDA graph.
+//
+// One activation row (a decode step at batch 1) has its own kernel, w4a16_gemv_one_row.cuh:
+// the same arithmetic with the weights streamed through shared memory; the host picks it.
 #pragma once
 
 #include "common.cuh"
@@ -74,7 +77,8 @@ struct Params {
   int fold_mask;      // steps per fold window - 1
   int chunk_batches;  // batches per split
   int splits;
-  int prefetch;       // batches ahead whose weights each warp asks L2 for (0: none)
+  int prefetch;       // batches ahead whose weights each warp asks L2 for (0: none; register kernel)
+  int early_weights;  // one-row kernel: copy the first batch's weights before the PDL wait
 };
 
 // (a & kMask) | magic as one LOP3: SASS takes one immediate per LOP3, so the magic comes in a
@@ -182,12 +186,12 @@ __device__ __forceinline__ float meta_at(const uint2& v, int c) {
 // the tile's first 32 columns are gate columns j, the next 32 the matching up columns N/2 + j; g
 // and u are rounded to T after their bias, as the plain kernel would store them, then combined as
 // the SiLU-and-mul kernel combines them (silu_mul_rounded).
-template <typename T, bool kGated, typename Value>
+template <typename T, bool kGated, int kBlockThreads = kThreads, typename Value>
 __device__ __forceinline__ void write_outputs(const Params& p, int tile, int row0, int m_rows, Value value) {
   using Tr = Traits<T>;
   constexpr int kCols = kGated ? kTileN / 2 : kTileN;
   const int n_out = kGated ? p.n / 2 : p.n;
-  for (int idx = threadIdx.x; idx < m_rows * kCols; idx += kThreads) {
+  for (int idx = threadIdx.x; idx < m_rows * kCols; idx += kBlockThreads) {
     const int m = idx / kCols;
     const int j = idx % kCols;
     const int n = tile * kCols + j;
@@ -201,6 +205,153 @@ __device__ __forceinline__ void write_outputs(const Params& p, int tile, int row
     }
     p.out[static_cast<int64_t>(row0 + m) * n_out + n] = Tr::from_float(v);
   }
+}
+
+// One 4-row step's products: lane (g, t) holds the words of columns 4g..4g+3 of packed row t for
+// each subtile (w) and activation row 8q + g's 8 activations of that row (x). `first` starts a
+// fold window (the sums start from zero). Shared by the register-loading and the async kernels.
+template <typename T, int kGroups, bool kXsum>
+__device__ __forceinline__ void step_products(const uint4 (&w)[kSubtiles], const uint4 (&x)[kGroups], bool first,
+                                              uint32_t magic, uint32_t ones, float (&part)[kGroups][kSubtiles][2][4],
+                                              float (&xsum)[kGroups][4]) {
+  using Tr = Traits<T>;
+  const float kZero[4] = {0.f, 0.f, 0.f, 0.f};
+  // B operand: this lane's 8 activations x[8q + g][8j..8j+7] reordered to the (i, i + 4) pairing.
+  uint32_t bq[kGroups][4];
+#pragma unroll
+  for (int q = 0; q < kGroups; ++q) {
+    bq[q][0] = __byte_perm(x[q].x, x[q].z, 0x5410);  // k + 0, k + 4
+    bq[q][1] = __byte_perm(x[q].x, x[q].z, 0x7632);  // k + 1, k + 5
+    bq[q][2] = __byte_perm(x[q].y, x[q].w, 0x5410);  // k + 2, k + 6
+    bq[q][3] = __byte_perm(x[q].y, x[q].w, 0x7632);  // k + 3, k + 7
+  }
+#pragma unroll
+  for (int u = 0; u < kSubtiles; ++u) {
+    uint32_t pr[4][4];  // [word c = column 4g + c][pair i = nibbles (i, i + 4)]
+#pragma unroll
+    for (int c = 0; c < 4; ++c) Tr::unpack(word(w[u], c), magic, pr[c]);
+    // A rows g / g + 8 are columns 4g + 2h / 4g + 2h + 1; A columns 2t, 2t + 1, 2t + 8, 2t + 9
+    // are nibbles (0, 4, 1, 5) of row t in the first MMA and (2, 6, 3, 7) in the second.
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int q = 0; q < kGroups; ++q) {
+        Tr::mma(part[q][u][h], first ? kZero : part[q][u][h], pr[2 * h][0], pr[2 * h + 1][0], pr[2 * h][1],
+                pr[2 * h + 1][1], bq[q][0], bq[q][1]);
+        Tr::mma(part[q][u][h], part[q][u][h], pr[2 * h][2], pr[2 * h + 1][2], pr[2 * h][3], pr[2 * h + 1][3],
+                bq[q][2], bq[q][3]);
+      }
+    }
+  }
+  if constexpr (kXsum) {
+#pragma unroll
+    for (int q = 0; q < kGroups; ++q) {
+      Tr::mma(xsum[q], first ? kZero : xsum[q], ones, ones, ones, ones, bq[q][0], bq[q][1]);
+      Tr::mma(xsum[q], xsum[q], ones, ones, ones, ones, bq[q][2], bq[q][3]);
+    }
+  }
+}
+
+// The end of a fold window (all of it inside one group): acc += scale * (part - offset * xsum),
+// offset = the unpack's bias (+ the zero point). `reset` zeroes the window's sums when the next
+// window starts inside the same batch (G < 32 x steps per batch). kEvenRowsOnly: one activation
+// row, so the accumulators of the odd MMA columns (rows 2t + 1) are never written.
+template <typename T, int kGroups, bool kHasZero, bool kXsum, bool kEvenRowsOnly = false>
+__device__ __forceinline__ void fold_window(const uint2 (&scale)[kSubtiles], const uint2 (&zero)[kSubtiles], bool reset,
+                                            float (&part)[kGroups][kSubtiles][2][4], float (&xsum)[kGroups][4],
+                                            float (&acc)[kGroups][kSubtiles][2][4]) {
+#pragma unroll
+  for (int u = 0; u < kSubtiles; ++u) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        if (kEvenRowsOnly && (r & 1)) continue;
+        const int c = 2 * h + (r >> 1);
+        const float s = meta_at<T>(scale[u], c);
+        float offset = Traits<T>::kBias;  // sum (a - bias - zero) x = sum a x - (bias + zero) sum x
+        if constexpr (kHasZero) offset += meta_at<T>(zero[u], c);
+#pragma unroll
+        for (int q = 0; q < kGroups; ++q) {
+          float v = part[q][u][h][r];
+          if constexpr (kXsum) v = fmaf(-offset, xsum[q][r & 1], v);
+          acc[q][u][h][r] = fmaf(s, v, acc[q][u][h][r]);
+          if (reset) part[q][u][h][r] = 0.f;
+        }
+      }
+    }
+  }
+  if (kXsum && reset) {
+#pragma unroll
+    for (int q = 0; q < kGroups; ++q) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) xsum[q][r] = 0.f;
+    }
+  }
+}
+
+// The block's end: sum its warps' accumulators through shared memory, then write the outputs
+// (one split) or publish this split's partials, the last block of the tile adding them in split
+// order (deterministic) and resetting the tile's counter for the next launch.
+template <typename T, int M, bool kGated, int kGroups, int kBlockWarps = kWarps>
+__device__ __forceinline__ void reduce_and_write(const Params& p, const float (&acc)[kGroups][kSubtiles][2][4],
+                                                 int slot, int tile, int split, int row0, int m_rows) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  constexpr int kBlockThreads = 32 * kBlockWarps;
+  __shared__ __align__(16) float red[kBlockWarps][M][kRedStride];  // float2 stores need 8-byte alignment
+  __shared__ bool last_block;
+#pragma unroll
+  for (int q = 0; q < kGroups; ++q) {
+    const int row = 8 * q + 2 * t;
+#pragma unroll
+    for (int u = 0; u < kSubtiles; ++u) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int nl = 32 * u + 4 * g + 2 * h;
+        if (row < m_rows) {
+          *reinterpret_cast<float2*>(&red[warp][row][nl]) = make_float2(acc[q][u][h][0], acc[q][u][h][2]);
+        }
+        if (row + 1 < m_rows) {
+          *reinterpret_cast<float2*>(&red[warp][row + 1][nl]) = make_float2(acc[q][u][h][1], acc[q][u][h][3]);
+        }
+      }
+    }
+  }
+  __syncthreads();
+
+  auto block_sum = [&](int m, int nl) {
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < kBlockWarps; ++w) v += red[w][m][nl];
+    return v;
+  };
+  if (p.splits == 1) {
+    write_outputs<T, kGated, kBlockThreads>(p, tile, row0, m_rows, block_sum);
+    return;
+  }
+  float* tile_partials = p.partials + static_cast<int64_t>(slot) * p.splits * M * kTileN;
+  for (int idx = threadIdx.x; idx < m_rows * kTileN; idx += kBlockThreads) {
+    tile_partials[split * M * kTileN + idx] = block_sum(idx / kTileN, idx % kTileN);
+  }
+
+  // Publish the partials (each thread fences its own stores), then count this block in.
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last_block = atomicAdd(p.counters + slot, 1u) == static_cast<unsigned>(p.splits - 1);
+  __syncthreads();
+  if (!last_block) return;
+  __threadfence();  // order the reads below after the other blocks' published stores
+  // .cg loads go to L2, where the other SMs' stores are; in split order, so results are deterministic.
+  write_outputs<T, kGated, kBlockThreads>(p, tile, row0, m_rows, [&](int m, int nl) {
+    float v = 0.f;
+#pragma unroll 4
+    for (int s = 0; s < p.splits; ++s) v += __ldcg(tile_partials + s * M * kTileN + m * kTileN + nl);
+    return v;
+  });
+  if (threadIdx.x == 0) p.counters[slot] = 0u;  // every other block of the tile has counted: reset for the next launch
 }
 
 // Rolling loads (see load_step) for the narrow gated instance: the gate/up layer is the one long
@@ -262,7 +413,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<M, kGated>) w4a16_gemv_
   for (int q = 0; q < kGroups; ++q) x_row[q] = pinned(p.x + (row0 + min(8 * q + g, m_rows - 1)) * p.x_stride);
   const uint32_t magic = pinned_u32(Tr::kMagic);  // a register operand of the 3-input LOP3
   const uint32_t ones = pinned_u32(Tr::kOnes);     // one register for all four A operands of sum(x)
-  const float kZero[4] = {0.f, 0.f, 0.f, 0.f};
 
   // acc[q][u][h][r]: MMA accumulator layout, columns 4g + 2h (r = 0, 1) and 4g + 2h + 1 (r = 2, 3),
   // activation rows 8q + 2t (r even) and 8q + 2t + 1 (r odd).
@@ -340,69 +490,13 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<M, kGated>) w4a16_gemv_
           if constexpr (kHasZero) cur_zero[u] = zv[s][u];
         }
       }
-      // B operand: this lane's 8 activations x[8q + g][8j..8j+7] reordered to the (i, i + 4) pairing.
-      uint32_t bq[kGroups][4];
+      uint4 xs[kGroups];
 #pragma unroll
-      for (int q = 0; q < kGroups; ++q) {
-        bq[q][0] = __byte_perm(xv[q][s].x, xv[q][s].z, 0x5410);  // k + 0, k + 4
-        bq[q][1] = __byte_perm(xv[q][s].x, xv[q][s].z, 0x7632);  // k + 1, k + 5
-        bq[q][2] = __byte_perm(xv[q][s].y, xv[q][s].w, 0x5410);  // k + 2, k + 6
-        bq[q][3] = __byte_perm(xv[q][s].y, xv[q][s].w, 0x7632);  // k + 3, k + 7
-      }
-#pragma unroll
-      for (int u = 0; u < kSubtiles; ++u) {
-        uint32_t pr[4][4];  // [word c = column 4g + c][pair i = nibbles (i, i + 4)]
-#pragma unroll
-        for (int c = 0; c < 4; ++c) Tr::unpack(word(wv[s][u], c), magic, pr[c]);
-        // A rows g / g + 8 are columns 4g + 2h / 4g + 2h + 1; A columns 2t, 2t + 1, 2t + 8, 2t + 9
-        // are nibbles (0, 4, 1, 5) of row t in the first MMA and (2, 6, 3, 7) in the second.
-        // A batch starts a fold window, so its first MMA starts from zero.
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-#pragma unroll
-          for (int q = 0; q < kGroups; ++q) {
-            Tr::mma(part[q][u][h], s == 0 ? kZero : part[q][u][h], pr[2 * h][0], pr[2 * h + 1][0], pr[2 * h][1],
-                    pr[2 * h + 1][1], bq[q][0], bq[q][1]);
-            Tr::mma(part[q][u][h], part[q][u][h], pr[2 * h][2], pr[2 * h + 1][2], pr[2 * h][3], pr[2 * h + 1][3],
-                    bq[q][2], bq[q][3]);
-          }
-        }
-      }
-      if constexpr (kXsum) {
-#pragma unroll
-        for (int q = 0; q < kGroups; ++q) {
-          Tr::mma(xsum[q], s == 0 ? kZero : xsum[q], ones, ones, ones, ones, bq[q][0], bq[q][1]);
-          Tr::mma(xsum[q], xsum[q], ones, ones, ones, ones, bq[q][2], bq[q][3]);
-        }
-      }
+      for (int q = 0; q < kGroups; ++q) xs[q] = xv[q][s];
+      // A batch starts a fold window, so its first step starts from zero.
+      step_products<T, kGroups, kXsum>(wv[s], xs, s == 0, magic, ones, part, xsum);
       if (((s + 1) & p.fold_mask) == 0) {  // last step of a fold window: all of it in one group
-#pragma unroll
-        for (int u = 0; u < kSubtiles; ++u) {
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-#pragma unroll
-            for (int r = 0; r < 4; ++r) {
-              const int c = 2 * h + (r >> 1);
-              const float scale = meta_at<T>(cur_scale[u], c);
-              float offset = Tr::kBias;  // sum (a - bias - zero) x = sum a x - (bias + zero) sum x
-              if constexpr (kHasZero) offset += meta_at<T>(cur_zero[u], c);
-#pragma unroll
-              for (int q = 0; q < kGroups; ++q) {
-                float v = part[q][u][h][r];
-                if constexpr (kXsum) v = fmaf(-offset, xsum[q][r & 1], v);
-                acc[q][u][h][r] = fmaf(scale, v, acc[q][u][h][r]);
-                if (s + 1 < kSteps) part[q][u][h][r] = 0.f;  // a window ends mid-batch (G < 32 x kSteps)
-              }
-            }
-          }
-        }
-        if (kXsum && s + 1 < kSteps) {
-#pragma unroll
-          for (int q = 0; q < kGroups; ++q) {
-#pragma unroll
-            for (int r = 0; r < 4; ++r) xsum[q][r] = 0.f;
-          }
-        }
+        fold_window<T, kGroups, kHasZero, kXsum, M == 1>(cur_scale, cur_zero, s + 1 < kSteps, part, xsum, acc);
       }
       if (kRoll && more) load_step(next, s);  // this step's registers are free again
     }
@@ -412,58 +506,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<M, kGated>) w4a16_gemv_
   // Signalled here, not at the start: blocks of the next kernel resident early would take the
   // slots of this grid's blocks that have not started yet.
   pdl_launch_dependents();
-  // Sum the block's warps through shared memory.
-  __shared__ __align__(16) float red[kWarps][M][kRedStride];  // float2 stores need 8-byte alignment
-  __shared__ bool last_block;
-#pragma unroll
-  for (int q = 0; q < kGroups; ++q) {
-    const int row = 8 * q + 2 * t;
-#pragma unroll
-    for (int u = 0; u < kSubtiles; ++u) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int nl = 32 * u + 4 * g + 2 * h;
-        if (row < m_rows) {
-          *reinterpret_cast<float2*>(&red[warp][row][nl]) = make_float2(acc[q][u][h][0], acc[q][u][h][2]);
-        }
-        if (row + 1 < m_rows) {
-          *reinterpret_cast<float2*>(&red[warp][row + 1][nl]) = make_float2(acc[q][u][h][1], acc[q][u][h][3]);
-        }
-      }
-    }
-  }
-  __syncthreads();
-
-  auto block_sum = [&](int m, int nl) {
-    float v = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) v += red[w][m][nl];
-    return v;
-  };
-  if (p.splits == 1) {
-    write_outputs<T, kGated>(p, tile, row0, m_rows, block_sum);
-    return;
-  }
-  float* tile_partials = p.partials + static_cast<int64_t>(slot) * p.splits * M * kTileN;
-  for (int idx = threadIdx.x; idx < m_rows * kTileN; idx += kThreads) {
-    tile_partials[split * M * kTileN + idx] = block_sum(idx / kTileN, idx % kTileN);
-  }
-
-  // Publish the partials (each thread fences its own stores), then count this block in.
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last_block = atomicAdd(p.counters + slot, 1u) == static_cast<unsigned>(p.splits - 1);
-  __syncthreads();
-  if (!last_block) return;
-  __threadfence();  // order the reads below after the other blocks' published stores
-  // .cg loads go to L2, where the other SMs' stores are; in split order, so results are deterministic.
-  write_outputs<T, kGated>(p, tile, row0, m_rows, [&](int m, int nl) {
-    float v = 0.f;
-#pragma unroll 4
-    for (int s = 0; s < p.splits; ++s) v += __ldcg(tile_partials + s * M * kTileN + m * kTileN + nl);
-    return v;
-  });
-  if (threadIdx.x == 0) p.counters[slot] = 0u;  // every other block of the tile has counted: reset for the next launch
+  reduce_and_write<T, M, kGated, kGroups>(p, acc, slot, tile, split, row0, m_rows);
 }
 
 }  // namespace w4a16_gemv_detail

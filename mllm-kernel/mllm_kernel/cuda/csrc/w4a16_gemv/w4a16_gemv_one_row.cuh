@@ -1,0 +1,221 @@
+// w4a16_gemv's one-row kernel (M = 1, a decode step at batch 1): the arithmetic, column tiles,
+// split K and epilogue of w4a16_gemv_kernel.cuh, with the weights streamed through shared memory
+// by cp.async instead of loaded into registers.
+//
+// Why: the register kernel holds a batch's loads in registers until they arrive, so a warp either
+// waits for its loads or computes, and its 128 registers per thread allow 16 warps per SM. At one
+// row it is bound by the cycles of that chain, not by HBM (Nsight Compute, runs T59 and T73: the
+// same ~33k cycles per gate/up call at 1.33 GHz under the profiler as at 1.98 GHz in a graph).
+// Here each warp streams its batches through kStages shared-memory stages: the copies of the next
+// batch are in flight while the warp computes on the current one and cost no registers (80 per
+// thread), so blocks can have 8 or 16 warps, each on its own interleaved batches of K.
+//
+// The stages are private to the warp (no block barriers), and the copies are laid out for the
+// memory system, not for the lane that reads them back: a warp's copy of a step reads 4 packed
+// rows x 128 contiguous bytes, lane l taking row l / 8 and 16-byte chunk l % 8. (Copying each
+// lane's own MMA operand words, lane (g, t) = row t chunk g, split every L2 sector into two
+// requests: run T70, half the HBM rate.) Chunk (row r, c) lands in slot 8r + (c ^ 2r) of the
+// step's 512 bytes, an XOR swizzle that keeps the copy's and the MMA lanes' 16-byte accesses free
+// of bank conflicts; MMA lane (g, t) reads slot 8t + (g ^ 2t). Lanes read words other lanes
+// copied, hence a __syncwarp after each cp.async.wait_group.
+//
+// Measured against the register kernel (run T74, H200, Qwen3-8B layers at one row, graphs over
+// cold weights, best split each): qkv 6.3 against 8.4 us, o 5.6 against 6.3, gated gate/up 17.2
+// against 18.2, down 10.3 against 11.7; the four chained 39.3 against 44.2 us. At 2..8 rows it was
+// slower than the register kernel (T72-T74), so only one-row launches take it.
+#pragma once
+
+#include "w4a16_gemv_kernel.cuh"
+
+namespace mllm_kernel {
+namespace w4a16_gemv_detail {
+
+constexpr int kOneRowSteps = 2;   // 4-row steps per batch (one stage): 2 KiB of weights per warp
+constexpr int kOneRowStages = 2;  // stages per warp: one batch computed, one in flight (T69-T74: deeper rings were no faster)
+constexpr int kOneRowRows = 4 * kOneRowSteps;  // packed rows per batch (mirrored in Python)
+
+// One warp's stage: weights [steps][kSubtiles][32 swizzled slots] x 16 bytes, activations
+// [steps][4 packed rows] x 16, then per step the scales and zero points of the group it starts
+// (when it starts a fold window): [scale, zero][kSubtiles][8 column quads] x 8.
+constexpr int kOneRowXOffset = kOneRowSteps * kSubtiles * 32 * 16;
+constexpr int kOneRowMetaOffset = kOneRowXOffset + kOneRowSteps * 4 * 16;
+constexpr int kOneRowStageBytes = kOneRowMetaOffset + kOneRowSteps * 2 * kSubtiles * 8 * 8;
+// Dynamic shared memory of a block of `warps` warps (the host's launch and opt-in).
+constexpr int one_row_ring_bytes(int warps) { return warps * kOneRowStages * kOneRowStageBytes; }
+
+__device__ __forceinline__ uint32_t shared_address(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+// cp.async of 16 bytes, zero-filled when !valid (rows past K/8): weights bypass L1 (.cg, read
+// once), activations may stay in it (.ca, read by every block).
+__device__ __forceinline__ void copy_async_16_cg(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void copy_async_16_ca(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void copy_async_8(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(dst), "l"(src), "r"(valid ? 8 : 0) : "memory");
+}
+__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void copy_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
+}
+// Shared-memory reads as volatile asm with a memory clobber: they must stay after the wait.
+__device__ __forceinline__ uint4 shared_load_16(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr)
+               : "memory");
+  return v;
+}
+__device__ __forceinline__ uint2 shared_load_8(uint32_t addr) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(addr) : "memory");
+  return v;
+}
+
+// Column of quad c (columns 4c..4c+3 of the subtile) of subtile u in this tile, clamped as the
+// register kernel clamps it (a gated tile's subtile 1 is the matching up columns).
+template <bool kGated>
+__device__ __forceinline__ uint32_t quad_column(const Params& p, int tile, int u, int c) {
+  if constexpr (kGated) return u * (p.n / 2) + min(32 * tile + 4 * c, p.n / 2 - 4);
+  return min(tile * kTileN + 32 * u + 4 * c, p.n - 4);
+}
+
+// 80 registers per thread (ptxas, sm_90): 3 blocks of 8 warps or 1 of 16 per SM.
+template <typename T, bool kHasZero, bool kGated, int kBlockWarps>
+__global__ void __launch_bounds__(32 * kBlockWarps, kMinBlocksPerSm * kWarps / kBlockWarps)
+    w4a16_gemv_one_row_kernel(const Params p) {
+  using Tr = Traits<T>;
+  constexpr bool kXsum = kHasZero || Tr::kBias != 0.f;
+  extern __shared__ __align__(16) uint8_t ring[];
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int tile = blockIdx.x;
+  const int split = blockIdx.y;
+  const int total_batches = (p.rows + kOneRowRows - 1) / kOneRowRows;
+  const int batch_end = min((split + 1) * p.chunk_batches, total_batches);
+  const int first_batch = split * p.chunk_batches + warp;
+  const uint32_t ring_base = shared_address(ring) + warp * (kOneRowStages * kOneRowStageBytes);
+  const uint32_t ring_end = ring_base + kOneRowStages * kOneRowStageBytes;
+
+  // Copy roles. Weights: row cr = lane / 8 of each step, quad cc = lane % 8 of each subtile, into
+  // the swizzled slot. Scales (lanes 0..15) and zero points (16..31): subtile (lane / 8) % 2, quad
+  // lane % 8. Activations: lanes 0..3 copy the 16 bytes of packed row t of each step.
+  const int cr = lane >> 3;
+  const int cc = lane & 7;
+  const uint32_t w_dst = (cr * 8 + (cc ^ (2 * cr))) * 16;
+  const uint32_t x_dst = kOneRowXOffset + t * 16;
+  const uint32_t meta_dst = kOneRowMetaOffset + lane * 8;
+  const bool copies_meta = lane < (kHasZero ? 32 : 16);
+  const bool copies_x = g == 0;
+  const int64_t n = p.n;
+  const uint32_t* wsrc[kSubtiles];
+#pragma unroll
+  for (int u = 0; u < kSubtiles; ++u) {
+    wsrc[u] = p.qweight + quad_column<kGated>(p, tile, u, cc) + (first_batch * kOneRowRows + cr) * n;
+  }
+  const uint16_t* msrc =
+      (lane < 16 || !kHasZero ? p.scales : p.zeros) + quad_column<kGated>(p, tile, (lane >> 3) & 1, cc);
+  const uint16_t* xsrc = p.x + 8 * (first_batch * kOneRowRows + t);
+  const int64_t w_advance = int64_t{kBlockWarps} * kOneRowRows * n;  // words from one of the warp's batches to its next
+  constexpr int kXAdvance = kBlockWarps * kOneRowRows * 8;
+
+  // Copies of the warp's next batch `b` into the stage at `dst`; the pointers then move on. The
+  // weights and scales are no kernel's output, so they may be copied before the PDL wait.
+  auto copy_weights = [&](int b, uint32_t dst) {
+    if (b >= batch_end) return;
+#pragma unroll
+    for (int s = 0; s < kOneRowSteps; ++s) {
+      const int row0 = b * kOneRowRows + 4 * s;  // the step's first packed row
+#pragma unroll
+      for (int u = 0; u < kSubtiles; ++u) {
+        copy_async_16_cg(dst + (s * kSubtiles + u) * 512 + w_dst, wsrc[u] + 4 * s * n, row0 + cr < p.rows);
+      }
+      if ((s & p.fold_mask) == 0 && copies_meta) {
+        copy_async_8(dst + s * 256 + meta_dst, msrc + (min(row0, p.rows - 1) >> p.group_shift) * n, row0 < p.rows);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kSubtiles; ++u) wsrc[u] += w_advance;
+  };
+  auto copy_x = [&](int b, uint32_t dst) {
+    if (b >= batch_end) return;
+    if (copies_x) {
+#pragma unroll
+      for (int s = 0; s < kOneRowSteps; ++s) {
+        copy_async_16_ca(dst + s * 64 + x_dst, xsrc + 32 * s, b * kOneRowRows + 4 * s + t < p.rows);
+      }
+    }
+    xsrc += kXAdvance;
+  };
+
+  // The first kOneRowStages - 1 batches: their weights before the PDL wait when the host asks for
+  // it, so HBM streams while the kernel before ends.
+  const bool early = p.early_weights != 0;
+  if (early) {
+#pragma unroll
+    for (int i = 0; i < kOneRowStages - 1; ++i) copy_weights(first_batch + i * kBlockWarps, ring_base + i * kOneRowStageBytes);
+  }
+  pdl_wait();
+#pragma unroll
+  for (int i = 0; i < kOneRowStages - 1; ++i) {
+    if (!early) copy_weights(first_batch + i * kBlockWarps, ring_base + i * kOneRowStageBytes);
+    copy_x(first_batch + i * kBlockWarps, ring_base + i * kOneRowStageBytes);
+    copy_async_commit();
+  }
+
+  const uint32_t magic = pinned_u32(Tr::kMagic);
+  const uint32_t ones = pinned_u32(Tr::kOnes);
+  float acc[1][kSubtiles][2][4] = {};
+  float part[1][kSubtiles][2][4];
+  float xsum[1][4];
+  uint2 cur_scale[kSubtiles];
+  uint2 cur_zero[kSubtiles];
+  const uint32_t w_src_slot = (t * 8 + (g ^ (2 * t))) * 16;  // MMA lane (g, t): row t, quad g
+  const uint32_t x_src_slot = kOneRowXOffset + t * 16;
+  const uint32_t meta_src_slot = kOneRowMetaOffset + g * 8;
+
+  uint32_t stage = ring_base;                                              // the batch computed now
+  uint32_t refill = ring_base + (kOneRowStages - 1) * kOneRowStageBytes;    // the stage computed last
+  for (int b = first_batch; b < batch_end; b += kBlockWarps) {
+    copy_async_wait<kOneRowStages - 2>();  // this lane's copies of batch b have landed
+    __syncwarp();                         // and every lane's; the reads of the refilled stage are done
+    copy_weights(b + (kOneRowStages - 1) * kBlockWarps, refill);
+    copy_x(b + (kOneRowStages - 1) * kBlockWarps, refill);
+    copy_async_commit();
+
+#pragma unroll
+    for (int s = 0; s < kOneRowSteps; ++s) {
+      if ((s & p.fold_mask) == 0) {
+#pragma unroll
+        for (int u = 0; u < kSubtiles; ++u) {
+          cur_scale[u] = shared_load_8(stage + s * 256 + meta_src_slot + u * 64);
+          if constexpr (kHasZero) cur_zero[u] = shared_load_8(stage + s * 256 + meta_src_slot + 128 + u * 64);
+        }
+      }
+      uint4 wv[kSubtiles];
+#pragma unroll
+      for (int u = 0; u < kSubtiles; ++u) wv[u] = shared_load_16(stage + (s * kSubtiles + u) * 512 + w_src_slot);
+      const uint4 xv[1] = {shared_load_16(stage + s * 64 + x_src_slot)};
+      // Every lane's B column is activation row 0: MMA columns 1..7 repeat it and are never read.
+      step_products<T, 1, kXsum>(wv, xv, s == 0, magic, ones, part, xsum);
+      if (((s + 1) & p.fold_mask) == 0) {
+        fold_window<T, 1, kHasZero, kXsum, true>(cur_scale, cur_zero, s + 1 < kOneRowSteps, part, xsum, acc);
+      }
+    }
+    refill = stage;
+    stage = stage + kOneRowStageBytes == ring_end ? ring_base : stage + kOneRowStageBytes;
+  }
+  copy_async_wait<0>();  // no copy may land in shared memory after the block exits
+
+  pdl_launch_dependents();
+  reduce_and_write<T, 1, kGated, 1, kBlockWarps>(p, acc, tile, tile, split, 0, 1);
+}
+
+}  // namespace w4a16_gemv_detail
+}  // namespace mllm_kernel
