@@ -131,3 +131,51 @@ def test_dependent_chain_in_a_graph_equals_plain_launches(fresh_policy) -> None:
         torch.cuda.synchronize()
         for got, want in zip(outs, expected):
             assert_bitwise_equal(got, want)
+
+
+@pytest.mark.gpu
+def test_one_row_w4a16_chain_in_a_graph_equals_plain_launches(fresh_policy) -> None:
+    """The one-row W4A16 kernel copies its first weights before its PDL wait (early_weights) and its
+    activations after it: chained one-row launches under PDL, split K sharing the workspace and
+    both block sizes, equal plain launches bit for bit."""
+    from mllm_kernel import gemv
+    from mllm_kernel.cuda.jit.w4a16_gemv import w4a16_gemv
+
+    cuda = torch.device("cuda")
+    pdl.set_enabled(True)
+    if not pdl.use_pdl(cuda):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0+")
+    dtype, k = torch.bfloat16, 4096
+    gen = torch.Generator().manual_seed(1)
+    dense = (torch.randn(k, k, generator=gen) * k**-0.5).to(dtype=dtype, device=cuda)
+    q4 = [torch.randint(-2**31, 2**31, (k // 8, k), generator=gen, dtype=torch.int64).to(torch.int32).to(cuda)
+          for _ in range(3)]
+    q4_scales = [(torch.rand(k // 128, k, generator=gen) / (4 * k**0.5)).to(dtype=dtype, device=cuda) for _ in range(3)]
+    x = torch.randn(1, k, generator=gen).to(dtype=dtype, device=cuda)
+
+    def chain():
+        h = gemv(x, dense)
+        h = w4a16_gemv(h, q4[0], q4_scales[0], None, 128, one_row_warps=16, splits=2)
+        h = w4a16_gemv(h, q4[1], q4_scales[1], None, 128, one_row_warps=8, splits=3)
+        return (w4a16_gemv(h, q4[2], q4_scales[2], None, 128),)  # planned
+
+    pdl.set_enabled(False)
+    expected = chain()
+    pdl.set_enabled(True)
+    chain()  # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = chain()
+    for _ in range(3):  # new inputs, replays back to back
+        x.copy_(torch.randn(1, k, generator=gen).to(dtype=dtype, device=cuda))
+        pdl.set_enabled(False)
+        expected = chain()
+        for out in outs:
+            out.fill_(float("nan"))
+        graph.replay()
+        graph.replay()
+        torch.cuda.synchronize()
+        for got, want in zip(outs, expected):
+            assert torch.isfinite(want).all()
+            assert_bitwise_equal(got, want)
