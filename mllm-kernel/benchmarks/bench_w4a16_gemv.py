@@ -148,9 +148,9 @@ def main() -> int:
                            "group": group, "time_us": time_us, "bytes": nbytes, "gbps": nbytes / time_us / 1e3,
                            "frac_of_copy": floor_us / time_us, "floor_us": floor_us, "vs_floor": time_us / floor_us}
                     if impl == "w4a16_gemv":
-                        row["splits"] = gemv_module.plan_one_row(n, k, base["sms"])[1] if m == 1 else planned
+                        row["splits"] = planned
                         if m == 1:
-                            row["one_row_warps"] = gemv_module.plan_one_row(n, k, base["sms"])[0]
+                            row["one_row_warps"], row["splits"] = gemv_module.plan_one_row(n, k, base["sms"])
                             row["speedup_vs_registers"] = times["w4a16_gemv_registers"] / time_us
                         row["speedup_vs_bf16"] = times["bf16_linear"] / time_us
                         if "w4a16_triton" in times:

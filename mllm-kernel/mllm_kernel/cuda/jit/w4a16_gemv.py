@@ -10,12 +10,13 @@ Split K runs in the same launch: fp32 partials go to a workspace allocated once 
 (``workspace``; the first call must happen outside CUDA graph capture) and the last block of
 each column tile reduces them and resets its counter, so replays of a captured graph work.
 Launches on one device share the workspace, so they must be ordered (one stream), as pymllm's
-forward is.
+forward is. On SM90+ the kernel launches as a programmatic dependent (mllm_kernel.pdl): its
+blocks may be resident before the previous kernel ends and wait for it before reading anything.
 
 One activation row (a decode step at batch 1) runs a second kernel by default: the same
 arithmetic with the weights streamed through shared memory by cp.async (w4a16_gemv_one_row.cuh),
-in blocks of 8 or 16 warps (``plan_one_row``); at 2..64 rows the register kernel runs. On SM90+ the kernel launches as a programmatic dependent (mllm_kernel.pdl): its blocks
-may be resident before the previous kernel ends and wait for it before reading anything.
+in blocks of 8 or 16 warps (``plan_one_row``), its first weights copied before that wait; at
+2..64 rows the register kernel runs.
 """
 
 from __future__ import annotations

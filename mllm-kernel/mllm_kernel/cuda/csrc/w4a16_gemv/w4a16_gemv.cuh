@@ -90,7 +90,6 @@ void w4a16_gemv(TensorView out, TensorView x, TensorView qweight, TensorView sca
                 Optional<TensorView> bias, TensorView partials, TensorView counters, int64_t group, int64_t splits,
                 int64_t prefetch, int64_t one_row_warps, bool early_weights, bool pdl) {
   using namespace w4a16_gemv_detail;
-
   constexpr uint8_t code = dtype_code<T>();
   // The Python wrapper reports user-facing errors; these checks guard the address arithmetic.
   TVM_FFI_CHECK(has_dtype(x, code, 16) && x.ndim() == 2, TypeError)

@@ -209,7 +209,7 @@ __device__ __forceinline__ void write_outputs(const Params& p, int tile, int row
 
 // One 4-row step's products: lane (g, t) holds the words of columns 4g..4g+3 of packed row t for
 // each subtile (w) and activation row 8q + g's 8 activations of that row (x). `first` starts a
-// fold window (the sums start from zero). Shared by the register-loading and the async kernels.
+// fold window (the sums start from zero). Shared by the register kernel and the one-row kernel.
 template <typename T, int kGroups, bool kXsum>
 __device__ __forceinline__ void step_products(const uint4 (&w)[kSubtiles], const uint4 (&x)[kGroups], bool first,
                                               uint32_t magic, uint32_t ones, float (&part)[kGroups][kSubtiles][2][4],

@@ -6,7 +6,7 @@
 // waits for its loads or computes, and its 128 registers per thread allow 16 warps per SM. At one
 // row it is bound by the cycles of that chain, not by HBM (Nsight Compute, runs T59 and T73: the
 // same ~33k cycles per gate/up call at 1.33 GHz under the profiler as at 1.98 GHz in a graph).
-// Here each warp streams its batches through kStages shared-memory stages: the copies of the next
+// Here each warp streams its batches through kOneRowStages shared-memory stages: the copies of the next
 // batch are in flight while the warp computes on the current one and cost no registers (80 per
 // thread), so blocks can have 8 or 16 warps, each on its own interleaved batches of K.
 //
@@ -31,7 +31,8 @@ namespace mllm_kernel {
 namespace w4a16_gemv_detail {
 
 constexpr int kOneRowSteps = 2;   // 4-row steps per batch (one stage): 2 KiB of weights per warp
-constexpr int kOneRowStages = 2;  // stages per warp: one batch computed, one in flight (T69-T74: deeper rings were no faster)
+// Stages per warp: one batch computed, one in flight (T69-T74: deeper rings were no faster).
+constexpr int kOneRowStages = 2;
 constexpr int kOneRowRows = 4 * kOneRowSteps;  // packed rows per batch (mirrored in Python)
 
 // One warp's stage: weights [steps][kSubtiles][32 swizzled slots] x 16 bytes, activations
@@ -165,7 +166,9 @@ __global__ void __launch_bounds__(32 * kBlockWarps, kBlockWarps == 8 ? 3 : 1)
   const bool early = p.early_weights != 0;
   if (early) {
 #pragma unroll
-    for (int i = 0; i < kOneRowStages - 1; ++i) copy_weights(first_batch + i * kBlockWarps, ring_base + i * kOneRowStageBytes);
+    for (int i = 0; i < kOneRowStages - 1; ++i) {
+      copy_weights(first_batch + i * kBlockWarps, ring_base + i * kOneRowStageBytes);
+    }
   }
   pdl_wait();
 #pragma unroll
