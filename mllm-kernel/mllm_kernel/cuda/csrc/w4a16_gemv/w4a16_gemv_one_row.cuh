@@ -7,8 +7,8 @@
 // row it is bound by the cycles of that chain, not by HBM (Nsight Compute, runs T59 and T73: the
 // same ~33k cycles per gate/up call at 1.33 GHz under the profiler as at 1.98 GHz in a graph).
 // Here each warp streams its batches through kOneRowStages shared-memory stages: the copies of the next
-// batch are in flight while the warp computes on the current one and cost no registers (80 per
-// thread), so blocks can have 8 or 16 warps, each on its own interleaved batches of K.
+// batch are in flight while the warp computes on the current one and cost no registers (80 to 90
+// per thread), so blocks can have 8 or 16 warps, each on its own interleaved batches of K.
 //
 // The stages are private to the warp (no block barriers), and the copies are laid out for the
 // memory system, not for the lane that reads them back: a warp's copy of a step reads 4 packed
@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(32 * kBlockWarps, kBlockWarps == 8 ? 3 : 1)
 
 #pragma unroll
     for (int s = 0; s < kOneRowSteps; ++s) {
-      if ((s & p.fold_mask) == 0) {
+      if ((s & fold_mask) == 0) {
 #pragma unroll
         for (int u = 0; u < kSubtiles; ++u) {
           cur_scale[u] = shared_load_8(stage + s * 256 + meta_src_slot + u * 64);
@@ -213,7 +213,7 @@ __global__ void __launch_bounds__(32 * kBlockWarps, kBlockWarps == 8 ? 3 : 1)
       const uint4 xv[1] = {shared_load_16(stage + s * 64 + x_src_slot)};
       // Every lane's B column is activation row 0: MMA columns 1..7 repeat it and are never read.
       step_products<T, 1, kXsum>(wv, xv, s == 0, magic, ones, part, xsum);
-      if (((s + 1) & p.fold_mask) == 0) {
+      if (((s + 1) & fold_mask) == 0) {
         fold_window<T, 1, kHasZero, kXsum, true>(cur_scale, cur_zero, s + 1 < kOneRowSteps, part, xsum, acc);
       }
     }
