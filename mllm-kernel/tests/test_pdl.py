@@ -64,6 +64,39 @@ def test_environment_switch(value, expected) -> None:
     assert out == str(expected)
 
 
+def assert_pdl_graph_equals_plain(chain, new_inputs) -> None:
+    """Capture ``chain`` (returning its output tensors) with PDL on and compare its replays bit for
+    bit with the same chain launched plainly: once into NaN-poisoned outputs, then for three
+    rounds of ``new_inputs()`` with replays back to back."""
+    pdl.set_enabled(False)
+    expected = chain()
+    pdl.set_enabled(True)
+    chain()  # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = chain()
+    for out in outs:
+        out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(outs, expected):
+        assert torch.isfinite(want).all()
+        assert_bitwise_equal(got, want)
+    for _ in range(3):
+        new_inputs()
+        pdl.set_enabled(False)
+        expected = chain()
+        for out in outs:
+            out.fill_(float("nan"))
+        graph.replay()
+        graph.replay()
+        torch.cuda.synchronize()
+        for got, want in zip(outs, expected):
+            assert torch.isfinite(want).all()
+            assert_bitwise_equal(got, want)
+
+
 @pytest.mark.gpu
 def test_dependent_chain_in_a_graph_equals_plain_launches(fresh_policy) -> None:
     """Each kernel reads the output of the one before it. Under PDL a kernel starts before its
@@ -106,31 +139,11 @@ def test_dependent_chain_in_a_graph_equals_plain_launches(fresh_policy) -> None:
         h = gemv_w8a8_dynamic(h, q8, q8_scale, dtype, prologue="rmsnorm", residual=res, norm_weight=norm_w)[0]
         return gemv(h, dense[2], _tiling=14), res
 
-    pdl.set_enabled(False)
-    expected = chain()
-    pdl.set_enabled(True)
-    chain()  # warm-up outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = chain()
-    for out in outs:
-        out.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
-    for got, want in zip(outs, expected):
-        assert torch.isfinite(want).all()
-        assert_bitwise_equal(got, want)
-    for _ in range(3):  # new inputs, replays back to back
+    def new_inputs():
         x.copy_(randn(2, k))
         residual.copy_(randn(2, k))
-        pdl.set_enabled(False)
-        expected = chain()
-        graph.replay()
-        graph.replay()
-        torch.cuda.synchronize()
-        for got, want in zip(outs, expected):
-            assert_bitwise_equal(got, want)
+
+    assert_pdl_graph_equals_plain(chain, new_inputs)
 
 
 @pytest.mark.gpu
@@ -159,23 +172,5 @@ def test_one_row_w4a16_chain_in_a_graph_equals_plain_launches(fresh_policy) -> N
         h = w4a16_gemv(h, q4[1], q4_scales[1], None, 128, one_row_warps=8, splits=3)
         return (w4a16_gemv(h, q4[2], q4_scales[2], None, 128),)  # planned
 
-    pdl.set_enabled(False)
-    expected = chain()
-    pdl.set_enabled(True)
-    chain()  # warm-up outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = chain()
-    for _ in range(3):  # new inputs, replays back to back
-        x.copy_(torch.randn(1, k, generator=gen).to(dtype=dtype, device=cuda))
-        pdl.set_enabled(False)
-        expected = chain()
-        for out in outs:
-            out.fill_(float("nan"))
-        graph.replay()
-        graph.replay()
-        torch.cuda.synchronize()
-        for got, want in zip(outs, expected):
-            assert torch.isfinite(want).all()
-            assert_bitwise_equal(got, want)
+    assert_pdl_graph_equals_plain(
+        chain, lambda: x.copy_(torch.randn(1, k, generator=gen).to(dtype=dtype, device=cuda)))

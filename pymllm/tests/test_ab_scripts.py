@@ -68,8 +68,6 @@ def test_forced_fused_gemv_decisions(monkeypatch) -> None:
 
 def test_forced_w4a16_one_row_kernel(monkeypatch) -> None:
     """scripts/ab_w4a16_one_row.py: each mode's arguments reach every w4a16_gemv call; explicit ones stay."""
-    import importlib
-
     gemv = importlib.import_module("mllm_kernel.cuda.jit.w4a16_gemv")
     spec = importlib.util.spec_from_file_location("ab_one_row", SCRIPT.parent / "ab_w4a16_one_row.py")
     ab = importlib.util.module_from_spec(spec)
