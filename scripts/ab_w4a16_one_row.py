@@ -5,7 +5,8 @@
 
 MODE: planned (as ``w4a16_gemv`` plans it: the one-row kernel, weights copied before the PDL
 wait), late (the one-row kernel copying its weights after the wait), registers (the register
-kernel with its own split plan, as before the one-row kernel).
+kernel with its own split plan, as before the one-row kernel), early_dependents / late_dependents
+(the one-row kernel letting the next kernel launch at its start / after its k loop).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import functools
 import importlib
 import sys
 
-MODES = ("planned", "late", "registers")
+MODES = ("planned", "late", "registers", "early_dependents", "late_dependents")
 
 
 def forced_arguments(mode: str, kwargs: dict) -> dict:
@@ -24,6 +25,10 @@ def forced_arguments(mode: str, kwargs: dict) -> dict:
         forced.setdefault("one_row_warps", 0)
     elif mode == "late":
         forced.setdefault("early_weights", False)
+    elif mode == "early_dependents":
+        forced.setdefault("early_dependents", True)
+    elif mode == "late_dependents":
+        forced.setdefault("early_dependents", False)
     return forced
 
 

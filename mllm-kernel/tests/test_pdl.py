@@ -147,9 +147,11 @@ def test_dependent_chain_in_a_graph_equals_plain_launches(fresh_policy) -> None:
 
 
 @pytest.mark.gpu
-def test_one_row_w4a16_chain_in_a_graph_equals_plain_launches(fresh_policy) -> None:
+@pytest.mark.parametrize("early_dependents", [False, True])
+def test_one_row_w4a16_chain_in_a_graph_equals_plain_launches(fresh_policy, early_dependents) -> None:
     """The one-row W4A16 kernel copies its first weights before its PDL wait (early_weights) and its
-    activations after it: chained one-row launches under PDL, split K sharing the workspace and
+    activations after it, and lets the next kernel launch after its k loop or at its start
+    (early_dependents): chained one-row launches under PDL, split K sharing the workspace and
     both block sizes, equal plain launches bit for bit."""
     from mllm_kernel import gemv
     from mllm_kernel.cuda.jit.w4a16_gemv import w4a16_gemv
@@ -168,9 +170,11 @@ def test_one_row_w4a16_chain_in_a_graph_equals_plain_launches(fresh_policy) -> N
 
     def chain():
         h = gemv(x, dense)
-        h = w4a16_gemv(h, q4[0], q4_scales[0], None, 128, one_row_warps=16, splits=2)
-        h = w4a16_gemv(h, q4[1], q4_scales[1], None, 128, one_row_warps=8, splits=3)
-        return (w4a16_gemv(h, q4[2], q4_scales[2], None, 128),)  # planned
+        h = w4a16_gemv(h, q4[0], q4_scales[0], None, 128, one_row_warps=16, splits=2,
+                       early_dependents=early_dependents)
+        h = w4a16_gemv(h, q4[1], q4_scales[1], None, 128, one_row_warps=8, splits=3,
+                       early_dependents=early_dependents)
+        return (w4a16_gemv(h, q4[2], q4_scales[2], None, 128, early_dependents=early_dependents),)  # planned
 
     assert_pdl_graph_equals_plain(
         chain, lambda: x.copy_(torch.randn(1, k, generator=gen).to(dtype=dtype, device=cuda)))

@@ -76,6 +76,8 @@ def test_forced_w4a16_one_row_kernel(monkeypatch) -> None:
     assert ab.forced_arguments("registers", {}) == {"one_row_warps": 0}
     assert ab.forced_arguments("late", {}) == {"early_weights": False}
     assert ab.forced_arguments("registers", {"one_row_warps": 8}) == {"one_row_warps": 8}
+    assert ab.forced_arguments("early_dependents", {}) == {"early_dependents": True}
+    assert ab.forced_arguments("late_dependents", {}) == {"early_dependents": False}
     seen = []
 
     def planned(*args, **kwargs):

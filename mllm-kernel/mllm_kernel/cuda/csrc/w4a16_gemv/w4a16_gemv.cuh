@@ -81,14 +81,15 @@ inline void check_matrix(const TensorView& t, const char* name, int64_t rows, in
 // `prefetch` how many batches ahead each warp of the register kernel prefetches its weights into
 // L2 (0 disables); `one_row_warps` (8 or 16; M = 1 only) runs the one-row kernel of
 // w4a16_gemv_one_row.cuh in blocks of that many warps instead (0: the register kernel), and
-// `early_weights` lets it copy its first weights before the PDL wait; `pdl`
+// `early_weights` lets it copy its first weights before the PDL wait and `early_dependents` lets
+// the next kernel launch at its start instead of after its k loop; `pdl`
 // launches it as a programmatic dependent of the kernel before it (SM90+; mllm_kernel.pdl).
 // kGated: the weight stacks gate and up projections ([K/8, 2H], bias [2H]) and out [M, H] is
 // silu(gate) * up, the SiLU-and-mul as the epilogue (see write_outputs); N must then be a multiple of 8.
 template <typename T, bool kHasZero, bool kGated>
 void w4a16_gemv(TensorView out, TensorView x, TensorView qweight, TensorView scales, Optional<TensorView> zeros,
                 Optional<TensorView> bias, TensorView partials, TensorView counters, int64_t group, int64_t splits,
-                int64_t prefetch, int64_t one_row_warps, bool early_weights, bool pdl) {
+                int64_t prefetch, int64_t one_row_warps, bool early_weights, bool early_dependents, bool pdl) {
   using namespace w4a16_gemv_detail;
   constexpr uint8_t code = dtype_code<T>();
   // The Python wrapper reports user-facing errors; these checks guard the address arithmetic.
@@ -176,6 +177,7 @@ void w4a16_gemv(TensorView out, TensorView x, TensorView qweight, TensorView sca
   p.chunk_batches = chunk;
   p.prefetch = static_cast<int>(prefetch);
   p.early_weights = early_weights ? 1 : 0;
+  p.early_dependents = early_dependents ? 1 : 0;
   p.splits = used_splits;
 
   tvm::ffi::CUDADeviceGuard guard(x.device().device_id);

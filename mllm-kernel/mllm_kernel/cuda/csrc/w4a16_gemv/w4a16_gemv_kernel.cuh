@@ -79,6 +79,7 @@ struct Params {
   int splits;
   int prefetch;       // batches ahead whose weights each warp asks L2 for (0: none; register kernel)
   int early_weights;  // one-row kernel: copy the first batch's weights before the PDL wait
+  int early_dependents;  // one-row kernel: let the next kernel launch at the start, not after the k loop
 };
 
 // (a & kMask) | magic as one LOP3: SASS takes one immediate per LOP3, so the magic comes in a

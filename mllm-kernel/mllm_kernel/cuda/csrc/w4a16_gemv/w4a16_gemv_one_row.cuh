@@ -170,6 +170,10 @@ __global__ void __launch_bounds__(32 * kBlockWarps, kBlockWarps == 8 ? 3 : 1)
       copy_weights(first_batch + i * kBlockWarps, ring_base + i * kOneRowStageBytes);
     }
   }
+  // The one-row grid fits in one wave, so blocks of the next kernel resident early take no slot
+  // one of this grid's blocks waits for; they may start their own weight copies sooner.
+  const bool early_dependents = p.early_dependents != 0;
+  if (early_dependents) pdl_launch_dependents();
   pdl_wait();
 #pragma unroll
   for (int i = 0; i < kOneRowStages - 1; ++i) {
@@ -222,7 +226,7 @@ __global__ void __launch_bounds__(32 * kBlockWarps, kBlockWarps == 8 ? 3 : 1)
   }
   copy_async_wait<0>();  // no copy may land in shared memory after the block exits
 
-  pdl_launch_dependents();
+  if (!early_dependents) pdl_launch_dependents();
   reduce_and_write<T, 1, kGated, 1, kBlockWarps>(p, acc, tile, tile, split, 0, 1);
 }
 
