@@ -6,7 +6,8 @@
 MODE: planned (as ``w4a16_gemv`` plans it: the one-row kernel, weights copied before the PDL
 wait), late (the one-row kernel copying its weights after the wait), registers (the register
 kernel with its own split plan, as before the one-row kernel), early_dependents / late_dependents
-(the one-row kernel letting the next kernel launch at its start / after its k loop).
+(the one-row kernel letting the next kernel launch at its start / after its k loop), unsplit (the
+one-row kernel's planned blocks, K never split).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import functools
 import importlib
 import sys
 
-MODES = ("planned", "late", "registers", "early_dependents", "late_dependents")
+MODES = ("planned", "late", "registers", "early_dependents", "late_dependents", "unsplit")
 
 
 def forced_arguments(mode: str, kwargs: dict) -> dict:
@@ -29,6 +30,9 @@ def forced_arguments(mode: str, kwargs: dict) -> dict:
         forced.setdefault("early_dependents", True)
     elif mode == "late_dependents":
         forced.setdefault("early_dependents", False)
+    elif mode == "unsplit":
+        forced.setdefault("splits", 1)
+
     return forced
 
 

@@ -78,6 +78,7 @@ def test_forced_w4a16_one_row_kernel(monkeypatch) -> None:
     assert ab.forced_arguments("registers", {"one_row_warps": 8}) == {"one_row_warps": 8}
     assert ab.forced_arguments("early_dependents", {}) == {"early_dependents": True}
     assert ab.forced_arguments("late_dependents", {}) == {"early_dependents": False}
+    assert ab.forced_arguments("unsplit", {}) == {"splits": 1}
     seen = []
 
     def planned(*args, **kwargs):
