@@ -32,7 +32,6 @@ def forced_arguments(mode: str, kwargs: dict) -> dict:
         forced.setdefault("early_dependents", False)
     elif mode == "unsplit":
         forced.setdefault("splits", 1)
-
     return forced
 
 
