@@ -98,10 +98,12 @@ def assert_pdl_graph_equals_plain(chain, new_inputs) -> None:
 
 
 @pytest.mark.gpu
-def test_dependent_chain_in_a_graph_equals_plain_launches(fresh_policy) -> None:
+@pytest.mark.parametrize("early_dependents", [False, True])
+def test_dependent_chain_in_a_graph_equals_plain_launches(fresh_policy, early_dependents) -> None:
     """Each kernel reads the output of the one before it. Under PDL a kernel starts before its
     predecessor has finished and must wait before reading activations; a missing or misplaced
-    wait reads stale or half-written rows and shows up as differing bits here."""
+    wait reads stale or half-written rows and shows up as differing bits here. The W4A16 register
+    kernel lets the next kernel launch after its k loop or (one-wave grids) at its start."""
     from mllm_kernel import gemv
     from mllm_kernel.cuda.jit.gemv_kernels import gemv_gated_silu, gemv_w8a8_dynamic, rmsnorm_gemv, silu_mul_gemv
     from mllm_kernel.cuda.jit.w4a16_gemv import w4a16_gemv
@@ -131,8 +133,8 @@ def test_dependent_chain_in_a_graph_equals_plain_launches(fresh_policy) -> None:
 
     def chain():
         h = gemv(x, dense[0])
-        h = w4a16_gemv(w4a16_gemv(h, q4[0], q4_scales[0], None, 128, splits=4), q4[1], q4_scales[1], None, 128,
-                       splits=8)
+        h = w4a16_gemv(h, q4[0], q4_scales[0], None, 128, splits=4, early_dependents=early_dependents)
+        h = w4a16_gemv(h, q4[1], q4_scales[1], None, 128, splits=8, early_dependents=early_dependents)
         h = gemv_gated_silu(h, gate_up)
         h, res = rmsnorm_gemv(h, residual, norm_w, 1e-6, gate_up)
         h = silu_mul_gemv(h, dense[1])

@@ -46,10 +46,11 @@ PREFETCH_BATCHES = 1
 # The one-row kernel (w4a16_gemv_one_row.cuh): packed rows per warp batch and block sizes in warps.
 ONE_ROW_BATCH_ROWS = 8
 ONE_ROW_WARPS = (8, 16)
-# The one-row kernel lets the next kernel launch (PDL) at its start rather than after its k loop:
-# its grid fits in one wave, so the early blocks take no slot of its own. Measured in the decode
-# graph (run T82, H200, Qwen3-8B W4A16 bs1 in1024, processes alternating): graph 2.036 ms against
-# 2.084-2.088, step 2.062-2.068 against 2.117-2.178.
+# A launch whose grid fits in one wave lets the next kernel launch (PDL) at its start rather than
+# after its k loop: the early blocks then take no slot of its own (the C++ entry checks the wave).
+# Measured in the decode graph (H200, processes alternating): Qwen3-8B W4A16 bs1 in1024 (the
+# one-row kernel, run T82) graph 2.036 ms against 2.084-2.088, step 2.062-2.068 against
+# 2.117-2.178.
 EARLY_DEPENDENTS = True
 # Workspace: fp32 partials of (tiles x splits x M x TILE_N) and one counter per tile.
 WORKSPACE_FLOATS = 1 << 21  # 8 MiB: gate_up's 384 tiles x 3 splits x 16 rows x 64 columns fit
@@ -283,8 +284,8 @@ def w4a16_gemv(
     (benchmarks); ``one_row_warps`` picks the kernel of a one-row call (8 or 16: the one-row kernel
     in blocks of that many warps; 0: the register kernel; None: ``plan_one_row``) and
     ``early_weights`` whether the one-row kernel copies its first weights before waiting on the
-    kernel before it (PDL), ``early_dependents`` whether it lets the kernel after it launch at its
-    start (else after its k loop). ``validate=False`` skips the Python checks for callers that already ran
+    kernel before it (PDL), ``early_dependents`` whether a launch whose grid fits in one wave lets the
+    kernel after it launch at its start (else after its k loop). ``validate=False`` skips the Python checks for callers that already ran
     ``supported`` (the C++ entry still checks shapes, dtypes and alignment). ``gated=True``: the
     weight stacks a gate and an up projection ([K/8, 2H], bias [2H]) and the result is
     ``silu(gate) * up`` [M, H], each half rounded to x's dtype first and combined as pymllm's

@@ -81,8 +81,9 @@ inline void check_matrix(const TensorView& t, const char* name, int64_t rows, in
 // `prefetch` how many batches ahead each warp of the register kernel prefetches its weights into
 // L2 (0 disables); `one_row_warps` (8 or 16; M = 1 only) runs the one-row kernel of
 // w4a16_gemv_one_row.cuh in blocks of that many warps instead (0: the register kernel), and
-// `early_weights` lets it copy its first weights before the PDL wait and `early_dependents` lets
-// the next kernel launch at its start instead of after its k loop; `pdl`
+// `early_weights` lets it copy its first weights before the PDL wait; `early_dependents` lets the
+// next kernel launch at the start of either kernel instead of after its k loop, where the grid fits
+// in one wave; `pdl`
 // launches it as a programmatic dependent of the kernel before it (SM90+; mllm_kernel.pdl).
 // kGated: the weight stacks gate and up projections ([K/8, 2H], bias [2H]) and out [M, H] is
 // silu(gate) * up, the SiLU-and-mul as the epilogue (see write_outputs); N must then be a multiple of 8.
@@ -177,11 +178,20 @@ void w4a16_gemv(TensorView out, TensorView x, TensorView qweight, TensorView sca
   p.chunk_batches = chunk;
   p.prefetch = static_cast<int>(prefetch);
   p.early_weights = early_weights ? 1 : 0;
-  p.early_dependents = early_dependents ? 1 : 0;
   p.splits = used_splits;
 
   tvm::ffi::CUDADeviceGuard guard(x.device().device_id);
   const cudaStream_t stream = current_stream(x);
+  // Early dependents only where every block of the grid is resident at once (the launch bounds'
+  // blocks per SM are a lower bound on what the registers allow).
+  int sms = 0;
+  TVM_FFI_CHECK_CUDA_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().device_id));
+  const int64_t blocks = static_cast<int64_t>(n_tiles) * p.chunks * used_splits;
+  const int per_sm = one_row_warps == 16 ? 1
+                     : one_row_warps == 8 ? 3
+                     : (m > kNarrowMaxM || kGated) ? kHeavyMinBlocksPerSm
+                                                   : kMinBlocksPerSm;
+  p.early_dependents = early_dependents && blocks <= static_cast<int64_t>(sms) * per_sm ? 1 : 0;
   if (one_row_warps == 8) {
     launch_one_row<T, kHasZero, kGated, 8>(p, n_tiles, stream, pdl, x.device().device_id);
   } else if (one_row_warps == 16) {

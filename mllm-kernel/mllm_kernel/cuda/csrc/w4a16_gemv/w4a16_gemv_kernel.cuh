@@ -79,7 +79,7 @@ struct Params {
   int splits;
   int prefetch;       // batches ahead whose weights each warp asks L2 for (0: none; register kernel)
   int early_weights;  // one-row kernel: copy the first batch's weights before the PDL wait
-  int early_dependents;  // one-row kernel: let the next kernel launch at the start, not after the k loop
+  int early_dependents;  // let the next kernel launch at the start, not after the k loop (one-wave grids)
 };
 
 // (a & kMask) | magic as one LOP3: SASS takes one immediate per LOP3, so the magic comes in a
@@ -388,7 +388,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<M, kGated>) w4a16_gemv_
   const int tile_n0 = tile * kTileN;  // (plain tiles; a gated tile is columns 32 * tile of each half)
   // Under PDL (pdl.cuh) the block waits before anything else: loading weights ahead of the wait
   // measured slower (the step's graph 2.77-2.86 ms against 2.47 plain, an earlier version of this
-  // kernel), waiting first faster (T21: 2.389-2.392 ms against 2.445-2.451).
+  // kernel), waiting first faster (T21: 2.389-2.392 ms against 2.445-2.451). A grid that fits in
+  // one wave lets the next kernel launch here already (early_dependents, set by the host).
+  if (p.early_dependents) pdl_launch_dependents();
   pdl_wait();
 
   // Loads never need masks on the common path: a column past N (last tile, N % 64 != 0) is
@@ -503,10 +505,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<M, kGated>) w4a16_gemv_
     }
   }
 
-  // The next kernel may launch while the blocks reduce (it waits for this grid before reading).
-  // Signalled here, not at the start: blocks of the next kernel resident early would take the
-  // slots of this grid's blocks that have not started yet.
-  pdl_launch_dependents();
+  // Otherwise the next kernel may launch while the blocks reduce (it waits for this grid before
+  // reading): signalled here, not at the start, where blocks of the next kernel resident early
+  // would take the slots of this grid's blocks that have not started yet.
+  if (!p.early_dependents) pdl_launch_dependents();
   reduce_and_write<T, M, kGated, kGroups>(p, acc, slot, tile, split, row0, m_rows);
 }
 

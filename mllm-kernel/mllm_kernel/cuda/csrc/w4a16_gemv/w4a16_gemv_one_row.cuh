@@ -170,8 +170,9 @@ __global__ void __launch_bounds__(32 * kBlockWarps, kBlockWarps == 8 ? 3 : 1)
       copy_weights(first_batch + i * kBlockWarps, ring_base + i * kOneRowStageBytes);
     }
   }
-  // The one-row grid fits in one wave, so blocks of the next kernel resident early take no slot
-  // one of this grid's blocks waits for; they may start their own weight copies sooner.
+  // Where the grid fits in one wave (the host checks; the plan's grids do), blocks of the next
+  // kernel resident early take no slot one of this grid's blocks waits for, and they may start
+  // their own weight copies sooner.
   const bool early_dependents = p.early_dependents != 0;
   if (early_dependents) pdl_launch_dependents();
   pdl_wait();
