@@ -1,12 +1,14 @@
 """Where does a decode step's time go? Host phases, graph GPU time, and the kernel list.
 
-    python scripts/profile_decode.py benchmarks/configs/qwen3-0.6b [--input-len 128] [--bs 1]
+    python scripts/profile_decode.py benchmarks/configs/qwen3-0.6b [--input-len 128] [--bs 1] [--critical-path]
 
 Prints medians of: building the ForwardBatch (host; with CUDA graphs this includes padding
 the batch and its one copy into the graph's static buffers), the forward call (host launch
 time, i.e. prepare_replay's plan() and kv_indices plus the replay launch, and the wait for the
 GPU), sampling; the GPU time of one graph replay alone (CUDA events); and torch.profiler tables
-of three decode steps.
+of three decode steps. ``--critical-path`` also charges each kernel of one profiled step with how
+far its end moves the step's frontier (``critical_path``): under PDL the kernels overlap, so their
+own durations add up to more than the step; these shares add up to the step's GPU span.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections import defaultdict
+from typing import Iterable, List, Tuple
 
 import numpy as np
 import torch
@@ -24,6 +28,20 @@ from pymllm.executor.model_runner import ModelRunner, load_model_runner
 from pymllm.orchestrator.request import Req
 from pymllm.orchestrator.schedule_batch import ScheduledBatch
 from pymllm.sampling_params import SamplingParams
+
+
+def critical_path(kernels: Iterable[Tuple[str, float, float]]) -> List[Tuple[str, int, float]]:
+    """(name, calls, microseconds) per kernel name, largest first, from (name, start, end) of one
+    step's GPU kernels: each kernel is charged with max(0, end - the latest end before it, in start
+    order), so overlapped work costs nothing and the charges add up to last end - first start."""
+    ordered = sorted(kernels, key=lambda k: (k[1], k[2]))
+    totals = defaultdict(lambda: [0, 0.0])
+    frontier = ordered[0][1] if ordered else 0.0
+    for name, _, end in ordered:
+        totals[name][0] += 1
+        totals[name][1] += max(0.0, end - frontier)
+        frontier = max(frontier, end)
+    return sorted(((name, calls, us) for name, (calls, us) in totals.items()), key=lambda row: -row[2])
 
 
 def build_runner(config_dir: str, bs: int, input_len: int) -> ModelRunner:
@@ -43,6 +61,7 @@ def main() -> None:
     parser.add_argument("--bs", type=int, default=1)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--critical-path", action="store_true")
     args = parser.parse_args()
     runner = build_runner(args.config_dir, args.bs, args.input_len)
     bs, n = args.bs, args.input_len
@@ -116,6 +135,16 @@ def main() -> None:
     table = prof.key_averages()
     print(table.table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))
     print(table.table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=60))
+    if args.critical_path:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            decode_step(False)
+        kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA]
+        rows = critical_path(kernels)
+        span = sum(us for _, _, us in rows)
+        print(f"critical path of one step ({len(kernels)} GPU events, {span:.1f} us): name, calls, us, us per call")
+        for name, calls, us in rows[:16]:
+            print(f"  {name[:70]:70s} {calls:5d} {us:9.1f} {us / calls:8.2f}")
 
 
 if __name__ == "__main__":
