@@ -284,9 +284,10 @@ def w4a16_gemv(
     (benchmarks); ``one_row_warps`` picks the kernel of a one-row call (8 or 16: the one-row kernel
     in blocks of that many warps; 0: the register kernel; None: ``plan_one_row``) and
     ``early_weights`` whether the one-row kernel copies its first weights before waiting on the
-    kernel before it (PDL), ``early_dependents`` whether a launch whose grid fits in one wave lets the
-    kernel after it launch at its start (else after its k loop). ``validate=False`` skips the Python checks for callers that already ran
-    ``supported`` (the C++ entry still checks shapes, dtypes and alignment). ``gated=True``: the
+    kernel before it (PDL), ``early_dependents`` whether a launch whose grid fits in one wave lets
+    the kernel after it launch at its start (else after its k loop). ``validate=False`` skips the
+    Python checks for callers that already ran ``supported`` (the C++ entry still checks shapes,
+    dtypes and alignment). ``gated=True``: the
     weight stacks a gate and an up projection ([K/8, 2H], bias [2H]) and the result is
     ``silu(gate) * up`` [M, H], each half rounded to x's dtype first and combined as pymllm's
     SiLU-and-mul kernel does: the plain launch followed by that kernel, in one kernel."""

@@ -187,10 +187,8 @@ void w4a16_gemv(TensorView out, TensorView x, TensorView qweight, TensorView sca
   int sms = 0;
   TVM_FFI_CHECK_CUDA_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().device_id));
   const int64_t blocks = static_cast<int64_t>(n_tiles) * p.chunks * used_splits;
-  const int per_sm = one_row_warps == 16 ? 1
-                     : one_row_warps == 8 ? 3
-                     : (m > kNarrowMaxM || kGated) ? kHeavyMinBlocksPerSm
-                                                   : kMinBlocksPerSm;
+  const int per_sm = one_row_warps != 0 ? one_row_blocks_per_sm(static_cast<int>(one_row_warps))
+                                        : register_blocks_per_sm(static_cast<int>(m), kGated);
   p.early_dependents = early_dependents && blocks <= static_cast<int64_t>(sms) * per_sm ? 1 : 0;
   if (one_row_warps == 8) {
     launch_one_row<T, kHasZero, kGated, 8>(p, n_tiles, stream, pdl, x.device().device_id);

@@ -362,9 +362,16 @@ __device__ __forceinline__ void reduce_and_write(const Params& p, const float (&
 // 2.391. Rolling every instance spills at 128 registers and was slower (T42: 2.453 / 2.455).
 template <int M, bool kGated>
 constexpr bool kRollingLoads = kGated && M <= kNarrowMaxM;
-// Blocks per SM the register cap allows (mirrored by the Python wrapper's blocks_per_sm_for).
+// Blocks per SM the register cap allows for a launch of m rows: the wide instance and the rolling
+// (gated narrow) one take the larger cap (mirrored by the Python wrapper's blocks_per_sm_for; the
+// host also reads it to tell a one-wave grid).
+constexpr int register_blocks_per_sm(int m, bool gated) {
+  return (m > kNarrowMaxM || gated) ? kHeavyMinBlocksPerSm : kMinBlocksPerSm;
+}
 template <int M, bool kGated>
-constexpr int kBlocksPerSm = (M > kNarrowMaxM || kRollingLoads<M, kGated>) ? kHeavyMinBlocksPerSm : kMinBlocksPerSm;
+constexpr int kBlocksPerSm = register_blocks_per_sm(M, kGated);
+static_assert(kBlocksPerSm<1, true> == kHeavyMinBlocksPerSm && kRollingLoads<1, true>,
+              "the rolling instance takes the larger register cap");
 
 template <typename T, int M, bool kHasZero, bool kGated>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm<M, kGated>) w4a16_gemv_kernel(const Params p) {

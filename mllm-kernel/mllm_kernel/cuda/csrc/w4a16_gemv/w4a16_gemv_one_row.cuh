@@ -85,9 +85,11 @@ __device__ __forceinline__ uint32_t quad_column(const Params& p, int tile, int u
 }
 
 // At most 80 registers per thread: 3 blocks of 8 warps (Qwen3-8B's gate/up grid in one wave) or
-// 1 of 16 per SM.
+// 1 of 16 per SM (the host also reads this to tell a one-wave grid).
+constexpr int one_row_blocks_per_sm(int block_warps) { return block_warps == 8 ? 3 : 1; }
+
 template <typename T, bool kHasZero, bool kGated, int kBlockWarps>
-__global__ void __launch_bounds__(32 * kBlockWarps, kBlockWarps == 8 ? 3 : 1)
+__global__ void __launch_bounds__(32 * kBlockWarps, one_row_blocks_per_sm(kBlockWarps))
     w4a16_gemv_one_row_kernel(const Params p) {
   using Tr = Traits<T>;
   constexpr bool kXsum = kHasZero || Tr::kBias != 0.f;
