@@ -16,23 +16,21 @@ import functools
 import importlib
 import sys
 
-MODES = ("planned", "late", "registers", "early_dependents", "late_dependents", "unsplit")
+# The keyword arguments each mode forces on every w4a16_gemv call.
+FORCED = {
+    "planned": {},
+    "late": {"early_weights": False},
+    "registers": {"one_row_warps": 0},
+    "early_dependents": {"early_dependents": True},
+    "late_dependents": {"early_dependents": False},
+    "unsplit": {"splits": 1},
+}
+MODES = tuple(FORCED)
 
 
 def forced_arguments(mode: str, kwargs: dict) -> dict:
     """The keyword arguments of a ``w4a16_gemv`` call under MODE (the caller's explicit ones kept)."""
-    forced = dict(kwargs)
-    if mode == "registers":
-        forced.setdefault("one_row_warps", 0)
-    elif mode == "late":
-        forced.setdefault("early_weights", False)
-    elif mode == "early_dependents":
-        forced.setdefault("early_dependents", True)
-    elif mode == "late_dependents":
-        forced.setdefault("early_dependents", False)
-    elif mode == "unsplit":
-        forced.setdefault("splits", 1)
-    return forced
+    return {**FORCED[mode], **kwargs}
 
 
 def main() -> None:

@@ -44,6 +44,13 @@ def critical_path(kernels: Iterable[Tuple[str, float, float]]) -> List[Tuple[str
     return sorted(((name, calls, us) for name, (calls, us) in totals.items()), key=lambda row: -row[2])
 
 
+def kernel_label(name: str, width: int = 100) -> str:
+    """A profiler kernel name without its return type and parameter list, so that instances of one
+    template (the gated and plain W4A16 GEMVs) stay apart when the label is cut to ``width``."""
+    label = name.removeprefix("void ").split("(", 1)[0]
+    return label if len(label) <= width else label[: width - 3] + "..."
+
+
 def build_runner(config_dir: str, bs: int, input_len: int) -> ModelRunner:
     config = GlobalConfig()
     s = config.server
@@ -144,7 +151,7 @@ def main() -> None:
         span = sum(us for _, _, us in rows)
         print(f"critical path of one step ({len(kernels)} GPU events, {span:.1f} us): name, calls, us, us per call")
         for name, calls, us in rows[:16]:
-            print(f"  {name[:70]:70s} {calls:5d} {us:9.1f} {us / calls:8.2f}")
+            print(f"  {kernel_label(name):100s} {calls:5d} {us:9.1f} {us / calls:8.2f}")
 
 
 if __name__ == "__main__":

@@ -64,6 +64,25 @@ def test_environment_switch(value, expected) -> None:
     assert out == str(expected)
 
 
+def pdl_device_or_skip() -> torch.device:
+    """The CUDA device with PDL switched on; skips the test where the GPU cannot launch dependents."""
+    cuda = torch.device("cuda")
+    pdl.set_enabled(True)
+    if not pdl.use_pdl(cuda):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0+")
+    return cuda
+
+
+def random_w4a16(count: int, k: int, gen: torch.Generator, dtype: torch.dtype, device: torch.device):
+    """``count`` random square [K/8, K] int4 weights with group-128 scales that keep a chain's
+    activations of order one: (packed weights, scales)."""
+    q4 = [torch.randint(-2**31, 2**31, (k // 8, k), generator=gen, dtype=torch.int64).to(torch.int32).to(device)
+          for _ in range(count)]
+    scales = [(torch.rand(k // 128, k, generator=gen) / (4 * k**0.5)).to(dtype=dtype, device=device)
+              for _ in range(count)]
+    return q4, scales
+
+
 def assert_pdl_graph_equals_plain(chain, new_inputs) -> None:
     """Capture ``chain`` (returning its output tensors) with PDL on and compare its replays bit for
     bit with the same chain launched plainly: once into NaN-poisoned outputs, then for three
@@ -108,10 +127,7 @@ def test_dependent_chain_in_a_graph_equals_plain_launches(fresh_policy, early_de
     from mllm_kernel.cuda.jit.gemv_kernels import gemv_gated_silu, gemv_w8a8_dynamic, rmsnorm_gemv, silu_mul_gemv
     from mllm_kernel.cuda.jit.w4a16_gemv import w4a16_gemv
 
-    cuda = torch.device("cuda")
-    pdl.set_enabled(True)
-    if not pdl.use_pdl(cuda):
-        pytest.skip("programmatic dependent launch needs compute capability 9.0+")
+    cuda = pdl_device_or_skip()
     dtype, k = torch.bfloat16, 2048
     gen = torch.Generator().manual_seed(0)
 
@@ -125,9 +141,7 @@ def test_dependent_chain_in_a_graph_equals_plain_launches(fresh_policy, early_de
     q8_scale = (torch.rand(k, generator=gen) / (30 * k**0.5)).to(cuda)
     # W4A16 back to back with split K: both launches share the split-K workspace, which the
     # second may touch only after the first has finished with it.
-    q4 = [torch.randint(-2**31, 2**31, (k // 8, k), generator=gen, dtype=torch.int64).to(torch.int32).to(cuda)
-          for _ in range(2)]
-    q4_scales = [(torch.rand(k // 128, k, generator=gen) / (4 * k**0.5)).to(dtype=dtype, device=cuda) for _ in range(2)]
+    q4, q4_scales = random_w4a16(2, k, gen, dtype, cuda)
     x = randn(2, k)
     residual = randn(2, k)
 
@@ -158,16 +172,11 @@ def test_one_row_w4a16_chain_in_a_graph_equals_plain_launches(fresh_policy, earl
     from mllm_kernel import gemv
     from mllm_kernel.cuda.jit.w4a16_gemv import w4a16_gemv
 
-    cuda = torch.device("cuda")
-    pdl.set_enabled(True)
-    if not pdl.use_pdl(cuda):
-        pytest.skip("programmatic dependent launch needs compute capability 9.0+")
+    cuda = pdl_device_or_skip()
     dtype, k = torch.bfloat16, 4096
     gen = torch.Generator().manual_seed(1)
     dense = (torch.randn(k, k, generator=gen) * k**-0.5).to(dtype=dtype, device=cuda)
-    q4 = [torch.randint(-2**31, 2**31, (k // 8, k), generator=gen, dtype=torch.int64).to(torch.int32).to(cuda)
-          for _ in range(3)]
-    q4_scales = [(torch.rand(k // 128, k, generator=gen) / (4 * k**0.5)).to(dtype=dtype, device=cuda) for _ in range(3)]
+    q4, q4_scales = random_w4a16(3, k, gen, dtype, cuda)
     x = torch.randn(1, k, generator=gen).to(dtype=dtype, device=cuda)
 
     def chain():

@@ -13,6 +13,7 @@ from pymllm.layers.attention import flashinfer_warmup, selection
 from pymllm.testing.tiny_models import tiny_model_dir
 from pymllm.tests.helpers import make_scheduler
 
+
 class RecordingBackend:
     """Stands in for FlashInferAttnBackend: records the runner it gets and every planned batch."""
 

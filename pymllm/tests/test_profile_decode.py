@@ -1,4 +1,5 @@
-"""scripts/profile_decode.py's critical-path attribution, on made-up kernel timelines (CPU)."""
+"""scripts/profile_decode.py's critical-path attribution, on made-up kernel timelines, and its
+kernel labels (CPU)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,16 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "profile_decode.py"
 
 
 @pytest.fixture(scope="module")
-def critical_path():
+def script():
     spec = importlib.util.spec_from_file_location("profile_decode", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.critical_path
+    return module
+
+
+@pytest.fixture(scope="module")
+def critical_path(script):
+    return script.critical_path
 
 
 def test_serial_kernels_are_charged_their_durations(critical_path) -> None:
@@ -34,3 +40,13 @@ def test_overlapped_work_costs_only_what_extends_the_step(critical_path) -> None
 
 def test_empty_step(critical_path) -> None:
     assert critical_path([]) == []
+
+
+def test_labels_keep_the_template_arguments_apart(script) -> None:
+    prefix = "mllm_kernel::w4a16_gemv_detail::w4a16_gemv_one_row_kernel<__nv_bfloat16, false, "
+    plain = f"void {prefix}false, 16>(mllm_kernel::w4a16_gemv_detail::Params)"
+    gated = f"void {prefix}true, 8>(mllm_kernel::w4a16_gemv_detail::Params)"
+    assert script.kernel_label(plain) == prefix + "false, 16>"
+    assert script.kernel_label(gated) == prefix + "true, 8>"
+    assert script.kernel_label("_rms_norm_kernel") == "_rms_norm_kernel"
+    assert script.kernel_label("x" * 120, width=10) == "xxxxxxx..."
