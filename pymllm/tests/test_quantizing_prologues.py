@@ -116,6 +116,14 @@ def test_the_silu_quantizes_its_output_only_once_the_rows_fill_the_gpu() -> None
     assert one_kernel_silu_quant_pays(132, 132) and one_kernel_silu_quant_pays(2048, 132)  # prefill
 
 
+def test_row_quantizing_programs_take_16_warps_from_4096_columns() -> None:
+    from pymllm.quantization.kernels.int8_activation_triton import row_quant_num_warps
+
+    assert row_quant_num_warps(4096, fewest=1) == row_quant_num_warps(16384, fewest=4) == 16  # T92/T93
+    assert row_quant_num_warps(2048, fewest=1) == 4 and row_quant_num_warps(1024, fewest=1) == 2
+    assert row_quant_num_warps(1024, fewest=4) == 4 and row_quant_num_warps(64, fewest=1) == 1
+
+
 def _tiny_w8a8_layer(k: int, n: int, device: str = "cpu", dtype: torch.dtype = torch.float32):
     from pymllm.quantization.compressed_tensors.schemes import w8a8_int8
 
