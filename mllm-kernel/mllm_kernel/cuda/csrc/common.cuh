@@ -74,6 +74,18 @@ __device__ __forceinline__ uint4 load_streaming(const void* ptr) {
   return v;
 }
 
+// The device's SM count, cached per device: the attribute query is a driver call on every decode
+// step otherwise (the GEMVs' tilings, the W4A16 one-wave test, the persistent int8 GEMM).
+inline int sm_count(int device) {
+  static int counts[64] = {0};
+  const bool cached = device >= 0 && device < 64;
+  if (cached && counts[device] != 0) return counts[device];
+  int count = 0;
+  TVM_FFI_CHECK_CUDA_ERROR(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  if (cached) counts[device] = count;
+  return count;
+}
+
 // Largest access width in {16, 8, 4, 2, 1} bytes that divides every value
 // given (addresses, byte strides, byte lengths).
 inline int widest_access(std::initializer_list<uint64_t> values) {

@@ -342,17 +342,6 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(Problem p, typename F::E
 }
 
 // ---------------------------------------------------------------- host side
-// Cached per device: the attribute query is a driver call on every decode step otherwise.
-inline int sm_count(int device) {
-  static int counts[64] = {0};
-  const bool cached = device >= 0 && device < 64;
-  if (cached && counts[device] != 0) return counts[device];
-  int count = 0;
-  TVM_FFI_CHECK_CUDA_ERROR(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  if (cached) counts[device] = count;
-  return count;
-}
-
 // How a launch covers the rows: R rows per warp, and whether a block's warps split K.
 struct Tiling {
   int rows;

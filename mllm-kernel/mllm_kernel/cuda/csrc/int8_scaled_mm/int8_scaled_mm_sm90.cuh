@@ -101,14 +101,6 @@ using LargeM = Sm90Gemm<Out, Shape<cute::_128, cute::_256, cute::_128>, Shape<_1
                         cutlass::gemm::KernelTmaWarpSpecializedCooperative,
                         cutlass::epilogue::TmaWarpSpecializedCooperative>;
 
-inline int sm_count_of(int device) {
-  // Queried once per device: the persistent scheduler needs it on every launch.
-  static int counts[64] = {0};
-  if (device < 0 || device >= 64) return cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
-  if (counts[device] == 0) counts[device] = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
-  return counts[device];
-}
-
 }  // namespace int8_scaled_mm_sm90_detail
 
 template <typename OutT>
@@ -119,7 +111,7 @@ void int8_scaled_mm_sm90(TensorView out, TensorView a, TensorView b, TensorView 
   const Problem p = make_problem(out, a, b, scale_a, scale_b, bias, dl_code<OutT>());
   if (p.m == 0) return;
   tvm::ffi::CUDADeviceGuard guard(p.device);
-  const int sms = sm_count_of(p.device);
+  const int sms = sm_count(p.device);  // the persistent scheduler needs it on every launch
   if (p.m <= 64) {
     SmallM<Out>::run(p, sms);
   } else {

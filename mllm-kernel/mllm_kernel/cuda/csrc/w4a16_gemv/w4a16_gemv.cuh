@@ -184,8 +184,7 @@ void w4a16_gemv(TensorView out, TensorView x, TensorView qweight, TensorView sca
   const cudaStream_t stream = current_stream(x);
   // Early dependents only where every block of the grid is resident at once (the launch bounds'
   // blocks per SM are a lower bound on what the registers allow).
-  int sms = 0;
-  TVM_FFI_CHECK_CUDA_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().device_id));
+  const int sms = sm_count(x.device().device_id);
   const int64_t blocks = static_cast<int64_t>(n_tiles) * p.chunks * used_splits;
   const int per_sm = one_row_warps != 0 ? one_row_blocks_per_sm(static_cast<int>(one_row_warps))
                                         : register_blocks_per_sm(static_cast<int>(m), kGated);
