@@ -51,6 +51,15 @@ if triton is not None:
     from pymllm.layers.kernels.pdl import enter_dependent
     from pymllm.quantization.kernels.triton_common import sm_count_of
 
+    def row_quant_num_warps(block: int, fewest: int) -> int:
+        """Warps of a program that quantizes one row held in a block of ``block`` columns (with an
+        RMSNorm in front or not): the RMSNorm's rule (``norm_num_warps``: ~16 elements per thread) with
+        at least ``fewest``, but 16 from 4096 columns on: at one row the program's time is its chain of
+        loads, two block reductions and the correctly rounded divisions, which more threads shorten.
+        H200, Qwen3-8B W8A8 bs1 in1024 decode graph (runs T92/T93, processes alternating): 16 warps
+        for both 4096-wide kernels 2.632-2.643 ms against 2.663-2.676 with 8; 32 warps 2.646-2.647."""
+        return 16 if block >= 4096 else max(fewest, norm_num_warps(block))
+
     @triton.jit
     def _quantize_block(x, scale):
         # div_rn: correctly rounded, as the reference (Triton's "/" is the approximate division).
@@ -116,16 +125,6 @@ if triton is not None:
         mask = cols < d
         y = silu_and_mul_cols(x_ptr + row * x_stride, cols, mask, d)
         _quantize_row(y.to(tl.float32), q_ptr + row * q_stride, scale_ptr + row, cols, mask)
-
-
-def row_quant_num_warps(block: int, fewest: int) -> int:
-    """Warps of a program that quantizes one row held in a block of ``block`` columns (with an
-    RMSNorm in front or not): ~512 columns per warp (16-32 elements per thread, no spills), at
-    least ``fewest``, and 16 from 4096 columns on: at one row the program's time is its chain of
-    loads, two block reductions and the correctly rounded divisions, which more threads shorten.
-    H200, Qwen3-8B W8A8 bs1 in1024 decode graph (runs T92/T93, processes alternating): 16 warps
-    for both 4096-wide kernels 2.632-2.643 ms against 2.663-2.676 with 8; 32 warps 2.646-2.647."""
-    return 16 if block >= 4096 else max(fewest, min(16, block // 512))
 
 
 def per_token_quant_int8_triton(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
