@@ -10,6 +10,13 @@ waiting for them). The device synchronisation after it runs outside the timed re
 no work of the step, only its own latency (15-20 us on an H200). Each (batch size, input length, output length) case
 appends one JSON line to --result-filename.
 
+Decode steps run as the server runs them: overlapped (``Scheduler(overlap=True)``; off with
+``--server.disable_overlap_schedule``), each step launched behind the one in flight with its
+input tokens taken on the device, so a decode step's time is the interval between two steps'
+tokens reaching the host, as a streaming client sees them (the first interval is the first
+step's whole latency). Synchronous steps are timed one by one as above. Rows say which
+(``overlap``).
+
 Besides latencies, each row puts the numbers next to what the hardware allows, both measured
 once at start on the same device:
 - decode: the HBM floor, (bytes of weights + KV read per step) / device-to-device copy
@@ -245,16 +252,43 @@ def _profiler(device: torch.device):
     return torch.profiler.profile(activities=activities)
 
 
+def _decode_overlapped(runner: ModelRunner, reqs: List[Req], prompt_len: int, steps: int) -> List[float]:
+    """Decode steps launched each behind the one in flight (as the overlapping scheduler does);
+    per step, the time since the previous step's tokens reached the host."""
+    bs = len(reqs)
+
+    def batch_at(i: int) -> ScheduledBatch:
+        slots = runner.token_to_kv_pool_allocator.alloc(bs)
+        return ScheduledBatch(ForwardMode.DECODE, reqs, [prompt_len + i] * bs, [1] * bs, slots, [True] * bs)
+
+    _sync(runner.device)
+    last = time.perf_counter()
+    pending = runner.launch_batch(batch_at(0))
+    times = []
+    for i in range(steps):
+        follower = runner.launch_batch(batch_at(i + 1), follows=pending) if i + 1 < steps else None
+        result = runner.collect(pending)
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
+        for req, token in zip(reqs, result.next_token_ids):
+            req.output_ids.append(token)
+        pending = follower
+    _sync(runner.device)
+    return times
+
+
 def run_case(
     runner: ModelRunner, bs: int, input_len: int, output_len: int, seed: int,
     profile_stage: Optional[str] = None, profile_steps: int = 0, trace_path: Optional[Path] = None,
-    images: Optional[ImagePrompts] = None,
+    images: Optional[ImagePrompts] = None, overlap: bool = False,
 ) -> CaseTimes:
     """Prefill + decode of one synthetic batch on empty pools; returns step latencies (s).
 
     With ``profile_stage``, that stage (and at most ``profile_steps`` decode steps) runs
     under torch.profiler and the trace goes to ``trace_path``. With ``images``, every request
-    carries its own random images (preprocessed here, before any timing).
+    carries its own random images (preprocessed here, before any timing). With ``overlap`` the
+    decode steps run overlapped (``_decode_overlapped``).
     """
     runner.clear()
     device = runner.device
@@ -296,7 +330,9 @@ def run_case(
     if prof is not None and profile_stage == "decode":
         prof.start()
     decode = []
-    for i in range(decode_steps):
+    if overlap and decode_steps:
+        decode = _decode_overlapped(runner, reqs, prompt_len, decode_steps)
+    for i in range(len(decode), decode_steps):
         slots = runner.token_to_kv_pool_allocator.alloc(bs)
         batch = ScheduledBatch(ForwardMode.DECODE, reqs, [prompt_len + i] * bs, [1] * bs, slots, [True] * bs)
         decode.append(step(batch))
@@ -358,6 +394,7 @@ def make_row(
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(runner.dtype).replace("torch.", ""),
         "cuda_graph": runner.cuda_graph_runner is not None,
+        "overlap": not config.server.disable_overlap_schedule,
         "attention_backend": runner.attn_backend.name,
         "commit": git_commit(),
         "command": command,
@@ -433,12 +470,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     cost = model_cost(runner.model, runner.kv_pool)
     bs0, in0, out0 = bench.cases()[0]
-    run_case(runner, bs0, in0, min(out0, _WARMUP_OUTPUT_LEN), server.random_seed, images=images)
+    overlap = not server.disable_overlap_schedule
+    run_case(runner, bs0, in0, min(out0, _WARMUP_OUTPUT_LEN), server.random_seed, images=images, overlap=overlap)
     out_path = Path(bench.result_filename)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     trace_dir = Path(os.environ.get("PYMLLM_TORCH_PROFILER_DIR", "/tmp"))
     for bs, input_len, output_len in bench.cases():
-        times = run_case(runner, bs, input_len, output_len, server.random_seed, images=images)
+        times = run_case(runner, bs, input_len, output_len, server.random_seed, images=images, overlap=overlap)
         row = make_row(bench, config, runner, cost, times, bs, input_len, output_len, bandwidth, matmul_rate, command,
                        images)
         with open(out_path, "a") as f:
@@ -456,7 +494,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             trace = trace_dir / f"{bench.run_name}_bs{bs}_in{input_len}_out{output_len}_{bench.profile_stage}.trace.json"
             run_case(runner, bs, input_len, output_len, server.random_seed,
                      profile_stage=bench.profile_stage, profile_steps=bench.profile_steps, trace_path=trace,
-                     images=images)
+                     images=images, overlap=overlap)
             print(f"trace: {trace}", flush=True)
     return 0
 

@@ -76,6 +76,13 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         return self.temperature is not None and self.temperature <= 1e-5 or self.top_k == 1
 
+    @property
+    def uses_penalties(self) -> bool:
+        """Whether the next token depends on the tokens generated so far (the penalties read
+        them on the host), so a step cannot be launched before the previous token is known."""
+        return (self.repetition_penalty not in (None, 1.0) or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
+
     def verify(self) -> None:
         def check(cond: bool, message: str) -> None:
             if not cond:

@@ -89,6 +89,13 @@ class ServerConfig:
             "before them (SM90+ only; for debugging and A/B timing)."
         ),
     )
+    disable_overlap_schedule: bool = field(
+        default=False,
+        metadata=_flag(
+            "Read each decode step's tokens before launching the next step, instead of launching "
+            "the next step first so that the host's work between steps overlaps the GPU."
+        ),
+    )
     cuda_graph_max_bs: Optional[int] = field(
         default=None,
         metadata=_flag("Largest decode batch captured as a CUDA graph; default: max_running_requests."),

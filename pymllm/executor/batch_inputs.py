@@ -428,8 +428,9 @@ class StaticWordsUpload:
 
     The InputStager serves batches of any size through alternating buffers it looks up per call;
     the graphs' words always have one layout, so this keeps one pinned host buffer, the two
-    slices of the copy made once, and one event: recorded (``seal``) right after the launch that
-    consumed the words, waited on before the buffer is written again. That is less host work on
+    slices of the copy made once, and one event: recorded (``seal``) after the last copy that
+    reads the buffer (before the graph launch, so a step packed while the previous one runs does
+    not wait for that whole step), waited on before the buffer is written again. That is less host work on
     the path to every graph launch. ``host`` also holds the host-only words (what FlashInfer's
     plan reads), valid until the next upload.
     """
@@ -446,7 +447,7 @@ class StaticWordsUpload:
 
     def upload(self, words: np.ndarray) -> torch.Tensor:
         """Copy ``words`` (the packed layout, device part first) in; returns ``host``."""
-        if self._pending:  # the last launch must have read the buffer before it is rewritten
+        if self._pending:  # the last copies must have read the buffer before it is rewritten
             self._event.synchronize()
             self._pending = False
         self._host_np[: len(words)] = words

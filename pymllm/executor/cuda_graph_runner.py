@@ -13,9 +13,9 @@ the host and fills them with a single copy (``stage``); replay then lets the att
 refresh its own static metadata (``init_forward_metadata_replay_cuda_graph``) and replays.
 The graph itself records the batch's new slots in req_to_token (and, where the backend allows,
 builds the attention metadata that reads them), and ends with the argmax that greedy sampling
-reads, copied into pinned host memory: per step the host issues one copy, one graph launch and
-one stream sync, since on the
-hosts we measured each CUDA call costs tens of microseconds of a decode step's host time.
+reads; the ModelRunner copies it into pinned host memory after the launch. Per step the host
+issues one copy, one graph launch, the ids' read-back and an event wait, since on the hosts we
+measured each CUDA call costs tens of microseconds of a decode step's host time.
 
 Right after a decode step's launch, while the GPU runs it, the host packs the step that most
 likely follows (the same requests one token further, ``predict_next``); when that step comes,
@@ -154,12 +154,8 @@ class CudaGraphRunner:
         self.shared_outputs: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
         self.pool = None
         # Every graph ends by casting its logits and taking their argmax in one kernel (whose
-        # arrival counters these are) and copying the ids into pinned host memory, so greedy
-        # sampling reads them after a stream sync instead of issuing a read-back of its own.
+        # arrival counters these are), so greedy sampling launches nothing of its own.
         self._argmax_counters = torch.zeros(self.max_bs, dtype=torch.int32, device=self.device)
-        pinned = self.device.type == "cuda"
-        self.ids_host = torch.zeros(self.max_bs, dtype=torch.int64, pin_memory=pinned)
-        self.ids_host_np = self.ids_host.numpy()
 
     def _sliced(self, bs: int) -> Dict[str, torch.Tensor]:
         names = ("input_ids", "positions", "req_pool_indices", "seq_lens", "out_cache_loc",
@@ -228,17 +224,16 @@ class CudaGraphRunner:
         """What the graph of size bs runs (prepare_capture first), on the static buffers: the
         rows' req_to_token writes and the backend's metadata kernels where they belong in the
         graph, the forward, float32 logits and their argmax (what greedy sampling reads, with no
-        launch of its own), the argmax also copied to ``ids_host``. Captured once per size; the
-        CPU tests run it eagerly."""
+        launch of its own). The ids are copied to the host outside the graph (ModelRunner's
+        Readback), into a buffer per step in flight. Captured once per size; the CPU tests run
+        it eagerly."""
         fb = self._static_batch(bs, [1] * bs)
         prologue = self._prologues[(bs, shared_prefix)]
         if prologue is not None:
             self._write_req_to_token(bs)
             prologue()
         raw = self.model(fb.input_ids, fb.positions, fb)
-        logits, ids = float_logits_argmax(raw, self._argmax_counters)
-        self.ids_host[:bs].copy_(ids, non_blocking=True)
-        return logits, ids
+        return float_logits_argmax(raw, self._argmax_counters)
 
     def _capture_one(self, bs: int, shared_prefix: bool = False) -> None:
         self.prepare_capture(bs, shared_prefix)
@@ -269,34 +264,42 @@ class CudaGraphRunner:
             and fb.positions.dim() == 1
         )
 
-    def stage(self, hb: HostBatch, shared_prefix: bool = False, decode: bool = False) -> ForwardBatch:
+    def stage(self, hb: HostBatch, shared_prefix: bool = False, decode: bool = False,
+              device_tokens: Optional[torch.Tensor] = None) -> ForwardBatch:
         """Pad a decode batch on the host and copy it into the static buffers with one copy;
         returns the batch (rows [0, bs) of the static buffers). Its req_to_token writes run in
         the graph, or here when that graph's metadata is built before replay.
         shared_prefix: the rows all extend one request (``has_shared_prefix_graph``).
         decode: the rows are requests' decode steps, so the replay may pack the step after it
         (``predict_next``); extends run as rows are not.
+        device_tokens: the rows' input tokens on the device, copied in before the replay (the
+        host's are placeholders).
         """
         padded_bs = padded_batch_size(hb.batch_size, self.batch_sizes)
-        return self._stage_words(hb, padded_bs, self._packer.pack(hb, padded_bs), shared_prefix, decode)
+        words = self._packer.pack(hb, padded_bs)
+        return self._stage_words(hb, padded_bs, words, shared_prefix, decode, device_tokens=device_tokens)
 
-    def stage_next(self, batch: "ScheduledBatch") -> Optional[ForwardBatch]:
+    def stage_next(self, batch: "ScheduledBatch", device_tokens: Optional[torch.Tensor] = None
+                   ) -> Optional[ForwardBatch]:
         """Stage a decode batch from the words predict_next packed while the previous step ran,
         when the batch is that prediction: the same requests (by request row, in order) at the
         predicted positions; only its tokens and new KV slots are written now, so the words are
         exactly what ``stage`` would pack (test_next_decode_staging checks it), and the step is
         launched at once: its forward (``replay``) returns the outputs of that run. None
-        otherwise, with nothing staged; every batch built after a prediction ends it, used or not."""
+        otherwise, with nothing staged; every batch built after a prediction ends it, used or not.
+        device_tokens: as for ``stage``."""
         nxt, self._next = self._next, None
         if nxt is None or not batch.mode.is_decode():
             return None
         reqs = batch.reqs
         if [r.req_pool_idx for r in reqs] != nxt.rows or list(batch.prefix_lens) != nxt.positions:
             return None
-        words = self._next_packer.set_new_tokens([r.output_ids[-1] for r in reqs], batch.out_cache_loc)
+        tokens = [0] * len(reqs) if device_tokens is not None else [r.output_ids[-1] for r in reqs]
+        words = self._next_packer.set_new_tokens(tokens, batch.out_cache_loc)
         # Nothing is left to decide about this step, so it goes to the GPU before the objects
         # that describe it are made; the forward that follows finds it running (replay).
-        return self._stage_words(nxt.hb, nxt.padded_bs, words, decode=True, launch=True)
+        return self._stage_words(nxt.hb, nxt.padded_bs, words, decode=True, launch=True,
+                                 device_tokens=device_tokens)
 
     def predict_next(self) -> None:
         """Pack the decode step that follows the one just staged with ``decode=True`` (same
@@ -311,7 +314,8 @@ class CudaGraphRunner:
         self._next = NextDecode(hb.req_pool_indices.tolist(), nxt.positions.tolist(), nxt, padded_bs)
 
     def _stage_words(self, hb: HostBatch, padded_bs: int, words, shared_prefix: bool = False,
-                     decode: bool = False, launch: bool = False) -> ForwardBatch:
+                     decode: bool = False, launch: bool = False,
+                     device_tokens: Optional[torch.Tensor] = None) -> ForwardBatch:
         """Upload packed words into the static buffers; ``launch``: also replay the graph now."""
         bs = hb.batch_size
         self._predict_from = hb if decode else None
@@ -321,7 +325,7 @@ class CudaGraphRunner:
         kv_indptr_host, seq_lens_host = self._host_views(host, padded_bs)
         staged = StagedDecode(
             batch=None, padded_bs=padded_bs, kv_indptr_host=kv_indptr_host, seq_lens_host=seq_lens_host,
-            shared_prefix=shared_prefix,
+            shared_prefix=shared_prefix, device_tokens=device_tokens,
         )
         if launch:
             self._launch(staged)
@@ -362,12 +366,17 @@ class CudaGraphRunner:
         return padded
 
     def _launch(self, staged: StagedDecode) -> None:
-        """Replay the graph of a staged batch; then, while it runs, seal the staging buffer and
-        pack the step predicted to follow."""
+        """Replay the graph of a staged batch; then, while it runs, pack the step predicted to
+        follow."""
         padded = self._prepare_staged(staged)
+        # The copies enqueued so far were the staged words' last readers: sealed before the
+        # replay, the next upload waits for them, not for this whole step.
+        self._upload.seal()
+        if staged.device_tokens is not None:
+            self.inputs.input_ids[: staged.device_tokens.numel()].copy_(staged.device_tokens)
+            staged.device_tokens = None
         (self.shared_graphs if staged.shared_prefix else self.graphs)[padded].replay()
         staged.launched = True
-        self._upload.seal()  # the replay was the staged words' last reader
         self.predict_next()
 
     def _is_staged(self, fb: ForwardBatch) -> bool:
@@ -376,9 +385,9 @@ class CudaGraphRunner:
         staged = self._staged
         return staged is not None and staged.batch is fb
 
-    def replay(self, fb: ForwardBatch) -> torch.Tensor:
-        """Float32 logits [bs, vocab] of a decode batch, valid until the next replay; their
-        argmax is in ``ids_host`` once the stream has run it."""
+    def replay(self, fb: ForwardBatch) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Float32 logits [bs, vocab] of a decode batch and their argmax [bs] on the device,
+        both valid until the next replay."""
         if self._is_staged(fb):
             staged = self._staged
             if staged.launched:  # launched at staging (stage_next): this forward is that run
@@ -390,8 +399,8 @@ class CudaGraphRunner:
             shared, padded = False, self._prepare_unstaged(fb)
             self.graphs[padded].replay()
         bs = fb.batch_size
-        logits = (self.shared_outputs if shared else self.outputs)[padded][0]
-        return self._views.get(("output", shared, padded, bs), lambda: logits[:bs])
+        logits, ids = (self.shared_outputs if shared else self.outputs)[padded]
+        return self._views.get(("output", shared, padded, bs), lambda: (logits[:bs], ids[:bs]))
 
     def replay_seconds(self, bs: int, iters: int = 20) -> float:
         """GPU time of one decode step of bs rows alone: the graph that serves bs, replayed back

@@ -86,3 +86,6 @@ class StagedDecode:
     seq_lens_host: torch.Tensor  # [padded_bs] int32, pinned on CUDA
     shared_prefix: bool = False  # replays the graph whose rows all extend one request
     launched: bool = False  # its graph already runs (a predicted step, see stage_next)
+    # The rows' input tokens on the device (the ids of a step still in flight), copied into the
+    # static input ids right before the replay; None: the uploaded words hold them.
+    device_tokens: Optional[torch.Tensor] = None

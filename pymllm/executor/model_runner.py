@@ -21,6 +21,7 @@ from pymllm.executor.batch_inputs import HostBatch, InputStager, extend_as_decod
 from pymllm.executor.cuda_graph_runner import build_cuda_graph_runner, extend_runs_as_decode
 from pymllm.executor.device_memory import device_memory
 from pymllm.executor.multimodal_batch import attach_multimodal_inputs
+from pymllm.executor.pending_batch import PendingBatch, Readback, collect as collect_pending
 from pymllm.layers.attention.selection import attention_jit_builds, create_attention_backend
 from pymllm.layers.kernels.pdl import configure as configure_pdl
 from pymllm.layers.sampler import Sampler, SamplingBatchInfo, is_plain_greedy
@@ -54,8 +55,8 @@ class ModelRunner:
         self.dtype = model_config.dtype
         self.model = None
         self.cuda_graph_runner = None
-        # (logits, their rows of cuda_graph_runner.ids_host) of the last replay
-        self._graph_argmax: Optional[Tuple[torch.Tensor, object]] = None
+        # (logits, their argmax on the device) of the last replay: the graph takes it
+        self._graph_argmax: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     # ---------------- set-up ----------------
     def initialize(self) -> None:
@@ -70,6 +71,7 @@ class ModelRunner:
         self.attn_backend = create_attention_backend(self.server.attention_backend, self)
         self.sampler = Sampler()
         self.stager = InputStager(self.device)
+        self.readback = Readback(self.req_to_token_pool.size, self.device)
         if self.device.type == "cuda":
             self.warmup()
         self.cuda_graph_runner = build_cuda_graph_runner(self)
@@ -129,16 +131,18 @@ class ModelRunner:
         )
 
     # ---------------- batches ----------------
-    def build_forward_batch(self, batch: ScheduledBatch) -> ForwardBatch:
+    def build_forward_batch(self, batch: ScheduledBatch, device_tokens: Optional[torch.Tensor] = None) -> ForwardBatch:
         """The batch on the device: its integers packed on the host and moved in one copy.
 
         A decode batch that will replay a CUDA graph is padded on the host and copied straight
         into the graph's static input buffers. Either way the device tensors live in reused
         buffers: a batch is valid until the next build_forward_batch.
+        device_tokens: a decode batch's input tokens, already on the device (the ids of the step
+        it follows, whose values the host does not know yet); they replace the host's.
         """
         graphs = self.cuda_graph_runner
         # A decode step is usually the one after the last: packed while that one ran.
-        fb = graphs.stage_next(batch) if graphs is not None else None
+        fb = graphs.stage_next(batch, device_tokens) if graphs is not None else None
         if fb is not None:
             attach_multimodal_inputs(self.model, batch, fb, self.device)
             return fb
@@ -147,7 +151,8 @@ class ModelRunner:
         shared = (graphs is not None and batch.mode.is_extend() and hb.batch_size == 1
                   and graphs.has_shared_prefix_graph(len(hb.input_ids)))
         if graphs is not None and batch.mode.is_decode() and graphs.fits(hb.batch_size):
-            fb = graphs.stage(hb, decode=True)  # the graph records the new slots in req_to_token
+            # the graph records the new slots in req_to_token
+            fb = graphs.stage(hb, decode=True, device_tokens=device_tokens)
         elif graphs is not None and batch.mode.is_extend() and extend_runs_as_decode(
             len(hb.input_ids), int(hb.seq_lens.max()), any(getattr(r, "mm_inputs", None) for r in batch.reqs),
             graphs.max_bs, shared,
@@ -157,6 +162,8 @@ class ModelRunner:
             fb, write_index, write_loc = self._stage_eager(batch.mode, hb)
             # Record where every new KV entry lives: one scatter into the flattened table.
             self.req_to_token_pool.req_to_token.view(-1).index_copy_(0, write_index, write_loc)
+            if device_tokens is not None:
+                fb.input_ids.copy_(device_tokens)
         # Images and mrope deltas; decode deltas attached here reach a staged graph batch's
         # static buffer in prepare_replay.
         attach_multimodal_inputs(self.model, batch, fb, self.device)
@@ -214,17 +221,16 @@ class ModelRunner:
             and fb.forward_mode.is_decode()
             and self.cuda_graph_runner.can_run(fb)
         ):
-            logits = self.cuda_graph_runner.replay(fb)
-            host_rows: object = slice(0, fb.batch_size)
+            logits, ids = self.cuda_graph_runner.replay(fb)
             if fb.sample_rows is not None:  # an extend run as decode rows: each request's last row
                 rows = fb.sample_rows
                 last = rows[-1]
                 if rows == list(range(last - len(rows) + 1, last + 1)):
-                    host_rows = picked = slice(last - len(rows) + 1, last + 1)
+                    picked = slice(last - len(rows) + 1, last + 1)
                 else:
-                    host_rows, picked = rows, torch.tensor(rows, device=logits.device)
-                logits = logits[picked]
-            self._graph_argmax = (logits, host_rows)
+                    picked = torch.tensor(rows, device=logits.device)
+                logits, ids = logits[picked], ids[picked]
+            self._graph_argmax = (logits, ids)
             return logits
         return self._forward_eager(fb)
 
@@ -233,59 +239,80 @@ class ModelRunner:
         self.attn_backend.init_forward_metadata(fb)
         return self.model(fb.input_ids, fb.positions, fb).float()
 
-    def _argmax(self, logits: torch.Tensor) -> List[int]:
-        # A replayed graph has already taken the argmax of the logits it returned and copied it
-        # to pinned memory: waiting for the stream is all that is left.
+    def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        # A replayed graph has already taken the argmax of the logits it returned.
         graph = self._graph_argmax
         if graph is not None and graph[0] is logits:
-            if self.device.type == "cuda":
-                self.stager.current_stream().synchronize()
-            return self.cuda_graph_runner.ids_host_np[graph[1]].tolist()
-        return torch.argmax(logits, dim=-1).tolist()
+            return graph[1]
+        return torch.argmax(logits, dim=-1)
+
+    def launch_batch(self, batch: ScheduledBatch, follows: Optional[PendingBatch] = None) -> PendingBatch:
+        """Enqueue a batch's forward and sampling and start copying its tokens to the host;
+        returns without waiting for them (``collect`` does).
+
+        follows: the launched decode step this one continues (the same requests, one position
+        further); its sampled ids become this step's input tokens on the device, so this step
+        can be launched before the host has read them."""
+        device_tokens = None
+        if follows is not None:
+            prev = follows.batch
+            if not (batch.mode.is_decode() and prev.mode.is_decode() and len(batch.reqs) == len(prev.reqs)
+                    and all(a is b for a, b in zip(batch.reqs, prev.reqs))):
+                raise ValueError("launch_batch: a following batch must decode the same requests as the one it follows")
+            device_tokens = follows.device_ids
+        fb = self.build_forward_batch(batch, device_tokens)
+        logits = self.forward(fb)
+        # The step being sampled: a follower's requests have one token in flight the host has
+        # not appended yet.
+        return self._launch_sampling(logits, batch, step_offset=0 if follows is None else 1)
+
+    def collect(self, pending: PendingBatch) -> BatchResult:
+        """Wait for a launched batch's tokens (only its own copies, not later launches)."""
+        return collect_pending(pending)
 
     def sample(self, logits: torch.Tensor, batch: ScheduledBatch) -> BatchResult:
+        """The tokens of logits the forward of ``batch`` just returned, waited for."""
+        return self.collect(self._launch_sampling(logits, batch, step_offset=0))
+
+    def _launch_sampling(self, logits: torch.Tensor, batch: ScheduledBatch, step_offset: int) -> PendingBatch:
         reqs = batch.reqs
         params = [r.sampling_params for r in reqs]
         if is_plain_greedy(params):
             # The Sampler would take the same argmax; skipping it skips building and copying
             # the per-request tensors (and inference mode: an argmax records no autograd state).
-            next_ids = self._argmax(logits)
-            return BatchResult(next_token_ids=next_ids, logprobs=[None] * len(reqs))
-        return self._sample_with_sampler(logits, reqs, params)
+            ids = self._argmax(logits)
+            host, _, done = self.readback.start(ids)
+            return PendingBatch(batch, ids, host, done)
+        ids, parts, wants = self._sample_with_sampler(logits, reqs, params, step_offset)
+        host, copies, done = self.readback.start(ids, parts)
+        logprob_parts = (copies[0], copies[1], copies[2]) if copies and copies[0] is not None else None
+        return PendingBatch(batch, ids, host, done, logprob_parts, wants)
 
     @torch.inference_mode()
-    def _sample_with_sampler(self, logits: torch.Tensor, reqs: List[Req], params: List[SamplingParams]) -> BatchResult:
-        need_history = any(
-            p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params
-        )
+    def _sample_with_sampler(
+        self, logits: torch.Tensor, reqs: List[Req], params: List[SamplingParams], step_offset: int,
+    ) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]], List[int]]:
+        """(sampled ids on the device, the logprob tensors or [], the rows that asked for them)."""
+        need_history = any(p.uses_penalties for p in params)
+        if need_history and step_offset:
+            raise ValueError("penalties read the tokens generated so far: a step using them cannot follow one in flight")
         info = SamplingBatchInfo.from_params(
             params,
             seeds=[r.seed for r in reqs],
-            steps=[len(r.output_ids) for r in reqs],
+            steps=[len(r.output_ids) + step_offset for r in reqs],
             vocab_size=logits.shape[-1],
             device=logits.device,
             prompt_ids=[r.origin_input_ids for r in reqs] if need_history else None,
             output_ids=[r.output_ids for r in reqs] if need_history else None,
         )
         out = self.sampler(logits, info)
-        next_ids = out.next_token_ids.tolist()
-        logprobs: List[Optional[tuple]] = [None] * len(reqs)
-        if out.logprobs is not None:
-            chosen = out.logprobs.tolist()
-            top_ids = out.top_logprob_ids.tolist() if out.top_logprob_ids is not None else None
-            top_vals = out.top_logprob_vals.tolist() if out.top_logprob_vals is not None else None
-            for i, p in enumerate(params):
-                if not p.logprobs:
-                    continue
-                k = p.top_logprobs
-                top = list(zip(top_ids[i][:k], top_vals[i][:k])) if top_ids is not None and k else []
-                logprobs[i] = (next_ids[i], chosen[i], top)
-        return BatchResult(next_token_ids=next_ids, logprobs=logprobs)
+        if out.logprobs is None:
+            return out.next_token_ids, [], []
+        wants = [i for i, p in enumerate(params) if p.logprobs]
+        return out.next_token_ids, [out.logprobs, out.top_logprob_ids, out.top_logprob_vals], wants
 
     def run_batch(self, batch: ScheduledBatch) -> BatchResult:
-        fb = self.build_forward_batch(batch)
-        logits = self.forward(fb)
-        return self.sample(logits, batch)
+        return self.collect(self.launch_batch(batch))
 
     def clear(self) -> None:
         self.req_to_token_pool.clear()

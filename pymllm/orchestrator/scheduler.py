@@ -2,6 +2,13 @@
 
 The scheduler decides *what* runs and owns the KV bookkeeping (slot allocation, release,
 prefix matching); the ModelRunner decides *how* it runs. Nothing in this module builds tensors.
+
+With ``overlap``, a decode step that can only be followed by the same requests' next step
+(nothing waits for admission, no request is sure to finish, none samples with penalties) has
+that next step launched before its own tokens are read: the GPU runs step n+1 while the host
+reads step n's tokens, checks stops and streams them out. A request that turns out to have
+finished at step n (EOS, a stop string) wasted its row of step n+1, whose token is dropped and
+whose KV slot is freed when that step is collected.
 """
 
 from __future__ import annotations
@@ -9,7 +16,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import deque
-from typing import Deque, List, Optional, Protocol, Sequence
+from typing import Deque, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
@@ -31,6 +38,14 @@ class BatchRunner(Protocol):
     def run_batch(self, batch: ScheduledBatch) -> BatchResult: ...
 
 
+class OverlapRunner(BatchRunner, Protocol):
+    """A runner that can launch a batch without waiting for its tokens (``overlap``)."""
+
+    def launch_batch(self, batch: ScheduledBatch, follows: Optional[object] = None) -> object: ...
+
+    def collect(self, pending: object) -> BatchResult: ...
+
+
 class RequestRejected(ValueError):
     """The request can never run (e.g. prompt longer than the context)."""
 
@@ -47,6 +62,7 @@ class Scheduler:
         prefix_cache: Optional[PrefixCache] = None,
         random_seed: int = 0,
         check_invariants: bool = False,
+        overlap: bool = False,
     ):
         self.runner = runner
         self.req_pool = runner.req_to_token_pool
@@ -57,6 +73,9 @@ class Scheduler:
         self.stop_checker = stop_checker
         self.prefix_cache = prefix_cache or ChunkCache(self.allocator)
         self.check_invariants = check_invariants
+        self.overlap = overlap
+        # (batch, the runner's handle) of a decode step launched and not collected yet
+        self._in_flight: Optional[Tuple[ScheduledBatch, object]] = None
         self._rng = random.Random(random_seed)
         self.waiting: Deque[Req] = deque()
         self.running: List[Req] = []  # decoding
@@ -111,19 +130,60 @@ class Scheduler:
         return None
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.chunked_req)
+        return bool(self.waiting or self.running or self.chunked_req or self._in_flight)
 
     # ---------------- one step ----------------
     def step(self) -> List[Req]:
-        """Run one batch; returns the requests that produced output or finished."""
-        batch = self._next_batch()
-        if batch is None:
-            return []
-        result = self.runner.run_batch(batch)
+        """Run one batch; returns the requests that produced output or finished.
+
+        With ``overlap`` a decode batch is collected one call later than it is launched when
+        its follower could be launched first; every call still collects exactly one batch."""
+        if self._in_flight is None:
+            batch = self._next_batch()
+            if batch is None:
+                return []
+            if not (self.overlap and batch.mode.is_decode()):
+                return self._finish_step(batch, self.runner.run_batch(batch))
+            self._in_flight = (batch, self.runner.launch_batch(batch))
+        batch, pending = self._in_flight
+        follower = self._follow_decode(batch)
+        self._in_flight = (follower, self.runner.launch_batch(follower, follows=pending)) if follower else None
+        return self._finish_step(batch, self.runner.collect(pending))
+
+    def _finish_step(self, batch: ScheduledBatch, result: BatchResult) -> List[Req]:
         touched = self._process_result(batch, result)
         if self.check_invariants:
             self.verify_kv_accounting()
         return touched
+
+    def _follow_decode(self, batch: ScheduledBatch) -> Optional[ScheduledBatch]:
+        """The next decode step of the same requests, to launch before ``batch``'s tokens are
+        read, or None when the next batch should be decided after them: requests wait for
+        admission, the running set changed (an abort), a request is sure to finish at this step
+        (then its next position may not exist), a request samples with penalties (they read its
+        tokens on the host), or slots are short (the next step may retract)."""
+        reqs = batch.reqs
+        if self.waiting or self.chunked_req or len(reqs) != len(self.running):
+            return None
+        if any(a is not b for a, b in zip(reqs, self.running)):
+            return None
+        for req in reqs:
+            params = req.sampling_params
+            produced = len(req.output_ids) + 1  # after this step
+            if params.uses_penalties or (params.max_new_tokens is not None and produced >= params.max_new_tokens):
+                return None
+            # The stop checker's context limit, which also keeps the next position in the table.
+            if req.prompt_len + produced >= self.context_length or req.kv_len + 2 > self.allocator.size:
+                return None
+        if self._available_slots() < len(reqs):
+            return None
+        slots = self._alloc_slots(len(reqs))
+        if slots is None:
+            return None
+        return ScheduledBatch(
+            mode=ForwardMode.DECODE, reqs=list(reqs), prefix_lens=[p + 1 for p in batch.prefix_lens],
+            extend_lens=[1] * len(reqs), out_cache_loc=slots, sample=[True] * len(reqs),
+        )
 
     def _next_batch(self) -> Optional[ScheduledBatch]:
         # Alternate with decode after a prefill so running requests keep streaming while
@@ -299,12 +359,13 @@ class Scheduler:
         """Allocator invariants, plus: every used slot belongs to the cache or to one request."""
         self.allocator.check_invariants()
         owned_by_reqs = sum(r.kv_len - r.cache_owned_len for r in self._active())
-        expected = owned_by_reqs + self.prefix_cache.total_cached()
+        in_flight = len(self._in_flight[0].out_cache_loc) if self._in_flight else 0
+        expected = owned_by_reqs + in_flight + self.prefix_cache.total_cached()
         used = self.allocator.used_size()
         if used != expected:
             raise AssertionError(
-                f"KV accounting: {used} slots in use, but requests own {owned_by_reqs} "
-                f"and the prefix cache {self.prefix_cache.total_cached()}"
+                f"KV accounting: {used} slots in use, but requests own {owned_by_reqs}, a step in "
+                f"flight {in_flight} and the prefix cache {self.prefix_cache.total_cached()}"
             )
 
     def _active(self) -> Sequence[Req]:

@@ -49,6 +49,7 @@ def build_scheduler(config: GlobalConfig, check_invariants: bool = False) -> Sch
         prefix_cache=create_prefix_cache(config, runner.token_to_kv_pool_allocator),
         random_seed=server.random_seed,
         check_invariants=check_invariants,
+        overlap=not server.disable_overlap_schedule,
     )
 
 

@@ -20,7 +20,7 @@ FIELDS = {
     "run_name", "batch_size", "input_len", "output_len", "prefill_latency", "prefill_throughput",
     "median_decode_latency", "median_decode_throughput", "total_latency", "overall_throughput",
     "hbm_bandwidth_gbs", "decode_floor_latency", "decode_vs_floor", "decode_graph_latency", "matmul_tflops", "prefill_tflops",
-    "prefill_vs_matmul_rate", "device", "dtype", "cuda_graph", "attention_backend", "commit", "command",
+    "prefill_vs_matmul_rate", "device", "dtype", "cuda_graph", "overlap", "attention_backend", "commit", "command",
     "model", "architecture", "load_format", "timestamp",
 }
 
@@ -43,6 +43,7 @@ def test_sweep_writes_one_row_per_case(tmp_path, capsys):
         assert set(row) == FIELDS
         assert row["run_name"] == "cpu-sweep" and row["device"] == "cpu" and row["dtype"] == "float32"
         assert row["attention_backend"] == "torch_native" and row["cuda_graph"] is False
+        assert row["overlap"] is True  # the server's default
         assert row["decode_graph_latency"] is None  # no graphs on the CPU
         assert row["architecture"] == "Qwen3ForCausalLM" and row["load_format"] == "auto"
         assert row["command"].startswith("python -m pymllm.bench_one_batch --server.model_path")
@@ -55,6 +56,35 @@ def test_sweep_writes_one_row_per_case(tmp_path, capsys):
         assert row["decode_vs_floor"] == pytest.approx(row["median_decode_latency"] / row["decode_floor_latency"])
         assert row["hbm_bandwidth_gbs"] > 0 and row["matmul_tflops"] > 0 and row["prefill_vs_matmul_rate"] > 0
     assert "bs=2 in=8 out=4" in capsys.readouterr().out
+
+
+def test_overlapped_decode_produces_the_synchronous_tokens(monkeypatch):
+    """run_case's overlapped decode (each step launched behind the one in flight, tokens fed on
+    the device) leaves every request with the tokens of the step-by-step loop, one interval per
+    step; --server.disable_overlap_schedule puts ``overlap: false`` in the rows."""
+    from pymllm.configs.global_config import GlobalConfig
+    from pymllm.executor.model_runner import load_model_runner
+
+    config = GlobalConfig()
+    config.server.model_path, config.server.device = str(tiny_model_dir("qwen3")), "cpu"
+    config.validate()
+    runner = load_model_runner(config)
+    outputs = {}
+    real = bench.Req
+
+    def recording_req(*args, **kwargs):
+        req = real(*args, **kwargs)
+        outputs.setdefault(overlap, []).append(req)
+        return req
+
+    monkeypatch.setattr(bench, "Req", recording_req)
+    for overlap in (False, True):
+        times = bench.run_case(runner, 2, 7, 6, seed=3, overlap=overlap)
+        assert len(times.decode) == 5 and all(t > 0 for t in times.decode)
+    got = [r.output_ids for r in outputs[True]]
+    assert got == [r.output_ids for r in outputs[False]] and all(len(ids) == 6 for ids in got)
+    config, _ = bench.parse_args(["--server.disable_overlap_schedule", "--server.device", "cpu"])
+    assert config.server.disable_overlap_schedule is True
 
 
 def test_dummy_weights_from_a_bare_config_and_profile(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ an extend in between).
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pymllm.engine.forward_batch import ForwardMode
@@ -70,8 +71,8 @@ def _spy_on_stage_next(graphs) -> list:
     """Whether each build took the predicted words."""
     used, stage_next = [], graphs.stage_next
 
-    def spy(batch):
-        fb = stage_next(batch)
+    def spy(batch, device_tokens=None):
+        fb = stage_next(batch, device_tokens)
         used.append(fb is not None)
         return fb
 
@@ -158,11 +159,50 @@ def test_a_predicted_step_launches_when_it_is_staged(fake_flashinfer):  # noqa: 
     assert events == [("launch", 4), "batch object"] and logits.shape == (3, 8)
 
 
-def test_greedy_sampling_of_a_replay_reads_the_graphs_host_ids(fake_flashinfer):  # noqa: F811
-    """The graph copies its argmax into ``ids_host``; greedy sampling returns those rows (here
-    written by hand: the stand-in graph runs nothing), not an argmax of its own."""
+def test_greedy_sampling_of_a_replay_reads_the_graphs_argmax(fake_flashinfer):  # noqa: F811
+    """The graph ends with the argmax; greedy sampling returns its rows (here written by hand:
+    the stand-in graph runs nothing), not an argmax of its own."""
     runner, graphs, reqs = _setup()
     batch = _decode(runner, reqs)
     logits = runner.forward(runner.build_forward_batch(batch))
-    graphs.ids_host_np[:4] = [11, 12, 13, 14]  # row 3 is padding
+    graphs.outputs[4][1][:] = torch.tensor([11, 12, 13, 14])  # row 3 is padding
     assert runner.sample(logits, batch).next_token_ids == [11, 12, 13]
+
+
+def _launch_recording_input_ids(graphs, events):
+    """Stand-in graphs that record the static input ids each launch reads."""
+    for bs in graphs.batch_sizes:
+        graph = graphs.graphs[bs]
+        graph.replay = lambda bs=bs: events.append(("launch", bs, graphs.inputs.input_ids[:bs].tolist()))
+
+
+def test_a_follower_takes_its_tokens_from_the_device(fake_flashinfer):  # noqa: F811
+    """A step launched behind one in flight (launch_batch(follows=...)) reads the ids that step
+    sampled on the device, through the predicted staging and through the full one, and samples
+    with the step counter one further (the in-flight token is not in output_ids yet)."""
+    events = []
+    runner, graphs, reqs = _setup(events)
+    _launch_recording_input_ids(graphs, events)
+    first = runner.launch_batch(_decode(runner, reqs))
+    assert events == [("launch", 4, [100, 101, 102, 0])]
+    graphs.outputs[4][1][:] = torch.tensor([21, 22, 23, 0])  # what that launch's argmax wrote
+    follower = _decode(runner, reqs)
+    follower.prefix_lens = [p + 1 for p in follower.prefix_lens]
+    second = runner.launch_batch(follower, follows=first)  # predicted: staged and launched at once
+    assert events[-1] == ("launch", 4, [21, 22, 23, 0])
+    assert runner.collect(first).next_token_ids == [21, 22, 23]
+    for r, t in zip(reqs, (21, 22, 23)):
+        r.output_ids.append(t)
+    graphs.outputs[4][1][:] = torch.tensor([31, 32, 33, 0])
+    graphs._next = None  # the full staging path this time
+    third = _decode(runner, reqs)
+    third.prefix_lens = [p + 1 for p in third.prefix_lens]
+    runner.launch_batch(third, follows=second)
+    assert events[-1] == ("launch", 4, [31, 32, 33, 0])
+
+
+def test_a_follower_must_decode_the_same_requests(fake_flashinfer):  # noqa: F811
+    runner, graphs, reqs = _setup()
+    first = runner.launch_batch(_decode(runner, reqs))
+    with pytest.raises(ValueError, match="same requests"):
+        runner.launch_batch(_decode(runner, reqs[:2]), follows=first)

@@ -1,0 +1,88 @@
+"""A batch whose GPU work is enqueued but whose sampled tokens have not reached the host yet.
+
+Overlapped decoding (``Scheduler(overlap=True)``) launches step n+1 before it reads step n's
+tokens: step n+1 takes its input tokens from step n's ids on the device, and the host waits
+for step n alone (an event recorded after its ids were copied into pinned memory), not for the
+whole stream. So the host's work between two steps (reading the tokens, stop checks, streaming
+them out, scheduling and packing the next step) runs while the GPU computes, instead of
+leaving the GPU idle between steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from pymllm.orchestrator.schedule_batch import BatchResult, ScheduledBatch
+
+
+@dataclass
+class PendingBatch:
+    batch: ScheduledBatch
+    device_ids: torch.Tensor  # [bs] int64 on the device: the sampled tokens, inputs of a follower
+    host_ids: torch.Tensor  # [bs] int64 on the host (pinned on CUDA), filled by the copy
+    done: Optional[torch.cuda.Event]  # recorded after the copies; None on the CPU
+    # Host copies of the sampler's (chosen logprob [bs], top ids [bs, k], top values [bs, k]),
+    # None when no request asked for logprobs; ``wants_logprobs[i]``: request i did.
+    logprob_parts: Optional[Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]] = None
+    wants_logprobs: Sequence[int] = ()
+
+
+class Readback:
+    """Copies sampled ids (and logprobs) of a launched batch to the host without waiting.
+
+    The ids go into a ring of pinned buffers, one per batch that can be in flight at once (a
+    step and the one launched behind it; three leave a spare), so a later launch never writes
+    the buffer of a batch whose ids the host has not read yet. On the CPU the ids are already
+    on the host.
+    """
+
+    DEPTH = 3
+
+    def __init__(self, max_rows: int, device: torch.device):
+        self.device = device
+        self._on_cuda = device.type == "cuda"
+        self._ring = [torch.zeros(max_rows, dtype=torch.int64, pin_memory=self._on_cuda) for _ in range(self.DEPTH)]
+        self._events = [torch.cuda.Event() if self._on_cuda else None for _ in range(self.DEPTH)]
+        self._next = 0
+
+    def start(self, ids: torch.Tensor, extra: Sequence[Optional[torch.Tensor]] = ()
+              ) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]], Optional[torch.cuda.Event]]:
+        """(host ids, host copies of ``extra``, event marking their arrival)."""
+        if not self._on_cuda:
+            return ids, list(extra), None
+        n = ids.numel()
+        slot = self._next
+        self._next = (slot + 1) % self.DEPTH
+        ring = self._ring[slot]
+        if n <= ring.numel():
+            host = ring[:n]
+            host.copy_(ids, non_blocking=True)
+        else:  # more rows than any decode batch: a pinned buffer of its own
+            host = ids.to("cpu", non_blocking=True)
+        # A non-blocking copy to the CPU lands in pinned memory, so it does not wait either.
+        copies = [t.to("cpu", non_blocking=True) if t is not None else None for t in extra]
+        event = self._events[slot]
+        event.record()
+        return host, copies, event
+
+
+def collect(pending: PendingBatch) -> BatchResult:
+    """Wait for one launched batch's copies and return its tokens (and logprobs) as Python values."""
+    if pending.done is not None:
+        pending.done.synchronize()
+    next_ids = pending.host_ids.tolist()
+    logprobs: List[Optional[tuple]] = [None] * len(next_ids)
+    if pending.logprob_parts is not None:
+        chosen_t, top_ids_t, top_vals_t = pending.logprob_parts
+        chosen = chosen_t.tolist()
+        top_ids = top_ids_t.tolist() if top_ids_t is not None else None
+        top_vals = top_vals_t.tolist() if top_vals_t is not None else None
+        params = [r.sampling_params for r in pending.batch.reqs]
+        for i in pending.wants_logprobs:
+            k = params[i].top_logprobs
+            top = list(zip(top_ids[i][:k], top_vals[i][:k])) if top_ids is not None and k else []
+            logprobs[i] = (next_ids[i], chosen[i], top)
+    return BatchResult(next_token_ids=next_ids, logprobs=logprobs)
