@@ -11,50 +11,21 @@ set -uo pipefail
 CONFIG=${1:-benchmarks/configs/qwen3-8b}
 OUT=${OUT:-$PWD/out}
 MODEL=/tmp/prefix-bench-model
-mkdir -p "$MODEL" "$OUT"
-cp "$CONFIG/config.json" "$MODEL/"
-# Dummy weights need no tokenizer of the real model: prompts are token ids below the tiny
-# tokenizer's vocabulary.
-# The model's vocabulary is cut to the tokenizer's so every generated id decodes to text; the
-# prefill cost that TTFT measures does not depend on the vocabulary size.
-python3 - "$MODEL" <<'PY'
-import json, sys
-from transformers import AutoTokenizer
-from pymllm.testing.tiny_models import build_tiny_tokenizer
-model = sys.argv[1]
-build_tiny_tokenizer(model)
-config = json.load(open(f"{model}/config.json"))
-config["vocab_size"] = len(AutoTokenizer.from_pretrained(model))
-json.dump(config, open(f"{model}/config.json", "w"))
-PY
+mkdir -p "$OUT"
+source "$(dirname "$0")/serving_lib.sh"
+prepare_dummy_model "$CONFIG" "$MODEL"
 
 run_setting() {
   local name=$1; shift
-  local port=31234 log="$OUT/server_$name.log"
-  python3 -m pymllm.server.launch --server.model_path "$MODEL" --server.load_format dummy \
-    --server.dtype bfloat16 --server.port $port --server.max_running_requests 8 \
-    --server.max_total_tokens 65536 --server.log_level warning "$@" >"$log" 2>&1 &
-  local pid=$!
-  for _ in $(seq 1 240); do
-    python3 -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:$port/health', timeout=1).status_code != 200)" 2>/dev/null && break
-    kill -0 $pid 2>/dev/null || { echo "server $name died:"; tail -20 "$log"; return 1; }
-    sleep 1
-  done
+  local port=31234
+  start_server "$MODEL" $port "$OUT/server_$name.log" --server.dtype bfloat16 --server.max_running_requests 8 \
+    --server.max_total_tokens 65536 "$@" || return 1
   # Imported rather than run as __main__, so scripts/hop_trace can patch it when tracing.
   python3 -c 'import sys; from pymllm import bench_serving; sys.exit(bench_serving.main(sys.argv[1:]))' --base-url "http://127.0.0.1:$port" --num-prompts 24 \
     --shared-prefix-len ${PREFIX_LEN:-2000} --input-len 32 --output-len 8 --concurrency 1 --vocab-size 1400 --backend generate \
     --seed 1 --result-filename "$OUT/prefix_cache.jsonl" 2>&1 | tail -12
-  python3 - "$OUT/prefix_cache.jsonl" "$name" "$CONFIG" <<'PY'
-import json, subprocess, sys
-import torch
-path, name, config = sys.argv[1:]
-rows = [json.loads(l) for l in open(path)]
-rows[-1].update(setting=name, model_config=config,
-                device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                commit=subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip())
-open(path, "w").write("".join(json.dumps(r) + "\n" for r in rows))
-PY
-  kill -TERM $pid; wait $pid
+  label_last_row "$OUT/prefix_cache.jsonl" "$name" "$CONFIG"
+  stop_server
 }
 
 run_setting radix
