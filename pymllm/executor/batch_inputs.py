@@ -430,8 +430,8 @@ class StaticWordsUpload:
     the graphs' words always have one layout, so this keeps one pinned host buffer, the two
     slices of the copy made once, and one event: recorded (``seal``) after the last copy that
     reads the buffer (before the graph launch, so a step packed while the previous one runs does
-    not wait for that whole step), waited on before the buffer is written again. That is less host work on
-    the path to every graph launch. ``host`` also holds the host-only words (what FlashInfer's
+    not wait for that whole step), waited on before the buffer is written again. That is less
+    host work on the path to every graph launch. ``host`` also holds the host-only words (what FlashInfer's
     plan reads), valid until the next upload.
     """
 

@@ -131,7 +131,8 @@ class ModelRunner:
         )
 
     # ---------------- batches ----------------
-    def build_forward_batch(self, batch: ScheduledBatch, device_tokens: Optional[torch.Tensor] = None) -> ForwardBatch:
+    def build_forward_batch(self, batch: ScheduledBatch,
+                            device_tokens: Optional[torch.Tensor] = None) -> ForwardBatch:
         """The batch on the device: its integers packed on the host and moved in one copy.
 
         A decode batch that will replay a CUDA graph is padded on the host and copied straight
@@ -258,7 +259,8 @@ class ModelRunner:
             prev = follows.batch
             if not (batch.mode.is_decode() and prev.mode.is_decode() and len(batch.reqs) == len(prev.reqs)
                     and all(a is b for a, b in zip(batch.reqs, prev.reqs))):
-                raise ValueError("launch_batch: a following batch must decode the same requests as the one it follows")
+                raise ValueError("launch_batch: a following batch must decode the same requests "
+                                 "as the one it follows")
             device_tokens = follows.device_ids
         fb = self.build_forward_batch(batch, device_tokens)
         logits = self.forward(fb)
@@ -295,7 +297,8 @@ class ModelRunner:
         """(sampled ids on the device, the logprob tensors or [], the rows that asked for them)."""
         need_history = any(p.uses_penalties for p in params)
         if need_history and step_offset:
-            raise ValueError("penalties read the tokens generated so far: a step using them cannot follow one in flight")
+            raise ValueError("penalties read the tokens generated so far: "
+                             "a step using them cannot follow one in flight")
         info = SamplingBatchInfo.from_params(
             params,
             seeds=[r.seed for r in reqs],

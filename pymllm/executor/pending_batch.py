@@ -42,7 +42,6 @@ class Readback:
     DEPTH = 3
 
     def __init__(self, max_rows: int, device: torch.device):
-        self.device = device
         self._on_cuda = device.type == "cuda"
         self._ring = [torch.zeros(max_rows, dtype=torch.int64, pin_memory=self._on_cuda) for _ in range(self.DEPTH)]
         self._events = [torch.cuda.Event() if self._on_cuda else None for _ in range(self.DEPTH)]

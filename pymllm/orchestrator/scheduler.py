@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import deque
-from typing import Deque, List, Optional, Protocol, Sequence, Tuple
+from typing import Deque, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import numpy as np
 
@@ -38,6 +38,7 @@ class BatchRunner(Protocol):
     def run_batch(self, batch: ScheduledBatch) -> BatchResult: ...
 
 
+@runtime_checkable
 class OverlapRunner(BatchRunner, Protocol):
     """A runner that can launch a batch without waiting for its tokens (``overlap``)."""
 
@@ -73,6 +74,8 @@ class Scheduler:
         self.stop_checker = stop_checker
         self.prefix_cache = prefix_cache or ChunkCache(self.allocator)
         self.check_invariants = check_invariants
+        if overlap and not isinstance(runner, OverlapRunner):
+            raise TypeError(f"overlap needs a runner with launch_batch and collect; {type(runner).__name__} has not")
         self.overlap = overlap
         # (batch, the runner's handle) of a decode step launched and not collected yet
         self._in_flight: Optional[Tuple[ScheduledBatch, object]] = None

@@ -142,6 +142,12 @@ def test_no_follower_when_a_request_is_sure_to_finish():
     assert len(r.output_ids) == 3 and runner.followers == 1  # token 3 ends it: nothing behind it
 
 
+def test_overlap_needs_a_runner_that_launches():
+    with pytest.raises(TypeError, match="launch_batch"):
+        Scheduler(FakeRunner(16), max_running_requests=2, max_prefill_tokens=8, context_length=32,
+                  stop_checker=StopChecker([EOS]), overlap=True)
+
+
 def test_overlap_off_never_launches():
     runner, sched, _ = run_scenario(False, {0: [("a", 5, params(n=20))]})
     assert runner.followers == 0 and sched._in_flight is None
