@@ -20,7 +20,8 @@ step's whole latency). Synchronous steps are timed one by one as above. Rows say
 Besides latencies, each row puts the numbers next to what the hardware allows, both measured
 once at start on the same device:
 - decode: the HBM floor, (bytes of weights + KV read per step) / device-to-device copy
-  bandwidth (read + write bytes counted); ``decode_vs_floor`` = median step / floor.
+  bandwidth (read + write bytes counted, the best of a few rounds); ``decode_vs_floor`` =
+  median step / floor.
 - prefill: FLOPs of every linear layer plus causal attention over the prompt, per second,
   relative to a large dense matmul in the model dtype (``prefill_vs_matmul_rate``).
 

@@ -311,3 +311,13 @@ def test_gpu_rows_report_the_decode_graph_time(tmp_path):
     for row in _rows(out):
         assert row["cuda_graph"] is True
         assert 0 < row["decode_graph_latency"] < 1.2 * row["median_decode_latency"]
+
+
+def test_copy_bandwidth_is_the_best_round(monkeypatch):
+    """Each round times its copies alone (a synchronisation before and after) and the fastest
+    round counts: here the clock gives rounds of 4, 1 and 2 seconds."""
+    ticks = iter([0.0, 4.0, 10.0, 11.0, 20.0, 22.0])
+    monkeypatch.setattr(roofline.time, "perf_counter", lambda: next(ticks))
+    nbytes = 1 << 20
+    got = roofline.measure_copy_bandwidth(torch.device("cpu"), nbytes=nbytes, iters=3, rounds=3)
+    assert got == pytest.approx(2 * nbytes * 3 / 1.0)
