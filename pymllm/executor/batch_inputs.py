@@ -346,8 +346,9 @@ class InputStager:
     must not be rewritten while a copy from it is still pending, including copies that a
     consumer (FlashInfer's plan) makes later from views of it. Two buffers alternate; when
     one is handed over for the next batch, an event is recorded after everything enqueued for
-    the batch it held, and it is written again only once that event has completed. Every
-    decode step ends with a device sync, so in practice that wait returns at once.
+    the batch it held, and it is written again only once that event has completed. The host
+    has waited for a step's tokens before it uploads the step after next (overlapped decoding
+    keeps at most two steps in flight), so in practice that wait returns at once.
 
     On CPU the packed array itself is the result (no copy), so nothing is ever reused.
     """
