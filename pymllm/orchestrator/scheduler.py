@@ -3,9 +3,9 @@
 The scheduler decides *what* runs and owns the KV bookkeeping (slot allocation, release,
 prefix matching); the ModelRunner decides *how* it runs. Nothing in this module builds tensors.
 
-With ``overlap``, a decode step that can only be followed by the same requests' next step
-(nothing waits for admission, no request is sure to finish, none samples with penalties) has
-that next step launched before its own tokens are read: the GPU runs step n+1 while the host
+With ``overlap``, a decode step that can only be followed by the same requests' next step (no
+waiting request could be admitted, no request is sure to finish, none samples with penalties)
+has that next step launched before its own tokens are read: the GPU runs step n+1 while the host
 reads step n's tokens, checks stops and streams them out. A request that turns out to have
 finished at step n (EOS, a stop string) wasted its row of step n+1, whose token is dropped and
 whose KV slot is freed when that step is collected.
@@ -161,12 +161,15 @@ class Scheduler:
 
     def _follow_decode(self, batch: ScheduledBatch) -> Optional[ScheduledBatch]:
         """The next decode step of the same requests, to launch before ``batch``'s tokens are
-        read, or None when the next batch should be decided after them: requests wait for
-        admission, the running set changed (an abort), a request is sure to finish at this step
-        (then its next position may not exist), a request samples with penalties (they read its
-        tokens on the host), or slots are short (the next step may retract)."""
+        read, or None when the next batch should be decided after them: a waiting request could
+        be admitted (a free running place and request slot) or a prompt is half prefilled, the
+        running set changed (an abort), a request is sure to finish at this step (then its next
+        position may not exist), a request samples with penalties (they read its tokens on the
+        host), or slots are short (the next step may retract). Requests that wait for a running
+        place do not stop it: a place opens only when a request finishes, which is either
+        foreseen here (length) or seen one step later (a stop), at the cost of that one step."""
         reqs = batch.reqs
-        if self.waiting or self.chunked_req or len(reqs) != len(self.running):
+        if self.chunked_req or self._could_admit() or len(reqs) != len(self.running):
             return None
         if any(a is not b for a, b in zip(reqs, self.running)):
             return None
@@ -187,6 +190,10 @@ class Scheduler:
             mode=ForwardMode.DECODE, reqs=list(reqs), prefix_lens=[p + 1 for p in batch.prefix_lens],
             extend_lens=[1] * len(reqs), out_cache_loc=slots, sample=[True] * len(reqs),
         )
+
+    def _could_admit(self) -> bool:
+        return (bool(self.waiting) and len(self.running) < self.max_running_requests
+                and self.req_pool.available_size() > 0)
 
     def _next_batch(self) -> Optional[ScheduledBatch]:
         # Alternate with decode after a prefill so running requests keep streaming while

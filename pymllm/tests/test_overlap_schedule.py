@@ -90,6 +90,8 @@ SCENARIOS = {
     "context": dict(arrivals={0: [("c", 8, params(n=100))]}, context=16),
     "retraction": dict(arrivals={0: [(str(i), 6, params(n=8)) for i in range(3)]}, kv_slots=24, prefill=64),
     "penalties": dict(arrivals={0: [("p", 4, params(n=6, repetition_penalty=1.3)), ("q", 4, params(n=6))]}),
+    "queue": dict(arrivals={0: [(str(i), 4 + i, params(n=6 + 3 * i)) for i in range(5)]}, max_running=2,
+                  eos_after={"1": 5}),
     "abort": dict(arrivals={0: [("a", 4, params(n=30)), ("b", 4, params(n=30))]}, aborts={5: ["a"], 9: ["b"]}),
 }
 
@@ -132,6 +134,20 @@ def test_waiting_requests_are_admitted_before_the_next_follower():
     assert sched._in_flight is None
     sched.step()
     assert runner.batches[-1].mode == ForwardMode.EXTEND and runner.batches[-1].reqs[0].rid == "b"
+
+
+def test_requests_waiting_for_a_running_place_do_not_stop_followers():
+    """With every running place taken, a queued request cannot be admitted before one finishes,
+    so the running requests keep launching followers; it is admitted once a place opens."""
+    runner, sched = make(True, max_running=1, kv_slots=128)
+    a = sched.add_request(TokenizedGenerateReq("a", list(range(10, 15)), params(n=20)))
+    b = sched.add_request(TokenizedGenerateReq("b", list(range(10, 14)), params(n=5)))
+    while sched.has_work():
+        sched.step()
+    assert runner.followers == 18 + 3  # a: decode steps 2..20, all but the first follow; b: 2..5
+    assert len(a.output_ids) == 20 and len(b.output_ids) == 5
+    first_b = next(i for i, batch in enumerate(runner.batches) if batch.reqs[0] is b)
+    assert all(batch.reqs == [a] for batch in runner.batches[:first_b])
 
 
 def test_no_follower_when_a_request_is_sure_to_finish():
