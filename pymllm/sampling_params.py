@@ -78,8 +78,8 @@ class SamplingParams:
 
     @property
     def uses_penalties(self) -> bool:
-        """Whether the next token depends on the tokens generated so far (the penalties read
-        them on the host), so a step cannot be launched before the previous token is known."""
+        """Whether sampling reads the tokens seen so far (repetition, presence or frequency
+        penalty)."""
         return (self.repetition_penalty not in (None, 1.0) or self.presence_penalty != 0.0
                 or self.frequency_penalty != 0.0)
 

@@ -264,9 +264,9 @@ class ModelRunner:
             device_tokens = follows.device_ids
         fb = self.build_forward_batch(batch, device_tokens)
         logits = self.forward(fb)
-        # The step being sampled: a follower's requests have one token in flight the host has
-        # not appended yet.
-        return self._launch_sampling(logits, batch, step_offset=0 if follows is None else 1)
+        # A follower's requests have one token in flight that the host has not appended yet:
+        # it counts for the step being sampled and for the penalties.
+        return self._launch_sampling(logits, batch, in_flight=device_tokens)
 
     def collect(self, pending: PendingBatch) -> BatchResult:
         """Wait for a launched batch's tokens (only its own copies, not later launches)."""
@@ -274,9 +274,10 @@ class ModelRunner:
 
     def sample(self, logits: torch.Tensor, batch: ScheduledBatch) -> BatchResult:
         """The tokens of logits the forward of ``batch`` just returned, waited for."""
-        return self.collect(self._launch_sampling(logits, batch, step_offset=0))
+        return self.collect(self._launch_sampling(logits, batch))
 
-    def _launch_sampling(self, logits: torch.Tensor, batch: ScheduledBatch, step_offset: int) -> PendingBatch:
+    def _launch_sampling(self, logits: torch.Tensor, batch: ScheduledBatch,
+                         in_flight: Optional[torch.Tensor] = None) -> PendingBatch:
         reqs = batch.reqs
         params = [r.sampling_params for r in reqs]
         if is_plain_greedy(params):
@@ -285,28 +286,32 @@ class ModelRunner:
             ids = self._argmax(logits)
             host, _, done = self.readback.start(ids)
             return PendingBatch(batch, ids, host, done)
-        ids, parts, wants = self._sample_with_sampler(logits, reqs, params, step_offset)
+        # ``in_flight`` is read after this step's graph has run, so it must not be a graph's
+        # argmax buffer: it is not, since the step it came from sampled the same requests with
+        # the same parameters, hence through the Sampler too, whose ids are a tensor of their own.
+        ids, parts, wants = self._sample_with_sampler(logits, reqs, params, in_flight)
         host, copies, done = self.readback.start(ids, parts)
         logprob_parts = (copies[0], copies[1], copies[2]) if copies and copies[0] is not None else None
         return PendingBatch(batch, ids, host, done, logprob_parts, wants)
 
     @torch.inference_mode()
     def _sample_with_sampler(
-        self, logits: torch.Tensor, reqs: List[Req], params: List[SamplingParams], step_offset: int,
+        self, logits: torch.Tensor, reqs: List[Req], params: List[SamplingParams],
+        in_flight: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]], List[int]]:
-        """(sampled ids on the device, the logprob tensors or [], the rows that asked for them)."""
+        """(sampled ids on the device, the logprob tensors or [], the rows that asked for them).
+        ``in_flight``: each request's token of the step still in flight (not in output_ids)."""
         need_history = any(p.uses_penalties for p in params)
-        if need_history and step_offset:
-            raise ValueError("penalties read the tokens generated so far: "
-                             "a step using them cannot follow one in flight")
+        ahead = 0 if in_flight is None else 1
         info = SamplingBatchInfo.from_params(
             params,
             seeds=[r.seed for r in reqs],
-            steps=[len(r.output_ids) + step_offset for r in reqs],
+            steps=[len(r.output_ids) + ahead for r in reqs],
             vocab_size=logits.shape[-1],
             device=logits.device,
             prompt_ids=[r.origin_input_ids for r in reqs] if need_history else None,
             output_ids=[r.output_ids for r in reqs] if need_history else None,
+            in_flight_ids=in_flight if need_history else None,
         )
         out = self.sampler(logits, info)
         if out.logprobs is None:

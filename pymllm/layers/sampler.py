@@ -113,11 +113,14 @@ class SamplingBatchInfo:
         device: torch.device | str,
         prompt_ids: Optional[Sequence[Sequence[int]]] = None,
         output_ids: Optional[Sequence[Sequence[int]]] = None,
+        in_flight_ids: Optional[torch.Tensor] = None,
     ) -> "SamplingBatchInfo":
         """Build the batch tensors from ``with_defaults()``-applied params.
 
         ``vocab_size`` must equal the logits width (including any padded lm_head rows), since
-        the penalty tensors are applied elementwise to the logits.
+        the penalty tensors are applied elementwise to the logits. ``in_flight_ids`` ([B] on the
+        device): each row's output token that ``output_ids`` does not hold yet (the previous
+        step's, still in flight under overlapped decoding); the penalties count it too.
         """
         batch = len(params)
         if len(seeds) != batch or len(steps) != batch:
@@ -149,14 +152,14 @@ class SamplingBatchInfo:
 
         token_counts = None
         if use_presence or use_frequency:
-            token_counts = _count_tokens(output_ids, batch, vocab_size, device)
+            token_counts = _count_tokens(output_ids, batch, vocab_size, device, in_flight_ids)
         seen_mask = None
         if use_rep:
             seen = [list(prompt_ids[i]) if prompt_ids is not None else [] for i in range(batch)]
             if output_ids is not None:
                 for i in range(batch):
                     seen[i].extend(output_ids[i])
-            seen_mask = _count_tokens(seen, batch, vocab_size, device) > 0
+            seen_mask = _count_tokens(seen, batch, vocab_size, device, in_flight_ids) > 0
 
         top_logprobs_num = max((p.top_logprobs for p in params), default=0)
         return cls(
@@ -206,16 +209,21 @@ def is_plain_greedy(params: Sequence[SamplingParams]) -> bool:
 
 
 def _count_tokens(
-    ids: Optional[Sequence[Sequence[int]]], batch: int, vocab_size: int, device: torch.device | str
+    ids: Optional[Sequence[Sequence[int]]], batch: int, vocab_size: int, device: torch.device | str,
+    in_flight_ids: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
+    """[batch, vocab] float32 counts of each row's ``ids``, plus one per row for its
+    ``in_flight_ids`` token (on the device: no read-back)."""
     counts = torch.zeros(batch, vocab_size, dtype=torch.float32, device=device)
-    if ids is None:
-        return counts
-    rows = [i for i, seq in enumerate(ids) for _ in seq]
-    cols = [t for seq in ids for t in seq]
-    if rows:
-        index = (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
-        counts.index_put_(index, torch.ones(len(rows), device=device), accumulate=True)
+    if ids is not None:
+        rows = [i for i, seq in enumerate(ids) for _ in seq]
+        cols = [t for seq in ids for t in seq]
+        if rows:
+            index = (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
+            counts.index_put_(index, torch.ones(len(rows), device=device), accumulate=True)
+    if in_flight_ids is not None:
+        index = (torch.arange(batch, device=device), in_flight_ids.to(device=device, dtype=torch.int64))
+        counts.index_put_(index, torch.ones(batch, device=device), accumulate=True)
     return counts
 
 

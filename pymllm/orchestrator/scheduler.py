@@ -4,11 +4,11 @@ The scheduler decides *what* runs and owns the KV bookkeeping (slot allocation, 
 prefix matching); the ModelRunner decides *how* it runs. Nothing in this module builds tensors.
 
 With ``overlap``, a decode step that can only be followed by the same requests' next step (no
-waiting request could be admitted, no request is sure to finish, none samples with penalties)
-has that next step launched before its own tokens are read: the GPU runs step n+1 while the host
-reads step n's tokens, checks stops and streams them out. A request that turns out to have
-finished at step n (EOS, a stop string) wasted its row of step n+1, whose token is dropped and
-whose KV slot is freed when that step is collected.
+waiting request could be admitted, no request is sure to finish) has that next step launched
+before its own tokens are read: the GPU runs step n+1 while the host reads step n's tokens,
+checks stops and streams them out. A request that turns out to have finished at step n (EOS, a
+stop string) wasted its row of step n+1, whose token is dropped and whose KV slot is freed when
+that step is collected.
 """
 
 from __future__ import annotations
@@ -164,8 +164,7 @@ class Scheduler:
         read, or None when the next batch should be decided after them: a waiting request could
         be admitted (a free running place and request slot) or a prompt is half prefilled, the
         running set changed (an abort), a request is sure to finish at this step (then its next
-        position may not exist), a request samples with penalties (they read its tokens on the
-        host), or slots are short (the next step may retract). Requests that wait for a running
+        position may not exist), or slots are short (the next step may retract). Requests that wait for a running
         place do not stop it: a place opens only when a request finishes, which is either
         foreseen here (length) or seen one step later (a stop), at the cost of that one step."""
         reqs = batch.reqs
@@ -176,7 +175,7 @@ class Scheduler:
         for req in reqs:
             params = req.sampling_params
             produced = len(req.output_ids) + 1  # after this step
-            if params.uses_penalties or (params.max_new_tokens is not None and produced >= params.max_new_tokens):
+            if params.max_new_tokens is not None and produced >= params.max_new_tokens:
                 return None
             # The stop checker's context limit, which also keeps the next position in the table.
             if req.prompt_len + produced >= self.context_length or req.kv_len + 2 > self.allocator.size:

@@ -89,7 +89,7 @@ SCENARIOS = {
     "stop_token": dict(arrivals={0: [("t", 4, params(n=20, stop_token_ids=[100 + 4 + 7]))]}),
     "context": dict(arrivals={0: [("c", 8, params(n=100))]}, context=16),
     "retraction": dict(arrivals={0: [(str(i), 6, params(n=8)) for i in range(3)]}, kv_slots=24, prefill=64),
-    "penalties": dict(arrivals={0: [("p", 4, params(n=6, repetition_penalty=1.3)), ("q", 4, params(n=6))]}),
+    "penalties": dict(arrivals={0: [("p", 4, params(n=9, repetition_penalty=1.3)), ("q", 4, params(n=6))]}),
     "queue": dict(arrivals={0: [(str(i), 4 + i, params(n=6 + 3 * i)) for i in range(5)]}, max_running=2,
                   eos_after={"1": 5}),
     "abort": dict(arrivals={0: [("a", 4, params(n=30)), ("b", 4, params(n=30))]}, aborts={5: ["a"], 9: ["b"]}),
@@ -199,8 +199,8 @@ def test_overlap_with_the_model_runner_matches_the_synchronous_run(device):
     """Followers take their input tokens from the previous step's ids on the device (on a GPU:
     copied into the graphs' static inputs before the replay) and sample with the step counter
     one further; every output, logprob and finish must be the synchronous run's: greedy, seeded
-    sampling with logprobs, penalties (never followed), and a request whose stop token arrives
-    while its follower is in flight."""
+    sampling with logprobs, penalties (counting the token in flight), and a request whose stop
+    token arrives while its follower is in flight."""
     from pymllm.sampling_params import SamplingParams
     from pymllm.tests.helpers import greedy
 
@@ -209,7 +209,10 @@ def test_overlap_with_the_model_runner_matches_the_synchronous_run(device):
     def sampled(n=12, **kw):
         return SamplingParams(max_new_tokens=n, temperature=0.9, top_p=0.95, seed=17, **kw).with_defaults({})
 
-    params = [greedy(24), sampled(logprobs=True, top_logprobs=2), sampled(3, repetition_penalty=1.2), greedy(10)]
+    # Penalties count the token still in flight on the device (SamplingBatchInfo.in_flight_ids).
+    params = [greedy(24), sampled(logprobs=True, top_logprobs=2),
+              sampled(14, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.4),
+              greedy(16, repetition_penalty=10.0, frequency_penalty=2.0)]
     # On the GPU all arrive at once, so both runs batch alike step by step: bf16 kernels may
     # round a row differently at another batch size, and a tiny random model has near-ties.
     arrivals = [0, 0, 3, 5] if device == "cpu" else [0, 0, 0, 0]
@@ -237,3 +240,30 @@ def test_overlap_with_the_model_runner_matches_the_synchronous_run(device):
     got_stop, _ = _runner_outcome(device, True, prompts[:2], stop_params)
     assert outcome(got_stop) == outcome(want_stop)
     assert want_stop["0"].finish_reason.type == "stop" and want_stop["0"].output_ids[-1] == stop
+
+
+def test_a_followers_penalties_count_the_token_in_flight(monkeypatch):
+    """The ModelRunner hands a follower's sampler the ids of the step it follows (still on the
+    device) as in_flight_ids, which SamplingBatchInfo counts like appended tokens
+    (test_sampler.test_in_flight_tokens_count_like_appended_ones)."""
+    import torch
+
+    from pymllm.executor import model_runner as runner_mod
+    from pymllm.testing.tiny_models import tiny_model_dir
+    from pymllm.tests.helpers import greedy, make_scheduler, run_requests
+
+    sched = make_scheduler(tiny_model_dir("qwen3"))
+    seen = []
+    build = runner_mod.SamplingBatchInfo.from_params
+    monkeypatch.setattr(runner_mod.SamplingBatchInfo, "from_params",
+                        lambda *a, **k: (seen.append(k.get("in_flight_ids")), build(*a, **k))[1])
+    launch = sched.runner.launch_batch
+    followed = []
+    sched.runner.launch_batch = lambda b, follows=None: (
+        followed.append(None if follows is None else follows.device_ids.clone()), launch(b, follows))[1]
+    run_requests(sched, [[5, 9, 13, 2, 7]], [greedy(8, frequency_penalty=1.0)])
+    assert len(seen) == len(followed) == 8 and sum(f is not None for f in followed) == 6
+    for flight, prev in zip(seen, followed):
+        assert (flight is None) == (prev is None)
+        if prev is not None:
+            assert torch.equal(flight, prev)

@@ -293,6 +293,25 @@ def test_penalty_tensors_built_only_when_used() -> None:
     assert int(info.seen_mask.sum()) == 2
 
 
+def test_in_flight_tokens_count_like_appended_ones() -> None:
+    """Under overlapped decoding a row's previous token is still on the device: passed as
+    ``in_flight_ids`` it must count for every penalty exactly as if it were in output_ids."""
+    params = [make_params(repetition_penalty=1.5, presence_penalty=0.3),
+              make_params(frequency_penalty=0.6), make_params(presence_penalty=-0.4)]
+    gen = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(0, VOCAB, (7,), generator=gen).tolist() for _ in range(3)]
+    outputs = [torch.randint(0, VOCAB, (5,), generator=gen).tolist() for _ in range(3)]
+    in_flight = [outputs[0][2], 41, prompts[2][0]]  # seen before, new, only in the prompt
+    want = make_info(params, prompt_ids=prompts, output_ids=[o + [t] for o, t in zip(outputs, in_flight)])
+    got = SamplingBatchInfo.from_params(
+        params, seeds=[7] * 3, steps=[0] * 3, vocab_size=VOCAB, device="cpu", prompt_ids=prompts,
+        output_ids=outputs, in_flight_ids=torch.tensor(in_flight),
+    )
+    assert torch.equal(got.token_counts, want.token_counts) and torch.equal(got.seen_mask, want.seen_mask)
+    logits = fixed_logits(3)
+    assert torch.equal(apply_penalties(logits, got), apply_penalties(logits, want))
+
+
 def test_penalised_distribution_matches_reference() -> None:
     row = fixed_logits(1, scale=1.5, seed=8)[0]
     p = make_params(temperature=1.0, top_p=0.95, repetition_penalty=1.3,
