@@ -253,21 +253,23 @@ def _profiler(device: torch.device):
     return torch.profiler.profile(activities=activities)
 
 
+def _decode_batch(runner: ModelRunner, reqs: List[Req], position: int) -> ScheduledBatch:
+    """Every request's decode step at ``position``, with new KV slots."""
+    bs = len(reqs)
+    slots = runner.token_to_kv_pool_allocator.alloc(bs)
+    return ScheduledBatch(ForwardMode.DECODE, reqs, [position] * bs, [1] * bs, slots, [True] * bs)
+
+
 def _decode_overlapped(runner: ModelRunner, reqs: List[Req], prompt_len: int, steps: int) -> List[float]:
     """Decode steps launched each behind the one in flight (as the overlapping scheduler does);
     per step, the time since the previous step's tokens reached the host."""
-    bs = len(reqs)
-
-    def batch_at(i: int) -> ScheduledBatch:
-        slots = runner.token_to_kv_pool_allocator.alloc(bs)
-        return ScheduledBatch(ForwardMode.DECODE, reqs, [prompt_len + i] * bs, [1] * bs, slots, [True] * bs)
-
     _sync(runner.device)
     last = time.perf_counter()
-    pending = runner.launch_batch(batch_at(0))
+    pending = runner.launch_batch(_decode_batch(runner, reqs, prompt_len))
     times = []
     for i in range(steps):
-        follower = runner.launch_batch(batch_at(i + 1), follows=pending) if i + 1 < steps else None
+        follower = (runner.launch_batch(_decode_batch(runner, reqs, prompt_len + i + 1), follows=pending)
+                    if i + 1 < steps else None)
         result = runner.collect(pending)
         now = time.perf_counter()
         times.append(now - last)
@@ -330,13 +332,10 @@ def run_case(
         prefill = step(prefill_batch)
     if prof is not None and profile_stage == "decode":
         prof.start()
-    decode = []
     if overlap and decode_steps:
         decode = _decode_overlapped(runner, reqs, prompt_len, decode_steps)
-    for i in range(len(decode), decode_steps):
-        slots = runner.token_to_kv_pool_allocator.alloc(bs)
-        batch = ScheduledBatch(ForwardMode.DECODE, reqs, [prompt_len + i] * bs, [1] * bs, slots, [True] * bs)
-        decode.append(step(batch))
+    else:
+        decode = [step(_decode_batch(runner, reqs, prompt_len + i)) for i in range(decode_steps)]
     if prof is not None:
         prof.stop()
         prof.export_chrome_trace(str(trace_path))

@@ -276,8 +276,8 @@ class CudaGraphRunner:
         host's are placeholders).
         """
         padded_bs = padded_batch_size(hb.batch_size, self.batch_sizes)
-        words = self._packer.pack(hb, padded_bs)
-        return self._stage_words(hb, padded_bs, words, shared_prefix, decode, device_tokens=device_tokens)
+        return self._stage_words(hb, padded_bs, self._packer.pack(hb, padded_bs), shared_prefix, decode,
+                                 device_tokens=device_tokens)
 
     def stage_next(self, batch: "ScheduledBatch", device_tokens: Optional[torch.Tensor] = None
                    ) -> Optional[ForwardBatch]:
@@ -374,7 +374,6 @@ class CudaGraphRunner:
         self._upload.seal()
         if staged.device_tokens is not None:
             self.inputs.input_ids[: staged.device_tokens.numel()].copy_(staged.device_tokens)
-            staged.device_tokens = None
         (self.shared_graphs if staged.shared_prefix else self.graphs)[padded].replay()
         staged.launched = True
         self.predict_next()

@@ -289,18 +289,17 @@ class ModelRunner:
         # ``in_flight`` is read after this step's graph has run, so it must not be a graph's
         # argmax buffer: it is not, since the step it came from sampled the same requests with
         # the same parameters, hence through the Sampler too, whose ids are a tensor of their own.
-        ids, parts, wants = self._sample_with_sampler(logits, reqs, params, in_flight)
+        ids, parts = self._sample_with_sampler(logits, reqs, params, in_flight)
         host, copies, done = self.readback.start(ids, parts)
-        logprob_parts = (copies[0], copies[1], copies[2]) if copies and copies[0] is not None else None
-        return PendingBatch(batch, ids, host, done, logprob_parts, wants)
+        return PendingBatch(batch, ids, host, done, copies or None)
 
     @torch.inference_mode()
     def _sample_with_sampler(
         self, logits: torch.Tensor, reqs: List[Req], params: List[SamplingParams],
         in_flight: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]], List[int]]:
-        """(sampled ids on the device, the logprob tensors or [], the rows that asked for them).
-        ``in_flight``: each request's token of the step still in flight (not in output_ids)."""
+    ) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]]]:
+        """(sampled ids on the device, the logprob tensors or []). ``in_flight``: each request's
+        token of the step still in flight (not in output_ids)."""
         need_history = any(p.uses_penalties for p in params)
         ahead = 0 if in_flight is None else 1
         info = SamplingBatchInfo.from_params(
@@ -311,13 +310,12 @@ class ModelRunner:
             device=logits.device,
             prompt_ids=[r.origin_input_ids for r in reqs] if need_history else None,
             output_ids=[r.output_ids for r in reqs] if need_history else None,
-            in_flight_ids=in_flight if need_history else None,
+            in_flight_ids=in_flight,
         )
         out = self.sampler(logits, info)
         if out.logprobs is None:
-            return out.next_token_ids, [], []
-        wants = [i for i, p in enumerate(params) if p.logprobs]
-        return out.next_token_ids, [out.logprobs, out.top_logprob_ids, out.top_logprob_vals], wants
+            return out.next_token_ids, []
+        return out.next_token_ids, [out.logprobs, out.top_logprob_ids, out.top_logprob_vals]
 
     def run_batch(self, batch: ScheduledBatch) -> BatchResult:
         return self.collect(self.launch_batch(batch))

@@ -25,9 +25,8 @@ class PendingBatch:
     host_ids: torch.Tensor  # [bs] int64 on the host (pinned on CUDA), filled by the copy
     done: Optional[torch.cuda.Event]  # recorded after the copies; None on the CPU
     # Host copies of the sampler's (chosen logprob [bs], top ids [bs, k], top values [bs, k]),
-    # None when no request asked for logprobs; ``wants_logprobs[i]``: request i did.
-    logprob_parts: Optional[Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]] = None
-    wants_logprobs: Sequence[int] = ()
+    # None when no request asked for logprobs.
+    logprob_parts: Optional[Sequence[Optional[torch.Tensor]]] = None
 
 
 class Readback:
@@ -79,9 +78,10 @@ def collect(pending: PendingBatch) -> BatchResult:
         chosen = chosen_t.tolist()
         top_ids = top_ids_t.tolist() if top_ids_t is not None else None
         top_vals = top_vals_t.tolist() if top_vals_t is not None else None
-        params = [r.sampling_params for r in pending.batch.reqs]
-        for i in pending.wants_logprobs:
-            k = params[i].top_logprobs
+        for i, req in enumerate(pending.batch.reqs):
+            if not req.sampling_params.logprobs:
+                continue
+            k = req.sampling_params.top_logprobs
             top = list(zip(top_ids[i][:k], top_vals[i][:k])) if top_ids is not None and k else []
             logprobs[i] = (next_ids[i], chosen[i], top)
     return BatchResult(next_token_ids=next_ids, logprobs=logprobs)

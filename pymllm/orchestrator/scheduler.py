@@ -183,8 +183,7 @@ class Scheduler:
         if self._available_slots() < len(reqs):
             return None
         slots = self._alloc_slots(len(reqs))
-        if slots is None:
-            return None
+        assert slots is not None
         return ScheduledBatch(
             mode=ForwardMode.DECODE, reqs=list(reqs), prefix_lens=[p + 1 for p in batch.prefix_lens],
             extend_lens=[1] * len(reqs), out_cache_loc=slots, sample=[True] * len(reqs),

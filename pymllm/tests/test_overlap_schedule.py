@@ -24,6 +24,7 @@ class LaunchingRunner(FakeRunner):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.followers = 0
+        self.launches = 0
         self.in_flight = 0
 
     def launch_batch(self, batch: ScheduledBatch, follows=None):
@@ -33,6 +34,7 @@ class LaunchingRunner(FakeRunner):
             assert batch.prefix_lens == [p + 1 for p in follows["batch"].prefix_lens]
             assert self.in_flight == 1, "a follower is launched while exactly one step is in flight"
             self.followers += 1
+        self.launches += 1
         self.batches.append(batch)
         ahead = 0 if follows is None else 1
         ids = []
@@ -167,6 +169,7 @@ def test_overlap_needs_a_runner_that_launches():
 def test_overlap_off_never_launches():
     runner, sched, _ = run_scenario(False, {0: [("a", 5, params(n=20))]})
     assert runner.followers == 0 and sched._in_flight is None
+    assert runner.launches == 0 and len(runner.batches) == 20  # every batch ran through run_batch
 
 
 # ---------------- the real ModelRunner (tiny Qwen3: eager on the CPU, CUDA graphs on a GPU) ----------------
