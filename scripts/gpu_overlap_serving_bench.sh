@@ -1,34 +1,22 @@
 #!/usr/bin/env bash
 # Overlapped decoding through the real server: one request at a time streaming OUTPUT_LEN tokens,
-# inter-token latency (and time per output token) with overlap (the default) against --server.disable_overlap_schedule,
-# servers alternating ROUNDS times. Dummy weights, token-id prompts (scripts/serving_lib.sh).
+# inter-token latency (and time per output token) with overlap (the default) against
+# --server.disable_overlap_schedule, servers alternating ROUNDS times. Dummy weights, token-id
+# prompts (scripts/serving_lib.sh).
 # Run from the repository root on the GPU machine after the wheels of .whl/ are on PYTHONPATH:
 #   bash scripts/gpu_overlap_serving_bench.sh [config dir, default benchmarks/configs/qwen3-0.6b]
 # Appends one JSONL row per server to $OUT/overlap_serving.jsonl and prints the medians.
 set -uo pipefail
-CONFIG=${1:-benchmarks/configs/qwen3-0.6b}
-OUT=${OUT:-$PWD/out}
-MODEL=/tmp/overlap-bench-model
-ROWS="$OUT/overlap_serving.jsonl"
-mkdir -p "$OUT"
 source "$(dirname "$0")/serving_lib.sh"
-prepare_dummy_model "$CONFIG" "$MODEL"
-
-run_setting() {
-  local name=$1; shift
-  local port=31235
-  start_server "$MODEL" $port "$OUT/server_$name.log" --server.max_running_requests 8 \
-    --server.max_total_tokens 16384 "$@" || return 1
-  python3 -m pymllm.bench_serving --base-url "http://127.0.0.1:$port" --num-prompts ${NUM_PROMPTS:-6} \
-    --input-len ${INPUT_LEN:-128} --output-len ${OUTPUT_LEN:-256} --concurrency 1 --vocab-size 1400 \
-    --backend generate --seed 1 --result-filename "$ROWS" 2>&1 | tail -4
-  label_last_row "$ROWS" "$name" "$CONFIG"
-  stop_server
-}
+setup_dummy_bench "${1:-benchmarks/configs/qwen3-0.6b}" /tmp/overlap-bench-model
+ROWS="$OUT/overlap_serving.jsonl"
+SERVER_FLAGS="--server.max_running_requests 8 --server.max_total_tokens 16384"
+BENCH_ARGS="--num-prompts ${NUM_PROMPTS:-6} --input-len ${INPUT_LEN:-128} --output-len ${OUTPUT_LEN:-256}
+  --concurrency 1 --vocab-size 1400 --backend generate --seed 1"
 
 for _ in $(seq 1 ${ROUNDS:-2}); do
-  run_setting overlap
-  run_setting sync --server.disable_overlap_schedule
+  run_setting overlap "$ROWS"
+  run_setting sync "$ROWS" --server.disable_overlap_schedule
 done
 python3 - "$ROWS" "$CONFIG" <<'PY'
 import json, sys

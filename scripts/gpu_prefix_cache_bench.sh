@@ -8,29 +8,16 @@
 # Where the time goes: PYMLLM_HOP_TRACE=/tmp/hops with scripts/hop_trace first on PYTHONPATH
 # records every process's hops; python scripts/hop_trace/analyze.py /tmp/hops breaks TTFT down.
 set -uo pipefail
-CONFIG=${1:-benchmarks/configs/qwen3-8b}
-OUT=${OUT:-$PWD/out}
-MODEL=/tmp/prefix-bench-model
-mkdir -p "$OUT"
 source "$(dirname "$0")/serving_lib.sh"
-prepare_dummy_model "$CONFIG" "$MODEL"
+setup_dummy_bench "${1:-benchmarks/configs/qwen3-8b}" /tmp/prefix-bench-model
+ROWS="$OUT/prefix_cache.jsonl"
+SERVER_FLAGS="--server.dtype bfloat16 --server.max_running_requests 8 --server.max_total_tokens 65536"
+BENCH_ARGS="--num-prompts 24 --shared-prefix-len ${PREFIX_LEN:-2000} --input-len 32 --output-len 8 --concurrency 1
+  --vocab-size 1400 --backend generate --seed 1"
 
-run_setting() {
-  local name=$1; shift
-  local port=31234
-  start_server "$MODEL" $port "$OUT/server_$name.log" --server.dtype bfloat16 --server.max_running_requests 8 \
-    --server.max_total_tokens 65536 "$@" || return 1
-  # Imported rather than run as __main__, so scripts/hop_trace can patch it when tracing.
-  python3 -c 'import sys; from pymllm import bench_serving; sys.exit(bench_serving.main(sys.argv[1:]))' --base-url "http://127.0.0.1:$port" --num-prompts 24 \
-    --shared-prefix-len ${PREFIX_LEN:-2000} --input-len 32 --output-len 8 --concurrency 1 --vocab-size 1400 --backend generate \
-    --seed 1 --result-filename "$OUT/prefix_cache.jsonl" 2>&1 | tail -12
-  label_last_row "$OUT/prefix_cache.jsonl" "$name" "$CONFIG"
-  stop_server
-}
-
-run_setting radix
-run_setting chunk --server.disable_radix_cache
-python3 - "$OUT/prefix_cache.jsonl" <<'PY'
+run_setting radix "$ROWS"
+run_setting chunk "$ROWS" --server.disable_radix_cache
+python3 - "$ROWS" <<'PY'
 import json, sys
 rows = {r["setting"]: r for r in map(json.loads, open(sys.argv[1]))}
 radix, chunk = rows["radix"], rows["chunk"]

@@ -22,6 +22,30 @@ json.dump(config, open(f"{model}/config.json", "w"))
 PY
 }
 
+# setup_dummy_bench CONFIG_DIR MODEL_DIR: the $OUT folder and the dummy model; sets CONFIG and MODEL.
+setup_dummy_bench() {
+  CONFIG=$1 MODEL=$2
+  OUT=${OUT:-$PWD/out}
+  mkdir -p "$OUT"
+  prepare_dummy_model "$CONFIG" "$MODEL"
+}
+
+# run_setting NAME ROWS [server flags...]: a server on $MODEL with $SERVER_FLAGS plus the given
+# flags, bench_serving with $BENCH_ARGS appending to ROWS, that row labelled NAME, the server
+# stopped. bench_serving is imported rather than run as __main__, so scripts/hop_trace can
+# patch it when tracing.
+run_setting() {
+  local name=$1 rows=$2 port=31234
+  shift 2
+  # shellcheck disable=SC2086  # the flag lists split on spaces
+  start_server "$MODEL" $port "$OUT/server_$name.log" $SERVER_FLAGS "$@" || return 1
+  # shellcheck disable=SC2086
+  python3 -c 'import sys; from pymllm import bench_serving; sys.exit(bench_serving.main(sys.argv[1:]))' \
+    --base-url "http://127.0.0.1:$port" $BENCH_ARGS --result-filename "$rows" 2>&1 | tail -12
+  label_last_row "$rows" "$name" "$CONFIG"
+  stop_server
+}
+
 # start_server MODEL_DIR PORT LOG [server flags...]: launch and wait for /health; sets SERVER_PID.
 start_server() {
   local model=$1 port=$2 log=$3
