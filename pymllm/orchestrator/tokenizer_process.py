@@ -98,7 +98,16 @@ class RequestTokenizer:
             raise InvalidRequest(
                 f"the prompt has {len(ids)} tokens; this model's context length is {self.context_length}"
             )
-        return TokenizedGenerateReq(req.rid, ids, self.sampling_params(req), req.stream, mm_inputs=mm_inputs)
+        params = self.sampling_params(req)
+        # As OpenAI and vLLM do: a request that cannot get the tokens it asks for is refused up
+        # front rather than cut short at the context limit. Without max_tokens it may run to it.
+        wanted = params.max_new_tokens
+        if wanted is not None and len(ids) + wanted > self.context_length:
+            raise InvalidRequest(
+                f"this model's context length is {self.context_length} tokens, but {len(ids) + wanted} were "
+                f"requested ({len(ids)} in the prompt, {wanted} to generate); lower max_tokens"
+            )
+        return TokenizedGenerateReq(req.rid, ids, params, req.stream, mm_inputs=mm_inputs)
 
 
 def build_request_tokenizer(config: GlobalConfig, model_config: ModelConfig, tokenizer) -> RequestTokenizer:

@@ -67,6 +67,10 @@ def test_logprobs_returned(engine):
 def test_bad_requests_raise_clear_errors(engine):
     with pytest.raises(ValueError, match="context length"):
         engine.generate(input_ids=[3] * 300, sampling_params={"max_new_tokens": 2})
+    # Prompt plus the tokens asked for must fit the context (256 here): exactly full is allowed.
+    with pytest.raises(ValueError, match=r"context length is 256 tokens, but 257 were requested"):
+        engine.generate(input_ids=[3] * 200, sampling_params={"max_new_tokens": 57})
+    assert engine.generate(input_ids=[3] * 200, sampling_params={"max_new_tokens": 56})["meta_info"]["prompt_tokens"] == 200
     with pytest.raises(ValueError, match="top_p"):
         engine.generate("x", {"top_p": 0})
     with pytest.raises(ValueError, match="unknown sampling parameter"):

@@ -156,6 +156,8 @@ def test_bad_input_gets_400_and_server_keeps_serving(server, client):
         client.chat.completions.create(model="no-such-model", messages=CHAT, max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="context length"):
         client.completions.create(model="tiny-qwen3", prompt=[5] * 600, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="lower max_tokens"):
+        client.chat.completions.create(model="tiny-qwen3", messages=CHAT, max_tokens=100000)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny-qwen3", messages=CHAT, max_tokens=2, stream=True, top_p=0)
     assert client.chat.completions.create(model="tiny-qwen3", messages=CHAT, max_tokens=2).usage is not None
