@@ -104,12 +104,12 @@ class EngineClient:
         if self._request_tokenizer is None or req.input_ids is None or req.text is not None or req.messages is not None:
             self._send(req)
             return None
-        from pymllm.orchestrator.tokenizer_process import InvalidRequest
+        from pymllm.orchestrator.tokenizer_process import InvalidRequest, rejected_output
 
         try:
             tokenized = self._request_tokenizer.tokenize(req)
         except InvalidRequest as e:
-            return RequestOutput(req.rid, "", [], True, FinishReason("abort", message=str(e), status_code=400))
+            return rejected_output(req.rid, e)
         with self._send_lock:
             self._direct.add(req.rid)
             self._to_scheduler.send(tokenized)

@@ -45,12 +45,17 @@ class AbortReq:
     rid: str
 
 
+# OpenAI's error code for a request that does not fit the context (clients act on it).
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+
+
 @dataclass
 class FinishReason:
     type: str  # "stop" | "length" | "abort"
     matched: Any = None  # stop token id or stop string
     message: Optional[str] = None
     status_code: Optional[int] = None  # set when the request was rejected (e.g. 400)
+    error_code: Optional[str] = None  # OpenAI's machine-readable code of a rejection, where one exists
 
     def to_dict(self) -> dict:
         return {"type": self.type, "matched": self.matched, "message": self.message}

@@ -21,7 +21,7 @@ from typing import Deque, List, Optional, Protocol, Sequence, Tuple, runtime_che
 import numpy as np
 
 from pymllm.engine.forward_batch import ForwardMode
-from pymllm.engine.io_struct import FinishReason, TokenizedGenerateReq
+from pymllm.engine.io_struct import CONTEXT_LENGTH_EXCEEDED, FinishReason, TokenizedGenerateReq
 from pymllm.mem_cache.base_prefix_cache import ChunkCache, PrefixCache
 from pymllm.mem_cache.memory_pool import ReqToTokenPool, TokenToKVPoolAllocator
 from pymllm.orchestrator.request import Req, ReqState
@@ -48,7 +48,12 @@ class OverlapRunner(BatchRunner, Protocol):
 
 
 class RequestRejected(ValueError):
-    """The request can never run (e.g. prompt longer than the context)."""
+    """The request can never run (e.g. prompt longer than the context); ``code`` as
+    ``InvalidRequest.code``."""
+
+    def __init__(self, message: str, code: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class Scheduler:
@@ -98,7 +103,8 @@ class Scheduler:
         if prompt_len >= self.context_length:
             raise RequestRejected(
                 f"the prompt has {prompt_len} tokens; this model's context length is "
-                f"{self.context_length} (the prompt must leave room for at least one new token)"
+                f"{self.context_length} (the prompt must leave room for at least one new token)",
+                CONTEXT_LENGTH_EXCEEDED,
             )
         if prompt_len + 1 > self.allocator.size:
             raise RequestRejected(

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import List
+from typing import List, Optional
 
 import zmq
 
 from pymllm.configs.global_config import GlobalConfig
 from pymllm.configs.model_config import ModelConfig
 from pymllm.engine.io_struct import (
+    CONTEXT_LENGTH_EXCEEDED,
     AbortReq,
     BatchRequestOutput,
     ControlReq,
@@ -27,7 +28,12 @@ logger = logging.getLogger("tokenizer")
 
 
 class InvalidRequest(ValueError):
-    pass
+    """A request refused before it reaches the scheduler; ``code`` is OpenAI's error code where
+    clients act on one (``context_length_exceeded``)."""
+
+    def __init__(self, message: str, code: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class RequestTokenizer:
@@ -96,7 +102,8 @@ class RequestTokenizer:
             raise InvalidRequest("the prompt is empty")
         if len(ids) >= self.context_length:
             raise InvalidRequest(
-                f"the prompt has {len(ids)} tokens; this model's context length is {self.context_length}"
+                f"the prompt has {len(ids)} tokens; this model's context length is {self.context_length}",
+                CONTEXT_LENGTH_EXCEEDED,
             )
         params = self.sampling_params(req)
         # As OpenAI and vLLM do: a request that cannot get the tokens it asks for is refused up
@@ -105,7 +112,8 @@ class RequestTokenizer:
         if wanted is not None and len(ids) + wanted > self.context_length:
             raise InvalidRequest(
                 f"this model's context length is {self.context_length} tokens, but {len(ids) + wanted} were "
-                f"requested ({len(ids)} in the prompt, {wanted} to generate); lower max_tokens"
+                f"requested ({len(ids)} in the prompt, {wanted} to generate); lower max_tokens",
+                CONTEXT_LENGTH_EXCEEDED,
             )
         return TokenizedGenerateReq(req.rid, ids, params, req.stream, mm_inputs=mm_inputs)
 
@@ -129,9 +137,10 @@ def build_request_tokenizer(config: GlobalConfig, model_config: ModelConfig, tok
     return RequestTokenizer(tokenizer, model_config.context_length, model_config.generation_defaults, mm_processor)
 
 
-def rejection(rid: str, message: str, status_code: int = 400) -> BatchRequestOutput:
-    reason = FinishReason("abort", message=message, status_code=status_code)
-    return BatchRequestOutput([RequestOutput(rid, "", [], True, reason)])
+def rejected_output(rid: str, error: InvalidRequest) -> RequestOutput:
+    """The final (and only) output of a request refused with a 400."""
+    reason = FinishReason("abort", message=str(error), status_code=400, error_code=error.code)
+    return RequestOutput(rid, "", [], True, reason)
 
 
 def tokenizer_loop(config: GlobalConfig, model_config: ModelConfig, endpoints: Endpoints) -> None:
@@ -150,7 +159,7 @@ def tokenizer_loop(config: GlobalConfig, model_config: ModelConfig, endpoints: E
             try:
                 to_scheduler.send(worker.tokenize(msg))
             except InvalidRequest as e:
-                to_frontend.send(rejection(msg.rid, str(e)))
+                to_frontend.send(BatchRequestOutput([rejected_output(msg.rid, e)]))
         elif isinstance(msg, (AbortReq, ControlReq)):
             to_scheduler.send(msg)
         else:

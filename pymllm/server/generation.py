@@ -60,7 +60,7 @@ def rejection_error(reason: Optional[FinishReason]) -> Optional[OpenAIError]:
     """The error of a request the engine refused (it carries an HTTP status), else None."""
     if reason is None or reason.status_code is None:
         return None
-    return OpenAIError(reason.status_code, reason.message or "request rejected")
+    return OpenAIError(reason.status_code, reason.message or "request rejected", code=reason.error_code)
 
 
 class SubRequestGroup:

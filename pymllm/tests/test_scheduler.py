@@ -114,10 +114,12 @@ def test_retraction_when_decode_runs_out_of_slots():
 
 def test_prompt_longer_than_context_is_rejected():
     _, sched = make(context=16)
-    with pytest.raises(RequestRejected, match="context length"):
+    with pytest.raises(RequestRejected, match="context length") as too_long:
         submit(sched, "x", 16)
-    with pytest.raises(RequestRejected, match="empty"):
+    assert too_long.value.code == "context_length_exceeded"
+    with pytest.raises(RequestRejected, match="empty") as empty:
         sched.add_request(TokenizedGenerateReq("e", [], params()))
+    assert empty.value.code is None
 
 
 def test_prompt_larger_than_kv_pool_is_rejected():

@@ -154,10 +154,13 @@ def test_bad_input_gets_400_and_server_keeps_serving(server, client):
         assert set(r.json()["error"]) >= {"message", "type"}
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="no-such-model", messages=CHAT, max_tokens=2)
-    with pytest.raises(openai.BadRequestError, match="context length"):
+    # Too long for the context: OpenAI's code, which clients act on (trimming history, ...).
+    with pytest.raises(openai.BadRequestError, match="context length") as too_long:
         client.completions.create(model="tiny-qwen3", prompt=[5] * 600, max_tokens=2)
-    with pytest.raises(openai.BadRequestError, match="lower max_tokens"):
+    assert too_long.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError, match="lower max_tokens") as too_many:
         client.chat.completions.create(model="tiny-qwen3", messages=CHAT, max_tokens=100000)
+    assert too_many.value.code == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny-qwen3", messages=CHAT, max_tokens=2, stream=True, top_p=0)
     assert client.chat.completions.create(model="tiny-qwen3", messages=CHAT, max_tokens=2).usage is not None
