@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 # Values a request leaves as None take the model's generation_config defaults, then these.
 _FALLBACKS = {
@@ -40,6 +40,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logprobs: bool = False
     top_logprobs: int = 0
+    # token id -> value added to its logit before sampling (OpenAI's logit_bias, in [-100, 100])
+    logit_bias: Dict[int, float] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: Optional[dict]) -> "SamplingParams":
@@ -55,6 +57,7 @@ class SamplingParams:
             data["stop"] = []
         if data.get("stop_token_ids") is None:
             data["stop_token_ids"] = []
+        data["logit_bias"] = _token_bias(data.get("logit_bias"))
         params = cls(**data)
         params.verify()
         return params
@@ -82,6 +85,13 @@ class SamplingParams:
         penalty)."""
         return (self.repetition_penalty not in (None, 1.0) or self.presence_penalty != 0.0
                 or self.frequency_penalty != 0.0)
+
+    @property
+    def needs_sampler(self) -> bool:
+        """Whether the logits need more than an argmax: sampling, penalties, a logit bias or
+        logprobs."""
+        return (not self.is_greedy or self.uses_penalties or bool(self.logit_bias) or self.logprobs
+                or self.top_logprobs > 0)
 
     def verify(self) -> None:
         def check(cond: bool, message: str) -> None:
@@ -112,3 +122,25 @@ class SamplingParams:
               "stop_token_ids must be non-negative integers")
         if self.seed is not None:
             check(isinstance(self.seed, int), "seed must be an integer")
+        check(all(-100.0 <= v <= 100.0 for v in self.logit_bias.values()),
+              "logit_bias values must be in [-100, 100]")
+
+
+def _token_bias(bias) -> Dict[int, float]:
+    """logit_bias with integer token ids: JSON bodies carry the ids as strings ("50256")."""
+    if bias is None:
+        return {}
+    if not isinstance(bias, dict):
+        raise ValueError("logit_bias must be an object of token id -> bias")
+    out = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
+        if token < 0:
+            raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"logit_bias values must be numbers, got {value!r}")
+        out[token] = float(value)
+    return out

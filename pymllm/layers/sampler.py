@@ -90,6 +90,7 @@ class SamplingBatchInfo:
     # Largest top_k among the sampled (non-greedy) rows, known on the host; 0 when unknown or
     # when some sampled row has top-k disabled. Lets the sampler skip the full vocabulary sort.
     max_top_k: int = 0
+    logit_biases: Optional[torch.Tensor] = None  # [B, V] float32 added to the logits; None when unused
 
     @property
     def batch_size(self) -> int:
@@ -163,6 +164,7 @@ class SamplingBatchInfo:
 
         top_logprobs_num = max((p.top_logprobs for p in params), default=0)
         return cls(
+            logit_biases=_bias_rows(params, vocab_size, device),
             temperatures=floats[0],
             top_ps=floats[1],
             top_ks=ints[0],
@@ -194,18 +196,23 @@ def _to_device(values: np.ndarray, device: torch.device | str) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
+def _bias_rows(params: Sequence[SamplingParams], vocab_size: int, device: torch.device | str) -> Optional[torch.Tensor]:
+    """[B, V] float32 logit biases, or None when no request has one. The tokenizer process
+    refuses ids outside the tokenizer's vocabulary; ids of it past the logits' width (a tokenizer
+    larger than the LM head) name tokens the model cannot produce, so their bias is moot."""
+    if not any(p.logit_bias for p in params):
+        return None
+    entries = [(i, t, v) for i, p in enumerate(params) for t, v in p.logit_bias.items() if t < vocab_size]
+    rows, cols, values = ([e[k] for e in entries] for k in range(3))
+    bias = torch.zeros(len(params), vocab_size, dtype=torch.float32, device=device)
+    bias[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = torch.tensor(values, device=device)
+    return bias
+
+
 def is_plain_greedy(params: Sequence[SamplingParams]) -> bool:
     """True when every request takes the argmax of its raw logits: greedy, no penalties, no
-    logprobs. Such a batch needs no SamplingBatchInfo at all."""
-    return all(
-        p.is_greedy
-        and not p.logprobs
-        and p.top_logprobs <= 0
-        and p.repetition_penalty in (None, 1.0)
-        and p.presence_penalty == 0.0
-        and p.frequency_penalty == 0.0
-        for p in params
-    )
+    logit bias, no logprobs. Such a batch needs no SamplingBatchInfo at all."""
+    return not any(p.needs_sampler for p in params)
 
 
 def _count_tokens(
@@ -305,6 +312,8 @@ class Sampler(torch.nn.Module):
     def forward(self, logits: torch.Tensor, info: SamplingBatchInfo) -> SamplerOutput:
         logits = logits.float()
         penalised = apply_penalties(logits, info) if info.need_penalties else logits
+        if info.logit_biases is not None:
+            penalised = penalised + info.logit_biases
         greedy_ids = torch.argmax(penalised, dim=-1)
         if info.is_all_greedy:
             next_ids = greedy_ids

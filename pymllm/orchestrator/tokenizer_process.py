@@ -79,6 +79,10 @@ class RequestTokenizer:
             params = SamplingParams.from_dict(req.sampling_params)
         except (TypeError, ValueError) as e:
             raise InvalidRequest(str(e)) from e
+        vocab = len(self.tokenizer)
+        outside = [t for t in params.logit_bias if t >= vocab]
+        if outside:
+            raise InvalidRequest(f"logit_bias token ids out of range [0, {vocab}): {outside[:5]}")
         return params.with_defaults(self.generation_defaults)
 
     def tokenize(self, req: GenerateReqInput) -> TokenizedGenerateReq:

@@ -46,6 +46,7 @@ def openai_sampling(
         "stop_token_ids": req.stop_token_ids,
         "ignore_eos": req.ignore_eos,
         "skip_special_tokens": req.skip_special_tokens,
+        "logit_bias": req.logit_bias,
     }
     params = {k: v for k, v in params.items() if v is not None}
     if logprobs:

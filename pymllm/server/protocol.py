@@ -38,14 +38,9 @@ class SamplingRequestFields(BaseModel):
     stream_options: Optional[StreamOptions] = None
     ignore_eos: Optional[bool] = False
     skip_special_tokens: Optional[bool] = True
+    # token id (a string in JSON) -> bias in [-100, 100] added to its logit
     logit_bias: Optional[Dict[str, float]] = None
     user: Optional[str] = None
-
-    @model_validator(mode="after")
-    def _check_shared(self) -> "SamplingRequestFields":
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
-        return self
 
     @property
     def include_usage(self) -> bool:

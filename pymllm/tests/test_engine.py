@@ -73,6 +73,8 @@ def test_bad_requests_raise_clear_errors(engine):
     assert engine.generate(input_ids=[3] * 200, sampling_params={"max_new_tokens": 56})["meta_info"]["prompt_tokens"] == 200
     with pytest.raises(ValueError, match="top_p"):
         engine.generate("x", {"top_p": 0})
+    with pytest.raises(ValueError, match="logit_bias token ids out of range"):
+        engine.generate("x", {"logit_bias": {"99999999": 1}})
     with pytest.raises(ValueError, match="unknown sampling parameter"):
         engine.generate("x", {"temprature": 0.5})
     # The engine keeps serving afterwards.

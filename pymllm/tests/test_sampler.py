@@ -360,7 +360,8 @@ def test_plain_greedy_predicate() -> None:
     assert sampler_mod.is_plain_greedy([])
     for kw in (dict(temperature=1.0), dict(temperature=0.0, logprobs=True),
                dict(temperature=0.0, top_logprobs=2), dict(temperature=0.0, repetition_penalty=1.1),
-               dict(temperature=0.0, presence_penalty=0.5), dict(temperature=0.0, frequency_penalty=0.5)):
+               dict(temperature=0.0, presence_penalty=0.5), dict(temperature=0.0, frequency_penalty=0.5),
+               dict(temperature=0.0, logit_bias={1: 0.5})):
         assert not sampler_mod.is_plain_greedy([make_params(temperature=0.0), make_params(**kw)]), kw
 
 
@@ -377,3 +378,59 @@ def test_from_params_rows_keep_dtypes_and_values() -> None:
     assert info.repetition_penalties is None
     assert info.presence_penalties.tolist() == [0.5, 0.0]
     assert info.frequency_penalties.tolist() == [0.0, 0.25]
+
+
+# ---- logit bias ------------------------------------------------------------------------------
+
+
+def test_logit_bias_moves_the_greedy_choice() -> None:
+    logits = fixed_logits(3)
+    top = torch.argmax(logits, dim=-1).tolist()
+    low = torch.argmin(logits, dim=-1).tolist()
+    params = [make_params(temperature=0.0, logit_bias={low[0]: 100.0}),
+              make_params(temperature=0.0, logit_bias={top[1]: -100.0}),
+              make_params(temperature=0.0)]
+    assert not sampler_mod.is_plain_greedy(params)
+    out = Sampler()(logits, make_info(params)).next_token_ids.tolist()
+    second = torch.topk(logits[1], 2).indices[1].item()
+    assert out == [low[0], second, top[2]]
+
+
+def test_logit_bias_distribution_matches_reference() -> None:
+    row = fixed_logits(1, scale=1.5, seed=5)[0]
+    order = torch.argsort(row, descending=True).tolist()
+    bias = {order[0]: -3.0, order[20]: 4.0, order[-1]: 2.5}
+    p = make_params(temperature=0.8, top_p=0.9, logit_bias=bias)
+    biased = row.double().tolist()
+    for token, value in bias.items():
+        biased[token] += value
+    ref = ref_distribution(biased, p)
+    tokens = sample_many(row, p)
+    assert all(ref[t] > 0 for t in set(tokens.tolist()))
+    assert tv_distance(empirical(tokens, VOCAB), ref) < 0.02
+
+
+def test_logit_bias_rows_and_raw_logprobs() -> None:
+    logits = fixed_logits(2)
+    params = [make_params(temperature=0.0, logprobs=True, logit_bias={3: 100.0, VOCAB + 5: 1.0}),
+              make_params(temperature=0.0, logprobs=True)]
+    info = make_info(params)
+    want = torch.zeros(2, VOCAB)
+    want[0, 3] = 100.0  # the id past the logits' width is dropped
+    assert torch.equal(info.logit_biases, want)
+    out = Sampler()(logits, info)
+    assert out.next_token_ids[0].item() == 3
+    # Logprobs stay those of the model's own distribution, as with the penalties.
+    assert torch.allclose(out.logprobs[0], torch.log_softmax(logits[0], dim=-1)[3])
+    assert make_info([make_params(temperature=1.0)]).logit_biases is None
+
+
+def test_logit_bias_parsing() -> None:
+    # JSON object keys are strings; the engine keys by token id.
+    assert SamplingParams.from_dict({"logit_bias": {"7": 5, "12": -1.5}}).logit_bias == {7: 5.0, 12: -1.5}
+    assert SamplingParams.from_dict({}).logit_bias == {}
+    for bad, needle in (({"x": 1}, "keys must be token ids"), ({"-2": 1}, "keys must be token ids"),
+                        ({"3": 101}, r"\[-100, 100\]"), ({"3": "big"}, "values must be numbers"),
+                        ([1, 2], "must be an object")):
+        with pytest.raises(ValueError, match=needle):
+            SamplingParams.from_dict({"logit_bias": bad})

@@ -108,7 +108,9 @@ async def test_completion_specific_validation():
         ({"prompt": [1, "a"]}, "prompt"),
         ({"prompt": [300]}, "vocabulary"),
         ({"prompt": "x", "best_of": 3}, "best_of"),
-        ({"prompt": "x", "logit_bias": {"1": 5}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"a": 5}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"1": 500}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"-1": 5}}, "logit_bias"),
     ]:
         r = await _post(fake, body)
         assert r.status_code == 400, body
