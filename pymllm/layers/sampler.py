@@ -205,7 +205,8 @@ def _bias_rows(params: Sequence[SamplingParams], vocab_size: int, device: torch.
     entries = [(i, t, v) for i, p in enumerate(params) for t, v in p.logit_bias.items() if t < vocab_size]
     rows, cols, values = ([e[k] for e in entries] for k in range(3))
     bias = torch.zeros(len(params), vocab_size, dtype=torch.float32, device=device)
-    bias[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = torch.tensor(values, device=device)
+    index = (torch.tensor(rows, dtype=torch.int64, device=device), torch.tensor(cols, dtype=torch.int64, device=device))
+    bias[index] = torch.tensor(values, dtype=torch.float32, device=device)
     return bias
 
 

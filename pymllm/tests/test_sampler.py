@@ -423,6 +423,8 @@ def test_logit_bias_rows_and_raw_logprobs() -> None:
     # Logprobs stay those of the model's own distribution, as with the penalties.
     assert torch.allclose(out.logprobs[0], torch.log_softmax(logits[0], dim=-1)[3])
     assert make_info([make_params(temperature=1.0)]).logit_biases is None
+    only_outside = make_info([make_params(temperature=0.0, logit_bias={VOCAB: 3.0})])
+    assert torch.equal(only_outside.logit_biases, torch.zeros(1, VOCAB))
 
 
 def test_logit_bias_parsing() -> None:
