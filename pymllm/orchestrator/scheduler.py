@@ -188,12 +188,7 @@ class Scheduler:
                 return None
         if self._available_slots() < len(reqs):
             return None
-        slots = self._alloc_slots(len(reqs))
-        assert slots is not None
-        return ScheduledBatch(
-            mode=ForwardMode.DECODE, reqs=list(reqs), prefix_lens=[p + 1 for p in batch.prefix_lens],
-            extend_lens=[1] * len(reqs), out_cache_loc=slots, sample=[True] * len(reqs),
-        )
+        return self._decode_step(list(reqs), [p + 1 for p in batch.prefix_lens])
 
     def _could_admit(self) -> bool:
         return (bool(self.waiting) and len(self.running) < self.max_running_requests
@@ -305,11 +300,16 @@ class Scheduler:
             self._retract_one()
         if not self.running:
             return None
-        slots = self._alloc_slots(len(self.running))
-        assert slots is not None
         reqs = list(self.running)
+        return self._decode_step(reqs, [r.kv_len for r in reqs])
+
+    def _decode_step(self, reqs: List[Req], prefix_lens: List[int]) -> ScheduledBatch:
+        """One decode row per request at ``prefix_lens``, each with a new KV slot (the caller
+        has checked that enough are available)."""
+        slots = self._alloc_slots(len(reqs))
+        assert slots is not None
         return ScheduledBatch(
-            mode=ForwardMode.DECODE, reqs=reqs, prefix_lens=[r.kv_len for r in reqs],
+            mode=ForwardMode.DECODE, reqs=reqs, prefix_lens=prefix_lens,
             extend_lens=[1] * len(reqs), out_cache_loc=slots, sample=[True] * len(reqs),
         )
 

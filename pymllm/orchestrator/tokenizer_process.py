@@ -51,10 +51,7 @@ class RequestTokenizer:
         if sum(given) != 1:
             raise InvalidRequest("exactly one of text, input_ids or messages must be given")
         if req.input_ids is not None:
-            vocab = len(self.tokenizer)
-            bad = [t for t in req.input_ids if not isinstance(t, int) or not 0 <= t < vocab]
-            if bad:
-                raise InvalidRequest(f"token ids out of range [0, {vocab}): {bad[:5]}")
+            self._check_vocab(req.input_ids, "token ids")
             return list(req.input_ids)
         if req.text is not None:
             return self.tokenizer.encode(req.text, add_special_tokens=True)
@@ -79,11 +76,14 @@ class RequestTokenizer:
             params = SamplingParams.from_dict(req.sampling_params)
         except (TypeError, ValueError) as e:
             raise InvalidRequest(str(e)) from e
-        vocab = len(self.tokenizer)
-        outside = [t for t in params.logit_bias if t >= vocab]
-        if outside:
-            raise InvalidRequest(f"logit_bias token ids out of range [0, {vocab}): {outside[:5]}")
+        self._check_vocab(params.logit_bias, "logit_bias token ids")
         return params.with_defaults(self.generation_defaults)
+
+    def _check_vocab(self, ids, what: str) -> None:
+        vocab = len(self.tokenizer)
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequest(f"{what} out of range [0, {vocab}): {bad[:5]}")
 
     def tokenize(self, req: GenerateReqInput) -> TokenizedGenerateReq:
         from pymllm.multimodal.media import MediaError
