@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from pymllm.layers.deferred_norm import DeferredNorm, deferred_norm_enabled
 from pymllm.layers.kernels.fused_gemv import (
     dense_rmsnorm_linear, dense_silu_mul_linear, dense_swiglu_linear, prepare_fused_gemvs,
 )
@@ -110,10 +111,13 @@ class LinearBase(nn.Module):
         return self.quant_method.apply(self, x, self.bias)
 
     def forward_rmsnorm(
-        self, x: torch.Tensor, residual: Optional[torch.Tensor], norm: "RMSNorm"
+        self, x: Union[torch.Tensor, DeferredNorm], residual: Optional[torch.Tensor], norm: "RMSNorm"
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(self(norm(x [+ residual])), x [+ residual])``: the pre-norm block's entry, as one
-        kernel where the layer's method has one (decode GEMVs), else the norm, then the layer."""
+        kernel where the layer's method has one (decode GEMVs), else the norm, then the layer.
+        ``x`` may be a DeferredNorm from the projection before (its residual is already added)."""
+        if isinstance(x, DeferredNorm):
+            return self.forward_normed(x, norm), x.residual
         fused = self.fused_rmsnorm(x, residual, norm)
         if fused is not None:
             return fused
@@ -125,6 +129,26 @@ class LinearBase(nn.Module):
     ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """forward_rmsnorm's result when one kernel computes it here, else None."""
         return self.quant_method.apply_rmsnorm(self, x, residual, norm.weight, norm.variance_epsilon, self.bias)
+
+    def forward_normed(self, pending: DeferredNorm, norm: "RMSNorm") -> torch.Tensor:
+        """``self(norm(h))`` of a deferred norm: one kernel where the method consumes it, else the
+        norm materialized first."""
+        out = self.quant_method.apply_normed(self, pending, self.bias, gated=False)
+        return out if out is not None else self(pending.materialize(norm))
+
+    def forward_add_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, norm: "RMSNorm", consumer: "LinearBase", gated: bool = False
+    ) -> Tuple[Union[torch.Tensor, DeferredNorm], torch.Tensor]:
+        """``(self(x), residual)``, the end of a pre-norm block whose sum ``self(x) + residual`` feeds
+        ``norm`` and then ``consumer`` (``gated``: its SiLU-and-mul form) — or, where both layers'
+        kernels can (one-row decode GEMVs), ``(DeferredNorm, h)``: the add done here and the norm left
+        to ``consumer`` (pymllm.layers.deferred_norm)."""
+        if deferred_norm_enabled() and consumer.quant_method.takes_deferred_norm(consumer, x, gated):
+            pending = self.quant_method.apply_add_norm(self, x, residual, norm.weight, norm.variance_epsilon,
+                                                       self.bias)
+            if pending is not None:
+                return pending, pending.residual
+        return self(x), residual
 
     def forward_silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         """``self(silu(x[..., :K]) * x[..., K:])``, as one kernel where the layer's method has one."""
@@ -158,9 +182,19 @@ class MergedLinear(LinearBase):
     def forward_swiglu(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """``silu(gate) * up`` of this [gate; up] layer's output as one kernel (the GEMV with
         the SiLU-and-mul as its epilogue) where the layer's method has one here, else None."""
-        if len(self.output_sizes) != 2 or self.output_sizes[0] != self.output_sizes[1]:
+        if not self.is_gate_up():
             return None
         return self.quant_method.apply_swiglu(self, x, self.bias)
+
+    def forward_swiglu_normed(self, pending: DeferredNorm) -> Optional[torch.Tensor]:
+        """``forward_swiglu(norm(h))`` of a deferred norm in one kernel, or None (the caller then
+        materializes the norm)."""
+        if not self.is_gate_up():
+            return None
+        return self.quant_method.apply_normed(self, pending, self.bias, gated=True)
+
+    def is_gate_up(self) -> bool:
+        return len(self.output_sizes) == 2 and self.output_sizes[0] == self.output_sizes[1]
 
 
 class QKVLinear(LinearBase):

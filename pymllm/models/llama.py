@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from pymllm.engine.forward_batch import ForwardBatch
+from pymllm.layers.deferred_norm import DeferredNorm
 from pymllm.layers.fused_ops import KVCacheWrite, qk_norm_rope_try_store_kv
 from pymllm.layers.layernorm import RMSNorm
-from pymllm.layers.linear import Linear, MergedLinear, QKVLinear, norm_with_residual
+from pymllm.layers.linear import Linear, LinearBase, MergedLinear, QKVLinear, norm_with_residual
 from pymllm.layers.radix_attention import RadixAttention
 from pymllm.layers.rotary_embedding import RotaryEmbedding
 from pymllm.layers.vocab_embedding import LMHead, VocabEmbedding
@@ -64,25 +65,24 @@ class DecoderAttention(nn.Module):
         )
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
-        return self.attend(positions, self.qkv_proj(hidden), forward_batch)
+        return self.o_proj(self.attend(positions, self.qkv_proj(hidden), forward_batch))
 
     def attend(self, positions: torch.Tensor, qkv: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
-        """Attention and o_proj from the qkv projection (which the decoder layer may compute
-        together with its input norm)."""
+        """Attention from the qkv projection (which the decoder layer may compute together with its
+        input norm), before o_proj (which the layer may run together with the residual add)."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         if positions.dim() != 1:  # mrope positions [3, T] (image prompts)
             q, k = self._mrope[0](positions, self.q_norm(q), self.k_norm(k))
-            out = self.attn(q.reshape(-1, self.q_size), k.reshape(-1, self.kv_size), v, forward_batch)
-            return self.o_proj(out)
+            return self.attn(q.reshape(-1, self.q_size), k.reshape(-1, self.kv_size), v, forward_batch)
         v_heads = v.reshape(-1, self.num_kv_heads, self.head_dim)
         # Decode attention may take q/k raw and apply the norms and rope itself (one launch).
         out = self.attn.forward_rope(
             q, k, v_heads, positions, self.rotary_emb, self.q_norm, self.k_norm, forward_batch
         )
         if out is not None:
-            return self.o_proj(out)
+            return out
         # The norm+rope kernel can also store this layer's K/V, which saves the backend's
         # store launch per layer. It writes through forward_batch.out_cache_loc, the static
         # buffer under CUDA graphs, so a captured graph writes each replay's slots.
@@ -93,10 +93,9 @@ class DecoderAttention(nn.Module):
         q, k, stored = qk_norm_rope_try_store_kv(
             q, k, positions, self.rotary_emb, self.q_norm, self.k_norm, kv_write
         )
-        out = self.attn(
+        return self.attn(
             q.reshape(-1, self.q_size), k.reshape(-1, self.kv_size), v, forward_batch, save_kv_cache=not stored
         )
-        return self.o_proj(out)
 
 
 def _sliding_window_for(config, layer_id: int) -> Optional[int]:
@@ -126,24 +125,44 @@ class DecoderMLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The SiLU-and-mul runs as the gate/up GEMV's epilogue, or in the down projection's
-        # prologue, or on its own: whichever kernels the decode measurements picked.
-        act = self.gate_up_proj.forward_swiglu(x)
-        if act is not None:
-            return self.down_proj(act)
-        return self.down_proj.forward_silu_mul(self.gate_up_proj(x))
+        return self._from_normed(x, None, None)[0]
 
     def forward_prenorm(
-        self, x: torch.Tensor, residual: Optional[torch.Tensor], norm: RMSNorm
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        self, x: Union[torch.Tensor, DeferredNorm], residual: Optional[torch.Tensor], norm: RMSNorm,
+        next_block: Optional[Tuple[RMSNorm, LinearBase]] = None,
+    ) -> Tuple[Union[torch.Tensor, DeferredNorm], torch.Tensor]:
         """``(self(norm(x [+ residual])), x [+ residual])``. Where the norm runs inside the gate/up
-        GEMV, the SiLU-and-mul goes into the down projection (a GEMV has one fused side)."""
+        GEMV, the SiLU-and-mul goes into the down projection (a GEMV has one fused side). ``x`` may
+        be a DeferredNorm (the add done, the norm left to gate/up). ``next_block`` (the next
+        block's norm and its first projection) lets down_proj hand its sum on as a DeferredNorm."""
+        if isinstance(x, DeferredNorm):
+            act = self.gate_up_proj.forward_swiglu_normed(x)
+            if act is not None:
+                return self._down(act, x.residual, next_block)
+            return self._from_normed(x.materialize(norm), x.residual, next_block)
         fused = self.gate_up_proj.fused_rmsnorm(x, residual, norm)
         if fused is not None:
             gate_up, residual = fused
             return self.down_proj.forward_silu_mul(gate_up), residual
         hidden, residual = norm_with_residual(x, residual, norm)
-        return self(hidden), residual
+        return self._from_normed(hidden, residual, next_block)
+
+    def _from_normed(
+        self, hidden: torch.Tensor, residual: Optional[torch.Tensor], next_block: Optional[Tuple[RMSNorm, LinearBase]]
+    ) -> Tuple[Union[torch.Tensor, DeferredNorm], Optional[torch.Tensor]]:
+        # The SiLU-and-mul runs as the gate/up GEMV's epilogue, or in the down projection's
+        # prologue, or on its own: whichever kernels the decode measurements picked.
+        act = self.gate_up_proj.forward_swiglu(hidden)
+        if act is None:
+            return self.down_proj.forward_silu_mul(self.gate_up_proj(hidden)), residual
+        return self._down(act, residual, next_block)
+
+    def _down(
+        self, act: torch.Tensor, residual: Optional[torch.Tensor], next_block: Optional[Tuple[RMSNorm, LinearBase]]
+    ) -> Tuple[Union[torch.Tensor, DeferredNorm], Optional[torch.Tensor]]:
+        if next_block is not None and residual is not None:
+            return self.down_proj.forward_add_norm(act, residual, *next_block)
+        return self.down_proj(act), residual
 
 
 class DecoderLayer(nn.Module):
@@ -158,12 +177,20 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
 
-    def forward(self, positions, hidden, residual, forward_batch):
+    def forward(self, positions, hidden, residual, forward_batch, next_layer: Optional["DecoderLayer"] = None):
         # Each norm runs inside the projection that consumes it where a fused decode GEMV
-        # exists (Linear.forward_rmsnorm), as does the SiLU-and-mul (DecoderMLP).
+        # exists (Linear.forward_rmsnorm), as does the SiLU-and-mul (DecoderMLP); at one row the
+        # W4A16 GEMVs defer each norm across it (o_proj -> gate/up, down -> the next layer's qkv;
+        # pymllm.layers.deferred_norm), so `hidden` may arrive as a DeferredNorm.
         qkv, residual = self.self_attn.qkv_proj.forward_rmsnorm(hidden, residual, self.input_layernorm)
-        hidden = self.self_attn.attend(positions, qkv, forward_batch)
-        return self.mlp.forward_prenorm(hidden, residual, self.post_attention_layernorm)
+        attn = self.self_attn.attend(positions, qkv, forward_batch)
+        hidden, residual = self.self_attn.o_proj.forward_add_norm(
+            attn, residual, self.post_attention_layernorm, self.mlp.gate_up_proj, gated=True
+        )
+        next_block = None
+        if next_layer is not None:
+            next_block = (next_layer.input_layernorm, next_layer.self_attn.qkv_proj)
+        return self.mlp.forward_prenorm(hidden, residual, self.post_attention_layernorm, next_block)
 
 
 class DecoderModel(nn.Module):
@@ -180,8 +207,9 @@ class DecoderModel(nn.Module):
     def forward(self, input_ids, positions, forward_batch, input_embeds=None):
         hidden = self.embed_tokens(input_ids) if input_embeds is None else input_embeds
         residual = None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, forward_batch)
+        for i, layer in enumerate(self.layers):
+            next_layer = self.layers[i + 1] if i + 1 < len(self.layers) else None
+            hidden, residual = layer(positions, hidden, residual, forward_batch, next_layer)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

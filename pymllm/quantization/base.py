@@ -16,6 +16,8 @@ from torch import nn
 if TYPE_CHECKING:
     from mllm_kernel.jit_utils import BuildStep
 
+    from pymllm.layers.deferred_norm import DeferredNorm
+
 
 class LinearMethodBase(abc.ABC):
     @abc.abstractmethod
@@ -56,6 +58,25 @@ class LinearMethodBase(abc.ABC):
     def apply_swiglu(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """``silu(g) * u`` of ``g | u = apply(x)`` (a stacked gate/up layer) in one kernel, or
         None (see apply_rmsnorm)."""
+        return None
+
+    # A deferred RMSNorm (pymllm.layers.deferred_norm): this layer produces or consumes it.
+    def takes_deferred_norm(self, layer: nn.Module, like: torch.Tensor, gated: bool) -> bool:
+        """Whether ``apply_normed`` would run for an input with ``like``'s rows, dtype and device."""
+        return False
+
+    def apply_add_norm(
+        self, layer: nn.Module, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+        bias: Optional[torch.Tensor],
+    ) -> Optional["DeferredNorm"]:
+        """``apply(x) + residual`` handed on with its RMSNorm deferred into the next layer, in one
+        kernel, or None where this method has none for these inputs."""
+        return None
+
+    def apply_normed(
+        self, layer: nn.Module, pending: "DeferredNorm", bias: Optional[torch.Tensor], gated: bool
+    ) -> Optional[torch.Tensor]:
+        """``apply(norm(h))`` (``gated``: ``apply_swiglu(norm(h))``) from a deferred norm, or None."""
         return None
 
 

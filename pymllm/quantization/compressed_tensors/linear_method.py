@@ -37,3 +37,12 @@ class CompressedTensorsLinearMethod(LinearMethodBase):
 
     def apply_swiglu(self, layer, x, bias):
         return self.scheme.apply_swiglu(layer, x, bias)
+
+    def takes_deferred_norm(self, layer, like, gated):
+        return self.scheme.takes_deferred_norm(layer, like, gated)
+
+    def apply_add_norm(self, layer, x, residual, norm_weight, eps, bias):
+        return self.scheme.apply_add_norm(layer, x, residual, norm_weight, eps, bias)
+
+    def apply_normed(self, layer, pending, bias, gated):
+        return self.scheme.apply_normed(layer, pending, bias, gated)

@@ -203,3 +203,65 @@ def w4a16_swiglu(
     from mllm_kernel.cuda.jit.w4a16_gemv import w4a16_gemv
 
     return w4a16_gemv(x, qweight, scales, zeros, group, bias, validate=False, gated=True)
+
+
+# A deferred RMSNorm between two one-row GEMVs (pymllm.layers.deferred_norm): the producer's
+# epilogue writes the next input and the partial sums of squares, the consumer scales by 1 / rms.
+def _one_row_gemv(like: torch.Tensor) -> bool:
+    return like.is_cuda and like.dim() == 2 and like.shape[0] == 1 and cuda_capability(like.device) >= (8, 0)
+
+
+def w4a16_takes_deferred_norm(like: torch.Tensor, k: int, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                              gated: bool) -> bool:
+    """Whether ``w4a16_normed`` runs for a one-row input of ``like``'s dtype and device and K columns
+    (checked before the producer defers; ``w4a16_normed`` checks the actual input again)."""
+    if not _one_row_gemv(like) or like.dtype != scales.dtype:
+        return False
+    try:
+        from mllm_kernel.cuda.jit.w4a16_gemv import MAX_NORM_TILES, norm_tiles
+    except ImportError:  # mllm_kernel or tvm_ffi missing
+        return False
+    return norm_tiles(k) <= MAX_NORM_TILES and prepare_w4a16_gemv(like.device, like.dtype, zeros is not None, gated)
+
+
+def w4a16_add_norm(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: Optional[torch.Tensor],
+    group: int,
+    bias: Optional[torch.Tensor],
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+):
+    """The producer: ``x @ W (+ bias) + residual`` as a ``DeferredNorm`` of ``norm_weight``, from one
+    kernel (the one-row GEMV's epilogue), or None where that kernel cannot take these arguments."""
+    n = qweight.shape[1]
+    if not (_one_row_gemv(x) and residual.shape == (1, n) and residual.is_contiguous()
+            and residual.dtype == x.dtype and norm_weight.shape == (n,) and norm_weight.dtype == x.dtype
+            and residual.device == x.device and norm_weight.device == x.device
+            and gemv_fits(x, qweight, scales, zeros, group, bias)):
+        return None
+    from mllm_kernel.cuda.jit.w4a16_gemv import w4a16_gemv_add_norm
+
+    from pymllm.layers.deferred_norm import DeferredNorm
+
+    scaled, h, sumsq = w4a16_gemv_add_norm(x, qweight, scales, zeros, group, residual, norm_weight, bias,
+                                           validate=False)
+    return DeferredNorm(scaled, h, sumsq, eps)
+
+
+def w4a16_normed(pending, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], group: int,
+                 bias: Optional[torch.Tensor], gated: bool = False) -> Optional[torch.Tensor]:
+    """The consumer: ``x @ W (+ bias)`` of x = norm(h) of a ``DeferredNorm`` (``gated``: its
+    SiLU-and-mul), from ``pending.scaled`` and the partial sums in one kernel; None where the GEMV
+    cannot take them (the caller then materializes the norm)."""
+    if not (_one_row_gemv(pending.scaled) and gemv_fits(pending.scaled, qweight, scales, zeros, group, bias, gated)):
+        return None
+    from mllm_kernel.cuda.jit.w4a16_gemv import MAX_NORM_TILES, w4a16_gemv_normed
+
+    if not 1 <= pending.sumsq.numel() <= MAX_NORM_TILES:
+        return None
+    return w4a16_gemv_normed(pending.scaled, qweight, scales, zeros, group, pending.sumsq, pending.eps, bias,
+                             gated=gated, validate=False)

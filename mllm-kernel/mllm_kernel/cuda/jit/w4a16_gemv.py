@@ -17,6 +17,13 @@ One activation row (a decode step at batch 1) runs a second kernel by default: t
 arithmetic with the weights streamed through shared memory by cp.async (w4a16_gemv_one_row.cuh),
 in blocks of 8 or 16 warps (``plan_one_row``), its first weights copied before that wait; at
 2..64 rows the register kernel runs.
+
+Deferred RMSNorm (one row): a pre-norm block's RMSNorm between two of these GEMVs can run without
+a kernel of its own. ``W norm(h) = W (w * h) / rms(h)``, so the producer (``w4a16_gemv_add_norm``)
+writes h = out + residual, the next GEMV's input ``w * h`` and per-tile sums of h^2 from its
+epilogue, and the consumer (``w4a16_gemv_normed``) scales its outputs by 1 / rms(h) from those
+sums, read after its k loop. Roundings: h as the fused add + RMSNorm kernel rounds it, ``w * h``
+rounded once; the norm's own rounding of h / rms(h) moves to the consumer's output.
 """
 
 from __future__ import annotations
@@ -277,6 +284,8 @@ def w4a16_gemv(
     one_row_warps: Optional[int] = None,
     early_weights: bool = True,
     early_dependents: bool = EARLY_DEPENDENTS,
+    norm_out: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+    norm_in: Optional[Tuple[torch.Tensor, float]] = None,
 ) -> torch.Tensor:
     """x [M, K] (M <= 64) @ W (+ bias) -> [M, N] in x's dtype; see the module docstring for the
     layout. ``out`` (contiguous [M, N]) is written in place when given. ``splits`` overrides the
@@ -290,7 +299,10 @@ def w4a16_gemv(
     dtypes and alignment). ``gated=True``: the
     weight stacks a gate and an up projection ([K/8, 2H], bias [2H]) and the result is
     ``silu(gate) * up`` [M, H], each half rounded to x's dtype first and combined as pymllm's
-    SiLU-and-mul kernel does: the plain launch followed by that kernel, in one kernel."""
+    SiLU-and-mul kernel does: the plain launch followed by that kernel, in one kernel.
+    ``norm_out`` = (residual, norm_weight, residual_out, sumsq_out) and ``norm_in`` = (sumsq, eps):
+    the deferred RMSNorm's producer and consumer sides (one row; use ``w4a16_gemv_add_norm`` and
+    ``w4a16_gemv_normed``, which check and allocate them)."""
     if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int) or splits < 1):
         raise ValueError(f"{_OP}: splits must be a positive int, got {splits!r}")
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or not 0 <= prefetch <= 8:
@@ -304,6 +316,9 @@ def w4a16_gemv(
     n = qweight.shape[1]
     if one_row_warps and m != 1:
         raise ValueError(f"{_OP}: one_row_warps={one_row_warps} needs one activation row, got {m}")
+    if (norm_out is not None or norm_in is not None) and (m != 1 or one_row_warps == 0):
+        raise ValueError(f"{_OP}: a deferred RMSNorm runs in the one-row kernel (M = 1), got M = {m}, "
+                         f"one_row_warps={one_row_warps}")
     if out is None:
         out = torch.empty((m, n // 2 if gated else n), dtype=x.dtype, device=x.device)
     device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
@@ -315,10 +330,87 @@ def w4a16_gemv(
         splits = _auto_splits(m, n, k, device_index)
     if n:
         partials, counters = workspace(x.device)
+        residual, norm_weight, residual_out, sumsq_out = norm_out if norm_out is not None else (None,) * 4
+        sumsq, eps = norm_in if norm_in is not None else (None, 0.0)
         kernel[x.dtype, zeros is not None, bool(gated)](out, x, qweight, scales, zeros, bias, partials, counters,
                                                         group, splits, prefetch, one_row_warps, bool(early_weights),
-                                                        bool(early_dependents), use_pdl(x.device))
+                                                        bool(early_dependents), use_pdl(x.device), residual,
+                                                        norm_weight, residual_out, sumsq_out, sumsq, float(eps))
     return out
+
+
+MAX_NORM_TILES = 128  # a consumer reads at most this many producer tile sums (kNormLoadsPerLane x 32)
+
+
+def norm_tiles(n: int) -> int:
+    """Tile sums of h^2 a deferred-norm producer of N outputs writes (one per 64-column tile)."""
+    return math.ceil(n / TILE_N)
+
+
+def _norm_problem(x: torch.Tensor, n: int, vectors: Dict[str, torch.Tensor]) -> Optional[str]:
+    if x.dim() != 2 or x.shape[0] != 1:
+        return f"a deferred RMSNorm takes one activation row, got x of shape {tuple(x.shape)}"
+    for name, t in vectors.items():
+        if not isinstance(t, torch.Tensor) or t.dtype != x.dtype or t.device != x.device:
+            return f"{name} must be a tensor of x's dtype {x.dtype} on {x.device}"
+        if t.numel() != n or not t.is_contiguous():
+            return f"{name} must be contiguous with {n} elements, got shape {tuple(t.shape)}"
+    return None
+
+
+def w4a16_gemv_add_norm(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: Optional[torch.Tensor],
+    group: int,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    validate: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The producer of a deferred RMSNorm, for one row x [1, K]: with out = x @ W (+ bias) rounded,
+    returns (``norm_weight * h`` [1, N], h = out + residual [1, N], per-tile sums of h^2 float32
+    [norm_tiles(N)]), each product and sum rounded as the fused add + RMSNorm kernel rounds its h.
+    Hand the three to the next GEMV (``w4a16_gemv_normed``) instead of running the norm."""
+    if validate:
+        check_arguments(x, qweight, scales, zeros, group, bias)
+    n = qweight.shape[1]
+    problem = _norm_problem(x, n, {"residual": residual, "norm_weight": norm_weight})
+    if problem is not None:
+        raise ValueError(f"{_OP}: {problem}")
+    residual_out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    sumsq = torch.empty(norm_tiles(n), dtype=torch.float32, device=x.device)
+    out = w4a16_gemv(x, qweight, scales, zeros, group, bias, validate=False,
+                     norm_out=(residual, norm_weight, residual_out, sumsq))
+    return out, residual_out, sumsq
+
+
+def w4a16_gemv_normed(
+    scaled: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: Optional[torch.Tensor],
+    group: int,
+    sumsq: torch.Tensor,
+    eps: float,
+    bias: Optional[torch.Tensor] = None,
+    gated: bool = False,
+    validate: bool = True,
+) -> torch.Tensor:
+    """The consumer of a deferred RMSNorm: ``w4a16_gemv(rms_norm(h), ...)`` from the producer's
+    ``scaled`` = norm_weight * h [1, K] and its per-tile sums of h^2: the GEMV of ``scaled`` with every
+    output scaled by rsqrt(sum(sumsq) / K + eps) before the bias (``gated``: before the SiLU-and-mul)."""
+    if validate:
+        check_arguments(scaled, qweight, scales, zeros, group, bias, gated=gated)
+    if scaled.dim() != 2 or scaled.shape[0] != 1:
+        raise ValueError(f"{_OP}: a deferred RMSNorm takes one activation row, got shape {tuple(scaled.shape)}")
+    if (not isinstance(sumsq, torch.Tensor) or sumsq.dtype != torch.float32 or sumsq.device != scaled.device
+            or not sumsq.is_contiguous() or not 1 <= sumsq.numel() <= MAX_NORM_TILES):
+        raise ValueError(f"{_OP}: sumsq must be a contiguous float32 tensor of 1..{MAX_NORM_TILES} tile sums on "
+                         f"{scaled.device}")
+    return w4a16_gemv(scaled, qweight, scales, zeros, group, bias, validate=False, gated=gated,
+                      norm_in=(sumsq, float(eps)))
 
 
 def build_step(dtype: torch.dtype, with_zeros: bool, gated: bool, device: torch.device) -> BuildStep:
@@ -351,6 +443,52 @@ def w4a16_gemv_reference(
     if bias is not None:
         acc = acc + bias.double()
     return acc.to(x.dtype)
+
+
+def w4a16_gemv_add_norm_reference(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: Optional[torch.Tensor],
+    group: int,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``w4a16_gemv_add_norm`` in PyTorch: (norm_weight * h, h, per-tile sums of h^2)."""
+    out = w4a16_gemv_reference(x, qweight, scales, zeros, group, bias)
+    h = (out.float() + residual.reshape(out.shape).float()).to(x.dtype)
+    scaled = (norm_weight.reshape(h.shape).float() * h.float()).to(x.dtype)
+    n = h.shape[1]
+    squares = torch.zeros(norm_tiles(n) * TILE_N, dtype=torch.float64, device=x.device)
+    squares[:n] = h[0].double() ** 2
+    return scaled, h, squares.reshape(-1, TILE_N).sum(1).float()
+
+
+def w4a16_gemv_normed_reference(
+    scaled: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: Optional[torch.Tensor],
+    group: int,
+    sumsq: torch.Tensor,
+    eps: float,
+    bias: Optional[torch.Tensor] = None,
+    gated: bool = False,
+) -> torch.Tensor:
+    """``w4a16_gemv_normed`` in PyTorch: the float64 product scaled by 1 / rms, rounded once (gated:
+    each half rounded, then the SiLU-and-mul)."""
+    from mllm_kernel.cuda.jit.gemv_kernels import silu_mul_reference
+
+    k = scaled.shape[1]
+    inv_rms = torch.rsqrt(sumsq.double().sum() / k + eps)
+    product = w4a16_gemv_reference(scaled.double(), qweight, scales.double(),
+                                   None if zeros is None else zeros.double(), group)
+    acc = product * inv_rms
+    if bias is not None:
+        acc = acc + bias.double()
+    out = acc.to(scaled.dtype)
+    return silu_mul_reference(out) if gated else out
 
 
 def w4a16_gemv_gated_reference(

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import abc
-from typing import List, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from pymllm.layers.deferred_norm import DeferredNorm
 
 
 class CompressedTensorsScheme(abc.ABC):
@@ -41,6 +44,23 @@ class CompressedTensorsScheme(abc.ABC):
 
     def apply_swiglu(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """SiLU-and-mul fused behind ``apply`` of a stacked gate/up layer; None: no such kernel."""
+        return None
+
+    def takes_deferred_norm(self, layer: nn.Module, like: torch.Tensor, gated: bool) -> bool:
+        """Whether ``apply_normed`` would run (see LinearMethodBase.takes_deferred_norm)."""
+        return False
+
+    def apply_add_norm(
+        self, layer: nn.Module, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+        bias: Optional[torch.Tensor],
+    ) -> Optional["DeferredNorm"]:
+        """A deferred RMSNorm's producer side (LinearMethodBase.apply_add_norm); None: no such kernel."""
+        return None
+
+    def apply_normed(
+        self, layer: nn.Module, pending: "DeferredNorm", bias: Optional[torch.Tensor], gated: bool
+    ) -> Optional[torch.Tensor]:
+        """A deferred RMSNorm's consumer side (LinearMethodBase.apply_normed); None: no such kernel."""
         return None
 
 

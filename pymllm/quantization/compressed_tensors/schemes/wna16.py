@@ -5,7 +5,8 @@ Checkpoint: ``weight_packed`` int32 [N, K/8], ``weight_scale`` [N, K/G], ``weigh
 [2], and for asymmetric schemes ``weight_zero_point`` int32 [N/8, K/G] (packed along N).
 ``process_weights_after_loading`` repacks them once into the kernel layout (see
 ``kernels.w4a16``); ``apply`` only runs the GEMM. A stacked gate/up layer also has
-``apply_swiglu``: at decode sizes the GEMV with the SiLU-and-mul as its epilogue.
+``apply_swiglu``: at decode sizes the GEMV with the SiLU-and-mul as its epilogue. At one row the
+layer also produces or consumes a deferred RMSNorm (``pymllm.layers.deferred_norm``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from torch import nn
 from pymllm.layers.utils import set_weight_attrs
 from pymllm.quantization.compressed_tensors.schemes.base import CompressedTensorsScheme, replace_parameter
 from pymllm.quantization.compressed_tensors.schemes.shape_check import register_weight_shape
-from pymllm.quantization.kernels.w4a16 import prepare_w4a16_gemv, repack_wna16, w4a16_linear, w4a16_swiglu
+from pymllm.quantization.kernels.w4a16 import (
+    prepare_w4a16_gemv, repack_wna16, w4a16_add_norm, w4a16_linear, w4a16_normed, w4a16_swiglu,
+    w4a16_takes_deferred_norm,
+)
 
 PACK_FACTOR = 8  # int4 values per int32
 
@@ -97,3 +101,23 @@ class WNA16Scheme(CompressedTensorsScheme):
         zeros = None if self.symmetric else layer.weight_zero_point
         out = w4a16_swiglu(x2d, layer.weight_packed, layer.weight_scale, zeros, self.group, bias)
         return None if out is None else out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def _zeros(self, layer: nn.Module) -> Optional[torch.Tensor]:
+        return None if self.symmetric else layer.weight_zero_point
+
+    def takes_deferred_norm(self, layer: nn.Module, like: torch.Tensor, gated: bool) -> bool:
+        if gated and not self.gate_up:
+            return False
+        return w4a16_takes_deferred_norm(like, layer.input_size, layer.weight_scale, self._zeros(layer), gated)
+
+    def apply_add_norm(self, layer, x, residual, norm_weight, eps, bias):
+        if x.dim() != 2:
+            return None
+        return w4a16_add_norm(x, layer.weight_packed, layer.weight_scale, self._zeros(layer), self.group, bias,
+                              residual, norm_weight, eps)
+
+    def apply_normed(self, layer, pending, bias, gated):
+        if gated and not self.gate_up:
+            return None
+        return w4a16_normed(pending, layer.weight_packed, layer.weight_scale, self._zeros(layer), self.group, bias,
+                            gated)

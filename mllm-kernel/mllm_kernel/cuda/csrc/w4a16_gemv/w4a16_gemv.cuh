@@ -31,9 +31,9 @@ void launch_rows(int m, const Params& p, int n_tiles, cudaStream_t stream, bool 
 
 // The one-row kernel in blocks of kBlockWarps warps. Past 48 KiB of static + dynamic shared memory
 // a kernel must opt in, once per device.
-template <typename T, bool kHasZero, bool kGated, int kBlockWarps>
-void launch_one_row(const Params& p, int n_tiles, cudaStream_t stream, bool pdl, int device) {
-  auto kernel = w4a16_gemv_one_row_kernel<T, kHasZero, kGated, kBlockWarps>;
+template <typename T, bool kHasZero, bool kGated, int kBlockWarps, int kNorm>
+void launch_one_row_instance(const Params& p, int n_tiles, cudaStream_t stream, bool pdl, int device) {
+  auto kernel = w4a16_gemv_one_row_kernel<T, kHasZero, kGated, kBlockWarps, kNorm>;
   constexpr int bytes = one_row_ring_bytes(kBlockWarps);
   static bool granted[64] = {};
   TVM_FFI_CHECK(device < 64, ValueError) << "w4a16_gemv: device index " << device << " out of range";
@@ -43,6 +43,20 @@ void launch_one_row(const Params& p, int n_tiles, cudaStream_t stream, bool pdl,
   }
   const dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(p.splits));
   launch_kernel(kernel, grid, dim3(32 * kBlockWarps), bytes, stream, pdl, p);
+}
+
+// The instance of a deferred-RMSNorm side (norm: 0 none, 1 producer, 2 consumer; no gated producer).
+template <typename T, bool kHasZero, bool kGated, int kBlockWarps>
+void launch_one_row(const Params& p, int n_tiles, cudaStream_t stream, bool pdl, int device, int norm) {
+  if (norm == kNormConsume) {
+    launch_one_row_instance<T, kHasZero, kGated, kBlockWarps, kNormConsume>(p, n_tiles, stream, pdl, device);
+  } else if (norm == kNormProduce) {
+    if constexpr (!kGated) {
+      launch_one_row_instance<T, kHasZero, kGated, kBlockWarps, kNormProduce>(p, n_tiles, stream, pdl, device);
+    }
+  } else {
+    launch_one_row_instance<T, kHasZero, kGated, kBlockWarps, kNormNone>(p, n_tiles, stream, pdl, device);
+  }
 }
 
 // Rows of partials a launch of m rows reserves per (tile, chunk, split): the wide kernel's stride is kWideRows.
@@ -87,10 +101,17 @@ inline void check_matrix(const TensorView& t, const char* name, int64_t rows, in
 // launches it as a programmatic dependent of the kernel before it (SM90+; mllm_kernel.pdl).
 // kGated: the weight stacks gate and up projections ([K/8, 2H], bias [2H]) and out [M, H] is
 // silu(gate) * up, the SiLU-and-mul as the epilogue (see write_outputs); N must then be a multiple of 8.
+// Deferred RMSNorm (one-row kernel only, see Params): `norm_residual`, `norm_weight` and
+// `norm_residual_out` ([N] of x's dtype) with `norm_sumsq_out` (float32, one per 64-column tile)
+// make a plain launch the norm's producer; `norm_sumsq` (a producer's float32 sums, at most 128)
+// with `norm_eps` makes a launch its consumer.
 template <typename T, bool kHasZero, bool kGated>
 void w4a16_gemv(TensorView out, TensorView x, TensorView qweight, TensorView scales, Optional<TensorView> zeros,
                 Optional<TensorView> bias, TensorView partials, TensorView counters, int64_t group, int64_t splits,
-                int64_t prefetch, int64_t one_row_warps, bool early_weights, bool early_dependents, bool pdl) {
+                int64_t prefetch, int64_t one_row_warps, bool early_weights, bool early_dependents, bool pdl,
+                Optional<TensorView> norm_residual, Optional<TensorView> norm_weight,
+                Optional<TensorView> norm_residual_out, Optional<TensorView> norm_sumsq_out,
+                Optional<TensorView> norm_sumsq, double norm_eps) {
   using namespace w4a16_gemv_detail;
   constexpr uint8_t code = dtype_code<T>();
   // The Python wrapper reports user-facing errors; these checks guard the address arithmetic.
@@ -128,6 +149,32 @@ void w4a16_gemv(TensorView out, TensorView x, TensorView qweight, TensorView sca
   TVM_FFI_CHECK(prefetch >= 0 && prefetch <= 8, ValueError) << "w4a16_gemv: prefetch must be in 0..8";
   TVM_FFI_CHECK(one_row_warps == 0 || ((one_row_warps == 8 || one_row_warps == 16) && m == 1), ValueError)
       << "w4a16_gemv: one_row_warps must be 0, or 8 or 16 for one activation row";
+  const int n_tiles = static_cast<int>(kGated ? ceil_div(n / 2, kTileN / 2) : ceil_div(n, kTileN));
+  const bool norm_out = norm_weight.has_value();
+  TVM_FFI_CHECK(norm_out == norm_residual.has_value() && norm_out == norm_residual_out.has_value() &&
+                    norm_out == norm_sumsq_out.has_value(), ValueError)
+      << "w4a16_gemv: norm_residual, norm_weight, norm_residual_out and norm_sumsq_out go together";
+  const bool norm_in = norm_sumsq.has_value();
+  if (norm_out || norm_in) {
+    TVM_FFI_CHECK(one_row_warps != 0, ValueError) << "w4a16_gemv: a deferred RMSNorm needs the one-row kernel";
+  }
+  if (norm_out) {
+    TVM_FFI_CHECK(!kGated, ValueError) << "w4a16_gemv: a gated launch cannot produce a deferred RMSNorm";
+    for (const TensorView* t : {&norm_residual.value(), &norm_weight.value(), &norm_residual_out.value()}) {
+      TVM_FFI_CHECK(has_dtype(*t, code, 16) && t->numel() == n && t->IsContiguous(), ValueError)
+          << "w4a16_gemv: the deferred norm's residual, weight and residual_out must be contiguous [N] of x's dtype";
+    }
+    const TensorView& sums = norm_sumsq_out.value();
+    TVM_FFI_CHECK(has_dtype(sums, kDLFloat, 32) && sums.IsContiguous() && sums.numel() == n_tiles, ValueError)
+        << "w4a16_gemv: norm_sumsq_out must be a contiguous float32 tensor of " << n_tiles << " tile sums";
+  }
+  if (norm_in) {
+    const TensorView& sums = norm_sumsq.value();
+    TVM_FFI_CHECK(has_dtype(sums, kDLFloat, 32) && sums.IsContiguous() && sums.numel() >= 1 &&
+                      sums.numel() <= 32 * kNormLoadsPerLane, ValueError)
+        << "w4a16_gemv: norm_sumsq must be a contiguous float32 tensor of 1.." << 32 * kNormLoadsPerLane
+        << " tile sums";
+  }
   if (n == 0) return;
 
   const int rows = static_cast<int>(k / 8);
@@ -139,7 +186,6 @@ void w4a16_gemv(TensorView out, TensorView x, TensorView qweight, TensorView sca
   // At most one split per batch, and gridDim.y <= 65535.
   const int chunk = static_cast<int>(ceil_div(total_batches, std::min<int64_t>({splits, total_batches, 65535})));
   const int used_splits = static_cast<int>(ceil_div(total_batches, chunk));
-  const int n_tiles = static_cast<int>(kGated ? ceil_div(n / 2, kTileN / 2) : ceil_div(n, kTileN));
   const int64_t slots = n_tiles * row_chunks(m);  // (tile, row chunk) pairs
   if (used_splits > 1) {
     TVM_FFI_CHECK(slots <= counters.numel() && slots * used_splits * partial_rows(m) * kTileN <= partials.numel(),
@@ -179,6 +225,18 @@ void w4a16_gemv(TensorView out, TensorView x, TensorView qweight, TensorView sca
   p.prefetch = static_cast<int>(prefetch);
   p.early_weights = early_weights ? 1 : 0;
   p.splits = used_splits;
+  if (norm_out) {
+    p.norm_residual = reinterpret_cast<const uint16_t*>(byte_ptr(norm_residual.value()));
+    p.norm_weight = reinterpret_cast<const uint16_t*>(byte_ptr(norm_weight.value()));
+    p.norm_residual_out = reinterpret_cast<uint16_t*>(byte_ptr(norm_residual_out.value()));
+    p.norm_sumsq_out = reinterpret_cast<float*>(byte_ptr(norm_sumsq_out.value()));
+  }
+  if (norm_in) {
+    p.norm_sumsq = reinterpret_cast<const float*>(byte_ptr(norm_sumsq.value()));
+    p.norm_tiles = static_cast<int>(norm_sumsq.value().numel());
+    p.norm_inv_k = 1.f / static_cast<float>(k);
+    p.norm_eps = static_cast<float>(norm_eps);
+  }
 
   tvm::ffi::CUDADeviceGuard guard(x.device().device_id);
   const cudaStream_t stream = current_stream(x);
@@ -189,10 +247,11 @@ void w4a16_gemv(TensorView out, TensorView x, TensorView qweight, TensorView sca
   const int per_sm = one_row_warps != 0 ? one_row_blocks_per_sm(static_cast<int>(one_row_warps))
                                         : register_blocks_per_sm(static_cast<int>(m), kGated);
   p.early_dependents = early_dependents && blocks <= static_cast<int64_t>(sms) * per_sm ? 1 : 0;
+  const int norm = norm_out ? kNormProduce : norm_in ? kNormConsume : kNormNone;
   if (one_row_warps == 8) {
-    launch_one_row<T, kHasZero, kGated, 8>(p, n_tiles, stream, pdl, x.device().device_id);
+    launch_one_row<T, kHasZero, kGated, 8>(p, n_tiles, stream, pdl, x.device().device_id, norm);
   } else if (one_row_warps == 16) {
-    launch_one_row<T, kHasZero, kGated, 16>(p, n_tiles, stream, pdl, x.device().device_id);
+    launch_one_row<T, kHasZero, kGated, 16>(p, n_tiles, stream, pdl, x.device().device_id, norm);
   } else {
     launch_rows<T, kHasZero, kGated>(static_cast<int>(m), p, n_tiles, stream, pdl,
                                      std::make_integer_sequence<int, kNarrowMaxM>{});

@@ -80,7 +80,25 @@ struct Params {
   int prefetch;       // batches ahead whose weights each warp asks L2 for (0: none; register kernel)
   int early_weights;  // one-row kernel: copy the first batch's weights before the PDL wait
   int early_dependents;  // let the next kernel launch at the start, not after the k loop (one-wave grids)
+  // Deferred RMSNorm (one-row kernel instances of kNormProduce / kNormConsume only). Producer:
+  // h = T(T(out) + residual) goes to norm_residual_out, out = T(norm_weight * h), and each column
+  // tile's sum of h^2 to norm_sumsq_out[tile].
+  const uint16_t* norm_residual;
+  uint16_t* norm_residual_out;
+  const uint16_t* norm_weight;
+  float* norm_sumsq_out;
+  // Consumer: every output is scaled by rsqrt(sum(norm_sumsq[0..norm_tiles)) * norm_inv_k +
+  // norm_eps) before the bias.
+  const float* norm_sumsq;
+  int norm_tiles;
+  float norm_inv_k;
+  float norm_eps;
 };
+// Which side of a deferred RMSNorm a launch is: compile-time, so plain launches carry none of it.
+constexpr int kNormNone = 0;
+constexpr int kNormProduce = 1;
+constexpr int kNormConsume = 2;
+constexpr int kNormLoadsPerLane = 4;  // a consumer reads at most 32 x 4 producer tiles (N <= 8192)
 
 // (a & kMask) | magic as one LOP3: SASS takes one immediate per LOP3, so the magic comes in a
 // register (hoisted out of the loop); written in C, the compiler emits an AND and an OR.
@@ -182,30 +200,63 @@ __device__ __forceinline__ float meta_at(const uint2& v, int c) {
   return Traits<T>::to_float(static_cast<uint16_t>((c & 1) ? pair >> 16 : pair & 0xFFFFu));
 }
 
+// The sum of every thread's v, stored to *dst by thread 0 in a fixed order (deterministic). Every
+// thread of the block calls it.
+template <int kBlockThreads>
+__device__ __forceinline__ void block_sum_store(float v, float* dst) {
+  __shared__ float warp_sums[kBlockThreads / 32];
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, offset);
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < kBlockThreads / 32; ++w) total += warp_sums[w];
+    *dst = total;
+  }
+}
+
 // The block's outputs from its column sums: value(m, nl) is the sum for activation row m and tile
 // column nl (0..kTileN). Plain: output n = tile * kTileN + nl, rounded once after the bias. Gated:
 // the tile's first 32 columns are gate columns j, the next 32 the matching up columns N/2 + j; g
 // and u are rounded to T after their bias, as the plain kernel would store them, then combined as
 // the SiLU-and-mul kernel combines them (silu_mul_rounded).
-template <typename T, bool kGated, int kBlockThreads = kThreads, typename Value>
-__device__ __forceinline__ void write_outputs(const Params& p, int tile, int row0, int m_rows, Value value) {
+//
+//
+// kNormConsume: `scale` multiplies every sum before its bias. kNormProduce (plain, one row): the
+// output is the pre-norm block's next input instead, h = T(T(v) + residual) as the fused add +
+// RMSNorm kernel rounds it, out = T(norm_weight * h), plus the tile's sum of h^2 (see Params).
+template <typename T, bool kGated, int kBlockThreads = kThreads, int kNorm = kNormNone, typename Value>
+__device__ __forceinline__ void write_outputs(const Params& p, int tile, int row0, int m_rows, float scale,
+                                              Value value) {
+  static_assert(!(kGated && kNorm == kNormProduce), "a gated launch cannot produce a deferred RMSNorm");
   using Tr = Traits<T>;
   constexpr int kCols = kGated ? kTileN / 2 : kTileN;
   const int n_out = kGated ? p.n / 2 : p.n;
+  float sumsq = 0.f;
   for (int idx = threadIdx.x; idx < m_rows * kCols; idx += kBlockThreads) {
     const int m = idx / kCols;
     const int j = idx % kCols;
     const int n = tile * kCols + j;
     if (n >= n_out) continue;
     float v = value(m, j);
+    if constexpr (kNorm == kNormConsume) v *= scale;
     if (p.bias != nullptr) v += Tr::to_float(p.bias[n]);
     if constexpr (kGated) {
       float up = value(m, j + kCols);
+      if constexpr (kNorm == kNormConsume) up *= scale;
       if (p.bias != nullptr) up += Tr::to_float(p.bias[n_out + n]);
       v = silu_mul_rounded<T>(round_to_dtype<T>(v), round_to_dtype<T>(up));
+    } else if constexpr (kNorm == kNormProduce) {
+      const float h = round_to_dtype<T>(round_to_dtype<T>(v) + Tr::to_float(p.norm_residual[n]));
+      p.norm_residual_out[n] = Tr::from_float(h);
+      v = Tr::to_float(p.norm_weight[n]) * h;  // exact in fp32 (two 16-bit factors), rounded once below
+      sumsq = fmaf(h, h, sumsq);
     }
     p.out[static_cast<int64_t>(row0 + m) * n_out + n] = Tr::from_float(v);
   }
+  if constexpr (kNorm == kNormProduce) block_sum_store<kBlockThreads>(sumsq, p.norm_sumsq_out + tile);
 }
 
 // One 4-row step's products: lane (g, t) holds the words of columns 4g..4g+3 of packed row t for
@@ -294,9 +345,11 @@ __device__ __forceinline__ void fold_window(const uint2 (&scale)[kSubtiles], con
 // The block's end: sum its warps' accumulators through shared memory, then write the outputs
 // (one split) or publish this split's partials, the last block of the tile adding them in split
 // order (deterministic) and resetting the tile's counter for the next launch.
-template <typename T, int M, bool kGated, int kGroups, int kBlockWarps = kWarps>
+// kNormConsume: *shared_scale (written before this function's first barrier) scales the outputs.
+template <typename T, int M, bool kGated, int kGroups, int kBlockWarps = kWarps, int kNorm = kNormNone>
 __device__ __forceinline__ void reduce_and_write(const Params& p, const float (&acc)[kGroups][kSubtiles][2][4],
-                                                 int slot, int tile, int split, int row0, int m_rows) {
+                                                 int slot, int tile, int split, int row0, int m_rows,
+                                                 const float* shared_scale = nullptr) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int g = lane >> 2;
@@ -329,8 +382,10 @@ __device__ __forceinline__ void reduce_and_write(const Params& p, const float (&
     for (int w = 0; w < kBlockWarps; ++w) v += red[w][m][nl];
     return v;
   };
+  float scale = 1.f;
+  if constexpr (kNorm == kNormConsume) scale = *shared_scale;
   if (p.splits == 1) {
-    write_outputs<T, kGated, kBlockThreads>(p, tile, row0, m_rows, block_sum);
+    write_outputs<T, kGated, kBlockThreads, kNorm>(p, tile, row0, m_rows, scale, block_sum);
     return;
   }
   float* tile_partials = p.partials + static_cast<int64_t>(slot) * p.splits * M * kTileN;
@@ -346,7 +401,7 @@ __device__ __forceinline__ void reduce_and_write(const Params& p, const float (&
   if (!last_block) return;
   __threadfence();  // order the reads below after the other blocks' published stores
   // .cg loads go to L2, where the other SMs' stores are; in split order, so results are deterministic.
-  write_outputs<T, kGated, kBlockThreads>(p, tile, row0, m_rows, [&](int m, int nl) {
+  write_outputs<T, kGated, kBlockThreads, kNorm>(p, tile, row0, m_rows, scale, [&](int m, int nl) {
     float v = 0.f;
 #pragma unroll 4
     for (int s = 0; s < p.splits; ++s) v += __ldcg(tile_partials + s * M * kTileN + m * kTileN + nl);

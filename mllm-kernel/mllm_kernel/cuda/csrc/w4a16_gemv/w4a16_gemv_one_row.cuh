@@ -70,6 +70,12 @@ __device__ __forceinline__ uint4 shared_load_16(uint32_t addr) {
                : "memory");
   return v;
 }
+// A float from L2 (.cg: another kernel wrote it), as volatile asm so it is issued where it stands.
+__device__ __forceinline__ float global_load_f32_cg(const float* ptr) {
+  float v;
+  asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(ptr) : "memory");
+  return v;
+}
 __device__ __forceinline__ uint2 shared_load_8(uint32_t addr) {
   uint2 v;
   asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(addr) : "memory");
@@ -88,7 +94,8 @@ __device__ __forceinline__ uint32_t quad_column(const Params& p, int tile, int u
 // 1 of 16 per SM (the host also reads this to tell a one-wave grid).
 constexpr int one_row_blocks_per_sm(int block_warps) { return block_warps == 8 ? 3 : 1; }
 
-template <typename T, bool kHasZero, bool kGated, int kBlockWarps>
+// kNorm: a deferred RMSNorm's producer or consumer instance (kNormProduce / kNormConsume, see Params).
+template <typename T, bool kHasZero, bool kGated, int kBlockWarps, int kNorm>
 __global__ void __launch_bounds__(32 * kBlockWarps, one_row_blocks_per_sm(kBlockWarps))
     w4a16_gemv_one_row_kernel(const Params p) {
   using Tr = Traits<T>;
@@ -178,6 +185,17 @@ __global__ void __launch_bounds__(32 * kBlockWarps, one_row_blocks_per_sm(kBlock
   const bool early_dependents = p.early_dependents != 0;
   if (early_dependents) pdl_launch_dependents();
   pdl_wait();
+  // Deferred RMSNorm (consumer): warp 0 loads the producer's per-tile sums of squares now and adds
+  // them after the k loop, so their latency hides behind the weight stream; the norm's 1 / rms then
+  // scales the outputs (W (w * h) / rms(h) = W norm(h), see Params).
+  float norm_parts[kNormLoadsPerLane] = {};
+  if (kNorm == kNormConsume && warp == 0) {
+#pragma unroll
+    for (int i = 0; i < kNormLoadsPerLane; ++i) {
+      const int idx = lane + 32 * i;
+      if (idx < p.norm_tiles) norm_parts[i] = global_load_f32_cg(p.norm_sumsq + idx);
+    }
+  }
 #pragma unroll
   for (int i = 0; i < kOneRowStages - 1; ++i) {
     if (!early) copy_weights(first_batch + i * kBlockWarps, ring_base + i * kOneRowStageBytes);
@@ -230,7 +248,16 @@ __global__ void __launch_bounds__(32 * kBlockWarps, one_row_blocks_per_sm(kBlock
   copy_async_wait<0>();  // no copy may land in shared memory after the block exits
 
   if (!early_dependents) pdl_launch_dependents();
-  reduce_and_write<T, 1, kGated, 1, kBlockWarps>(p, acc, tile, tile, split, 0, 1);
+  __shared__ float norm_scale;
+  if (kNorm == kNormConsume && warp == 0) {
+    float sumsq = 0.f;
+#pragma unroll
+    for (int i = 0; i < kNormLoadsPerLane; ++i) sumsq += norm_parts[i];
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) sumsq += __shfl_xor_sync(0xFFFFFFFFu, sumsq, offset);
+    if (lane == 0) norm_scale = rsqrtf(fmaf(sumsq, p.norm_inv_k, p.norm_eps));
+  }
+  reduce_and_write<T, 1, kGated, 1, kBlockWarps, kNorm>(p, acc, tile, tile, split, 0, 1, &norm_scale);
 }
 
 }  // namespace w4a16_gemv_detail
