@@ -223,14 +223,15 @@ __device__ __forceinline__ void block_sum_store(float v, float* dst) {
 // and u are rounded to T after their bias, as the plain kernel would store them, then combined as
 // the SiLU-and-mul kernel combines them (silu_mul_rounded).
 //
-//
 // kNormConsume: `scale` multiplies every sum before its bias. kNormProduce (plain, one row): the
 // output is the pre-norm block's next input instead, h = T(T(v) + residual) as the fused add +
-// RMSNorm kernel rounds it, out = T(norm_weight * h), plus the tile's sum of h^2 (see Params).
+// RMSNorm kernel rounds it, out = T(norm_weight * h), plus the tile's sum of h^2 (see Params);
+// `norm_row` holds this thread's (residual, norm weight), loaded by the kernel long before.
 template <typename T, bool kGated, int kBlockThreads = kThreads, int kNorm = kNormNone, typename Value>
 __device__ __forceinline__ void write_outputs(const Params& p, int tile, int row0, int m_rows, float scale,
-                                              Value value) {
+                                              float2 norm_row, Value value) {
   static_assert(!(kGated && kNorm == kNormProduce), "a gated launch cannot produce a deferred RMSNorm");
+  static_assert(kNorm != kNormProduce || kBlockThreads >= kTileN, "a producer's thread owns one output");
   using Tr = Traits<T>;
   constexpr int kCols = kGated ? kTileN / 2 : kTileN;
   const int n_out = kGated ? p.n / 2 : p.n;
@@ -249,9 +250,9 @@ __device__ __forceinline__ void write_outputs(const Params& p, int tile, int row
       if (p.bias != nullptr) up += Tr::to_float(p.bias[n_out + n]);
       v = silu_mul_rounded<T>(round_to_dtype<T>(v), round_to_dtype<T>(up));
     } else if constexpr (kNorm == kNormProduce) {
-      const float h = round_to_dtype<T>(round_to_dtype<T>(v) + Tr::to_float(p.norm_residual[n]));
+      const float h = round_to_dtype<T>(round_to_dtype<T>(v) + norm_row.x);
       p.norm_residual_out[n] = Tr::from_float(h);
-      v = Tr::to_float(p.norm_weight[n]) * h;  // exact in fp32 (two 16-bit factors), rounded once below
+      v = norm_row.y * h;  // exact in fp32 (two 16-bit factors), rounded once below
       sumsq = fmaf(h, h, sumsq);
     }
     p.out[static_cast<int64_t>(row0 + m) * n_out + n] = Tr::from_float(v);
@@ -345,11 +346,12 @@ __device__ __forceinline__ void fold_window(const uint2 (&scale)[kSubtiles], con
 // The block's end: sum its warps' accumulators through shared memory, then write the outputs
 // (one split) or publish this split's partials, the last block of the tile adding them in split
 // order (deterministic) and resetting the tile's counter for the next launch.
-// kNormConsume: *shared_scale (written before this function's first barrier) scales the outputs.
+// kNormConsume: *shared_scale (written before this function's first barrier) scales the outputs;
+// kNormProduce: norm_row is write_outputs'.
 template <typename T, int M, bool kGated, int kGroups, int kBlockWarps = kWarps, int kNorm = kNormNone>
 __device__ __forceinline__ void reduce_and_write(const Params& p, const float (&acc)[kGroups][kSubtiles][2][4],
                                                  int slot, int tile, int split, int row0, int m_rows,
-                                                 const float* shared_scale = nullptr) {
+                                                 const float* shared_scale = nullptr, float2 norm_row = {}) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int g = lane >> 2;
@@ -385,7 +387,7 @@ __device__ __forceinline__ void reduce_and_write(const Params& p, const float (&
   float scale = 1.f;
   if constexpr (kNorm == kNormConsume) scale = *shared_scale;
   if (p.splits == 1) {
-    write_outputs<T, kGated, kBlockThreads, kNorm>(p, tile, row0, m_rows, scale, block_sum);
+    write_outputs<T, kGated, kBlockThreads, kNorm>(p, tile, row0, m_rows, scale, norm_row, block_sum);
     return;
   }
   float* tile_partials = p.partials + static_cast<int64_t>(slot) * p.splits * M * kTileN;
@@ -401,7 +403,7 @@ __device__ __forceinline__ void reduce_and_write(const Params& p, const float (&
   if (!last_block) return;
   __threadfence();  // order the reads below after the other blocks' published stores
   // .cg loads go to L2, where the other SMs' stores are; in split order, so results are deterministic.
-  write_outputs<T, kGated, kBlockThreads, kNorm>(p, tile, row0, m_rows, scale, [&](int m, int nl) {
+  write_outputs<T, kGated, kBlockThreads, kNorm>(p, tile, row0, m_rows, scale, norm_row, [&](int m, int nl) {
     float v = 0.f;
 #pragma unroll 4
     for (int s = 0; s < p.splits; ++s) v += __ldcg(tile_partials + s * M * kTileN + m * kTileN + nl);

@@ -76,6 +76,17 @@ __device__ __forceinline__ float global_load_f32_cg(const float* ptr) {
   asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(ptr) : "memory");
   return v;
 }
+// A 16-bit element as float bits of T: .nc for weights (no kernel writes them), .cg for activations.
+template <typename T, bool kWeight>
+__device__ __forceinline__ float global_load_element(const uint16_t* ptr) {
+  uint16_t v;
+  if constexpr (kWeight) {
+    asm volatile("ld.global.nc.u16 %0, [%1];" : "=h"(v) : "l"(ptr) : "memory");
+  } else {
+    asm volatile("ld.global.cg.u16 %0, [%1];" : "=h"(v) : "l"(ptr) : "memory");
+  }
+  return Traits<T>::to_float(v);
+}
 __device__ __forceinline__ uint2 shared_load_8(uint32_t addr) {
   uint2 v;
   asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(addr) : "memory");
@@ -184,7 +195,15 @@ __global__ void __launch_bounds__(32 * kBlockWarps, one_row_blocks_per_sm(kBlock
   // their own weight copies sooner.
   const bool early_dependents = p.early_dependents != 0;
   if (early_dependents) pdl_launch_dependents();
+  // Deferred RMSNorm (producer): the thread that may write output n of the tile loads its norm
+  // weight now and its residual right after the wait, so the epilogue waits on neither (every
+  // block loads them: which one ends its tile is known only then).
+  float2 norm_row = {};
+  const int norm_n = tile * kTileN + threadIdx.x;
+  const bool owns_output = kNorm == kNormProduce && threadIdx.x < kTileN && norm_n < p.n;
+  if (owns_output) norm_row.y = global_load_element<T, true>(p.norm_weight + norm_n);
   pdl_wait();
+  if (owns_output) norm_row.x = global_load_element<T, false>(p.norm_residual + norm_n);
   // Deferred RMSNorm (consumer): warp 0 loads the producer's per-tile sums of squares now and adds
   // them after the k loop, so their latency hides behind the weight stream; the norm's 1 / rms then
   // scales the outputs (W (w * h) / rms(h) = W norm(h), see Params).
@@ -257,7 +276,7 @@ __global__ void __launch_bounds__(32 * kBlockWarps, one_row_blocks_per_sm(kBlock
     for (int offset = 16; offset > 0; offset >>= 1) sumsq += __shfl_xor_sync(0xFFFFFFFFu, sumsq, offset);
     if (lane == 0) norm_scale = rsqrtf(fmaf(sumsq, p.norm_inv_k, p.norm_eps));
   }
-  reduce_and_write<T, 1, kGated, 1, kBlockWarps, kNorm>(p, acc, tile, tile, split, 0, 1, &norm_scale);
+  reduce_and_write<T, 1, kGated, 1, kBlockWarps, kNorm>(p, acc, tile, tile, split, 0, 1, &norm_scale, norm_row);
 }
 
 }  // namespace w4a16_gemv_detail
