@@ -338,3 +338,45 @@ def test_logits_on_gpu(checkpoints, name):
     # (measured on an H200: 0.14 of the spread).
     bound = 0.2 if name == "w8a8" else 0.1
     assert ((actual - expected).abs() / spread).max() < bound, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", [name for name in CHECKPOINTS if name != "w8a8"])
+def test_one_row_decode_defers_the_norms_on_gpu(checkpoints, name, monkeypatch):
+    """At one row the W4A16 GEMVs run every norm but the first layer's input norm and the final one
+    deferred (pymllm.layers.deferred_norm): a decode step's logits against transformers' on the
+    prompt plus the new token, in float16."""
+    import mllm_kernel.cuda.jit.w4a16_gemv as gemv_module
+
+    calls = {"produce": 0, "consume": 0}
+
+    def counted(function, key):
+        def wrapper(*args, **kwargs):
+            calls[key] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(gemv_module, "w4a16_gemv_add_norm", counted(gemv_module.w4a16_gemv_add_norm, "produce"))
+    monkeypatch.setattr(gemv_module, "w4a16_gemv_normed", counted(gemv_module.w4a16_gemv_normed, "consume"))
+    path = checkpoints[name]
+    scheduler = make_scheduler(path, max_total_tokens=256, device="cuda", dtype="float16",
+                               attention_backend="torch_native", disable_cuda_graph=True)
+    runner = scheduler.runner
+    prompt = PROMPTS[0]
+    req = Req(rid="0", origin_input_ids=prompt, sampling_params=greedy(2), seed=0)
+    req.req_pool_idx = runner.req_to_token_pool.alloc()
+    alloc = runner.token_to_kv_pool_allocator.alloc
+    extend = ScheduledBatch(ForwardMode.EXTEND, [req], [0], [len(prompt)], alloc(len(prompt)), [True])
+    token = int(runner.forward(runner.build_forward_batch(extend)).argmax(-1)[0])
+    assert calls == {"produce": 0, "consume": 0}  # prefill rows are many: the norms run as kernels
+    req.output_ids.append(token)
+    decode = ScheduledBatch(ForwardMode.DECODE, [req], [len(prompt)], [1], alloc(1), [True])
+    actual = runner.forward(runner.build_forward_batch(decode))[0]
+
+    layers = runner.model.config.num_hidden_layers
+    assert calls == {"produce": 2 * layers - 1, "consume": 2 * layers - 1}
+    model = reference_model(path, torch.float16, "cuda")
+    with torch.no_grad():
+        expected = model(torch.tensor([prompt + [token]], device="cuda")).logits[0, -1].float()
+    spread = expected.std()
+    assert ((actual - expected).abs() / spread).max() < 0.1, name
