@@ -5,6 +5,7 @@ compressed-tensors library itself compared with transformers' decompressed model
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -346,8 +347,8 @@ def test_one_row_decode_defers_the_norms_on_gpu(checkpoints, name, monkeypatch):
     """At one row the W4A16 GEMVs run every norm but the first layer's input norm and the final one
     deferred (pymllm.layers.deferred_norm): a decode step's logits against transformers' on the
     prompt plus the new token, in float16."""
-    import mllm_kernel.cuda.jit.w4a16_gemv as gemv_module
-
+    # The package re-exports the function under the module's name, so fetch the module itself.
+    gemv_module = importlib.import_module("mllm_kernel.cuda.jit.w4a16_gemv")
     calls = {"produce": 0, "consume": 0}
 
     def counted(function, key):
