@@ -29,13 +29,6 @@ def norm_inputs(n: int, dtype: torch.dtype, device: str, gen: torch.Generator):
     return residual.to(dtype).to(device), weight.to(dtype).to(device)
 
 
-def tile_sums(h: torch.Tensor) -> torch.Tensor:
-    """float32 sums of h^2 over each 64-column tile of one row."""
-    n = h.shape[-1]
-    squares = torch.nn.functional.pad(h.reshape(-1).double() ** 2, (0, module.norm_tiles(n) * 64 - n))
-    return squares.reshape(-1, 64).sum(1).float()
-
-
 # ---------------------------------------------------------------- CPU
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -71,6 +64,17 @@ def test_norm_tiles():
     assert module.norm_tiles(8192) <= module.MAX_NORM_TILES < module.norm_tiles(8193)
 
 
+def test_add_norm_supported_is_the_producers_argument_check():
+    x = torch.zeros(1, 64, dtype=torch.bfloat16)
+    qweight, _, _ = random_layer(72, 64, 64, False, torch.bfloat16, "cpu")
+    vector = torch.zeros(72, dtype=torch.bfloat16)
+    assert module.add_norm_supported(x, qweight, vector.reshape(1, 72), vector)
+    assert not module.add_norm_supported(torch.zeros(2, 64, dtype=torch.bfloat16), qweight, vector, vector)
+    assert not module.add_norm_supported(x, qweight, vector.float(), vector)
+    assert not module.add_norm_supported(x, qweight, vector, vector[:64])
+    assert not module.add_norm_supported(x, qweight, vector, torch.zeros(72, 2, dtype=torch.bfloat16)[:, 0])
+
+
 def test_wrappers_refuse_bad_norm_arguments():
     x = torch.zeros(2, 64, dtype=torch.bfloat16)
     qweight, scales, _ = random_layer(64, 64, 64, False, torch.bfloat16, "cpu")
@@ -88,6 +92,9 @@ def test_wrappers_refuse_bad_norm_arguments():
             module.w4a16_gemv_normed(x[:1], qweight, scales, None, 64, sums, EPS, validate=False)
     with pytest.raises(ValueError, match="one-row kernel"):
         module.w4a16_gemv(x, qweight, scales, None, 64, validate=False, norm_in=(torch.zeros(1), EPS))
+    with pytest.raises(ValueError, match="producer or its consumer, not both"):
+        module.w4a16_gemv(x[:1], qweight, scales, None, 64, validate=False, norm_in=(torch.zeros(1), EPS),
+                          norm_out=(vector, vector, vector, torch.zeros(1)))
 
 
 # ---------------------------------------------------------------- GPU
@@ -119,7 +126,7 @@ def test_producer_matches_reference(dtype, n, k, splits, with_zeros, with_bias):
     assert relative_error(h, want_h.double()) < TOLERANCE[dtype]
     assert relative_error(out, want_scaled.double()) < 2 * TOLERANCE[dtype]
     assert torch.equal(out, (weight.float() * h.float()).to(dtype))  # exactly w * (its own h)
-    torch.testing.assert_close(sumsq, tile_sums(h), rtol=1e-5, atol=0)  # the tile sums of its own h
+    torch.testing.assert_close(sumsq, module.norm_tile_sums(h), rtol=1e-5, atol=0)  # the tile sums of its own h
     assert relative_error(sumsq, want_sumsq.double()) < 2 * TOLERANCE[dtype]
 
 
@@ -132,7 +139,7 @@ def test_consumer_matches_reference(dtype, n, k, group, with_zeros, gated):
     qweight, scales, zeros = random_layer(n, k, group, with_zeros, dtype)
     residual, weight = norm_inputs(k, dtype, "cuda", gen)
     scaled = (weight.float() * residual.float()).to(dtype)
-    sumsq = tile_sums(residual)
+    sumsq = module.norm_tile_sums(residual)
     bias = torch.randn(n, generator=gen).to(dtype).cuda()
     got = module.w4a16_gemv_normed(scaled, qweight, scales, zeros, group, sumsq, EPS, bias, gated=gated)
     want = module.w4a16_gemv_normed_reference(scaled, qweight, scales, zeros, group, sumsq, EPS, bias, gated=gated)

@@ -160,7 +160,7 @@ class DecoderMLP(nn.Module):
     def _down(
         self, act: torch.Tensor, residual: Optional[torch.Tensor], next_block: Optional[Tuple[RMSNorm, LinearBase]]
     ) -> Tuple[Union[torch.Tensor, DeferredNorm], Optional[torch.Tensor]]:
-        if next_block is not None and residual is not None:
+        if next_block is not None:  # only forward_prenorm passes one, always with its residual
             return self.down_proj.forward_add_norm(act, residual, *next_block)
         return self.down_proj(act), residual
 

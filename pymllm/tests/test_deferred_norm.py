@@ -51,9 +51,9 @@ def install_torch_deferred_norm(monkeypatch, calls: Counter, consumer_declines: 
             out = F.silu(gate) * up
         return out
 
-    monkeypatch.setattr(UnquantizedLinearMethod, "takes_deferred_norm", takes, raising=False)
-    monkeypatch.setattr(UnquantizedLinearMethod, "apply_add_norm", add_norm, raising=False)
-    monkeypatch.setattr(UnquantizedLinearMethod, "apply_normed", normed, raising=False)
+    monkeypatch.setattr(UnquantizedLinearMethod, "takes_deferred_norm", takes)
+    monkeypatch.setattr(UnquantizedLinearMethod, "apply_add_norm", add_norm)
+    monkeypatch.setattr(UnquantizedLinearMethod, "apply_normed", normed)
 
 
 def run_one_at_a_time(model_dir):

@@ -237,13 +237,12 @@ def w4a16_add_norm(
 ):
     """The producer: ``x @ W (+ bias) + residual`` as a ``DeferredNorm`` of ``norm_weight``, from one
     kernel (the one-row GEMV's epilogue), or None where that kernel cannot take these arguments."""
-    n = qweight.shape[1]
-    if not (_one_row_gemv(x) and residual.shape == (1, n) and residual.is_contiguous()
-            and residual.dtype == x.dtype and norm_weight.shape == (n,) and norm_weight.dtype == x.dtype
-            and residual.device == x.device and norm_weight.device == x.device
-            and gemv_fits(x, qweight, scales, zeros, group, bias)):
+    if not (_one_row_gemv(x) and gemv_fits(x, qweight, scales, zeros, group, bias)):
+        return None  # gemv_fits found mllm_kernel importable
+    from mllm_kernel.cuda.jit.w4a16_gemv import add_norm_supported, w4a16_gemv_add_norm
+
+    if not add_norm_supported(x, qweight, residual, norm_weight):
         return None
-    from mllm_kernel.cuda.jit.w4a16_gemv import w4a16_gemv_add_norm
 
     from pymllm.layers.deferred_norm import DeferredNorm
 
@@ -259,9 +258,8 @@ def w4a16_normed(pending, qweight: torch.Tensor, scales: torch.Tensor, zeros: Op
     cannot take them (the caller then materializes the norm)."""
     if not (_one_row_gemv(pending.scaled) and gemv_fits(pending.scaled, qweight, scales, zeros, group, bias, gated)):
         return None
-    from mllm_kernel.cuda.jit.w4a16_gemv import MAX_NORM_TILES, w4a16_gemv_normed
+    from mllm_kernel.cuda.jit.w4a16_gemv import w4a16_gemv_normed
 
-    if not 1 <= pending.sumsq.numel() <= MAX_NORM_TILES:
-        return None
+    # The sums' count is the producer's tiles over this K, which takes_deferred_norm bounded.
     return w4a16_gemv_normed(pending.scaled, qweight, scales, zeros, group, pending.sumsq, pending.eps, bias,
                              gated=gated, validate=False)

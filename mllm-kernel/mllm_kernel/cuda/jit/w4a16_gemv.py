@@ -316,6 +316,8 @@ def w4a16_gemv(
     n = qweight.shape[1]
     if one_row_warps and m != 1:
         raise ValueError(f"{_OP}: one_row_warps={one_row_warps} needs one activation row, got {m}")
+    if norm_out is not None and norm_in is not None:
+        raise ValueError(f"{_OP}: a launch is a deferred RMSNorm's producer or its consumer, not both")
     if (norm_out is not None or norm_in is not None) and (m != 1 or one_row_warps == 0):
         raise ValueError(f"{_OP}: a deferred RMSNorm runs in the one-row kernel (M = 1), got M = {m}, "
                          f"one_row_warps={one_row_warps}")
@@ -347,6 +349,14 @@ def norm_tiles(n: int) -> int:
     return math.ceil(n / TILE_N)
 
 
+def norm_tile_sums(h: torch.Tensor) -> torch.Tensor:
+    """float32 sums of h^2 over each TILE_N-column tile of one row: what a producer hands on."""
+    n = h.shape[-1]
+    squares = torch.zeros(norm_tiles(n) * TILE_N, dtype=torch.float64, device=h.device)
+    squares[:n] = h.reshape(-1).double() ** 2
+    return squares.reshape(-1, TILE_N).sum(1).float()
+
+
 def _norm_problem(x: torch.Tensor, n: int, vectors: Dict[str, torch.Tensor]) -> Optional[str]:
     if x.dim() != 2 or x.shape[0] != 1:
         return f"a deferred RMSNorm takes one activation row, got x of shape {tuple(x.shape)}"
@@ -356,6 +366,13 @@ def _norm_problem(x: torch.Tensor, n: int, vectors: Dict[str, torch.Tensor]) -> 
         if t.numel() != n or not t.is_contiguous():
             return f"{name} must be contiguous with {n} elements, got shape {tuple(t.shape)}"
     return None
+
+
+def add_norm_supported(x: torch.Tensor, qweight: torch.Tensor, residual: torch.Tensor,
+                       norm_weight: torch.Tensor) -> bool:
+    """Whether ``w4a16_gemv_add_norm`` takes these norm arguments (the dispatcher's test; the
+    GEMV's own arguments are ``supported``'s)."""
+    return _norm_problem(x, qweight.shape[1], {"residual": residual, "norm_weight": norm_weight}) is None
 
 
 def w4a16_gemv_add_norm(
@@ -403,8 +420,9 @@ def w4a16_gemv_normed(
     output scaled by rsqrt(sum(sumsq) / K + eps) before the bias (``gated``: before the SiLU-and-mul)."""
     if validate:
         check_arguments(scaled, qweight, scales, zeros, group, bias, gated=gated)
-    if scaled.dim() != 2 or scaled.shape[0] != 1:
-        raise ValueError(f"{_OP}: a deferred RMSNorm takes one activation row, got shape {tuple(scaled.shape)}")
+    problem = _norm_problem(scaled, qweight.shape[0] * 8, {})
+    if problem is not None:
+        raise ValueError(f"{_OP}: {problem}")
     if (not isinstance(sumsq, torch.Tensor) or sumsq.dtype != torch.float32 or sumsq.device != scaled.device
             or not sumsq.is_contiguous() or not 1 <= sumsq.numel() <= MAX_NORM_TILES):
         raise ValueError(f"{_OP}: sumsq must be a contiguous float32 tensor of 1..{MAX_NORM_TILES} tile sums on "
@@ -459,10 +477,7 @@ def w4a16_gemv_add_norm_reference(
     out = w4a16_gemv_reference(x, qweight, scales, zeros, group, bias)
     h = (out.float() + residual.reshape(out.shape).float()).to(x.dtype)
     scaled = (norm_weight.reshape(h.shape).float() * h.float()).to(x.dtype)
-    n = h.shape[1]
-    squares = torch.zeros(norm_tiles(n) * TILE_N, dtype=torch.float64, device=x.device)
-    squares[:n] = h[0].double() ** 2
-    return scaled, h, squares.reshape(-1, TILE_N).sum(1).float()
+    return scaled, h, norm_tile_sums(h)
 
 
 def w4a16_gemv_normed_reference(

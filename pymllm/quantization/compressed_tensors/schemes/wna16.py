@@ -111,8 +111,6 @@ class WNA16Scheme(CompressedTensorsScheme):
         return w4a16_takes_deferred_norm(like, layer.input_size, layer.weight_scale, self._zeros(layer), gated)
 
     def apply_add_norm(self, layer, x, residual, norm_weight, eps, bias):
-        if x.dim() != 2:
-            return None
         return w4a16_add_norm(x, layer.weight_packed, layer.weight_scale, self._zeros(layer), self.group, bias,
                               residual, norm_weight, eps)
 

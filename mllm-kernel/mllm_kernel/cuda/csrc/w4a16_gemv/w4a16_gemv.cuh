@@ -157,6 +157,8 @@ void w4a16_gemv(TensorView out, TensorView x, TensorView qweight, TensorView sca
   const bool norm_in = norm_sumsq.has_value();
   if (norm_out || norm_in) {
     TVM_FFI_CHECK(one_row_warps != 0, ValueError) << "w4a16_gemv: a deferred RMSNorm needs the one-row kernel";
+    TVM_FFI_CHECK(!(norm_out && norm_in), ValueError)
+        << "w4a16_gemv: a launch is a deferred RMSNorm's producer or its consumer, not both";
   }
   if (norm_out) {
     TVM_FFI_CHECK(!kGated, ValueError) << "w4a16_gemv: a gated launch cannot produce a deferred RMSNorm";
