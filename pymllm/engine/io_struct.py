@@ -61,6 +61,19 @@ class FinishReason:
         return {"type": self.type, "matched": self.matched, "message": self.message}
 
 
+class RequestRefused(ValueError):
+    """A request refused with a 400 before it runs (by the tokenizer process or the scheduler);
+    ``code`` is OpenAI's error code where clients act on one (``CONTEXT_LENGTH_EXCEEDED``)."""
+
+    def __init__(self, message: str, code: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+    def finish_reason(self) -> FinishReason:
+        """The refused request's finish reason, which the server turns into its error response."""
+        return FinishReason("abort", message=str(self), status_code=400, error_code=self.code)
+
+
 # One position's logprob entry: (token id, logprob, [(top token id, top logprob), ...])
 TokenLogprob = Tuple[int, float, List[Tuple[int, float]]]
 

@@ -21,7 +21,7 @@ from typing import Deque, List, Optional, Protocol, Sequence, Tuple, runtime_che
 import numpy as np
 
 from pymllm.engine.forward_batch import ForwardMode
-from pymllm.engine.io_struct import CONTEXT_LENGTH_EXCEEDED, FinishReason, TokenizedGenerateReq
+from pymllm.engine.io_struct import CONTEXT_LENGTH_EXCEEDED, FinishReason, RequestRefused, TokenizedGenerateReq
 from pymllm.mem_cache.base_prefix_cache import ChunkCache, PrefixCache
 from pymllm.mem_cache.memory_pool import ReqToTokenPool, TokenToKVPoolAllocator
 from pymllm.orchestrator.request import Req, ReqState
@@ -47,13 +47,8 @@ class OverlapRunner(BatchRunner, Protocol):
     def collect(self, pending: object) -> BatchResult: ...
 
 
-class RequestRejected(ValueError):
-    """The request can never run (e.g. prompt longer than the context); ``code`` as
-    ``InvalidRequest.code``."""
-
-    def __init__(self, message: str, code: Optional[str] = None) -> None:
-        super().__init__(message)
-        self.code = code
+class RequestRejected(RequestRefused):
+    """The request can never run (e.g. prompt longer than the context)."""
 
 
 class Scheduler:

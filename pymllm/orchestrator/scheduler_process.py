@@ -15,7 +15,6 @@ from pymllm.engine.io_struct import (
     BatchTokenIDOut,
     ControlReq,
     ControlResp,
-    FinishReason,
     TokenizedGenerateReq,
 )
 from pymllm.executor.model_runner import load_model_runner
@@ -105,7 +104,7 @@ class SchedulerLoop:
                 req = self.scheduler.add_request(msg)
             except RequestRejected as e:
                 req = Req(rid=msg.rid, origin_input_ids=msg.input_ids, sampling_params=msg.sampling_params, seed=0)
-                req.finish_reason = FinishReason("abort", message=str(e), status_code=400, error_code=e.code)
+                req.finish_reason = e.finish_reason()
             return [req] if req.finished else []
         if isinstance(msg, AbortReq):
             req = self.scheduler.abort(msg.rid)

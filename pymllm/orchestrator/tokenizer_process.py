@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import List, Optional
+from typing import List
 
 import zmq
 
@@ -15,9 +15,9 @@ from pymllm.engine.io_struct import (
     AbortReq,
     BatchRequestOutput,
     ControlReq,
-    FinishReason,
     GenerateReqInput,
     RequestOutput,
+    RequestRefused,
     TokenizedGenerateReq,
 )
 from pymllm.orchestrator.ipc import Endpoints, WorkerReady, pull, push
@@ -27,13 +27,8 @@ from pymllm.sampling_params import SamplingParams
 logger = logging.getLogger("tokenizer")
 
 
-class InvalidRequest(ValueError):
-    """A request refused before it reaches the scheduler; ``code`` is OpenAI's error code where
-    clients act on one (``context_length_exceeded``)."""
-
-    def __init__(self, message: str, code: Optional[str] = None) -> None:
-        super().__init__(message)
-        self.code = code
+class InvalidRequest(RequestRefused):
+    """A request refused before it reaches the scheduler."""
 
 
 class RequestTokenizer:
@@ -143,8 +138,7 @@ def build_request_tokenizer(config: GlobalConfig, model_config: ModelConfig, tok
 
 def rejected_output(rid: str, error: InvalidRequest) -> RequestOutput:
     """The final (and only) output of a request refused with a 400."""
-    reason = FinishReason("abort", message=str(error), status_code=400, error_code=error.code)
-    return RequestOutput(rid, "", [], True, reason)
+    return RequestOutput(rid, "", [], True, error.finish_reason())
 
 
 def tokenizer_loop(config: GlobalConfig, model_config: ModelConfig, endpoints: Endpoints) -> None:
