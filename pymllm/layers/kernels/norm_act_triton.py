@@ -28,12 +28,29 @@ _ACT_BLOCK = 1024
 
 
 @triton.jit
-def rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, x_stride, res_stride, res_out_stride, n_cols, eps,
+def enter_with_norm_weight(w_ptr, n_cols, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    """An RMSNorm kernel's first statements: ``enter_dependent``, with the norm weight (columns
+    [0, BLOCK), masked past n_cols) loaded between the launch of the next kernel and the wait. The
+    weight is a parameter that no kernel of a step writes, so it may be read early; loaded after
+    the wait it would follow the sum of squares' block barrier, a second memory round trip on
+    the chain of a one-row launch (the compiler does not move loads across a barrier)."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    cols = tl.arange(0, BLOCK)
+    w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    return w
+
+
+@triton.jit
+def rms_norm_row(x_ptr, res_ptr, w, res_out_ptr, row, x_stride, res_stride, res_out_stride, n_cols, eps,
                  HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
     """(cols, mask, y) of row ``row``: y = RMSNorm(x [+ residual]) in x's dtype, rounded where the
     reference rounds (the residual sum, stored first where there is one, and the normalised row
-    before the weight). Masked columns are 0. Shared by the RMSNorm kernel and the RMSNorm that
-    quantizes its output (pymllm.quantization.kernels.int8_activation_triton)."""
+    before the weight ``w``, from enter_with_norm_weight). Masked columns are 0. Shared by the
+    RMSNorm kernel and the RMSNorm that quantizes its output
+    (pymllm.quantization.kernels.int8_activation_triton)."""
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     dtype = x_ptr.dtype.element_ty
@@ -45,8 +62,7 @@ def rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, x_stride, res_stride, 
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / n_cols
     normed = (xf * tl.rsqrt(var + eps)).to(dtype).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    return cols, mask, (w * normed).to(dtype)
+    return cols, mask, (w.to(tl.float32) * normed).to(dtype)
 
 
 @triton.jit
@@ -56,9 +72,9 @@ def _rms_norm_kernel(
     n_cols, eps,
     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    enter_dependent(USE_PDL)
+    w = enter_with_norm_weight(w_ptr, n_cols, BLOCK, USE_PDL)
     row = tl.program_id(0).to(tl.int64)
-    cols, mask, y = rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, x_stride, res_stride, res_out_stride,
+    cols, mask, y = rms_norm_row(x_ptr, res_ptr, w, res_out_ptr, row, x_stride, res_stride, res_out_stride,
                                  n_cols, eps, HAS_RESIDUAL, BLOCK)
     tl.store(out_ptr + row * out_stride + cols, y, mask=mask)
 

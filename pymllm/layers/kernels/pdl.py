@@ -4,7 +4,8 @@ mllm_kernel.pdl explains the mechanism and owns the decision (process switch, SM
 Triton kernels that run inside a decode step (RMSNorm, SiLU-and-mul, q/k-norm-rope, decode
 attention, per-token int8 quantization) take a ``USE_PDL`` constexpr: with it they signal
 ``gdc_launch_dependents`` and then ``gdc_wait`` before their first load (``enter_dependent``;
-decode attention prefetches K/V in between), so the kernel after them (typically a GEMV) can
+in between, decode attention prefetches K/V and the RMSNorms load their weight, data no kernel of
+the step writes), so the kernel after them (typically a GEMV) can
 start streaming its weights while they run, and they themselves start while the kernel before
 them drains. They write nothing before the wait, which keeps the chain as ordered as plain
 launches for every buffer a kernel of the step writes.

@@ -47,7 +47,9 @@ def per_token_quant_int8_reference(x: torch.Tensor) -> Tuple[torch.Tensor, torch
 
 
 if triton is not None:
-    from pymllm.layers.kernels.norm_act_triton import norm_num_warps, rms_norm_row, silu_and_mul_cols
+    from pymllm.layers.kernels.norm_act_triton import (
+        enter_with_norm_weight, norm_num_warps, rms_norm_row, silu_and_mul_cols,
+    )
     from pymllm.layers.kernels.pdl import enter_dependent
     from pymllm.quantization.kernels.triton_common import sm_count_of
 
@@ -110,9 +112,9 @@ if triton is not None:
     def _rms_norm_quant_int8_kernel(x_ptr, res_ptr, w_ptr, q_ptr, scale_ptr, res_out_ptr,
                                     x_stride, res_stride, q_stride, res_out_stride, n_cols, eps,
                                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-        enter_dependent(USE_PDL)
+        w = enter_with_norm_weight(w_ptr, n_cols, BLOCK, USE_PDL)
         row = tl.program_id(0).to(tl.int64)
-        cols, mask, y = rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, x_stride, res_stride, res_out_stride,
+        cols, mask, y = rms_norm_row(x_ptr, res_ptr, w, res_out_ptr, row, x_stride, res_stride, res_out_stride,
                                      n_cols, eps, HAS_RESIDUAL, BLOCK)
         _quantize_row(y.to(tl.float32), q_ptr + row * q_stride, scale_ptr + row, cols, mask)
 
