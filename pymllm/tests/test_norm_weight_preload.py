@@ -15,6 +15,13 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
+
+@pytest.fixture(autouse=True)
+def _fp_fusion_as_the_kernels_run(monkeypatch):
+    # Triton's default (fusion on), stated, so that newer Triton does not warn about it being unset.
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+
+
 ROW_ARGS = {"x_stride": "i32", "res_stride": "i32", "res_out_stride": "i32", "n_cols": "i32", "eps": "fp32"}
 
 
