@@ -497,8 +497,8 @@ def w4a16_gemv_normed_reference(
 
     k = scaled.shape[1]
     inv_rms = torch.rsqrt(sumsq.double().sum() / k + eps)
-    product = w4a16_gemv_reference(scaled.double(), qweight, scales.double(),
-                                   None if zeros is None else zeros.double(), group)
+    # A float64 x keeps the reference's product in float64 (it rounds to x's dtype).
+    product = w4a16_gemv_reference(scaled.double(), qweight, scales, zeros, group)
     acc = product * inv_rms
     if bias is not None:
         acc = acc + bias.double()
