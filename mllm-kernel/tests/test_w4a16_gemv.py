@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 
 import pytest
 import torch
@@ -292,25 +293,49 @@ def test_split_plan():
         assert splits <= -(-k // 8 // module.BATCH_ROWS)
 
 
+H100_BYTES_PER_NS = 2 * 2_619_000e3 * 5120 / 8 / 1e9  # what hbm_bytes_per_ns reads on an H100 SXM
+H200_BYTES_PER_NS = 2 * 3_201_000e3 * 6144 / 8 / 1e9
+
+
 def test_one_row_plan():
     plan = module.plan_one_row
-    # Qwen3-8B on an H100/H200 (132 SMs), as measured best in run T74: qkv (96 tiles) 16 warps
-    # unsplit, o and down (64 tiles) 16 warps in 2 splits, gate/up (384 tiles) 8 warps unsplit.
-    assert plan(6144, 4096, 132) == (16, 1)
-    assert plan(4096, 4096, 132) == (16, 2)
-    assert plan(4096, 12288, 132) == (16, 2)
-    assert plan(24576, 4096, 132) == (8, 1)
-    # A Jetson AGX Orin (16 SMs): every Qwen3-8B layer has more tiles than SMs.
+    # Qwen3-8B on an H100 / H200 (132 SMs), as measured best in the decode graph (runs T135, T136):
+    # qkv (96 tiles) 16 warps unsplit, gate/up (384 tiles) 8 warps unsplit, down (64 tiles) 16
+    # warps in 2 splits; o_proj (64 tiles) in 2 splits on the H200, unsplit on the H100, whose
+    # memory 64 blocks already keep busy.
+    for rate in (H100_BYTES_PER_NS, H200_BYTES_PER_NS, math.inf):
+        assert plan(6144, 4096, 132, rate) == (16, 1)
+        assert plan(4096, 12288, 132, rate) == (16, 2)
+        assert plan(24576, 4096, 132, rate) == (8, 1)
+    assert plan(4096, 4096, 132, H100_BYTES_PER_NS) == (16, 1)
+    assert plan(4096, 4096, 132, H200_BYTES_PER_NS) == (16, 2)
+    assert plan(4096, 4096, 132) == (16, 2)  # memory rate unknown: no cap
+    # A Jetson AGX Orin (16 SMs, 204.8 GB/s): every Qwen3-8B layer has more tiles than SMs.
     for n, k in [(6144, 4096), (4096, 4096), (4096, 12288), (24576, 4096)]:
-        assert plan(n, k, 16) == (8, 1)
-    # Few tiles split until the grid covers the SMs, never past one 8-row batch per split.
-    assert plan(64, 4096, 132) == (16, 64)
-    assert plan(36, 96, 132) == (16, 2)  # 12 packed rows: two batches
+        assert plan(n, k, 16, 204.8) == (8, 1)
+    # Few tiles of a long K split until the grid covers the SMs, never past one 8-row batch per
+    # split; a layer this small that one block streams it in less than a split costs stays whole.
+    assert plan(64, 4096, 132, H200_BYTES_PER_NS) == (16, 64)
+    assert plan(36, 96, 132, H200_BYTES_PER_NS) == (16, 1)
     assert plan(4, 8, 132) == (16, 1)
     for n, k in [(64, 1 << 20), (4096, 4096), (256, 65536)]:
         warps, splits = plan(n, k, 10_000)  # a huge GPU pushes towards the workspace limit
         assert -(-n // module.TILE_N) * splits * module.TILE_N <= module.WORKSPACE_FLOATS
         assert splits <= -(-k // 8 // module.ONE_ROW_BATCH_ROWS)
+
+
+def test_hbm_rate_from_device_properties(monkeypatch):
+    class Props:
+        memory_clock_rate = 2_619_000  # kHz, as CUDA reports an H100 SXM's HBM3
+        memory_bus_width = 5120
+
+    module.hbm_bytes_per_ns.cache_clear()
+    monkeypatch.setattr(module.torch.cuda, "get_device_properties", lambda index: Props())
+    assert module.hbm_bytes_per_ns(0) == pytest.approx(3352.3, abs=0.1)
+    module.hbm_bytes_per_ns.cache_clear()
+    monkeypatch.setattr(module.torch.cuda, "get_device_properties", lambda index: object())
+    assert module.hbm_bytes_per_ns(0) == math.inf  # an older torch without the two fields
+    module.hbm_bytes_per_ns.cache_clear()
 
 
 # ---------------------------------------------------------------- GPU: the gated form

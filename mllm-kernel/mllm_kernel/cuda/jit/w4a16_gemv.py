@@ -212,24 +212,43 @@ def plan_splits(m: int, n: int, k: int, sm_count: int) -> int:
     return best
 
 
-def plan_one_row(n: int, k: int, sm_count: int) -> Tuple[int, int]:
-    """(warps per block, K splits) of the one-row kernel for an [K/8, N] weight.
+# plan_one_row's cost model: a 16-warp block of the one-row kernel pulls at most ~40 B/ns (its
+# cp.async copies in flight over the HBM latency), so a layer with few column tiles needs K splits
+# to reach the memory's rate where that rate is high, and each split costs ~_SPLIT_COST_NS.
+# Fitted to Qwen3-8B bs1 in the decode graph (processes alternating): on an H100 (3.35 TB/s) o_proj
+# unsplit and down_proj in 2 splits measured 2.320 / 2.324 ms against 2.341 / 2.347 with both in 2
+# and 2.373 / 2.376 with both unsplit (run T135); on an H200 (4.8 TB/s) 2 splits for both stayed
+# best (o_proj unsplit 1.973-1.984 against 1.962-1.978, T136; both unsplit ~5 % slower, T84).
+_ONE_ROW_BLOCK_BYTES_PER_NS = 40.0
 
-    A block of 16 warps takes a whole SM (80 registers per thread), so layers with no more column
-    tiles than SMs get 16-warp blocks and split K until the grid covers the SMs once; wider layers
-    get 8-warp blocks (3 per SM) and no split. Measured on an H200 (run T74, Qwen3-8B, best of the
-    sweep per layer): qkv (96 tiles) 16 warps unsplit 6.3 us, o and down (64 tiles) 16 warps in 2
-    splits 5.6 and 10.3 us, gate/up (384 tiles) 8 warps unsplit 17.2 us. A gated launch is planned
-    as the plain launch of the same weight (same blocks, same sum order).
+
+def plan_one_row(n: int, k: int, sm_count: int, hbm_bytes_per_ns: float = math.inf) -> Tuple[int, int]:
+    """(warps per block, K splits) of the one-row kernel for an [K/8, N] weight on a GPU of
+    ``sm_count`` SMs whose memory streams ``hbm_bytes_per_ns`` (inf: unknown, no cap).
+
+    A block of 16 warps takes an SM (~90 registers per thread: no second block fits), so layers with no more column
+    tiles than SMs get 16-warp blocks; wider layers get 8-warp blocks (3 per SM) and no split. A
+    16-warp launch splits K into the count, up to covering the SMs once, that minimises
+    weight bytes / min(blocks x per-block pull, memory rate) + a fixed cost when split (the model
+    above): on an H200 Qwen3-8B's o and down projections (64 tiles) split in 2, on an H100 only
+    down (o_proj's 64 blocks already pull the H100's rate), qkv (96 tiles) runs unsplit and
+    gate/up (384 tiles) in 8-warp blocks. A gated launch is planned as the plain launch of the
+    same weight (same blocks, same sum order).
     """
     tiles = math.ceil(n / TILE_N)
     batches = math.ceil(k / 8 / ONE_ROW_BATCH_ROWS)
     if tiles > sm_count:
         return 8, 1
-    splits = max(1, min(sm_count // tiles, batches))
-    while splits > 1 and tiles * splits * TILE_N > WORKSPACE_FLOATS:
-        splits -= 1
-    return 16, splits
+    most = max(1, min(sm_count // tiles, batches))
+    while most > 1 and tiles * most * TILE_N > WORKSPACE_FLOATS:
+        most -= 1
+    weight_bytes = n * k / 2
+
+    def cost_ns(splits: int) -> float:
+        rate = min(tiles * splits * _ONE_ROW_BLOCK_BYTES_PER_NS, hbm_bytes_per_ns)
+        return weight_bytes / rate + (_SPLIT_COST_NS if splits > 1 else 0.0)
+
+    return 16, min(range(1, most + 1), key=cost_ns)  # the fewest splits among equal costs
 
 
 @functools.lru_cache(maxsize=None)
@@ -242,9 +261,21 @@ def _auto_splits(m: int, n: int, k: int, device_index: int) -> int:
     return plan_splits(m, n, k, _sm_count(device_index))
 
 
+@functools.lru_cache(maxsize=None)
+def hbm_bytes_per_ns(index: int) -> float:
+    """The device memory's peak rate (double data rate x bus width) in bytes per ns, or inf where
+    torch does not report the clock and bus width."""
+    props = torch.cuda.get_device_properties(index)
+    clock_khz = getattr(props, "memory_clock_rate", 0)
+    bus_bits = getattr(props, "memory_bus_width", 0)
+    if not clock_khz or not bus_bits:
+        return math.inf
+    return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
+
+
 @functools.lru_cache(maxsize=4096)
 def _auto_one_row(n: int, k: int, device_index: int) -> Tuple[int, int]:
-    return plan_one_row(n, k, _sm_count(device_index))
+    return plan_one_row(n, k, _sm_count(device_index), hbm_bytes_per_ns(device_index))
 
 
 _workspaces: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
