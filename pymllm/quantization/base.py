@@ -79,6 +79,12 @@ class LinearMethodBase(abc.ABC):
         """``apply(norm(h))`` (``gated``: ``apply_swiglu(norm(h))``) from a deferred norm, or None."""
         return None
 
+    def one_row_attention_split_cap(self, layer: nn.Module) -> Optional[int]:
+        """Where this layer takes the attention's output (o_proj): a cap on the KV splits of the
+        one-row decode graph's attention kernel that this method's kernel runs best behind, or
+        None for the backend's own (pymllm.layers.attention.triton_decode.ROPE_MAX_SPLITS)."""
+        return None
+
 
 class QuantizationConfig(abc.ABC):
     def __init__(self) -> None:

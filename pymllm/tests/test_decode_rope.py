@@ -274,3 +274,32 @@ def test_gpu_graph_replays_follow_new_tokens(kv_settled) -> None:
         assert not counters.any()
         assert torch.equal(out, want)
         assert torch.equal(_bits(k_buf), _bits(k_eager)) and torch.equal(_bits(v_buf), _bits(v_eager))
+
+
+def test_the_one_row_split_cap_comes_from_the_output_projection() -> None:
+    """32 splits for the one-row graph's attention, unless the layer taking its output asks for
+    fewer: the W4A16 scheme asks for 16 (its one-row GEMV runs faster behind them)."""
+    from torch import nn
+
+    from pymllm.layers.attention.triton_decode import ROPE_MAX_SPLITS
+    from pymllm.layers.linear import UnquantizedLinearMethod
+    from pymllm.quantization.compressed_tensors.linear_method import CompressedTensorsLinearMethod
+    from pymllm.quantization.compressed_tensors.schemes.w8a8_int8 import W8A8Int8Scheme
+    from pymllm.quantization.compressed_tensors.schemes.wna16 import W4A16_ATTENTION_SPLITS, WNA16Scheme
+
+    def model_with(method):
+        layer = nn.Module()
+        layer.self_attn = nn.Module()
+        layer.self_attn.o_proj = nn.Linear(2, 2)
+        layer.self_attn.o_proj.quant_method = method
+        layer.mlp = nn.Linear(2, 2)  # not o_proj: never asked
+        layer.mlp.quant_method = CompressedTensorsLinearMethod(WNA16Scheme(128, True))
+        model = nn.Module()
+        model.layers = nn.ModuleList([layer])
+        return model
+
+    assert ROPE_MAX_SPLITS == 32 and W4A16_ATTENTION_SPLITS == 16
+    assert fib.one_row_split_cap(model_with(UnquantizedLinearMethod())) == 32
+    assert fib.one_row_split_cap(model_with(CompressedTensorsLinearMethod(W8A8Int8Scheme()))) == 32
+    assert fib.one_row_split_cap(model_with(CompressedTensorsLinearMethod(WNA16Scheme(128, True)))) == 16
+    assert fib.one_row_split_cap(nn.Linear(2, 2)) == 32  # no quant methods at all

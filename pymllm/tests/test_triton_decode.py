@@ -116,6 +116,10 @@ def test_num_splits_rule() -> None:
     for bs in range(1, 300):
         s = num_splits_for(bs, 8, 132)
         assert s & (s - 1) == 0 and 1 <= s <= 16
+    # The one-row graph's cap (ROPE_MAX_SPLITS = 32): one sequence of 8 KV heads takes 32 splits,
+    # 32 KV heads stay at 16 (32 splits would be two waves for the same time).
+    assert num_splits_for(1, 8, 132, 32) == 32 and num_splits_for(1, 32, 132, 32) == 16
+    assert num_splits_for(1, 8, 132, 8) == 8
 
 
 def test_launch_settings_rule() -> None:

@@ -69,6 +69,20 @@ TRITON_GRAPH_DECODE_MAX_BS = 128
 DECODE_ROPE_FUSION = os.environ.get("PYMLLM_DECODE_ROPE_FUSION", "1") != "0"
 
 
+def one_row_split_cap(model: torch.nn.Module) -> int:
+    """The one-row graph's cap on the attention's KV splits: triton_decode.ROPE_MAX_SPLITS, or
+    less where a layer taking the attention's output (``*o_proj``) asks for less through its
+    quant method (LinearMethodBase.one_row_attention_split_cap)."""
+    from pymllm.layers.attention.triton_decode import ROPE_MAX_SPLITS
+
+    cap = ROPE_MAX_SPLITS
+    for name, module in model.named_modules():
+        method = getattr(module, "quant_method", None)
+        if name.endswith("o_proj") and method is not None:
+            cap = min(cap, method.one_row_attention_split_cap(module) or cap)
+    return cap
+
+
 def rope_in_attention_ok(bs: int) -> bool:
     """Whether the Triton decode graph of ``bs`` rows takes the q/k norms, rope and KV store into
     its attention kernel: the one-row graph only. Larger decode graphs also replay short extends
@@ -212,6 +226,7 @@ class FlashInferAttnBackend(AttentionBackend):
         self.q_dtype = runner.dtype
         self.kv_dtype = runner.kv_pool.dtype
         self.geometry = AttentionGeometry.from_layers(attention_layers(runner.model))
+        self.one_row_split_cap = one_row_split_cap(runner.model)
         g = self.geometry
         if g.num_kv_heads != runner.kv_pool.num_kv_heads or g.head_dim != runner.kv_pool.head_dim:
             raise ConfigError("--server.attention_backend flashinfer: KV pool shape differs from the model's")
@@ -395,7 +410,8 @@ class FlashInferAttnBackend(AttentionBackend):
             from pymllm.layers.attention import triton_decode
 
             sms = self._num_sms()
-            st.triton_splits[bs] = triton_decode.num_splits_for(bs, self.geometry.num_kv_heads, sms)
+            cap = self.one_row_split_cap if rope_in_attention_ok(bs) else triton_decode._MAX_SPLITS
+            st.triton_splits[bs] = triton_decode.num_splits_for(bs, self.geometry.num_kv_heads, sms, cap)
             self.forward_metadata = _ForwardMetadata(
                 "triton_decode", {}, num_splits=st.triton_splits[bs], rope_in_attention=rope_in_attention_ok(bs)
             )

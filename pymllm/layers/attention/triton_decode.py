@@ -71,6 +71,17 @@ NUM_WARPS = 4
 ROPE_NUM_WARPS = 8
 ROPE_NUM_STAGES = 2
 _MAX_SPLITS = 16
+# The one-row graph's split cap: with every block of a slice preloaded before the wait (below),
+# shorter slices shorten what a program does after it. Qwen3-8B bs1 in1024, processes alternating:
+# W8A8 on an H200 2.529-2.534 ms with 32 splits against 2.596-2.620 with 16 (runs T139/T140), on an
+# H100 3.317 / 3.317 against 3.338 / 3.360 (T141); bf16 (H100) 5.323 against 5.342. The W4A16
+# scheme asks for 16 (WNA16Scheme.one_row_attention_split_cap; flashinfer_backend.one_row_split_cap).
+ROPE_MAX_SPLITS = 32
+# K/V blocks of its slice a one-row graph's program loads into registers before its PDL wait
+# (kv_settled). A slice is rounded up to whole blocks, so 16 splits of 1,025-2,048 tokens hold two
+# blocks each: Qwen3-8B W4A16 bs1 in1024 at 16 splits, with two against one, H200 1.927 / 1.937
+# against 1.972 / 1.962 ms (T139), H100 2.290 / 2.297 against 2.325 / 2.323 (T141).
+PRELOAD_BLOCKS = 2
 # K/V blocks of its slice a program pulls into L2 before its PDL wait (see _partial_kernel): the
 # first ones, whose latency the program would otherwise wait out; later loads are pipelined, and
 # prefetching whole long slices of every program would overrun L2. A small gain, measured with
@@ -82,19 +93,20 @@ PREFETCH_BLOCKS = 2
 PROGRAMS_PER_SM = 4
 
 
-def num_splits_for(batch_size: int, num_kv_heads: int, num_sms: int) -> int:
+def num_splits_for(batch_size: int, num_kv_heads: int, num_sms: int, max_splits: int = _MAX_SPLITS) -> int:
     """Splits per sequence, by a wave model: a launch of P programs runs in ceil(P / (SMs x
     PROGRAMS_PER_SM)) waves, each as long as one program's share of a sequence (1 / splits), so
     the time goes as waves / splits. A larger split count must beat the best so far by 10 %, as
     every split adds partials to write and merge (and many waves make the model's gains
     vanishingly small). One sequence spreads over the SMs; 64 sequences x 8 KV heads fill one
     wave unsplit; 96 x 8 would take 1.45 waves, so two splits (2.9 waves of half the work) are
-    faster, as measured."""
+    faster, as measured. ``max_splits``: the cap (a power of two; ROPE_MAX_SPLITS for the
+    one-row graph)."""
     slots = max(1, num_sms * PROGRAMS_PER_SM)
     programs = max(1, batch_size * num_kv_heads)
     best, best_time = 1, float("inf")
     splits = 1
-    while splits <= _MAX_SPLITS:
+    while splits <= max_splits:
         time = triton.cdiv(programs * splits, slots) / splits
         if time < 0.9 * best_time:
             best, best_time = splits, time
@@ -270,7 +282,7 @@ def _partial_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK: tl.constexpr, FUSED_MERGE: tl.constexpr, MERGE_ROWS: tl.constexpr, USE_PDL: tl.constexpr,
     PREFETCH_TOKENS: tl.constexpr, LINE_ELEMS: tl.constexpr, ROPE: tl.constexpr, APPLY_NORM: tl.constexpr,
-    PRELOAD: tl.constexpr,
+    PRELOAD_BLOCKS: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -298,11 +310,12 @@ def _partial_kernel(
     if ROPE:  # the new token joins from registers, after the cached ones
         cached_end = tl.minimum(end, seq_len - 1)
     first = start
-    if PRELOAD:
+    if PRELOAD_BLOCKS >= 1:
         # kv_settled with rope fused: every K/V row the loop reads was written before this step
         # (the step's own K/V this kernel stores and reads from registers), so the slice's first
-        # block is loaded into registers before the wait, off the critical path that starts when
+        # blocks are loaded into registers before the wait, off the critical path that starts when
         # the qkv GEMV ends. Graph decode, Qwen3-8B bs1 at 1k tokens: 4.172 -> 4.093 ms (run T1).
+        # PRELOAD_BLOCKS of them: the first one or two blocks of the slice.
         offs0 = start + tl.arange(0, BLOCK)
         ok0 = offs0 < cached_end
         slots0 = tl.load(req_row + offs0, mask=ok0, other=0, cache_modifier=".cg").to(tl.int64)
@@ -310,6 +323,14 @@ def _partial_kernel(
         k0 = tl.load(k_ptr + kv_off0, mask=ok0[:, None], other=0.0)
         v0 = tl.load(v_ptr + kv_off0, mask=ok0[:, None], other=0.0)
         first = start + BLOCK
+        if PRELOAD_BLOCKS >= 2:
+            offs1 = offs0 + BLOCK
+            ok1 = offs1 < cached_end
+            slots1 = tl.load(req_row + offs1, mask=ok1, other=0, cache_modifier=".cg").to(tl.int64)
+            kv_off1 = slots1[:, None] * kv_stride_s + kv_head * kv_stride_h + dims[None, :]
+            k1 = tl.load(k_ptr + kv_off1, mask=ok1[:, None], other=0.0)
+            v1 = tl.load(v_ptr + kv_off1, mask=ok1[:, None], other=0.0)
+            first = start + 2 * BLOCK
 
     if USE_PDL:  # programmatic dependent launch: pymllm.layers.kernels.pdl
         tl.extra.cuda.gdc_launch_dependents()
@@ -349,9 +370,12 @@ def _partial_kernel(
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     # log2 domain: exp2 is one instruction.
     qk_scale = sm_scale * 1.4426950408889634
-    if PRELOAD:
+    if PRELOAD_BLOCKS >= 1:
         if start < cached_end:  # an all-masked block would turn the running max into nan
             m_i, l_i, acc = _online_softmax_block(q, k0, v0, ok0, m_i, l_i, acc, qk_scale)
+        if PRELOAD_BLOCKS >= 2:
+            if start + BLOCK < cached_end:
+                m_i, l_i, acc = _online_softmax_block(q, k1, v1, ok1, m_i, l_i, acc, qk_scale)
     for n0 in range(first, cached_end, BLOCK):
         offs = n0 + tl.arange(0, BLOCK)
         tok_ok = offs < cached_end
@@ -492,7 +516,7 @@ def decode_attention(
         NUM_SPLITS=num_splits, BLOCK=block, FUSED_MERGE=fused, MERGE_ROWS=triton.next_power_of_2(group),
         PREFETCH_TOKENS=PREFETCH_BLOCKS * block, LINE_ELEMS=prefetch_line_elems(head_dim, k_buf.element_size()),
         ROPE=rope is not None, APPLY_NORM=rope is not None and rope.q_weight is not None,
-        PRELOAD=kv_settled and rope is not None,
+        PRELOAD_BLOCKS=PRELOAD_BLOCKS if kv_settled and rope is not None else 0,
         num_warps=num_warps, num_stages=num_stages, **launch_options(q.device, batch),
     )
     if num_splits > 1 and not fused:

@@ -46,3 +46,6 @@ class CompressedTensorsLinearMethod(LinearMethodBase):
 
     def apply_normed(self, layer, pending, bias, gated):
         return self.scheme.apply_normed(layer, pending, bias, gated)
+
+    def one_row_attention_split_cap(self, layer):
+        return self.scheme.one_row_attention_split_cap(layer)

@@ -63,6 +63,10 @@ class CompressedTensorsScheme(abc.ABC):
         """A deferred RMSNorm's consumer side (LinearMethodBase.apply_normed); None: no such kernel."""
         return None
 
+    def one_row_attention_split_cap(self, layer: nn.Module) -> Optional[int]:
+        """See LinearMethodBase.one_row_attention_split_cap; None: the backend's own."""
+        return None
+
 
 def replace_parameter(layer: nn.Module, name: str, value: torch.Tensor) -> None:
     """Swap a parameter for its runtime form (a plain frozen Parameter: loader attributes are spent)."""
