@@ -226,13 +226,13 @@ def plan_one_row(n: int, k: int, sm_count: int, hbm_bytes_per_ns: float = math.i
     """(warps per block, K splits) of the one-row kernel for an [K/8, N] weight on a GPU of
     ``sm_count`` SMs whose memory streams ``hbm_bytes_per_ns`` (inf: unknown, no cap).
 
-    A block of 16 warps takes an SM (~90 registers per thread: no second block fits), so layers with no more column
-    tiles than SMs get 16-warp blocks; wider layers get 8-warp blocks (3 per SM) and no split. A
-    16-warp launch splits K into the count, up to covering the SMs once, that minimises
-    weight bytes / min(blocks x per-block pull, memory rate) + a fixed cost when split (the model
-    above): on an H200 Qwen3-8B's o and down projections (64 tiles) split in 2, on an H100 only
-    down (o_proj's 64 blocks already pull the H100's rate), qkv (96 tiles) runs unsplit and
-    gate/up (384 tiles) in 8-warp blocks. A gated launch is planned as the plain launch of the
+    A block of 16 warps takes an SM (~90 registers per thread: no second block fits), so layers
+    with no more column tiles than SMs get 16-warp blocks; wider layers get 8-warp blocks (3 per
+    SM) and no split. A 16-warp launch splits K into the count, up to covering the SMs once, that
+    minimises weight bytes / min(blocks x per-block pull, memory rate) + a fixed cost when split
+    (the model above): on an H200 Qwen3-8B's o and down projections (64 tiles) split in 2, on an
+    H100 only down (o_proj's 64 blocks already pull the H100's rate), qkv (96 tiles) runs unsplit
+    and gate/up (384 tiles) in 8-warp blocks. A gated launch is planned as the plain launch of the
     same weight (same blocks, same sum order).
     """
     tiles = math.ceil(n / TILE_N)
