@@ -7,6 +7,7 @@ import pathlib
 import sys
 
 import pytest
+import torch
 
 from pymllm import bench_one_batch
 
@@ -97,3 +98,42 @@ def test_forced_w4a16_one_row_kernel(monkeypatch) -> None:
     monkeypatch.setattr(sys, "argv", ["ab", "sometimes", "--"])
     with pytest.raises(SystemExit, match="MODE"):
         ab.main()
+
+
+def test_forced_plans(monkeypatch) -> None:
+    """scripts/ab_forced_plans.py: forced one-row GEMV tilings and W4A16 plans; the rest measured."""
+    from pymllm.layers.kernels import gemv_dispatch as gd
+
+    plans = importlib.import_module("mllm_kernel.cuda.jit.w4a16_gemv")
+    spec = importlib.util.spec_from_file_location("ab_forced", SCRIPT.parent / "ab_forced_plans.py")
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    gemv, one_row, rest = ab.parse(["--gemv", "w8a8:6144:4096:4", "--w4a16", "4096:4096:16:1", "--", "--batch-size", "1"])
+    assert gemv == {("w8a8", 6144, 4096): 4} and one_row == {(4096, 4096): (16, 1)} and rest == ["--batch-size", "1"]
+    for bad in (["--gemv", "w8a8:6144:4"], ["--w4a16", "a:b:c:d"], ["--gemv"], ["--tiles", "1:2:3:4"]):
+        with pytest.raises(SystemExit, match="ab_forced_plans"):
+            ab.parse(bad + ["--"])
+    with pytest.raises(SystemExit, match="ab_forced_plans"):
+        ab.parse(["--gemv", "w8a8:6144:4096:4"])  # no "--"
+
+    monkeypatch.setattr(gd.GemvChooser, "use_gemv", gd.GemvChooser.use_gemv)
+    monkeypatch.setattr(plans, "plan_one_row", plans.plan_one_row)
+    seen = []
+    monkeypatch.setattr(bench_one_batch, "main", lambda argv: seen.append(list(argv)) or 0)
+    monkeypatch.setattr(ab.atexit, "register", lambda fn: seen.append(fn.__name__))  # the report at exit
+    monkeypatch.setattr(sys, "argv", ["ab", "--gemv", "w8a8:6144:4096:4", "--w4a16", "4096:4096:16:1", "--", "-x"])
+    with pytest.raises(SystemExit) as done:
+        ab.main()
+    assert done.value.code == 0 and seen == ["report_decisions", ["-x"]]
+    chooser = gd.GemvChooser(timer=lambda impl, calls: {"gemm": 1.0}.get(impl, 2.0))  # the GEMM measures faster
+    weight = torch.zeros(8, 16)
+
+    def key(n, rows=1):
+        return ("w8a8", torch.device("cpu"), torch.bfloat16, n, 4096, rows)
+
+    assert chooser.use_gemv(key(6144), weight, lambda impl, w: lambda: None, tilings=(1, 2, 4)) is True
+    assert chooser.tiling(key(6144)) == 4  # forced at one row
+    assert chooser.use_gemv(key(6144, rows=2), weight, lambda impl, w: lambda: None, tilings=(1, 2, 4)) is False
+    assert chooser.use_gemv(key(4096), weight, lambda impl, w: lambda: None, tilings=(1, 2, 4)) is False
+    assert plans.plan_one_row(4096, 4096, 132, 4814.3) == (16, 1)  # forced (the plan says 2 splits)
+    assert plans.plan_one_row(4096, 12288, 132, 4814.3) == (16, 2)  # planned
