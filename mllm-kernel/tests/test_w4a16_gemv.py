@@ -293,8 +293,9 @@ def test_split_plan():
         assert splits <= -(-k // 8 // module.BATCH_ROWS)
 
 
-H100_BYTES_PER_NS = 2 * 2_619_000e3 * 5120 / 8 / 1e9  # what hbm_bytes_per_ns reads on an H100 SXM
-H200_BYTES_PER_NS = 2 * 3_201_000e3 * 6144 / 8 / 1e9
+# What hbm_bytes_per_ns reads on an H100 SXM and an H200 (memory clock in kHz, bus bits; runs T137/T138).
+H100_BYTES_PER_NS = 2 * 2_619_000e3 * 5120 / 8 / 1e9
+H200_BYTES_PER_NS = 2 * 3_201_000e3 * 6016 / 8 / 1e9
 
 
 def test_one_row_plan():

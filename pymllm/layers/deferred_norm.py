@@ -12,9 +12,10 @@ projection after it (the consumer: gate/up, the next layer's qkv) divides its ou
 which it reads from those sums after its own work. Neither side waits for a reduction.
 
 A layer's method offers each side where its kernel can (``LinearMethodBase.apply_add_norm`` /
-``apply_normed``, with ``gated`` for the gate/up GEMV's SiLU-and-mul form; W4A16's one-row GEMV). The producer only defers
-where the consumer says it will take it (``takes_deferred_norm``); should the consumer decline
-after all, ``DeferredNorm.materialize`` runs the norm on h, so the result never depends on it.
+``apply_normed``, with ``gated`` for the gate/up GEMV's SiLU-and-mul form; W4A16's one-row
+GEMV). The producer only defers where the consumer says it will take it
+(``takes_deferred_norm``); should the consumer decline after all, ``DeferredNorm.materialize``
+runs the norm on h, so the result never depends on it.
 ``PYMLLM_DEFERRED_NORM=0`` keeps the separate norm kernels (the A/B switch of the measurements).
 """
 

@@ -410,8 +410,11 @@ class FlashInferAttnBackend(AttentionBackend):
             from pymllm.layers.attention import triton_decode
 
             sms = self._num_sms()
-            cap = self.one_row_split_cap if rope_in_attention_ok(bs) else triton_decode._MAX_SPLITS
-            st.triton_splits[bs] = triton_decode.num_splits_for(bs, self.geometry.num_kv_heads, sms, cap)
+            heads = self.geometry.num_kv_heads
+            st.triton_splits[bs] = (
+                triton_decode.num_splits_for(bs, heads, sms, self.one_row_split_cap) if rope_in_attention_ok(bs)
+                else triton_decode.num_splits_for(bs, heads, sms)
+            )
             self.forward_metadata = _ForwardMetadata(
                 "triton_decode", {}, num_splits=st.triton_splits[bs], rope_in_attention=rope_in_attention_ok(bs)
             )

@@ -258,6 +258,17 @@ def _prefetch_kv_l2(k_ptr, v_ptr, req_row, start, stop, head_offset, kv_stride_s
 
 
 @triton.jit
+def _preload_kv_block(k_ptr, v_ptr, req_row, n0, end, head_offset, kv_stride_s, dims, BLOCK: tl.constexpr):
+    """(token mask, K, V) of the block of positions [n0, n0 + BLOCK) before ``end``, for a load
+    before the PDL wait: the page table is read around L1 (".cg"), as in _prefetch_kv_l2."""
+    offs = n0 + tl.arange(0, BLOCK)
+    ok = offs < end
+    slots = tl.load(req_row + offs, mask=ok, other=0, cache_modifier=".cg").to(tl.int64)
+    kv_off = slots[:, None] * kv_stride_s + head_offset + dims[None, :]
+    return ok, tl.load(k_ptr + kv_off, mask=ok[:, None], other=0.0), tl.load(v_ptr + kv_off, mask=ok[:, None], other=0.0)
+
+
+@triton.jit
 def _online_softmax_block(q, k, v, tok_ok, m_i, l_i, acc, qk_scale):
     """One online-softmax step of the query rows q [R, D] over a K/V block [BLOCK, D] (tokens off
     ``tok_ok`` masked out): the updated (max, sum, accumulator), scores in the log2 domain."""
@@ -316,20 +327,12 @@ def _partial_kernel(
         # blocks are loaded into registers before the wait, off the critical path that starts when
         # the qkv GEMV ends. Graph decode, Qwen3-8B bs1 at 1k tokens: 4.172 -> 4.093 ms (run T1).
         # PRELOAD_BLOCKS of them: the first one or two blocks of the slice.
-        offs0 = start + tl.arange(0, BLOCK)
-        ok0 = offs0 < cached_end
-        slots0 = tl.load(req_row + offs0, mask=ok0, other=0, cache_modifier=".cg").to(tl.int64)
-        kv_off0 = slots0[:, None] * kv_stride_s + kv_head * kv_stride_h + dims[None, :]
-        k0 = tl.load(k_ptr + kv_off0, mask=ok0[:, None], other=0.0)
-        v0 = tl.load(v_ptr + kv_off0, mask=ok0[:, None], other=0.0)
+        ok0, k0, v0 = _preload_kv_block(k_ptr, v_ptr, req_row, start, cached_end, kv_head * kv_stride_h,
+                                        kv_stride_s, dims, BLOCK)
         first = start + BLOCK
         if PRELOAD_BLOCKS >= 2:
-            offs1 = offs0 + BLOCK
-            ok1 = offs1 < cached_end
-            slots1 = tl.load(req_row + offs1, mask=ok1, other=0, cache_modifier=".cg").to(tl.int64)
-            kv_off1 = slots1[:, None] * kv_stride_s + kv_head * kv_stride_h + dims[None, :]
-            k1 = tl.load(k_ptr + kv_off1, mask=ok1[:, None], other=0.0)
-            v1 = tl.load(v_ptr + kv_off1, mask=ok1[:, None], other=0.0)
+            ok1, k1, v1 = _preload_kv_block(k_ptr, v_ptr, req_row, start + BLOCK, cached_end, kv_head * kv_stride_h,
+                                            kv_stride_s, dims, BLOCK)
             first = start + 2 * BLOCK
 
     if USE_PDL:  # programmatic dependent launch: pymllm.layers.kernels.pdl
