@@ -111,6 +111,10 @@ def interpreter_checks() -> None:
                 for splits, window in ((1, -1), (4, -1), (16, -1), (4, 9)):
                     check_against_references(hq, hkv, d, [1, 37, 70], dtype, "cpu", with_norm, loc_dtype,
                                              splits, window, tol)
+    # Slices longer than the tile preloaded before the wait (PRELOAD_BLOCKS x BLOCK = 128 tokens):
+    # the loop goes on after it, with a partial last block.
+    for splits in (1, 2):
+        check_against_references(8, 2, 16, [150, 300], torch.float16, "cpu", True, torch.int64, splits, -1, 2e-3)
     print("interpreter checks passed")
 
 

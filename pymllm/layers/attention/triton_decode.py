@@ -80,7 +80,11 @@ ROPE_MAX_SPLITS = 32
 # K/V blocks of its slice a one-row graph's program loads into registers before its PDL wait
 # (kv_settled). A slice is rounded up to whole blocks, so 16 splits of 1,025-2,048 tokens hold two
 # blocks each: Qwen3-8B W4A16 bs1 in1024 at 16 splits, with two against one, H200 1.927 / 1.937
-# against 1.972 / 1.962 ms (T139), H100 2.290 / 2.297 against 2.325 / 2.323 (T141).
+# against 1.972 / 1.962 ms (T139), H100 2.290 / 2.297 against 2.325 / 2.323 (T141). They are one
+# tile of PRELOAD_BLOCKS x BLOCK tokens (a power of two), scored in one online-softmax step: the
+# chain after the wait has one max / sum / rescale round instead of one per block. H100 (T153):
+# W4A16 2.257 / 2.249 ms (graph 2.227 / 2.227) against two steps' 2.279 / 2.281 (2.254 / 2.255);
+# W8A8 (32 splits, 64-token slices: half the tile masked) 3.316 against 3.319.
 PRELOAD_BLOCKS = 2
 # K/V blocks of its slice a program pulls into L2 before its PDL wait (see _partial_kernel): the
 # first ones, whose latency the program would otherwise wait out; later loads are pipelined, and
@@ -259,7 +263,7 @@ def _prefetch_kv_l2(k_ptr, v_ptr, req_row, start, stop, head_offset, kv_stride_s
 
 @triton.jit
 def _preload_kv_block(k_ptr, v_ptr, req_row, n0, end, head_offset, kv_stride_s, dims, BLOCK: tl.constexpr):
-    """(token mask, K, V) of the block of positions [n0, n0 + BLOCK) before ``end``, for a load
+    """(token mask, K, V) of the tile of positions [n0, n0 + BLOCK) before ``end``, for a load
     before the PDL wait: the page table is read around L1 (".cg"), as in _prefetch_kv_l2."""
     offs = n0 + tl.arange(0, BLOCK)
     ok = offs < end
@@ -326,14 +330,10 @@ def _partial_kernel(
         # (the step's own K/V this kernel stores and reads from registers), so the slice's first
         # blocks are loaded into registers before the wait, off the critical path that starts when
         # the qkv GEMV ends. Graph decode, Qwen3-8B bs1 at 1k tokens: 4.172 -> 4.093 ms (run T1).
-        # PRELOAD_BLOCKS of them: the first one or two blocks of the slice.
-        ok0, k0, v0 = _preload_kv_block(k_ptr, v_ptr, req_row, start, cached_end, kv_head * kv_stride_h,
-                                        kv_stride_s, dims, BLOCK)
-        first = start + BLOCK
-        if PRELOAD_BLOCKS >= 2:
-            ok1, k1, v1 = _preload_kv_block(k_ptr, v_ptr, req_row, start + BLOCK, cached_end, kv_head * kv_stride_h,
-                                            kv_stride_s, dims, BLOCK)
-            first = start + 2 * BLOCK
+        # The slice's first PRELOAD_BLOCKS blocks, as one tile.
+        tile_ok, k_tile, v_tile = _preload_kv_block(k_ptr, v_ptr, req_row, start, cached_end, kv_head * kv_stride_h,
+                                                    kv_stride_s, dims, PRELOAD_BLOCKS * BLOCK)
+        first = start + PRELOAD_BLOCKS * BLOCK
 
     if USE_PDL:  # programmatic dependent launch: pymllm.layers.kernels.pdl
         tl.extra.cuda.gdc_launch_dependents()
@@ -375,10 +375,7 @@ def _partial_kernel(
     qk_scale = sm_scale * 1.4426950408889634
     if PRELOAD_BLOCKS >= 1:
         if start < cached_end:  # an all-masked block would turn the running max into nan
-            m_i, l_i, acc = _online_softmax_block(q, k0, v0, ok0, m_i, l_i, acc, qk_scale)
-        if PRELOAD_BLOCKS >= 2:
-            if start + BLOCK < cached_end:
-                m_i, l_i, acc = _online_softmax_block(q, k1, v1, ok1, m_i, l_i, acc, qk_scale)
+            m_i, l_i, acc = _online_softmax_block(q, k_tile, v_tile, tile_ok, m_i, l_i, acc, qk_scale)
     for n0 in range(first, cached_end, BLOCK):
         offs = n0 + tl.arange(0, BLOCK)
         tok_ok = offs < cached_end
