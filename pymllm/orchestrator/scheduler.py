@@ -387,6 +387,7 @@ class Scheduler:
             "kv_used": self.allocator.used_size(),
             "kv_total": self.allocator.size,
             "kv_cached": self.prefix_cache.total_cached(),
+            "kv_evictable": self.prefix_cache.evictable_size(),
             "req_slots_free": self.req_pool.available_size(),
             "num_retractions": self.num_retractions,
             "num_prompt_tokens": self.num_prompt_tokens,

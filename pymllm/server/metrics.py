@@ -39,9 +39,22 @@ class ServerMetrics:
         )
         self.running = Gauge("pymllm_num_requests_running", "Requests being decoded.", registry=r)
         self.queued = Gauge("pymllm_num_requests_queued", "Requests waiting for a batch slot.", registry=r)
-        self.kv_used = Gauge("pymllm_kv_cache_used_tokens", "KV cache slots in use.", registry=r)
+        # Prefix-cache entries no request uses stay in the pool until space is needed; like
+        # SGLang's token usage and vLLM's cache usage, "used" leaves them out (an idle server
+        # with a full prefix cache is not a saturated one) and they get a gauge of their own.
+        self.kv_used = Gauge(
+            "pymllm_kv_cache_used_tokens", "KV cache slots held by requests (evictable cached prefixes excluded).",
+            registry=r,
+        )
+        self.kv_evictable = Gauge(
+            "pymllm_kv_cache_evictable_tokens", "KV cache slots of cached prefixes no request uses (reclaimable).",
+            registry=r,
+        )
         self.kv_total = Gauge("pymllm_kv_cache_total_tokens", "KV cache capacity in tokens.", registry=r)
-        self.kv_usage = Gauge("pymllm_kv_cache_usage_ratio", "Fraction of the KV cache in use.", registry=r)
+        self.kv_usage = Gauge(
+            "pymllm_kv_cache_usage_ratio", "Fraction of the KV cache held by requests (evictable prefixes excluded).",
+            registry=r,
+        )
         self.ttft = Histogram(
             "pymllm_time_to_first_token_seconds", "Time to the first generated token.",
             buckets=_LATENCY_BUCKETS, registry=r,
@@ -71,8 +84,10 @@ class ServerMetrics:
     def _set_load(self, info: Dict[str, Any]) -> None:
         self.running.set(info.get("running", 0))
         self.queued.set(info.get("queued", 0))
-        used, total = info.get("kv_used", 0), info.get("kv_total", 0)
+        evictable, total = info.get("kv_evictable", 0), info.get("kv_total", 0)
+        used = info.get("kv_used", 0) - evictable
         self.kv_used.set(used)
+        self.kv_evictable.set(evictable)
         self.kv_total.set(total)
         self.kv_usage.set(used / total if total else 0.0)
 

@@ -85,7 +85,7 @@ class FakeEngineClient:
         self.aborted: List[str] = []
         self.control_calls: List[str] = []
         self.server_info: Dict[str, Any] = {
-            "config": {}, "running": 2, "queued": 1, "kv_used": 64, "kv_total": 256,
+            "config": {}, "running": 2, "queued": 1, "kv_used": 96, "kv_evictable": 32, "kv_total": 256,
         }
         self.flush_ok = True
 

@@ -68,7 +68,10 @@ async def test_metrics_exposition():
     assert 'pymllm_requests_total{endpoint="/v1/chat/completions",status="200"} 1.0' in text
     assert 'pymllm_requests_total{endpoint="/v1/chat/completions",status="400"} 1.0' in text
     assert "pymllm_generation_tokens_total 3.0" in text
-    assert "pymllm_num_requests_running 2.0" in text and "pymllm_kv_cache_usage_ratio 0.25" in text
+    assert "pymllm_num_requests_running 2.0" in text
+    # 96 slots in use, 32 of them evictable cached prefixes: requests hold 64 of 256.
+    assert "pymllm_kv_cache_used_tokens 64.0" in text and "pymllm_kv_cache_evictable_tokens 32.0" in text
+    assert "pymllm_kv_cache_usage_ratio 0.25" in text
     assert "pymllm_inter_token_latency_seconds_count 2.0" in text
 
 

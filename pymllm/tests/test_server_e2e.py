@@ -236,6 +236,24 @@ def test_metrics_exposition(server):
         assert name in text, name
 
 
+def test_idle_kv_metrics_leave_out_the_prefix_cache(server):
+    # A finished request's prefix stays cached (evictable); an idle server reports it as such,
+    # not as slots in use.
+    body = {"model": "tiny-qwen3", "prompt": "the prefix cache keeps this prompt", "max_tokens": 4}
+    assert httpx.post(server.base_url + "/v1/completions", json=body, headers=server.headers(), timeout=60).status_code == 200
+    deadline = time.monotonic() + 30
+    while True:
+        info = server.get("/server_info").json()
+        if info["running"] == 0 and info["queued"] == 0:
+            break
+        assert time.monotonic() < deadline, info
+        time.sleep(0.2)
+    assert info["kv_evictable"] == info["kv_cached"] > 0
+    text = httpx.get(server.base_url + "/metrics").text
+    assert "pymllm_kv_cache_used_tokens 0.0" in text and "pymllm_kv_cache_usage_ratio 0.0" in text
+    assert f"pymllm_kv_cache_evictable_tokens {float(info['kv_evictable'])}" in text
+
+
 def test_idle_server_uses_no_cpu(server):
     def cpu_ticks(pid):
         with open(f"/proc/{pid}/stat") as f:
