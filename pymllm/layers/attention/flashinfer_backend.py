@@ -409,14 +409,11 @@ class FlashInferAttnBackend(AttentionBackend):
         if graph_decode_kernel(bs, self.kv_dtype, self.geometry.head_dim) == "triton":
             from pymllm.layers.attention import triton_decode
 
-            sms = self._num_sms()
-            heads = self.geometry.num_kv_heads
-            st.triton_splits[bs] = (
-                triton_decode.num_splits_for(bs, heads, sms, self.one_row_split_cap) if rope_in_attention_ok(bs)
-                else triton_decode.num_splits_for(bs, heads, sms)
-            )
+            rope = rope_in_attention_ok(bs)
+            cap = self.one_row_split_cap if rope else triton_decode.MAX_SPLITS
+            st.triton_splits[bs] = triton_decode.num_splits_for(bs, self.geometry.num_kv_heads, self._num_sms(), cap)
             self.forward_metadata = _ForwardMetadata(
-                "triton_decode", {}, num_splits=st.triton_splits[bs], rope_in_attention=rope_in_attention_ok(bs)
+                "triton_decode", {}, num_splits=st.triton_splits[bs], rope_in_attention=rope
             )
             return
         st.wrappers[bs] = {

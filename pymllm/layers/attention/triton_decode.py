@@ -63,14 +63,14 @@ from pymllm.layers.kernels.pdl import enter_dependent, launch_options
 BLOCK_N = 64  # KV tokens per inner step, at every batch size measured (1-128)
 NUM_STAGES = 3
 NUM_WARPS = 4
-# The one-row graph's launch with rope fused and the first K/V block preloaded (kv_settled): there
+# The one-row graph's launch with rope fused and its first K/V blocks preloaded (kv_settled): there
 # a program's work after its PDL wait is a few small tiles, whose latency more warps shorten.
 # Measured in the decode graphs on an H200 (runs T5/T6, processes alternating): Qwen3-8B bs1
 # graph 4.078-4.088 ms with 4 warps / 3 stages, 4.022-4.058 with 8 / 2 (in1024), 4.149 vs
 # 4.113-4.142 (in2048); Qwen3-0.6B 0.680-0.706 vs 0.637-0.640 ms (in128).
 ROPE_NUM_WARPS = 8
 ROPE_NUM_STAGES = 2
-_MAX_SPLITS = 16
+MAX_SPLITS = 16  # the split cap of every launch but the one-row graph's (ROPE_MAX_SPLITS)
 # The one-row graph's split cap: with every block of a slice preloaded before the wait (below),
 # shorter slices shorten what a program does after it. Qwen3-8B bs1 in1024, processes alternating:
 # W8A8 on an H200 2.529-2.534 ms with 32 splits against 2.596-2.620 with 16 (runs T139/T140), on an
@@ -97,7 +97,7 @@ PREFETCH_BLOCKS = 2
 PROGRAMS_PER_SM = 4
 
 
-def num_splits_for(batch_size: int, num_kv_heads: int, num_sms: int, max_splits: int = _MAX_SPLITS) -> int:
+def num_splits_for(batch_size: int, num_kv_heads: int, num_sms: int, max_splits: int = MAX_SPLITS) -> int:
     """Splits per sequence, by a wave model: a launch of P programs runs in ceil(P / (SMs x
     PROGRAMS_PER_SM)) waves, each as long as one program's share of a sequence (1 / splits), so
     the time goes as waves / splits. A larger split count must beat the best so far by 10 %, as
@@ -491,9 +491,9 @@ def decode_attention(
 
     kv_settled (with rope): the pool rows of the cached tokens were written before the kernels
     that may run alongside this one began (a decode graph: earlier steps wrote them, and this
-    kernel stores the step's own K/V), so each program loads its first K/V block before its PDL
-    wait. Not for a call right after kernels that write those rows: a PDL launch may start
-    before their writes are visible.
+    kernel stores the step's own K/V), so each program loads its slice's first PRELOAD_BLOCKS
+    K/V blocks, as one tile, before its PDL wait. Not for a call right after kernels that write
+    those rows: a PDL launch may start before their writes are visible.
     """
     op = "decode_attention"
     batch, _, head_dim = q.shape
