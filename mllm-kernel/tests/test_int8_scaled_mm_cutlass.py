@@ -9,9 +9,6 @@ GPU: every path against the reference on fresh random inputs, into NaN-poisoned 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,8 +17,7 @@ import torch
 
 from mllm_kernel.cuda.jit import int8_scaled_mm_cutlass as cutlass_mm
 from mllm_kernel.jit_utils.target import Target
-
-REPO = Path(__file__).resolve().parents[2]
+from pymllm.testing.triton_interpreter import check_in_interpreter
 
 
 def fake_cutlass(root: Path) -> Path:
@@ -152,10 +148,7 @@ def interpreter_checks() -> None:
 
 
 def test_triton_kernels_in_interpreter():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "mllm-kernel"),
-                                                                                  os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    result = check_in_interpreter([__file__], timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
 

@@ -7,18 +7,14 @@ On a GPU they run for real, fp16 and bf16, many M, into NaN-poisoned outputs.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Optional
 
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from pymllm.testing.triton_interpreter import check_in_interpreter
 
-REPO = Path(__file__).resolve().parents[2]
+pytest.importorskip("triton")
 
 
 def random_layer(k: int, n: int, group: int, symmetric: bool, dtype: torch.dtype, device: str, seed: int):
@@ -86,9 +82,7 @@ def interpreter_checks() -> None:
 
 
 def test_kernels_in_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "mllm-kernel"),
-                                                                                  os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    result = check_in_interpreter([__file__], timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
 

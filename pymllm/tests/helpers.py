@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -14,6 +11,7 @@ from pymllm.orchestrator.request import Req
 from pymllm.orchestrator.scheduler import Scheduler
 from pymllm.orchestrator.scheduler_process import build_scheduler
 from pymllm.sampling_params import SamplingParams
+from pymllm.testing.triton_interpreter import check_in_interpreter
 
 
 def make_scheduler(model_dir, **server) -> Scheduler:
@@ -57,29 +55,11 @@ def run_requests(
     return reqs
 
 
-_REPO = Path(__file__).resolve().parents[2]
-
-
-def run_under_triton_interpreter(module: str, function: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    """Run ``module.function()`` in a child Python with TRITON_INTERPRET=1 (Triton reads it
-    when a kernel is defined, so it cannot be switched on inside this process); returns the
-    finished process with its output captured."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    paths = (str(_REPO), str(_REPO / "mllm-kernel"), env.get("PYTHONPATH"))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    code = f"from {module} import {function}; {function}()"
-    return subprocess.run([sys.executable, "-c", code], env=env, cwd=_REPO, capture_output=True, text=True,
-                          timeout=timeout)
-
-
 def assert_passes_under_triton_interpreter(module: str, function: str, printed: Optional[str] = None) -> None:
-    """``module.function()`` under Triton's interpreter (run_under_triton_interpreter) exits 0 and,
-    when given, prints ``printed`` (the checks' own proof that they ran to the end); skipped
-    without Triton."""
-    import pytest
-
-    pytest.importorskip("triton")
-    result = run_under_triton_interpreter(module, function)
+    """``module.function()`` in a child Python under Triton's interpreter exits 0 and, when given,
+    prints ``printed`` (the checks' own proof that they ran to the end); skipped without Triton or
+    where the interpreter cannot run our kernels (check_in_interpreter)."""
+    result = check_in_interpreter(["-c", f"from {module} import {function}; {function}()"])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
     if printed is not None:
         assert printed in result.stdout
