@@ -6,11 +6,12 @@ from __future__ import annotations
 import base64
 
 import numpy as np
-import openai
 import pytest
 
 from pymllm.testing.tiny_models import tiny_vl_model_dir
 from pymllm.tests.server_process import ServerProcess
+
+openai = pytest.importorskip("openai")  # a dev dependency, absent where only `pytest -m gpu` is set up
 
 
 @pytest.fixture(scope="module")
