@@ -13,6 +13,11 @@ _FALLBACKS = {
     "min_p": 0.0,
     "repetition_penalty": 1.0,
 }
+# Fields whose JSON value must be an integer / a number. /generate passes its dict through
+# unchecked, and a float top_k or top_logprobs reaches torch.topk in the scheduler, which
+# fails there and takes the engine down.
+_INT_FIELDS = ("max_new_tokens", "top_k", "top_logprobs", "seed")
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 # generation_config.json key -> SamplingParams field
 _GENERATION_CONFIG_KEYS = {
     "temperature": "temperature",
@@ -98,6 +103,15 @@ class SamplingParams:
             if not cond:
                 raise ValueError(message)
 
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            check(value is None or _is_int(value), f"{name} must be an integer, got {value!r}")
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            check(value is None or _is_int(value) or isinstance(value, float),
+                  f"{name} must be a number, got {value!r}")
+        check(isinstance(self.stop, list), "stop must be a string or a list of strings")
+        check(isinstance(self.stop_token_ids, list), "stop_token_ids must be a list of token ids")
         if self.max_new_tokens is not None:
             check(self.max_new_tokens >= 0, f"max_tokens must be >= 0, got {self.max_new_tokens}")
         if self.temperature is not None:
@@ -118,12 +132,15 @@ class SamplingParams:
         check(0 <= self.top_logprobs <= 20, f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
         check(all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings")
         check(len(self.stop) <= 16, "at most 16 stop strings")
-        check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+        check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
               "stop_token_ids must be non-negative integers")
-        if self.seed is not None:
-            check(isinstance(self.seed, int), "seed must be an integer")
         check(all(-100.0 <= v <= 100.0 for v in self.logit_bias.values()),
               "logit_bias values must be in [-100, 100]")
+
+
+def _is_int(value: object) -> bool:
+    # bool is an int subclass, but true/false for a count is a client mistake.
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _token_bias(bias) -> Dict[int, float]:

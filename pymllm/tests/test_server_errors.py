@@ -72,6 +72,27 @@ async def test_out_of_range_values_are_400(patch, param):
 
 
 @pytest.mark.parametrize(
+    "sampling,needle",
+    [
+        # A float top_k once reached torch.topk in the scheduler and killed the engine.
+        ({"top_k": 1.5}, "top_k must be an integer"),
+        ({"top_logprobs": 2.5, "logprobs": True}, "top_logprobs must be an integer"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer"),
+        ({"max_new_tokens": "x"}, "max_new_tokens must be an integer"),
+        ({"top_k": True}, "top_k must be an integer"),
+        ({"temperature": "hot"}, "temperature must be a number"),
+        ({"stop": {"a": 1}}, "stop must be a string or a list"),
+        ({"stop_token_ids": 5}, "stop_token_ids must be a list"),
+    ],
+)
+async def test_native_sampling_params_of_the_wrong_type_are_400(sampling, needle):
+    fake = FakeEngineClient()
+    r = await _post(fake, {"text": "x", "sampling_params": sampling}, path="/generate")
+    assert needle in _assert_error(r, 400)["message"]
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(
     "patch,needle",
     [
         ({"response_format": {"type": "json_object"}}, "response_format"),
