@@ -139,6 +139,10 @@ class ChatCompletionRequest(SamplingRequestFields):
             raise ValueError("top_logprobs requires logprobs to be true")
         if self.tool_choice not in (None, "none", "auto") and not self.tools:
             raise ValueError("tool_choice requires tools")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            name = self.tool_choice.function.name
+            if name not in {tool.function.name for tool in self.tools or []}:
+                raise ValueError(f"tool_choice names the function {name!r}, which is not in tools")
         return self
 
     @property

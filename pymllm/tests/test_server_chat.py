@@ -243,9 +243,10 @@ CALL_CHUNKS = [
 ]
 
 
-async def test_tool_calls_non_streaming():
+@pytest.mark.parametrize("tool_choice", [None, {"type": "function", "function": {"name": "get_weather"}}])
+async def test_tool_calls_non_streaming(tool_choice):
     fake = FakeEngineClient(ScriptedReply(chunks=CALL_CHUNKS))
-    r = await _post(fake, {"messages": USER, "tools": TOOLS})
+    r = await _post(fake, {"messages": USER, "tools": TOOLS, "tool_choice": tool_choice})
     choice = r.json()["choices"][0]
     assert choice["finish_reason"] == "tool_calls"
     assert choice["message"]["content"] == "Checking."

@@ -98,6 +98,8 @@ async def test_native_sampling_params_of_the_wrong_type_are_400(sampling, needle
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"top_logprobs": 3}, "top_logprobs requires logprobs"),
         ({"tool_choice": "required"}, "tool_choice requires tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}],
+          "tool_choice": {"type": "function", "function": {"name": "g"}}}, "'g', which is not in tools"),
     ],
 )
 async def test_unsupported_options_are_400(patch, needle):
