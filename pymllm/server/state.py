@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Type
 from pymllm.configs.server_config import ServerConfig
 from pymllm.parsers.reasoning import ReasoningParser, get_reasoning_parser, template_opens_reasoning
 from pymllm.server.engine_protocol import EngineClient
-from pymllm.server.errors import OpenAIError
+from pymllm.server.errors import OpenAIError, bad_request
 from pymllm.server.metrics import ServerMetrics
 
 # Model names accepted besides the served name: clients that do not care send "default".
@@ -50,6 +50,19 @@ class ServerState:
             404, f"The model '{name}' does not exist; this server serves '{self.model_name}'.",
             code="model_not_found", param="model",
         )
+
+    def check_capacity(self, engine_requests: int) -> None:
+        """Refuse a request that fans out (n choices, a batch of prompts) into more engine
+        requests than the engine ever admits at once: it would get the queue-full 503 even on
+        an idle server, and retrying could never help."""
+        if self.config.max_queued_requests is None:
+            return
+        capacity = self.config.max_running_requests + self.config.max_queued_requests
+        if engine_requests > capacity:
+            raise bad_request(
+                f"this request needs {engine_requests} generations at once (n times the number of "
+                f"prompts); this server admits at most {capacity}", "n",
+            )
 
     def reasoning_open(self, chat_template_kwargs: Optional[Dict[str, Any]]) -> bool:
         """Whether replies start inside a reasoning block; cached per template kwargs."""

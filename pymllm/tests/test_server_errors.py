@@ -136,6 +136,19 @@ async def test_queue_full_is_503(stream):
     _assert_error(await _post(fake, {"text": "x", "stream": stream}, path="/generate"), 503)
 
 
+async def test_fan_out_past_the_queue_bound_is_400_not_503():
+    # 4 running + 2 queued: a request of 8 generations could never be admitted, even idle.
+    limits = {"max_running_requests": 4, "max_queued_requests": 2}
+    fake = FakeEngineClient()
+    err = _assert_error(await _post(fake, {"messages": USER, "n": 8}, **limits), 400)
+    assert err["param"] == "n" and "at most 6" in err["message"]
+    err = _assert_error(await _post(fake, {"prompt": ["a", "b"], "n": 4}, path="/v1/completions", **limits), 400)
+    assert "needs 8 generations" in err["message"]
+    assert fake.requests == []
+    assert (await _post(fake, {"messages": USER, "n": 6}, **limits)).status_code == 200
+    assert (await _post(fake, {"messages": USER, "n": 8}, max_running_requests=4)).status_code == 200
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_dead_engine_is_503(stream):
     fake = FakeEngineClient()
