@@ -120,6 +120,16 @@ class ResponseFormat(BaseModel):
     type: str
 
 
+# apply_chat_template's own arguments. chat_template_kwargs are meant for template variables
+# (enable_thinking, ...); these would instead change what the tokenizer process gets back
+# (return_tensors gave an array that crashed the scheduler) or how the prompt is built.
+_RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "tools", "documents", "chat_template", "add_generation_prompt", "continue_final_message",
+    "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs",
+})
+
+
 class ChatCompletionRequest(SamplingRequestFields):
     messages: List[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
@@ -139,6 +149,9 @@ class ChatCompletionRequest(SamplingRequestFields):
             raise ValueError("top_logprobs requires logprobs to be true")
         if self.tool_choice not in (None, "none", "auto") and not self.tools:
             raise ValueError("tool_choice requires tools")
+        reserved = sorted(_RESERVED_TEMPLATE_KWARGS.intersection(self.chat_template_kwargs or {}))
+        if reserved:
+            raise ValueError(f"chat_template_kwargs cannot set {', '.join(reserved)}")
         if isinstance(self.tool_choice, NamedToolChoice):
             name = self.tool_choice.function.name
             if name not in {tool.function.name for tool in self.tools or []}:

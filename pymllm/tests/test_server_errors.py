@@ -100,6 +100,9 @@ async def test_native_sampling_params_of_the_wrong_type_are_400(sampling, needle
         ({"tool_choice": "required"}, "tool_choice requires tools"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}],
           "tool_choice": {"type": "function", "function": {"name": "g"}}}, "'g', which is not in tools"),
+        # return_tensors once made the tokenizer process hand the scheduler an array, killing it.
+        ({"chat_template_kwargs": {"return_tensors": "np", "tokenize": False}},
+         "chat_template_kwargs cannot set return_tensors, tokenize"),
     ],
 )
 async def test_unsupported_options_are_400(patch, needle):
