@@ -18,6 +18,8 @@ _FALLBACKS = {
 # fails there and takes the engine down.
 _INT_FIELDS = ("max_new_tokens", "top_k", "top_logprobs", "seed")
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+# The tokenizer's Rust decode refuses a non-bool skip_special_tokens, in the detokenizer process.
+_BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "logprobs")
 # generation_config.json key -> SamplingParams field
 _GENERATION_CONFIG_KEYS = {
     "temperature": "temperature",
@@ -110,6 +112,9 @@ class SamplingParams:
             value = getattr(self, name)
             check(value is None or _is_int(value) or isinstance(value, float),
                   f"{name} must be a number, got {value!r}")
+        for name in _BOOL_FIELDS:
+            value = getattr(self, name)
+            check(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
         check(isinstance(self.stop, list), "stop must be a string or a list of strings")
         check(isinstance(self.stop_token_ids, list), "stop_token_ids must be a list of token ids")
         if self.max_new_tokens is not None:

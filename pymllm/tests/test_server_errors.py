@@ -83,6 +83,9 @@ async def test_out_of_range_values_are_400(patch, param):
         ({"temperature": "hot"}, "temperature must be a number"),
         ({"stop": {"a": 1}}, "stop must be a string or a list"),
         ({"stop_token_ids": 5}, "stop_token_ids must be a list"),
+        # A list here reached the tokenizer's decode in the detokenizer process and killed it.
+        ({"skip_special_tokens": ["a"]}, "skip_special_tokens must be true or false"),
+        ({"ignore_eos": "false"}, "ignore_eos must be true or false"),
     ],
 )
 async def test_native_sampling_params_of_the_wrong_type_are_400(sampling, needle):
