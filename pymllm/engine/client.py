@@ -104,12 +104,11 @@ class EngineClient:
         if self._request_tokenizer is None or req.input_ids is None or req.text is not None or req.messages is not None:
             self._send(req)
             return None
-        from pymllm.orchestrator.tokenizer_process import InvalidRequest, rejected_output
+        from pymllm.orchestrator.tokenizer_process import tokenize_or_reply
 
-        try:
-            tokenized = self._request_tokenizer.tokenize(req)
-        except InvalidRequest as e:
-            return rejected_output(req.rid, e)
+        tokenized = tokenize_or_reply(self._request_tokenizer, req)
+        if isinstance(tokenized, BatchRequestOutput):
+            return tokenized.outputs[0]
         with self._send_lock:
             self._direct.add(req.rid)
             self._to_scheduler.send(tokenized)
@@ -144,6 +143,11 @@ class EngineClient:
             while True:
                 out: RequestOutput = await queue.get()
                 finished = out.finished
+                if finished and out.finish_reason is not None and (out.finish_reason.status_code or 0) >= 500 \
+                        and self._healthy:
+                    # Ended by a failure outside the scheduler (the detokenizer's), which may still be
+                    # generating for it: free its KV now.
+                    self._send_abort(req.rid)
                 yield out
                 if finished:
                     return

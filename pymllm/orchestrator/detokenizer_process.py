@@ -45,38 +45,56 @@ class DetokenizerManager:
     def process(self, batch: BatchTokenIDOut) -> BatchRequestOutput:
         outputs = []
         for i, rid in enumerate(batch.rids):
-            reason: Optional[FinishReason] = batch.finished_reasons[i]
-            if rid in self.stopped:
-                if reason is not None:
-                    self.stopped.discard(rid)
-                continue
-            state = self.states.get(rid)
-            if state is None:
-                tail = batch.prompt_tails[i] if batch.prompt_tails else None
-                state = IncrementalDetokenizer(
-                    self.tokenizer, prompt_ids_tail=tail, skip_special_tokens=batch.skip_special_tokens[i],
-                    stop=batch.stop_strings[i],
-                )
-                self.states[rid] = state
-            text, stopped, matched = state.add_tokens(batch.new_token_ids[i])
-            if stopped and reason is None:
-                reason = FinishReason("stop", matched=matched)
-                self.stopped.add(rid)
-            if reason is not None:
-                if not stopped:
-                    text += state.finish()
-                if isinstance(reason.matched, str) or stopped:
-                    reason = FinishReason("stop", matched=matched if stopped else reason.matched)
-                del self.states[rid]
-            outputs.append(
-                RequestOutput(
-                    rid=rid, text=text, token_ids=batch.new_token_ids[i], finished=reason is not None,
-                    finish_reason=reason, prompt_tokens=batch.prompt_tokens[i],
-                    completion_tokens=batch.completion_tokens[i], cached_tokens=batch.cached_tokens[i],
-                    logprobs=self._logprobs(batch.logprobs[i]),
-                )
-            )
+            try:
+                output = self._request_output(batch, i)
+            except Exception:  # a bug in one request's decoding must cost that request, not the server
+                logger.exception("detokenizing request %s failed; it ends with an error", rid)
+                output = self._failed_output(rid, batch.finished_reasons[i] is not None)
+            if output is not None:
+                outputs.append(output)
         return BatchRequestOutput(outputs)
+
+    def _failed_output(self, rid: str, scheduler_finished: bool) -> RequestOutput:
+        """The final output of a request whose decoding raised: a 500 for its client; its later
+        tokens, until the scheduler ends it, are dropped like those after a stop string."""
+        self.states.pop(rid, None)
+        if not scheduler_finished:
+            self.stopped.add(rid)
+        reason = FinishReason("abort", message="internal error while detokenizing the reply", status_code=500)
+        return RequestOutput(rid=rid, text="", token_ids=[], finished=True, finish_reason=reason)
+
+    def _request_output(self, batch: BatchTokenIDOut, i: int) -> Optional[RequestOutput]:
+        """Request ``i`` of the batch as a text delta; None for a request already ended here."""
+        rid = batch.rids[i]
+        reason: Optional[FinishReason] = batch.finished_reasons[i]
+        if rid in self.stopped:
+            if reason is not None:
+                self.stopped.discard(rid)
+            return None
+        state = self.states.get(rid)
+        if state is None:
+            tail = batch.prompt_tails[i] if batch.prompt_tails else None
+            state = IncrementalDetokenizer(
+                self.tokenizer, prompt_ids_tail=tail, skip_special_tokens=batch.skip_special_tokens[i],
+                stop=batch.stop_strings[i],
+            )
+            self.states[rid] = state
+        text, stopped, matched = state.add_tokens(batch.new_token_ids[i])
+        if stopped and reason is None:
+            reason = FinishReason("stop", matched=matched)
+            self.stopped.add(rid)
+        if reason is not None:
+            if not stopped:
+                text += state.finish()
+            if isinstance(reason.matched, str) or stopped:
+                reason = FinishReason("stop", matched=matched if stopped else reason.matched)
+            del self.states[rid]
+        return RequestOutput(
+            rid=rid, text=text, token_ids=batch.new_token_ids[i], finished=reason is not None,
+            finish_reason=reason, prompt_tokens=batch.prompt_tokens[i],
+            completion_tokens=batch.completion_tokens[i], cached_tokens=batch.cached_tokens[i],
+            logprobs=self._logprobs(batch.logprobs[i]),
+        )
 
 
 def detokenizer_loop(model_config: ModelConfig, endpoints: Endpoints) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import List
+from typing import List, Union
 
 import zmq
 
@@ -15,6 +15,7 @@ from pymllm.engine.io_struct import (
     AbortReq,
     BatchRequestOutput,
     ControlReq,
+    FinishReason,
     GenerateReqInput,
     RequestOutput,
     RequestRefused,
@@ -141,6 +142,19 @@ def rejected_output(rid: str, error: InvalidRequest) -> RequestOutput:
     return RequestOutput(rid, "", [], True, error.finish_reason())
 
 
+def tokenize_or_reply(worker: RequestTokenizer, req: GenerateReqInput) -> Union[TokenizedGenerateReq, BatchRequestOutput]:
+    """The tokenized request, for the scheduler; or the final reply, for the frontend, of a request
+    refused (400) or one whose tokenization raised (500: a bug costs the request, not the server)."""
+    try:
+        return worker.tokenize(req)
+    except InvalidRequest as e:
+        return BatchRequestOutput([rejected_output(req.rid, e)])
+    except Exception:
+        logger.exception("tokenizing request %s failed; it ends with an error", req.rid)
+        reason = FinishReason("abort", message="internal error while preparing the request", status_code=500)
+        return BatchRequestOutput([RequestOutput(req.rid, "", [], True, reason)])
+
+
 def tokenizer_loop(config: GlobalConfig, model_config: ModelConfig, endpoints: Endpoints) -> None:
     from transformers import AutoTokenizer
 
@@ -154,10 +168,8 @@ def tokenizer_loop(config: GlobalConfig, model_config: ModelConfig, endpoints: E
     while True:
         msg = inbox.recv()
         if isinstance(msg, GenerateReqInput):
-            try:
-                to_scheduler.send(worker.tokenize(msg))
-            except InvalidRequest as e:
-                to_frontend.send(BatchRequestOutput([rejected_output(msg.rid, e)]))
+            out = tokenize_or_reply(worker, msg)
+            (to_scheduler if isinstance(out, TokenizedGenerateReq) else to_frontend).send(out)
         elif isinstance(msg, (AbortReq, ControlReq)):
             to_scheduler.send(msg)
         else:

@@ -229,3 +229,37 @@ def test_text_before_an_incomplete_character_is_not_delayed():
     detok = IncrementalDetokenizer(tok, None, True, ["!"])
     assert detok.add_tokens(tok.encode("ok ") + [0xC3]) == ("ok ", False, None)
     assert detok.add_tokens([0xA9, ord("!")]) == ("é", True, "!")
+
+
+class _FailsOnByte(ByteTokenizer):
+    """Raises when asked to decode byte 0xFF: a stand-in for a bug in one request's decoding."""
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        if 0xFF in ids:
+            raise RuntimeError("decoder bug")
+        return super().decode(ids, skip_special_tokens)
+
+
+def _report(rids, new_ids, finished):
+    from pymllm.engine.io_struct import BatchTokenIDOut
+
+    n = len(rids)
+    return BatchTokenIDOut(rids=rids, new_token_ids=new_ids, finished_reasons=finished, prompt_tokens=[1] * n,
+                           completion_tokens=[len(t) for t in new_ids], cached_tokens=[0] * n, logprobs=[None] * n,
+                           skip_special_tokens=[True] * n, stop_strings=[[] for _ in rids])
+
+
+def test_a_request_whose_decoding_raises_ends_with_a_500_and_its_batch_mates_go_on():
+    from pymllm.engine.io_struct import FinishReason
+    from pymllm.orchestrator.detokenizer_process import DetokenizerManager
+
+    manager = DetokenizerManager(_FailsOnByte())
+    outs = manager.process(_report(["bad", "good"], [[0xFF], list(b"hi")], [None, None])).outputs
+    assert [o.rid for o in outs] == ["bad", "good"]
+    assert outs[0].finished and outs[0].finish_reason.status_code == 500
+    assert not outs[1].finished and outs[1].text == "hi"
+    # The scheduler does not know: its later reports of "bad" are dropped until it ends the request.
+    later = manager.process(_report(["bad", "good"], [list(b"x"), list(b"!")], [None, FinishReason("length")]))
+    assert [(o.rid, o.text, o.finished) for o in later.outputs] == [("good", "!", True)]
+    last = manager.process(_report(["bad"], [list(b"y")], [FinishReason("length")]))
+    assert last.outputs == [] and not manager.stopped and not manager.states
