@@ -33,6 +33,7 @@ from pymllm.server.protocol import (
     DeltaMessage,
     DeltaToolCall,
     FunctionCallOut,
+    NamedToolChoice,
     ToolCallOut,
 )
 from pymllm.server.reply_fields import finish_reason, json_response, usage_info
@@ -59,13 +60,24 @@ class _ChatSetup:
         )
 
 
+def _tools_shown(body: ChatCompletionRequest) -> Optional[List[dict]]:
+    """The tools the chat template shows the model. There is no constrained decoding, so
+    tool_choice steers by what the model sees: "none" shows none (it does not call them), a named
+    function shows only that one; "required" cannot be enforced and shows them all, as "auto"."""
+    if not body.parses_tool_calls:
+        return None
+    tools = body.tools or []
+    if isinstance(body.tool_choice, NamedToolChoice):
+        tools = [t for t in tools if t.function.name == body.tool_choice.function.name]
+    return [t.model_dump(exclude_none=True) for t in tools]
+
+
 def _engine_requests(body: ChatCompletionRequest, setup: _ChatSetup) -> List[GenerateReqInput]:
     sampling = openai_sampling(
         body, body.max_completion_tokens or body.max_tokens, setup.logprobs, setup.top_logprobs
     )
     messages = normalise_messages(body.messages)
-    # With tool_choice "none" the model is not shown the tools, so it does not call them.
-    tools = [t.model_dump(exclude_none=True) for t in body.tools or []] if body.parses_tool_calls else None
+    tools = _tools_shown(body)
     return fan_out(
         setup.id,
         setup.n,

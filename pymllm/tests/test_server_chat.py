@@ -281,6 +281,17 @@ async def test_tool_choice_none_leaves_text_and_hides_tools():
     assert fake.requests[0].tools is None
 
 
+async def test_a_named_tool_choice_shows_the_model_only_that_tool():
+    # No constrained decoding: what the model sees is how the choice steers it.
+    clock = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    fake = FakeEngineClient(ScriptedReply(chunks=CALL_CHUNKS))
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    await _post(fake, {"messages": USER, "tools": [clock] + TOOLS, "tool_choice": choice})
+    await _post(fake, {"messages": USER, "tools": [clock] + TOOLS, "tool_choice": "required"})
+    assert fake.requests[0].tools == TOOLS
+    assert fake.requests[1].tools == [clock] + TOOLS
+
+
 async def test_reasoning_then_tool_call():
     chunks = ["<think>\nneed weather\n</think>\n\n"] + CALL_CHUNKS[1:]
     r = await _post(FakeEngineClient(ScriptedReply(chunks=chunks)), {"messages": USER, "tools": TOOLS},
