@@ -77,7 +77,7 @@ def _validation_message(errors: list) -> tuple[str, Optional[str]]:
         if param is None and where:
             param = where
         msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-        parts.append(f"{where or 'body'}: {msg}")
+        parts.append(f"{where}: {msg}" if where else msg)  # a whole-body check names its fields itself
     return "; ".join(parts) or "invalid request", param
 
 

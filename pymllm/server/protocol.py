@@ -46,6 +46,13 @@ class SamplingRequestFields(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    @model_validator(mode="after")
+    def _stream_options_need_a_stream(self) -> "SamplingRequestFields":
+        # As OpenAI answers: a client asking for stream options without a stream has a bug.
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
 
 class TextPart(BaseModel):
     type: Literal["text"]

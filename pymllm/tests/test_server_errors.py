@@ -106,11 +106,13 @@ async def test_native_sampling_params_of_the_wrong_type_are_400(sampling, needle
         # return_tensors once made the tokenizer process hand the scheduler an array, killing it.
         ({"chat_template_kwargs": {"return_tensors": "np", "tokenize": False}},
          "chat_template_kwargs cannot set return_tensors, tokenize"),
+        ({"stream_options": {"include_usage": True}}, "stream_options is only allowed when stream is true"),
     ],
 )
 async def test_unsupported_options_are_400(patch, needle):
     err = _assert_error(await _post(FakeEngineClient(), {"messages": USER, **patch}), 400)
     assert needle in err["message"]
+    assert not err["message"].startswith("body")  # a whole-body check's message stands on its own
 
 
 async def test_response_format_text_is_accepted():
