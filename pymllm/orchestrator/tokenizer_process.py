@@ -54,18 +54,29 @@ class RequestTokenizer:
         if self.tokenizer.chat_template is None:
             raise InvalidRequest("this model's tokenizer has no chat template; use completions")
         try:
-            ids = self.tokenizer.apply_chat_template(
-                req.messages,
-                tools=req.tools,
-                add_generation_prompt=req.add_generation_prompt,
-                tokenize=True,
-                **(req.chat_template_kwargs or {}),
-            )
+            ids = self._apply_chat_template(req, req.messages)
         except Exception as e:  # jinja raises TemplateError and friends for bad histories
-            raise InvalidRequest(f"cannot apply the chat template: {e}") from e
+            # An assistant turn that only calls tools has content null, which templates that
+            # concatenate the content as a string (SmolLM2's ChatML one) cannot render: render it empty.
+            if not any(m.get("content") is None for m in req.messages):
+                raise InvalidRequest(f"cannot apply the chat template: {e}") from e
+            emptied = [{**m, "content": ""} if m.get("content") is None else m for m in req.messages]
+            try:
+                ids = self._apply_chat_template(req, emptied)
+            except Exception as e2:
+                raise InvalidRequest(f"cannot apply the chat template: {e2}") from e2
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return list(ids)
+
+    def _apply_chat_template(self, req: GenerateReqInput, messages: List[dict]):
+        return self.tokenizer.apply_chat_template(
+            messages,
+            tools=req.tools,
+            add_generation_prompt=req.add_generation_prompt,
+            tokenize=True,
+            **(req.chat_template_kwargs or {}),
+        )
 
     def sampling_params(self, req: GenerateReqInput) -> SamplingParams:
         try:

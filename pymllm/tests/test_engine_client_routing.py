@@ -21,7 +21,7 @@ from pymllm.engine.io_struct import (
     TokenizedGenerateReq,
 )
 from pymllm.orchestrator.ipc import Endpoints, pull, push
-from pymllm.orchestrator.tokenizer_process import RequestTokenizer, tokenize_or_reply
+from pymllm.orchestrator.tokenizer_process import InvalidRequest, RequestTokenizer, tokenize_or_reply
 from pymllm.testing.tiny_models import build_tiny_tokenizer
 
 
@@ -149,3 +149,19 @@ def test_a_reply_ended_by_a_failure_outside_the_scheduler_aborts_its_generation(
     assert out.finished
     assert isinstance(_recv(to_scheduler), TokenizedGenerateReq)
     assert (_recv(to_scheduler, 0.3) == AbortReq("ids")) is aborted
+
+
+def test_a_tool_calling_turn_without_content_renders_with_a_concatenating_template(tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(build_tiny_tokenizer(tmp_path / "tok"))
+    # SmolLM2's ChatML template joins role and content with "+": null content is a TypeError there.
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+    worker = RequestTokenizer(tokenizer, 256, {})
+    call = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": call},
+             {"role": "tool", "content": "42", "tool_call_id": "c1"}]
+    ids = worker.prompt_ids(GenerateReqInput(rid="t", messages=turns))
+    assert ids == tokenizer.encode("user: hi\nassistant: \ntool: 42\n", add_special_tokens=False)
+    # Other template failures are still the client's 400.
+    tokenizer.chat_template = "{{ raise_exception('no tools here') }}"
+    with pytest.raises(InvalidRequest, match="no tools here"):
+        worker.prompt_ids(GenerateReqInput(rid="t", messages=turns))
