@@ -35,9 +35,12 @@ def run_requests(
     params: Sequence[SamplingParams],
     arrival_steps: Optional[Sequence[int]] = None,
     max_steps: int = 10_000,
+    aborts: Optional[Dict[int, int]] = None,
 ) -> Dict[str, Req]:
-    """Submit prompts (each at its arrival step) and step until everything finished."""
+    """Submit prompts (each at its arrival step; request i is aborted at step aborts[i] once
+    submitted) and step until everything finished; then check that nothing leaked."""
     arrival_steps = arrival_steps or [0] * len(prompts)
+    aborts = dict(aborts or {})
     pending = sorted(range(len(prompts)), key=lambda i: arrival_steps[i])
     reqs: Dict[str, Req] = {}
     step = 0
@@ -45,6 +48,9 @@ def run_requests(
         while pending and arrival_steps[pending[0]] <= step:
             i = pending.pop(0)
             reqs[str(i)] = scheduler.add_request(TokenizedGenerateReq(str(i), list(prompts[i]), params[i]))
+        for i in [i for i, at in aborts.items() if at <= step and str(i) in reqs]:
+            scheduler.abort(str(i))
+            del aborts[i]
         scheduler.step()
         step += 1
         assert step < max_steps, "scheduler did not finish"

@@ -11,14 +11,12 @@ from typing import Dict, List, Optional, Sequence
 import pytest
 
 from pymllm.configs import parse_config
-from pymllm.engine.io_struct import TokenizedGenerateReq
 from pymllm.mem_cache.base_prefix_cache import ChunkCache
 from pymllm.mem_cache.radix_cache import RadixCache
 from pymllm.orchestrator.request import Req
 from pymllm.orchestrator.scheduler import Scheduler
-from pymllm.sampling_params import SamplingParams
 from pymllm.testing.tiny_models import tiny_model_dir
-from pymllm.tests.helpers import greedy, make_scheduler
+from pymllm.tests.helpers import greedy, make_scheduler, run_requests
 
 _rng = random.Random(1234)
 
@@ -58,24 +56,9 @@ def run(
     new_tokens: Sequence[int],
     arrivals: Optional[Sequence[int]] = None,
 ) -> Dict[str, Req]:
-    """Submit each prompt at its step and step until all finished; then check nothing leaked."""
-    arrivals = arrivals or [0] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: arrivals[i])
-    reqs: Dict[str, Req] = {}
-    step = 0
-    while order or sched.has_work():
-        while order and arrivals[order[0]] <= step:
-            i = order.pop(0)
-            params: SamplingParams = greedy(new_tokens[i], ignore_eos=True)
-            reqs[str(i)] = sched.add_request(TokenizedGenerateReq(str(i), list(prompts[i]), params))
-        sched.step()
-        step += 1
-        assert step < 5000, "scheduler did not finish"
-    cache = sched.prefix_cache
-    # Idle: every used slot belongs to the cache, and none of it is locked any more.
-    assert sched.allocator.used_size() == cache.total_cached() == cache.evictable_size()
-    assert sched.req_pool.available_size() == sched.req_pool.size
-    return reqs
+    """Submit each prompt at its step and step until all finished; run_requests checks that
+    nothing leaked (every used slot belongs to the cache, none of it locked any more)."""
+    return run_requests(sched, prompts, [greedy(n, ignore_eos=True) for n in new_tokens], arrivals, max_steps=5000)
 
 
 def in_order(reqs: Dict[str, Req]) -> List[Req]:

@@ -19,12 +19,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import pytest
 
-from pymllm.engine.io_struct import TokenizedGenerateReq
 from pymllm.orchestrator.request import Req
 from pymllm.orchestrator.scheduler import Scheduler
 from pymllm.sampling_params import SamplingParams
 from pymllm.testing.tiny_models import tiny_model_dir
-from pymllm.tests.helpers import make_scheduler
+from pymllm.tests.helpers import make_scheduler, run_requests
 
 _rng = random.Random(2024)
 
@@ -79,28 +78,12 @@ CONFIGS = {
 
 
 def run(sched: Scheduler, arrivals: Sequence[int], aborts: Optional[Dict[int, int]] = None) -> List[Req]:
-    """Submit request i at step arrivals[i], abort it at step aborts[i], step until idle; then
-    check that nothing is left holding a KV or request slot."""
-    aborts = dict(aborts or {})
-    order = sorted(range(len(PROMPTS)), key=lambda i: arrivals[i])
-    reqs: Dict[int, Req] = {}
-    step = 0
-    while order or sched.has_work():
-        while order and arrivals[order[0]] <= step:
-            i = order.pop(0)
-            reqs[i] = sched.add_request(TokenizedGenerateReq(str(i), list(PROMPTS[i]), PARAMS[i]))
-        for i in [i for i, at in aborts.items() if at <= step and i in reqs]:
-            sched.abort(str(i))
-            del aborts[i]
-        sched.step()
-        step += 1
-        assert step < 3000, "the scheduler did not finish"
-    cache = sched.prefix_cache
-    assert sched.allocator.used_size() == cache.total_cached() == cache.evictable_size(), "KV slots leaked"
-    assert sched.req_pool.available_size() == sched.req_pool.size, "request slots leaked"
-    cache.reset()
+    """Submit request i at step arrivals[i], abort it at step aborts[i], step until idle
+    (run_requests checks that nothing is left holding a KV or request slot); then empty the cache."""
+    reqs = run_requests(sched, PROMPTS, PARAMS, arrivals, max_steps=3000, aborts=aborts)
+    sched.prefix_cache.reset()
     assert sched.allocator.used_size() == 0
-    return [reqs[i] for i in range(len(PROMPTS))]
+    return [reqs[str(i)] for i in range(len(PROMPTS))]
 
 
 def outcome(reqs: Sequence[Req]) -> List[Tuple[List[int], str]]:
