@@ -76,6 +76,7 @@ class SubRequestGroup:
         self._closed = False
 
     def start(self) -> "SubRequestGroup":
+        self._state.check_capacity(len(self.reqs))
         self._state.active[self.public_id] = [r.rid for r in self.reqs]
         self._tasks = [asyncio.create_task(self._pump(i, r)) for i, r in enumerate(self.reqs)]
         return self

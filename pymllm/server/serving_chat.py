@@ -97,7 +97,6 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     state.check_model(body.model)
     setup = _ChatSetup(state, body)
     reqs = _engine_requests(body, setup)
-    state.check_capacity(len(reqs))
     group = SubRequestGroup(state, setup.id, reqs).start()
     if body.stream:
         first = await first_chunk(request, group)

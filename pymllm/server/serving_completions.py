@@ -76,7 +76,6 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
         )
 
     reqs = fan_out(setup.id, setup.n, sampling, make, num_prompts=len(prompts))
-    state.check_capacity(len(reqs))
     group = SubRequestGroup(state, setup.id, reqs).start()
     if body.stream:
         first = await first_chunk(request, group)
