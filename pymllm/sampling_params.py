@@ -19,7 +19,7 @@ _FALLBACKS = {
 _INT_FIELDS = ("max_new_tokens", "top_k", "top_logprobs", "seed")
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 # The tokenizer's Rust decode refuses a non-bool skip_special_tokens, in the detokenizer process.
-_BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "logprobs")
+_BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "logprobs", "prompt_logprobs")
 # generation_config.json key -> SamplingParams field
 _GENERATION_CONFIG_KEYS = {
     "temperature": "temperature",
@@ -47,6 +47,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logprobs: bool = False
     top_logprobs: int = 0
+    # Score the prompt: each prompt token after the first gets its logprob under the model
+    # (and top_logprobs alternatives), as the legacy completions API's echo + logprobs reports.
+    prompt_logprobs: bool = False
     # token id -> value added to its logit before sampling (OpenAI's logit_bias, in [-100, 100])
     logit_bias: Dict[int, float] = field(default_factory=dict)
 

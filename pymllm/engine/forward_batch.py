@@ -54,6 +54,10 @@ class ForwardBatch:
     # An extend run as decode rows (one per new token): the row of each request's last token,
     # whose logits are the request's.
     sample_rows: Optional[List[int]] = None
+    # Rows whose hidden states score prompt tokens (SamplingParams.prompt_logprobs); the forward
+    # sets them aside in prompt_hidden, and the runner applies the LM head to them in chunks.
+    prompt_logprob_rows: Optional[torch.Tensor] = None
+    prompt_hidden: Optional[torch.Tensor] = None
     extras: dict = field(default_factory=dict)
 
     @property
@@ -63,7 +67,10 @@ class ForwardBatch:
     def last_token_rows(self, hidden: torch.Tensor) -> torch.Tensor:
         """Each sequence's last new token's row of ``hidden`` [tokens, ...]. A decode batch has
         one token per sequence, so that is ``hidden`` itself: no index kernels in a decode step
-        (an arange and a gather, ~4 us of a Qwen3-8B graph on an H200)."""
+        (an arange and a gather, ~4 us of a Qwen3-8B graph on an H200). The rows listed in
+        ``prompt_logprob_rows`` are kept in ``prompt_hidden`` on the way."""
+        if self.prompt_logprob_rows is not None:
+            self.prompt_hidden = hidden[self.prompt_logprob_rows]
         if self.forward_mode.is_decode():
             return hidden
         assert self.extend_seq_lens is not None

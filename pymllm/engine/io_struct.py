@@ -76,6 +76,8 @@ class RequestRefused(ValueError):
 
 # One position's logprob entry: (token id, logprob, [(top token id, top logprob), ...])
 TokenLogprob = Tuple[int, float, List[Tuple[int, float]]]
+# The same for a prompt token; the first prompt token's logprob is None.
+PromptLogprob = Tuple[int, Optional[float], List[Tuple[int, float]]]
 
 
 @dataclass
@@ -93,6 +95,9 @@ class BatchTokenIDOut:
     stop_strings: List[List[str]]
     # Last few prompt ids on a request's first report: decoding context for its first word.
     prompt_tails: List[Optional[List[int]]] = field(default_factory=list)
+    # Per request, once, when its prompt is scored (SamplingParams.prompt_logprobs): an entry
+    # per prompt token, the first with logprob None (nothing comes before it).
+    prompt_logprobs: List[Optional[List[PromptLogprob]]] = field(default_factory=list)
 
 
 @dataclass
@@ -109,6 +114,8 @@ class RequestOutput:
     cached_tokens: int = 0
     # Per new token: (token text, logprob, [(top token text, top logprob), ...])
     logprobs: Optional[List[Tuple[str, float, List[Tuple[str, float]]]]] = None
+    # Per prompt token, in the first chunk of a request that asked (logprob None for the first)
+    prompt_logprobs: Optional[List[Tuple[str, Optional[float], List[Tuple[str, float]]]]] = None
 
 
 @dataclass

@@ -22,6 +22,7 @@ from pymllm.executor.cuda_graph_runner import build_cuda_graph_runner, extend_ru
 from pymllm.executor.device_memory import device_memory
 from pymllm.executor.multimodal_batch import attach_multimodal_inputs
 from pymllm.executor.pending_batch import PendingBatch, Readback, collect as collect_pending
+from pymllm.executor.prompt_scoring import plan_prompt_scoring, score_prompt_rows
 from pymllm.layers.attention.selection import attention_jit_builds, create_attention_backend
 from pymllm.layers.kernels.pdl import configure as configure_pdl
 from pymllm.layers.sampler import Sampler, SamplingBatchInfo, is_plain_greedy
@@ -131,8 +132,8 @@ class ModelRunner:
         )
 
     # ---------------- batches ----------------
-    def build_forward_batch(self, batch: ScheduledBatch,
-                            device_tokens: Optional[torch.Tensor] = None) -> ForwardBatch:
+    def build_forward_batch(self, batch: ScheduledBatch, device_tokens: Optional[torch.Tensor] = None,
+                            eager: bool = False) -> ForwardBatch:
         """The batch on the device: its integers packed on the host and moved in one copy.
 
         A decode batch that will replay a CUDA graph is padded on the host and copied straight
@@ -140,6 +141,8 @@ class ModelRunner:
         buffers: a batch is valid until the next build_forward_batch.
         device_tokens: a decode batch's input tokens, already on the device (the ids of the step
         it follows, whose values the host does not know yet); they replace the host's.
+        eager: never an extend replayed as decode rows (a batch that scores prompt rows needs
+        the eager forward's hidden states).
         """
         graphs = self.cuda_graph_runner
         # A decode step is usually the one after the last: packed while that one ran.
@@ -154,7 +157,7 @@ class ModelRunner:
         if graphs is not None and batch.mode.is_decode() and graphs.fits(hb.batch_size):
             # the graph records the new slots in req_to_token
             fb = graphs.stage(hb, decode=True, device_tokens=device_tokens)
-        elif graphs is not None and batch.mode.is_extend() and extend_runs_as_decode(
+        elif graphs is not None and not eager and batch.mode.is_extend() and extend_runs_as_decode(
             len(hb.input_ids), int(hb.seq_lens.max()), any(getattr(r, "mm_inputs", None) for r in batch.reqs),
             graphs.max_bs, shared,
         ):
@@ -262,11 +265,20 @@ class ModelRunner:
                 raise ValueError("launch_batch: a following batch must decode the same requests "
                                  "as the one it follows")
             device_tokens = follows.device_ids
-        fb = self.build_forward_batch(batch, device_tokens)
+        scoring = plan_prompt_scoring(batch)
+        fb = self.build_forward_batch(batch, device_tokens, eager=scoring is not None)
+        if scoring is not None:
+            fb.prompt_logprob_rows = torch.tensor(scoring.rows, dtype=torch.int64, device=self.device)
         logits = self.forward(fb)
         # A follower's requests have one token in flight that the host has not appended yet:
         # it counts for the step being sampled and for the penalties.
-        return self._launch_sampling(logits, batch, in_flight=device_tokens)
+        pending = self._launch_sampling(logits, batch, in_flight=device_tokens)
+        if scoring is not None:
+            if fb.prompt_hidden is None:
+                raise RuntimeError(f"{type(self.model).__name__} does not set aside the rows that score prompts")
+            # Waits for the forward: extend batches are never overlapped with the next step.
+            pending.prompt_logprobs = score_prompt_rows(self.model.lm_head, fb.prompt_hidden, scoring)
+        return pending
 
     def collect(self, pending: PendingBatch) -> BatchResult:
         """Wait for a launched batch's tokens (only its own copies, not later launches)."""

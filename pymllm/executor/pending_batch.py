@@ -27,6 +27,8 @@ class PendingBatch:
     # Host copies of the sampler's (chosen logprob [bs], top ids [bs, k], top values [bs, k]),
     # None when no request asked for logprobs.
     logprob_parts: Optional[Sequence[Optional[torch.Tensor]]] = None
+    # Per request, the prompt tokens the batch scored (already on the host), or None.
+    prompt_logprobs: Optional[List[list]] = None
 
 
 class Readback:
@@ -84,4 +86,4 @@ def collect(pending: PendingBatch) -> BatchResult:
             k = req.sampling_params.top_logprobs
             top = list(zip(top_ids[i][:k], top_vals[i][:k])) if top_ids is not None and k else []
             logprobs[i] = (next_ids[i], chosen[i], top)
-    return BatchResult(next_token_ids=next_ids, logprobs=logprobs)
+    return BatchResult(next_token_ids=next_ids, logprobs=logprobs, prompt_logprobs=pending.prompt_logprobs)

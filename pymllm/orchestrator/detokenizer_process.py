@@ -34,7 +34,7 @@ class DetokenizerManager:
             self._token_text_cache[token_id] = text
         return text
 
-    def _logprobs(self, entries) -> Optional[List[Tuple[str, float, List[Tuple[str, float]]]]]:
+    def _logprobs(self, entries) -> Optional[List[Tuple[str, Optional[float], List[Tuple[str, float]]]]]:
         if entries is None:
             return None
         return [
@@ -94,6 +94,7 @@ class DetokenizerManager:
             finish_reason=reason, prompt_tokens=batch.prompt_tokens[i],
             completion_tokens=batch.completion_tokens[i], cached_tokens=batch.cached_tokens[i],
             logprobs=self._logprobs(batch.logprobs[i]),
+            prompt_logprobs=self._logprobs(batch.prompt_logprobs[i] if batch.prompt_logprobs else None),
         )
 
 

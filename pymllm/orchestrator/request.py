@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
@@ -41,6 +41,10 @@ class Req:
     logprobs: List[TokenLogprob] = field(default_factory=list)
     num_sent_tokens: int = 0  # output tokens already reported to the detokenizer
     num_sent_logprobs: int = 0
+    # With sampling_params.prompt_logprobs: entry i scores prompt token i + 1 (from the logits
+    # at position i), filled chunk by chunk as the prompt is prefilled.
+    prompt_logprobs: List[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
     retractions: int = 0
     # Images (pymllm.multimodal.MultimodalInputs) of a multimodal request, else None.
     mm_inputs: Any = None
@@ -85,6 +89,23 @@ class Req:
     @property
     def prompt_len(self) -> int:
         return len(self.origin_input_ids)
+
+    @property
+    def prompt_logprobs_pending(self) -> bool:
+        """Whether prompt positions are still to be scored: their logits must be computed, so
+        no prefix-cache hit may skip them."""
+        return self.sampling_params.prompt_logprobs and len(self.prompt_logprobs) < self.prompt_len - 1
+
+    def prompt_rows_to_score(self, prefix_len: int, extend_len: int) -> Tuple[int, int]:
+        """(first row, row count) among an extend's ``extend_len`` new rows, starting at
+        position ``prefix_len``, whose logits score a prompt token not scored yet."""
+        if not self.sampling_params.prompt_logprobs:
+            return 0, 0
+        start = max(prefix_len, len(self.prompt_logprobs))
+        # The logits at position p score token p + 1; the last prompt position's logits pick
+        # the first new token instead.
+        end = min(prefix_len + extend_len, self.prompt_len - 1)
+        return start - prefix_len, max(0, end - start)
 
     @property
     def finished(self) -> bool:

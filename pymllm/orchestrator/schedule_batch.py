@@ -8,6 +8,7 @@ from typing import List, Optional
 import numpy as np
 
 from pymllm.engine.forward_batch import ForwardMode
+from pymllm.engine.io_struct import TokenLogprob
 from pymllm.orchestrator.request import Req
 
 
@@ -32,9 +33,18 @@ class ScheduledBatch:
     def num_tokens(self) -> int:
         return int(sum(self.extend_lens))
 
+    def prompt_rows_to_score(self) -> List[tuple]:
+        """Per request, (first row, row count) of its new rows whose logits score its prompt."""
+        if not self.mode.is_extend():
+            return [(0, 0)] * len(self.reqs)
+        return [req.prompt_rows_to_score(p, n) for req, p, n in zip(self.reqs, self.prefix_lens, self.extend_lens)]
+
 
 @dataclass
 class BatchResult:
     next_token_ids: List[int]
     # Per request (None where logprobs were not asked): chosen logprob and top list.
     logprobs: List[Optional[tuple]]
+    # Per request, the prompt tokens this batch scored (SamplingParams.prompt_logprobs), in
+    # order; None when no request of the batch asked.
+    prompt_logprobs: Optional[List[List[TokenLogprob]]] = None

@@ -108,7 +108,7 @@ class Scheduler:
         seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
         req = Req(rid=msg.rid, origin_input_ids=list(msg.input_ids), sampling_params=params, seed=seed,
                   stream=msg.stream, mm_inputs=msg.mm_inputs)
-        if params.max_new_tokens == 0:
+        if params.max_new_tokens == 0 and not params.prompt_logprobs:
             req.finish_reason = FinishReason("length")
             req.state = ReqState.FINISHED
             return req
@@ -258,6 +258,8 @@ class Scheduler:
             match = self.prefix_cache.match_prefix(req.cache_key())
             # Always compute at least the last token: its logits give the next token.
             matched = min(len(match.slots), len(req.fill_ids) - 1)
+            if req.prompt_logprobs_pending:  # positions still to be scored must be computed
+                matched = min(matched, len(req.prompt_logprobs))
             self.prefix_cache.lock(match.handle)
             req.kv_slots = match.slots[:matched]
             req.cache_owned_len = matched
@@ -330,7 +332,13 @@ class Scheduler:
                 self.allocator.free(new_slots)
                 continue
             req.append_kv_slots(new_slots)
+            if result.prompt_logprobs is not None and result.prompt_logprobs[i]:
+                req.prompt_logprobs.extend(result.prompt_logprobs[i])
             if not batch.sample[i]:
+                continue
+            if req.sampling_params.max_new_tokens == 0:  # the prompt scored, nothing to generate
+                touched.append(req)
+                self._release(req, FinishReason("length"))
                 continue
             token = result.next_token_ids[i]
             req.output_ids.append(token)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import List
+from typing import List, Optional
 
 import zmq
 
@@ -14,6 +14,7 @@ from pymllm.engine.io_struct import (
     AbortReq,
     BatchTokenIDOut,
     ControlReq,
+    PromptLogprob,
     ControlResp,
     TokenizedGenerateReq,
 )
@@ -70,9 +71,20 @@ def make_token_output(reqs: List[Req]) -> BatchTokenIDOut:
         out.completion_tokens.append(len(req.output_ids))
         out.cached_tokens.append(req.cached_tokens)
         out.logprobs.append(logprobs)
+        out.prompt_logprobs.append(_unsent_prompt_logprobs(req))
         out.skip_special_tokens.append(req.sampling_params.skip_special_tokens)
         out.stop_strings.append(req.sampling_params.stop)
     return out
+
+
+def _unsent_prompt_logprobs(req: Req) -> Optional[List[PromptLogprob]]:
+    """The scored prompt of a request that asked, on the first report after its scoring ended."""
+    if not req.sampling_params.prompt_logprobs or req.prompt_logprobs_sent or req.prompt_logprobs_pending:
+        return None
+    if req.finish_reason is not None and req.finish_reason.type == "abort":  # aborted or refused
+        return None
+    req.prompt_logprobs_sent = True
+    return [(req.origin_input_ids[0], None, []), *req.prompt_logprobs]
 
 
 class SchedulerLoop:
