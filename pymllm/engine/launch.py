@@ -171,12 +171,15 @@ class Engine:
     # ---------------- generation ----------------
     async def _generate_one(self, req: GenerateReqInput) -> Dict[str, Any]:
         text, ids, logprobs = [], [], []
+        prompt_logprobs = None
         last: Optional[RequestOutput] = None
         async for out in self.client.generate(req):
             text.append(out.text)
             ids.extend(out.token_ids)
             if out.logprobs:
                 logprobs.extend(out.logprobs)
+            if out.prompt_logprobs is not None:
+                prompt_logprobs = out.prompt_logprobs
             last = out
         reason = last.finish_reason
         if reason is not None and reason.status_code is not None:
@@ -193,6 +196,8 @@ class Engine:
         }
         if req.sampling_params.get("logprobs"):
             result["logprobs"] = logprobs
+        if req.sampling_params.get("prompt_logprobs"):
+            result["prompt_logprobs"] = prompt_logprobs
         return result
 
     async def async_generate(

@@ -36,6 +36,7 @@ class ChoiceResult:
     text: str = ""
     token_ids: List[int] = field(default_factory=list)
     logprobs: List[tuple] = field(default_factory=list)
+    prompt_logprobs: Optional[List[tuple]] = None
     finished: bool = False
     finish_reason: Optional[FinishReason] = None
     prompt_tokens: int = 0
@@ -47,6 +48,8 @@ class ChoiceResult:
         self.token_ids.extend(out.token_ids)
         if out.logprobs:
             self.logprobs.extend(out.logprobs)
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         # Counts are cumulative in every chunk; keep the latest non-zero ones.
         self.prompt_tokens = out.prompt_tokens or self.prompt_tokens
         self.completion_tokens = out.completion_tokens or self.completion_tokens

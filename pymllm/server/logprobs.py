@@ -7,8 +7,9 @@ from typing import List, Optional, Sequence, Tuple
 
 from pymllm.server.protocol import ChatChoiceLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
 
-# Engine entry per token: (token text, logprob, [(top token text, top logprob), ...]).
-EngineLogprob = Tuple[str, float, List[Tuple[str, float]]]
+# Engine entry per token: (token text, logprob, [(top token text, top logprob), ...]); the
+# logprob of an echoed prompt's first token is None.
+EngineLogprob = Tuple[str, Optional[float], List[Tuple[str, float]]]
 
 # JSON has no -inf; OpenAI reports impossible tokens with this floor.
 _LOGPROB_FLOOR = -9999.0
@@ -51,11 +52,29 @@ def completion_logprobs(
     out = CompletionLogprobs()
     for token, logprob, top in entries:
         out.tokens.append(token)
+        out.text_offset.append(text_offset)
+        text_offset += len(token)
+        if logprob is None:  # an echoed prompt's first token: nothing comes before it
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            continue
         out.token_logprobs.append(finite_logprob(logprob))
         # OpenAI always lists the sampled token among the alternatives.
         alternatives = {t: finite_logprob(lp) for t, lp in top[:top_k]}
         alternatives.setdefault(token, finite_logprob(logprob))
         out.top_logprobs.append(alternatives)
-        out.text_offset.append(text_offset)
-        text_offset += len(token)
     return out, text_offset
+
+
+def joined_completion_logprobs(parts: Sequence[Optional[CompletionLogprobs]]) -> Optional[CompletionLogprobs]:
+    """One legacy logprobs object of consecutive parts (an echoed prompt's, then the output's)."""
+    present = [part for part in parts if part is not None]
+    if not present:
+        return None
+    out = CompletionLogprobs()
+    for part in present:
+        out.tokens.extend(part.tokens)
+        out.token_logprobs.extend(part.token_logprobs)
+        out.top_logprobs.extend(part.top_logprobs)
+        out.text_offset.extend(part.text_offset)
+    return out

@@ -175,6 +175,8 @@ PromptType = Union[str, List[str], List[int], List[List[int]]]
 
 class CompletionRequest(SamplingRequestFields):
     prompt: PromptType
+    # 0 generates nothing: with echo and logprobs, a request that only scores its prompt.
+    max_tokens: Optional[int] = Field(None, ge=0)
     echo: Optional[bool] = False
     logprobs: Optional[int] = Field(None, ge=0, le=5)
     suffix: Optional[str] = None

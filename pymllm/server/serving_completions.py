@@ -11,7 +11,7 @@ from starlette.responses import Response
 from pymllm.engine.io_struct import GenerateReqInput, RequestOutput
 from pymllm.server.engine_requests import check_token_ids, fan_out, new_request_id, openai_sampling
 from pymllm.server.generation import ChoiceResult, SubRequestGroup, run_to_completion
-from pymllm.server.logprobs import completion_logprobs
+from pymllm.server.logprobs import completion_logprobs, joined_completion_logprobs
 from pymllm.server.protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
 from pymllm.server.reply_fields import finish_reason, json_response, usage_info
 from pymllm.server.sse import SSEResponse, event_stream, first_chunk, sse
@@ -42,11 +42,19 @@ class _CompletionSetup:
         # Echoed prompt text per choice (choices are prompt-major, n per prompt).
         echo = [_prompt_text(state, p) if body.echo else "" for p in prompts]
         self.echo = [text for text in echo for _ in range(self.n)]
+        # echo with logprobs: the logprobs cover the prompt's tokens too, as OpenAI's do.
+        self.scores_prompt = bool(body.echo) and self.logprobs is not None
 
     def logprobs_of(self, result_logprobs: Optional[list], offset: int) -> tuple:
         if self.logprobs is None:
             return None, offset
         return completion_logprobs(result_logprobs, self.logprobs, offset)
+
+    def prompt_logprobs_of(self, prompt_logprobs: Optional[list]) -> Optional[CompletionLogprobs]:
+        """The echoed prompt's logprobs (offsets from the start of the choice's text)."""
+        if not self.scores_prompt:
+            return None
+        return completion_logprobs(prompt_logprobs, self.logprobs or 0, 0)[0]
 
 
 def _prompt_text(state: ServerState, prompt: Prompt) -> str:
@@ -63,7 +71,10 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
             check_token_ids(prompt, state.vocab_size, "prompt")
     setup = _CompletionSetup(state, body, prompts)
     wants_logprobs = setup.logprobs is not None
-    sampling = openai_sampling(body, body.max_tokens or _DEFAULT_MAX_TOKENS, wants_logprobs, setup.logprobs or 0)
+    max_tokens = _DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    sampling = openai_sampling(body, max_tokens, wants_logprobs, setup.logprobs or 0)
+    if setup.scores_prompt:
+        sampling["prompt_logprobs"] = True
 
     def make(rid: str, params: dict, prompt_index: int) -> GenerateReqInput:
         prompt = prompts[prompt_index]
@@ -91,6 +102,7 @@ def _whole_reply(setup: _CompletionSetup, results: List[ChoiceResult]) -> Comple
     for index, result in enumerate(results):
         echo = setup.echo[index]
         logprobs, _ = setup.logprobs_of(result.logprobs, len(echo))
+        logprobs = joined_completion_logprobs([setup.prompt_logprobs_of(result.prompt_logprobs), logprobs])
         if setup.logprobs is not None and logprobs is None:
             logprobs = CompletionLogprobs()
         choices.append(
@@ -112,6 +124,8 @@ class _CompletionStream:
         self._include_usage = include_usage
         # Where the next token starts in each choice's text, for logprobs.text_offset.
         self._offsets = [len(text) for text in setup.echo]
+        # Choices whose echo waits for their prompt's logprobs (they come with the first output).
+        self._echo_due = [setup.scores_prompt] * len(setup.echo)
 
     def _event(self, choice: CompletionChoice) -> str:
         s = self._setup
@@ -121,15 +135,22 @@ class _CompletionStream:
         return [
             self._event(CompletionChoice(index=i, text=text))
             for i, text in enumerate(self._setup.echo)
-            if text
+            if text and not self._echo_due[i]
         ]
 
     def render(self, index: int, out: RequestOutput) -> Iterable[str]:
+        events = []
+        if self._echo_due[index]:
+            self._echo_due[index] = False
+            prompt_logprobs = self._setup.prompt_logprobs_of(out.prompt_logprobs)
+            events.append(self._event(CompletionChoice(index=index, text=self._setup.echo[index],
+                                                       logprobs=prompt_logprobs)))
         logprobs, self._offsets[index] = self._setup.logprobs_of(out.logprobs, self._offsets[index])
         if not (out.text or logprobs is not None or out.finished):
-            return []
+            return events
         reason = finish_reason(out.finish_reason) if out.finished else None
-        return [self._event(CompletionChoice(index=index, text=out.text, logprobs=logprobs, finish_reason=reason))]
+        events.append(self._event(CompletionChoice(index=index, text=out.text, logprobs=logprobs, finish_reason=reason)))
+        return events
 
     def end(self) -> Iterable[str]:
         if not self._include_usage:

@@ -32,8 +32,9 @@ def _meta_info(rid: str, counts: Any, reason: Optional[FinishReason]) -> Dict[st
 
 
 def _logprobs_json(entries: Optional[list]) -> List[list]:
+    # A scored prompt's first token has no logprob (null).
     return [
-        [token, finite_logprob(lp), [[t, finite_logprob(tlp)] for t, tlp in top]]
+        [token, None if lp is None else finite_logprob(lp), [[t, finite_logprob(tlp)] for t, tlp in top]]
         for token, lp, top in entries or []
     ]
 
@@ -49,6 +50,7 @@ async def generate(state: ServerState, body: GenerateRequest, request: Request) 
         rid=rid, text=body.text, input_ids=body.input_ids, sampling_params=params, stream=body.stream
     )
     wants_logprobs = bool(params.get("logprobs"))
+    scores_prompt = bool(params.get("prompt_logprobs"))
     group = SubRequestGroup(state, rid, [req]).start()
 
     if body.stream:
@@ -60,6 +62,8 @@ async def generate(state: ServerState, body: GenerateRequest, request: Request) 
             }
             if wants_logprobs:
                 event["meta_info"]["output_token_logprobs"] = _logprobs_json(out.logprobs)
+            if scores_prompt and out.prompt_logprobs is not None:
+                event["meta_info"]["input_token_logprobs"] = _logprobs_json(out.prompt_logprobs)
             return [sse(event)]
 
         first = await first_chunk(request, group)
@@ -73,4 +77,6 @@ async def generate(state: ServerState, body: GenerateRequest, request: Request) 
     }
     if wants_logprobs:
         reply["meta_info"]["output_token_logprobs"] = _logprobs_json(result.logprobs)
+    if scores_prompt:
+        reply["meta_info"]["input_token_logprobs"] = _logprobs_json(result.prompt_logprobs)
     return JSONResponse(reply)

@@ -132,6 +132,8 @@ class FakeEngineClient:
             if last:
                 reason = FinishReason("stop", matched=stop) if stop is not None else FinishReason(reply.finish)
             out = self._output(req, reply, text, ids, i + 1, reason)
+            if i == 0 and req.sampling_params.get("prompt_logprobs"):
+                out.prompt_logprobs = [("P", None, []), ("Q", -0.5, [("Q", -0.5), ("alt", -2.0)][:top_k])]
             if want_logprobs:
                 out.logprobs = [(text, -0.25, [(text, -0.25), ("alt", -1.5), ("other", -3.0)][:top_k])]
             yield out

@@ -64,6 +64,14 @@ def test_logprobs_returned(engine):
     assert logprob <= 0 and len(top) == 2 and top[0][1] >= top[1][1]
 
 
+def test_prompt_logprobs_returned(engine):
+    out = engine.generate("the number seven", {"max_new_tokens": 0, "prompt_logprobs": True, "top_logprobs": 1})
+    scored = out["prompt_logprobs"]
+    assert out["output_ids"] == [] and len(scored) == out["meta_info"]["prompt_tokens"]
+    assert scored[0][1] is None and all(lp <= 0 and len(top) == 1 for _, lp, top in scored[1:])
+    assert "".join(text for text, _, _ in scored) == "the number seven"
+
+
 def test_bad_requests_raise_clear_errors(engine):
     with pytest.raises(ValueError, match="context length"):
         engine.generate(input_ids=[3] * 300, sampling_params={"max_new_tokens": 2})

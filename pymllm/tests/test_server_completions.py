@@ -67,19 +67,54 @@ async def test_echo_text_and_token_ids():
 
 async def test_logprobs_shape_with_text_offsets():
     fake = FakeEngineClient(ScriptedReply(chunks=["ab", "é", "c"]))
-    body = (await _post(fake, {"prompt": "xy", "echo": True, "logprobs": 1})).json()
+    body = (await _post(fake, {"prompt": "xy", "logprobs": 1})).json()
     lp = body["choices"][0]["logprobs"]
     assert lp == {
         "tokens": ["ab", "é", "c"],
         "token_logprobs": [-0.25, -0.25, -0.25],
         "top_logprobs": [{"ab": -0.25}, {"é": -0.25}, {"c": -0.25}],
-        "text_offset": [2, 4, 5],
+        "text_offset": [0, 2, 3],
     }
     assert fake.requests[-1].sampling_params["top_logprobs"] == 1
+    assert "prompt_logprobs" not in fake.requests[-1].sampling_params
     r = await _post(fake, {"prompt": "xy", "logprobs": 2, "stream": True})
     lps = [e["choices"][0]["logprobs"] for e in parse_sse(r.text)[:-1]]
     assert [lp["text_offset"] for lp in lps] == [[0], [2], [3]]
     assert lps[0]["top_logprobs"] == [{"ab": -0.25, "alt": -1.5}]
+
+
+async def test_echo_with_logprobs_scores_the_prompt():
+    # As OpenAI's legacy API: the prompt's tokens lead the logprobs, the first without a value.
+    fake = FakeEngineClient(ScriptedReply(chunks=["ab", "é", "c"]))
+    body = (await _post(fake, {"prompt": "xy", "echo": True, "logprobs": 1})).json()
+    assert fake.requests[-1].sampling_params["prompt_logprobs"] is True
+    assert body["choices"][0]["text"] == "xyabéc"
+    assert body["choices"][0]["logprobs"] == {
+        "tokens": ["P", "Q", "ab", "é", "c"],
+        "token_logprobs": [None, -0.5, -0.25, -0.25, -0.25],
+        "top_logprobs": [None, {"Q": -0.5}, {"ab": -0.25}, {"é": -0.25}, {"c": -0.25}],
+        "text_offset": [0, 1, 2, 4, 5],
+    }
+    # Streamed, the echo waits for the prompt's scores and comes first, with them.
+    r = await _post(fake, {"prompt": "xy", "echo": True, "logprobs": 2, "stream": True})
+    choices = [e["choices"][0] for e in parse_sse(r.text)[:-1]]
+    assert [c["text"] for c in choices] == ["xy", "ab", "é", "c"]
+    assert choices[0]["logprobs"] == {
+        "tokens": ["P", "Q"], "token_logprobs": [None, -0.5],
+        "top_logprobs": [None, {"Q": -0.5, "alt": -2.0}], "text_offset": [0, 1],
+    }
+    assert [c["logprobs"]["text_offset"] for c in choices[1:]] == [[2], [4], [5]]
+
+
+async def test_zero_max_tokens_scores_only():
+    fake = FakeEngineClient(ScriptedReply(chunks=[]))
+    r = await _post(fake, {"prompt": "xy", "echo": True, "logprobs": 0, "max_tokens": 0})
+    assert r.status_code == 200
+    params = fake.requests[-1].sampling_params
+    assert params["max_new_tokens"] == 0 and params["prompt_logprobs"] is True and params["top_logprobs"] == 0
+    # Chat has no prompt scoring: a reply of no tokens is a client mistake there.
+    r = await _post(fake, {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "/v1/chat/completions")
+    assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
 
 
 async def test_streaming_finish_and_usage():

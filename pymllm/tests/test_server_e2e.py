@@ -79,6 +79,36 @@ def test_completions_stream_and_echo(client):
     assert echo.choices[0].text == "the number" + whole.choices[0].text
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_transformers(server, client, model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompt = "the number seven is"
+    ids = AutoTokenizer.from_pretrained(model_dir)(prompt).input_ids
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        reference = torch.log_softmax(model(torch.tensor([ids])).logits[0], dim=-1)
+    kw = dict(model="tiny-qwen3", prompt=prompt, temperature=0, echo=True, logprobs=2)
+    r = client.completions.create(max_tokens=2, extra_body={"ignore_eos": True}, **kw)
+    lp = r.choices[0].logprobs
+    assert r.usage.prompt_tokens == len(ids) and len(lp.tokens) == len(ids) + 2
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for p in range(1, len(ids)):
+        assert lp.token_logprobs[p] == pytest.approx(reference[p - 1, ids[p]].item(), abs=1e-3)
+        assert len(lp.top_logprobs[p]) >= 2 and max(lp.top_logprobs[p].values()) == pytest.approx(
+            reference[p - 1].max().item(), abs=1e-3)
+    # max_tokens 0: the prompt scored, nothing generated; streamed, the same scores.
+    scored = client.completions.create(max_tokens=0, **kw).choices[0]
+    assert scored.text == prompt and scored.logprobs.token_logprobs == lp.token_logprobs[: len(ids)]
+    chunks = list(client.completions.create(max_tokens=2, stream=True, extra_body={"ignore_eos": True}, **kw))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs]
+    assert streamed == lp.token_logprobs
+    native = httpx.post(server.base_url + "/generate", headers=server.headers(), json={
+        "input_ids": ids, "sampling_params": {"max_new_tokens": 1, "prompt_logprobs": True, "top_logprobs": 1}}).json()
+    entries = native["meta_info"]["input_token_logprobs"]
+    assert entries[0][1:] == [None, []] and [e[1] for e in entries[1:]] == lp.token_logprobs[1 : len(ids)]
+
+
 def test_stop_string_across_token_boundaries(client):
     base = client.completions.create(model="tiny-qwen3", prompt="hello", max_tokens=24, temperature=0,
                                      extra_body={"ignore_eos": True}).choices[0].text

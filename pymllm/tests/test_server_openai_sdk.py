@@ -56,7 +56,10 @@ async def test_completions():
     sdk = _sdk(FakeEngineClient(ScriptedReply(chunks=[" a", " b"], finish="length")))
     reply = await sdk.completions.create(model="default", prompt="x", max_tokens=2, echo=True, logprobs=1)
     assert reply.choices[0].text == "x a b" and reply.choices[0].finish_reason == "length"
-    assert reply.choices[0].logprobs.text_offset == [1, 3]
+    # echo with logprobs: the (scripted) prompt's scores lead, the first one null
+    logprobs = reply.choices[0].logprobs
+    assert logprobs.tokens == ["P", "Q", " a", " b"] and logprobs.token_logprobs[:2] == [None, -0.5]
+    assert logprobs.top_logprobs[0] is None and logprobs.text_offset[2:] == [1, 3]
     stream = await sdk.completions.create(model="default", prompt=[1, 2], stream=True)
     assert "".join([c.choices[0].text async for c in stream if c.choices]) == " a b"
 
