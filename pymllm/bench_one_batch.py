@@ -97,6 +97,7 @@ class BenchArgs:
     profile_steps: int = 3
     image: Optional[Tuple[int, int]] = None  # (width, height) with --image
     images_per_request: int = 1
+    prompt_logprobs: bool = False  # requests score their prompts (SamplingParams.prompt_logprobs)
     # Prompt tokens besides --input-len (the image tokens), known once the processor is loaded.
     extra_prompt_tokens: int = 0
     # Whether --server.max_total_tokens is derived from the sweep (not given on the command line).
@@ -125,6 +126,9 @@ def make_parser() -> argparse.ArgumentParser:
     bench.add_argument("--image", type=image_size_arg, default=None, metavar="WxH",
                        help="Give every request random images of this size (image models only).")
     bench.add_argument("--images-per-request", type=int, default=1, help="Images per request with --image.")
+    bench.add_argument("--prompt-logprobs", action="store_true",
+                       help="Every request scores its prompt (the logprob of each prompt token, as echo with "
+                            "logprobs asks); the prefill's time includes the scoring.")
     return parser
 
 
@@ -135,6 +139,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple:
         run_name=ns.run_name, batch_size=ns.batch_size, input_len=ns.input_len, output_len=ns.output_len,
         result_filename=ns.result_filename, profile=ns.profile, profile_stage=ns.profile_stage,
         profile_steps=ns.profile_steps, image=ns.image, images_per_request=ns.images_per_request,
+        prompt_logprobs=ns.prompt_logprobs,
     )
     for name in ("batch_size", "input_len", "output_len"):
         if min(getattr(bench, name)) < 1:
@@ -284,20 +289,22 @@ def _decode_overlapped(runner: ModelRunner, reqs: List[Req], prompt_len: int, st
 def run_case(
     runner: ModelRunner, bs: int, input_len: int, output_len: int, seed: int,
     profile_stage: Optional[str] = None, profile_steps: int = 0, trace_path: Optional[Path] = None,
-    images: Optional[ImagePrompts] = None, overlap: bool = False,
+    images: Optional[ImagePrompts] = None, overlap: bool = False, prompt_logprobs: bool = False,
 ) -> CaseTimes:
     """Prefill + decode of one synthetic batch on empty pools; returns step latencies (s).
 
     With ``profile_stage``, that stage (and at most ``profile_steps`` decode steps) runs
     under torch.profiler and the trace goes to ``trace_path``. With ``images``, every request
     carries its own random images (preprocessed here, before any timing). With ``overlap`` the
-    decode steps run overlapped (``_decode_overlapped``).
+    decode steps run overlapped (``_decode_overlapped``). With ``prompt_logprobs`` the requests
+    score their prompts in the prefill.
     """
     runner.clear()
     device = runner.device
     rng = np.random.default_rng(seed)
     vocab = runner.model_config.vocab_size
-    params = SamplingParams(max_new_tokens=output_len, temperature=0.0, ignore_eos=True).with_defaults({})
+    params = SamplingParams(max_new_tokens=output_len, temperature=0.0, ignore_eos=True,
+                            prompt_logprobs=prompt_logprobs).with_defaults({})
     reqs = []
     for i in range(bs):
         if images is None:
@@ -321,6 +328,10 @@ def run_case(
         result = runner.run_batch(batch)  # host ints: the step's GPU work is done
         elapsed = time.perf_counter() - start
         _sync(device)
+        if prompt_logprobs and batch.mode.is_extend():
+            scored = [len(entries) for entries in result.prompt_logprobs or []]
+            if scored != [len(r.origin_input_ids) - 1 for r in reqs]:
+                raise RuntimeError(f"the prefill scored {scored} prompt tokens per request")
         for req, token in zip(reqs, result.next_token_ids):
             req.output_ids.append(token)
         return elapsed
@@ -401,6 +412,7 @@ def make_row(
         "model": runner.model_config.model_path,
         "architecture": runner.model_config.architecture,
         "load_format": config.server.load_format,
+        "prompt_logprobs": bench.prompt_logprobs,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if images is not None:
@@ -471,12 +483,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cost = model_cost(runner.model, runner.kv_pool)
     bs0, in0, out0 = bench.cases()[0]
     overlap = not server.disable_overlap_schedule
-    run_case(runner, bs0, in0, min(out0, _WARMUP_OUTPUT_LEN), server.random_seed, images=images, overlap=overlap)
+    run_case(runner, bs0, in0, min(out0, _WARMUP_OUTPUT_LEN), server.random_seed, images=images, overlap=overlap,
+             prompt_logprobs=bench.prompt_logprobs)
     out_path = Path(bench.result_filename)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     trace_dir = Path(os.environ.get("PYMLLM_TORCH_PROFILER_DIR", "/tmp"))
     for bs, input_len, output_len in bench.cases():
-        times = run_case(runner, bs, input_len, output_len, server.random_seed, images=images, overlap=overlap)
+        times = run_case(runner, bs, input_len, output_len, server.random_seed, images=images, overlap=overlap,
+                         prompt_logprobs=bench.prompt_logprobs)
         row = make_row(bench, config, runner, cost, times, bs, input_len, output_len, bandwidth, matmul_rate, command,
                        images)
         with open(out_path, "a") as f:
@@ -494,7 +508,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             trace = trace_dir / f"{bench.run_name}_bs{bs}_in{input_len}_out{output_len}_{bench.profile_stage}.trace.json"
             run_case(runner, bs, input_len, output_len, server.random_seed,
                      profile_stage=bench.profile_stage, profile_steps=bench.profile_steps, trace_path=trace,
-                     images=images, overlap=overlap)
+                     images=images, overlap=overlap, prompt_logprobs=bench.prompt_logprobs)
             print(f"trace: {trace}", flush=True)
     return 0
 

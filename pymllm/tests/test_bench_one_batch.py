@@ -21,7 +21,7 @@ FIELDS = {
     "median_decode_latency", "median_decode_throughput", "total_latency", "overall_throughput",
     "hbm_bandwidth_gbs", "decode_floor_latency", "decode_vs_floor", "decode_graph_latency", "matmul_tflops", "prefill_tflops",
     "prefill_vs_matmul_rate", "device", "dtype", "cuda_graph", "overlap", "attention_backend", "commit", "command",
-    "model", "architecture", "load_format", "timestamp",
+    "model", "architecture", "load_format", "prompt_logprobs", "timestamp",
 }
 
 
@@ -56,6 +56,23 @@ def test_sweep_writes_one_row_per_case(tmp_path, capsys):
         assert row["decode_vs_floor"] == pytest.approx(row["median_decode_latency"] / row["decode_floor_latency"])
         assert row["hbm_bandwidth_gbs"] > 0 and row["matmul_tflops"] > 0 and row["prefill_vs_matmul_rate"] > 0
     assert "bs=2 in=8 out=4" in capsys.readouterr().out
+    assert all(row["prompt_logprobs"] is False for row in rows)
+
+
+def test_prompt_scoring_runs_in_the_prefill(tmp_path, monkeypatch):
+    from pymllm.executor import model_runner
+
+    scored = []
+    real = model_runner.score_prompt_rows
+    monkeypatch.setattr(model_runner, "score_prompt_rows",
+                        lambda head, hidden, scoring: scored.append(list(scoring.counts)) or real(head, hidden, scoring))
+    out = tmp_path / "rows.jsonl"
+    argv = ["--server.model_path", str(tiny_model_dir("qwen3")), "--server.device", "cpu",
+            "--server.log_level", "warning", "--batch-size", "2", "--input-len", "8", "--output-len", "2",
+            "--prompt-logprobs", "--result-filename", str(out)]
+    assert bench.main(argv) == 0
+    assert _rows(out)[0]["prompt_logprobs"] is True
+    assert scored == [[7, 7], [7, 7]]  # the warm-up case and the measured one: 7 positions per prompt
 
 
 def test_overlapped_decode_produces_the_synchronous_tokens(monkeypatch):
