@@ -302,3 +302,17 @@ def float_logits_argmax(
 
         return logits_argmax_triton.float_logits_argmax(logits, counters)
     return float_logits_argmax_reference(logits)
+
+
+def row_logsumexp_reference(logits: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(logits.float(), dim=-1)
+
+
+def row_logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """float32 logsumexp of each row of model-dtype logits [rows, vocab], read once (the
+    normaliser of their log_softmax)."""
+    if can_use_fast_path(logits) and logits.dim() == 2 and logits.stride(1) == 1:
+        from pymllm.layers.kernels import logsumexp_triton
+
+        return logsumexp_triton.row_logsumexp(logits)
+    return row_logsumexp_reference(logits)

@@ -169,16 +169,22 @@ def test_prompt_logprobs_must_be_a_bool():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_prompt_logprobs_on_the_gpu_fast_path(model_dir, reference):
+def test_prompt_logprobs_on_the_gpu_fast_path():
     """bf16 with FlashInfer and CUDA graphs: a short prompt (which would otherwise replay a decode
     graph as rows) and a chunked one are scored eagerly, close to transformers' float32 values."""
     pytest.importorskip("flashinfer")
-    sched = make_scheduler(model_dir, device="cuda", dtype="bfloat16", attention_backend="flashinfer",
+    # FlashInfer's SM90 prefill needs a head_dim of 64, 128 or 256.
+    gpu_model = tiny_model_dir("qwen3", head_dim=128, hidden_size=256, intermediate_size=512,
+                               num_attention_heads=4, num_key_value_heads=2)
+    sched = make_scheduler(gpu_model, device="cuda", dtype="bfloat16", attention_backend="flashinfer",
                            max_total_tokens=1024, max_prefill_tokens=8)
     assert sched.runner.cuda_graph_runner is not None
     reqs = run_requests(sched, PROMPTS, [_scored()] * len(PROMPTS))
+    model = AutoModelForCausalLM.from_pretrained(gpu_model, torch_dtype=torch.float32).eval()
     for i, prompt in enumerate(PROMPTS):
-        req, ref = reqs[str(i)], reference[i]
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([prompt])).logits[0], dim=-1)
+        req = reqs[str(i)]
         assert [t for t, _, _ in req.prompt_logprobs] == prompt[1:]
         got = torch.tensor([lp for _, lp, _ in req.prompt_logprobs])
         want = torch.tensor([ref[p, t].item() for p, t in enumerate(prompt[1:])])
