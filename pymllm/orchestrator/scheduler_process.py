@@ -14,8 +14,8 @@ from pymllm.engine.io_struct import (
     AbortReq,
     BatchTokenIDOut,
     ControlReq,
-    PromptLogprob,
     ControlResp,
+    PromptLogprob,
     TokenizedGenerateReq,
 )
 from pymllm.executor.model_runner import load_model_runner
