@@ -12,6 +12,7 @@ from pymllm.configs.model_config import ModelConfig
 from pymllm.engine.io_struct import BatchRequestOutput, BatchTokenIDOut, FinishReason, RequestOutput
 from pymllm.orchestrator.incremental_detokenizer import IncrementalDetokenizer
 from pymllm.orchestrator.ipc import Endpoints, WorkerReady, pull, push
+from pymllm.orchestrator.token_bytes import TokenBytes, logprob_token_text
 from pymllm.orchestrator.worker_common import run_worker
 
 logger = logging.getLogger("detokenizer")
@@ -24,13 +25,16 @@ class DetokenizerManager:
         self.tokenizer = tokenizer
         self.states: Dict[str, IncrementalDetokenizer] = {}
         self._token_text_cache: Dict[int, str] = {}
+        self._token_bytes = TokenBytes(tokenizer)
         # Requests the detokenizer already ended on a stop string the scheduler has not seen yet.
         self.stopped: set = set()
 
     def _token_text(self, token_id: int) -> str:
+        """A logprob entry's name of the token: its text, or its bytes where they are part of a
+        UTF-8 character (``bytes:\\x..``, as OpenAI names them)."""
         text = self._token_text_cache.get(token_id)
         if text is None:
-            text = self.tokenizer.decode([token_id])
+            text = logprob_token_text(self.tokenizer.decode([token_id]), self._token_bytes(token_id))
             self._token_text_cache[token_id] = text
         return text
 

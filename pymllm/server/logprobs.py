@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import codecs
 import math
 from typing import List, Optional, Sequence, Tuple
 
+from pymllm.orchestrator.token_bytes import token_name_bytes
 from pymllm.server.protocol import ChatChoiceLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
 
 # Engine entry per token: (token text, logprob, [(top token text, top logprob), ...]); the
@@ -22,7 +24,23 @@ def finite_logprob(logprob: float) -> float:
 
 
 def _utf8(token: str) -> List[int]:
-    return list(token.encode("utf-8", errors="replace"))
+    return list(token_name_bytes(token))
+
+
+class TextOffsets:
+    """Where each token of a choice's text starts (legacy ``text_offset``), in characters. A
+    token ending inside a UTF-8 character (named ``bytes:\\x..``) moves the offset only by the
+    characters it completes, so the offsets index the text the client receives."""
+
+    def __init__(self, start: int = 0) -> None:
+        self.offset = start
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def place(self, token: str) -> int:
+        """The offset of ``token``, the next token of the text; moves past it."""
+        at = self.offset
+        self.offset += len(self._decoder.decode(token_name_bytes(token)))
+        return at
 
 
 def chat_logprobs(entries: Optional[Sequence[EngineLogprob]], top_k: int) -> Optional[ChatChoiceLogprobs]:
@@ -43,17 +61,16 @@ def chat_logprobs(entries: Optional[Sequence[EngineLogprob]], top_k: int) -> Opt
 
 
 def completion_logprobs(
-    entries: Optional[Sequence[EngineLogprob]], top_k: int, text_offset: int
-) -> Tuple[Optional[CompletionLogprobs], int]:
-    """Legacy shape; ``text_offset`` is where the first token starts in the choice's text.
-    Returns the logprobs and the offset after the last token (for the next stream chunk)."""
+    entries: Optional[Sequence[EngineLogprob]], top_k: int, offsets: TextOffsets
+) -> Optional[CompletionLogprobs]:
+    """Legacy shape; ``offsets`` places the tokens in the choice's text (and moves on, for the
+    next stream chunk)."""
     if not entries:
-        return None, text_offset
+        return None
     out = CompletionLogprobs()
     for token, logprob, top in entries:
         out.tokens.append(token)
-        out.text_offset.append(text_offset)
-        text_offset += len(token)
+        out.text_offset.append(offsets.place(token))
         if logprob is None:  # an echoed prompt's first token: nothing comes before it
             out.token_logprobs.append(None)
             out.top_logprobs.append(None)
@@ -63,7 +80,7 @@ def completion_logprobs(
         alternatives = {t: finite_logprob(lp) for t, lp in top[:top_k]}
         alternatives.setdefault(token, finite_logprob(logprob))
         out.top_logprobs.append(alternatives)
-    return out, text_offset
+    return out
 
 
 def joined_completion_logprobs(parts: Sequence[Optional[CompletionLogprobs]]) -> Optional[CompletionLogprobs]:

@@ -11,7 +11,7 @@ from starlette.responses import Response
 from pymllm.engine.io_struct import GenerateReqInput, RequestOutput
 from pymllm.server.engine_requests import check_token_ids, fan_out, new_request_id, openai_sampling
 from pymllm.server.generation import ChoiceResult, SubRequestGroup, run_to_completion
-from pymllm.server.logprobs import completion_logprobs, joined_completion_logprobs
+from pymllm.server.logprobs import TextOffsets, completion_logprobs, joined_completion_logprobs
 from pymllm.server.protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
 from pymllm.server.reply_fields import finish_reason, json_response, usage_info
 from pymllm.server.sse import SSEResponse, event_stream, first_chunk, sse
@@ -45,16 +45,16 @@ class _CompletionSetup:
         # echo with logprobs: the logprobs cover the prompt's tokens too, as OpenAI's do.
         self.scores_prompt = bool(body.echo) and self.logprobs is not None
 
-    def logprobs_of(self, result_logprobs: Optional[list], offset: int) -> tuple:
+    def logprobs_of(self, result_logprobs: Optional[list], offsets: TextOffsets) -> Optional[CompletionLogprobs]:
         if self.logprobs is None:
-            return None, offset
-        return completion_logprobs(result_logprobs, self.logprobs, offset)
+            return None
+        return completion_logprobs(result_logprobs, self.logprobs, offsets)
 
     def prompt_logprobs_of(self, prompt_logprobs: Optional[list]) -> Optional[CompletionLogprobs]:
         """The echoed prompt's logprobs (offsets from the start of the choice's text)."""
         if not self.scores_prompt:
             return None
-        return completion_logprobs(prompt_logprobs, self.logprobs or 0, 0)[0]
+        return completion_logprobs(prompt_logprobs, self.logprobs or 0, TextOffsets())
 
 
 def _prompt_text(state: ServerState, prompt: Prompt) -> str:
@@ -101,7 +101,7 @@ def _whole_reply(setup: _CompletionSetup, results: List[ChoiceResult]) -> Comple
     choices = []
     for index, result in enumerate(results):
         echo = setup.echo[index]
-        logprobs, _ = setup.logprobs_of(result.logprobs, len(echo))
+        logprobs = setup.logprobs_of(result.logprobs, TextOffsets(len(echo)))
         logprobs = joined_completion_logprobs([setup.prompt_logprobs_of(result.prompt_logprobs), logprobs])
         if setup.logprobs is not None and logprobs is None:
             logprobs = CompletionLogprobs()
@@ -123,7 +123,7 @@ class _CompletionStream:
         self._group = group
         self._include_usage = include_usage
         # Where the next token starts in each choice's text, for logprobs.text_offset.
-        self._offsets = [len(text) for text in setup.echo]
+        self._offsets = [TextOffsets(len(text)) for text in setup.echo]
         # Choices whose echo waits for their prompt's logprobs (they come with the first output).
         self._echo_due = [setup.scores_prompt] * len(setup.echo)
 
@@ -145,7 +145,7 @@ class _CompletionStream:
             prompt_logprobs = self._setup.prompt_logprobs_of(out.prompt_logprobs)
             events.append(self._event(CompletionChoice(index=index, text=self._setup.echo[index],
                                                        logprobs=prompt_logprobs)))
-        logprobs, self._offsets[index] = self._setup.logprobs_of(out.logprobs, self._offsets[index])
+        logprobs = self._setup.logprobs_of(out.logprobs, self._offsets[index])
         if not (out.text or logprobs is not None or out.finished):
             return events
         reason = finish_reason(out.finish_reason) if out.finished else None
