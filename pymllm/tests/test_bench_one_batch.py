@@ -150,6 +150,11 @@ def test_image_requests_report_vit_and_prefill(tmp_path, capsys):
     assert row["prefill_throughput"] == pytest.approx(2 * row["prompt_len"] / row["prefill_latency"])
     assert row["median_decode_latency"] > 0
     assert "incl. ViT" in capsys.readouterr().out
+    # Image requests score their prompts too (run_case checks every position was scored).
+    scored = tmp_path / "scored.jsonl"
+    argv[argv.index(str(out))] = str(scored)
+    assert bench.main(argv + ["--prompt-logprobs"]) == 0
+    assert _rows(scored)[0]["prompt_logprobs"] is True
 
 
 def test_image_dummy_run_needs_the_processor_config(tmp_path, capsys):
