@@ -52,6 +52,9 @@ class SamplingParams:
     prompt_logprobs: bool = False
     # token id -> value added to its logit before sampling (OpenAI's logit_bias, in [-100, 100])
     logit_bias: Dict[int, float] = field(default_factory=dict)
+    # A JSON schema (as a JSON string) the output must follow: only tokens that keep it valid are
+    # sampled (response_format json_schema / json_object; pymllm.orchestrator.grammar).
+    json_schema: Optional[str] = None
 
     @classmethod
     def from_dict(cls, data: Optional[dict]) -> "SamplingParams":
@@ -98,10 +101,10 @@ class SamplingParams:
 
     @property
     def needs_sampler(self) -> bool:
-        """Whether the logits need more than an argmax: sampling, penalties, a logit bias or
-        logprobs."""
+        """Whether the logits need more than an argmax: sampling, penalties, a logit bias,
+        logprobs or a grammar."""
         return (not self.is_greedy or self.uses_penalties or bool(self.logit_bias) or self.logprobs
-                or self.top_logprobs > 0)
+                or self.top_logprobs > 0 or self.json_schema is not None)
 
     def verify(self) -> None:
         def check(cond: bool, message: str) -> None:
@@ -144,6 +147,11 @@ class SamplingParams:
               "stop_token_ids must be non-negative integers")
         check(all(-100.0 <= v <= 100.0 for v in self.logit_bias.values()),
               "logit_bias values must be in [-100, 100]")
+        if self.json_schema is not None:
+            check(isinstance(self.json_schema, str), "json_schema must be a JSON schema as a string")
+            from pymllm.orchestrator.grammar import check_json_schema
+
+            check_json_schema(self.json_schema)
 
 
 def _is_int(value: object) -> bool:

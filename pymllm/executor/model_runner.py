@@ -28,6 +28,7 @@ from pymllm.layers.kernels.pdl import configure as configure_pdl
 from pymllm.layers.sampler import Sampler, SamplingBatchInfo, is_plain_greedy
 from pymllm.mem_cache.memory_pool import KVPool, ReqToTokenPool, TokenToKVPoolAllocator
 from pymllm.model_loader.loader import load_model
+from pymllm.executor.grammar_mask import allowed_token_mask
 from pymllm.orchestrator.request import Req
 from pymllm.orchestrator.schedule_batch import BatchResult, ScheduledBatch
 from pymllm.quantization import get_quantization_config
@@ -324,6 +325,7 @@ class ModelRunner:
             output_ids=[r.output_ids for r in reqs] if need_history else None,
             in_flight_ids=in_flight,
         )
+        info.allowed_tokens = allowed_token_mask([r.grammar for r in reqs], logits.shape[-1], logits.device)
         out = self.sampler(logits, info)
         if out.logprobs is None:
             return out.next_token_ids, []

@@ -91,6 +91,8 @@ class SamplingBatchInfo:
     # when some sampled row has top-k disabled. Lets the sampler skip the full vocabulary sort.
     max_top_k: int = 0
     logit_biases: Optional[torch.Tensor] = None  # [B, V] float32 added to the logits; None when unused
+    # [B, V] bool: the only tokens a row may take (a grammar's next tokens); None when unused
+    allowed_tokens: Optional[torch.Tensor] = None
 
     @property
     def batch_size(self) -> int:
@@ -315,6 +317,8 @@ class Sampler(torch.nn.Module):
         penalised = apply_penalties(logits, info) if info.need_penalties else logits
         if info.logit_biases is not None:
             penalised = penalised + info.logit_biases
+        if info.allowed_tokens is not None:
+            penalised = penalised.masked_fill(~info.allowed_tokens, float("-inf"))
         greedy_ids = torch.argmax(penalised, dim=-1)
         if info.is_all_greedy:
             next_ids = greedy_ids

@@ -48,6 +48,9 @@ class Req:
     retractions: int = 0
     # Images (pymllm.multimodal.MultimodalInputs) of a multimodal request, else None.
     mm_inputs: Any = None
+    # The xgrammar matcher of a request with sampling_params.json_schema: the tokens it allows
+    # next mask the logits, and every token sampled is fed to it (pymllm.orchestrator.grammar).
+    grammar: Any = None
 
     @property
     def fill_ids(self) -> List[int]:

@@ -23,6 +23,7 @@ import numpy as np
 from pymllm.engine.forward_batch import ForwardMode
 from pymllm.engine.io_struct import CONTEXT_LENGTH_EXCEEDED, FinishReason, RequestRefused, TokenizedGenerateReq
 from pymllm.mem_cache.base_prefix_cache import ChunkCache, PrefixCache
+from pymllm.orchestrator.grammar import Grammars
 from pymllm.mem_cache.memory_pool import ReqToTokenPool, TokenToKVPoolAllocator
 from pymllm.orchestrator.request import Req, ReqState
 from pymllm.orchestrator.schedule_batch import BatchResult, ScheduledBatch
@@ -64,6 +65,7 @@ class Scheduler:
         random_seed: int = 0,
         check_invariants: bool = False,
         overlap: bool = False,
+        grammars: Optional[Grammars] = None,
     ):
         self.runner = runner
         self.req_pool = runner.req_to_token_pool
@@ -77,6 +79,7 @@ class Scheduler:
         if overlap and not isinstance(runner, OverlapRunner):
             raise TypeError(f"overlap needs a runner with launch_batch and collect; {type(runner).__name__} has not")
         self.overlap = overlap
+        self.grammars = grammars
         # (batch, the runner's handle) of a decode step launched and not collected yet
         self._in_flight: Optional[Tuple[ScheduledBatch, object]] = None
         self._rng = random.Random(random_seed)
@@ -108,6 +111,13 @@ class Scheduler:
         seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
         req = Req(rid=msg.rid, origin_input_ids=list(msg.input_ids), sampling_params=params, seed=seed,
                   stream=msg.stream, mm_inputs=msg.mm_inputs)
+        if params.json_schema is not None:
+            if self.grammars is None:
+                raise RequestRejected("json_schema: this scheduler has no grammar support")
+            try:
+                req.grammar = self.grammars.matcher(params.json_schema)
+            except ValueError as exc:
+                raise RequestRejected(str(exc)) from None
         if params.max_new_tokens == 0 and not params.prompt_logprobs:
             req.finish_reason = FinishReason("length")
             req.state = ReqState.FINISHED
@@ -172,6 +182,8 @@ class Scheduler:
         if self.chunked_req or self._could_admit() or len(reqs) != len(self.running):
             return None
         if any(a is not b for a, b in zip(reqs, self.running)):
+            return None
+        if any(req.grammar is not None for req in reqs):  # the next mask needs this step's token
             return None
         for req in reqs:
             params = req.sampling_params
@@ -348,11 +360,27 @@ class Scheduler:
             if req.state == ReqState.PREFILLING:
                 req.state = ReqState.DECODING
                 self.running.append(req)
-            reason = self.stop_checker.check(req, self.context_length)
+            reason = self._advance_grammar(req, token)
+            if reason is None or reason.type != "abort":
+                reason = self.stop_checker.check(req, self.context_length) or reason
             if reason is not None:
                 self.running.remove(req)
                 self._release(req, reason)
         return touched
+
+    @staticmethod
+    def _advance_grammar(req: Req, token: int) -> Optional[FinishReason]:
+        """Feed a grammar-constrained request's new token to its matcher: "stop" once the grammar
+        is complete (after a stop token, even with ignore_eos), an error if it refuses the token
+        (the mask allowed only tokens it accepts, so that is a bug)."""
+        if req.grammar is None:
+            return None
+        if not req.grammar.accept_token(token):
+            logger.error("request %s: its grammar refused token %d that the mask allowed", req.rid, token)
+            return FinishReason("abort", message="internal error: the output left its json_schema", status_code=500)
+        if req.grammar.is_terminated():
+            return FinishReason("stop", matched=token)
+        return None
 
     def _free_kv(self, req: Req) -> None:
         if req.kv_slots.size:

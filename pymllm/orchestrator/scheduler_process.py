@@ -19,6 +19,7 @@ from pymllm.engine.io_struct import (
     TokenizedGenerateReq,
 )
 from pymllm.executor.model_runner import load_model_runner
+from pymllm.orchestrator.grammar import Grammars
 from pymllm.orchestrator.ipc import Endpoints, WorkerReady, pull, push
 from pymllm.mem_cache.factory import create_prefix_cache
 from pymllm.orchestrator.request import Req
@@ -50,6 +51,7 @@ def build_scheduler(config: GlobalConfig, check_invariants: bool = False) -> Sch
         random_seed=server.random_seed,
         check_invariants=check_invariants,
         overlap=not server.disable_overlap_schedule,
+        grammars=Grammars(tokenizer, model_config.vocab_size, eos),
     )
 
 

@@ -1,0 +1,145 @@
+"""Constrained decoding (SamplingParams.json_schema): the scheduler's outputs under a schema,
+with the xgrammar library's own matcher as the judge of validity, and the pieces on their own."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from pymllm.engine.io_struct import TokenizedGenerateReq
+from pymllm.executor.grammar_mask import allowed_token_mask
+from pymllm.layers.sampler import Sampler, SamplingBatchInfo
+from pymllm.orchestrator.grammar import Grammars, check_json_schema
+from pymllm.orchestrator.scheduler import RequestRejected
+from pymllm.sampling_params import SamplingParams
+from pymllm.testing.tiny_models import tiny_model_dir
+from pymllm.tests.helpers import greedy, make_scheduler, run_requests
+
+xgr = pytest.importorskip("xgrammar")
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "size": {"enum": [1, 2, 3]}, "tags": {"type": "array",
+               "items": {"enum": ["a", "b"]}, "maxItems": 2}},
+    "required": ["ok", "size", "tags"],
+    "additionalProperties": False,
+}
+PROMPTS = [[5, 17, 300, 42, 7], [11, 12, 13], [400, 2, 90, 91]]
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    return tiny_model_dir("qwen3")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def _constrained(**kw):
+    return SamplingParams(max_new_tokens=64, json_schema=json.dumps(SCHEMA), **kw).with_defaults({})
+
+
+def _check_output(req, tokenizer):
+    assert req.finish_reason.type == "stop", req.finish_reason
+    text = tokenizer.decode(req.output_ids, skip_special_tokens=True)
+    value = json.loads(text)
+    assert set(value) == {"ok", "size", "tags"} and isinstance(value["ok"], bool)
+    assert value["size"] in (1, 2, 3) and len(value["tags"]) <= 2 and set(value["tags"]) <= {"a", "b"}
+    return text
+
+
+def test_outputs_follow_the_schema(model_dir, tokenizer):
+    sched = make_scheduler(model_dir, max_total_tokens=1024)
+    assert sched.overlap  # constrained steps must not run ahead of their own tokens
+    params = [_constrained(temperature=0.0), _constrained(temperature=1.0, seed=3), greedy(12, ignore_eos=True)]
+    reqs = run_requests(sched, PROMPTS, params)
+    for i in range(2):
+        _check_output(reqs[str(i)], tokenizer)
+    # The unconstrained request beside them is what it is alone.
+    alone = run_requests(make_scheduler(model_dir, max_total_tokens=1024), [PROMPTS[2]], [greedy(12, ignore_eos=True)])
+    assert reqs["2"].output_ids == alone["0"].output_ids
+
+
+def test_ignore_eos_still_ends_with_the_grammar(model_dir, tokenizer):
+    sched = make_scheduler(model_dir, max_total_tokens=1024)
+    reqs = run_requests(sched, PROMPTS[:1], [_constrained(temperature=0.0, ignore_eos=True)])
+    _check_output(reqs["0"], tokenizer)
+
+
+def test_json_object_and_sampling_many_seeds(model_dir, tokenizer):
+    sched = make_scheduler(model_dir, max_total_tokens=2048)
+    schema = json.dumps({"type": "object", "properties": {"x": {"type": "boolean"}}, "required": ["x"]})
+    params = [SamplingParams(max_new_tokens=48, temperature=1.0, seed=s, json_schema=schema).with_defaults({})
+              for s in range(6)]
+    reqs = run_requests(sched, [PROMPTS[0]] * 6, params)
+    for req in reqs.values():
+        if req.finish_reason.type == "stop":
+            assert isinstance(json.loads(tokenizer.decode(req.output_ids, skip_special_tokens=True))["x"], bool)
+        else:  # cut at max_new_tokens: still a prefix the grammar accepts
+            matcher = xgr.GrammarMatcher(sched.grammars._compile(schema))
+            assert all(matcher.accept_token(t) for t in req.output_ids)
+
+
+def test_a_schema_that_cannot_be_followed_is_refused(model_dir):
+    with pytest.raises(ValueError, match="not valid JSON"):
+        check_json_schema("{nope")
+    with pytest.raises(ValueError, match="cannot be followed"):
+        check_json_schema(json.dumps({"type": "frob"}))
+    with pytest.raises(ValueError, match="must be a JSON schema as a string"):
+        SamplingParams.from_dict({"json_schema": {"type": "object"}})
+    sched = make_scheduler(model_dir, max_total_tokens=256)
+    bad = SamplingParams(max_new_tokens=4, json_schema=json.dumps({"type": "frob"})).with_defaults({})
+    with pytest.raises(RequestRejected, match="cannot be followed"):
+        sched.add_request(TokenizedGenerateReq("r", [1, 2, 3], bad))
+
+
+def test_the_mask_follows_the_matcher(tokenizer):
+    grammars = Grammars(tokenizer, len(tokenizer) + 7, [tokenizer.eos_token_id])
+    matcher = grammars.matcher(json.dumps({"enum": ["ab"]}))
+    mask = allowed_token_mask([None, matcher], len(tokenizer) + 7, "cpu")
+    assert mask.shape == (2, len(tokenizer) + 7) and bool(mask[0].all())
+    allowed = mask[1].nonzero().flatten().tolist()
+    # The independent judge: a fresh matcher accepts exactly those first tokens.
+    for token in range(len(tokenizer)):
+        probe = xgr.GrammarMatcher(grammars._compile(json.dumps({"enum": ["ab"]})))
+        assert probe.accept_token(token) == (token in allowed), tokenizer.decode([token])
+    assert not mask[1, len(tokenizer):].any()  # ids past the tokenizer (LM-head padding) never
+    assert allowed_token_mask([None, None], 10, "cpu") is None
+
+
+def test_the_sampler_takes_only_allowed_tokens():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    allowed = torch.zeros(3, 50, dtype=torch.bool)
+    allowed[0, [3, 7]] = True
+    allowed[1, 49] = True
+    allowed[2] = True
+    params = [SamplingParams(temperature=t, seed=1).with_defaults({}) for t in (0.0, 1.0, 1.0)]
+    for step in range(20):
+        info = SamplingBatchInfo.from_params(params, seeds=[1, 2, 3], steps=[step] * 3, vocab_size=50, device="cpu")
+        info.allowed_tokens = allowed
+        ids = Sampler()(logits, info).next_token_ids.tolist()
+        assert ids[0] == max((3, 7), key=lambda t: logits[0, t]) and ids[1] == 49
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_outputs_follow_the_schema_on_the_gpu_fast_path(tokenizer):
+    """bf16, FlashInfer, CUDA-graph decode: the mask applies to the graph's logits, and steps of
+    constrained requests are not launched ahead of their tokens."""
+    pytest.importorskip("flashinfer")
+    # FlashInfer's SM90 prefill needs a head_dim of 64, 128 or 256.
+    gpu_model = tiny_model_dir("qwen3", head_dim=128, hidden_size=256, intermediate_size=512,
+                               num_attention_heads=4, num_key_value_heads=2)
+    sched = make_scheduler(gpu_model, device="cuda", dtype="bfloat16", attention_backend="flashinfer",
+                           max_total_tokens=1024)
+    assert sched.runner.cuda_graph_runner is not None
+    params = [_constrained(temperature=0.0), _constrained(temperature=1.0, seed=3), greedy(12, ignore_eos=True)]
+    reqs = run_requests(sched, PROMPTS, params)
+    for i in range(2):
+        _check_output(reqs[str(i)], tokenizer)
