@@ -47,6 +47,7 @@ def openai_sampling(
         "ignore_eos": req.ignore_eos,
         "skip_special_tokens": req.skip_special_tokens,
         "logit_bias": req.logit_bias,
+        "json_schema": req.response_format.grammar_schema() if req.response_format is not None else None,
     }
     params = {k: v for k, v in params.items() if v is not None}
     if logprobs:

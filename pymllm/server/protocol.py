@@ -6,6 +6,7 @@ never a 500 from deep inside the engine.
 
 from __future__ import annotations
 
+import json
 from typing import Any, ClassVar, Dict, FrozenSet, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
@@ -16,6 +17,34 @@ from typing_extensions import Annotated
 
 class StreamOptions(BaseModel):
     include_usage: Optional[bool] = False
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: Optional[str] = None
+    description: Optional[str] = None
+    schema_: Dict[str, Any] = Field(..., alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs json_schema.schema")
+        return self
+
+    def grammar_schema(self) -> Optional[str]:
+        """The JSON schema the output must follow, as SamplingParams.json_schema; None for text."""
+        if self.type == "json_object":
+            return json.dumps({"type": "object"})
+        if self.type == "json_schema":
+            return json.dumps(self.json_schema.schema_)
+        return None
 
 
 class SamplingRequestFields(BaseModel):
@@ -41,6 +70,8 @@ class SamplingRequestFields(BaseModel):
     # token id (a string in JSON) -> bias in [-100, 100] added to its logit
     logit_bias: Optional[Dict[str, float]] = None
     user: Optional[str] = None
+    # json_object / json_schema: the output is constrained to the schema (pymllm.orchestrator.grammar)
+    response_format: Optional[ResponseFormat] = None
 
     @property
     def include_usage(self) -> bool:
@@ -122,11 +153,6 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str
-
-
 # apply_chat_template's own arguments. chat_template_kwargs are meant for template variables
 # (enable_thinking, ...); these would instead change what the tokenizer process gets back
 # (return_tensors gave an array that crashed the scheduler) or how the prompt is built.
@@ -146,12 +172,9 @@ class ChatCompletionRequest(SamplingRequestFields):
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
     parallel_tool_calls: Optional[bool] = None
     chat_template_kwargs: Optional[Dict[str, Any]] = None
-    response_format: Optional[ResponseFormat] = None
 
     @model_validator(mode="after")
     def _check_chat(self) -> "ChatCompletionRequest":
-        if self.response_format is not None and self.response_format.type != "text":
-            raise ValueError(f"response_format type {self.response_format.type!r} is not supported; only 'text'")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
         if self.tool_choice not in (None, "none", "auto") and not self.tools:

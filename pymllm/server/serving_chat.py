@@ -61,8 +61,8 @@ class _ChatSetup:
 
 
 def _tools_shown(body: ChatCompletionRequest) -> Optional[List[dict]]:
-    """The tools the chat template shows the model. There is no constrained decoding, so
-    tool_choice steers by what the model sees: "none" shows none (it does not call them), a named
+    """The tools the chat template shows the model. Tool calls are not decoded under a grammar,
+    so tool_choice steers by what the model sees: "none" shows none (it does not call them), a named
     function shows only that one; "required" cannot be enforced and shows them all, as "auto"."""
     if not body.parses_tool_calls:
         return None

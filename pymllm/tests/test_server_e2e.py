@@ -109,6 +109,31 @@ def test_echo_with_logprobs_scores_the_prompt_as_transformers(server, client, mo
     assert entries[0][1:] == [None, []] and [e[1] for e in entries[1:]] == lp.token_logprobs[1 : len(ids)]
 
 
+def test_response_format_json_schema(client):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    kw = dict(model="tiny-qwen3", messages=CHAT, max_tokens=48, temperature=0, response_format=fmt,
+              extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    r = client.chat.completions.create(**kw)
+    value = json.loads(r.choices[0].message.content)
+    assert r.choices[0].finish_reason == "stop" and isinstance(value["ok"], bool) and value["n"] in (1, 2, 3)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw)
+                       if c.choices)
+    assert streamed == r.choices[0].message.content
+    sampled = client.chat.completions.create(**{**kw, "temperature": 1.0, "seed": 5, "n": 3})
+    for choice in sampled.choices:
+        if choice.finish_reason == "stop":
+            assert set(json.loads(choice.message.content)) == {"ok", "n"}
+    obj = client.completions.create(model="tiny-qwen3", prompt="{", max_tokens=32, temperature=0,
+                                    extra_body={"response_format": {"type": "json_object"}})
+    if obj.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(obj.choices[0].text), dict)
+    with pytest.raises(openai.BadRequestError, match="cannot be followed"):
+        client.chat.completions.create(**{**kw, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frob"}}}})
+
+
 def test_stop_string_across_token_boundaries(client):
     base = client.completions.create(model="tiny-qwen3", prompt="hello", max_tokens=24, temperature=0,
                                      extra_body={"ignore_eos": True}).choices[0].text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pymllm.configs.server_config import ServerConfig
@@ -98,7 +100,10 @@ async def test_native_sampling_params_of_the_wrong_type_are_400(sampling, needle
 @pytest.mark.parametrize(
     "patch,needle",
     [
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema"}}, "needs json_schema.schema"),
+        ({"response_format": {"type": "yaml"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frob"}}}},
+         "json_schema cannot be followed"),
         ({"top_logprobs": 3}, "top_logprobs requires logprobs"),
         ({"tool_choice": "required"}, "tool_choice requires tools"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}],
@@ -118,6 +123,18 @@ async def test_unsupported_options_are_400(patch, needle):
 async def test_response_format_text_is_accepted():
     r = await _post(FakeEngineClient(), {"messages": USER, "response_format": {"type": "text"}})
     assert r.status_code == 200
+
+
+async def test_json_response_formats_become_the_engines_json_schema():
+    fake = FakeEngineClient()
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    await _post(fake, {"messages": USER, "response_format": {"type": "json_schema",
+                                                             "json_schema": {"name": "answer", "schema": schema}}})
+    await _post(fake, {"messages": USER, "response_format": {"type": "json_object"}})
+    await _post(fake, {"messages": USER, "response_format": {"type": "text"}})
+    await _post(fake, {"prompt": "x", "response_format": {"type": "json_object"}}, "/v1/completions")
+    sent = [r.sampling_params.get("json_schema") for r in fake.requests]
+    assert [json.loads(s) if s else None for s in sent] == [schema, {"type": "object"}, None, {"type": "object"}]
 
 
 async def test_unknown_model_is_404():
