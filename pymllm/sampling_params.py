@@ -55,6 +55,10 @@ class SamplingParams:
     # A JSON schema (as a JSON string) the output must follow: only tokens that keep it valid are
     # sampled (response_format json_schema / json_object; pymllm.orchestrator.grammar).
     json_schema: Optional[str] = None
+    # Text the constrained output starts / ends with around the JSON value (the server's
+    # tool-call tags for tool_choice "required" or a named function).
+    json_prefix: str = ""
+    json_suffix: str = ""
 
     @classmethod
     def from_dict(cls, data: Optional[dict]) -> "SamplingParams":
@@ -147,11 +151,15 @@ class SamplingParams:
               "stop_token_ids must be non-negative integers")
         check(all(-100.0 <= v <= 100.0 for v in self.logit_bias.values()),
               "logit_bias values must be in [-100, 100]")
+        for name in ("json_prefix", "json_suffix"):
+            value = getattr(self, name)
+            check(isinstance(value, str) and len(value) <= 256, f"{name} must be a string of at most 256 characters")
+            check(not value or self.json_schema is not None, f"{name} needs json_schema")
         if self.json_schema is not None:
             check(isinstance(self.json_schema, str), "json_schema must be a JSON schema as a string")
             from pymllm.orchestrator.grammar import check_json_schema
 
-            check_json_schema(self.json_schema)
+            check_json_schema(self.json_schema, self.json_prefix, self.json_suffix)
 
 
 def _is_int(value: object) -> bool:

@@ -2,9 +2,11 @@
 
 A request with ``SamplingParams.json_schema`` gets a matcher when it is admitted. Before each of
 its tokens is sampled the matcher's bitmask of allowed tokens becomes a mask on the logits
-(``pymllm.executor.grammar_mask``); after it, the matcher accepts the token (the scheduler). The grammar is compiled once
-per schema against the tokenizer's vocabulary (xgrammar: the precomputation of which tokens fit
-each grammar state, the part that makes a mask cheap per step) and cached.
+(``pymllm.executor.grammar_mask``); after it, the matcher accepts the token (the scheduler). The
+output is ``json_prefix`` + a JSON value that follows the schema + ``json_suffix``: the prefix and
+suffix let the server wrap the value in its tool-call tags. The grammar is compiled once per
+(schema, prefix, suffix) against the tokenizer's vocabulary (xgrammar's precomputation of which
+tokens fit each grammar state, the part that makes a mask cheap per step) and cached.
 """
 
 from __future__ import annotations
@@ -12,12 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Dict, Sequence
+from typing import Dict, Sequence, Tuple
 
 logger = logging.getLogger(__name__)
-
-# What OpenAI's response_format {"type": "json_object"} promises: some JSON object.
-JSON_OBJECT_SCHEMA = json.dumps({"type": "object"})
 
 
 def xgrammar_module():
@@ -28,33 +27,51 @@ def xgrammar_module():
     return xgrammar
 
 
-def check_json_schema(schema: str) -> None:
-    """ValueError, naming the problem, unless ``schema`` is a JSON schema xgrammar can follow."""
+def _literal(text: str):
+    """A grammar matching exactly ``text`` (a JSON string literal is a valid EBNF one)."""
+    return xgrammar_module().Grammar.from_ebnf(f"root ::= {json.dumps(text, ensure_ascii=False)}")
+
+
+def build_grammar(schema: str, prefix: str = "", suffix: str = ""):
+    """prefix + a JSON value following ``schema`` (compact: no free whitespace) + suffix; ValueError
+    naming the problem when the schema is not one xgrammar can follow."""
     try:
         parsed = json.loads(schema)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"json_schema is not valid JSON: {exc}") from None
     if not isinstance(parsed, dict):
         raise ValueError("json_schema must be a JSON object (a schema)")
+    xgr = xgrammar_module()
     try:
-        xgrammar_module().Grammar.from_json_schema(schema, any_whitespace=False)
-    except ValueError:
-        raise
+        value = xgr.Grammar.from_json_schema(schema, any_whitespace=False)
+        parts = ([_literal(prefix)] if prefix else []) + [value] + ([_literal(suffix)] if suffix else [])
+        return xgr.Grammar.concat(*parts) if len(parts) > 1 else value
     except Exception as exc:  # xgrammar's own errors (RuntimeError, InvalidJSONError, ...)
         raise ValueError(f"json_schema cannot be followed: {exc}") from None
 
 
+def check_json_schema(schema: str, prefix: str = "", suffix: str = "") -> None:
+    """ValueError, naming the problem, unless the output this asks for can be constrained."""
+    build_grammar(schema, prefix, suffix)
+
+
 class Grammars:
-    """Compiles and caches schema grammars for one tokenizer; hands out a matcher per request."""
+    """Compiles and caches grammars for one tokenizer; hands out a matcher per request."""
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int]) -> None:
         self._tokenizer = tokenizer
         self.vocab_size = vocab_size
         self._stop_token_ids = sorted(int(t) for t in stop_token_ids)
         self._compiler = None
-        self._compiled: Dict[str, object] = {}
+        self._compiled: Dict[Tuple[str, str, str], object] = {}
 
-    def _compile(self, schema: str):
+    def compiled(self, schema: str, prefix: str = "", suffix: str = ""):
+        """The compiled grammar of (schema, prefix, suffix), from the cache after its first use."""
+        key = (schema, prefix, suffix)
+        compiled = self._compiled.get(key)
+        if compiled is not None:
+            return compiled
+        grammar = build_grammar(schema, prefix, suffix)
         xgr = xgrammar_module()
         if self._compiler is None:  # reading the vocabulary takes a while: only when first asked
             start = time.perf_counter()
@@ -62,20 +79,15 @@ class Grammars:
                                                       stop_token_ids=self._stop_token_ids)
             self._compiler = xgr.GrammarCompiler(info)
             logger.info("Grammar support ready (vocabulary read) in %.2f s", time.perf_counter() - start)
-        compiled = self._compiled.get(schema)
-        if compiled is None:
-            start = time.perf_counter()
-            compiled = self._compiler.compile_grammar(xgr.Grammar.from_json_schema(schema, any_whitespace=False))
-            self._compiled[schema] = compiled
-            logger.info("Compiled a JSON-schema grammar in %.3f s", time.perf_counter() - start)
-        return compiled
-
-    def matcher(self, schema: str):
-        """A fresh matcher of ``schema`` (ValueError when it cannot be compiled)."""
+        start = time.perf_counter()
         try:
-            compiled = self._compile(schema)
-        except ValueError:
-            raise
+            compiled = self._compiler.compile_grammar(grammar)
         except Exception as exc:
             raise ValueError(f"json_schema cannot be followed: {exc}") from None
-        return xgrammar_module().GrammarMatcher(compiled)
+        self._compiled[key] = compiled
+        logger.info("Compiled a JSON-schema grammar in %.3f s", time.perf_counter() - start)
+        return compiled
+
+    def matcher(self, schema: str, prefix: str = "", suffix: str = ""):
+        """A fresh matcher of the output (ValueError when it cannot be constrained)."""
+        return xgrammar_module().GrammarMatcher(self.compiled(schema, prefix, suffix))

@@ -115,7 +115,7 @@ class Scheduler:
             if self.grammars is None:
                 raise RequestRejected("json_schema: this scheduler has no grammar support")
             try:
-                req.grammar = self.grammars.matcher(params.json_schema)
+                req.grammar = self.grammars.matcher(params.json_schema, params.json_prefix, params.json_suffix)
             except ValueError as exc:
                 raise RequestRejected(str(exc)) from None
         if params.max_new_tokens == 0 and not params.prompt_logprobs:

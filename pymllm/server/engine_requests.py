@@ -29,9 +29,11 @@ def openai_sampling(
     max_new_tokens: Optional[int],
     logprobs: bool,
     top_logprobs: int,
+    constraint: Optional[Dict[str, str]] = None,
 ) -> Dict[str, Any]:
     """Sampling dict (SamplingParams field names) of an OpenAI request; unset values are left
-    out so the model's generation_config defaults apply."""
+    out so the model's generation_config defaults apply. ``constraint``: json_schema (with
+    json_prefix / json_suffix) set by the endpoint instead of response_format."""
     params: Dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "temperature": req.temperature,
@@ -50,6 +52,7 @@ def openai_sampling(
         "json_schema": req.response_format.grammar_schema() if req.response_format is not None else None,
     }
     params = {k: v for k, v in params.items() if v is not None}
+    params.update(constraint or {})
     if logprobs:
         params["logprobs"] = True
         params["top_logprobs"] = top_logprobs

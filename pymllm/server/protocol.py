@@ -186,11 +186,18 @@ class ChatCompletionRequest(SamplingRequestFields):
             name = self.tool_choice.function.name
             if name not in {tool.function.name for tool in self.tools or []}:
                 raise ValueError(f"tool_choice names the function {name!r}, which is not in tools")
+        if self.forces_tool_call and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("response_format cannot constrain a reply that tool_choice makes a tool call")
         return self
 
     @property
     def parses_tool_calls(self) -> bool:
         return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def forces_tool_call(self) -> bool:
+        """tool_choice "required" or a named function: the reply must be a call."""
+        return bool(self.tools) and (self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice))
 
 
 PromptType = Union[str, List[str], List[int], List[List[int]]]

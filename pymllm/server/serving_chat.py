@@ -6,8 +6,9 @@ the request offers tools, through the tool-call parser.
 
 from __future__ import annotations
 
+import json
 import time
-from typing import Iterable, List, Optional, Type
+from typing import Dict, Iterable, List, Optional, Type
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -61,9 +62,8 @@ class _ChatSetup:
 
 
 def _tools_shown(body: ChatCompletionRequest) -> Optional[List[dict]]:
-    """The tools the chat template shows the model. Tool calls are not decoded under a grammar,
-    so tool_choice steers by what the model sees: "none" shows none (it does not call them), a named
-    function shows only that one; "required" cannot be enforced and shows them all, as "auto"."""
+    """The tools the chat template shows the model: "none" shows none (it does not call them), a
+    named function only that one, "auto" and "required" all of them."""
     if not body.parses_tool_calls:
         return None
     tools = body.tools or []
@@ -72,9 +72,37 @@ def _tools_shown(body: ChatCompletionRequest) -> Optional[List[dict]]:
     return [t.model_dump(exclude_none=True) for t in tools]
 
 
+def _constraint(body: ChatCompletionRequest, setup: _ChatSetup) -> Optional[Dict[str, str]]:
+    """The grammar a reply is decoded under, as sampling params, or None.
+
+    tool_choice "required" or a named function: one call, in the tags the tool-call parser reads,
+    of one of the tools shown (its name, and arguments that follow its parameters' schema).
+    response_format json_schema / json_object: a JSON value of that schema. Where the template
+    opens a reasoning block, the reply first closes it, so that the parser finds the call or the
+    value in the content."""
+    if body.forces_tool_call:
+        calls = [
+            {"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+             "properties": {"name": {"enum": [tool["function"]["name"]]},
+                            "arguments": tool["function"].get("parameters") or {"type": "object"}}}
+            for tool in _tools_shown(body) or []
+        ]
+        parser = get_tool_call_parser(DEFAULT_TOOL_CALL_PARSER)
+        constraint = {"json_schema": json.dumps(calls[0] if len(calls) == 1 else {"anyOf": calls}),
+                      "json_prefix": parser.start_tag + "\n", "json_suffix": "\n" + parser.end_tag}
+    elif body.response_format is not None and body.response_format.grammar_schema() is not None:
+        constraint = {"json_schema": body.response_format.grammar_schema()}
+    else:
+        return None
+    if setup.reasoning_open:
+        constraint["json_prefix"] = setup.reasoning_parser.end_tag + "\n\n" + constraint.get("json_prefix", "")
+    return constraint
+
+
 def _engine_requests(body: ChatCompletionRequest, setup: _ChatSetup) -> List[GenerateReqInput]:
     sampling = openai_sampling(
-        body, body.max_completion_tokens or body.max_tokens, setup.logprobs, setup.top_logprobs
+        body, body.max_completion_tokens or body.max_tokens, setup.logprobs, setup.top_logprobs,
+        constraint=_constraint(body, setup),
     )
     messages = normalise_messages(body.messages)
     tools = _tools_shown(body)

@@ -81,8 +81,19 @@ def test_json_object_and_sampling_many_seeds(model_dir, tokenizer):
         if req.finish_reason.type == "stop":
             assert isinstance(json.loads(tokenizer.decode(req.output_ids, skip_special_tokens=True))["x"], bool)
         else:  # cut at max_new_tokens: still a prefix the grammar accepts
-            matcher = xgr.GrammarMatcher(sched.grammars._compile(schema))
+            matcher = xgr.GrammarMatcher(sched.grammars.compiled(schema))
             assert all(matcher.accept_token(t) for t in req.output_ids)
+
+
+def test_the_value_comes_between_its_prefix_and_suffix(model_dir, tokenizer):
+    sched = make_scheduler(model_dir, max_total_tokens=1024)
+    params = _constrained(temperature=0.0, json_prefix="<tool_call>\n", json_suffix="\n</tool_call>")
+    text = tokenizer.decode(run_requests(sched, PROMPTS[:1], [params])["0"].output_ids, skip_special_tokens=True)
+    assert text.startswith("<tool_call>\n") and text.endswith("\n</tool_call>")
+    value = json.loads(text[len("<tool_call>\n"):-len("\n</tool_call>")])
+    assert set(value) == {"ok", "size", "tags"}
+    with pytest.raises(ValueError, match="json_prefix needs json_schema"):
+        SamplingParams.from_dict({"json_prefix": "x"})
 
 
 def test_a_schema_that_cannot_be_followed_is_refused(model_dir):
@@ -106,7 +117,7 @@ def test_the_mask_follows_the_matcher(tokenizer):
     allowed = mask[1].nonzero().flatten().tolist()
     # The independent judge: a fresh matcher accepts exactly those first tokens.
     for token in range(len(tokenizer)):
-        probe = xgr.GrammarMatcher(grammars._compile(json.dumps({"enum": ["ab"]})))
+        probe = xgr.GrammarMatcher(grammars.compiled(json.dumps({"enum": ["ab"]})))
         assert probe.accept_token(token) == (token in allowed), tokenizer.decode([token])
     assert not mask[1, len(tokenizer):].any()  # ids past the tokenizer (LM-head padding) never
     assert allowed_token_mask([None, None], 10, "cpu") is None

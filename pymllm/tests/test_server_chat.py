@@ -281,15 +281,34 @@ async def test_tool_choice_none_leaves_text_and_hides_tools():
     assert fake.requests[0].tools is None
 
 
-async def test_a_named_tool_choice_shows_the_model_only_that_tool():
-    # No constrained decoding: what the model sees is how the choice steers it.
-    clock = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+async def test_a_forced_tool_call_is_decoded_under_its_grammar():
+    clock = {"type": "function", "function": {"name": "get_time"}}  # no parameters: any object
     fake = FakeEngineClient(ScriptedReply(chunks=CALL_CHUNKS))
     choice = {"type": "function", "function": {"name": "get_weather"}}
     await _post(fake, {"messages": USER, "tools": [clock] + TOOLS, "tool_choice": choice})
     await _post(fake, {"messages": USER, "tools": [clock] + TOOLS, "tool_choice": "required"})
-    assert fake.requests[0].tools == TOOLS
-    assert fake.requests[1].tools == [clock] + TOOLS
+    await _post(fake, {"messages": USER, "tools": [clock] + TOOLS, "tool_choice": "auto"})
+    named, required, auto = fake.requests
+    # A named function: the model sees only it, and the reply is one call of it in the parser's tags.
+    assert named.tools == TOOLS and required.tools == [clock] + TOOLS == auto.tools
+    weather = {"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+               "properties": {"name": {"enum": ["get_weather"]}, "arguments": TOOLS[0]["function"]["parameters"]}}
+    time_call = {**weather, "properties": {"name": {"enum": ["get_time"]}, "arguments": {"type": "object"}}}
+    assert json.loads(named.sampling_params["json_schema"]) == weather
+    assert json.loads(required.sampling_params["json_schema"]) == {"anyOf": [time_call, weather]}
+    for req in (named, required):
+        assert (req.sampling_params["json_prefix"], req.sampling_params["json_suffix"]) == (
+            "<tool_call>\n", "\n</tool_call>")
+    assert "json_schema" not in auto.sampling_params
+    # Where the template opens a reasoning block, the constrained reply closes it first.
+    opened = FakeEngineClient(ScriptedReply(chunks=CALL_CHUNKS), tokenizer=ByteTokenizer(think_prompt=True))
+    await _post(opened, {"messages": USER, "tools": TOOLS, "tool_choice": "required"}, reasoning_parser="qwen3")
+    await _post(opened, {"messages": USER, "response_format": {"type": "json_object"}}, reasoning_parser="qwen3")
+    assert [r.sampling_params["json_prefix"] for r in opened.requests] == ["</think>\n\n<tool_call>\n", "</think>\n\n"]
+    # Both cannot constrain one reply.
+    r = await _post(fake, {"messages": USER, "tools": TOOLS, "tool_choice": "required",
+                           "response_format": {"type": "json_object"}})
+    assert r.status_code == 400 and "tool_choice makes a tool call" in r.json()["error"]["message"]
 
 
 async def test_reasoning_then_tool_call():

@@ -134,6 +134,24 @@ def test_response_format_json_schema(client):
             "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frob"}}}})
 
 
+def test_forced_tool_calls(client):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+                  "type": "object", "properties": {"unit": {"enum": ["C", "F"]}}, "required": ["unit"],
+                  "additionalProperties": False}}},
+             {"type": "function", "function": {"name": "get_time", "parameters": {
+                  "type": "object", "properties": {}, "additionalProperties": False}}}]
+    kw = dict(model="tiny-qwen3", messages=CHAT, max_tokens=64, temperature=0, tools=tools,
+              extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    for choice, names in [("required", {"get_weather", "get_time"}),
+                          ({"type": "function", "function": {"name": "get_time"}}, {"get_time"})]:
+        r = client.chat.completions.create(tool_choice=choice, **kw)
+        assert r.choices[0].finish_reason == "tool_calls", r.choices[0]
+        (call,) = r.choices[0].message.tool_calls
+        assert call.function.name in names
+        arguments = json.loads(call.function.arguments)
+        assert arguments == {} if call.function.name == "get_time" else arguments["unit"] in ("C", "F")
+
+
 def test_stop_string_across_token_boundaries(client):
     base = client.completions.create(model="tiny-qwen3", prompt="hello", max_tokens=24, temperature=0,
                                      extra_body={"ignore_eos": True}).choices[0].text
