@@ -23,8 +23,8 @@ import numpy as np
 from pymllm.engine.forward_batch import ForwardMode
 from pymllm.engine.io_struct import CONTEXT_LENGTH_EXCEEDED, FinishReason, RequestRefused, TokenizedGenerateReq
 from pymllm.mem_cache.base_prefix_cache import ChunkCache, PrefixCache
-from pymllm.orchestrator.grammar import Grammars
 from pymllm.mem_cache.memory_pool import ReqToTokenPool, TokenToKVPoolAllocator
+from pymllm.orchestrator.grammar import Grammars
 from pymllm.orchestrator.request import Req, ReqState
 from pymllm.orchestrator.schedule_batch import BatchResult, ScheduledBatch
 from pymllm.orchestrator.stop_checker import StopChecker

@@ -109,6 +109,19 @@ def test_a_schema_that_cannot_be_followed_is_refused(model_dir):
         sched.add_request(TokenizedGenerateReq("r", [1, 2, 3], bad))
 
 
+def test_a_refused_token_ends_the_request_with_an_error():
+    class Refusing:
+        def accept_token(self, token):
+            return False
+
+    from pymllm.orchestrator.request import Req
+    from pymllm.orchestrator.scheduler import Scheduler
+
+    req = Req(rid="r", origin_input_ids=[1], sampling_params=_constrained(), seed=0, grammar=Refusing())
+    reason = Scheduler._advance_grammar(req, 5)
+    assert reason.type == "abort" and reason.status_code == 500
+
+
 def test_the_mask_follows_the_matcher(tokenizer):
     grammars = Grammars(tokenizer, len(tokenizer) + 7, [tokenizer.eos_token_id])
     matcher = grammars.matcher(json.dumps({"enum": ["ab"]}))
