@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from typing import Dict, Sequence, Tuple
 
 logger = logging.getLogger(__name__)
+
+_LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
 
 
 def xgrammar_module():
@@ -47,7 +50,12 @@ def build_grammar(schema: str, prefix: str = "", suffix: str = ""):
         parts = ([_literal(prefix)] if prefix else []) + [value] + ([_literal(suffix)] if suffix else [])
         return xgr.Grammar.concat(*parts) if len(parts) > 1 else value
     except Exception as exc:  # xgrammar's own errors (RuntimeError, InvalidJSONError, ...)
-        raise ValueError(f"json_schema cannot be followed: {exc}") from None
+        raise ValueError(f"json_schema cannot be followed: {_reason(exc)}") from None
+
+
+def _reason(exc: Exception) -> str:
+    """xgrammar's message without its log prefix ("[09:03:04] /project/cpp/x.cc:4944: ")."""
+    return _LOG_PREFIX.sub("", str(exc).strip())
 
 
 def check_json_schema(schema: str, prefix: str = "", suffix: str = "") -> None:
@@ -83,7 +91,7 @@ class Grammars:
         try:
             compiled = self._compiler.compile_grammar(grammar)
         except Exception as exc:
-            raise ValueError(f"json_schema cannot be followed: {exc}") from None
+            raise ValueError(f"json_schema cannot be followed: {_reason(exc)}") from None
         self._compiled[key] = compiled
         logger.info("Compiled a JSON-schema grammar in %.3f s", time.perf_counter() - start)
         return compiled
