@@ -167,3 +167,27 @@ def test_outputs_follow_the_schema_on_the_gpu_fast_path(tokenizer):
     reqs = run_requests(sched, PROMPTS, params)
     for i in range(2):
         _check_output(reqs[str(i)], tokenizer)
+
+
+def test_random_schemas_compile_or_are_refused_by_name():
+    """Whatever a client sends as a schema, the answer is a grammar or a ValueError (a 400), never
+    another exception from xgrammar."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    keys = ["type", "properties", "items", "required", "enum", "const", "anyOf", "oneOf", "allOf", "minimum",
+            "maximum", "pattern", "format", "minItems", "maxItems", "additionalProperties", "$ref", "$defs",
+            "minLength", "maxLength", "not", "prefixItems"]
+    leaf = st.one_of(st.sampled_from(["object", "array", "string", "number", "integer", "boolean", "null", "frob"]),
+                     st.integers(-5, 5), st.text(max_size=5), st.booleans(), st.none())
+    schemas = st.recursive(leaf, lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(keys), inner, max_size=4)), max_leaves=12)
+
+    @hypothesis.settings(max_examples=150, deadline=None)
+    @hypothesis.given(schemas)
+    def compile_or_refuse(schema):
+        try:
+            check_json_schema(json.dumps(schema), "<p>", "</p>")
+        except ValueError:
+            pass
+
+    compile_or_refuse()
