@@ -33,6 +33,8 @@ class PromptScoring:
 
 def plan_prompt_scoring(batch: ScheduledBatch) -> Optional[PromptScoring]:
     """The rows of ``batch`` that score prompt tokens, or None where no request asks."""
+    if not batch.mode.is_extend():  # decode steps (the hot path) score nothing
+        return None
     spans = batch.prompt_rows_to_score()
     if not any(count for _, count in spans):
         return None
