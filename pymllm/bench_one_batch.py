@@ -52,11 +52,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from pymllm.bench_images import ImagePrompts, load_image_prompts, timed_vision
 from pymllm.bench_roofline import (
     _sync,
     measure_copy_bandwidth,
@@ -68,13 +69,10 @@ from pymllm.bench_roofline import (
 )
 from pymllm.configs.errors import ConfigError
 from pymllm.configs.global_config import GlobalConfig, add_config_arguments, config_from_namespace
-from pymllm.configs.model_config import ModelConfig, load_model_config
+from pymllm.configs.model_config import load_model_config
 from pymllm.engine.forward_batch import ForwardMode
 from pymllm.executor.model_runner import ModelRunner, resolve_device
-from pymllm.multimodal.inputs import MultimodalInputs, image_token_counts
-from pymllm.multimodal.media import MediaPolicy
-from pymllm.multimodal.processor import MultimodalProcessor, is_multimodal_config
-from pymllm.multimodal.synthetic import image_size_arg, random_images
+from pymllm.multimodal.synthetic import image_size_arg
 from pymllm.orchestrator.request import Req
 from pymllm.orchestrator.schedule_batch import ScheduledBatch
 from pymllm.sampling_params import SamplingParams
@@ -163,62 +161,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple:
     return config, bench
 
 
-# ---------------- hardware reference rates ----------------
-class ImagePrompts:
-    """Image requests built as the tokenizer process builds them: random images through the
-    checkpoint's image processor, placeholders expanded, mrope positions computed."""
-
-    def __init__(self, processor: MultimodalProcessor, hf_config, size: Tuple[int, int], per_request: int):
-        self.processor = processor
-        self.size = size
-        self.per_request = per_request
-        # What the chat template emits per image, before the placeholder is expanded.
-        self.image_markup = [
-            int(hf_config.vision_start_token_id), processor.image_token_id, int(hf_config.vision_end_token_id)
-        ]
-        # Random text leaves out the markup tokens: a stray placeholder would count as an image.
-        vocab = (getattr(hf_config, "text_config", None) or hf_config).vocab_size
-        self.text_vocab = np.setdiff1d(np.arange(vocab), self.image_markup)
-        # The processor resizes every image of one size to the same grid.
-        _, grids = processor.preprocess(random_images(np.random.default_rng(0), size, 1))
-        self.tokens_per_image = image_token_counts(grids, processor.spatial_merge_size)[0]
-
-    @property
-    def image_tokens(self) -> int:
-        """Image placeholder tokens per request."""
-        return self.per_request * self.tokens_per_image
-
-    @property
-    def extra_prompt_tokens(self) -> int:
-        """Prompt tokens per request besides the text: the placeholders and their markup."""
-        return self.image_tokens + self.per_request * (len(self.image_markup) - 1)
-
-    def prompt(self, rng: np.random.Generator, text_len: int) -> Tuple[List[int], MultimodalInputs]:
-        pixel_values, grids = self.processor.preprocess(random_images(rng, self.size, self.per_request))
-        text = rng.choice(self.text_vocab, text_len).tolist()
-        return self.processor.build(self.image_markup * self.per_request + text, pixel_values, grids)
-
-
-def load_image_prompts(config: GlobalConfig, model_config: ModelConfig, bench: BenchArgs) -> ImagePrompts:
-    """ConfigError when the model takes no images or its image processor config is missing."""
-    hf_config = model_config.hf_config
-    if not is_multimodal_config(hf_config):
-        raise ConfigError(
-            f"--image needs an image model (e.g. Qwen3-VL); {model_config.model_path} is "
-            f"{model_config.architecture}"
-        )
-    # As in the tokenizer process: with the weights, or with the tokenizer when split.
-    dirs = [model_config.model_path, model_config.tokenizer_path]
-    found = [d for d in dirs if os.path.isfile(os.path.join(d, "preprocessor_config.json"))]
-    if not found:
-        raise ConfigError(
-            f"--image needs the image processor config (preprocessor_config.json) in "
-            f"{' or '.join(sorted(set(dirs)))}; copy it from the checkpoint (also for --server.load_format dummy)"
-        )
-    processor = MultimodalProcessor.from_pretrained(found[0], hf_config, MediaPolicy.from_server_config(config.server))
-    return ImagePrompts(processor, hf_config, bench.image, bench.images_per_request)
-
-
 # ---------------- one case ----------------
 @dataclass
 class CaseTimes:
@@ -227,28 +169,6 @@ class CaseTimes:
     prompt_len: int
     vit: Optional[float] = None  # ViT time within ``prefill`` (image requests only)
     decode_graph: Optional[float] = None  # GPU time of the decode graph alone (CUDA graphs only)
-
-
-@contextlib.contextmanager
-def _timed_vision(model: torch.nn.Module, device: torch.device, spent: List[float]) -> Iterator[None]:
-    """Appends the duration of every ``model.encode_images`` call to ``spent``. The ViT runs
-    inside the prefill step (the runner's batch building), so the sync before it is the
-    only thing this adds to the timed prefill."""
-    encode: Callable = model.encode_images
-
-    def timed(*args, **kwargs):
-        _sync(device)
-        start = time.perf_counter()
-        out = encode(*args, **kwargs)
-        _sync(device)
-        spent.append(time.perf_counter() - start)
-        return out
-
-    model.encode_images = timed
-    try:
-        yield
-    finally:
-        del model.encode_images  # the class's method again
 
 
 def _profiler(device: torch.device):
@@ -339,7 +259,7 @@ def run_case(
     slots = runner.token_to_kv_pool_allocator.alloc(bs * prompt_len)
     prefill_batch = ScheduledBatch(ForwardMode.EXTEND, reqs, [0] * bs, [prompt_len] * bs, slots, [True] * bs)
     vit: List[float] = []
-    with _timed_vision(runner.model, device, vit) if images is not None else contextlib.nullcontext():
+    with timed_vision(runner.model, device, vit) if images is not None else contextlib.nullcontext():
         prefill = step(prefill_batch)
     if prof is not None and profile_stage == "decode":
         prof.start()
@@ -461,7 +381,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     images = None
     if bench.image is not None:
         try:
-            images = load_image_prompts(config, model_config, bench)
+            images = load_image_prompts(config, model_config, bench.image, bench.images_per_request)
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -13,6 +13,7 @@ import torch
 
 from pymllm import bench_one_batch as bench
 from pymllm import bench_roofline as roofline
+from pymllm.bench_images import load_image_prompts
 from pymllm.configs import ConfigError
 from pymllm.testing.tiny_models import tiny_model_dir, tiny_vl_model_dir
 
@@ -219,7 +220,7 @@ def test_qwen3_vl_8b_bench_config_geometry():
     assert sum(p.numel() for p in ours.model.visual.parameters()) == 576_388_336
     # The image processor as bench_one_batch --image loads it (16-pixel patches, 2x2 merge).
     for size, tokens in (((448, 448), 28 * 28 // 4), ((1024, 768), 64 * 48 // 4)):
-        prompts = bench.load_image_prompts(config, mc, bench.BenchArgs(image=size))
+        prompts = load_image_prompts(config, mc, size, 1)
         assert prompts.tokens_per_image == tokens and prompts.extra_prompt_tokens == tokens + 2
 
 
