@@ -20,6 +20,10 @@ def allowed_token_mask(matchers: Sequence[Optional[object]], vocab_size: int,
     bitmask = xgr.allocate_token_bitmask(len(matchers), vocab_size)  # int32 words, all bits set
     for i in rows:
         matchers[i].fill_next_token_bitmask(bitmask, i)
-    bits = torch.arange(32, dtype=torch.int32)
-    allowed = ((bitmask.unsqueeze(-1) >> bits) & 1).bool().view(len(matchers), -1)[:, :vocab_size]
-    return allowed.to(device, non_blocking=True)
+    # The packed words cross to the device (1/8 of the bool mask's bytes) and are unpacked there.
+    # Through pinned memory the copy does not wait for the forward still running on the stream.
+    device = torch.device(device)
+    if device.type == "cuda":
+        bitmask = bitmask.pin_memory().to(device, non_blocking=True)
+    bits = torch.arange(32, dtype=torch.int32, device=device)
+    return ((bitmask.unsqueeze(-1) >> bits) & 1).bool().view(len(matchers), -1)[:, :vocab_size]
