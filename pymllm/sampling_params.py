@@ -55,10 +55,9 @@ class SamplingParams:
     # A JSON schema (as a JSON string) the output must follow: only tokens that keep it valid are
     # sampled (response_format json_schema / json_object; pymllm.orchestrator.grammar).
     json_schema: Optional[str] = None
-    # Text the constrained output starts / ends with around the JSON value (the server's
-    # tool-call tags for tool_choice "required" or a named function).
-    json_prefix: str = ""
-    json_suffix: str = ""
+    # Or an xgrammar structural tag (as a JSON string): tagged JSON values, constant strings,
+    # sequences and repetitions (the server's forced tool calls).
+    structural_tag: Optional[str] = None
 
     @classmethod
     def from_dict(cls, data: Optional[dict]) -> "SamplingParams":
@@ -108,7 +107,12 @@ class SamplingParams:
         """Whether the logits need more than an argmax: sampling, penalties, a logit bias,
         logprobs or a grammar."""
         return (not self.is_greedy or self.uses_penalties or bool(self.logit_bias) or self.logprobs
-                or self.top_logprobs > 0 or self.json_schema is not None)
+                or self.top_logprobs > 0 or self.constrained)
+
+    @property
+    def constrained(self) -> bool:
+        """Whether a grammar decides which tokens may come next."""
+        return self.json_schema is not None or self.structural_tag is not None
 
     def verify(self) -> None:
         def check(cond: bool, message: str) -> None:
@@ -151,15 +155,14 @@ class SamplingParams:
               "stop_token_ids must be non-negative integers")
         check(all(-100.0 <= v <= 100.0 for v in self.logit_bias.values()),
               "logit_bias values must be in [-100, 100]")
-        for name in ("json_prefix", "json_suffix"):
-            value = getattr(self, name)
-            check(isinstance(value, str) and len(value) <= 256, f"{name} must be a string of at most 256 characters")
-            check(not value or self.json_schema is not None, f"{name} needs json_schema")
-        if self.json_schema is not None:
-            check(isinstance(self.json_schema, str), "json_schema must be a JSON schema as a string")
-            from pymllm.orchestrator.grammar import check_json_schema
+        if self.json_schema is not None or self.structural_tag is not None:
+            check(self.json_schema is None or self.structural_tag is None,
+                  "give json_schema or structural_tag, not both")
+            check(isinstance(self.json_schema or self.structural_tag, str),
+                  "json_schema and structural_tag are JSON documents as strings")
+            from pymllm.orchestrator.grammar import check_grammar
 
-            check_json_schema(self.json_schema, self.json_prefix, self.json_suffix)
+            check_grammar(self.json_schema, self.structural_tag)
 
 
 def _is_int(value: object) -> bool:

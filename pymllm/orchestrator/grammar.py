@@ -1,12 +1,13 @@
-"""Constrained decoding: JSON-schema grammars (xgrammar) that decide which tokens may come next.
+"""Constrained decoding: grammars (xgrammar) that decide which tokens may come next.
 
-A request with ``SamplingParams.json_schema`` gets a matcher when it is admitted. Before each of
-its tokens is sampled the matcher's bitmask of allowed tokens becomes a mask on the logits
-(``pymllm.executor.grammar_mask``); after it, the matcher accepts the token (the scheduler). The
-output is ``json_prefix`` + a JSON value that follows the schema + ``json_suffix``: the prefix and
-suffix let the server wrap the value in its tool-call tags. The grammar is compiled once per
-(schema, prefix, suffix) against the tokenizer's vocabulary (xgrammar's precomputation of which
-tokens fit each grammar state, the part that makes a mask cheap per step) and cached.
+A request with ``SamplingParams.json_schema`` (a JSON value of that schema) or
+``SamplingParams.structural_tag`` (xgrammar's structural-tag format: tagged JSON values, constant
+strings, sequences, repetitions; the server's forced tool calls) gets a matcher when it is
+admitted. Before each of its tokens is sampled the matcher's bitmask of allowed tokens becomes a
+mask on the logits (``pymllm.executor.grammar_mask``); after it, the matcher accepts the token
+(the scheduler). Each grammar is compiled once against the tokenizer's vocabulary (xgrammar's
+precomputation of which tokens fit each grammar state, the part that makes a mask cheap per step)
+and cached.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import logging
 import re
 import time
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 logger = logging.getLogger(__name__)
 
@@ -26,31 +27,8 @@ def xgrammar_module():
     try:
         import xgrammar
     except ImportError:  # pragma: no cover - a dependency; absent only in trimmed installs
-        raise ValueError("json_schema needs the xgrammar package (pip install xgrammar)") from None
+        raise ValueError("constrained decoding needs the xgrammar package (pip install xgrammar)") from None
     return xgrammar
-
-
-def _literal(text: str):
-    """A grammar matching exactly ``text`` (a JSON string literal is a valid EBNF one)."""
-    return xgrammar_module().Grammar.from_ebnf(f"root ::= {json.dumps(text, ensure_ascii=False)}")
-
-
-def build_grammar(schema: str, prefix: str = "", suffix: str = ""):
-    """prefix + a JSON value following ``schema`` (compact: no free whitespace) + suffix; ValueError
-    naming the problem when the schema is not one xgrammar can follow."""
-    try:
-        parsed = json.loads(schema)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"json_schema is not valid JSON: {exc}") from None
-    if not isinstance(parsed, dict):
-        raise ValueError("json_schema must be a JSON object (a schema)")
-    xgr = xgrammar_module()
-    try:
-        value = xgr.Grammar.from_json_schema(schema, any_whitespace=False)
-        parts = ([_literal(prefix)] if prefix else []) + [value] + ([_literal(suffix)] if suffix else [])
-        return xgr.Grammar.concat(*parts) if len(parts) > 1 else value
-    except Exception as exc:  # xgrammar's own errors (RuntimeError, InvalidJSONError, ...)
-        raise ValueError(f"json_schema cannot be followed: {_reason(exc)}") from None
 
 
 def _reason(exc: Exception) -> str:
@@ -58,9 +36,40 @@ def _reason(exc: Exception) -> str:
     return _LOG_PREFIX.sub("", str(exc).strip())
 
 
-def check_json_schema(schema: str, prefix: str = "", suffix: str = "") -> None:
+def _parsed_object(text: str, name: str) -> dict:
+    try:
+        parsed = json.loads(text)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} is not valid JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{name} must be a JSON object")
+    return parsed
+
+
+def build_grammar(json_schema: Optional[str] = None, structural_tag: Optional[str] = None):
+    """The grammar of exactly one of the two specs: a compact JSON value (no free whitespace) of
+    ``json_schema``, or ``structural_tag``. ValueError naming the problem when xgrammar cannot
+    follow it."""
+    if (json_schema is None) == (structural_tag is None):
+        raise ValueError("give exactly one of json_schema and structural_tag")
+    name = "json_schema" if json_schema is not None else "structural_tag"
+    parsed = _parsed_object(json_schema if json_schema is not None else structural_tag, name)
+    xgr = xgrammar_module()
+    try:
+        if json_schema is not None:
+            return xgr.Grammar.from_json_schema(json_schema, any_whitespace=False)
+        if parsed.get("type") != "structural_tag":
+            raise ValueError('structural_tag must be {"type": "structural_tag", "format": ...}')
+        return xgr.Grammar.from_structural_tag(structural_tag)
+    except ValueError:
+        raise
+    except Exception as exc:  # xgrammar's own errors (RuntimeError, InvalidJSONError, ...)
+        raise ValueError(f"{name} cannot be followed: {_reason(exc)}") from None
+
+
+def check_grammar(json_schema: Optional[str] = None, structural_tag: Optional[str] = None) -> None:
     """ValueError, naming the problem, unless the output this asks for can be constrained."""
-    build_grammar(schema, prefix, suffix)
+    build_grammar(json_schema, structural_tag)
 
 
 class Grammars:
@@ -71,15 +80,15 @@ class Grammars:
         self.vocab_size = vocab_size
         self._stop_token_ids = sorted(int(t) for t in stop_token_ids)
         self._compiler = None
-        self._compiled: Dict[Tuple[str, str, str], object] = {}
+        self._compiled: Dict[Tuple[Optional[str], Optional[str]], object] = {}
 
-    def compiled(self, schema: str, prefix: str = "", suffix: str = ""):
-        """The compiled grammar of (schema, prefix, suffix), from the cache after its first use."""
-        key = (schema, prefix, suffix)
+    def compiled(self, json_schema: Optional[str] = None, structural_tag: Optional[str] = None):
+        """The compiled grammar of the spec, from the cache after its first use."""
+        key = (json_schema, structural_tag)
         compiled = self._compiled.get(key)
         if compiled is not None:
             return compiled
-        grammar = build_grammar(schema, prefix, suffix)
+        grammar = build_grammar(json_schema, structural_tag)
         xgr = xgrammar_module()
         if self._compiler is None:  # reading the vocabulary takes a while: only when first asked
             start = time.perf_counter()
@@ -91,11 +100,11 @@ class Grammars:
         try:
             compiled = self._compiler.compile_grammar(grammar)
         except Exception as exc:
-            raise ValueError(f"json_schema cannot be followed: {_reason(exc)}") from None
+            raise ValueError(f"the grammar cannot be compiled: {_reason(exc)}") from None
         self._compiled[key] = compiled
-        logger.info("Compiled a JSON-schema grammar in %.3f s", time.perf_counter() - start)
+        logger.info("Compiled a grammar in %.3f s", time.perf_counter() - start)
         return compiled
 
-    def matcher(self, schema: str, prefix: str = "", suffix: str = ""):
-        """A fresh matcher of the output (ValueError when it cannot be constrained)."""
-        return xgrammar_module().GrammarMatcher(self.compiled(schema, prefix, suffix))
+    def matcher(self, json_schema: Optional[str] = None, structural_tag: Optional[str] = None):
+        """A fresh matcher of the spec (ValueError when it cannot be constrained)."""
+        return xgrammar_module().GrammarMatcher(self.compiled(json_schema, structural_tag))

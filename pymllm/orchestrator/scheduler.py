@@ -111,11 +111,11 @@ class Scheduler:
         seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
         req = Req(rid=msg.rid, origin_input_ids=list(msg.input_ids), sampling_params=params, seed=seed,
                   stream=msg.stream, mm_inputs=msg.mm_inputs)
-        if params.json_schema is not None:
+        if params.constrained:
             if self.grammars is None:
-                raise RequestRejected("json_schema: this scheduler has no grammar support")
+                raise RequestRejected("constrained decoding: this scheduler has no grammar support")
             try:
-                req.grammar = self.grammars.matcher(params.json_schema, params.json_prefix, params.json_suffix)
+                req.grammar = self.grammars.matcher(params.json_schema, params.structural_tag)
             except ValueError as exc:
                 raise RequestRejected(str(exc)) from None
         if params.max_new_tokens == 0 and not params.prompt_logprobs:
@@ -377,7 +377,7 @@ class Scheduler:
             return None
         if not req.grammar.accept_token(token):
             logger.error("request %s: its grammar refused token %d that the mask allowed", req.rid, token)
-            return FinishReason("abort", message="internal error: the output left its json_schema", status_code=500)
+            return FinishReason("abort", message="internal error: the output left its grammar", status_code=500)
         if req.grammar.is_terminated():
             return FinishReason("stop", matched=token)
         return None

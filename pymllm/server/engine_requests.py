@@ -32,8 +32,8 @@ def openai_sampling(
     constraint: Optional[Dict[str, str]] = None,
 ) -> Dict[str, Any]:
     """Sampling dict (SamplingParams field names) of an OpenAI request; unset values are left
-    out so the model's generation_config defaults apply. ``constraint``: json_schema (with
-    json_prefix / json_suffix) set by the endpoint instead of response_format."""
+    out so the model's generation_config defaults apply. ``constraint``: the grammar
+    (structural_tag) the endpoint decodes under, instead of response_format's json_schema."""
     params: Dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "temperature": req.temperature,
@@ -52,7 +52,9 @@ def openai_sampling(
         "json_schema": req.response_format.grammar_schema() if req.response_format is not None else None,
     }
     params = {k: v for k, v in params.items() if v is not None}
-    params.update(constraint or {})
+    if constraint:
+        params.pop("json_schema", None)
+        params.update(constraint)
     if logprobs:
         params["logprobs"] = True
         params["top_logprobs"] = top_logprobs

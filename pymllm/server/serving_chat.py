@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Dict, Iterable, List, Optional, Type
+from typing import Any, Dict, Iterable, List, Optional, Type
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from pymllm.engine.io_struct import GenerateReqInput, RequestOutput
+from pymllm.orchestrator.grammar import check_grammar
 from pymllm.parsers.reasoning import ReasoningParser
 from pymllm.parsers.tool_call import (
     DEFAULT_TOOL_CALL_PARSER,
@@ -22,6 +23,7 @@ from pymllm.parsers.tool_call import (
     get_tool_call_parser,
 )
 from pymllm.server.engine_requests import fan_out, new_request_id, normalise_messages, openai_sampling
+from pymllm.server.errors import bad_request
 from pymllm.server.generation import ChoiceResult, SubRequestGroup, run_to_completion
 from pymllm.server.logprobs import chat_logprobs
 from pymllm.server.protocol import (
@@ -72,31 +74,48 @@ def _tools_shown(body: ChatCompletionRequest) -> Optional[List[dict]]:
     return [t.model_dump(exclude_none=True) for t in tools]
 
 
-def _constraint(body: ChatCompletionRequest, setup: _ChatSetup) -> Optional[Dict[str, str]]:
-    """The grammar a reply is decoded under, as sampling params, or None.
+def _followable(schema: Dict[str, Any], what: str, param: str) -> Dict[str, Any]:
+    """``schema``, or a 400 naming ``what`` when it cannot constrain a reply."""
+    try:
+        check_grammar(json_schema=json.dumps(schema))
+    except ValueError as exc:
+        raise bad_request(f"{what}: {exc}", param) from None
+    return schema
 
-    tool_choice "required" or a named function: one call, in the tags the tool-call parser reads,
-    of one of the tools shown (its name, and arguments that follow its parameters' schema).
-    response_format json_schema / json_object: a JSON value of that schema. Where the template
-    opens a reasoning block, the reply first closes it, so that the parser finds the call or the
-    value in the content."""
+
+def _constraint(body: ChatCompletionRequest, setup: _ChatSetup) -> Optional[Dict[str, str]]:
+    """The grammar a reply is decoded under, as sampling params (an xgrammar structural tag), where
+    response_format's own json_schema is not enough; else None.
+
+    tool_choice "required" or a named function: one or more calls (just one with
+    parallel_tool_calls false), one per line, in the layout the tool-call parser reads, each of a
+    tool shown with arguments that follow its parameters' schema. response_format json_schema /
+    json_object where the template opens a reasoning block: the reply first closes the block, so
+    that the parser finds the value (or the calls, likewise) in the content."""
     if body.forces_tool_call:
-        calls = [
-            {"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
-             "properties": {"name": {"enum": [tool["function"]["name"]]},
-                            "arguments": tool["function"].get("parameters") or {"type": "object"}}}
-            for tool in _tools_shown(body) or []
-        ]
         parser = get_tool_call_parser(DEFAULT_TOOL_CALL_PARSER)
-        constraint = {"json_schema": json.dumps(calls[0] if len(calls) == 1 else {"anyOf": calls}),
-                      "json_prefix": parser.start_tag + "\n", "json_suffix": "\n" + parser.end_tag}
-    elif body.response_format is not None and body.response_format.grammar_schema() is not None:
-        constraint = {"json_schema": body.response_format.grammar_schema()}
+        tags = []
+        for tool in _tools_shown(body) or []:
+            name = tool["function"]["name"]
+            parameters = tool["function"].get("parameters") or {"type": "object"}
+            tags.append({
+                "type": "tag",
+                "begin": f'{parser.start_tag}\n{{"name": {json.dumps(name)}, "arguments": ',
+                "content": {"type": "json_schema", "json_schema": _followable(
+                    parameters, f"the parameters of tool {name!r}", "tools"), "max_whitespace_cnt": 1},
+                "end": f"}}\n{parser.end_tag}",
+            })
+        fmt = {"type": "tags_with_separator", "tags": tags, "separator": "\n", "at_least_one": True,
+               "stop_after_first": body.parallel_tool_calls is False}
+    elif setup.reasoning_open and body.response_format is not None and body.response_format.grammar_schema():
+        schema = _followable(json.loads(body.response_format.grammar_schema()), "response_format", "response_format")
+        fmt = {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": 1}
     else:
         return None
     if setup.reasoning_open:
-        constraint["json_prefix"] = setup.reasoning_parser.end_tag + "\n\n" + constraint.get("json_prefix", "")
-    return constraint
+        fmt = {"type": "sequence", "elements": [
+            {"type": "const_string", "value": setup.reasoning_parser.end_tag + "\n\n"}, fmt]}
+    return {"structural_tag": json.dumps({"type": "structural_tag", "format": fmt})}
 
 
 def _engine_requests(body: ChatCompletionRequest, setup: _ChatSetup) -> List[GenerateReqInput]:

@@ -12,7 +12,8 @@ from transformers import AutoTokenizer
 from pymllm.engine.io_struct import TokenizedGenerateReq
 from pymllm.executor.grammar_mask import allowed_token_mask
 from pymllm.layers.sampler import Sampler, SamplingBatchInfo
-from pymllm.orchestrator.grammar import Grammars, check_json_schema
+from pymllm.orchestrator.grammar import Grammars, check_grammar
+from pymllm.parsers.tool_call import HermesToolCallParser
 from pymllm.orchestrator.scheduler import RequestRejected
 from pymllm.sampling_params import SamplingParams
 from pymllm.testing.tiny_models import tiny_model_dir
@@ -85,23 +86,43 @@ def test_json_object_and_sampling_many_seeds(model_dir, tokenizer):
             assert all(matcher.accept_token(t) for t in req.output_ids)
 
 
-def test_the_value_comes_between_its_prefix_and_suffix(model_dir, tokenizer):
-    sched = make_scheduler(model_dir, max_total_tokens=1024)
-    params = _constrained(temperature=0.0, json_prefix="<tool_call>\n", json_suffix="\n</tool_call>")
-    text = tokenizer.decode(run_requests(sched, PROMPTS[:1], [params])["0"].output_ids, skip_special_tokens=True)
-    assert text.startswith("<tool_call>\n") and text.endswith("\n</tool_call>")
-    value = json.loads(text[len("<tool_call>\n"):-len("\n</tool_call>")])
-    assert set(value) == {"ok", "size", "tags"}
-    with pytest.raises(ValueError, match="json_prefix needs json_schema"):
-        SamplingParams.from_dict({"json_prefix": "x"})
+def _tool_calls_tag(stop_after_first: bool) -> str:
+    """One or more calls of f (arguments: SCHEMA) in Hermes tags, as the server builds them."""
+    tag = {"type": "tag", "begin": '<tool_call>\n{"name": "f", "arguments": ',
+           "content": {"type": "json_schema", "json_schema": SCHEMA, "max_whitespace_cnt": 1}, "end": "}\n</tool_call>"}
+    fmt = {"type": "tags_with_separator", "tags": [tag], "separator": "\n", "at_least_one": True,
+           "stop_after_first": stop_after_first}
+    return json.dumps({"type": "structural_tag", "format": fmt})
+
+
+@pytest.mark.parametrize("stop_after_first", [True, False])
+def test_structural_tags_make_tool_calls(model_dir, tokenizer, stop_after_first):
+    sched = make_scheduler(model_dir, max_total_tokens=2048)
+    params = [SamplingParams(max_new_tokens=160, temperature=t, seed=s, structural_tag=_tool_calls_tag(stop_after_first))
+              .with_defaults({}) for t, s in ((0.0, 0), (1.0, 1), (1.0, 2))]
+    finished = 0
+    for req in run_requests(sched, PROMPTS, params).values():
+        if req.finish_reason.type != "stop":  # cut at max_new_tokens
+            continue
+        finished += 1
+        # The server's own tool-call parser reads every call, and no text besides.
+        content, calls = HermesToolCallParser().parse(tokenizer.decode(req.output_ids, skip_special_tokens=True))
+        assert content is None and len(calls) >= 1 and (len(calls) == 1 or not stop_after_first)
+        for call in calls:
+            assert call.name == "f" and set(json.loads(call.arguments)) == {"ok", "size", "tags"}
+    assert finished
+    with pytest.raises(ValueError, match="give json_schema or structural_tag, not both"):
+        SamplingParams.from_dict({"json_schema": "{}", "structural_tag": _tool_calls_tag(True)})
+    with pytest.raises(ValueError, match="structural_tag must be"):
+        check_grammar(structural_tag=json.dumps({"type": "tag"}))
 
 
 def test_a_schema_that_cannot_be_followed_is_refused(model_dir):
     with pytest.raises(ValueError, match="not valid JSON"):
-        check_json_schema("{nope")
+        check_grammar("{nope")
     with pytest.raises(ValueError, match=r"^json_schema cannot be followed: Unsupported type \"frob\"$"):
-        check_json_schema(json.dumps({"type": "frob"}))
-    with pytest.raises(ValueError, match="must be a JSON schema as a string"):
+        check_grammar(json.dumps({"type": "frob"}))
+    with pytest.raises(ValueError, match="JSON documents as strings"):
         SamplingParams.from_dict({"json_schema": {"type": "object"}})
     sched = make_scheduler(model_dir, max_total_tokens=256)
     bad = SamplingParams(max_new_tokens=4, json_schema=json.dumps({"type": "frob"})).with_defaults({})
@@ -186,7 +207,7 @@ def test_random_schemas_compile_or_are_refused_by_name():
     @hypothesis.given(schemas)
     def compile_or_refuse(schema):
         try:
-            check_json_schema(json.dumps(schema), "<p>", "</p>")
+            check_grammar(json.dumps(schema))
         except ValueError:
             pass
 

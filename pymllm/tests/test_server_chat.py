@@ -281,30 +281,46 @@ async def test_tool_choice_none_leaves_text_and_hides_tools():
     assert fake.requests[0].tools is None
 
 
+def _format(req) -> dict:
+    return json.loads(req.sampling_params["structural_tag"])["format"]
+
+
 async def test_a_forced_tool_call_is_decoded_under_its_grammar():
     clock = {"type": "function", "function": {"name": "get_time"}}  # no parameters: any object
     fake = FakeEngineClient(ScriptedReply(chunks=CALL_CHUNKS))
     choice = {"type": "function", "function": {"name": "get_weather"}}
     await _post(fake, {"messages": USER, "tools": [clock] + TOOLS, "tool_choice": choice})
     await _post(fake, {"messages": USER, "tools": [clock] + TOOLS, "tool_choice": "required"})
+    await _post(fake, {"messages": USER, "tools": [clock] + TOOLS, "tool_choice": "required",
+                       "parallel_tool_calls": False})
     await _post(fake, {"messages": USER, "tools": [clock] + TOOLS, "tool_choice": "auto"})
-    named, required, auto = fake.requests
-    # A named function: the model sees only it, and the reply is one call of it in the parser's tags.
+    named, required, single, auto = fake.requests
+    # A named function: the model sees only it, and the reply is calls of it in the parser's layout.
     assert named.tools == TOOLS and required.tools == [clock] + TOOLS == auto.tools
-    weather = {"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
-               "properties": {"name": {"enum": ["get_weather"]}, "arguments": TOOLS[0]["function"]["parameters"]}}
-    time_call = {**weather, "properties": {"name": {"enum": ["get_time"]}, "arguments": {"type": "object"}}}
-    assert json.loads(named.sampling_params["json_schema"]) == weather
-    assert json.loads(required.sampling_params["json_schema"]) == {"anyOf": [time_call, weather]}
-    for req in (named, required):
-        assert (req.sampling_params["json_prefix"], req.sampling_params["json_suffix"]) == (
-            "<tool_call>\n", "\n</tool_call>")
-    assert "json_schema" not in auto.sampling_params
+    weather = {"type": "tag", "begin": '<tool_call>\n{"name": "get_weather", "arguments": ',
+               "content": {"type": "json_schema", "json_schema": TOOLS[0]["function"]["parameters"],
+                           "max_whitespace_cnt": 1},
+               "end": "}\n</tool_call>"}
+    time_call = {**weather, "begin": '<tool_call>\n{"name": "get_time", "arguments": ',
+                 "content": {**weather["content"], "json_schema": {"type": "object"}}}
+    assert _format(named) == {"type": "tags_with_separator", "tags": [weather], "separator": "\n",
+                              "at_least_one": True, "stop_after_first": False}
+    assert _format(required)["tags"] == [time_call, weather] and not _format(required)["stop_after_first"]
+    assert _format(single)["stop_after_first"]  # parallel_tool_calls false: one call
+    assert "structural_tag" not in auto.sampling_params and "json_schema" not in auto.sampling_params
     # Where the template opens a reasoning block, the constrained reply closes it first.
     opened = FakeEngineClient(ScriptedReply(chunks=CALL_CHUNKS), tokenizer=ByteTokenizer(think_prompt=True))
     await _post(opened, {"messages": USER, "tools": TOOLS, "tool_choice": "required"}, reasoning_parser="qwen3")
     await _post(opened, {"messages": USER, "response_format": {"type": "json_object"}}, reasoning_parser="qwen3")
-    assert [r.sampling_params["json_prefix"] for r in opened.requests] == ["</think>\n\n<tool_call>\n", "</think>\n\n"]
+    for req in opened.requests:
+        first, _ = _format(req)["elements"]
+        assert first == {"type": "const_string", "value": "</think>\n\n"}
+        assert "json_schema" not in req.sampling_params
+    # A tool whose parameters cannot constrain a reply is named in the 400.
+    bad = [{"type": "function", "function": {"name": "f", "parameters": {"type": "frob"}}}]
+    r = await _post(fake, {"messages": USER, "tools": bad, "tool_choice": "required"})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("the parameters of tool 'f': ")
+    assert r.json()["error"]["param"] == "tools"
     # Both cannot constrain one reply.
     r = await _post(fake, {"messages": USER, "tools": TOOLS, "tool_choice": "required",
                            "response_format": {"type": "json_object"}})

@@ -140,16 +140,20 @@ def test_forced_tool_calls(client):
                   "additionalProperties": False}}},
              {"type": "function", "function": {"name": "get_time", "parameters": {
                   "type": "object", "properties": {}, "additionalProperties": False}}}]
-    kw = dict(model="tiny-qwen3", messages=CHAT, max_tokens=64, temperature=0, tools=tools,
+    kw = dict(model="tiny-qwen3", messages=CHAT, max_tokens=128, temperature=0, tools=tools,
               extra_body={"chat_template_kwargs": {"enable_thinking": False}})
-    for choice, names in [("required", {"get_weather", "get_time"}),
-                          ({"type": "function", "function": {"name": "get_time"}}, {"get_time"})]:
-        r = client.chat.completions.create(tool_choice=choice, **kw)
+    for choice, names, parallel in [("required", {"get_weather", "get_time"}, None),
+                                    ("required", {"get_weather", "get_time"}, False),
+                                    ({"type": "function", "function": {"name": "get_time"}}, {"get_time"}, None)]:
+        extra = {} if parallel is None else {"parallel_tool_calls": parallel}
+        r = client.chat.completions.create(tool_choice=choice, **extra, **kw)
         assert r.choices[0].finish_reason == "tool_calls", r.choices[0]
-        (call,) = r.choices[0].message.tool_calls
-        assert call.function.name in names
-        arguments = json.loads(call.function.arguments)
-        assert arguments == {} if call.function.name == "get_time" else arguments["unit"] in ("C", "F")
+        calls = r.choices[0].message.tool_calls
+        assert calls and (len(calls) == 1 or parallel is not False)
+        for call in calls:
+            assert call.function.name in names
+            arguments = json.loads(call.function.arguments)
+            assert arguments == {} if call.function.name == "get_time" else arguments["unit"] in ("C", "F")
 
 
 def test_stop_string_across_token_boundaries(client):
