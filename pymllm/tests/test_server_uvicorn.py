@@ -54,7 +54,10 @@ def test_events_arrive_incrementally(served):
             if line.startswith("data: "):
                 arrivals.append(time.perf_counter())
     assert len(arrivals) >= 5  # role, a, b, c, finish, [DONE]
-    assert arrivals[-1] - arrivals[1] > 0.3  # not buffered until the end
+    # Not buffered until the end: that would put every event within a few ms of the last. The
+    # chunks come 0.2 s apart, so the first content event is ~0.4 s before the last; a loaded
+    # 2-core CI machine was seen to shrink that to 0.28 s.
+    assert arrivals[-1] - arrivals[1] > 0.15
 
 
 def test_stream_closed_by_the_client_aborts(served):
