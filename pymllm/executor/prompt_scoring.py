@@ -3,9 +3,8 @@
 The model applies its LM head to each sequence's last row only. Rows that score prompt tokens
 are set aside during the forward (``ForwardBatch.prompt_hidden``) and scored here, a chunk of
 rows at a time: the logits of a long prompt over a 150k-token vocabulary do not fit at once
-(2,048 rows of Qwen3's are 1.2 GiB in float32). The logprobs are the raw model's, as the sampler
-reports those of generated tokens: log_softmax of the logits in float32, before temperature or
-penalties.
+(2,048 rows of Qwen3's are 1.2 GiB in float32). The logprobs are the raw model's, computed as the
+sampler computes those of generated tokens (``sampler.raw_logprobs``).
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from typing import Callable, List, Optional
 import torch
 
 from pymllm.engine.io_struct import TokenLogprob
-from pymllm.layers.fused_ops import row_logsumexp
+from pymllm.layers.sampler import raw_logprobs
 from pymllm.orchestrator.schedule_batch import ScheduledBatch
 
 # Rows of logits held at once: 512 x 152k bf16 (Qwen3's vocabulary) are 155 MiB.
@@ -62,15 +61,11 @@ def score_prompt_rows(
     k = max(scoring.top_k)
     chosen, top_vals, top_ids = [], [], []
     for start in range(0, hidden.shape[0], chunk_rows):
-        # log_softmax(x) = x - logsumexp(x), taken only where it is read, and the logsumexp in
-        # one pass over the model-dtype logits (the float32 copy and torch's five-pass logsumexp
-        # cost more than the LM head's GEMM, T158).
-        logits = lm_head(hidden[start : start + chunk_rows])
-        lse = row_logsumexp(logits)[:, None]
-        chosen.append((logits.gather(1, targets[start : start + chunk_rows, None]).float() - lse).squeeze(1))
+        rows = slice(start, start + chunk_rows)
+        picked, vals, ids = raw_logprobs(lm_head(hidden[rows]), targets[rows], k)
+        chosen.append(picked)
         if k:
-            vals, ids = torch.topk(logits, k, dim=-1)
-            top_vals.append(vals.float() - lse)
+            top_vals.append(vals)
             top_ids.append(ids)
     chosen_host = torch.cat(chosen).tolist()
     vals_host = torch.cat(top_vals).tolist() if k else None

@@ -9,11 +9,12 @@ request draws the same tokens whatever batch it runs in and at whatever row.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from pymllm.layers.fused_ops import row_logsumexp
 from pymllm.sampling_params import SamplingParams
 
 # Matches SamplingParams.is_greedy: temperatures this small are treated as argmax.
@@ -331,9 +332,22 @@ class Sampler(torch.nn.Module):
 
         out = SamplerOutput(next_token_ids=next_ids)
         if info.return_logprob:
-            logprobs = torch.log_softmax(logits, dim=-1)
-            out.logprobs = logprobs.gather(1, next_ids.unsqueeze(1)).squeeze(1)
-            if info.top_logprobs_num > 0:
-                vals, ids = torch.topk(logprobs, info.top_logprobs_num, dim=-1)
-                out.top_logprob_vals, out.top_logprob_ids = vals, ids
+            out.logprobs, out.top_logprob_vals, out.top_logprob_ids = raw_logprobs(
+                logits, next_ids, info.top_logprobs_num)
         return out
+
+
+def raw_logprobs(logits: torch.Tensor, ids: torch.Tensor, top_k: int
+                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(logprob of each row's ``ids`` [B], the ``top_k`` largest logprobs [B, k] and their ids, or
+    None, None when top_k is 0) under log_softmax of the raw logits [B, V], in float32: what the
+    sampler reports for generated tokens and prompt scoring for prompt tokens. log_softmax(x) =
+    x - logsumexp(x) is taken only where it is read, and the logsumexp in one pass over
+    model-dtype logits (``fused_ops.row_logsumexp``): the whole log_softmax would cost a pass more
+    (prompt scoring of 2,048 Qwen3-8B rows on an H100: 9.06 against 4.41 ms, T158)."""
+    lse = row_logsumexp(logits).unsqueeze(1)
+    chosen = (logits.gather(1, ids.unsqueeze(1)).float() - lse).squeeze(1)
+    if not top_k:
+        return chosen, None, None
+    vals, top_ids = torch.topk(logits, top_k, dim=-1)
+    return chosen, vals.float() - lse, top_ids
