@@ -309,9 +309,10 @@ def row_logsumexp_reference(logits: torch.Tensor) -> torch.Tensor:
 
 
 def row_logsumexp(logits: torch.Tensor) -> torch.Tensor:
-    """float32 logsumexp of each row of model-dtype logits [rows, vocab], read once (the
-    normaliser of their log_softmax)."""
-    if can_use_fast_path(logits) and logits.dim() == 2 and logits.stride(1) == 1:
+    """float32 logsumexp of each row of logits [rows, vocab], read once (the normaliser of their
+    log_softmax). Float32 rows take the kernel too: the sampler's logits are a float32 copy."""
+    on_gpu = logits.device.type == "cuda" and logits.dtype in (*FAST_DTYPES, torch.float32) and triton_available()
+    if on_gpu and logits.dim() == 2 and logits.stride(1) == 1:
         from pymllm.layers.kernels import logsumexp_triton
 
         return logsumexp_triton.row_logsumexp(logits)
