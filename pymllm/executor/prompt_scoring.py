@@ -34,7 +34,7 @@ def plan_prompt_scoring(batch: ScheduledBatch) -> Optional[PromptScoring]:
     """The rows of ``batch`` that score prompt tokens, or None where no request asks."""
     if not batch.mode.is_extend():  # decode steps (the hot path) score nothing
         return None
-    spans = batch.prompt_rows_to_score()
+    spans = [req.prompt_rows_to_score(p, n) for req, p, n in zip(batch.reqs, batch.prefix_lens, batch.extend_lens)]
     if not any(count for _, count in spans):
         return None
     rows: List[int] = []

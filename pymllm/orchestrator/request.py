@@ -44,7 +44,6 @@ class Req:
     # With sampling_params.prompt_logprobs: entry i scores prompt token i + 1 (from the logits
     # at position i), filled chunk by chunk as the prompt is prefilled.
     prompt_logprobs: List[TokenLogprob] = field(default_factory=list)
-    prompt_logprobs_sent: bool = False
     retractions: int = 0
     # Images (pymllm.multimodal.MultimodalInputs) of a multimodal request, else None.
     mm_inputs: Any = None

@@ -33,12 +33,6 @@ class ScheduledBatch:
     def num_tokens(self) -> int:
         return int(sum(self.extend_lens))
 
-    def prompt_rows_to_score(self) -> List[tuple]:
-        """Per request, (first row, row count) of its new rows whose logits score its prompt."""
-        if not self.mode.is_extend():
-            return [(0, 0)] * len(self.reqs)
-        return [req.prompt_rows_to_score(p, n) for req, p, n in zip(self.reqs, self.prefix_lens, self.extend_lens)]
-
 
 @dataclass
 class BatchResult:

@@ -59,7 +59,8 @@ def make_token_output(reqs: List[Req]) -> BatchTokenIDOut:
     """New tokens of each request since its last report."""
     out = BatchTokenIDOut([], [], [], [], [], [], [], [], [])
     for req in reqs:
-        out.prompt_tails.append(req.origin_input_ids[-4:] if req.num_sent_tokens == 0 else None)
+        first_report = req.num_sent_tokens == 0
+        out.prompt_tails.append(req.origin_input_ids[-4:] if first_report else None)
         new_ids = req.output_ids[req.num_sent_tokens :]
         req.num_sent_tokens = len(req.output_ids)
         logprobs = None
@@ -73,19 +74,20 @@ def make_token_output(reqs: List[Req]) -> BatchTokenIDOut:
         out.completion_tokens.append(len(req.output_ids))
         out.cached_tokens.append(req.cached_tokens)
         out.logprobs.append(logprobs)
-        out.prompt_logprobs.append(_unsent_prompt_logprobs(req))
+        out.prompt_logprobs.append(_scored_prompt(req) if first_report else None)
         out.skip_special_tokens.append(req.sampling_params.skip_special_tokens)
         out.stop_strings.append(req.sampling_params.stop)
     return out
 
 
-def _unsent_prompt_logprobs(req: Req) -> Optional[List[PromptLogprob]]:
-    """The scored prompt of a request that asked, on the first report after its scoring ended."""
-    if not req.sampling_params.prompt_logprobs or req.prompt_logprobs_sent or req.prompt_logprobs_pending:
+def _scored_prompt(req: Req) -> Optional[List[PromptLogprob]]:
+    """The scored prompt of a request that asked, for its first report: the prompt's last chunk
+    samples the first token (or, with max_new_tokens 0, ends the request), so scoring has ended by
+    then unless the request was aborted or refused."""
+    if not req.sampling_params.prompt_logprobs or req.prompt_logprobs_pending:
         return None
-    if req.finish_reason is not None and req.finish_reason.type == "abort":  # aborted or refused
+    if req.finish_reason is not None and req.finish_reason.type == "abort":
         return None
-    req.prompt_logprobs_sent = True
     return [(req.origin_input_ids[0], None, []), *req.prompt_logprobs]
 
 
