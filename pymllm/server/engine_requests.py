@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from pymllm.engine.io_struct import GenerateReqInput
 from pymllm.sampling_params import SamplingParams
 from pymllm.server.errors import bad_request
-from pymllm.server.protocol import ChatMessage, SamplingRequestFields
+from pymllm.server.protocol import ChatMessage, ResponseFormat, SamplingRequestFields
 
 
 def new_request_id(prefix: str) -> str:
@@ -49,7 +50,7 @@ def openai_sampling(
         "ignore_eos": req.ignore_eos,
         "skip_special_tokens": req.skip_special_tokens,
         "logit_bias": req.logit_bias,
-        "json_schema": req.response_format.grammar_schema() if req.response_format is not None else None,
+        "json_schema": _json_schema(req.response_format),
     }
     params = {k: v for k, v in params.items() if v is not None}
     if constraint:
@@ -59,6 +60,12 @@ def openai_sampling(
         params["logprobs"] = True
         params["top_logprobs"] = top_logprobs
     return validated_sampling(params)
+
+
+def _json_schema(response_format: Optional[ResponseFormat]) -> Optional[str]:
+    """SamplingParams.json_schema of a response_format (None for text or none)."""
+    schema = response_format.schema() if response_format is not None else None
+    return json.dumps(schema) if schema is not None else None
 
 
 def fan_out(

@@ -6,7 +6,6 @@ never a 500 from deep inside the engine.
 
 from __future__ import annotations
 
-import json
 from typing import Any, ClassVar, Dict, FrozenSet, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
@@ -38,12 +37,12 @@ class ResponseFormat(BaseModel):
             raise ValueError("response_format of type json_schema needs json_schema.schema")
         return self
 
-    def grammar_schema(self) -> Optional[str]:
-        """The JSON schema the output must follow, as SamplingParams.json_schema; None for text."""
+    def schema(self) -> Optional[Dict[str, Any]]:
+        """The JSON schema the output must follow; None for text."""
         if self.type == "json_object":
-            return json.dumps({"type": "object"})
+            return {"type": "object"}
         if self.type == "json_schema":
-            return json.dumps(self.json_schema.schema_)
+            return self.json_schema.schema_
         return None
 
 

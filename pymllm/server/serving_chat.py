@@ -107,8 +107,8 @@ def _constraint(body: ChatCompletionRequest, setup: _ChatSetup) -> Optional[Dict
             })
         fmt = {"type": "tags_with_separator", "tags": tags, "separator": "\n", "at_least_one": True,
                "stop_after_first": body.parallel_tool_calls is False}
-    elif setup.reasoning_open and body.response_format is not None and body.response_format.grammar_schema():
-        schema = _followable(json.loads(body.response_format.grammar_schema()), "response_format", "response_format")
+    elif setup.reasoning_open and body.response_format is not None and body.response_format.schema() is not None:
+        schema = _followable(body.response_format.schema(), "response_format", "response_format")
         fmt = {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": 1}
     else:
         return None

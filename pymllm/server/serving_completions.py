@@ -54,7 +54,7 @@ class _CompletionSetup:
         """The echoed prompt's logprobs (offsets from the start of the choice's text)."""
         if not self.scores_prompt:
             return None
-        return completion_logprobs(prompt_logprobs, self.logprobs or 0, TextOffsets())
+        return completion_logprobs(prompt_logprobs, self.logprobs, TextOffsets())
 
 
 def _prompt_text(state: ServerState, prompt: Prompt) -> str:
