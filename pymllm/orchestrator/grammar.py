@@ -5,9 +5,9 @@ A request with ``SamplingParams.json_schema`` (a JSON value of that schema) or
 strings, sequences, repetitions; the server's forced tool calls) gets a matcher when it is
 admitted. Before each of its tokens is sampled the matcher's bitmask of allowed tokens becomes a
 mask on the logits (``pymllm.executor.grammar_mask``); after it, the matcher accepts the token
-(the scheduler). Each grammar is compiled once against the tokenizer's vocabulary (xgrammar's
-precomputation of which tokens fit each grammar state, the part that makes a mask cheap per step)
-and cached.
+(the scheduler). Each grammar is compiled against the tokenizer's vocabulary (xgrammar's
+precomputation of which tokens fit each grammar state, the part that makes a mask cheap per step),
+and xgrammar's compiler keeps it for the next request of the same spec.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import json
 import logging
 import re
 import time
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -72,37 +72,40 @@ def check_grammar(json_schema: Optional[str] = None, structural_tag: Optional[st
     build_grammar(json_schema, structural_tag)
 
 
+# Compiled grammars kept for reuse, in xgrammar's own cache: a server sent many distinct schemas
+# must not grow without bound.
+GRAMMAR_CACHE_BYTES = 512 << 20
+
+
 class Grammars:
-    """Compiles and caches grammars for one tokenizer; hands out a matcher per request."""
+    """Compiles grammars for one tokenizer (xgrammar's compiler caches them, up to
+    GRAMMAR_CACHE_BYTES); hands out a matcher per request."""
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int]) -> None:
         self._tokenizer = tokenizer
         self.vocab_size = vocab_size
         self._stop_token_ids = sorted(int(t) for t in stop_token_ids)
         self._compiler = None
-        self._compiled: Dict[Tuple[Optional[str], Optional[str]], object] = {}
 
     def compiled(self, json_schema: Optional[str] = None, structural_tag: Optional[str] = None):
-        """The compiled grammar of the spec, from the cache after its first use."""
-        key = (json_schema, structural_tag)
-        compiled = self._compiled.get(key)
-        if compiled is not None:
-            return compiled
-        grammar = build_grammar(json_schema, structural_tag)
+        """The compiled grammar of the spec (from the compiler's cache after its first use)."""
+        check_grammar(json_schema, structural_tag)  # the spec's own errors, named as elsewhere
         xgr = xgrammar_module()
         if self._compiler is None:  # reading the vocabulary takes a while: only when first asked
             start = time.perf_counter()
             info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self.vocab_size,
                                                       stop_token_ids=self._stop_token_ids)
-            self._compiler = xgr.GrammarCompiler(info)
+            self._compiler = xgr.GrammarCompiler(info, cache_limit_bytes=GRAMMAR_CACHE_BYTES)
             logger.info("Grammar support ready (vocabulary read) in %.2f s", time.perf_counter() - start)
         start = time.perf_counter()
         try:
-            compiled = self._compiler.compile_grammar(grammar)
+            if json_schema is not None:
+                compiled = self._compiler.compile_json_schema(json_schema, any_whitespace=False)
+            else:
+                compiled = self._compiler.compile_structural_tag(structural_tag)
         except Exception as exc:
             raise ValueError(f"the grammar cannot be compiled: {_reason(exc)}") from None
-        self._compiled[key] = compiled
-        logger.info("Compiled a grammar in %.3f s", time.perf_counter() - start)
+        logger.debug("Grammar ready in %.3f s", time.perf_counter() - start)
         return compiled
 
     def matcher(self, json_schema: Optional[str] = None, structural_tag: Optional[str] = None):
