@@ -8,6 +8,11 @@ mask on the logits (``pymllm.executor.grammar_mask``); after it, the matcher acc
 (the scheduler). Each grammar is compiled against the tokenizer's vocabulary (xgrammar's
 precomputation of which tokens fit each grammar state, the part that makes a mask cheap per step),
 and xgrammar's compiler keeps it for the next request of the same spec.
+
+Compiling takes milliseconds per schema (and the first use reads the whole vocabulary, ~0.1 s for
+49k tokens), so it runs on a worker thread (``Grammars.submit``): xgrammar releases the GIL while
+it compiles, and the scheduler keeps stepping the running requests while a new request's grammar
+is built. The request waits in ``PendingGrammars`` until then.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
-from typing import Optional, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any, List, Optional, Sequence, Tuple
 
 logger = logging.getLogger(__name__)
 
@@ -79,35 +86,92 @@ GRAMMAR_CACHE_BYTES = 512 << 20
 
 class Grammars:
     """Compiles grammars for one tokenizer (xgrammar's compiler caches them, up to
-    GRAMMAR_CACHE_BYTES); hands out a matcher per request."""
+    GRAMMAR_CACHE_BYTES), here or on a worker thread; hands out a matcher per request."""
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int]) -> None:
         self._tokenizer = tokenizer
         self.vocab_size = vocab_size
         self._stop_token_ids = sorted(int(t) for t in stop_token_ids)
         self._compiler = None
+        self._compiler_lock = threading.Lock()
+        self._worker: Optional[ThreadPoolExecutor] = None
+
+    def _ready_compiler(self):
+        with self._compiler_lock:
+            if self._compiler is None:  # reading the vocabulary takes a while: only when first asked
+                xgr = xgrammar_module()
+                start = time.perf_counter()
+                info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self.vocab_size,
+                                                          stop_token_ids=self._stop_token_ids)
+                self._compiler = xgr.GrammarCompiler(info, cache_limit_bytes=GRAMMAR_CACHE_BYTES)
+                logger.info("Grammar support ready (vocabulary read) in %.2f s", time.perf_counter() - start)
+            return self._compiler
 
     def compiled(self, json_schema: Optional[str] = None, structural_tag: Optional[str] = None):
         """The compiled grammar of the spec (from the compiler's cache after its first use)."""
         check_grammar(json_schema, structural_tag)  # the spec's own errors, named as elsewhere
-        xgr = xgrammar_module()
-        if self._compiler is None:  # reading the vocabulary takes a while: only when first asked
-            start = time.perf_counter()
-            info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self.vocab_size,
-                                                      stop_token_ids=self._stop_token_ids)
-            self._compiler = xgr.GrammarCompiler(info, cache_limit_bytes=GRAMMAR_CACHE_BYTES)
-            logger.info("Grammar support ready (vocabulary read) in %.2f s", time.perf_counter() - start)
+        compiler = self._ready_compiler()
         start = time.perf_counter()
         try:
             if json_schema is not None:
-                compiled = self._compiler.compile_json_schema(json_schema, any_whitespace=False)
+                compiled = compiler.compile_json_schema(json_schema, any_whitespace=False)
             else:
-                compiled = self._compiler.compile_structural_tag(structural_tag)
+                compiled = compiler.compile_structural_tag(structural_tag)
         except Exception as exc:
             raise ValueError(f"the grammar cannot be compiled: {_reason(exc)}") from None
         logger.debug("Grammar ready in %.3f s", time.perf_counter() - start)
         return compiled
 
+    def submit(self, json_schema: Optional[str] = None, structural_tag: Optional[str] = None) -> Future:
+        """``compiled(...)`` on the worker thread: a future of the compiled grammar (or of the
+        ValueError saying why there is none)."""
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
+        return self._worker.submit(self.compiled, json_schema, structural_tag)
+
+    @staticmethod
+    def matcher_of(compiled):
+        """A fresh matcher of a compiled grammar: one per request, since it follows its tokens."""
+        return xgrammar_module().GrammarMatcher(compiled)
+
     def matcher(self, json_schema: Optional[str] = None, structural_tag: Optional[str] = None):
-        """A fresh matcher of the spec (ValueError when it cannot be constrained)."""
-        return xgrammar_module().GrammarMatcher(self.compiled(json_schema, structural_tag))
+        """A fresh matcher of the spec, compiled here (ValueError when it cannot be constrained)."""
+        return self.matcher_of(self.compiled(json_schema, structural_tag))
+
+
+# How long an otherwise idle scheduler waits for a grammar before it looks at its inbox again.
+GRAMMAR_POLL_S = 0.005
+
+
+class PendingGrammars:
+    """Requests whose grammar is being compiled, in arrival order, with their futures."""
+
+    def __init__(self) -> None:
+        self._pending: List[Tuple[Any, Future]] = []
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def add(self, req, future: Future) -> None:
+        self._pending.append((req, future))
+
+    def take_done(self) -> List[Tuple[Any, Future]]:
+        """The requests whose compile has ended (well or not), in arrival order, removed from here."""
+        done = [(req, future) for req, future in self._pending if future.done()]
+        if done:
+            self._pending = [(req, future) for req, future in self._pending if not future.done()]
+        return done
+
+    def remove(self, rid: str):
+        """The pending request ``rid`` (its compile cancelled if not started), or None."""
+        for i, (req, future) in enumerate(self._pending):
+            if req.rid == rid:
+                future.cancel()
+                del self._pending[i]
+                return req
+        return None
+
+    def wait(self, timeout: float = GRAMMAR_POLL_S) -> None:
+        """Block until a compile ends or ``timeout`` passes."""
+        if self._pending:
+            wait([future for _, future in self._pending], timeout=timeout, return_when=FIRST_COMPLETED)

@@ -24,7 +24,7 @@ from pymllm.engine.forward_batch import ForwardMode
 from pymllm.engine.io_struct import CONTEXT_LENGTH_EXCEEDED, FinishReason, RequestRefused, TokenizedGenerateReq
 from pymllm.mem_cache.base_prefix_cache import ChunkCache, PrefixCache
 from pymllm.mem_cache.memory_pool import ReqToTokenPool, TokenToKVPoolAllocator
-from pymllm.orchestrator.grammar import Grammars
+from pymllm.orchestrator.grammar import Grammars, PendingGrammars, check_grammar
 from pymllm.orchestrator.request import Req, ReqState
 from pymllm.orchestrator.schedule_batch import BatchResult, ScheduledBatch
 from pymllm.orchestrator.stop_checker import StopChecker
@@ -80,6 +80,7 @@ class Scheduler:
             raise TypeError(f"overlap needs a runner with launch_batch and collect; {type(runner).__name__} has not")
         self.overlap = overlap
         self.grammars = grammars
+        self.compiling = PendingGrammars()  # admitted once their grammar is compiled
         # (batch, the runner's handle) of a decode step launched and not collected yet
         self._in_flight: Optional[Tuple[ScheduledBatch, object]] = None
         self._rng = random.Random(random_seed)
@@ -115,18 +116,45 @@ class Scheduler:
             if self.grammars is None:
                 raise RequestRejected("constrained decoding: this scheduler has no grammar support")
             try:
-                req.grammar = self.grammars.matcher(params.json_schema, params.structural_tag)
+                check_grammar(params.json_schema, params.structural_tag)  # the spec's own errors at once
             except ValueError as exc:
                 raise RequestRejected(str(exc)) from None
         if params.max_new_tokens == 0 and not params.prompt_logprobs:
             req.finish_reason = FinishReason("length")
             req.state = ReqState.FINISHED
             return req
+        if params.constrained and params.max_new_tokens != 0:  # compiled meanwhile; no token, no grammar
+            self.compiling.add(req, self.grammars.submit(params.json_schema, params.structural_tag))
+            return req
         self.waiting.append(req)
         return req
 
+    def _admit_compiled(self) -> List[Req]:
+        """Queue the requests whose grammar is now compiled; returns those refused because it
+        could not be (a 400, as a spec refused on arrival)."""
+        refused = []
+        for req, future in self.compiling.take_done():
+            try:
+                req.grammar = self.grammars.matcher_of(future.result())
+            except ValueError as exc:
+                self._release(req, RequestRejected(str(exc)).finish_reason())
+                refused.append(req)
+                continue
+            except Exception:  # the compiler itself failed (e.g. the vocabulary could not be read)
+                logger.exception("request %s: building its grammar failed", req.rid)
+                self._release(req, FinishReason("abort", message="internal error: the grammar could not be built",
+                                                status_code=500))
+                refused.append(req)
+                continue
+            self.waiting.append(req)
+        return refused
+
     def abort(self, rid: str) -> Optional[Req]:
         """Finish a request wherever it is; its KV slots are released at once."""
+        req = self.compiling.remove(rid)
+        if req is not None:
+            self._release(req, FinishReason("abort", message="aborted"))
+            return req
         for req in list(self.waiting):
             if req.rid == rid:
                 self.waiting.remove(req)
@@ -144,25 +172,28 @@ class Scheduler:
         return None
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.chunked_req or self._in_flight)
+        return bool(self.waiting or self.running or self.chunked_req or self._in_flight or self.compiling)
 
     # ---------------- one step ----------------
     def step(self) -> List[Req]:
         """Run one batch; returns the requests that produced output or finished.
 
         With ``overlap`` a decode batch is collected one call later than it is launched when
-        its follower could be launched first; every call still collects exactly one batch."""
+        its follower could be launched first; every call still collects exactly one batch (none
+        when nothing can run: then it waits a moment for a grammar being compiled, if any)."""
+        refused = self._admit_compiled()
         if self._in_flight is None:
             batch = self._next_batch()
             if batch is None:
-                return []
+                self.compiling.wait()
+                return refused
             if not (self.overlap and batch.mode.is_decode()):
-                return self._finish_step(batch, self.runner.run_batch(batch))
+                return refused + self._finish_step(batch, self.runner.run_batch(batch))
             self._in_flight = (batch, self.runner.launch_batch(batch))
         batch, pending = self._in_flight
         follower = self._follow_decode(batch)
         self._in_flight = (follower, self.runner.launch_batch(follower, follows=pending)) if follower else None
-        return self._finish_step(batch, self.runner.collect(pending))
+        return refused + self._finish_step(batch, self.runner.collect(pending))
 
     def _finish_step(self, batch: ScheduledBatch, result: BatchResult) -> List[Req]:
         touched = self._process_result(batch, result)
@@ -419,7 +450,7 @@ class Scheduler:
     def stats(self) -> dict:
         return {
             "running": len(self.running) + (1 if self.chunked_req else 0),
-            "queued": len(self.waiting),
+            "queued": len(self.waiting) + len(self.compiling),
             "kv_used": self.allocator.used_size(),
             "kv_total": self.allocator.size,
             "kv_cached": self.prefix_cache.total_cached(),

@@ -212,3 +212,88 @@ def test_random_schemas_compile_or_are_refused_by_name():
             pass
 
     compile_or_refuse()
+
+
+# ---------------------------------------------------------------- compiling beside the running requests
+class _GatedGrammars:
+    """The scheduler's Grammars with compiles that end only when the test says so."""
+
+    def __init__(self, grammars):
+        self.real = grammars
+        self.futures = []
+
+    def submit(self, json_schema=None, structural_tag=None):
+        from concurrent.futures import Future
+
+        future = Future()
+        future.spec = (json_schema, structural_tag)
+        self.futures.append(future)
+        return future
+
+    def finish(self, index=0):
+        future = self.futures[index]
+        future.set_result(self.real.compiled(*future.spec))
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_running_requests_step_while_a_grammar_compiles(model_dir, tokenizer):
+    sched = make_scheduler(model_dir, max_total_tokens=1024)
+    gated = sched.grammars = _GatedGrammars(sched.grammars)
+    plain = sched.add_request(TokenizedGenerateReq("plain", PROMPTS[2], greedy(12, ignore_eos=True)))
+    constrained = sched.add_request(TokenizedGenerateReq("json", PROMPTS[0], _constrained(temperature=0.0)))
+    assert len(gated.futures) == 1 and constrained not in sched.waiting and sched.stats()["queued"] == 2
+    for _ in range(5):
+        sched.step()
+    assert len(plain.output_ids) == 5 and not constrained.output_ids and constrained.grammar is None
+    gated.finish()
+    for _ in range(200):
+        if not sched.has_work():
+            break
+        sched.step()
+    assert not sched.has_work()
+    _check_output(constrained, tokenizer)
+    alone = run_requests(make_scheduler(model_dir, max_total_tokens=1024), [PROMPTS[2]], [greedy(12, ignore_eos=True)])
+    assert plain.output_ids == alone["0"].output_ids
+    sched.verify_kv_accounting()
+
+
+def test_a_grammar_that_cannot_be_compiled_refuses_its_request(model_dir):
+    sched = make_scheduler(model_dir, max_total_tokens=256)
+    gated = sched.grammars = _GatedGrammars(sched.grammars)
+    req = sched.add_request(TokenizedGenerateReq("r", PROMPTS[0], _constrained()))
+    gated.futures[0].set_exception(ValueError("the grammar cannot be compiled: too large"))
+    assert sched.step() == [req]
+    assert req.finished and req.finish_reason.status_code == 400
+    assert req.finish_reason.message == "the grammar cannot be compiled: too large"
+    assert not sched.has_work()
+
+    req = sched.add_request(TokenizedGenerateReq("s", PROMPTS[0], _constrained()))
+    gated.futures[1].set_exception(RuntimeError("vocabulary unreadable"))
+    assert sched.step() == [req] and req.finish_reason.status_code == 500
+    sched.verify_kv_accounting()
+
+
+def test_aborting_a_request_while_its_grammar_compiles(model_dir):
+    sched = make_scheduler(model_dir, max_total_tokens=256)
+    gated = sched.grammars = _GatedGrammars(sched.grammars)
+    req = sched.add_request(TokenizedGenerateReq("r", PROMPTS[0], _constrained()))
+    assert sched.abort("r") is req and req.finish_reason.type == "abort"
+    assert gated.futures[0].cancelled() and not sched.has_work()
+    assert sched.step() == [] and not req.output_ids
+
+
+def test_grammars_compile_on_a_worker_thread(tokenizer):
+    import threading
+
+    grammars = Grammars(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    seen = []
+    compiled = grammars.compiled
+    grammars.compiled = lambda *spec: seen.append(threading.current_thread().name) or compiled(*spec)
+    matcher = grammars.matcher_of(grammars.submit(json.dumps({"enum": ["ab"]})).result(timeout=60))
+    assert seen and seen[0].startswith("grammar") and seen[0] != threading.current_thread().name
+    assert not matcher.is_terminated()
+    failed = grammars.submit(structural_tag=json.dumps({"type": "tag"}))
+    with pytest.raises(ValueError, match="structural_tag must be"):
+        failed.result(timeout=60)
