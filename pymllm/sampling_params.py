@@ -58,6 +58,10 @@ class SamplingParams:
     # Or an xgrammar structural tag (as a JSON string): tagged JSON values, constant strings,
     # sequences and repetitions (the server's forced tool calls).
     structural_tag: Optional[str] = None
+    # Or a regular expression the whole output must match, or an EBNF grammar (xgrammar's dialect)
+    # whose `root` rule it must be (SGLang's names; vLLM's structured_outputs regex / grammar / choice).
+    regex: Optional[str] = None
+    ebnf: Optional[str] = None
 
     @classmethod
     def from_dict(cls, data: Optional[dict]) -> "SamplingParams":
@@ -110,9 +114,17 @@ class SamplingParams:
                 or self.top_logprobs > 0 or self.constrained)
 
     @property
+    def grammar_spec(self) -> Dict[str, str]:
+        """The grammar that decides which tokens may come next, as {kind: text} (empty: none);
+        the keyword arguments of pymllm.orchestrator.grammar's check_grammar and Grammars."""
+        specs = {"json_schema": self.json_schema, "structural_tag": self.structural_tag, "regex": self.regex,
+                 "ebnf": self.ebnf}
+        return {kind: text for kind, text in specs.items() if text is not None}
+
+    @property
     def constrained(self) -> bool:
         """Whether a grammar decides which tokens may come next."""
-        return self.json_schema is not None or self.structural_tag is not None
+        return bool(self.grammar_spec)
 
     def verify(self) -> None:
         def check(cond: bool, message: str) -> None:
@@ -155,14 +167,16 @@ class SamplingParams:
               "stop_token_ids must be non-negative integers")
         check(all(-100.0 <= v <= 100.0 for v in self.logit_bias.values()),
               "logit_bias values must be in [-100, 100]")
-        if self.json_schema is not None or self.structural_tag is not None:
-            check(self.json_schema is None or self.structural_tag is None,
-                  "give json_schema or structural_tag, not both")
-            check(isinstance(self.json_schema or self.structural_tag, str),
-                  "json_schema and structural_tag are JSON documents as strings")
+        spec = self.grammar_spec
+        if spec:
+            check(len(spec) == 1, f"give one of json_schema, structural_tag, regex and ebnf, not {' and '.join(spec)}")
+            (kind, text), = spec.items()
+            if kind in ("json_schema", "structural_tag"):
+                check(isinstance(text, str), "json_schema and structural_tag are JSON documents as strings")
+            check(isinstance(text, str), f"{kind} must be a string")
             from pymllm.orchestrator.grammar import check_grammar
 
-            check_grammar(self.json_schema, self.structural_tag)
+            check_grammar(**spec)
 
 
 def _is_int(value: object) -> bool:

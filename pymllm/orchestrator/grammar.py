@@ -1,9 +1,10 @@
 """Constrained decoding: grammars (xgrammar) that decide which tokens may come next.
 
-A request with ``SamplingParams.json_schema`` (a JSON value of that schema) or
+A request with ``SamplingParams.json_schema`` (a JSON value of that schema),
 ``SamplingParams.structural_tag`` (xgrammar's structural-tag format: tagged JSON values, constant
-strings, sequences, repetitions; the server's forced tool calls) gets a matcher when it is
-admitted. Before each of its tokens is sampled the matcher's bitmask of allowed tokens becomes a
+strings, sequences, repetitions; the server's forced tool calls), ``SamplingParams.regex`` (a
+regular expression the whole output matches) or ``SamplingParams.ebnf`` (an EBNF grammar whose
+``root`` rule the output is) gets a matcher when it is admitted. Before each of its tokens is sampled the matcher's bitmask of allowed tokens becomes a
 mask on the logits (``pymllm.executor.grammar_mask``); after it, the matcher accepts the token
 (the scheduler). Each grammar is compiled against the tokenizer's vocabulary (xgrammar's
 precomputation of which tokens fit each grammar state, the part that makes a mask cheap per step),
@@ -53,30 +54,57 @@ def _parsed_object(text: str, name: str) -> dict:
     return parsed
 
 
-def build_grammar(json_schema: Optional[str] = None, structural_tag: Optional[str] = None):
-    """The grammar of exactly one of the two specs: a compact JSON value (no free whitespace) of
-    ``json_schema``, or ``structural_tag``. ValueError naming the problem when xgrammar cannot
-    follow it."""
-    if (json_schema is None) == (structural_tag is None):
-        raise ValueError("give exactly one of json_schema and structural_tag")
-    name = "json_schema" if json_schema is not None else "structural_tag"
-    parsed = _parsed_object(json_schema if json_schema is not None else structural_tag, name)
+GRAMMAR_KINDS = ("json_schema", "structural_tag", "regex", "ebnf")
+
+
+def _the_spec(json_schema: Optional[str], structural_tag: Optional[str], regex: Optional[str],
+              ebnf: Optional[str]) -> Tuple[str, str]:
+    given = [(kind, text) for kind, text in zip(GRAMMAR_KINDS, (json_schema, structural_tag, regex, ebnf))
+             if text is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of {', '.join(GRAMMAR_KINDS)}")
+    kind, text = given[0]
+    if not isinstance(text, str):
+        raise ValueError(f"{kind} must be a string")
+    return kind, text
+
+
+def build_grammar(json_schema: Optional[str] = None, structural_tag: Optional[str] = None,
+                  regex: Optional[str] = None, ebnf: Optional[str] = None):
+    """The grammar of exactly one spec: a compact JSON value (no free whitespace) of
+    ``json_schema``, ``structural_tag``, a text that matches ``regex`` whole, or the ``root`` rule
+    of the EBNF grammar ``ebnf``. ValueError naming the problem when xgrammar cannot follow it."""
+    kind, text = _the_spec(json_schema, structural_tag, regex, ebnf)
     xgr = xgrammar_module()
     try:
-        if json_schema is not None:
-            return xgr.Grammar.from_json_schema(json_schema, any_whitespace=False)
-        if parsed.get("type") != "structural_tag":
-            raise ValueError('structural_tag must be {"type": "structural_tag", "format": ...}')
-        return xgr.Grammar.from_structural_tag(structural_tag)
+        if kind == "json_schema":
+            _parsed_object(text, kind)
+            return xgr.Grammar.from_json_schema(text, any_whitespace=False)
+        if kind == "structural_tag":
+            if _parsed_object(text, kind).get("type") != "structural_tag":
+                raise ValueError('structural_tag must be {"type": "structural_tag", "format": ...}')
+            return xgr.Grammar.from_structural_tag(text)
+        if kind == "regex":
+            return xgr.Grammar.from_regex(text)
+        return xgr.Grammar.from_ebnf(text)
     except ValueError:
         raise
     except Exception as exc:  # xgrammar's own errors (RuntimeError, InvalidJSONError, ...)
-        raise ValueError(f"{name} cannot be followed: {_reason(exc)}") from None
+        raise ValueError(f"{kind} cannot be followed: {_reason(exc)}") from None
 
 
-def check_grammar(json_schema: Optional[str] = None, structural_tag: Optional[str] = None) -> None:
+def check_grammar(json_schema: Optional[str] = None, structural_tag: Optional[str] = None,
+                  regex: Optional[str] = None, ebnf: Optional[str] = None) -> None:
     """ValueError, naming the problem, unless the output this asks for can be constrained."""
-    build_grammar(json_schema, structural_tag)
+    build_grammar(json_schema, structural_tag, regex, ebnf)
+
+
+def choice_ebnf(choices: Sequence[str]) -> str:
+    """An EBNF grammar whose output is exactly one of ``choices`` (vLLM's ``choice``)."""
+    if not choices or not all(isinstance(c, str) and c for c in choices):
+        raise ValueError("choice must be a list of non-empty strings")
+    # JSON's string escapes (quote, backslash, control characters) are EBNF's.
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
 
 # Compiled grammars kept for reuse, in xgrammar's own cache: a server sent many distinct schemas
@@ -107,36 +135,44 @@ class Grammars:
                 logger.info("Grammar support ready (vocabulary read) in %.2f s", time.perf_counter() - start)
             return self._compiler
 
-    def compiled(self, json_schema: Optional[str] = None, structural_tag: Optional[str] = None):
+    def compiled(self, json_schema: Optional[str] = None, structural_tag: Optional[str] = None,
+                 regex: Optional[str] = None, ebnf: Optional[str] = None):
         """The compiled grammar of the spec (from the compiler's cache after its first use)."""
-        check_grammar(json_schema, structural_tag)  # the spec's own errors, named as elsewhere
+        check_grammar(json_schema, structural_tag, regex, ebnf)  # the spec's own errors, named as elsewhere
+        kind, text = _the_spec(json_schema, structural_tag, regex, ebnf)
         compiler = self._ready_compiler()
         start = time.perf_counter()
         try:
-            if json_schema is not None:
-                compiled = compiler.compile_json_schema(json_schema, any_whitespace=False)
+            if kind == "json_schema":
+                compiled = compiler.compile_json_schema(text, any_whitespace=False)
+            elif kind == "structural_tag":
+                compiled = compiler.compile_structural_tag(text)
+            elif kind == "regex":
+                compiled = compiler.compile_regex(text)
             else:
-                compiled = compiler.compile_structural_tag(structural_tag)
+                compiled = compiler.compile_grammar(text)
         except Exception as exc:
             raise ValueError(f"the grammar cannot be compiled: {_reason(exc)}") from None
         logger.debug("Grammar ready in %.3f s", time.perf_counter() - start)
         return compiled
 
-    def submit(self, json_schema: Optional[str] = None, structural_tag: Optional[str] = None) -> Future:
+    def submit(self, json_schema: Optional[str] = None, structural_tag: Optional[str] = None,
+               regex: Optional[str] = None, ebnf: Optional[str] = None) -> Future:
         """``compiled(...)`` on the worker thread: a future of the compiled grammar (or of the
         ValueError saying why there is none)."""
         if self._worker is None:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
-        return self._worker.submit(self.compiled, json_schema, structural_tag)
+        return self._worker.submit(self.compiled, json_schema, structural_tag, regex, ebnf)
 
     @staticmethod
     def matcher_of(compiled):
         """A fresh matcher of a compiled grammar: one per request, since it follows its tokens."""
         return xgrammar_module().GrammarMatcher(compiled)
 
-    def matcher(self, json_schema: Optional[str] = None, structural_tag: Optional[str] = None):
+    def matcher(self, json_schema: Optional[str] = None, structural_tag: Optional[str] = None,
+                regex: Optional[str] = None, ebnf: Optional[str] = None):
         """A fresh matcher of the spec, compiled here (ValueError when it cannot be constrained)."""
-        return self.matcher_of(self.compiled(json_schema, structural_tag))
+        return self.matcher_of(self.compiled(json_schema, structural_tag, regex, ebnf))
 
 
 # How long an otherwise idle scheduler waits for a grammar before it looks at its inbox again.

@@ -116,7 +116,7 @@ class Scheduler:
             if self.grammars is None:
                 raise RequestRejected("constrained decoding: this scheduler has no grammar support")
             try:
-                check_grammar(params.json_schema, params.structural_tag)  # the spec's own errors at once
+                check_grammar(**params.grammar_spec)  # the spec's own errors at once
             except ValueError as exc:
                 raise RequestRejected(str(exc)) from None
         if params.max_new_tokens == 0 and not params.prompt_logprobs:
@@ -124,7 +124,7 @@ class Scheduler:
             req.state = ReqState.FINISHED
             return req
         if params.constrained and params.max_new_tokens != 0:  # compiled meanwhile; no token, no grammar
-            self.compiling.add(req, self.grammars.submit(params.json_schema, params.structural_tag))
+            self.compiling.add(req, self.grammars.submit(**params.grammar_spec))
             return req
         self.waiting.append(req)
         return req

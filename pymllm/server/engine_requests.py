@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from pymllm.engine.io_struct import GenerateReqInput
 from pymllm.sampling_params import SamplingParams
 from pymllm.server.errors import bad_request
-from pymllm.server.protocol import ChatMessage, ResponseFormat, SamplingRequestFields
+from pymllm.server.protocol import ChatMessage, SamplingRequestFields
 
 
 def new_request_id(prefix: str) -> str:
@@ -34,7 +33,8 @@ def openai_sampling(
 ) -> Dict[str, Any]:
     """Sampling dict (SamplingParams field names) of an OpenAI request; unset values are left
     out so the model's generation_config defaults apply. ``constraint``: the grammar
-    (structural_tag) the endpoint decodes under, instead of response_format's json_schema."""
+    (structural_tag) the endpoint decodes under, instead of the request's own constraint
+    (response_format, regex, ebnf or structured_outputs)."""
     params: Dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "temperature": req.temperature,
@@ -50,22 +50,16 @@ def openai_sampling(
         "ignore_eos": req.ignore_eos,
         "skip_special_tokens": req.skip_special_tokens,
         "logit_bias": req.logit_bias,
-        "json_schema": _json_schema(req.response_format),
     }
     params = {k: v for k, v in params.items() if v is not None}
-    if constraint:
-        params.pop("json_schema", None)
-        params.update(constraint)
+    try:
+        params.update(constraint or req.grammar_constraint())
+    except ValueError as exc:  # a choice list that makes no grammar
+        raise bad_request(str(exc), "structured_outputs") from None
     if logprobs:
         params["logprobs"] = True
         params["top_logprobs"] = top_logprobs
     return validated_sampling(params)
-
-
-def _json_schema(response_format: Optional[ResponseFormat]) -> Optional[str]:
-    """SamplingParams.json_schema of a response_format (None for text or none)."""
-    schema = response_format.schema() if response_format is not None else None
-    return json.dumps(schema) if schema is not None else None
 
 
 def fan_out(

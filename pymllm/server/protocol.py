@@ -46,6 +46,25 @@ class ResponseFormat(BaseModel):
         return None
 
 
+class StructuredOutputs(BaseModel):
+    """vLLM's ``structured_outputs`` extra parameter: exactly one constraint on the reply."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    json_: Optional[Union[Dict[str, Any], str]] = Field(None, alias="json")  # a JSON schema, or its JSON text
+    regex: Optional[str] = None
+    choice: Optional[List[str]] = Field(None, min_length=1)
+    grammar: Optional[str] = None  # EBNF
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "StructuredOutputs":
+        given = [name for name in ("json", "regex", "choice", "grammar")
+                 if getattr(self, "json_" if name == "json" else name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"structured_outputs takes exactly one of json, regex, choice and grammar, got "
+                             f"{', '.join(given) or 'none'}")
+        return self
+
+
 class SamplingRequestFields(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -71,6 +90,11 @@ class SamplingRequestFields(BaseModel):
     user: Optional[str] = None
     # json_object / json_schema: the output is constrained to the schema (pymllm.orchestrator.grammar)
     response_format: Optional[ResponseFormat] = None
+    # Constraints beyond OpenAI's, as the servers users know them: SGLang's regex and ebnf, vLLM's
+    # structured_outputs. At most one constraint per request, response_format's included.
+    regex: Optional[str] = None
+    ebnf: Optional[str] = None
+    structured_outputs: Optional[StructuredOutputs] = None
 
     @property
     def include_usage(self) -> bool:
@@ -82,6 +106,46 @@ class SamplingRequestFields(BaseModel):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         return self
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> "SamplingRequestFields":
+        given = self.constraints_given()
+        if len(given) > 1:
+            raise ValueError(f"give one of {', '.join(given)}: the reply can follow one constraint")
+        return self
+
+    def constraints_given(self) -> List[str]:
+        """The request fields that constrain the reply, in the order they are named."""
+        rf = self.response_format is not None and self.response_format.type != "text"
+        return [name for name, set_ in (("response_format", rf), ("regex", self.regex is not None),
+                                        ("ebnf", self.ebnf is not None),
+                                        ("structured_outputs", self.structured_outputs is not None)) if set_]
+
+    @property
+    def constrains_output(self) -> bool:
+        return bool(self.constraints_given())
+
+    def grammar_constraint(self) -> Dict[str, str]:
+        """The reply's constraint as SamplingParams fields ({json_schema | regex | ebnf: text}), or {}."""
+        import json
+
+        from pymllm.orchestrator.grammar import choice_ebnf
+
+        if self.regex is not None:
+            return {"regex": self.regex}
+        if self.ebnf is not None:
+            return {"ebnf": self.ebnf}
+        so = self.structured_outputs
+        if so is not None:
+            if so.json_ is not None:
+                return {"json_schema": so.json_ if isinstance(so.json_, str) else json.dumps(so.json_)}
+            if so.regex is not None:
+                return {"regex": so.regex}
+            if so.choice is not None:
+                return {"ebnf": choice_ebnf(so.choice)}
+            return {"ebnf": so.grammar}
+        schema = self.response_format.schema() if self.response_format is not None else None
+        return {"json_schema": json.dumps(schema)} if schema is not None else {}
 
 
 class TextPart(BaseModel):
@@ -185,8 +249,9 @@ class ChatCompletionRequest(SamplingRequestFields):
             name = self.tool_choice.function.name
             if name not in {tool.function.name for tool in self.tools or []}:
                 raise ValueError(f"tool_choice names the function {name!r}, which is not in tools")
-        if self.forces_tool_call and self.response_format is not None and self.response_format.type != "text":
-            raise ValueError("response_format cannot constrain a reply that tool_choice makes a tool call")
+        if self.forces_tool_call and self.constrains_output:
+            raise ValueError(f"{self.constraints_given()[0]} cannot constrain a reply that tool_choice makes a "
+                             "tool call")
         return self
 
     @property

@@ -83,15 +83,35 @@ def _followable(schema: Dict[str, Any], what: str, param: str) -> Dict[str, Any]
     return schema
 
 
+def _reply_format(body: ChatCompletionRequest) -> Dict[str, Any]:
+    """The request's own constraint (response_format, regex, ebnf, structured_outputs) as a
+    structural-tag format, to follow the closed reasoning block; a 400 naming it where it cannot
+    constrain a reply."""
+    param = body.constraints_given()[0]
+    try:
+        (kind, text), = body.grammar_constraint().items()
+    except ValueError as exc:
+        raise bad_request(str(exc), param) from None
+    if kind == "json_schema":
+        return {"type": "json_schema", "json_schema": _followable(json.loads(text), param, param),
+                "max_whitespace_cnt": 1}
+    try:
+        check_grammar(**{kind: text})
+    except ValueError as exc:
+        raise bad_request(f"{param}: {exc}", param) from None
+    return {"type": "regex", "pattern": text} if kind == "regex" else {"type": "grammar", "grammar": text}
+
+
 def _constraint(body: ChatCompletionRequest, setup: _ChatSetup) -> Optional[Dict[str, str]]:
     """The grammar a reply is decoded under, as sampling params (an xgrammar structural tag), where
     response_format's own json_schema is not enough; else None.
 
     tool_choice "required" or a named function: one or more calls (just one with
     parallel_tool_calls false), one per line, in the layout the tool-call parser reads, each of a
-    tool shown with arguments that follow its parameters' schema. response_format json_schema /
-    json_object where the template opens a reasoning block: the reply first closes the block, so
-    that the parser finds the value (or the calls, likewise) in the content."""
+    tool shown with arguments that follow its parameters' schema. The request's own constraint
+    (response_format, regex, ebnf, structured_outputs) where the template opens a reasoning block:
+    the reply first closes the block, so that the parser finds the value (or the calls, likewise)
+    in the content."""
     if body.forces_tool_call:
         parser = get_tool_call_parser(DEFAULT_TOOL_CALL_PARSER)
         tags = []
@@ -107,9 +127,8 @@ def _constraint(body: ChatCompletionRequest, setup: _ChatSetup) -> Optional[Dict
             })
         fmt = {"type": "tags_with_separator", "tags": tags, "separator": "\n", "at_least_one": True,
                "stop_after_first": body.parallel_tool_calls is False}
-    elif setup.reasoning_open and body.response_format is not None and body.response_format.schema() is not None:
-        schema = _followable(body.response_format.schema(), "response_format", "response_format")
-        fmt = {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": 1}
+    elif setup.reasoning_open and body.constrains_output:
+        fmt = _reply_format(body)
     else:
         return None
     if setup.reasoning_open:

@@ -111,7 +111,7 @@ def test_structural_tags_make_tool_calls(model_dir, tokenizer, stop_after_first)
         for call in calls:
             assert call.name == "f" and set(json.loads(call.arguments)) == {"ok", "size", "tags"}
     assert finished
-    with pytest.raises(ValueError, match="give json_schema or structural_tag, not both"):
+    with pytest.raises(ValueError, match="give one of json_schema, structural_tag, regex and ebnf, not json_schema and structural_tag"):
         SamplingParams.from_dict({"json_schema": "{}", "structural_tag": _tool_calls_tag(True)})
     with pytest.raises(ValueError, match="structural_tag must be"):
         check_grammar(structural_tag=json.dumps({"type": "tag"}))
@@ -297,3 +297,57 @@ def test_grammars_compile_on_a_worker_thread(tokenizer):
     failed = grammars.submit(structural_tag=json.dumps({"type": "tag"}))
     with pytest.raises(ValueError, match="structural_tag must be"):
         failed.result(timeout=60)
+
+
+# ---------------------------------------------------------------- regex, EBNF and choices
+def test_regex_outputs_match_it_whole(model_dir, tokenizer):
+    import re
+
+    pattern = r"(yes|no)-[0-9]{2,3}( [a-c]+)?"
+    sched = make_scheduler(model_dir, max_total_tokens=2048)
+    params = [SamplingParams(max_new_tokens=24, temperature=t, seed=s, regex=pattern).with_defaults({})
+              for t, s in ((0.0, 0), (1.0, 1), (1.0, 2), (1.0, 3))]
+    finished = 0
+    for req in run_requests(sched, [PROMPTS[i % 3] for i in range(4)], params).values():
+        text = tokenizer.decode(req.output_ids, skip_special_tokens=True)
+        if req.finish_reason.type == "stop":
+            finished += 1
+            assert re.fullmatch(pattern, text), text  # Python's own regex engine is the judge
+        else:  # cut at max_new_tokens: a prefix the grammar still accepts
+            matcher = xgr.GrammarMatcher(sched.grammars.compiled(regex=pattern))
+            assert all(matcher.accept_token(t) for t in req.output_ids)
+    assert finished
+
+
+def test_choices_and_ebnf_outputs(model_dir, tokenizer):
+    from pymllm.orchestrator.grammar import choice_ebnf
+
+    choices = ['say "hi"', "back\\slash", "naïve", "x"]
+    sched = make_scheduler(model_dir, max_total_tokens=2048)
+    ebnf = choice_ebnf(choices)
+    params = [SamplingParams(max_new_tokens=16, temperature=1.0, seed=s, ebnf=ebnf).with_defaults({})
+              for s in range(6)]
+    for req in run_requests(sched, [PROMPTS[s % 3] for s in range(6)], params).values():
+        assert req.finish_reason.type == "stop"
+        assert tokenizer.decode(req.output_ids, skip_special_tokens=True) in choices
+    # Each choice, tokenized, is a whole sentence of the grammar; a near miss is not.
+    for text, whole in [*((c, True) for c in choices), ("say hi", False), ("naive", False)]:
+        matcher = xgr.GrammarMatcher(sched.grammars.compiled(ebnf=ebnf))
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        accepted = all(matcher.accept_token(t) for t in ids)
+        assert (accepted and matcher.accept_token(tokenizer.eos_token_id)) == whole, text
+    with pytest.raises(ValueError, match="non-empty strings"):
+        choice_ebnf(["a", ""])
+
+
+def test_regex_and_ebnf_are_checked_like_schemas():
+    with pytest.raises(ValueError, match=r"^regex cannot be followed: Regex parsing error"):
+        SamplingParams.from_dict({"regex": "(a"})
+    with pytest.raises(ValueError, match=r"^ebnf cannot be followed: EBNF parser error"):
+        SamplingParams.from_dict({"ebnf": "root ::= "})
+    with pytest.raises(ValueError, match="not json_schema and regex"):
+        SamplingParams.from_dict({"json_schema": "{}", "regex": "a"})
+    with pytest.raises(ValueError, match="regex must be a string"):
+        SamplingParams.from_dict({"regex": 5})
+    assert SamplingParams.from_dict({"ebnf": 'root ::= "a"'}).grammar_spec == {"ebnf": 'root ::= "a"'}
+    assert SamplingParams.from_dict({}).grammar_spec == {} and not SamplingParams().constrained

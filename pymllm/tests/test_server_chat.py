@@ -327,6 +327,26 @@ async def test_a_forced_tool_call_is_decoded_under_its_grammar():
     assert r.status_code == 400 and "tool_choice makes a tool call" in r.json()["error"]["message"]
 
 
+async def test_constraints_close_an_open_reasoning_block_first():
+    """regex, ebnf and structured_outputs where the template opens <think>: the reply closes the block,
+    then follows the constraint (as response_format does above)."""
+    opened = FakeEngineClient(tokenizer=ByteTokenizer(think_prompt=True))
+    for body in ({"regex": "[0-9]+"}, {"ebnf": 'root ::= "a"'}, {"structured_outputs": {"choice": ["x", "y"]}},
+                 {"structured_outputs": {"json": {"type": "object"}}}):
+        r = await _post(opened, {"messages": USER, **body}, reasoning_parser="qwen3")
+        assert r.status_code == 200, r.text
+    formats = [_format(req)["elements"] for req in opened.requests]
+    assert all(first == {"type": "const_string", "value": "</think>\n\n"} for first, _ in formats)
+    assert [second for _, second in formats] == [
+        {"type": "regex", "pattern": "[0-9]+"}, {"type": "grammar", "grammar": 'root ::= "a"'},
+        {"type": "grammar", "grammar": 'root ::= "x" | "y"'},
+        {"type": "json_schema", "json_schema": {"type": "object"}, "max_whitespace_cnt": 1}]
+    assert all(set(req.sampling_params) & {"regex", "ebnf", "json_schema"} == set() for req in opened.requests)
+    r = await _post(opened, {"messages": USER, "regex": "(bad"}, reasoning_parser="qwen3")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "regex"
+    assert r.json()["error"]["message"].startswith("regex: regex cannot be followed")
+
+
 async def test_reasoning_then_tool_call():
     chunks = ["<think>\nneed weather\n</think>\n\n"] + CALL_CHUNKS[1:]
     r = await _post(FakeEngineClient(ScriptedReply(chunks=chunks)), {"messages": USER, "tools": TOOLS},

@@ -136,6 +136,24 @@ def test_response_format_json_schema(client):
             "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frob"}}}})
 
 
+def test_regex_and_choice_constraints(client, server):
+    """SGLang's regex, vLLM's structured_outputs choice and /generate's ebnf, on the real server."""
+    import re
+
+    kw = dict(model="tiny-qwen3", messages=CHAT, max_tokens=24, temperature=1.0, seed=3,
+              extra_body={"chat_template_kwargs": {"enable_thinking": False}, "regex": "(yes|no)-[0-9]{2}"})
+    for choice in client.chat.completions.create(n=3, **kw).choices:
+        assert choice.finish_reason == "stop" and re.fullmatch("(yes|no)-[0-9]{2}", choice.message.content)
+    picked = client.completions.create(model="tiny-qwen3", prompt="Pick:", max_tokens=16, temperature=1.0, seed=1,
+                                       extra_body={"structured_outputs": {"choice": ["red", "green", "blue"]}})
+    assert picked.choices[0].text in ("red", "green", "blue")
+    native = httpx.post(server.base_url + "/generate", headers=server.headers(), json={
+        "text": "Answer:", "sampling_params": {"max_new_tokens": 8, "ebnf": 'root ::= "A" | "B"'}}).json()
+    assert native["text"] in ("A", "B")
+    with pytest.raises(openai.BadRequestError, match="regex cannot be followed"):
+        client.completions.create(model="tiny-qwen3", prompt="x", max_tokens=4, extra_body={"regex": "(a"})
+
+
 def test_forced_tool_calls(client):
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
                   "type": "object", "properties": {"unit": {"enum": ["C", "F"]}}, "required": ["unit"],

@@ -137,6 +137,58 @@ async def test_json_response_formats_become_the_engines_json_schema():
     assert [json.loads(s) if s else None for s in sent] == [schema, {"type": "object"}, None, {"type": "object"}]
 
 
+async def test_regex_ebnf_and_structured_outputs_become_the_engines_grammar():
+    """SGLang's regex / ebnf and vLLM's structured_outputs (json, regex, choice, grammar) on both
+    endpoints reach the engine as one grammar each."""
+    fake = FakeEngineClient()
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}}
+    bodies = [
+        {"regex": "[0-9]{3}"},
+        {"ebnf": 'root ::= "yes" | "no"'},
+        {"structured_outputs": {"json": schema}},
+        {"structured_outputs": {"json": json.dumps(schema)}},
+        {"structured_outputs": {"regex": "a+"}},
+        {"structured_outputs": {"choice": ['say "hi"', "naïve\\path"]}},
+        {"structured_outputs": {"grammar": 'root ::= "x"'}},
+    ]
+    for body in bodies:
+        assert (await _post(fake, {"messages": USER, **body})).status_code == 200
+    assert (await _post(fake, {"prompt": "x", "regex": "b+"}, "/v1/completions")).status_code == 200
+    grammar_keys = ("json_schema", "structural_tag", "regex", "ebnf")
+    sent = [{k: v for k, v in r.sampling_params.items() if k in grammar_keys} for r in fake.requests]
+    assert sent[:2] == [{"regex": "[0-9]{3}"}, {"ebnf": 'root ::= "yes" | "no"'}]
+    assert json.loads(sent[2]["json_schema"]) == schema == json.loads(sent[3]["json_schema"])
+    assert sent[4:] == [{"regex": "a+"}, {"ebnf": 'root ::= "say \\"hi\\"" | "naïve\\\\path"'},
+                        {"ebnf": 'root ::= "x"'}, {"regex": "b+"}]
+
+
+@pytest.mark.parametrize(
+    "patch,needle,param",
+    [
+        ({"regex": "(unclosed"}, "regex cannot be followed: Regex parsing error", None),
+        ({"ebnf": "root ::= "}, "ebnf cannot be followed: EBNF parser error", None),
+        ({"regex": "a", "ebnf": 'root ::= "a"'}, "give one of regex, ebnf", None),
+        ({"regex": "a", "response_format": {"type": "json_object"}}, "give one of response_format, regex", None),
+        ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "exactly one of json, regex, choice and grammar",
+         "structured_outputs"),
+        ({"structured_outputs": {}}, "exactly one of json, regex, choice and grammar, got none", "structured_outputs"),
+        ({"structured_outputs": {"choice": []}}, "at least 1 item", "structured_outputs.choice"),
+        ({"structured_outputs": {"choice": ["a", ""]}}, "choice must be a list of non-empty strings",
+         "structured_outputs"),
+        ({"structured_outputs": {"whitespace": "x"}}, "Extra inputs are not permitted", "structured_outputs.whitespace"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required", "regex": "a"},
+         "regex cannot constrain a reply that tool_choice makes a tool call", None),
+    ],
+)
+async def test_bad_constraints_are_400(patch, needle, param):
+    fake = FakeEngineClient()
+    err = _assert_error(await _post(fake, {"messages": USER, **patch}), 400)
+    assert needle in err["message"], err
+    if param is not None:
+        assert err["param"] == param, err
+    assert fake.requests == []
+
+
 async def test_unknown_model_is_404():
     r = await _post(FakeEngineClient(), {"model": "gpt-9", "messages": USER})
     err = _assert_error(r, 404, "model_not_found")
