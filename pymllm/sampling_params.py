@@ -171,9 +171,8 @@ class SamplingParams:
         if spec:
             check(len(spec) == 1, f"give one of json_schema, structural_tag, regex and ebnf, not {' and '.join(spec)}")
             (kind, text), = spec.items()
-            if kind in ("json_schema", "structural_tag"):
-                check(isinstance(text, str), "json_schema and structural_tag are JSON documents as strings")
-            check(isinstance(text, str), f"{kind} must be a string")
+            check(isinstance(text, str), "json_schema and structural_tag are JSON documents as strings"
+                  if kind in ("json_schema", "structural_tag") else f"{kind} must be a string")
             from pymllm.orchestrator.grammar import check_grammar
 
             check_grammar(**spec)

@@ -4,9 +4,9 @@ A request with ``SamplingParams.json_schema`` (a JSON value of that schema),
 ``SamplingParams.structural_tag`` (xgrammar's structural-tag format: tagged JSON values, constant
 strings, sequences, repetitions; the server's forced tool calls), ``SamplingParams.regex`` (a
 regular expression the whole output matches) or ``SamplingParams.ebnf`` (an EBNF grammar whose
-``root`` rule the output is) gets a matcher when it is admitted. Before each of its tokens is sampled the matcher's bitmask of allowed tokens becomes a
-mask on the logits (``pymllm.executor.grammar_mask``); after it, the matcher accepts the token
-(the scheduler). Each grammar is compiled against the tokenizer's vocabulary (xgrammar's
+``root`` rule the output is) gets a matcher when it is admitted. Before each of its tokens is
+sampled the matcher's bitmask of allowed tokens becomes a mask on the logits
+(``pymllm.executor.grammar_mask``); after it, the matcher accepts the token (the scheduler). Each grammar is compiled against the tokenizer's vocabulary (xgrammar's
 precomputation of which tokens fit each grammar state, the part that makes a mask cheap per step),
 and xgrammar's compiler keeps it for the next request of the same spec.
 

@@ -6,6 +6,7 @@ never a 500 from deep inside the engine.
 
 from __future__ import annotations
 
+import json
 from typing import Any, ClassVar, Dict, FrozenSet, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
@@ -127,8 +128,6 @@ class SamplingRequestFields(BaseModel):
 
     def grammar_constraint(self) -> Dict[str, str]:
         """The reply's constraint as SamplingParams fields ({json_schema | regex | ebnf: text}), or {}."""
-        import json
-
         from pymllm.orchestrator.grammar import choice_ebnf
 
         if self.regex is not None:

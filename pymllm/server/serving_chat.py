@@ -92,13 +92,12 @@ def _reply_format(body: ChatCompletionRequest) -> Dict[str, Any]:
         (kind, text), = body.grammar_constraint().items()
     except ValueError as exc:
         raise bad_request(str(exc), param) from None
-    if kind == "json_schema":
-        return {"type": "json_schema", "json_schema": _followable(json.loads(text), param, param),
-                "max_whitespace_cnt": 1}
     try:
         check_grammar(**{kind: text})
     except ValueError as exc:
         raise bad_request(f"{param}: {exc}", param) from None
+    if kind == "json_schema":
+        return {"type": "json_schema", "json_schema": json.loads(text), "max_whitespace_cnt": 1}
     return {"type": "regex", "pattern": text} if kind == "regex" else {"type": "grammar", "grammar": text}
 
 

@@ -345,6 +345,9 @@ async def test_constraints_close_an_open_reasoning_block_first():
     r = await _post(opened, {"messages": USER, "regex": "(bad"}, reasoning_parser="qwen3")
     assert r.status_code == 400 and r.json()["error"]["param"] == "regex"
     assert r.json()["error"]["message"].startswith("regex: regex cannot be followed")
+    r = await _post(opened, {"messages": USER, "structured_outputs": {"json": "{nope"}}, reasoning_parser="qwen3")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "structured_outputs"
+    assert "json_schema is not valid JSON" in r.json()["error"]["message"]
 
 
 async def test_reasoning_then_tool_call():

@@ -175,6 +175,7 @@ async def test_regex_ebnf_and_structured_outputs_become_the_engines_grammar():
         ({"structured_outputs": {"choice": []}}, "at least 1 item", "structured_outputs.choice"),
         ({"structured_outputs": {"choice": ["a", ""]}}, "choice must be a list of non-empty strings",
          "structured_outputs"),
+        ({"structured_outputs": {"json": "{nope"}}, "json_schema is not valid JSON", None),
         ({"structured_outputs": {"whitespace": "x"}}, "Extra inputs are not permitted", "structured_outputs.whitespace"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required", "regex": "a"},
          "regex cannot constrain a reply that tool_choice makes a tool call", None),
