@@ -28,6 +28,7 @@ from pymllm.server.reply_fields import json_response
 from pymllm.server.serving_chat import create_chat_completion
 from pymllm.server.serving_completions import create_completion
 from pymllm.server.serving_native import generate
+from pymllm.server.serving_tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
 from pymllm.server.state import ServerState
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,14 @@ def _add_openai_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/generate")
     async def native_generate(body: GenerateRequest, request: Request) -> Response:
         return await generate(state, body, request)
+
+    @app.post("/tokenize")
+    async def tokenize_route(body: TokenizeRequest) -> Response:
+        return await tokenize(state, body)
+
+    @app.post("/detokenize")
+    async def detokenize_route(body: DetokenizeRequest) -> Response:
+        return await detokenize(state, body)
 
 
 def _add_admin_routes(app: FastAPI, state: ServerState) -> None:

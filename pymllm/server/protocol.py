@@ -218,7 +218,7 @@ class NamedToolChoice(BaseModel):
 # apply_chat_template's own arguments. chat_template_kwargs are meant for template variables
 # (enable_thinking, ...); these would instead change what the tokenizer process gets back
 # (return_tensors gave an array that crashed the scheduler) or how the prompt is built.
-_RESERVED_TEMPLATE_KWARGS = frozenset({
+RESERVED_TEMPLATE_KWARGS = frozenset({
     "conversation", "tools", "documents", "chat_template", "add_generation_prompt", "continue_final_message",
     "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
     "return_assistant_tokens_mask", "tokenizer_kwargs",
@@ -241,7 +241,7 @@ class ChatCompletionRequest(SamplingRequestFields):
             raise ValueError("top_logprobs requires logprobs to be true")
         if self.tool_choice not in (None, "none", "auto") and not self.tools:
             raise ValueError("tool_choice requires tools")
-        reserved = sorted(_RESERVED_TEMPLATE_KWARGS.intersection(self.chat_template_kwargs or {}))
+        reserved = sorted(RESERVED_TEMPLATE_KWARGS.intersection(self.chat_template_kwargs or {}))
         if reserved:
             raise ValueError(f"chat_template_kwargs cannot set {', '.join(reserved)}")
         if isinstance(self.tool_choice, NamedToolChoice):

@@ -20,6 +20,8 @@ class ByteTokenizer:
     in byte-level BPE vocabularies. Its chat template renders ChatML; ``think_prompt``
     makes the generation prompt open a ``<think>`` block (Qwen3 thinking templates)."""
 
+    chat_template = "ChatML"  # has one (the tokenizer process checks); rendered by apply_chat_template
+
     def __init__(self, think_prompt: bool = False) -> None:
         self.think_prompt = think_prompt
         self.eos_token_id = 0
@@ -32,6 +34,9 @@ class ByteTokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return bytes(ids).decode("utf-8", errors="replace")
+
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> List[str]:
+        return [bytes([i]).decode("latin-1") for i in ids]
 
     def apply_chat_template(
         self, messages: List[Dict[str, Any]], add_generation_prompt: bool = True, tokenize: bool = False,

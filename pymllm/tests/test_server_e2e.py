@@ -154,6 +154,21 @@ def test_regex_and_choice_constraints(client, server):
         client.completions.create(model="tiny-qwen3", prompt="x", max_tokens=4, extra_body={"regex": "(a"})
 
 
+def test_tokenize_counts_what_the_engine_counts(client, server):
+    def post(path, body):
+        r = httpx.post(server.base_url + path, headers=server.headers(), json=body)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    chat = client.chat.completions.create(model="tiny-qwen3", messages=CHAT, max_tokens=1)
+    counted = post("/tokenize", {"messages": CHAT})
+    assert counted["count"] == chat.usage.prompt_tokens == len(counted["tokens"])
+    completion = client.completions.create(model="tiny-qwen3", prompt="The capital of France", max_tokens=1)
+    counted = post("/tokenize", {"prompt": "The capital of France", "return_token_strs": True})
+    assert counted["count"] == completion.usage.prompt_tokens and len(counted["token_strs"]) == counted["count"]
+    assert post("/detokenize", {"tokens": counted["tokens"]})["prompt"] == "The capital of France"
+
+
 def test_forced_tool_calls(client):
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
                   "type": "object", "properties": {"unit": {"enum": ["C", "F"]}}, "required": ["unit"],
