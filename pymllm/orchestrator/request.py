@@ -44,6 +44,9 @@ class Req:
     # With sampling_params.prompt_logprobs: entry i scores prompt token i + 1 (from the logits
     # at position i), filled chunk by chunk as the prompt is prefilled.
     prompt_logprobs: List[TokenLogprob] = field(default_factory=list)
+    # The prompt's keys in the scheduler's PromptScoreCache (pymllm.mem_cache.prompt_score_cache),
+    # computed once when a scoring request is first considered for admission.
+    prompt_score_keys: Optional[List[Tuple[int, int]]] = field(default=None, repr=False)
     retractions: int = 0
     # Images (pymllm.multimodal.MultimodalInputs) of a multimodal request, else None.
     mm_inputs: Any = None

@@ -24,6 +24,7 @@ from pymllm.engine.forward_batch import ForwardMode
 from pymllm.engine.io_struct import CONTEXT_LENGTH_EXCEEDED, FinishReason, RequestRefused, TokenizedGenerateReq
 from pymllm.mem_cache.base_prefix_cache import ChunkCache, PrefixCache
 from pymllm.mem_cache.memory_pool import ReqToTokenPool, TokenToKVPoolAllocator
+from pymllm.mem_cache.prompt_score_cache import PromptScoreCache, prefix_keys
 from pymllm.orchestrator.grammar import Grammars, PendingGrammars, check_grammar
 from pymllm.orchestrator.request import Req, ReqState
 from pymllm.orchestrator.schedule_batch import BatchResult, ScheduledBatch
@@ -66,6 +67,7 @@ class Scheduler:
         check_invariants: bool = False,
         overlap: bool = False,
         grammars: Optional[Grammars] = None,
+        prompt_scores: Optional[PromptScoreCache] = None,
     ):
         self.runner = runner
         self.req_pool = runner.req_to_token_pool
@@ -81,6 +83,8 @@ class Scheduler:
         self.overlap = overlap
         self.grammars = grammars
         self.compiling = PendingGrammars()  # admitted once their grammar is compiled
+        # Scores of prompt positions, so that scoring requests can reuse cached prefixes (None: off).
+        self.prompt_scores = prompt_scores
         # (batch, the runner's handle) of a decode step launched and not collected yet
         self._in_flight: Optional[Tuple[ScheduledBatch, object]] = None
         self._rng = random.Random(random_seed)
@@ -148,6 +152,15 @@ class Scheduler:
                 continue
             self.waiting.append(req)
         return refused
+
+    def _reuse_prompt_scores(self, req: Req) -> None:
+        """Once per scoring request: the scores its prompt shares with prompts scored before, so
+        that the positions they cover (and their KV) need not be computed again."""
+        if self.prompt_scores is None or req.prompt_score_keys is not None or req.mm_inputs is not None:
+            return
+        req.prompt_score_keys = prefix_keys(req.origin_input_ids)
+        if not req.prompt_logprobs:
+            req.prompt_logprobs = self.prompt_scores.lookup(req.prompt_score_keys, req.sampling_params.top_logprobs)
 
     def abort(self, rid: str) -> Optional[Req]:
         """Finish a request wherever it is; its KV slots are released at once."""
@@ -298,6 +311,8 @@ class Scheduler:
             req = self.waiting[0]
             if self.req_pool.available_size() == 0:
                 break
+            if req.prompt_logprobs_pending:
+                self._reuse_prompt_scores(req)
             match = self.prefix_cache.match_prefix(req.cache_key())
             # Always compute at least the last token: its logits give the next token.
             matched = min(len(match.slots), len(req.fill_ids) - 1)
@@ -376,6 +391,9 @@ class Scheduler:
                 continue
             req.append_kv_slots(new_slots)
             if result.prompt_logprobs is not None and result.prompt_logprobs[i]:
+                if self.prompt_scores is not None and req.prompt_score_keys is not None:
+                    self.prompt_scores.insert(req.prompt_score_keys, len(req.prompt_logprobs), result.prompt_logprobs[i],
+                                              req.sampling_params.top_logprobs)
                 req.prompt_logprobs.extend(result.prompt_logprobs[i])
             if not batch.sample[i]:
                 continue
@@ -459,5 +477,6 @@ class Scheduler:
             "num_retractions": self.num_retractions,
             "num_prompt_tokens": self.num_prompt_tokens,
             "num_cached_prompt_tokens": self.num_cached_prompt_tokens,
+            "num_reused_prompt_scores": self.prompt_scores.hits if self.prompt_scores is not None else 0,
             **{f"cache_{k}": v for k, v in self.prefix_cache.stats().items()},
         }

@@ -22,6 +22,7 @@ from pymllm.executor.model_runner import load_model_runner
 from pymllm.orchestrator.grammar import Grammars
 from pymllm.orchestrator.ipc import Endpoints, WorkerReady, pull, push
 from pymllm.mem_cache.factory import create_prefix_cache
+from pymllm.mem_cache.prompt_score_cache import PromptScoreCache
 from pymllm.orchestrator.request import Req
 from pymllm.orchestrator.scheduler import RequestRejected, Scheduler
 from pymllm.orchestrator.stop_checker import StopChecker
@@ -52,6 +53,8 @@ def build_scheduler(config: GlobalConfig, check_invariants: bool = False) -> Sch
         check_invariants=check_invariants,
         overlap=not server.disable_overlap_schedule,
         grammars=Grammars(tokenizer, model_config.vocab_size, eos),
+        # Reused scores let scoring requests skip cached prefixes, so they go with the radix cache.
+        prompt_scores=None if server.disable_radix_cache else PromptScoreCache(),
     )
 
 
@@ -140,6 +143,8 @@ class SchedulerLoop:
             if self.scheduler.has_work():
                 return ControlResp(msg.request_id, False, {"message": "cannot flush the cache while requests are running"})
             self.scheduler.prefix_cache.reset()
+            if self.scheduler.prompt_scores is not None:
+                self.scheduler.prompt_scores.reset()
             return ControlResp(msg.request_id, True, {"message": "cache flushed"})
         return ControlResp(msg.request_id, False, {"message": f"unknown control request {msg.kind!r}"})
 

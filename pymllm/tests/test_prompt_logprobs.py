@@ -189,3 +189,69 @@ def test_prompt_logprobs_on_the_gpu_fast_path():
         got = torch.tensor([lp for _, lp, _ in req.prompt_logprobs])
         want = torch.tensor([ref[p, t].item() for p, t in enumerate(prompt[1:])])
         assert torch.allclose(got, want, atol=0.05, rtol=0.02), (got, want)
+
+
+# ---------------------------------------------------------------- reusing the scores of a shared prefix
+CONTEXT = [150, 151, 3, 77, 78, 79, 80, 81, 82, 83, 84, 85]
+
+
+@pytest.fixture(scope="module")
+def hf_model(model_dir):
+    return AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+
+
+def _reference_of(hf_model, prompt):
+    with torch.no_grad():
+        return torch.log_softmax(hf_model(torch.tensor([prompt])).logits[0].float(), dim=-1)
+
+
+def test_scores_of_a_shared_prefix_are_reused(model_dir, hf_model):
+    """Multiple-choice scoring: one context, several continuations. After the first, each takes the
+    context's scores from the score cache and its KV from the prefix cache, and every score still
+    equals transformers' log_softmax on its own prompt."""
+    sched = make_scheduler(model_dir, max_total_tokens=1024)
+    choices = [CONTEXT + [201, 202], CONTEXT + [5, 6, 7], CONTEXT + [201, 9]]
+    reqs = run_requests(sched, choices, [_scored(0)] * 3, arrival_steps=[0, 1, 2])
+    for i, prompt in enumerate(choices):
+        _check_against_reference(reqs[str(i)], prompt, _reference_of(hf_model, prompt))
+    assert reqs["0"].cached_tokens == 0
+    # The context's len - 1 scores are reused, so its positions but the last come from the cache;
+    # the third shares one more token with the first.
+    assert reqs["1"].cached_tokens == len(CONTEXT) - 1 and reqs["2"].cached_tokens == len(CONTEXT)
+    assert sched.stats()["num_reused_prompt_scores"] == (len(CONTEXT) - 1) + len(CONTEXT)
+
+
+def test_scores_with_fewer_alternatives_are_not_reused(model_dir, hf_model):
+    sched = make_scheduler(model_dir, max_total_tokens=1024)
+    few = greedy(0, prompt_logprobs=True, top_logprobs=1)
+    reqs = run_requests(sched, [CONTEXT + [201], CONTEXT + [202]], [few, _scored(0)], arrival_steps=[0, 1])
+    assert reqs["1"].cached_tokens == 0  # it asks for 3 alternatives, the cached scores have 1
+    _check_against_reference(reqs["1"], CONTEXT + [202], _reference_of(hf_model, CONTEXT + [202]))
+    # The reverse direction reuses them, trimmed to the alternatives asked for.
+    again = run_requests(sched, [CONTEXT + [203]], [few])["0"]
+    assert again.cached_tokens == len(CONTEXT) - 1 and all(len(top) == 1 for _, _, top in again.prompt_logprobs)
+
+
+def test_no_score_cache_without_the_radix_cache(model_dir):
+    assert make_scheduler(model_dir, max_total_tokens=256).prompt_scores is not None
+    assert make_scheduler(model_dir, max_total_tokens=256, disable_radix_cache=True).prompt_scores is None
+
+
+def test_the_score_cache_keys_bound_and_trim():
+    from pymllm.mem_cache.prompt_score_cache import PromptScoreCache, prefix_keys
+
+    keys = prefix_keys([1, 2, 3, 4])
+    assert len(set(keys)) == 4 and prefix_keys([1, 2, 9, 4])[:2] == keys[:2] and prefix_keys([1, 2, 9, 4])[2:] != keys[2:]
+    cache = PromptScoreCache(max_entries=3)
+    entries = [(2, -1.0, [(7, -0.1), (2, -1.0)]), (3, -2.0, [(3, -2.0), (8, -3.0)]), (4, -0.5, [(4, -0.5), (1, -2.0)])]
+    cache.insert(keys, 0, entries, top_k=2)
+    assert cache.lookup(keys, 2) == entries
+    assert cache.lookup(keys, 1) == [(t, lp, top[:1]) for t, lp, top in entries]
+    assert cache.lookup(keys, 3) == []  # more alternatives than were kept
+    assert cache.lookup(prefix_keys([1, 2, 9, 4]), 2) == entries[:1]  # up to where the prompts part
+    cache.insert(prefix_keys([5, 6]), 0, [(6, -1.0, [])], top_k=0)  # a fourth entry evicts the oldest used
+    assert len(cache) == 3
+    cache.reset()
+    assert len(cache) == 0 and cache.lookup(keys, 0) == []
+    with pytest.raises(ValueError, match="max_entries"):
+        PromptScoreCache(0)

@@ -102,11 +102,30 @@ def test_echo_with_logprobs_scores_the_prompt_as_transformers(server, client, mo
     assert scored.text == prompt and scored.logprobs.token_logprobs == lp.token_logprobs[: len(ids)]
     chunks = list(client.completions.create(max_tokens=2, stream=True, extra_body={"ignore_eos": True}, **kw))
     streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs]
-    assert streamed == lp.token_logprobs
+    # The prompt's scores come back from the score cache as they were; the generated tokens' are
+    # computed on the cached prompt this time, the same up to float rounding.
+    assert streamed[: len(ids)] == lp.token_logprobs[: len(ids)]
+    assert streamed[len(ids):] == pytest.approx(lp.token_logprobs[len(ids):], abs=1e-4)
     native = httpx.post(server.base_url + "/generate", headers=server.headers(), json={
         "input_ids": ids, "sampling_params": {"max_new_tokens": 1, "prompt_logprobs": True, "top_logprobs": 1}}).json()
     entries = native["meta_info"]["input_token_logprobs"]
     assert entries[0][1:] == [None, []] and [e[1] for e in entries[1:]] == lp.token_logprobs[1 : len(ids)]
+
+
+def test_multiple_choice_scoring_computes_the_context_once(client):
+    """lm-eval's loglikelihood requests: one context, several continuations, echo + logprobs and
+    max_tokens 0. The continuations after the first reuse the context (cached_tokens) and their
+    scores equal those of the same request scored from scratch."""
+    context = "Question: which city is the capital of France? Answer:"
+    kw = dict(model="tiny-qwen3", temperature=0, echo=True, logprobs=1, max_tokens=0)
+    fresh = client.completions.create(prompt=context + " Lyon", **kw)  # nothing of it cached yet
+    client.completions.create(prompt=context + " Paris", **kw)
+    again = client.completions.create(prompt=context + " Lyon", **kw)
+    details = again.usage.prompt_tokens_details
+    assert details is not None and details.cached_tokens > 0
+    assert again.choices[0].logprobs.tokens == fresh.choices[0].logprobs.tokens
+    for got, want in zip(again.choices[0].logprobs.token_logprobs[1:], fresh.choices[0].logprobs.token_logprobs[1:]):
+        assert got == pytest.approx(want, abs=1e-4)
 
 
 def test_response_format_json_schema(client):
