@@ -255,3 +255,24 @@ def test_the_score_cache_keys_bound_and_trim():
     assert len(cache) == 0 and cache.lookup(keys, 0) == []
     with pytest.raises(ValueError, match="max_entries"):
         PromptScoreCache(0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_reused_scores_on_the_gpu_fast_path():
+    """bf16, FlashInfer, CUDA graphs: continuations of one context after the first reuse its scores
+    and KV (the last continuation's whole prompt but one token), within bf16 of transformers."""
+    pytest.importorskip("flashinfer")
+    gpu_model = tiny_model_dir("qwen3", head_dim=128, hidden_size=256, intermediate_size=512,
+                               num_attention_heads=4, num_key_value_heads=2)
+    sched = make_scheduler(gpu_model, device="cuda", dtype="bfloat16", attention_backend="flashinfer",
+                           max_total_tokens=1024)
+    choices = [CONTEXT + [201, 202], CONTEXT + [5, 6, 7], CONTEXT + [201, 202, 9]]
+    reqs = run_requests(sched, choices, [_scored(2)] * 3, arrival_steps=[0, 4, 8])
+    model = AutoModelForCausalLM.from_pretrained(gpu_model, torch_dtype=torch.float32).eval()
+    for i, prompt in enumerate(choices):
+        ref = _reference_of(model, prompt)
+        got = torch.tensor([lp for _, lp, _ in reqs[str(i)].prompt_logprobs])
+        want = torch.tensor([ref[p, t].item() for p, t in enumerate(prompt[1:])])
+        assert torch.allclose(got, want, atol=0.05, rtol=0.02), (i, got, want)
+    assert reqs["1"].cached_tokens == len(CONTEXT) - 1 and reqs["2"].cached_tokens == len(CONTEXT) + 1
