@@ -7,7 +7,8 @@ including that next token, so a request scoring a prompt that shares a prefix wi
 before can take the scores of that prefix from here, and then the KV of that prefix from the
 prefix cache (the scheduler lets a request skip exactly the positions it already has scores for).
 Multiple-choice evaluation scores one context with several continuations this way, computing the
-context once.
+context once (the scheduler holds back a continuation that arrives beside another by one batch,
+``Scheduler._scored_in_this_batch``).
 
 Each entry is keyed by two independent hash chains over the tokens it depends on (a 128-bit key:
 a collision is not a practical concern) and holds the score with as many top alternatives as its
@@ -28,6 +29,19 @@ _SALT = 0x9E3779B97F4A7C15
 Key = Tuple[int, int]
 
 
+def shared_prefix(a: Sequence[Key], b: Sequence[Key]) -> int:
+    """How many leading tokens two prompts with these ``prefix_keys`` share (each key covers all
+    before it, so a binary search finds the first that differs)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if a[mid] == b[mid]:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
 def prefix_keys(tokens: Sequence[int]) -> List[Key]:
     """keys[m] identifies tokens[0..m] (inclusive)."""
     keys: List[Key] = []
@@ -45,7 +59,6 @@ class PromptScoreCache:
             raise ValueError(f"max_entries must be >= 1, got {max_entries}")
         self.max_entries = max_entries
         self._entries: "OrderedDict[Key, Tuple[int, TokenLogprob]]" = OrderedDict()
-        self.hits = 0  # entries handed out
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -61,7 +74,6 @@ class PromptScoreCache:
             self._entries.move_to_end(key)
             token, logprob, top = held[1]
             found.append((token, logprob, top[:top_k]))
-        self.hits += len(found)
         return found
 
     def insert(self, keys: Sequence[Key], first: int, entries: Sequence[TokenLogprob], top_k: int) -> None:

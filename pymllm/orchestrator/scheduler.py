@@ -24,7 +24,7 @@ from pymllm.engine.forward_batch import ForwardMode
 from pymllm.engine.io_struct import CONTEXT_LENGTH_EXCEEDED, FinishReason, RequestRefused, TokenizedGenerateReq
 from pymllm.mem_cache.base_prefix_cache import ChunkCache, PrefixCache
 from pymllm.mem_cache.memory_pool import ReqToTokenPool, TokenToKVPoolAllocator
-from pymllm.mem_cache.prompt_score_cache import PromptScoreCache, prefix_keys
+from pymllm.mem_cache.prompt_score_cache import PromptScoreCache, prefix_keys, shared_prefix
 from pymllm.orchestrator.grammar import Grammars, PendingGrammars, check_grammar
 from pymllm.orchestrator.request import Req, ReqState
 from pymllm.orchestrator.schedule_batch import BatchResult, ScheduledBatch
@@ -47,6 +47,10 @@ class OverlapRunner(BatchRunner, Protocol):
     def launch_batch(self, batch: ScheduledBatch, follows: Optional[object] = None) -> object: ...
 
     def collect(self, pending: object) -> BatchResult: ...
+
+
+# A scoring request waits a batch for another's scores of its prompt when that spares it this many.
+MIN_SHARED_SCORES = 32
 
 
 class RequestRejected(RequestRefused):
@@ -95,6 +99,7 @@ class Scheduler:
         self.num_retractions = 0
         self.num_prompt_tokens = 0
         self.num_cached_prompt_tokens = 0
+        self.num_reused_prompt_scores = 0
 
     # ---------------- requests in and out ----------------
     def add_request(self, msg: TokenizedGenerateReq) -> Req:
@@ -154,13 +159,29 @@ class Scheduler:
         return refused
 
     def _reuse_prompt_scores(self, req: Req) -> None:
-        """Once per scoring request: the scores its prompt shares with prompts scored before, so
-        that the positions they cover (and their KV) need not be computed again."""
-        if self.prompt_scores is None or req.prompt_score_keys is not None or req.mm_inputs is not None:
+        """The scores a scoring request's prompt shares with prompts scored before, so that the
+        positions they cover (and their KV) need not be computed again."""
+        if self.prompt_scores is None or req.mm_inputs is not None:
             return
-        req.prompt_score_keys = prefix_keys(req.origin_input_ids)
-        if not req.prompt_logprobs:
-            req.prompt_logprobs = self.prompt_scores.lookup(req.prompt_score_keys, req.sampling_params.top_logprobs)
+        if req.prompt_score_keys is None:
+            req.prompt_score_keys = prefix_keys(req.origin_input_ids)
+        found = self.prompt_scores.lookup(req.prompt_score_keys, req.sampling_params.top_logprobs)
+        if len(found) > len(req.prompt_logprobs):
+            self.num_reused_prompt_scores += len(found) - len(req.prompt_logprobs)
+            req.prompt_logprobs = found
+
+    def _scored_in_this_batch(self, req: Req, batch: Sequence[Req]) -> bool:
+        """Whether a request of the batch being formed scores at least MIN_SHARED_SCORES positions of
+        ``req``'s prompt that ``req`` would otherwise compute too: then ``req`` waits for the next
+        batch and takes them from the score cache (several continuations of one context arriving
+        together compute the context once)."""
+        keys = req.prompt_score_keys
+        if keys is None:
+            return False
+        have = len(req.prompt_logprobs)
+        return any(other.prompt_score_keys is not None
+                   and shared_prefix(keys, other.prompt_score_keys) - 1 - have >= MIN_SHARED_SCORES
+                   for other in batch)
 
     def abort(self, rid: str) -> Optional[Req]:
         """Finish a request wherever it is; its KV slots are released at once."""
@@ -313,6 +334,8 @@ class Scheduler:
                 break
             if req.prompt_logprobs_pending:
                 self._reuse_prompt_scores(req)
+                if self._scored_in_this_batch(req, reqs):
+                    break
             match = self.prefix_cache.match_prefix(req.cache_key())
             # Always compute at least the last token: its logits give the next token.
             matched = min(len(match.slots), len(req.fill_ids) - 1)
@@ -477,6 +500,6 @@ class Scheduler:
             "num_retractions": self.num_retractions,
             "num_prompt_tokens": self.num_prompt_tokens,
             "num_cached_prompt_tokens": self.num_cached_prompt_tokens,
-            "num_reused_prompt_scores": self.prompt_scores.hits if self.prompt_scores is not None else 0,
+            "num_reused_prompt_scores": self.num_reused_prompt_scores,
             **{f"cache_{k}": v for k, v in self.prefix_cache.stats().items()},
         }

@@ -232,16 +232,36 @@ def test_scores_with_fewer_alternatives_are_not_reused(model_dir, hf_model):
     assert again.cached_tokens == len(CONTEXT) - 1 and all(len(top) == 1 for _, _, top in again.prompt_logprobs)
 
 
+def test_continuations_arriving_together_compute_their_context_once(model_dir, hf_model):
+    """A scoring request whose prompt shares MIN_SHARED_SCORES or more unscored positions with one
+    already in the batch waits for the next batch and reuses them; a shorter share does not wait."""
+    from pymllm.orchestrator.scheduler import MIN_SHARED_SCORES
+
+    long_context = [(7 * i + 3) % 500 + 5 for i in range(MIN_SHARED_SCORES + 9)]
+    sched = make_scheduler(model_dir, max_total_tokens=1024)
+    prompts = [long_context + [201], long_context + [202, 203], [11, 12, 13, 14]]
+    reqs = run_requests(sched, prompts, [_scored(0), _scored(0), greedy(2)])
+    for i in range(2):
+        _check_against_reference(reqs[str(i)], prompts[i], _reference_of(hf_model, prompts[i]))
+    assert reqs["1"].cached_tokens == len(long_context) - 1
+    # CONTEXT (12 tokens) shares too little to wait for: both are computed in the first batch.
+    sched = make_scheduler(model_dir, max_total_tokens=1024)
+    reqs = run_requests(sched, [CONTEXT + [201], CONTEXT + [202]], [_scored(0), _scored(0)])
+    assert reqs["0"].cached_tokens == reqs["1"].cached_tokens == 0
+
+
 def test_no_score_cache_without_the_radix_cache(model_dir):
     assert make_scheduler(model_dir, max_total_tokens=256).prompt_scores is not None
     assert make_scheduler(model_dir, max_total_tokens=256, disable_radix_cache=True).prompt_scores is None
 
 
 def test_the_score_cache_keys_bound_and_trim():
-    from pymllm.mem_cache.prompt_score_cache import PromptScoreCache, prefix_keys
+    from pymllm.mem_cache.prompt_score_cache import PromptScoreCache, prefix_keys, shared_prefix
 
     keys = prefix_keys([1, 2, 3, 4])
     assert len(set(keys)) == 4 and prefix_keys([1, 2, 9, 4])[:2] == keys[:2] and prefix_keys([1, 2, 9, 4])[2:] != keys[2:]
+    assert shared_prefix(keys, prefix_keys([1, 2, 9, 4])) == 2 and shared_prefix(keys, keys[:3]) == 3
+    assert shared_prefix(keys, prefix_keys([5])) == 0
     cache = PromptScoreCache(max_entries=3)
     entries = [(2, -1.0, [(7, -0.1), (2, -1.0)]), (3, -2.0, [(3, -2.0), (8, -3.0)]), (4, -0.5, [(4, -0.5), (1, -2.0)])]
     cache.insert(keys, 0, entries, top_k=2)
