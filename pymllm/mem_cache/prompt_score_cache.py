@@ -8,7 +8,7 @@ before can take the scores of that prefix from here, and then the KV of that pre
 prefix cache (the scheduler lets a request skip exactly the positions it already has scores for).
 Multiple-choice evaluation scores one context with several continuations this way, computing the
 context once (the scheduler holds back a continuation that arrives beside another by one batch,
-``Scheduler._scored_in_this_batch``).
+``pymllm.orchestrator.prompt_scores``).
 
 Each entry is keyed by two independent hash chains over the tokens it depends on (a 128-bit key:
 a collision is not a practical concern) and holds the score with as many top alternatives as its

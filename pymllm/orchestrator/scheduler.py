@@ -24,8 +24,9 @@ from pymllm.engine.forward_batch import ForwardMode
 from pymllm.engine.io_struct import CONTEXT_LENGTH_EXCEEDED, FinishReason, RequestRefused, TokenizedGenerateReq
 from pymllm.mem_cache.base_prefix_cache import ChunkCache, PrefixCache
 from pymllm.mem_cache.memory_pool import ReqToTokenPool, TokenToKVPoolAllocator
-from pymllm.mem_cache.prompt_score_cache import PromptScoreCache, prefix_keys, shared_prefix
+from pymllm.mem_cache.prompt_score_cache import PromptScoreCache
 from pymllm.orchestrator.grammar import Grammars, PendingGrammars, check_grammar
+from pymllm.orchestrator.prompt_scores import reuse_scores, scored_in_batch
 from pymllm.orchestrator.request import Req, ReqState
 from pymllm.orchestrator.schedule_batch import BatchResult, ScheduledBatch
 from pymllm.orchestrator.stop_checker import StopChecker
@@ -47,10 +48,6 @@ class OverlapRunner(BatchRunner, Protocol):
     def launch_batch(self, batch: ScheduledBatch, follows: Optional[object] = None) -> object: ...
 
     def collect(self, pending: object) -> BatchResult: ...
-
-
-# A scoring request waits a batch for another's scores of its prompt when that spares it this many.
-MIN_SHARED_SCORES = 32
 
 
 class RequestRejected(RequestRefused):
@@ -157,31 +154,6 @@ class Scheduler:
                 continue
             self.waiting.append(req)
         return refused
-
-    def _reuse_prompt_scores(self, req: Req) -> None:
-        """The scores a scoring request's prompt shares with prompts scored before, so that the
-        positions they cover (and their KV) need not be computed again."""
-        if self.prompt_scores is None or req.mm_inputs is not None:
-            return
-        if req.prompt_score_keys is None:
-            req.prompt_score_keys = prefix_keys(req.origin_input_ids)
-        found = self.prompt_scores.lookup(req.prompt_score_keys, req.sampling_params.top_logprobs)
-        if len(found) > len(req.prompt_logprobs):
-            self.num_reused_prompt_scores += len(found) - len(req.prompt_logprobs)
-            req.prompt_logprobs = found
-
-    def _scored_in_this_batch(self, req: Req, batch: Sequence[Req]) -> bool:
-        """Whether a request of the batch being formed scores at least MIN_SHARED_SCORES positions of
-        ``req``'s prompt that ``req`` would otherwise compute too: then ``req`` waits for the next
-        batch and takes them from the score cache (several continuations of one context arriving
-        together compute the context once)."""
-        keys = req.prompt_score_keys
-        if keys is None:
-            return False
-        have = len(req.prompt_logprobs)
-        return any(other.prompt_score_keys is not None
-                   and shared_prefix(keys, other.prompt_score_keys) - 1 - have >= MIN_SHARED_SCORES
-                   for other in batch)
 
     def abort(self, rid: str) -> Optional[Req]:
         """Finish a request wherever it is; its KV slots are released at once."""
@@ -332,9 +304,9 @@ class Scheduler:
             req = self.waiting[0]
             if self.req_pool.available_size() == 0:
                 break
-            if req.prompt_logprobs_pending:
-                self._reuse_prompt_scores(req)
-                if self._scored_in_this_batch(req, reqs):
+            if req.prompt_logprobs_pending and self.prompt_scores is not None:
+                self.num_reused_prompt_scores += reuse_scores(self.prompt_scores, req)
+                if scored_in_batch(req, reqs):
                     break
             match = self.prefix_cache.match_prefix(req.cache_key())
             # Always compute at least the last token: its logits give the next token.

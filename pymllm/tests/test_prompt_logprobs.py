@@ -235,7 +235,7 @@ def test_scores_with_fewer_alternatives_are_not_reused(model_dir, hf_model):
 def test_continuations_arriving_together_compute_their_context_once(model_dir, hf_model):
     """A scoring request whose prompt shares MIN_SHARED_SCORES or more unscored positions with one
     already in the batch waits for the next batch and reuses them; a shorter share does not wait."""
-    from pymllm.orchestrator.scheduler import MIN_SHARED_SCORES
+    from pymllm.orchestrator.prompt_scores import MIN_SHARED_SCORES
 
     long_context = [(7 * i + 3) % 500 + 5 for i in range(MIN_SHARED_SCORES + 9)]
     sched = make_scheduler(model_dir, max_total_tokens=1024)
