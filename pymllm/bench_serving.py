@@ -11,6 +11,11 @@ so its prompt length is approximate; token counts come from the server's usage e
 ``--image WxH`` (chat backend, image models) puts ``--images-per-request`` random RGB images of
 that size (seeded by --seed) into each user message as ``data:image/png;base64,`` image_url
 parts, before the text; the fixed dataset repeats the same images.
+
+``--score`` (completions backend) asks for the prompt's scores as lm-eval's loglikelihood requests
+do (``echo`` with ``logprobs: 1``; ``--output-len 0`` generates nothing): with
+``--shared-prefix-len`` it measures scoring several continuations of one context. Its TTFT is the
+time to the scores (the echo chunk).
 """
 
 from __future__ import annotations
@@ -175,6 +180,8 @@ def _request_body(args: argparse.Namespace, model: str, prompt: Prompt) -> Dict[
         body["messages"] = [{"role": "user", "content": prompt}]
     else:
         body["prompt"] = prompt
+    if args.score:
+        body.update(echo=True, logprobs=1)
     return body
 
 
@@ -310,6 +317,7 @@ def summarise(
         "input_len": args.input_len,
         "shared_prefix_len": args.shared_prefix_len,
         "output_len": args.output_len,
+        "score": args.score,
         "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf",
         "concurrency": args.concurrency,
         "seed": args.seed,
@@ -390,11 +398,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--images-per-request", type=int, default=1, help="Images per request with --image.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--request-timeout", type=float, default=600.0)
+    p.add_argument("--score", action="store_true",
+                   help="Score each prompt (echo + logprobs, completions backend); --output-len may be 0.")
     p.add_argument("--result-filename", default=None, help="Append one JSON line of results here.")
     args = p.parse_args(argv)
     for name in ("num_prompts", "input_len", "output_len", "vocab_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) < (0 if name == "output_len" and args.score else 1):
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.score and args.backend != "completions":
+        p.error("--score needs --backend completions (echo and logprobs are the legacy API's)")
     if args.images_per_request < 1:
         p.error("--images-per-request must be >= 1")
     if args.image is not None and args.backend != "chat":

@@ -156,6 +156,21 @@ def test_shared_prefix_prompts():
         bench_serving.parse_args(["--shared-prefix-len", "-1"])
 
 
+async def test_score_mode_sends_lm_eval_shaped_requests():
+    fake = FakeEngineClient(_script)
+    args = bench_serving.parse_args(["--score", "--output-len", "0", "--num-prompts", "3", "--input-len", "4",
+                                     "--shared-prefix-len", "8", "--vocab-size", "256"])
+    async with asgi_client(create_app(fake, ServerConfig())) as client:
+        row = await bench_serving.run_benchmark(args, client)
+    assert row["completed"] == 3 and row["score"] and row["total_output_tokens"] == 0
+    assert all(r.sampling_params["max_new_tokens"] == 0 and r.sampling_params["prompt_logprobs"]
+               for r in fake.requests)
+    with pytest.raises(SystemExit):
+        bench_serving.parse_args(["--output-len", "0"])  # generating nothing only makes sense when scoring
+    with pytest.raises(SystemExit):
+        bench_serving.parse_args(["--score", "--backend", "chat"])
+
+
 def test_generate_backend_counts_token_chunks():
     args = bench_serving.parse_args(["--backend", "generate", "--num-prompts", "1", "--input-len", "3"])
     body = bench_serving._request_body(args, "m", [5, 6, 7])
