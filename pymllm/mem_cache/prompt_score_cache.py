@@ -13,7 +13,7 @@ context once (the scheduler holds back a continuation that arrives beside anothe
 Each entry is keyed by two independent hash chains over the tokens it depends on (a 128-bit key:
 a collision is not a practical concern) and holds the score with as many top alternatives as its
 request asked for; a request asking for more cannot use it. Entries are evicted least recently
-used, ``max_entries`` at most.
+used, within ``max_bytes`` of host memory (estimated per entry from its alternatives).
 """
 
 from __future__ import annotations
@@ -23,7 +23,16 @@ from typing import List, Sequence, Tuple
 
 from pymllm.engine.io_struct import TokenLogprob
 
-DEFAULT_MAX_ENTRIES = 262_144  # ~100 MB at 5 alternatives per entry
+DEFAULT_MAX_BYTES = 64 << 20
+# Estimated host bytes of one entry, from tracemalloc and sys.getsizeof on CPython 3.11: the dict's
+# slot and value tuple (~130), the key (~120), the score's own tuple, float and list (~180), and per
+# alternative a tuple of an int and a float (~90). 64 MiB hold ~125k entries at one alternative.
+_ENTRY_BYTES = 430
+_ALTERNATIVE_BYTES = 90
+
+
+def entry_bytes(top_k: int) -> int:
+    return _ENTRY_BYTES + _ALTERNATIVE_BYTES * top_k
 _SALT = 0x9E3779B97F4A7C15
 
 Key = Tuple[int, int]
@@ -54,10 +63,11 @@ def prefix_keys(tokens: Sequence[int]) -> List[Key]:
 
 
 class PromptScoreCache:
-    def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
-        if max_entries < 1:
-            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
-        self.max_entries = max_entries
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        if max_bytes < entry_bytes(0):
+            raise ValueError(f"max_bytes must hold at least one entry ({entry_bytes(0)}), got {max_bytes}")
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self._entries: "OrderedDict[Key, Tuple[int, TokenLogprob]]" = OrderedDict()
 
     def __len__(self) -> int:
@@ -84,10 +94,15 @@ class PromptScoreCache:
             if held is not None and held[0] >= top_k:
                 self._entries.move_to_end(key)
                 continue
+            if held is not None:
+                self.bytes -= entry_bytes(held[0])
             self._entries[key] = (top_k, entry)
             self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+            self.bytes += entry_bytes(top_k)
+        while self.bytes > self.max_bytes:
+            _, (k, _) = self._entries.popitem(last=False)
+            self.bytes -= entry_bytes(k)
 
     def reset(self) -> None:
         self._entries.clear()
+        self.bytes = 0

@@ -256,25 +256,28 @@ def test_no_score_cache_without_the_radix_cache(model_dir):
 
 
 def test_the_score_cache_keys_bound_and_trim():
-    from pymllm.mem_cache.prompt_score_cache import PromptScoreCache, prefix_keys, shared_prefix
+    from pymllm.mem_cache.prompt_score_cache import PromptScoreCache, entry_bytes, prefix_keys, shared_prefix
 
     keys = prefix_keys([1, 2, 3, 4])
     assert len(set(keys)) == 4 and prefix_keys([1, 2, 9, 4])[:2] == keys[:2] and prefix_keys([1, 2, 9, 4])[2:] != keys[2:]
     assert shared_prefix(keys, prefix_keys([1, 2, 9, 4])) == 2 and shared_prefix(keys, keys[:3]) == 3
     assert shared_prefix(keys, prefix_keys([5])) == 0
-    cache = PromptScoreCache(max_entries=3)
+    cache = PromptScoreCache(max_bytes=3 * entry_bytes(2))
     entries = [(2, -1.0, [(7, -0.1), (2, -1.0)]), (3, -2.0, [(3, -2.0), (8, -3.0)]), (4, -0.5, [(4, -0.5), (1, -2.0)])]
     cache.insert(keys, 0, entries, top_k=2)
     assert cache.lookup(keys, 2) == entries
     assert cache.lookup(keys, 1) == [(t, lp, top[:1]) for t, lp, top in entries]
     assert cache.lookup(keys, 3) == []  # more alternatives than were kept
     assert cache.lookup(prefix_keys([1, 2, 9, 4]), 2) == entries[:1]  # up to where the prompts part
-    cache.insert(prefix_keys([5, 6]), 0, [(6, -1.0, [])], top_k=0)  # a fourth entry evicts the oldest used
-    assert len(cache) == 3
+    assert cache.bytes == 3 * entry_bytes(2)
+    cache.insert(prefix_keys([5, 6]), 0, [(6, -1.0, [])], top_k=0)  # over the budget: the oldest used goes
+    assert len(cache) == 3 and cache.bytes == 2 * entry_bytes(2) + entry_bytes(0)
+    # Entry 1 (token 3) was the least recently used (entry 0 was read last), so the prompt's run stops there.
+    assert cache.lookup(keys, 2) == entries[:1]
     cache.reset()
-    assert len(cache) == 0 and cache.lookup(keys, 0) == []
-    with pytest.raises(ValueError, match="max_entries"):
-        PromptScoreCache(0)
+    assert len(cache) == 0 and cache.bytes == 0 and cache.lookup(keys, 0) == []
+    with pytest.raises(ValueError, match="max_bytes"):
+        PromptScoreCache(10)
 
 
 @pytest.mark.gpu
