@@ -20,6 +20,8 @@ _INT_FIELDS = ("max_new_tokens", "top_k", "top_logprobs", "seed")
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 # The tokenizer's Rust decode refuses a non-bool skip_special_tokens, in the detokenizer process.
 _BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "logprobs", "prompt_logprobs")
+# The fields that give a grammar (at most one per request; pymllm.orchestrator.grammar).
+GRAMMAR_FIELDS = ("json_schema", "structural_tag", "regex", "ebnf")
 # generation_config.json key -> SamplingParams field
 _GENERATION_CONFIG_KEYS = {
     "temperature": "temperature",
@@ -117,14 +119,14 @@ class SamplingParams:
     def grammar_spec(self) -> Dict[str, str]:
         """The grammar that decides which tokens may come next, as {kind: text} (empty: none);
         the keyword arguments of pymllm.orchestrator.grammar's check_grammar and Grammars."""
-        specs = {"json_schema": self.json_schema, "structural_tag": self.structural_tag, "regex": self.regex,
-                 "ebnf": self.ebnf}
-        return {kind: text for kind, text in specs.items() if text is not None}
+        return {kind: getattr(self, kind) for kind in GRAMMAR_FIELDS if getattr(self, kind) is not None}
 
     @property
     def constrained(self) -> bool:
-        """Whether a grammar decides which tokens may come next."""
-        return bool(self.grammar_spec)
+        """Whether a grammar decides which tokens may come next (read for every request at every
+        decode step, through needs_sampler: four attribute tests, no dict)."""
+        return (self.json_schema is not None or self.structural_tag is not None or self.regex is not None
+                or self.ebnf is not None)
 
     def verify(self) -> None:
         def check(cond: bool, message: str) -> None:
@@ -169,7 +171,8 @@ class SamplingParams:
               "logit_bias values must be in [-100, 100]")
         spec = self.grammar_spec
         if spec:
-            check(len(spec) == 1, f"give one of json_schema, structural_tag, regex and ebnf, not {' and '.join(spec)}")
+            check(len(spec) == 1, f"give one of {', '.join(GRAMMAR_FIELDS[:-1])} and {GRAMMAR_FIELDS[-1]}, "
+                                  f"not {' and '.join(spec)}")
             (kind, text), = spec.items()
             check(isinstance(text, str), "json_schema and structural_tag are JSON documents as strings"
                   if kind in ("json_schema", "structural_tag") else f"{kind} must be a string")

@@ -26,6 +26,8 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, List, Optional, Sequence, Tuple
 
+from pymllm.sampling_params import GRAMMAR_FIELDS
+
 logger = logging.getLogger(__name__)
 
 _LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
@@ -54,15 +56,12 @@ def _parsed_object(text: str, name: str) -> dict:
     return parsed
 
 
-GRAMMAR_KINDS = ("json_schema", "structural_tag", "regex", "ebnf")
-
-
 def _the_spec(json_schema: Optional[str], structural_tag: Optional[str], regex: Optional[str],
               ebnf: Optional[str]) -> Tuple[str, str]:
-    given = [(kind, text) for kind, text in zip(GRAMMAR_KINDS, (json_schema, structural_tag, regex, ebnf))
+    given = [(kind, text) for kind, text in zip(GRAMMAR_FIELDS, (json_schema, structural_tag, regex, ebnf))
              if text is not None]
     if len(given) != 1:
-        raise ValueError(f"give exactly one of {', '.join(GRAMMAR_KINDS)}")
+        raise ValueError(f"give exactly one of {', '.join(GRAMMAR_FIELDS)}")
     kind, text = given[0]
     if not isinstance(text, str):
         raise ValueError(f"{kind} must be a string")
