@@ -6,9 +6,10 @@ strings, sequences, repetitions; the server's forced tool calls), ``SamplingPara
 regular expression the whole output matches) or ``SamplingParams.ebnf`` (an EBNF grammar whose
 ``root`` rule the output is) gets a matcher when it is admitted. Before each of its tokens is
 sampled the matcher's bitmask of allowed tokens becomes a mask on the logits
-(``pymllm.executor.grammar_mask``); after it, the matcher accepts the token (the scheduler). Each grammar is compiled against the tokenizer's vocabulary (xgrammar's
-precomputation of which tokens fit each grammar state, the part that makes a mask cheap per step),
-and xgrammar's compiler keeps it for the next request of the same spec.
+(``pymllm.executor.grammar_mask``); after it, the matcher accepts the token (the scheduler). Each
+grammar is compiled against the tokenizer's vocabulary (xgrammar's precomputation of which tokens
+fit each grammar state, the part that makes a mask cheap per step), and xgrammar's compiler keeps
+it for the next request of the same spec.
 
 Compiling takes milliseconds per schema (and the first use reads the whole vocabulary, ~0.1 s for
 49k tokens), so it runs on a worker thread (``Grammars.submit``): xgrammar releases the GIL while
@@ -116,6 +117,9 @@ class Grammars:
     GRAMMAR_CACHE_BYTES), here or on a worker thread; hands out a matcher per request."""
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int]) -> None:
+        # Imported now, at start-up: the import takes 0.1-0.5 s, which the first constrained
+        # request would otherwise cost the scheduler loop (its spec is checked there on arrival).
+        xgrammar_module()
         self._tokenizer = tokenizer
         self.vocab_size = vocab_size
         self._stop_token_ids = sorted(int(t) for t in stop_token_ids)
@@ -136,20 +140,13 @@ class Grammars:
 
     def compiled(self, json_schema: Optional[str] = None, structural_tag: Optional[str] = None,
                  regex: Optional[str] = None, ebnf: Optional[str] = None):
-        """The compiled grammar of the spec (from the compiler's cache after its first use)."""
-        check_grammar(json_schema, structural_tag, regex, ebnf)  # the spec's own errors, named as elsewhere
-        kind, text = _the_spec(json_schema, structural_tag, regex, ebnf)
+        """The compiled grammar of the spec (from the compiler's cache after its first use): the
+        grammar is built once (the spec's own errors named as by check_grammar), then compiled."""
+        grammar = build_grammar(json_schema, structural_tag, regex, ebnf)
         compiler = self._ready_compiler()
         start = time.perf_counter()
         try:
-            if kind == "json_schema":
-                compiled = compiler.compile_json_schema(text, any_whitespace=False)
-            elif kind == "structural_tag":
-                compiled = compiler.compile_structural_tag(text)
-            elif kind == "regex":
-                compiled = compiler.compile_regex(text)
-            else:
-                compiled = compiler.compile_grammar(text)
+            compiled = compiler.compile_grammar(grammar)
         except Exception as exc:
             raise ValueError(f"the grammar cannot be compiled: {_reason(exc)}") from None
         logger.debug("Grammar ready in %.3f s", time.perf_counter() - start)
