@@ -47,7 +47,7 @@ class RequestTokenizer:
         if sum(given) != 1:
             raise InvalidRequest("exactly one of text, input_ids or messages must be given")
         if req.input_ids is not None:
-            self._check_vocab(req.input_ids, "token ids")
+            self.check_vocab(req.input_ids, "token ids")
             return list(req.input_ids)
         if req.text is not None:
             return self.tokenizer.encode(req.text, add_special_tokens=True)
@@ -83,10 +83,11 @@ class RequestTokenizer:
             params = SamplingParams.from_dict(req.sampling_params)
         except (TypeError, ValueError) as e:
             raise InvalidRequest(str(e)) from e
-        self._check_vocab(params.logit_bias, "logit_bias token ids")
+        self.check_vocab(params.logit_bias, "logit_bias token ids")
         return params.with_defaults(self.generation_defaults)
 
-    def _check_vocab(self, ids, what: str) -> None:
+    def check_vocab(self, ids, what: str) -> None:
+        """InvalidRequest naming ``what`` unless every id is a token of the vocabulary."""
         vocab = len(self.tokenizer)
         bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:

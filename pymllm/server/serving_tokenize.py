@@ -84,8 +84,9 @@ async def tokenize(state: ServerState, body: TokenizeRequest) -> Response:
 
 async def detokenize(state: ServerState, body: DetokenizeRequest) -> Response:
     state.check_model(body.model)
-    vocab = len(state.client.tokenizer)
-    bad = [t for t in body.tokens if not 0 <= t < vocab]
-    if bad:
-        raise bad_request(f"tokens out of range [0, {vocab}): {bad[:5]}", "tokens")
-    return json_response(DetokenizeResponse(prompt=state.client.tokenizer.decode(body.tokens)))
+    client = state.client
+    try:
+        RequestTokenizer(client.tokenizer, client.context_length, {}).check_vocab(body.tokens, "tokens")
+    except RequestRefused as exc:
+        raise bad_request(str(exc), "tokens") from None
+    return json_response(DetokenizeResponse(prompt=client.tokenizer.decode(body.tokens)))
