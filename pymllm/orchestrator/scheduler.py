@@ -177,6 +177,12 @@ class Scheduler:
                 return req
         return None
 
+    def flush_caches(self) -> None:
+        """Forget every cached prefix and prompt score (``/flush_cache``; call it only when idle)."""
+        self.prefix_cache.reset()
+        if self.prompt_scores is not None:
+            self.prompt_scores.reset()
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.chunked_req or self._in_flight or self.compiling)
 

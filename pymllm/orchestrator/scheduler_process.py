@@ -142,9 +142,7 @@ class SchedulerLoop:
         if msg.kind == "flush_cache":
             if self.scheduler.has_work():
                 return ControlResp(msg.request_id, False, {"message": "cannot flush the cache while requests are running"})
-            self.scheduler.prefix_cache.reset()
-            if self.scheduler.prompt_scores is not None:
-                self.scheduler.prompt_scores.reset()
+            self.scheduler.flush_caches()
             return ControlResp(msg.request_id, True, {"message": "cache flushed"})
         return ControlResp(msg.request_id, False, {"message": f"unknown control request {msg.kind!r}"})
 

@@ -250,6 +250,15 @@ def test_continuations_arriving_together_compute_their_context_once(model_dir, h
     assert reqs["0"].cached_tokens == reqs["1"].cached_tokens == 0
 
 
+def test_flushing_the_caches_forgets_the_scores_too(model_dir):
+    sched = make_scheduler(model_dir, max_total_tokens=1024)
+    run_requests(sched, [CONTEXT + [201]], [_scored(0)])
+    sched.flush_caches()
+    assert len(sched.prompt_scores) == 0 and sched.prefix_cache.total_cached() == 0
+    again = run_requests(sched, [CONTEXT + [202]], [_scored(0)])["0"]
+    assert again.cached_tokens == 0 and sched.stats()["num_reused_prompt_scores"] == 0
+
+
 def test_no_score_cache_without_the_radix_cache(model_dir):
     assert make_scheduler(model_dir, max_total_tokens=256).prompt_scores is not None
     assert make_scheduler(model_dir, max_total_tokens=256, disable_radix_cache=True).prompt_scores is None
