@@ -12,6 +12,8 @@ from typing import Any, ClassVar, Dict, FrozenSet, List, Literal, Optional, Unio
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 from typing_extensions import Annotated
 
+from pymllm.orchestrator.grammar import choice_ebnf
+
 # ---------------------------------------------------------------- requests
 
 
@@ -128,8 +130,6 @@ class SamplingRequestFields(BaseModel):
 
     def grammar_constraint(self) -> Dict[str, str]:
         """The reply's constraint as SamplingParams fields ({json_schema | regex | ebnf: text}), or {}."""
-        from pymllm.orchestrator.grammar import choice_ebnf
-
         if self.regex is not None:
             return {"regex": self.regex}
         if self.ebnf is not None:
