@@ -106,6 +106,13 @@ class ServerConfig:
         default="info",
         metadata=_flag("Logging level.", ("debug", "info", "warning", "error")),
     )
+    gc_warn_ms: float = field(
+        default=50.0,
+        metadata=_flag(
+            "Log a warning when one garbage collection pauses a server process longer than this "
+            "many milliseconds (such a pause stalls every stream that process serves); 0: off."
+        ),
+    )
     # --- HTTP ---
     host: str = field(default="127.0.0.1", metadata=_flag("HTTP bind address."))
     port: int = field(default=30000, metadata=_flag("HTTP port."))
@@ -151,6 +158,8 @@ class ServerConfig:
             raise ConfigError(
                 f"--server.allowed_local_media_path: {self.allowed_local_media_path} is not a directory"
             )
+        if self.gc_warn_ms < 0:
+            raise ConfigError(f"--server.gc_warn_ms: {self.gc_warn_ms} must be >= 0 (0 turns the warning off)")
         if not 0 < self.port < 65536:
             raise ConfigError(f"--server.port: {self.port} is not a valid TCP port")
 

@@ -13,7 +13,9 @@ context once (the scheduler holds back a continuation that arrives beside anothe
 Each entry is keyed by two independent hash chains over the tokens it depends on (a 128-bit key:
 a collision is not a practical concern) and holds the score with as many top alternatives as its
 request asked for; a request asking for more cannot use it. Entries are evicted least recently
-used, within ``max_bytes`` of host memory (estimated per entry from its alternatives).
+used, within ``max_bytes`` of host memory (estimated per entry from its alternatives). Entries are
+held as tuples of numbers only, which the garbage collector stops tracking, so a full cache adds
+nothing to a collection's pause (pymllm.orchestrator.gc_control).
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ class PromptScoreCache:
             raise ValueError(f"max_bytes must hold at least one entry ({entry_bytes(0)}), got {max_bytes}")
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._entries: "OrderedDict[Key, Tuple[int, TokenLogprob]]" = OrderedDict()
+        # key -> (alternatives held, (token, logprob, ((alt token, alt logprob), ...)))
+        self._entries: "OrderedDict[Key, Tuple[int, Tuple[int, float, Tuple[Tuple[int, float], ...]]]]" = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -83,7 +86,7 @@ class PromptScoreCache:
                 break
             self._entries.move_to_end(key)
             token, logprob, top = held[1]
-            found.append((token, logprob, top[:top_k]))
+            found.append((token, logprob, list(top[:top_k])))
         return found
 
     def insert(self, keys: Sequence[Key], first: int, entries: Sequence[TokenLogprob], top_k: int) -> None:
@@ -96,7 +99,8 @@ class PromptScoreCache:
                 continue
             if held is not None:
                 self.bytes -= entry_bytes(held[0])
-            self._entries[key] = (top_k, entry)
+            token, logprob, top = entry
+            self._entries[key] = (top_k, (token, logprob, tuple(top)))
             self._entries.move_to_end(key)
             self.bytes += entry_bytes(top_k)
         while self.bytes > self.max_bytes:

@@ -10,6 +10,7 @@ import zmq
 from pymllm.configs.global_config import GlobalConfig
 from pymllm.configs.model_config import ModelConfig
 from pymllm.engine.io_struct import BatchRequestOutput, BatchTokenIDOut, FinishReason, RequestOutput
+from pymllm.orchestrator.gc_control import start_serving
 from pymllm.orchestrator.incremental_detokenizer import IncrementalDetokenizer
 from pymllm.orchestrator.ipc import Endpoints, WorkerReady, pull, push
 from pymllm.orchestrator.token_bytes import TokenBytes, logprob_token_text
@@ -102,13 +103,14 @@ class DetokenizerManager:
         )
 
 
-def detokenizer_loop(model_config: ModelConfig, endpoints: Endpoints) -> None:
+def detokenizer_loop(config: GlobalConfig, model_config: ModelConfig, endpoints: Endpoints) -> None:
     from transformers import AutoTokenizer
 
     context = zmq.Context.instance()
     inbox = pull(context, endpoints.detokenizer_in)
     to_frontend = push(context, endpoints.frontend_in)
     manager = DetokenizerManager(AutoTokenizer.from_pretrained(model_config.tokenizer_path))
+    start_serving("detokenizer", config.server.gc_warn_ms)
     to_frontend.send(WorkerReady("detokenizer", {}))
     while True:
         msg = inbox.recv()
@@ -123,5 +125,5 @@ def detokenizer_process_main(
 ) -> None:
     run_worker(
         "detokenizer", config.server.log_level, endpoints.frontend_in, parent_conn,
-        lambda: detokenizer_loop(model_config, endpoints),
+        lambda: detokenizer_loop(config, model_config, endpoints),
     )

@@ -19,6 +19,7 @@ from pymllm.engine.io_struct import (
     TokenizedGenerateReq,
 )
 from pymllm.executor.model_runner import load_model_runner
+from pymllm.orchestrator.gc_control import start_serving
 from pymllm.orchestrator.grammar import Grammars
 from pymllm.orchestrator.ipc import Endpoints, WorkerReady, pull, push
 from pymllm.mem_cache.factory import create_prefix_cache
@@ -147,6 +148,7 @@ class SchedulerLoop:
         return ControlResp(msg.request_id, False, {"message": f"unknown control request {msg.kind!r}"})
 
     def run(self) -> None:
+        start_serving("scheduler", self.config.server.gc_warn_ms)
         self.to_frontend.send(WorkerReady("scheduler", self.ready_info()))
         while True:
             # Block when idle; drain without blocking while there is work.

@@ -21,6 +21,7 @@ from pymllm.engine.io_struct import (
     RequestRefused,
     TokenizedGenerateReq,
 )
+from pymllm.orchestrator.gc_control import start_serving
 from pymllm.orchestrator.ipc import Endpoints, WorkerReady, pull, push
 from pymllm.orchestrator.worker_common import run_worker
 from pymllm.sampling_params import SamplingParams
@@ -176,6 +177,7 @@ def tokenizer_loop(config: GlobalConfig, model_config: ModelConfig, endpoints: E
     to_frontend = push(context, endpoints.frontend_in)
     tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer_path)
     worker = build_request_tokenizer(config, model_config, tokenizer)
+    start_serving("tokenizer", config.server.gc_warn_ms)
     to_frontend.send(WorkerReady("tokenizer", {"vocab_size": len(tokenizer)}))
     while True:
         msg = inbox.recv()

@@ -28,6 +28,7 @@ def serve(config: GlobalConfig) -> int:
     import uvicorn
 
     from pymllm.engine.launch import Engine, EngineStartupError
+    from pymllm.orchestrator.gc_control import start_serving
     from pymllm.server.app import create_app
 
     server = config.server
@@ -64,6 +65,7 @@ def serve(config: GlobalConfig) -> int:
         # handler that was installed before it; this one lets us reach engine.shutdown() below.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda signum, _: logger.info("%s: shutting down", signal.Signals(signum).name))
+        start_serving("http", server.gc_warn_ms)
         uvicorn.run(app, host=server.host, port=server.port, log_level=server.log_level, timeout_graceful_shutdown=5)
     finally:
         engine.shutdown()
