@@ -297,6 +297,8 @@ def _stats_ms(name: str, values: Sequence[float]) -> Dict[str, float]:
         f"mean_{name}_ms": sum(ms) / len(ms) if ms else 0.0,
         f"median_{name}_ms": _percentile(ms, 50),
         f"p99_{name}_ms": _percentile(ms, 99),
+        # The longest gap shows a stall (a garbage collection, a recompile) that p99 can hide.
+        f"max_{name}_ms": max(ms) if ms else 0.0,
     }
 
 
@@ -364,7 +366,7 @@ def format_table(row: Dict[str, Any]) -> str:
     for key, title in (("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st)"),
                        ("itl", "Inter-token Latency"), ("e2e_latency", "End-to-end Latency")):
         lines.append(f"{'-' * 15}{title:^40}{'-' * 15}")
-        for stat in ("mean", "median", "p99"):
+        for stat in ("mean", "median", "p99", "max"):
             add(f"{stat.capitalize()} {key.upper().replace('_', ' ')} (ms):", row[f"{stat}_{key}_ms"])
     if "first_error" in row:
         lines.append(f"First error: {row['first_error']}")

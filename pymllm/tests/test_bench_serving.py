@@ -46,8 +46,10 @@ async def test_run_benchmark_in_process():
     assert all(r.sampling_params["ignore_eos"] and r.sampling_params["max_new_tokens"] == 4 for r in fake.requests)
     assert len({tuple(r.input_ids) for r in fake.requests}) == 6  # random: distinct prompts
     for key in ("ttft", "itl", "tpot", "e2e_latency"):
-        assert {f"mean_{key}_ms", f"median_{key}_ms", f"p99_{key}_ms"} <= set(row)
+        assert {f"mean_{key}_ms", f"median_{key}_ms", f"p99_{key}_ms", f"max_{key}_ms"} <= set(row)
+        assert row[f"max_{key}_ms"] >= row[f"p99_{key}_ms"] >= row[f"median_{key}_ms"]
     assert "Successful requests:" in bench_serving.format_table(row)
+    assert "Max ITL (ms):" in bench_serving.format_table(row)
 
 
 async def test_fixed_dataset_and_chat_backend():
