@@ -83,3 +83,19 @@ def test_chat_bytes_and_completion_offsets_follow_the_characters(tokenizer):
     expected = [3 + len(b"".join(token_bytes(i) for i in ids[:k]).decode("utf-8", "ignore")) for k in range(len(ids))]
     assert legacy.text_offset == expected
     assert any(a == b for a, b in zip(expected, expected[1:]))  # some token completed nothing
+
+
+def test_text_offsets_take_the_fast_path_only_between_whole_characters():
+    # Against the incremental decoder run over every token (the offsets' definition): a dangling
+    # partial character, then plain text; a character split over three tokens; a literal "bytes:" name.
+    import codecs
+
+    names = ["ab", "bytes:\\xe4", "cd", "bytes:\\xe4\\xb8", "bytes:\\xad", "é", "bytes: not an escape", "x"]
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    expected, at = [], 5
+    for name in names:
+        expected.append(at)
+        at += len(decoder.decode(token_name_bytes(name)))
+    offsets = TextOffsets(5)
+    assert [offsets.place(name) for name in names] == expected
+    assert offsets.offset == at
