@@ -91,18 +91,17 @@ class PromptScoreCache:
 
     def insert(self, keys: Sequence[Key], first: int, entries: Sequence[TokenLogprob], top_k: int) -> None:
         """Keep ``entries``, the scores of prompt tokens first + 1 ... of the prompt with these keys."""
-        for i, entry in enumerate(entries, start=first):
-            key = keys[i + 1]
-            held = self._entries.get(key)
-            if held is not None and held[0] >= top_k:
-                self._entries.move_to_end(key)
-                continue
+        held_entries = self._entries
+        size = entry_bytes(top_k)
+        for key, (token, logprob, top) in zip(keys[first + 1:], entries):
+            held = held_entries.get(key)
             if held is not None:
+                held_entries.move_to_end(key)
+                if held[0] >= top_k:
+                    continue
                 self.bytes -= entry_bytes(held[0])
-            token, logprob, top = entry
-            self._entries[key] = (top_k, (token, logprob, tuple(top)))
-            self._entries.move_to_end(key)
-            self.bytes += entry_bytes(top_k)
+            held_entries[key] = (top_k, (token, logprob, tuple(top)))  # a new key goes last
+            self.bytes += size
         while self.bytes > self.max_bytes:
             _, (k, _) = self._entries.popitem(last=False)
             self.bytes -= entry_bytes(k)
