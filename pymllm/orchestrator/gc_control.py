@@ -3,7 +3,8 @@
 A full (generation 2) collection walks every tracked object the process holds. After start-up
 that is hundreds of thousands of them (torch, transformers, the tokenizer's vocabulary, the
 model's modules), none of which will ever be garbage, so each full collection paused a serving
-process for 90-170 ms on the CI machine, and the scheduler's pause stalls every running request.
+process for 90-230 ms on the CI machine and 210-330 ms on an H100 host (docs/perf, T171), and
+every stream that process serves stalls for it.
 Freezing the start-up heap moves those objects out of the collector's scans; a full collection
 then walks only what serving itself keeps alive.
 
