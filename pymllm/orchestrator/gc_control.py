@@ -17,23 +17,18 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 logger = logging.getLogger(__name__)
 
 
-def freeze_startup_heap(process: str) -> int:
+def freeze_startup_heap() -> Tuple[int, float]:
     """Collect once, then move every surviving object out of future collections' scans; returns
-    how many were frozen. Call when a process has finished starting, just before it serves."""
+    (objects frozen, seconds taken). Call when a process has finished starting."""
     start = time.perf_counter()
     gc.collect()
     gc.freeze()
-    frozen = gc.get_freeze_count()
-    logger.info(
-        "%s: %d start-up objects moved out of the garbage collector's scans (%.0f ms)",
-        process, frozen, (time.perf_counter() - start) * 1e3,
-    )
-    return frozen
+    return gc.get_freeze_count(), time.perf_counter() - start
 
 
 class GcPauseWarning:
@@ -82,6 +77,10 @@ def start_serving(process: str, gc_warn_ms: float) -> None:
     """What a server process does with its collector once it has started, just before it serves:
     freeze the start-up heap, then watch for long pauses (start-up's own collections are not
     pauses in serving, so the watch begins here)."""
-    freeze_startup_heap(process)
-    if watch_gc_pauses(process, gc_warn_ms) is not None:
-        logger.info("%s: logging garbage collections that pause it over %g ms", process, gc_warn_ms)
+    frozen, seconds = freeze_startup_heap()
+    watching = watch_gc_pauses(process, gc_warn_ms) is not None
+    logger.info(
+        "%s: %d start-up objects moved out of the garbage collector's scans (%.0f ms)%s",
+        process, frozen, seconds * 1e3,
+        f"; collections pausing it over {gc_warn_ms:g} ms will be logged" if watching else "",
+    )

@@ -72,6 +72,16 @@ def test_start_serving_freezes_the_heap_then_watches_without_warning_for_its_own
             h.remove()
 
 
+def test_start_serving_with_the_warning_off_installs_no_hook(caplog):
+    try:
+        with caplog.at_level(logging.INFO, logger="pymllm.orchestrator.gc_control"):
+            start_serving("detokenizer", 0)
+        assert not [h for h in gc.callbacks if isinstance(h, GcPauseWarning)]
+        assert "detokenizer: " in caplog.text and "will be logged" not in caplog.text
+    finally:
+        gc.unfreeze()
+
+
 def test_score_cache_entries_are_not_tracked_by_the_collector():
     cache = PromptScoreCache()
     tokens = list(range(10, 300))
@@ -108,6 +118,6 @@ def test_every_server_process_freezes_its_start_up_heap_and_reports_long_pauses(
         srv.stop()
     for process in ("http", "tokenizer", "scheduler", "detokenizer"):
         assert re.search(rf"{process}: \d+ start-up objects moved out of the garbage collector's scans", log), process
-        assert f"{process}: logging garbage collections that pause it over 0.001 ms" in log, process
+        assert re.search(rf"{process}: \d+ start-up objects .*; collections pausing it over 0.001 ms will be logged", log), process
     # The HTTP process allocates the most per request, so it is the one sure to have collected.
     assert "http: garbage collection of generation" in log
