@@ -76,12 +76,10 @@ def score_prompt_rows(
     # this runs on the scheduler's loop.
     for count, req_k in zip(scoring.counts, scoring.top_k):
         end = row + count
-        if not req_k:
-            tops: List[list] = [[] for _ in range(count)]
-        elif req_k == k:
-            tops = [list(zip(ids, vals)) for ids, vals in zip(ids_host[row:end], vals_host[row:end])]
-        else:
+        if req_k:
             tops = [list(zip(ids[:req_k], vals[:req_k])) for ids, vals in zip(ids_host[row:end], vals_host[row:end])]
+        else:
+            tops = [[] for _ in range(count)]
         out.append(list(zip(scoring.targets[row:end], chosen_host[row:end], tops)))
         row = end
     return out
