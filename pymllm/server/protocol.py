@@ -319,31 +319,27 @@ def _is_none(value: Any) -> bool:
     return value is None
 
 
-def omit_when_none(default: Any = None) -> Any:
+def omit_when_none() -> Any:
     """A response field left out of the JSON while it is None, where OpenAI's bodies omit the key
     rather than send null (a delta carries only the keys it changes; ``finish_reason: null``, a
     plain Optional field, is always present). Per-field ``exclude_if`` keeps serialisation in
     pydantic-core: a model-wide wrap serializer turned every reply into Python dicts first, 5x
     slower for a 1,024-token logprobs reply."""
-    return Field(default, exclude_if=_is_none)
+    return Field(None, exclude_if=_is_none)
 
 
-class _Out(BaseModel):
-    """Response model."""
-
-
-class PromptTokensDetails(_Out):
+class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
 
 
-class UsageInfo(_Out):
+class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
     prompt_tokens_details: Optional[PromptTokensDetails] = None
 
 
-class TopLogprob(_Out):
+class TopLogprob(BaseModel):
     token: str
     logprob: float
     bytes: Optional[List[int]] = None
@@ -353,36 +349,36 @@ class ChatTokenLogprob(TopLogprob):
     top_logprobs: List[TopLogprob] = Field(default_factory=list)
 
 
-class ChatChoiceLogprobs(_Out):
+class ChatChoiceLogprobs(BaseModel):
     content: Optional[List[ChatTokenLogprob]] = None
 
 
-class FunctionCallOut(_Out):
+class FunctionCallOut(BaseModel):
     name: Optional[str] = omit_when_none()
     arguments: Optional[str] = omit_when_none()
 
 
-class ToolCallOut(_Out):
+class ToolCallOut(BaseModel):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCallOut
 
 
-class ChatResponseMessage(_Out):
+class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: Optional[str] = None
     reasoning_content: Optional[str] = omit_when_none()
     tool_calls: Optional[List[ToolCallOut]] = omit_when_none()
 
 
-class ChatCompletionChoice(_Out):
+class ChatCompletionChoice(BaseModel):
     index: int
     message: ChatResponseMessage
     logprobs: Optional[ChatChoiceLogprobs] = None
     finish_reason: Optional[str] = None
 
 
-class ChatCompletion(_Out):
+class ChatCompletion(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
@@ -391,28 +387,28 @@ class ChatCompletion(_Out):
     usage: UsageInfo
 
 
-class DeltaToolCall(_Out):
+class DeltaToolCall(BaseModel):
     index: int
     id: Optional[str] = omit_when_none()
     type: Optional[Literal["function"]] = omit_when_none()
     function: Optional[FunctionCallOut] = omit_when_none()
 
 
-class DeltaMessage(_Out):
+class DeltaMessage(BaseModel):
     role: Optional[Literal["assistant"]] = omit_when_none()
     content: Optional[str] = omit_when_none()
     reasoning_content: Optional[str] = omit_when_none()
     tool_calls: Optional[List[DeltaToolCall]] = omit_when_none()
 
 
-class ChatChunkChoice(_Out):
+class ChatChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
     logprobs: Optional[ChatChoiceLogprobs] = None
     finish_reason: Optional[str] = None
 
 
-class ChatCompletionChunk(_Out):
+class ChatCompletionChunk(BaseModel):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
@@ -421,21 +417,21 @@ class ChatCompletionChunk(_Out):
     usage: Optional[UsageInfo] = omit_when_none()
 
 
-class CompletionLogprobs(_Out):
+class CompletionLogprobs(BaseModel):
     tokens: List[str] = Field(default_factory=list)
     token_logprobs: List[Optional[float]] = Field(default_factory=list)
     top_logprobs: List[Optional[Dict[str, float]]] = Field(default_factory=list)
     text_offset: List[int] = Field(default_factory=list)
 
 
-class CompletionChoice(_Out):
+class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: Optional[CompletionLogprobs] = None
     finish_reason: Optional[str] = None
 
 
-class Completion(_Out):
+class Completion(BaseModel):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
@@ -444,7 +440,7 @@ class Completion(_Out):
     usage: Optional[UsageInfo] = omit_when_none()
 
 
-class ModelCard(_Out):
+class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
@@ -452,6 +448,6 @@ class ModelCard(_Out):
     max_model_len: Optional[int] = None
 
 
-class ModelList(_Out):
+class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: List[ModelCard]
