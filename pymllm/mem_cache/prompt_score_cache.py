@@ -27,14 +27,17 @@ from pymllm.engine.io_struct import TokenLogprob
 
 DEFAULT_MAX_BYTES = 64 << 20
 # Estimated host bytes of one entry, from tracemalloc and sys.getsizeof on CPython 3.11: the dict's
-# slot and value tuple (~130), the key (~120), the score's own tuple, float and list (~180), and per
-# alternative a tuple of an int and a float (~90). 64 MiB hold ~125k entries at one alternative.
+# slot and value tuple (~130), the key (~120), the score's own tuple, float and alternatives' tuple
+# (~180), and per alternative a tuple of an int and a float (~90). 64 MiB hold ~125k entries at one
+# alternative.
 _ENTRY_BYTES = 430
 _ALTERNATIVE_BYTES = 90
 
 
 def entry_bytes(top_k: int) -> int:
     return _ENTRY_BYTES + _ALTERNATIVE_BYTES * top_k
+
+
 _SALT = 0x9E3779B97F4A7C15
 
 Key = Tuple[int, int]
@@ -91,16 +94,15 @@ class PromptScoreCache:
 
     def insert(self, keys: Sequence[Key], first: int, entries: Sequence[TokenLogprob], top_k: int) -> None:
         """Keep ``entries``, the scores of prompt tokens first + 1 ... of the prompt with these keys."""
-        held_entries = self._entries
         size = entry_bytes(top_k)
         for key, (token, logprob, top) in zip(keys[first + 1:], entries):
-            held = held_entries.get(key)
+            held = self._entries.get(key)
             if held is not None:
-                held_entries.move_to_end(key)
+                self._entries.move_to_end(key)
                 if held[0] >= top_k:
                     continue
                 self.bytes -= entry_bytes(held[0])
-            held_entries[key] = (top_k, (token, logprob, tuple(top)))  # a new key goes last
+            self._entries[key] = (top_k, (token, logprob, tuple(top)))  # a new key goes last
             self.bytes += size
         while self.bytes > self.max_bytes:
             _, (k, _) = self._entries.popitem(last=False)
