@@ -59,10 +59,16 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
+def _request_tokenizer(state: ServerState) -> RequestTokenizer:
+    """The tokenizer process's own request handling over the server's tokenizer, so /tokenize and
+    /detokenize render and check as a request would be (sampling defaults play no part here)."""
+    return RequestTokenizer(state.client.tokenizer, state.client.context_length, {})
+
+
 async def tokenize(state: ServerState, body: TokenizeRequest) -> Response:
     state.check_model(body.model)
     client = state.client
-    worker = RequestTokenizer(client.tokenizer, client.context_length, {})
+    worker = _request_tokenizer(state)
     try:
         if body.prompt is not None:
             ids = client.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
@@ -84,9 +90,8 @@ async def tokenize(state: ServerState, body: TokenizeRequest) -> Response:
 
 async def detokenize(state: ServerState, body: DetokenizeRequest) -> Response:
     state.check_model(body.model)
-    client = state.client
     try:
-        RequestTokenizer(client.tokenizer, client.context_length, {}).check_vocab(body.tokens, "tokens")
+        _request_tokenizer(state).check_vocab(body.tokens, "tokens")
     except RequestRefused as exc:
         raise bad_request(str(exc), "tokens") from None
-    return json_response(DetokenizeResponse(prompt=client.tokenizer.decode(body.tokens)))
+    return json_response(DetokenizeResponse(prompt=state.client.tokenizer.decode(body.tokens)))
