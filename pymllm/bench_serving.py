@@ -405,8 +405,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--result-filename", default=None, help="Append one JSON line of results here.")
     args = p.parse_args(argv)
     for name in ("num_prompts", "input_len", "output_len", "vocab_size"):
-        if getattr(args, name) < (0 if name == "output_len" and args.score else 1):
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+        least = 0 if name == "output_len" and args.score else 1
+        if getattr(args, name) < least:
+            p.error(f"--{name.replace('_', '-')} must be >= {least}")
     if args.score and args.backend != "completions":
         p.error("--score needs --backend completions (echo and logprobs are the legacy API's)")
     if args.images_per_request < 1:
