@@ -100,6 +100,13 @@ class ServerConfig:
         default=None,
         metadata=_flag("Largest decode batch captured as a CUDA graph; default: max_running_requests."),
     )
+    prefill_cuda_graph_max_tokens: int = field(
+        default=1024,
+        metadata=_flag(
+            "Prefills of up to this many tokens replay piecewise CUDA graphs (everything but the "
+            "attention) instead of launching every layer from Python; 0: prefill eagerly."
+        ),
+    )
     # --- runtime ---
     random_seed: int = field(default=0, metadata=_flag("Seed for weights of dummy models and unseeded sampling."))
     log_level: str = field(
@@ -150,6 +157,7 @@ class ServerConfig:
         _positive(self, "context_length", optional=True)
         _positive(self, "max_queued_requests", optional=True, allow_zero=True)
         _positive(self, "cuda_graph_max_bs", optional=True)
+        _positive(self, "prefill_cuda_graph_max_tokens", allow_zero=True)
         if not 0.0 < self.mem_fraction_static <= 1.0:
             raise ConfigError(
                 f"--server.mem_fraction_static: {self.mem_fraction_static} must be in (0, 1]"

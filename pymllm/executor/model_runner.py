@@ -22,6 +22,7 @@ from pymllm.executor.cuda_graph_runner import build_cuda_graph_runner, extend_ru
 from pymllm.executor.device_memory import device_memory
 from pymllm.executor.multimodal_batch import attach_multimodal_inputs
 from pymllm.executor.pending_batch import PendingBatch, Readback, collect as collect_pending
+from pymllm.executor.prefill_graphs import PrefillGraphs, build_prefill_graphs
 from pymllm.executor.prompt_scoring import plan_prompt_scoring, score_prompt_rows
 from pymllm.layers.attention.selection import attention_jit_builds, create_attention_backend
 from pymllm.layers.kernels.pdl import configure as configure_pdl
@@ -57,6 +58,7 @@ class ModelRunner:
         self.dtype = model_config.dtype
         self.model = None
         self.cuda_graph_runner = None
+        self.prefill_graphs: Optional[PrefillGraphs] = None
         # (logits, their argmax on the device) of the last replay: the graph takes it
         self._graph_argmax: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
@@ -77,6 +79,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             self.warmup()
         self.cuda_graph_runner = build_cuda_graph_runner(self)
+        self.prefill_graphs = build_prefill_graphs(self)
 
     def warmup(self) -> None:
         """Run a prefill and an extend on top of it, so that JIT-compiled attention kernels are
@@ -241,7 +244,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _forward_eager(self, fb: ForwardBatch) -> torch.Tensor:
+        """The forward of a batch no decode graph runs: a prefill or extend replays the piecewise
+        prefill graphs where its token count has one (attention still runs here, eagerly)."""
         self.attn_backend.init_forward_metadata(fb)
+        graphs = self.prefill_graphs
+        bucket = graphs.bucket_of(fb) if graphs is not None else None
+        if bucket is not None:
+            return self.model.logits(graphs.run(fb, bucket), fb).float()
         return self.model(fb.input_ids, fb.positions, fb).float()
 
     def _argmax(self, logits: torch.Tensor) -> torch.Tensor:

@@ -282,9 +282,11 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids, positions, forward_batch: ForwardBatch) -> torch.Tensor:
         """Returns logits of each sequence's last new token: [batch, vocab]."""
-        hidden = self.model(input_ids, positions, forward_batch)
-        hidden = forward_batch.last_token_rows(hidden)
-        return self.lm_head(hidden)
+        return self.logits(self.model(input_ids, positions, forward_batch), forward_batch)
+
+    def logits(self, hidden: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
+        """The LM head over each sequence's last row of the decoder's output ``hidden``."""
+        return self.lm_head(forward_batch.last_token_rows(hidden))
 
     def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> set:
         """Load checkpoint tensors; returns the set of parameter names that were filled."""
