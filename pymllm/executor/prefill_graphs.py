@@ -217,7 +217,7 @@ class PrefillGraphs:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         entry = CapturedBucket()
-        graph = self._begin(entry)
+        graph = None
 
         def next_piece(layer: "RadixAttention", save_kv_cache: bool) -> None:
             nonlocal graph
@@ -225,7 +225,9 @@ class PrefillGraphs:
             entry.attentions.append((layer, save_kv_cache))
             graph = self._begin(entry)
 
+        # CUDA captures only on a stream of its own, not the default one.
         with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+            graph = self._begin(entry)
             entry.hidden = self.run_pieces(bucket, next_piece)
             graph.capture_end()
         self.captured[bucket] = entry
