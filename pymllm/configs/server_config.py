@@ -80,7 +80,7 @@ class ServerConfig:
     )
     disable_cuda_graph: bool = field(
         default=False,
-        metadata=_flag("Run decode eagerly instead of replaying captured CUDA graphs (for debugging)."),
+        metadata=_flag("Run decode and prefill eagerly instead of replaying captured CUDA graphs (for debugging)."),
     )
     disable_pdl: bool = field(
         default=False,
