@@ -149,13 +149,14 @@ class CapturedBucket:
 
 
 class PrefillGraphs:
-    """Piecewise prefill graphs of a Llama-family decoder (``model.model`` is its DecoderModel)."""
+    """Piecewise prefill graphs of a model with ``hidden_states(input_ids, positions, batch)`` (the
+    decoder's output, which ``logits(hidden, batch)`` turns into the step's logits)."""
 
     def __init__(self, model: torch.nn.Module, kv_pool, buckets: Sequence[int], device: torch.device,
                  graph_factory: Callable[[], object] = None, capture_stream=None):
         if not buckets:
             raise ValueError("PrefillGraphs needs at least one bucket")
-        self.decoder = model.model
+        self.model = model
         self.kv_pool = kv_pool
         self.buckets = list(buckets)
         self.device = device
@@ -169,7 +170,7 @@ class PrefillGraphs:
     def bucket_of(self, fb: ForwardBatch) -> Optional[int]:
         """The bucket that runs ``fb``, or None when it runs eagerly: decode batches, image
         prompts (3-D positions, vision embeddings) and batches past the largest bucket."""
-        if fb.forward_mode == ForwardMode.DECODE or fb.positions.dim() != 1:
+        if fb.forward_mode == ForwardMode.DECODE or fb.positions.dim() != 1 or fb.extras.get("mm") is not None:
             return None
         bucket = bucket_for(fb.input_ids.shape[0], self.buckets)
         return bucket if bucket in self.captured else None
@@ -189,7 +190,7 @@ class PrefillGraphs:
         """The model's forward over the static rows [0, bucket), attention replaced by
         ``on_break``; returns the final hidden states [bucket, hidden]."""
         fb = self._static_batch(bucket, _AttentionBreak(self.statics, on_break))
-        return self.decoder(fb.input_ids, fb.positions, fb)
+        return self.model.hidden_states(fb.input_ids, fb.positions, fb)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -258,8 +259,6 @@ class PrefillGraphs:
 
 def prefill_graphs_disabled_reason(runner: "ModelRunner") -> Optional[str]:
     """Why prefills run eagerly, or None when piecewise prefill graphs should be captured."""
-    from pymllm.models.llama import LlamaForCausalLM
-
     server = runner.server
     if server.prefill_cuda_graph_max_tokens == 0:
         return "--server.prefill_cuda_graph_max_tokens 0"
@@ -267,8 +266,8 @@ def prefill_graphs_disabled_reason(runner: "ModelRunner") -> Optional[str]:
         return "--server.disable_cuda_graph"
     if runner.device.type != "cuda":
         return f"device is {runner.device.type}"
-    if not isinstance(runner.model, LlamaForCausalLM):
-        return f"{type(runner.model).__name__} has no piecewise prefill"
+    if not (hasattr(runner.model, "hidden_states") and hasattr(runner.model, "logits")):
+        return f"{type(runner.model).__name__} has no piecewise prefill (hidden_states and logits)"
     return None
 
 

@@ -282,7 +282,11 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids, positions, forward_batch: ForwardBatch) -> torch.Tensor:
         """Returns logits of each sequence's last new token: [batch, vocab]."""
-        return self.logits(self.model(input_ids, positions, forward_batch), forward_batch)
+        return self.logits(self.hidden_states(input_ids, positions, forward_batch), forward_batch)
+
+    def hidden_states(self, input_ids, positions, forward_batch: ForwardBatch) -> torch.Tensor:
+        """The decoder's output [tokens, hidden], the final norm applied (what the LM head reads)."""
+        return self.model(input_ids, positions, forward_batch)
 
     def logits(self, hidden: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
         """The LM head over each sequence's last row of the decoder's output ``hidden``."""

@@ -328,6 +328,11 @@ class Qwen3VLForConditionalGeneration(nn.Module):
     # -------- text
     def forward(self, input_ids, positions, forward_batch: ForwardBatch) -> torch.Tensor:
         """Logits of each sequence's last new token: [batch, vocab]."""
+        return self.logits(self.hidden_states(input_ids, positions, forward_batch), forward_batch)
+
+    def hidden_states(self, input_ids, positions, forward_batch: ForwardBatch) -> torch.Tensor:
+        """The language model's output [tokens, hidden], the final norm applied, with the batch's
+        image embeddings and DeepStack features where it has images."""
         deltas = forward_batch.mrope_position_deltas
         if forward_batch.forward_mode.is_decode() and deltas is not None:
             positions = positions + deltas.view(-1).to(positions.dtype)
@@ -335,9 +340,11 @@ class Qwen3VLForConditionalGeneration(nn.Module):
         mm: Optional[MultimodalForwardInputs] = forward_batch.extras.get("mm")
         if mm is not None:
             hidden = hidden.index_copy(0, mm.image_indices, mm.image_embeds.to(hidden.dtype))
-        hidden = self.model.language_model(positions, hidden, forward_batch, mm)
-        hidden = forward_batch.last_token_rows(hidden)
-        return self.lm_head(hidden)
+        return self.model.language_model(positions, hidden, forward_batch, mm)
+
+    def logits(self, hidden: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
+        """The LM head over each sequence's last row of ``hidden``."""
+        return self.lm_head(forward_batch.last_token_rows(hidden))
 
     def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> set:
         # The vision tower has no q/k/v or gate/up projections, so the stacking touches only

@@ -87,6 +87,21 @@ def test_replayed_pieces_equal_the_eager_forward(backend):
             runner.req_to_token_pool.free(req.req_pool_idx)
 
 
+def test_qwen3_vl_text_prefill_replays_the_pieces():
+    """Qwen3-VL's language model on a text-only prompt: the pieces against its eager forward."""
+    from pymllm.testing.tiny_models import tiny_vl_model_dir
+
+    runner = _runner(tiny_vl_model_dir(), "torch_native", max_total_tokens=1024)
+    runs = _spy_runs(runner.prefill_graphs)
+    reqs = _requests(runner, [90], seed=3)
+    slots = runner.token_to_kv_pool_allocator.alloc(90)
+    fb = runner.build_forward_batch(ScheduledBatch(ForwardMode.EXTEND, reqs, [0], [90], slots, [True]))
+    got = runner.forward(fb).clone()
+    assert runs == [96]
+    ref = _forward_with(runner, runner.attn_backend, fb)
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-2
+
+
 def test_prefill_graphs_on_a_compressed_tensors_checkpoint(tmp_path):
     """W8A8 and W4A16 (CUTLASS / Triton / the W4A16 kernels captured at prefill row counts)
     against transformers on the library's decompressed weights, float16."""

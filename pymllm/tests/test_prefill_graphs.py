@@ -70,9 +70,9 @@ def test_disabled_reasons():
 
 
 # ---------------- the pieces on a real (tiny) model ----------------
-def _runner(**server) -> ModelRunner:
+def _runner(model_dir=None, **server) -> ModelRunner:
     config = GlobalConfig()
-    config.server.model_path = str(tiny_model_dir("qwen3"))
+    config.server.model_path = str(model_dir or tiny_model_dir("qwen3"))
     config.server.device, config.server.dtype = "cpu", "float32"
     config.server.max_total_tokens, config.server.max_running_requests = 512, 4
     for key, value in server.items():
@@ -173,6 +173,24 @@ def test_pieces_between_attentions_equal_the_eager_forward(lengths, prefix):
     torch.testing.assert_close(v_pool[others], kv_ref[1][others])
 
 
+def test_qwen3_vl_text_prompt_through_the_pieces():
+    """Qwen3-VL's language model: a text-only prefill goes through the pieces like any other."""
+    from pymllm.testing.tiny_models import tiny_vl_model_dir
+
+    runner = _runner(tiny_vl_model_dir())
+    assert pg.prefill_graphs_disabled_reason(types.SimpleNamespace(
+        server=ServerConfig(), device=torch.device("cuda"), model=runner.model)) is None
+    graphs = _graphs(runner, [48, 64])
+    reqs = _prefill(runner, [45])
+    fb = runner.build_forward_batch(ScheduledBatch(
+        ForwardMode.EXTEND, reqs, [0], [45], runner.token_to_kv_pool_allocator.alloc(45), [True]))
+    assert graphs.bucket_of(fb) == 48
+    ref = _eager(runner, fb)
+    torch.testing.assert_close(_pieces_with_real_attention(runner, graphs, fb, 48), ref, rtol=1e-5, atol=1e-5)
+    fb.extras["mm"] = object()  # a batch with images prefills eagerly
+    assert graphs.bucket_of(fb) is None
+
+
 def test_capture_makes_one_piece_per_attention_plus_one_and_replays_in_order():
     runner = _runner()
     layers = runner.model_config.num_layers
@@ -235,7 +253,7 @@ def test_bucket_of_leaves_decode_images_and_long_batches_eager():
     def batch(n, mode=ForwardMode.EXTEND, positions_dim=1):
         ids = torch.zeros(n, dtype=torch.int64)
         pos = ids if positions_dim == 1 else torch.zeros(3, n, dtype=torch.int64)
-        return types.SimpleNamespace(forward_mode=mode, input_ids=ids, positions=pos)
+        return types.SimpleNamespace(forward_mode=mode, input_ids=ids, positions=pos, extras={})
 
     assert graphs.bucket_of(batch(33)) == 48
     assert graphs.bucket_of(batch(64, ForwardMode.MIXED)) == 64
