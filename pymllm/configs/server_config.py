@@ -96,6 +96,13 @@ class ServerConfig:
             "the next step first so that the host's work between steps overlaps the GPU."
         ),
     )
+    disable_mixed_batches: bool = field(
+        default=False,
+        metadata=_flag(
+            "Stop running requests while a prompt is prefilled, instead of decoding their next token "
+            "in the same batch as the prompt."
+        ),
+    )
     cuda_graph_max_bs: Optional[int] = field(
         default=None,
         metadata=_flag("Largest decode batch captured as a CUDA graph; default: max_running_requests."),

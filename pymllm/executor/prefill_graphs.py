@@ -170,7 +170,7 @@ class PrefillGraphs:
     def bucket_of(self, fb: ForwardBatch) -> Optional[int]:
         """The bucket that runs ``fb``, or None when it runs eagerly: decode batches, image
         prompts (3-D positions, vision embeddings) and batches past the largest bucket."""
-        if fb.forward_mode == ForwardMode.DECODE or fb.positions.dim() != 1 or fb.extras.get("mm") is not None:
+        if fb.forward_mode.is_decode() or fb.positions.dim() != 1 or fb.extras.get("mm") is not None:
             return None
         bucket = bucket_for(fb.input_ids.shape[0], self.buckets)
         return bucket if bucket in self.captured else None

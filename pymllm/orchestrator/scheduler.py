@@ -69,6 +69,7 @@ class Scheduler:
         overlap: bool = False,
         grammars: Optional[Grammars] = None,
         prompt_scores: Optional[PromptScoreCache] = None,
+        mixed: bool = False,
     ):
         self.runner = runner
         self.req_pool = runner.req_to_token_pool
@@ -82,6 +83,9 @@ class Scheduler:
         if overlap and not isinstance(runner, OverlapRunner):
             raise TypeError(f"overlap needs a runner with launch_batch and collect; {type(runner).__name__} has not")
         self.overlap = overlap
+        # A prefill batch also carries every running request's next decode token (ForwardMode.MIXED),
+        # so that admitting a prompt does not stall the requests being decoded for a step.
+        self.mixed = mixed
         self.grammars = grammars
         self.compiling = PendingGrammars()  # admitted once their grammar is compiled
         # Scores of prompt positions, so that scoring requests can reuse cached prefixes (None: off).
@@ -339,10 +343,33 @@ class Scheduler:
                 self.chunked_req = req
         if not reqs:
             return None
+        mode = ForwardMode.EXTEND
+        riders = self._decode_riders()
+        if riders:
+            # take() kept one slot per running request free for exactly this.
+            slots = self._alloc_slots(len(riders))
+            if slots is not None:
+                mode = ForwardMode.MIXED
+                reqs += riders
+                prefix_lens += [r.kv_len for r in riders]
+                extend_lens += [1] * len(riders)
+                samples += [True] * len(riders)
+                locs.append(slots)
         return ScheduledBatch(
-            mode=ForwardMode.EXTEND, reqs=reqs, prefix_lens=prefix_lens, extend_lens=extend_lens,
+            mode=mode, reqs=reqs, prefix_lens=prefix_lens, extend_lens=extend_lens,
             out_cache_loc=np.concatenate(locs), sample=samples,
         )
+
+    def _decode_riders(self) -> List[Req]:
+        """The running requests to decode inside a prefill batch (``mixed``): all of them, unless
+        one needs what only a decode step gives it: its mrope position delta (a request with
+        images) or the decode step's handling of a full pool."""
+        if not self.mixed or not self.running:
+            return []
+        for req in self.running:
+            if getattr(req, "mm_inputs", None) is not None or req.kv_len + 1 > self.allocator.size:
+                return []
+        return list(self.running)
 
     def _schedule_decode(self) -> Optional[ScheduledBatch]:
         if not self.running:

@@ -91,8 +91,10 @@ def reference(model_dir) -> List[List[int]]:
         {"max_total_tokens": 1024, "max_prefill_tokens": 8},
         # Roughly two sequences fit: entries are evicted, and requests retracted, along the way.
         {"max_total_tokens": 160, "max_prefill_tokens": 16},
+        # The same without decode rows in the prefill batches: other batches, retractions too.
+        {"max_total_tokens": 160, "max_prefill_tokens": 16, "disable_mixed_batches": True},
     ],
-    ids=["roomy", "chunked", "evicting"],
+    ids=["roomy", "chunked", "evicting", "evicting-unmixed"],
 )
 def test_same_greedy_output_as_without_the_cache(model_dir, reference, server):
     sched = make_scheduler(model_dir, **server)
@@ -103,8 +105,10 @@ def test_same_greedy_output_as_without_the_cache(model_dir, reference, server):
     assert stats["cache_hit_tokens"] > 0 and 0.0 < stats["cache_hit_rate"] <= 1.0
     assert sum(r.cached_tokens for r in reqs.values()) == stats["num_cached_prompt_tokens"] > 0
     if server["max_total_tokens"] < 200:
-        # Retraction hands a request's KV to the cache too (cache_finished_req).
-        assert stats["cache_evicted_tokens"] > 0 and sched.num_retractions > 0
+        assert stats["cache_evicted_tokens"] > 0
+        # Retraction hands a request's KV to the cache too (cache_finished_req). Mixed batches
+        # reserve each running request's next slot up front, which avoided retraction here.
+        assert sched.num_retractions > 0 or not server.get("disable_mixed_batches")
     reset_frees_everything(sched)
 
 

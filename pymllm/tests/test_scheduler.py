@@ -35,11 +35,11 @@ class FakeRunner:
         return BatchResult(ids, [None] * len(ids))
 
 
-def make(kv_slots=64, max_running=4, prefill=16, context=64, tokenizer=None):
+def make(kv_slots=64, max_running=4, prefill=16, context=64, tokenizer=None, mixed=False):
     runner = FakeRunner(kv_slots, context=context)
     sched = Scheduler(
         runner, max_running_requests=max_running, max_prefill_tokens=prefill, context_length=context,
-        stop_checker=StopChecker([EOS], tokenizer), check_invariants=True,
+        stop_checker=StopChecker([EOS], tokenizer), check_invariants=True, mixed=mixed,
     )
     return runner, sched
 
@@ -100,6 +100,49 @@ def test_decode_keeps_running_while_a_long_prompt_is_chunked():
     assert ForwardMode.DECODE in modes[:2], "decode must not wait for the whole chunked prompt"
     assert len(first.output_ids) > 1
     drain(sched)
+
+
+def test_mixed_prefill_carries_the_running_requests_decode_rows():
+    runner, sched = make(mixed=True)
+    first = submit(sched, "a", 3, params(n=6))
+    sched.step()  # prefill of "a" alone
+    sched.step()  # its decode
+    assert len(first.output_ids) == 2
+    second = submit(sched, "b", 5)
+    sched.step()
+    batch = runner.batches[-1]
+    assert batch.mode == ForwardMode.MIXED
+    assert [r.rid for r in batch.reqs] == ["b", "a"]
+    assert batch.prefix_lens == [0, first.kv_len - 1] and batch.extend_lens == [5, 1]
+    assert batch.sample == [True, True] and len(batch.out_cache_loc) == 6
+    # The prefill step gave "a" its next token (100 + its position) as a decode step would.
+    assert len(first.output_ids) == 3 and first.output_ids[-1] == 100 + batch.prefix_lens[1] + 1
+    assert len(second.output_ids) == 1
+    drain(sched)
+    assert len(first.output_ids) == 6 and len(second.output_ids) == 4
+    assert sched.allocator.available_size() == sched.allocator.size
+
+
+def test_without_mixing_a_prefill_holds_only_prompts():
+    runner, sched = make(mixed=False)
+    submit(sched, "a", 3, params(n=6))
+    sched.step()
+    sched.step()
+    submit(sched, "b", 5)
+    drain(sched)
+    assert all(b.mode in (ForwardMode.EXTEND, ForwardMode.DECODE) for b in runner.batches)
+
+
+def test_requests_with_images_are_not_decoded_in_a_prefill():
+    """An image request decodes at its position plus its mrope delta, which only decode steps add."""
+    runner, sched = make(mixed=True)
+    first = submit(sched, "a", 3, params(n=6))
+    sched.step()
+    first.mm_inputs = object()
+    submit(sched, "b", 5)
+    sched.step()
+    sched.step()
+    assert all(b.mode != ForwardMode.MIXED for b in runner.batches)
 
 
 def test_retraction_when_decode_runs_out_of_slots():
