@@ -96,11 +96,11 @@ class ServerConfig:
             "the next step first so that the host's work between steps overlaps the GPU."
         ),
     )
-    disable_mixed_batches: bool = field(
+    enable_mixed_batches: bool = field(
         default=False,
         metadata=_flag(
-            "Stop running requests while a prompt is prefilled, instead of decoding their next token "
-            "in the same batch as the prompt."
+            "Decode the running requests' next token in the same batch as a prompt being prefilled, "
+            "instead of pausing them for that step."
         ),
     )
     cuda_graph_max_bs: Optional[int] = field(

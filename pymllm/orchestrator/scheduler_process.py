@@ -53,7 +53,7 @@ def build_scheduler(config: GlobalConfig, check_invariants: bool = False) -> Sch
         random_seed=server.random_seed,
         check_invariants=check_invariants,
         overlap=not server.disable_overlap_schedule,
-        mixed=not server.disable_mixed_batches,
+        mixed=server.enable_mixed_batches,
         grammars=Grammars(tokenizer, model_config.vocab_size, eos),
         # Reused scores let scoring requests skip cached prefixes, so they go with the radix cache.
         prompt_scores=None if server.disable_radix_cache else PromptScoreCache(),

@@ -74,11 +74,11 @@ CONFIGS = {
     "retracting": dict(max_total_tokens=200, max_prefill_tokens=48),
     "retracting-sync-nocache": dict(max_total_tokens=200, disable_radix_cache=True, disable_overlap_schedule=True),
     "few-places": dict(max_total_tokens=300, max_running_requests=3, max_prefill_tokens=32),
-    # Prefill batches without the running requests' decode rows (mixed batches are the default).
-    "unmixed-chunked": dict(max_total_tokens=4096, max_prefill_tokens=16, disable_mixed_batches=True),
-    "unmixed-retracting": dict(max_total_tokens=200, max_prefill_tokens=48, disable_mixed_batches=True),
-    "unmixed-few-places": dict(max_total_tokens=300, max_running_requests=3, max_prefill_tokens=32,
-                               disable_mixed_batches=True),
+    # Prefill batches that also carry the running requests' decode rows (--server.enable_mixed_batches).
+    "mixed-chunked": dict(max_total_tokens=4096, max_prefill_tokens=16, enable_mixed_batches=True),
+    "mixed-retracting": dict(max_total_tokens=200, max_prefill_tokens=48, enable_mixed_batches=True),
+    "mixed-few-places": dict(max_total_tokens=300, max_running_requests=3, max_prefill_tokens=32,
+                             enable_mixed_batches=True),
 }
 
 
@@ -123,10 +123,11 @@ def test_same_tokens_under_every_schedule(model_dir, reference, config, arrival)
 # Request -> the step it is aborted at, read off each configuration's schedule (with the earlier
 # aborts applied) to catch a request in each state it can be aborted in.
 ABORTS = {
-    "unmixed-retracting": {7: 46, 8: 47, 5: 47, 9: 63},  # retracted and waiting, chunked, decoding, in flight
-    "unmixed-few-places": {9: 21, 3: 28, 4: 32},  # waiting, retracted and waiting, in flight
+    "retracting": {7: 46, 8: 47, 5: 47, 9: 63},  # retracted and waiting, chunked, decoding, in flight
+    "few-places": {9: 21, 3: 28, 4: 32},  # waiting, retracted and waiting, in flight
     "chunked": {0: 5, 1: 5, 5: 30},  # decoding, chunked, in flight
-    "retracting": {8: 40, 7: 46, 9: 60},  # waiting, retracted and chunked again, in flight (mixed batches)
+    "mixed-chunked": {0: 5, 1: 5, 5: 30},  # the same states
+    "mixed-retracting": {8: 40, 7: 46, 9: 60},  # waiting, retracted and chunked again, in flight
 }
 
 
@@ -145,7 +146,7 @@ def test_aborts_leave_the_others_untouched(model_dir, reference, config):
 def test_mixed_batches_flag(model_dir):
     from pymllm.configs import parse_config
 
-    assert parse_config([]).server.disable_mixed_batches is False
-    assert parse_config(["--server.disable_mixed_batches"]).server.disable_mixed_batches is True
-    assert make_scheduler(model_dir, max_total_tokens=256).mixed is True
-    assert make_scheduler(model_dir, max_total_tokens=256, disable_mixed_batches=True).mixed is False
+    assert parse_config([]).server.enable_mixed_batches is False
+    assert parse_config(["--server.enable_mixed_batches"]).server.enable_mixed_batches is True
+    assert make_scheduler(model_dir, max_total_tokens=256).mixed is False
+    assert make_scheduler(model_dir, max_total_tokens=256, enable_mixed_batches=True).mixed is True
