@@ -62,7 +62,6 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = config_from_namespace(ns)
     server = config.server
-    server.max_running_requests = server.max_running_requests or 1
     server.max_total_tokens = server.max_total_tokens or max(ns.input_len) + 16
     runner = load_model_runner(config)
     graphs = runner.prefill_graphs

@@ -42,8 +42,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Extends up to this many tokens replay the decode graphs (cuda_graph_runner), so the buckets
-# start above it.
+# Extends of up to EXTEND_AS_DECODE_MAX_TOKENS (32) tokens mostly replay the decode graphs; the
+# smallest bucket takes 33-47 tokens and the short extends the decode rows cannot (KV re-reads).
 SMALLEST_BUCKET = 48
 # Four buckets per doubling: padding wastes at most a quarter of a bucket's GPU work.
 _STEPS_PER_OCTAVE = 4
@@ -119,8 +119,6 @@ class _AttentionBreak:
     q, k and v in them and returns the static output buffer; ``on_break`` then decides what
     happens between the pieces (a capture ends one graph and begins the next)."""
 
-    name = "prefill-graph-break"
-
     def __init__(self, statics: StaticPrefillInputs, on_break: Callable[["RadixAttention", bool], None]):
         self.statics = statics
         self.on_break = on_break
@@ -130,9 +128,9 @@ class _AttentionBreak:
         s = self.statics
         s.ensure_attention_buffers(q, k, v)
         rows = q.shape[0]
-        s.q[:rows].copy_(q)
-        s.k[:rows].copy_(k.reshape(rows, -1))
-        s.v[:rows].copy_(v.reshape(rows, -1))
+        s.q[:rows].copy_(q)  # RadixAttention hands them over as [rows, heads * head_dim]
+        s.k[:rows].copy_(k)
+        s.v[:rows].copy_(v)
         self.on_break(layer, save_kv_cache)
         return s.attn_out[:rows]
 
@@ -153,7 +151,7 @@ class PrefillGraphs:
     decoder's output, which ``logits(hidden, batch)`` turns into the step's logits)."""
 
     def __init__(self, model: torch.nn.Module, kv_pool, buckets: Sequence[int], device: torch.device,
-                 graph_factory: Callable[[], object] = None, capture_stream=None):
+                 graph_factory: Optional[Callable[[], object]] = None):
         if not buckets:
             raise ValueError("PrefillGraphs needs at least one bucket")
         self.model = model
@@ -163,7 +161,7 @@ class PrefillGraphs:
         self.statics = StaticPrefillInputs.allocate(self.buckets[-1], device)
         self.captured: dict = {}
         self._graph_factory = graph_factory or torch.cuda.CUDAGraph
-        self._stream = capture_stream
+        self._stream = None  # the capture stream (CUDA captures only off the default stream)
         self.pool = None
 
     # ---------------- which batches ----------------
@@ -172,8 +170,7 @@ class PrefillGraphs:
         prompts (3-D positions, vision embeddings) and batches past the largest bucket."""
         if fb.forward_mode.is_decode() or fb.positions.dim() != 1 or fb.extras.get("mm") is not None:
             return None
-        bucket = bucket_for(fb.input_ids.shape[0], self.buckets)
-        return bucket if bucket in self.captured else None
+        return bucket_for(fb.input_ids.shape[0], self.buckets)
 
     # ---------------- capture ----------------
     def _static_batch(self, bucket: int, backend: _AttentionBreak) -> ForwardBatch:
@@ -199,7 +196,7 @@ class PrefillGraphs:
         on_cuda = self.device.type == "cuda"
         mem_before = torch.cuda.memory_reserved(self.device) if on_cuda else 0
         if on_cuda:
-            self._stream = self._stream or torch.cuda.Stream(self.device)
+            self._stream = torch.cuda.Stream(self.device)
             self.pool = torch.cuda.graph_pool_handle()
         for bucket in reversed(self.buckets):
             self._capture_bucket(bucket)
@@ -226,7 +223,6 @@ class PrefillGraphs:
             entry.attentions.append((layer, save_kv_cache))
             graph = self._begin(entry)
 
-        # CUDA captures only on a stream of its own, not the default one.
         with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
             graph = self._begin(entry)
             entry.hidden = self.run_pieces(bucket, next_piece)
@@ -249,10 +245,10 @@ class PrefillGraphs:
         s = self.statics
         s.stage(fb, bucket)
         backend = fb.attn_backend
+        q, k, v, attn_out = s.q[:n], s.k[:n], s.v[:n], s.attn_out[:n]  # views made once, not per layer
         for graph, (layer, save_kv_cache) in zip(entry.graphs, entry.attentions):
             graph.replay()
-            out = backend.forward(s.q[:n], s.k[:n], s.v[:n], layer, fb, save_kv_cache=save_kv_cache)
-            s.attn_out[:n].copy_(out.reshape(n, -1))
+            attn_out.copy_(backend.forward(q, k, v, layer, fb, save_kv_cache=save_kv_cache).reshape(n, -1))
         entry.graphs[-1].replay()
         return entry.hidden[:n]
 
