@@ -367,16 +367,19 @@ class Scheduler:
         if not self.mixed or not self.running:
             return []
         for req in self.running:
-            if getattr(req, "mm_inputs", None) is not None or req.kv_len + 1 > self.allocator.size:
+            if getattr(req, "mm_inputs", None) is not None or self._fills_pool(req):
                 return []
         return list(self.running)
+
+    def _fills_pool(self, req: Req) -> bool:
+        """The sequence alone fills the whole KV pool, so it cannot grow by a token."""
+        return req.kv_len + 1 > self.allocator.size
 
     def _schedule_decode(self) -> Optional[ScheduledBatch]:
         if not self.running:
             return None
-        # A sequence that alone fills the whole pool cannot grow: finish it.
         for req in list(self.running):
-            if req.kv_len + 1 > self.allocator.size:
+            if self._fills_pool(req):  # it cannot grow: finish it
                 self.running.remove(req)
                 self._release(req, FinishReason("length"))
         while self.running and self._available_slots() < len(self.running):
