@@ -1,17 +1,19 @@
 """Quantized GEMMs (W8A8 int8, W4A16) against bf16 cuBLAS and torch._int_mm on Qwen3-8B layers.
 
-    python mllm-kernel/benchmarks/bench_quant_gemm.py --output quant_gemm.jsonl [--sweep]
+    python mllm-kernel/benchmarks/bench_quant_gemm.py --output quant_gemm.jsonl [--sweep] [--sweep-large]
+        [--m 128 2048] [--variants w4a16_dequant_cublas w4a16_triton_large_m]
 
 One JSON line per (layer, M, variant): time, TFLOP/s, bytes moved, the HBM floor (bytes over
 the measured device-to-device copy bandwidth) and the ratios to bf16 and to the floor. Then one
 line per performance target (decode step at batch 1 summed over the four layers; W8A8 GEMM
 rate at M = 2048). ``--sweep`` also times the small-M Triton kernels over a grid of tile
-configs (rows of kind "sweep") to tune their defaults.
+configs (rows of kind "sweep") to tune their defaults; ``--sweep-large`` times the large-M W4A16
+kernel over tilings at the --m values.
 
 Variants: bf16 (F.linear), int_mm (torch._int_mm alone, M padded to 17), w8a8_gemm_cutlass
 (and w8a8_gemm_cutlass_sm80 on Hopper), w8a8_gemm_triton (M <= 64), w8a8_linear (per-token
 quantization + dispatcher: what the model runs), per_token_quant, w4a16_triton (M <= 64),
-w4a16_dequant_cublas, w4a16_linear (dispatcher). Times are medians of triton.testing.do_bench,
+w4a16_triton_large_m (M >= 16), w4a16_dequant_cublas, w4a16_linear (dispatcher). Times are medians of triton.testing.do_bench,
 which flushes L2 between runs so weights come from HBM as in a real decode step.
 """
 
@@ -111,6 +113,9 @@ def variants(layer: Layer, m: int, x, a, sa, sm90: bool) -> Dict[str, tuple]:
         if sm90:
             table["w8a8_gemm_cutlass_sm80"] = (
                 lambda: cutlass_mm.int8_scaled_mm_sm80(a, b, sa, layer.w_scale, torch.bfloat16), int8_bytes)
+    if m >= 16:
+        table["w4a16_triton_large_m"] = (
+            lambda: w4a16_triton.w4a16_gemm_large_m(x, layer.qweight, layer.scales, None, GROUP), int4_bytes)
     if m <= w8a8_triton.MAX_M:
         table["w8a8_gemm_triton"] = (
             lambda: w8a8_triton.int8_scaled_mm_small_m(a, b, sa, layer.w_scale, torch.bfloat16), int8_bytes)
@@ -125,7 +130,8 @@ def emit(row: dict, sink: TextIO) -> None:
     print(json.dumps(row), flush=True)
 
 
-def run_gemms(device: torch.device, m_values: List[int], bandwidth: float, base: dict, sink: TextIO) -> List[dict]:
+def run_gemms(device: torch.device, m_values: List[int], bandwidth: float, base: dict, sink: TextIO,
+              only: Optional[List[str]] = None) -> List[dict]:
     rows = []
     sm90 = cutlass_mm.variant_for(device) == "sm90"
     for name, (n, k) in LAYERS.items():
@@ -134,6 +140,8 @@ def run_gemms(device: torch.device, m_values: List[int], bandwidth: float, base:
             x, a, sa = layer.activations(m)
             timed = {}
             for variant, (fn, nbytes) in variants(layer, m, x, a, sa, sm90).items():
+                if only and variant not in only and variant != "bf16":
+                    continue
                 seconds = bench(fn)
                 timed[variant] = seconds
                 floor = nbytes / bandwidth
@@ -202,11 +210,48 @@ def run_sweep(device: torch.device, base: dict, sink: TextIO) -> None:
                           "config": cfg.__dict__, "time_us": bench(fn) * 1e6}, sink)
 
 
+# Large-M tilings (block_m, block_n, block_k, num_warps, num_stages) for --sweep-large.
+LARGE_M_TILINGS = [
+    (64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (64, 128, 128, 4, 3), (64, 256, 64, 8, 3),
+    (128, 64, 64, 4, 4), (128, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3),
+    (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+]
+
+
+def run_sweep_large(device: torch.device, m_values: List[int], base: dict, sink: TextIO) -> None:
+    """The large-M kernel over LARGE_M_TILINGS, with split K where the tiles leave SMs idle."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    for name, (n, k) in LAYERS.items():
+        layer = Layer(n, k, device)
+        for m in m_values:
+            x = layer.activations(m)[0]
+            for bm, bn, bk, warps, stages in LARGE_M_TILINGS:
+                tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+                for split in (1, 2, 4):
+                    if k % (bk * split) or (split > 1 and tiles * split > 2 * sms):
+                        continue
+                    cfg = w4a16_triton.LargeMConfig(bm, bn, bk, split, 8, warps, stages)
+                    fn = lambda: w4a16_triton.w4a16_gemm_large_m(x, layer.qweight, layer.scales, None, GROUP,
+                                                                 config=cfg)
+                    try:
+                        seconds = bench(fn)
+                    except Exception as error:  # e.g. out of shared memory for this tiling
+                        emit({**base, "kind": "sweep", "layer": name, "m": m, "variant": "w4a16_triton_large_m",
+                              "config": cfg.__dict__, "error": str(error)[:200]}, sink)
+                        continue
+                    emit({**base, "kind": "sweep", "layer": name, "m": m, "n": n, "k": k,
+                          "variant": "w4a16_triton_large_m", "config": cfg.__dict__, "time_us": seconds * 1e6,
+                          "tflops": 2 * m * n * k / seconds / 1e12}, sink)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", default="bench_quant_gemm.jsonl", help="JSONL file to append rows to.")
     parser.add_argument("--m", type=int, nargs="+", default=DECODE_M + PREFILL_M, help="M values (tokens).")
     parser.add_argument("--sweep", action="store_true", help="Also time the small-M Triton kernels over tile grids.")
+    parser.add_argument("--variants", nargs="+", help="Time only these variants (and bf16, the baseline).")
+    parser.add_argument("--sweep-large", action="store_true",
+                        help="Also time the large-M W4A16 Triton kernel over tilings at the --m values.")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_quant_gemm needs a CUDA device", file=sys.stderr)
@@ -219,10 +264,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             "torch": torch.__version__, "triton": triton.__version__, "copy_bandwidth_gbps": bandwidth / 1e9,
             "cutlass": cutlass_mm.unavailable_reason() or "available"}
     with open(args.output, "a") as sink:
-        rows = run_gemms(device, args.m, bandwidth, base, sink)
+        rows = run_gemms(device, args.m, bandwidth, base, sink, args.variants)
         summarize(rows, base, sink)
         if args.sweep:
             run_sweep(device, base, sink)
+        if args.sweep_large:
+            run_sweep_large(device, args.m, base, sink)
     return 0
 
 

@@ -41,7 +41,8 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def check_gemm(m: int, n: int, k: int, group: int, symmetric: bool, dtype: torch.dtype, device: str,
-               with_bias: bool, config=None, tol: Optional[float] = None) -> None:
+               with_bias: bool, config=None, tol: Optional[float] = None, large_m: bool = False) -> None:
+    """The small-M kernel (or, with ``large_m``, the large-M one) into a NaN-poisoned output."""
     from pymllm.quantization.kernels import w4a16_triton
 
     words, scales, zeros, w = random_layer(k, n, group, symmetric, dtype, device, seed=m * 7 + n + k)
@@ -49,7 +50,8 @@ def check_gemm(m: int, n: int, k: int, group: int, symmetric: bool, dtype: torch
     bias = torch.randn(n, device=device).to(dtype) if with_bias else None
     expected = x.double() @ w + (bias.double() if bias is not None else 0)
     out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
-    w4a16_triton.w4a16_gemm_small_m(x, words, scales, zeros, group, bias, config=config, out=out)
+    gemm = w4a16_triton.w4a16_gemm_large_m if large_m else w4a16_triton.w4a16_gemm_small_m
+    gemm(x, words, scales, zeros, group, bias, config=config, out=out)
     error = relative_error(out, expected)
     assert error < (tol or (2e-2 if dtype == torch.bfloat16 else 4e-3)), (m, n, k, group, symmetric, dtype, error)
 
@@ -75,6 +77,18 @@ def interpreter_checks() -> None:
         check_gemm(m, n, k, group, symmetric, half, "cpu", True, SmallMConfig(16 if m <= 16 else 32, 32, 64, 2, True, 4, 2))
         if m == 1:
             check_gemm(m, n, k, group, symmetric, half, "cpu", False, SmallMConfig(1, 16, 64, 4, False, 4, 2))
+    # The large-M kernel: partial row and column tiles, groups inside and across a K tile, zero
+    # points, bias, split K, several row tiles per band of GROUP_M.
+    from pymllm.quantization.kernels.w4a16_triton import LargeMConfig
+
+    for m, n, k, group, symmetric, cfg in [
+        (5, 48, 128, 32, False, LargeMConfig(16, 32, 64, 1, 2, 4, 2)),
+        (70, 96, 256, 128, True, LargeMConfig(32, 64, 64, 2, 2, 4, 2)),
+        (40, 64, 256, 64, False, LargeMConfig(16, 32, 128, 1, 4, 4, 2)),
+        (33, 40, 192, 192, True, LargeMConfig(16, 32, 64, 3, 8, 4, 2)),
+    ]:
+        check_gemm(m, n, k, group, symmetric, half, "cpu", with_bias=m % 2 == 1, config=cfg, large_m=True)
+    check_gemm(20, 64, 256, 128, False, half, "cpu", with_bias=True, large_m=True)  # its default tiles
     # bf16 activations through the multiply-reduce loop (no dot, which the interpreter gets wrong).
     check_gemm(1, 64, 256, 128, True, torch.bfloat16, "cpu", True)
     check_dequantize(128, 96, 32, False, half, "cpu")
@@ -116,6 +130,25 @@ GPU_SHAPES = [(4096, 4096), (6144, 4096), (4096, 12288), (24576, 4096)]
 def test_small_m_gemm_on_gpu(m, group, symmetric, dtype):
     for n, k in GPU_SHAPES[:2] if m > 1 else GPU_SHAPES:
         check_gemm(m, n, k, group or k, symmetric, dtype, "cuda", with_bias=m % 2 == 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group,symmetric", [(128, True), (32, True), (64, False), (None, True)])
+@pytest.mark.parametrize("m", [65, 200, 2048])
+def test_large_m_gemm_on_gpu(m, group, symmetric, dtype):
+    for n, k in GPU_SHAPES[:3]:
+        check_gemm(m, n, k, group or k, symmetric, dtype, "cuda", with_bias=m % 2 == 1, large_m=True)
+
+
+@pytest.mark.gpu
+def test_large_m_gemm_tilings_on_gpu():
+    """Every tiling the dispatcher can pick (and split K) on a ragged shape."""
+    from pymllm.quantization.kernels.w4a16_triton import LargeMConfig
+
+    for cfg in (LargeMConfig(64, 128, 64, 1, 8, 4, 4), LargeMConfig(128, 128, 64, 2, 8, 8, 3),
+                LargeMConfig(128, 256, 64, 1, 8, 8, 3), LargeMConfig(64, 64, 128, 4, 8, 4, 4)):
+        check_gemm(333, 1000, 2048, 128, False, torch.bfloat16, "cuda", with_bias=True, config=cfg, large_m=True)
 
 
 @pytest.mark.gpu

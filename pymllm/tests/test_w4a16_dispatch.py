@@ -12,6 +12,7 @@ import torch
 
 from pymllm.quantization.kernels import w4a16
 from pymllm.quantization.kernels.w4a16 import (
+    FUSED_MAX_M,
     GEMV_MAX_M,
     TRITON_MAX_M,
     choose_w4a16_kernel,
@@ -36,6 +37,20 @@ def test_w4a16_kernel_choice():
     assert choose_w4a16_kernel(TRITON_MAX_M, sm80=True, gemv_ok=False, triton_ok=True) == "triton_small_m"
     assert choose_w4a16_kernel(TRITON_MAX_M + 1, sm80=True, gemv_ok=False, triton_ok=True) == "dequant_cublas"
     assert choose_w4a16_kernel(2048, sm80=True, gemv_ok=False, triton_ok=False) == "reference"
+    # 65..FUSED_MAX_M rows: the large-M Triton kernel where it measures faster; the measurement is
+    # asked for only there.
+    asked = []
+
+    def faster(answer):
+        return lambda: asked.append(answer) or answer
+
+    for m in (TRITON_MAX_M + 1, FUSED_MAX_M):
+        assert choose_w4a16_kernel(m, True, True, True, faster(True)) == "triton_large_m"
+        assert choose_w4a16_kernel(m, True, True, True, faster(False)) == "dequant_cublas"
+    assert choose_w4a16_kernel(FUSED_MAX_M + 1, True, True, True, faster(True)) == "dequant_cublas"
+    assert choose_w4a16_kernel(TRITON_MAX_M, True, False, True, faster(True)) == "triton_small_m"
+    assert choose_w4a16_kernel(FUSED_MAX_M, True, True, False, faster(True)) == "reference"
+    assert asked == [True, False, True, False]
     # CPU / pre-SM80 GPUs and empty inputs: the reference.
     assert choose_w4a16_kernel(1, sm80=False, gemv_ok=True, triton_ok=True) == "reference"
     assert choose_w4a16_kernel(0, sm80=True, gemv_ok=True, triton_ok=True) == "reference"
@@ -103,6 +118,72 @@ def test_w4a16_linear_routes_decode_rows_to_the_gemv(routed):
     args = _layer(GEMV_MAX_M + 1)
     torch.testing.assert_close(w4a16_linear(*args), w4a16_linear_reference(*args))
     assert len(routed) == 3
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """An SM90 stand-in where the Triton kernels may run (as references) and the decode matmuls'
+    chooser times candidates with a scripted timer: records (impl, rows) of each timed call batch
+    and each kernel run."""
+    pytest.importorskip("triton")
+    from pymllm.layers.kernels import gemv_dispatch
+    from pymllm.quantization.kernels import w4a16_triton
+
+    log = {"timed": [], "ran": [], "fused_us": 10.0}
+
+    def timer(impl, calls):
+        log["timed"].append(impl)
+        return (log["fused_us"] if impl == "gemv" else 20.0) * 1e-6
+
+    monkeypatch.setattr(gemv_dispatch, "CHOOSER", gemv_dispatch.GemvChooser(timer))
+    monkeypatch.setattr(w4a16, "cuda_capability", lambda device: (9, 0))
+    monkeypatch.setattr(w4a16, "gemv_fits", lambda *a, **k: False)
+    monkeypatch.setattr(w4a16, "fast_path_supported", lambda *a: True)
+
+    def fake_large(x, qweight, scales, zeros, group, bias=None, config=None, out=None):
+        log["ran"].append(("large", x.shape[0]))
+        return w4a16_linear_reference(x, qweight, scales, zeros, group, bias)
+
+    def fake_dequantize(qweight, scales, zeros, group, dtype):
+        log["ran"].append(("dequantize", qweight.shape[1]))
+        return w4a16.dequantize_wna16_reference(qweight, scales, zeros, group, dtype)
+
+    monkeypatch.setattr(w4a16_triton, "w4a16_gemm_large_m", fake_large)
+    monkeypatch.setattr(w4a16_triton, "w4a16_dequantize", fake_dequantize)
+    return log
+
+
+def test_w4a16_linear_measures_the_large_m_kernel_once_per_row_bucket(measured):
+    # The fused kernel measures faster: 65..80 rows share one measurement, 81 takes another.
+    for m in (65, 80, 81):
+        args = _layer(m)
+        torch.testing.assert_close(w4a16_linear(*args).float(), w4a16_linear_reference(*args).float())
+    assert measured["timed"] == ["gemv", "gemm", "gemv", "gemm"]
+    assert measured["ran"][-3:] == [("large", 65), ("large", 80), ("large", 81)]
+    # Slower (or within 3 %) for another shape: dequantize + cuBLAS, and that choice is kept.
+    measured["fused_us"] = 19.9
+    measured["ran"].clear()
+    for m in (100, 100):
+        w4a16_linear(*_layer(m, n=128))
+    assert measured["timed"][4:] == ["gemv", "gemm"]
+    assert measured["ran"] == [("dequantize", 128), ("dequantize", 128)]
+    # Past FUSED_MAX_M no measurement: dequantize + cuBLAS.
+    w4a16_linear(*_layer(FUSED_MAX_M + 1))
+    assert len(measured["timed"]) == 6 and measured["ran"][-1] == ("dequantize", 64)
+
+
+def test_large_m_tiles_follow_the_sweep(monkeypatch):
+    w4a16_triton = pytest.importorskip("pymllm.quantization.kernels.w4a16_triton")
+    monkeypatch.setattr(w4a16_triton, "sm_count_of", lambda device: 132)
+    cfg = lambda m, n, k: w4a16_triton.large_m_config(m, n, k, torch.device("cuda"))  # noqa: E731
+    # Qwen3-8B at 128 rows (T185's fastest): gate_up 128 columns unsplit, down 64 columns split 4.
+    assert cfg(128, 24576, 4096) == w4a16_triton.LargeMConfig(128, 128, 64, 1, 8, 4, 4)
+    assert cfg(128, 4096, 12288) == w4a16_triton.LargeMConfig(128, 64, 64, 4, 8, 4, 4)
+    assert cfg(100, 6144, 4096).split_k == 2 and cfg(64, 6144, 4096).block_m == 64
+    # Prefill sizes: 8-warp tiles, no split once the tiles fill the SMs.
+    assert cfg(2048, 4096, 4096) == w4a16_triton.LargeMConfig(256, 128, 64, 1, 8, 8, 3)
+    # K that a split would not divide stays whole.
+    assert cfg(128, 128, 64).split_k == 1
 
 
 def test_w4a16_linear_on_cpu_uses_the_reference():

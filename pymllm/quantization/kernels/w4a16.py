@@ -12,14 +12,19 @@ rows share one pass over the weights, more rows run in chunks of 16 that share i
 when it is importable, builds and passes a one-time self-test on the device, and takes the
 shapes. It beats the fused Triton dequant-GEMM at every row count up to 64 (H200, Qwen3-8B layers:
 72 against 135 us per layer at 16 rows, 102 against 165 at 32, 167 against 212 at 64; run T38 in
-docs/perf), which runs where the GEMV cannot (M <= 64); larger M dequantizes the weight once into
-a scratch matrix and uses cuBLAS, which is compute-bound anyway; everything else (CPU, odd shapes)
-uses the reference.
+docs/perf), which runs where the GEMV cannot (M <= 64). Larger M dequantizes the weight into a
+scratch matrix and uses cuBLAS, except from 65 to ``FUSED_MAX_M`` rows where the large-M Triton
+kernel (dequantizing tile by tile in registers) measures faster for the layer's shape on this GPU
+(``fused_measured_faster``): there writing and re-reading the bf16 weight costs more than the
+Triton kernel's slower tensor-core loop (H100, Qwen3-8B, 128 rows, run T185: gate_up 121 against
+176 us, down 77 against 98, qkv and o level), past it the reverse (2,048 rows: about half cuBLAS's
+rate against its 0.85-0.9 with the dequantization). Everything else (CPU, odd shapes) uses the
+reference.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -28,6 +33,10 @@ from pymllm.quantization.kernels.device import cuda_capability, triton_available
 
 GEMV_MAX_M = 64  # mllm_kernel.w4a16_gemv serves 1..64 rows
 TRITON_MAX_M = 64  # w4a16_triton.MAX_M (not imported here: that would import Triton)
+# Rows up to which the large-M Triton kernel is measured against dequantize + cuBLAS (T185: it
+# lost on every Qwen3-8B layer at 256 rows on an H100).
+FUSED_MAX_M = 128
+FUSED_ROWS_BUCKET = 16  # one measurement serves the row counts of a bucket (65..80, 81..96, ...)
 
 _SHIFTS = torch.arange(8, dtype=torch.int32) * 4
 
@@ -93,20 +102,54 @@ def fast_path_supported(x: torch.Tensor, n: int, k: int, group: int) -> bool:
     )
 
 
-def choose_w4a16_kernel(m: int, sm80: bool, gemv_ok: bool, triton_ok: bool) -> str:
-    """Which W4A16 GEMM runs: "cuda_gemv", "triton_small_m", "dequant_cublas" or "reference".
+def choose_w4a16_kernel(m: int, sm80: bool, gemv_ok: bool, triton_ok: bool,
+                        fused_faster: Callable[[], bool] = lambda: False) -> str:
+    """Which W4A16 GEMM runs: "cuda_gemv", "triton_small_m", "triton_large_m", "dequant_cublas" or
+    "reference".
 
     gemv_ok: the CUDA GEMV is ready on this device and takes these arguments; triton_ok: the
-    Triton kernels can run them (``fast_path_supported``). The GEMV streams the weights in one
-    launch and beats the Triton kernel at decode sizes (bench_w4a16_gemv.py); the Triton
-    kernels take M <= 64 where the GEMV cannot run, the dequantize + cuBLAS path everything larger."""
+    Triton kernels can run them (``fast_path_supported``); fused_faster: whether the large-M
+    kernel measures faster than dequantize + cuBLAS here (asked only for 65..FUSED_MAX_M rows).
+    The GEMV streams the weights in one launch and beats the Triton kernel at decode sizes
+    (bench_w4a16_gemv.py); the small-M Triton kernel takes M <= 64 where the GEMV cannot run."""
     if m == 0 or not sm80:
         return "reference"
     if m <= GEMV_MAX_M and gemv_ok:
         return "cuda_gemv"
     if not triton_ok:
         return "reference"
-    return "triton_small_m" if m <= TRITON_MAX_M else "dequant_cublas"
+    if m <= TRITON_MAX_M:
+        return "triton_small_m"
+    return "triton_large_m" if m <= FUSED_MAX_M and fused_faster() else "dequant_cublas"
+
+
+def fused_measured_faster(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                          zeros: Optional[torch.Tensor], group: int, bias: Optional[torch.Tensor]) -> bool:
+    """Whether the large-M Triton kernel beats dequantize + cuBLAS for this layer shape and row
+    bucket, measured once per (device, dtype, N, K, bucket) by the decode matmuls' chooser (CUDA
+    graphs over copies of the weight that miss L2, the first time outside a capture; a shape first
+    seen inside a capture keeps dequantize + cuBLAS)."""
+    from pymllm.layers.kernels.gemv_dispatch import CHOOSER
+    from pymllm.quantization.kernels import w4a16_triton
+
+    m = x.shape[0]
+    bucket = -(-m // FUSED_ROWS_BUCKET) * FUSED_ROWS_BUCKET
+    key = ("w4a16 large-M", x.device, x.dtype, qweight.shape[1], qweight.shape[0] * 8, bucket)
+
+    def make_call(impl: str, words: torch.Tensor) -> Callable[[], object]:
+        if impl == "gemm":
+            return lambda: _dequant_cublas(x, words, scales, zeros, group, bias)
+        return lambda: w4a16_triton.w4a16_gemm_large_m(x, words, scales, zeros, group, bias)
+
+    return CHOOSER.use_gemv(key, qweight, make_call, labels=("large-M Triton", "dequantize + cuBLAS"))
+
+
+def _dequant_cublas(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                    group: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    from pymllm.quantization.kernels import w4a16_triton
+
+    w = w4a16_triton.w4a16_dequantize(qweight, scales, zeros, group, x.dtype)
+    return torch.addmm(bias, x, w) if bias is not None else x @ w
 
 
 def _gemv_self_test(device: torch.device, dtype: torch.dtype, with_zeros: bool, gated: bool = False) -> None:
@@ -170,19 +213,21 @@ def w4a16_linear(
     # The Triton capability check only matters where the GEMV does not run (every decode call
     # would otherwise pay for it).
     triton_ok = sm80 and not gemv_ok and fast_path_supported(x, n, k, group)
-    choice = choose_w4a16_kernel(m, sm80, gemv_ok, triton_ok)
+    choice = choose_w4a16_kernel(
+        m, sm80, gemv_ok, triton_ok, lambda: fused_measured_faster(x, qweight, scales, zeros, group, bias))
     if choice == "cuda_gemv":
         from mllm_kernel.cuda.jit.w4a16_gemv import w4a16_gemv
 
         return w4a16_gemv(x, qweight, scales, zeros, group, bias, validate=False)  # gemv_fits validated
     if choice == "reference":
         return w4a16_linear_reference(x, qweight, scales, zeros, group, bias)
+    if choice == "dequant_cublas":
+        return _dequant_cublas(x, qweight, scales, zeros, group, bias)
     from pymllm.quantization.kernels import w4a16_triton
 
     if choice == "triton_small_m":
         return w4a16_triton.w4a16_gemm_small_m(x, qweight, scales, zeros, group, bias)
-    w = w4a16_triton.w4a16_dequantize(qweight, scales, zeros, group, x.dtype)
-    return torch.addmm(bias, x, w) if bias is not None else x @ w
+    return w4a16_triton.w4a16_gemm_large_m(x, qweight, scales, zeros, group, bias)
 
 
 def w4a16_swiglu(

@@ -1,4 +1,5 @@
-"""W4A16 kernels in Triton: a fused dequant-GEMM for small M and a dequantizer for large M.
+"""W4A16 kernels in Triton: fused dequant-GEMMs (small M: decode rows; large M: batches and
+prefills) and a dequantizer for the largest M.
 
 Runtime layout (made once by ``w4a16.repack_wna16``):
   qweight [K/8, N] int32: word (j, n) holds w[8j + i, n] + 8 in bits 4i..4i+3 (i = 0..7), so a
@@ -13,6 +14,7 @@ of 2^23 and subtracting 2^23 + 8 gives the signed value.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -129,14 +131,68 @@ def _w4a16_dequant_kernel(
     n_mask = offs_n < N
     offs_k8 = pid_k * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
     packed = tl.load(w_ptr + offs_k8.to(tl.int64)[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
-    w = tl.reshape(_nibbles(packed), (BLOCK_K, BLOCK_N))
+    w = _dequantized_tile(packed, s_ptr, z_ptr, pid_k * BLOCK_K, offs_n, n_mask, N, GROUP, HAS_ZP, BLOCK_K, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    meta = (offs_k // GROUP).to(tl.int64)[:, None] * N + offs_n[None, :]
-    scale = tl.load(s_ptr + meta, mask=n_mask[None, :], other=0.0).to(tl.float32)
-    if HAS_ZP:
-        w = w - tl.load(z_ptr + meta, mask=n_mask[None, :], other=0.0).to(tl.float32)
     out = out_ptr + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :]
-    tl.store(out, (w * scale).to(out_ptr.dtype.element_ty), mask=n_mask[None, :])
+    tl.store(out, w.to(out_ptr.dtype.element_ty), mask=n_mask[None, :])
+
+
+@triton.jit
+def _dequantized_tile(packed, s_ptr, z_ptr, k0, offs_n, n_mask, N,
+                      GROUP: tl.constexpr, HAS_ZP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The weight tile W^T[k0:k0 + BLOCK_K, offs_n] in float32, (q - zero) * scale: the values the
+    dequantizer writes, so the large-M GEMM multiplies exactly what dequantize + cuBLAS would."""
+    w = tl.reshape(_nibbles(packed), (BLOCK_K, BLOCK_N))
+    if GROUP % BLOCK_K == 0:  # the tile lies inside one group: one scale row
+        meta = (k0 // GROUP) * N + offs_n
+        if HAS_ZP:
+            w = w - tl.load(z_ptr + meta, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        w = w * tl.load(s_ptr + meta, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    else:
+        meta = ((k0 + tl.arange(0, BLOCK_K)) // GROUP).to(tl.int64)[:, None] * N + offs_n[None, :]
+        if HAS_ZP:
+            w = w - tl.load(z_ptr + meta, mask=n_mask[None, :], other=0.0).to(tl.float32)
+        w = w * tl.load(s_ptr + meta, mask=n_mask[None, :], other=0.0).to(tl.float32)
+    return w
+
+
+@triton.jit
+def _w4a16_large_m_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
+    M, N, K, stride_xm,
+    GROUP: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """out = x @ W^T for batches and prefills: each weight tile is dequantized in registers (scale
+    applied to the weights, not to the partial, so the tensor-core accumulator stays in place
+    across K) and multiplied by GROUP_M consecutive row tiles in a row, which then find it in L2."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    band = GROUP_M * tiles_n
+    first_m = (pid // band) * GROUP_M
+    band_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % band) % band_m
+    pid_n = (pid % band) // band_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    # Rows and columns past the edge read row / column 0 instead of masking: the loads stay
+    # unpredicated, and those lanes are never stored.
+    x_rows = x_ptr + tl.where(m_mask, offs_m, 0).to(tl.int64)[:, None] * stride_xm
+    w_cols = w_ptr + tl.where(n_mask, offs_n, 0)[None, :]
+    k_chunk = K // SPLIT_K  # a multiple of BLOCK_K (host-checked)
+    k_lo = pid_k * k_chunk
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_lo, k_lo + k_chunk, BLOCK_K):
+        x = tl.load(x_rows + (k0 + tl.arange(0, BLOCK_K))[None, :])
+        packed = tl.load(w_cols + (k0 // 8 + tl.arange(0, BLOCK_K // 8)).to(tl.int64)[:, None] * N)
+        w = _dequantized_tile(packed, s_ptr, z_ptr, k0, offs_n, n_mask, N, GROUP, HAS_ZP, BLOCK_K, BLOCK_N)
+        acc = tl.dot(x, w.to(x.dtype), acc)
+    store_tile(acc, out_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask, M, N, pid_k, HAS_BIAS, SPLIT_K)
 
 
 def default_config(m: int, n: int, k: int, group: int, device: torch.device) -> SmallMConfig:
@@ -185,6 +241,69 @@ def w4a16_gemm_small_m(
         m, n, k, x.stride(0),
         GROUP=group, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, USE_DOT=cfg.use_dot,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if cfg.split_k > 1:
+        splitk_reduce(target, bias, out)
+    return out
+
+
+@dataclass(frozen=True)
+class LargeMConfig:
+    """Tiles of one large-M launch: GROUP_M row tiles reuse each weight tile from L2 in turn."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+def large_m_config(m: int, n: int, k: int, device: torch.device) -> LargeMConfig:
+    """Tiles for a large-M launch, from the sweep of run T185 (H100, Qwen3-8B layers): up to 128
+    rows one row tile of 4 warps, 64 columns wide where 128 would leave SMs idle, and K split
+    until every SM has a tile (down_proj at 128 rows: 77 us split 4 against 162 unsplit); larger M
+    the 8-warp tiles that were fastest there from 512 rows on."""
+    sms = sm_count_of(device)
+    if m <= 128:
+        block_m, block_k, num_warps, num_stages = (64 if m <= 64 else 128), 64, 4, 4
+        block_n = 128 if triton.cdiv(n, 128) >= sms else 64
+    else:
+        block_m, block_n, block_k, num_warps, num_stages = (128 if m <= 256 else 256), 128, 64, 8, 3
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    split_k = 1
+    while tiles * split_k < sms and split_k < 8 and (k // block_k) % (split_k * 2) == 0:
+        split_k *= 2
+    return LargeMConfig(block_m, block_n, block_k, split_k, 8, num_warps, num_stages)
+
+
+def w4a16_gemm_large_m(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: Optional[torch.Tensor],
+    group: int,
+    bias: Optional[torch.Tensor] = None,
+    config: Optional[LargeMConfig] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """x [M, K] fp16/bf16 (rows dense) @ W^T -> [M, N] in x.dtype for any M, W in the runtime layout
+    and dequantized tile by tile in registers; ``out`` (contiguous [M, N]) is written when given."""
+    m, k = x.shape
+    n = qweight.shape[1]
+    cfg = config or large_m_config(m, n, k, x.device)
+    if k % (cfg.block_k * cfg.split_k) or k % group:
+        raise ValueError(f"w4a16 kernel: K={k}, group={group} do not tile with BLOCK_K={cfg.block_k}, SPLIT_K={cfg.split_k}")
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device) if out is None else out
+    target = out if cfg.split_k == 1 else torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
+    _w4a16_large_m_kernel[grid](
+        x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, target,
+        m, n, k, x.stride(0),
+        GROUP=group, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if cfg.split_k > 1:
