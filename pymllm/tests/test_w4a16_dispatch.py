@@ -167,7 +167,8 @@ def test_w4a16_linear_measures_the_large_m_kernel_once_per_row_bucket(measured):
         w4a16_linear(*_layer(m, n=128))
     assert measured["timed"][4:] == ["gemv", "gemm"]
     assert measured["ran"] == [("dequantize", 128), ("dequantize", 128)]
-    # Past FUSED_MAX_M no measurement: dequantize + cuBLAS.
+    # Past 128 rows the buckets are 32 wide; past FUSED_MAX_M no measurement: dequantize + cuBLAS.
+    assert [w4a16.fused_rows_bucket(m) for m in (65, 128, 129, 160, 161, 256)] == [80, 128, 160, 160, 192, 256]
     w4a16_linear(*_layer(FUSED_MAX_M + 1))
     assert len(measured["timed"]) == 6 and measured["ran"][-1] == ("dequantize", 64)
 
@@ -176,10 +177,12 @@ def test_large_m_tiles_follow_the_sweep(monkeypatch):
     w4a16_triton = pytest.importorskip("pymllm.quantization.kernels.w4a16_triton")
     monkeypatch.setattr(w4a16_triton, "sm_count_of", lambda device: 132)
     cfg = lambda m, n, k: w4a16_triton.large_m_config(m, n, k, torch.device("cuda"))  # noqa: E731
-    # Qwen3-8B at 128 rows (T185's fastest): gate_up 128 columns unsplit, down 64 columns split 4.
+    # Qwen3-8B up to 256 rows (T190's fastest): gate_up unsplit, down split 4, qkv split 4 / 2.
     assert cfg(128, 24576, 4096) == w4a16_triton.LargeMConfig(128, 128, 64, 1, 8, 4, 4)
-    assert cfg(128, 4096, 12288) == w4a16_triton.LargeMConfig(128, 64, 64, 4, 8, 4, 4)
-    assert cfg(100, 6144, 4096).split_k == 2 and cfg(64, 6144, 4096).block_m == 64
+    assert cfg(128, 4096, 12288) == w4a16_triton.LargeMConfig(128, 128, 64, 4, 8, 4, 4)
+    assert cfg(256, 4096, 12288).split_k == 4 and cfg(256, 24576, 4096).split_k == 1
+    assert cfg(128, 6144, 4096).split_k == 4 and cfg(256, 6144, 4096).split_k == 2
+    assert cfg(64, 6144, 4096).block_m == 64
     # Prefill sizes: 8-warp tiles, no split once the tiles fill the SMs.
     assert cfg(2048, 4096, 4096) == w4a16_triton.LargeMConfig(256, 128, 64, 1, 8, 8, 3)
     # K that a split would not divide stays whole.

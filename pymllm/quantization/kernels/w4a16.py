@@ -16,10 +16,11 @@ docs/perf), which runs where the GEMV cannot (M <= 64). Larger M dequantizes the
 scratch matrix and uses cuBLAS, except from 65 to ``FUSED_MAX_M`` rows where the large-M Triton
 kernel (dequantizing tile by tile in registers) measures faster for the layer's shape on this GPU
 (``fused_measured_faster``): there writing and re-reading the bf16 weight costs more than the
-Triton kernel's slower tensor-core loop (H100, Qwen3-8B, 128 rows, run T185: gate_up 121 against
-176 us, down 77 against 98, qkv and o level), past it the reverse (2,048 rows: about half cuBLAS's
-rate against its 0.85-0.9 with the dequantization). Everything else (CPU, odd shapes) uses the
-reference.
+Triton kernel's slower tensor-core loop (H100, Qwen3-8B, run T190: gate_up 106 against 176 us at
+128 rows and 168 against 184 at 256, down 72 against 98 and 95 against 105, qkv 42 against 54 and
+62 against 58), past it the reverse (512 rows: gate_up 288 against 237; 2,048 rows: about half
+cuBLAS's rate against its 0.85-0.9 with the dequantization). Everything else (CPU, odd shapes)
+uses the reference.
 """
 
 from __future__ import annotations
@@ -33,10 +34,16 @@ from pymllm.quantization.kernels.device import cuda_capability, triton_available
 
 GEMV_MAX_M = 64  # mllm_kernel.w4a16_gemv serves 1..64 rows
 TRITON_MAX_M = 64  # w4a16_triton.MAX_M (not imported here: that would import Triton)
-# Rows up to which the large-M Triton kernel is measured against dequantize + cuBLAS (T185: it
-# lost on every Qwen3-8B layer at 256 rows on an H100).
-FUSED_MAX_M = 128
-FUSED_ROWS_BUCKET = 16  # one measurement serves the row counts of a bucket (65..80, 81..96, ...)
+# Rows up to which the large-M Triton kernel is measured against dequantize + cuBLAS (T190, H100:
+# it lost on every Qwen3-8B layer at 512 rows).
+FUSED_MAX_M = 256
+
+
+def fused_rows_bucket(m: int) -> int:
+    """The row count whose measurement serves ``m`` rows: 16-row buckets to 128 (65..80, 81..96,
+    ...), 32-row ones past it."""
+    step = 16 if m <= 128 else 32
+    return -(-m // step) * step
 
 _SHIFTS = torch.arange(8, dtype=torch.int32) * 4
 
@@ -126,15 +133,13 @@ def choose_w4a16_kernel(m: int, sm80: bool, gemv_ok: bool, triton_ok: bool,
 def fused_measured_faster(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                           zeros: Optional[torch.Tensor], group: int, bias: Optional[torch.Tensor]) -> bool:
     """Whether the large-M Triton kernel beats dequantize + cuBLAS for this layer shape and row
-    bucket, measured once per (device, dtype, N, K, bucket) by the decode matmuls' chooser (CUDA
+    bucket, measured once per (device, dtype, N, K, ``fused_rows_bucket``) by the decode matmuls' chooser (CUDA
     graphs over copies of the weight that miss L2, the first time outside a capture; a shape first
     seen inside a capture keeps dequantize + cuBLAS)."""
     from pymllm.layers.kernels.gemv_dispatch import CHOOSER
     from pymllm.quantization.kernels import w4a16_triton
 
-    m = x.shape[0]
-    bucket = -(-m // FUSED_ROWS_BUCKET) * FUSED_ROWS_BUCKET
-    key = ("w4a16 large-M", x.device, x.dtype, qweight.shape[1], qweight.shape[0] * 8, bucket)
+    key = ("w4a16 large-M", x.device, x.dtype, qweight.shape[1], qweight.shape[0] * 8, fused_rows_bucket(x.shape[0]))
 
     def make_call(impl: str, words: torch.Tensor) -> Callable[[], object]:
         if impl == "gemm":
