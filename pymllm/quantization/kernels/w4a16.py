@@ -133,13 +133,14 @@ def choose_w4a16_kernel(m: int, sm80: bool, gemv_ok: bool, triton_ok: bool,
 def fused_measured_faster(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                           zeros: Optional[torch.Tensor], group: int, bias: Optional[torch.Tensor]) -> bool:
     """Whether the large-M Triton kernel beats dequantize + cuBLAS for this layer shape and row
-    bucket, measured once per (device, dtype, N, K, ``fused_rows_bucket``) by the decode matmuls' chooser (CUDA
-    graphs over copies of the weight that miss L2, the first time outside a capture; a shape first
-    seen inside a capture keeps dequantize + cuBLAS)."""
+    bucket, measured once per (device, dtype, N, K, ``fused_rows_bucket``) by the decode matmuls'
+    chooser (CUDA graphs over copies of the weight that miss L2, the first time outside a capture;
+    a shape first seen inside a capture keeps dequantize + cuBLAS)."""
     from pymllm.layers.kernels.gemv_dispatch import CHOOSER
     from pymllm.quantization.kernels import w4a16_triton
 
-    key = ("w4a16 large-M", x.device, x.dtype, qweight.shape[1], qweight.shape[0] * 8, fused_rows_bucket(x.shape[0]))
+    n, k = qweight.shape[1], qweight.shape[0] * 8
+    key = ("w4a16 large-M", x.device, x.dtype, n, k, fused_rows_bucket(x.shape[0]))
 
     def make_call(impl: str, words: torch.Tensor) -> Callable[[], object]:
         if impl == "gemm":
