@@ -130,6 +130,11 @@ def emit(row: dict, sink: TextIO) -> None:
     print(json.dumps(row), flush=True)
 
 
+def wanted(variant: str, only: Optional[List[str]]) -> bool:
+    """Whether --variants selects ``variant``: all without it; bf16, the baseline of every ratio, always."""
+    return not only or variant in only or variant == "bf16"
+
+
 def run_gemms(device: torch.device, m_values: List[int], bandwidth: float, base: dict, sink: TextIO,
               only: Optional[List[str]] = None) -> List[dict]:
     rows = []
@@ -140,7 +145,7 @@ def run_gemms(device: torch.device, m_values: List[int], bandwidth: float, base:
             x, a, sa = layer.activations(m)
             timed = {}
             for variant, (fn, nbytes) in variants(layer, m, x, a, sa, sm90).items():
-                if only and variant not in only and variant != "bf16":
+                if not wanted(variant, only):
                     continue
                 seconds = bench(fn)
                 timed[variant] = seconds
@@ -218,30 +223,37 @@ LARGE_M_TILINGS = [
 ]
 
 
+def large_m_sweep_configs(m: int, n: int, k: int, sms: int) -> List[w4a16_triton.LargeMConfig]:
+    """LARGE_M_TILINGS at M rows of an N x K layer, each unsplit and split 2 or 4 ways along K
+    where K divides and the split tiles stay within two per SM."""
+    configs = []
+    for bm, bn, bk, warps, stages in LARGE_M_TILINGS:
+        tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+        for split in (1, 2, 4):
+            if k % (bk * split) == 0 and (split == 1 or tiles * split <= 2 * sms):
+                configs.append(w4a16_triton.LargeMConfig(bm, bn, bk, split, 8, warps, stages))
+    return configs
+
+
 def run_sweep_large(device: torch.device, m_values: List[int], base: dict, sink: TextIO) -> None:
-    """The large-M kernel over LARGE_M_TILINGS, with split K where the tiles leave SMs idle."""
+    """The large-M kernel over ``large_m_sweep_configs`` at each M."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     for name, (n, k) in LAYERS.items():
         layer = Layer(n, k, device)
         for m in m_values:
             x = layer.activations(m)[0]
-            for bm, bn, bk, warps, stages in LARGE_M_TILINGS:
-                tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-                for split in (1, 2, 4):
-                    if k % (bk * split) or (split > 1 and tiles * split > 2 * sms):
-                        continue
-                    cfg = w4a16_triton.LargeMConfig(bm, bn, bk, split, 8, warps, stages)
-                    fn = lambda: w4a16_triton.w4a16_gemm_large_m(x, layer.qweight, layer.scales, None, GROUP,
-                                                                 config=cfg)
-                    try:
-                        seconds = bench(fn)
-                    except Exception as error:  # e.g. out of shared memory for this tiling
-                        emit({**base, "kind": "sweep", "layer": name, "m": m, "variant": "w4a16_triton_large_m",
-                              "config": cfg.__dict__, "error": str(error)[:200]}, sink)
-                        continue
-                    emit({**base, "kind": "sweep", "layer": name, "m": m, "n": n, "k": k,
-                          "variant": "w4a16_triton_large_m", "config": cfg.__dict__, "time_us": seconds * 1e6,
-                          "tflops": 2 * m * n * k / seconds / 1e12}, sink)
+            for cfg in large_m_sweep_configs(m, n, k, sms):
+                fn = lambda: w4a16_triton.w4a16_gemm_large_m(x, layer.qweight, layer.scales, None, GROUP,
+                                                             config=cfg)
+                try:
+                    seconds = bench(fn)
+                except Exception as error:  # e.g. out of shared memory for this tiling
+                    emit({**base, "kind": "sweep", "layer": name, "m": m, "variant": "w4a16_triton_large_m",
+                          "config": cfg.__dict__, "error": str(error)[:200]}, sink)
+                    continue
+                emit({**base, "kind": "sweep", "layer": name, "m": m, "n": n, "k": k,
+                      "variant": "w4a16_triton_large_m", "config": cfg.__dict__, "time_us": seconds * 1e6,
+                      "tflops": 2 * m * n * k / seconds / 1e12}, sink)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
