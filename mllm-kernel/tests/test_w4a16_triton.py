@@ -79,6 +79,7 @@ def interpreter_checks() -> None:
             check_gemm(m, n, k, group, symmetric, half, "cpu", False, SmallMConfig(1, 16, 64, 4, False, 4, 2))
     # The large-M kernel: partial row and column tiles, groups inside and across a K tile, zero
     # points, bias, split K, several row tiles per band of GROUP_M.
+    from pymllm.quantization.kernels import w4a16_triton
     from pymllm.quantization.kernels.w4a16_triton import LargeMConfig
 
     for m, n, k, group, symmetric, cfg in [
@@ -89,6 +90,9 @@ def interpreter_checks() -> None:
     ]:
         check_gemm(m, n, k, group, symmetric, half, "cpu", with_bias=m % 2 == 1, config=cfg, large_m=True)
     check_gemm(20, 64, 256, 128, False, half, "cpu", with_bias=True, large_m=True)  # its default tiles
+    words, scales, _, _ = random_layer(128, 32, 128, True, half, "cpu", seed=0)
+    empty = w4a16_triton.w4a16_gemm_large_m(torch.empty(0, 128, dtype=half), words, scales, None, 128)
+    assert empty.shape == (0, 32)
     # bf16 activations through the multiply-reduce loop (no dot, which the interpreter gets wrong).
     check_gemm(1, 64, 256, 128, True, torch.bfloat16, "cpu", True)
     check_dequantize(128, 96, 32, False, half, "cpu")
@@ -144,6 +148,7 @@ def test_large_m_gemm_on_gpu(m, group, symmetric, dtype):
 @pytest.mark.gpu
 def test_large_m_gemm_tilings_on_gpu():
     """Every tiling the dispatcher can pick (and split K) on a ragged shape."""
+    from pymllm.quantization.kernels import w4a16_triton
     from pymllm.quantization.kernels.w4a16_triton import LargeMConfig
 
     for cfg in (LargeMConfig(64, 128, 64, 1, 8, 4, 4), LargeMConfig(128, 128, 64, 2, 8, 8, 3),

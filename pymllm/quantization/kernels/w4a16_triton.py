@@ -299,6 +299,8 @@ def w4a16_gemm_large_m(
     if k % (cfg.block_k * cfg.split_k) or k % group:
         raise ValueError(f"w4a16 kernel: K={k}, group={group} do not tile with BLOCK_K={cfg.block_k}, SPLIT_K={cfg.split_k}")
     out = torch.empty((m, n), dtype=x.dtype, device=x.device) if out is None else out
+    if m == 0 or n == 0:  # nothing to compute (and the kernel's edge wrap divides by M and N)
+        return out
     target = out if cfg.split_k == 1 else torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
     _w4a16_large_m_kernel[grid](
