@@ -195,7 +195,7 @@ class GemvChooser:
             detail = " (tiling %d; %s)" % (tiling_of(best), ", ".join(
                 f"{tiling_of(c)}: {times[c] * 1e6:.1f}" for c in candidates))
         logger.info(
-            "decode matmul %s N=%d K=%d rows=%d: %s %.1f us%s, %s %.1f us -> %s",
+            "measured matmul %s N=%d K=%d rows=%d: %s %.1f us%s, %s %.1f us -> %s",
             key[0], key[3], key[4], key[5], labels[0], times[best] * 1e6, detail, labels[1], times["gemm"] * 1e6,
             labels[0] if choice else labels[1],
         )
