@@ -123,8 +123,8 @@ def test_w4a16_linear_routes_decode_rows_to_the_gemv(routed):
 @pytest.fixture
 def measured(monkeypatch):
     """An SM90 stand-in where the Triton kernels may run (as references) and the decode matmuls'
-    chooser times candidates with a scripted timer: records (impl, rows) of each timed call batch
-    and each kernel run."""
+    chooser times candidates with a scripted timer: records each timed candidate ("gemv": the
+    large-M kernel, "gemm": dequantize + cuBLAS) and each kernel run with its rows or columns."""
     pytest.importorskip("triton")
     from pymllm.layers.kernels import gemv_dispatch
     from pymllm.quantization.kernels import w4a16_triton
