@@ -236,15 +236,26 @@ def w4a16_gemm_small_m(
         raise ValueError(f"w4a16 kernel: K={k}, group={group} do not tile with BLOCK_K={cfg.block_k}, SPLIT_K={cfg.split_k}")
     if not cfg.use_dot and m != 1:
         raise ValueError("w4a16 kernel: the multiply-reduce loop serves M == 1 only")
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device) if out is None else out
-    target = out if cfg.split_k == 1 else torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, cfg.block_n), cfg.split_k, triton.cdiv(m, cfg.block_m))
-    _w4a16_small_m_kernel[grid](
+    return _launch(_w4a16_small_m_kernel, grid, cfg, x, qweight, scales, zeros, group, bias, out, USE_DOT=cfg.use_dot)
+
+
+def _launch(kernel, grid: tuple, cfg, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+            zeros: Optional[torch.Tensor], group: int, bias: Optional[torch.Tensor], out: Optional[torch.Tensor],
+            **constexprs) -> torch.Tensor:
+    """Both fused GEMMs' launch: the output (or, split along K, float32 partials that
+    ``splitk_reduce`` sums with the bias), the shared arguments, then the kernel's own ``constexprs``."""
+    m, n = x.shape[0], qweight.shape[1]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device) if out is None else out
+    if m == 0 or n == 0:  # nothing to compute (and the large-M kernel's edge wrap divides by M and N)
+        return out
+    target = out if cfg.split_k == 1 else torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x.device)
+    kernel[grid](
         x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, target,
-        m, n, k, x.stride(0),
+        m, n, x.shape[1], x.stride(0),
         GROUP=group, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, USE_DOT=cfg.use_dot,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **constexprs,
     )
     if cfg.split_k > 1:
         splitk_reduce(target, bias, out)
@@ -269,13 +280,10 @@ def large_m_config(m: int, n: int, k: int, device: torch.device) -> LargeMConfig
     up to 256 rows 128 x 128 tiles of 4 warps with K split (at most 4 ways) until every SM has
     one (down_proj at 128 rows: 72 us split 4 against 162 unsplit); past that the 8-warp
     256-row tiles that were fastest from 512 rows on."""
-    sms = sm_count_of(device)
-    if m <= 256:
-        block_m, block_n, block_k, num_warps, num_stages = (64 if m <= 64 else 128), 128, 64, 4, 4
-    else:
-        block_m, block_n, block_k, num_warps, num_stages = 256, 128, 64, 8, 3
+    block_n, block_k = 128, 64
+    block_m, num_warps, num_stages = ((64 if m <= 64 else 128), 4, 4) if m <= 256 else (256, 8, 3)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    split_k = 1
+    split_k, sms = 1, sm_count_of(device)
     while tiles * split_k < sms and split_k < 4 and (k // block_k) % (split_k * 2) == 0:
         split_k *= 2
     return LargeMConfig(block_m, block_n, block_k, split_k, 8, num_warps, num_stages)
@@ -298,21 +306,8 @@ def w4a16_gemm_large_m(
     cfg = config or large_m_config(m, n, k, x.device)
     if k % (cfg.block_k * cfg.split_k) or k % group:
         raise ValueError(f"w4a16 kernel: K={k}, group={group} do not tile with BLOCK_K={cfg.block_k}, SPLIT_K={cfg.split_k}")
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device) if out is None else out
-    if m == 0 or n == 0:  # nothing to compute (and the kernel's edge wrap divides by M and N)
-        return out
-    target = out if cfg.split_k == 1 else torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
-    _w4a16_large_m_kernel[grid](
-        x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, target,
-        m, n, k, x.stride(0),
-        GROUP=group, HAS_ZP=zeros is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    if cfg.split_k > 1:
-        splitk_reduce(target, bias, out)
-    return out
+    return _launch(_w4a16_large_m_kernel, grid, cfg, x, qweight, scales, zeros, group, bias, out, GROUP_M=cfg.group_m)
 
 
 def w4a16_dequantize(
