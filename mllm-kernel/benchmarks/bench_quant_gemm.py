@@ -13,7 +13,8 @@ kernel over tilings at the --m values.
 Variants: bf16 (F.linear), int_mm (torch._int_mm alone, M padded to 17), w8a8_gemm_cutlass
 (and w8a8_gemm_cutlass_sm80 on Hopper), w8a8_gemm_triton (M <= 64), w8a8_linear (per-token
 quantization + dispatcher: what the model runs), per_token_quant, w4a16_triton (M <= 64),
-w4a16_triton_large_m (M >= 16), w4a16_dequant_cublas, w4a16_linear (dispatcher). Times are medians of triton.testing.do_bench,
+w4a16_triton_large_m (M >= 16), w4a16_dequant_cublas, w4a16_cuda_gemv (mllm_kernel's GEMV, M <= 64),
+w4a16_cuda_gemm (mllm_kernel's tensor-core GEMM, its planned tiles), w4a16_linear (dispatcher). Times are medians of triton.testing.do_bench,
 which flushes L2 between runs so weights come from HBM as in a real decode step.
 """
 
@@ -35,11 +36,13 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "mllm-kernel")]
 
 from mllm_kernel.cuda.jit import int8_scaled_mm_cutlass as cutlass_mm  # noqa: E402
+from mllm_kernel.cuda.jit.w4a16_gemm import w4a16_gemm  # noqa: E402
+from mllm_kernel.cuda.jit.w4a16_gemv import w4a16_gemv  # noqa: E402
 from pymllm.quantization.kernels import w4a16_triton, w8a8_triton  # noqa: E402
 from pymllm.quantization.kernels.int8_activation_triton import per_token_quant_int8  # noqa: E402
 from pymllm.quantization.kernels.int8_scaled_mm import int8_scaled_mm  # noqa: E402
 from pymllm.quantization.kernels.triton_common import SmallMConfig  # noqa: E402
-from pymllm.quantization.kernels.w4a16 import w4a16_linear  # noqa: E402
+from pymllm.quantization.kernels.w4a16 import GEMV_MAX_M, w4a16_linear  # noqa: E402
 
 # Qwen3-8B: hidden 4096, 32 q heads and 8 kv heads of 128, intermediate 12288.
 LAYERS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (24576, 4096), "down": (4096, 12288)}
@@ -89,7 +92,7 @@ def _w8a8_linear(x: torch.Tensor, b: torch.Tensor, w_scale: torch.Tensor) -> tor
     return int8_scaled_mm(q, b, scale, w_scale, torch.bfloat16)
 
 
-def variants(layer: Layer, m: int, x, a, sa, sm90: bool) -> Dict[str, tuple]:
+def variants(layer: Layer, m: int, x, a, sa, sm90: bool, cuda_w4a16_available: bool = True) -> Dict[str, tuple]:
     """name -> (callable, bytes it must move at least)."""
     n, k = layer.n, layer.k
     b = layer.w_int8.t()
@@ -113,6 +116,12 @@ def variants(layer: Layer, m: int, x, a, sa, sm90: bool) -> Dict[str, tuple]:
         if sm90:
             table["w8a8_gemm_cutlass_sm80"] = (
                 lambda: cutlass_mm.int8_scaled_mm_sm80(a, b, sa, layer.w_scale, torch.bfloat16), int8_bytes)
+    if cuda_w4a16_available:
+        table["w4a16_cuda_gemm"] = (
+            lambda: w4a16_gemm(x, layer.qweight, layer.scales, None, GROUP, validate=False), int4_bytes)
+        if m <= GEMV_MAX_M:
+            table["w4a16_cuda_gemv"] = (
+                lambda: w4a16_gemv(x, layer.qweight, layer.scales, None, GROUP, validate=False), int4_bytes)
     if m >= 16:
         table["w4a16_triton_large_m"] = (
             lambda: w4a16_triton.w4a16_gemm_large_m(x, layer.qweight, layer.scales, None, GROUP), int4_bytes)

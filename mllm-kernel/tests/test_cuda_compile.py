@@ -28,6 +28,7 @@ INSTANCES = {
     "gemv_prologue": [(torch.bfloat16, 1), (torch.float16, 2)],
     "gemv_w8a8_dynamic": [(torch.float16, 0), (torch.bfloat16, 1), (torch.float16, 2)],
     "w4a16_gemv": [(torch.bfloat16, False, False), (torch.float16, True, False), (torch.bfloat16, True, True)],
+    "w4a16_gemm": [(torch.bfloat16, False), (torch.float16, True)],
 }
 
 

@@ -47,11 +47,11 @@ def test_w8a8_model_builds_its_gemvs_and_the_cutlass_gemm(monkeypatch):
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_w4a16_model_builds_plain_and_gated_gemvs(monkeypatch, symmetric):
+def test_w4a16_model_builds_plain_and_gated_gemvs_and_the_gemm(monkeypatch, symmetric):
     raw = with_group(W4A16, weights__symmetric=symmetric)
     zeros = "false" if symmetric else "true"
     assert build_names(raw, monkeypatch) == ALWAYS | {
-        f"w4a16_gemv<{BF16}, {zeros}, false>", f"w4a16_gemv<{BF16}, {zeros}, true>"}
+        f"w4a16_gemv<{BF16}, {zeros}, false>", f"w4a16_gemv<{BF16}, {zeros}, true>", f"w4a16_gemm<{BF16}, {zeros}>"}
 
 
 def test_nothing_to_build_on_the_cpu():

@@ -13,9 +13,12 @@ import torch
 from pymllm.quantization.kernels import w4a16
 from pymllm.quantization.kernels.w4a16 import (
     FUSED_MAX_M,
+    GEMM_MAX_M,
+    GEMM_MIN_M,
     GEMV_MAX_M,
     TRITON_MAX_M,
     choose_w4a16_kernel,
+    prepare_w4a16_gemm,
     prepare_w4a16_gemv,
     w4a16_linear,
     w4a16_linear_reference,
@@ -56,6 +59,40 @@ def test_w4a16_kernel_choice():
     assert choose_w4a16_kernel(0, sm80=True, gemv_ok=True, triton_ok=True) == "reference"
 
 
+def test_w4a16_gemm_choice():
+    asked = []
+
+    def faster(answer):
+        return lambda rival: asked.append(rival) or answer
+
+    # Below GEMM_MIN_M the GEMV runs without a measurement, even where the GEMM is ready.
+    assert choose_w4a16_kernel(GEMM_MIN_M - 1, True, True, True, gemm_ok=True, gemm_faster=faster(True)) == "cuda_gemv"
+    assert asked == []
+    # GEMM_MIN_M..64 rows: measured against the GEMV, or against Triton's small-M kernel without the GEMV.
+    for answer, want in ((True, "cuda_gemm"), (False, "cuda_gemv")):
+        for m in (GEMM_MIN_M, GEMV_MAX_M):
+            assert choose_w4a16_kernel(m, True, True, True, gemm_ok=True, gemm_faster=faster(answer)) == want
+    assert choose_w4a16_kernel(48, True, False, True, gemm_ok=True, gemm_faster=faster(False)) == "triton_small_m"
+    assert asked == ["cuda_gemv"] * 4 + ["triton_small_m"]
+    asked.clear()
+    # 65..GEMM_MAX_M: against whichever of the large-M kernel and dequantize + cuBLAS was chosen.
+    assert choose_w4a16_kernel(100, True, True, True, lambda: True, True, faster(False)) == "triton_large_m"
+    assert choose_w4a16_kernel(100, True, True, True, lambda: False, True, faster(True)) == "cuda_gemm"
+    assert choose_w4a16_kernel(GEMM_MAX_M, True, True, True, lambda: False, True, faster(False)) == "dequant_cublas"
+    assert asked == ["triton_large_m", "dequant_cublas", "dequant_cublas"]
+    # Without Triton the GEMM needs no measurement against the reference; past its rows it is not asked.
+    assert choose_w4a16_kernel(200, True, False, False, gemm_ok=True, gemm_faster=faster(False)) == "cuda_gemm"
+    assert choose_w4a16_kernel(GEMM_MAX_M + 1, True, True, True, gemm_ok=True, gemm_faster=faster(True)) == "dequant_cublas"
+    assert choose_w4a16_kernel(100, False, True, True, gemm_ok=True, gemm_faster=faster(True)) == "reference"
+    assert len(asked) == 3
+
+
+def test_w4a16_gemm_limits_are_within_the_kernel():
+    gemm_module = pytest.importorskip("mllm_kernel.cuda.jit.w4a16_gemm")
+    assert 1 < GEMM_MIN_M <= GEMV_MAX_M < GEMM_MAX_M
+    assert gemm_module.TILE_MS[0] < GEMM_MIN_M
+
+
 def test_w4a16_triton_limit_mirrors_the_kernel():
     w4a16_triton = pytest.importorskip("pymllm.quantization.kernels.w4a16_triton")
     assert w4a16_triton.MAX_M == TRITON_MAX_M
@@ -73,6 +110,8 @@ def test_w4a16_gemv_prepare_is_off_without_cuda():
     q = torch.zeros(32, 64, dtype=torch.int32)
     s = torch.ones(2, 64, dtype=torch.bfloat16)
     assert w4a16.gemv_fits(x, q, s, None, 128, None) is False  # CPU tensors
+    assert prepare_w4a16_gemm(torch.device("cpu"), torch.bfloat16, True) is False
+    assert w4a16.gemm_fits(x.expand(32, 256), q, s, None, 128, None) is False
 
 
 def _layer(m: int, k: int = 256, n: int = 64, group: int = 128, dtype=torch.bfloat16):
@@ -173,6 +212,49 @@ def test_w4a16_linear_measures_the_large_m_kernel_once_per_row_bucket(measured):
     assert len(measured["timed"]) == 6 and measured["ran"][-1] == ("dequantize", 64)
 
 
+@pytest.fixture
+def gemm_routed(monkeypatch, routed):
+    """``routed`` plus the tensor-core GEMM ready for GEMM_MIN_M..GEMM_MAX_M rows, a scripted chooser
+    (the GEMM, timed as "gemv", takes 10 us; its rival 20 us, or gemm_us) and recorded GEMM calls."""
+    gemm_module = pytest.importorskip("mllm_kernel.cuda.jit.w4a16_gemm")
+    from pymllm.layers.kernels import gemv_dispatch
+
+    log = {"timed": [], "gemm": [], "rival_us": 20.0}
+
+    def timer(impl, calls):
+        log["timed"].append(impl)
+        return (10.0 if impl == "gemv" else log["rival_us"]) * 1e-6
+
+    def fake_gemm(x, qweight, scales, zeros, group, bias=None, out=None, splits=None, tile_m=None, validate=True):
+        log["gemm"].append((x.shape[0], qweight.shape[1], validate))
+        return w4a16_linear_reference(x, qweight, scales, zeros, group, bias)
+
+    monkeypatch.setattr(gemv_dispatch, "CHOOSER", gemv_dispatch.GemvChooser(timer))
+    monkeypatch.setattr(gemm_module, "w4a16_gemm", fake_gemm)
+    monkeypatch.setattr(w4a16, "gemm_fits", lambda x, *rest: GEMM_MIN_M <= x.shape[0] <= GEMM_MAX_M)
+    return log
+
+
+def test_w4a16_linear_takes_the_gemm_where_it_measures_faster(gemm_routed, routed):
+    for m in (GEMM_MIN_M, GEMM_MIN_M + 3):  # one 16-row bucket: measured once, then kept
+        args = _layer(m)
+        torch.testing.assert_close(w4a16_linear(*args).float(), w4a16_linear_reference(*args).float())
+    assert gemm_routed["timed"] == ["gemv", "gemm"]
+    assert gemm_routed["gemm"] == [(GEMM_MIN_M, 64, False), (GEMM_MIN_M + 3, 64, False)] and routed == []
+    # Where the GEMV measures faster it stays, and the gated GEMV keeps gate/up layers.
+    gemm_routed["rival_us"] = 10.0
+    w4a16_linear(*_layer(64, n=128))
+    assert routed == [((64, 256), False)]
+    assert w4a16.w4a16_swiglu(*_layer(64, n=128)) is not None and routed[-1][0] == "gated"
+    # Where the GEMM won, the gate/up layer declines the gated GEMV: GEMM, then the SiLU-and-mul.
+    gemm_routed["rival_us"] = 20.0
+    assert w4a16.w4a16_swiglu(*_layer(50, n=256)) is None
+    assert len(gemm_routed["gemm"]) == 2
+    # Up to 16 rows the GEMV runs unmeasured.
+    w4a16_linear(*_layer(GEMM_MIN_M - 1))
+    assert routed[-1] == ((GEMM_MIN_M - 1, 256), False) and len(gemm_routed["timed"]) == 6
+
+
 def test_large_m_tiles_follow_the_sweep(monkeypatch):
     w4a16_triton = pytest.importorskip("pymllm.quantization.kernels.w4a16_triton")
     monkeypatch.setattr(w4a16_triton, "sm_count_of", lambda device: 132)
@@ -264,3 +346,44 @@ def test_gated_gemv_equals_the_gemv_then_the_silu_mul_kernel_bit_for_bit(m):
     got = w4a16.w4a16_swiglu(x, qweight, scales, zeros, group, bias)
     assert got is not None, "the gated GEMV did not run"
     assert torch.equal(got, silu_and_mul(w4a16_linear(x, qweight, scales, zeros, group, bias)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("with_zeros", [False, True])
+def test_w4a16_linear_with_and_without_the_gemm_on_gpu(monkeypatch, with_zeros):
+    """Real kernels: whichever way the measurement goes, GEMM_MIN_M..GEMM_MAX_M rows match the
+    reference, and the tensor-core GEMM runs exactly where it won (a scripted chooser decides)."""
+    gemm_module = pytest.importorskip("mllm_kernel.cuda.jit.w4a16_gemm")
+    from pymllm.layers.kernels import gemv_dispatch
+
+    assert w4a16.prepare_w4a16_gemm(torch.device("cuda"), torch.bfloat16, with_zeros)  # its self-test runs uncounted
+    ran = []
+    real_gemm = gemm_module.w4a16_gemm
+
+    def counted(*args, **kwargs):
+        ran.append(args[0].shape[0])
+        return real_gemm(*args, **kwargs)
+
+    monkeypatch.setattr(gemm_module, "w4a16_gemm", counted)
+    n, k, group = 6144, 4096, 128
+    gen = torch.Generator().manual_seed(3)
+    raw = torch.randint(0, 256, (k // 8, n, 4), generator=gen, dtype=torch.uint8)
+    qweight = raw.view(torch.int32).reshape(k // 8, n).cuda()
+    scales = (torch.rand(k // group, n, generator=gen) * 0.02 + 0.002).bfloat16().cuda()
+    zeros = torch.randint(-8, 8, (k // group, n), generator=gen).bfloat16().cuda() if with_zeros else None
+    bias = torch.randn(n, generator=gen).bfloat16().cuda()
+    for gemm_wins in (True, False):
+        def timer(impl, calls, gemm_wins=gemm_wins):  # "gemv" is the candidate side: the GEMM (or large-M Triton)
+            return (1.0 if (impl == "gemv") == gemm_wins else 2.0) * 1e-6
+
+        monkeypatch.setattr(gemv_dispatch, "CHOOSER", gemv_dispatch.GemvChooser(timer))
+        ran.clear()
+        rows = (GEMM_MIN_M, 64, 100, GEMM_MAX_M)
+        for m in rows:
+            x = torch.randn(m, k, device="cuda").bfloat16()
+            got = w4a16_linear(x, qweight, scales, zeros, group, bias).double()
+            want = x.double() @ w4a16.dequantize_wna16_reference(qweight, scales, zeros, group, torch.float64)
+            want = want + bias.double()
+            error = ((got - want).abs().max() / want.abs().max()).item()
+            assert error < 1e-2, (m, gemm_wins, error)
+        assert ran == (list(rows) if gemm_wins else []), gemm_wins

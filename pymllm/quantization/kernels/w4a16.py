@@ -37,6 +37,14 @@ TRITON_MAX_M = 64  # w4a16_triton.MAX_M (not imported here: that would import Tr
 # Rows up to which the large-M Triton kernel is measured against dequantize + cuBLAS (T190, H100:
 # it lost on every Qwen3-8B layer at 512 rows).
 FUSED_MAX_M = 256
+# Rows for which mllm_kernel's tensor-core W4A16 GEMM (``w4a16_gemm``) is measured against the
+# kernel chosen otherwise. Up to 16 rows the GEMV's one or two MMA row groups unpack each weight
+# once, as the GEMM does; at 17..32 rows the GEMM measured up to 10 % faster on its own but the
+# decode step with it was 2 % slower (H100, Qwen3-8B, 32 requests, T196: graph 5.211 against
+# 5.110 ms), so the GEMV keeps them. Past 256 rows the Triton kernel or cuBLAS after dequantizing
+# won every Qwen3-8B layer (T195: down 119 against 96 / 104 us at 256 rows).
+GEMM_MIN_M = 33
+GEMM_MAX_M = 256
 
 
 def fused_rows_bucket(m: int) -> int:
@@ -110,24 +118,31 @@ def fast_path_supported(x: torch.Tensor, n: int, k: int, group: int) -> bool:
 
 
 def choose_w4a16_kernel(m: int, sm80: bool, gemv_ok: bool, triton_ok: bool,
-                        fused_faster: Callable[[], bool] = lambda: False) -> str:
-    """Which W4A16 GEMM runs: "cuda_gemv", "triton_small_m", "triton_large_m", "dequant_cublas" or
-    "reference".
+                        fused_faster: Callable[[], bool] = lambda: False, gemm_ok: bool = False,
+                        gemm_faster: Callable[[str], bool] = lambda rival: False) -> str:
+    """Which W4A16 GEMM runs: "cuda_gemv", "cuda_gemm", "triton_small_m", "triton_large_m",
+    "dequant_cublas" or "reference".
 
     gemv_ok: the CUDA GEMV is ready on this device and takes these arguments; triton_ok: the
     Triton kernels can run them (``fast_path_supported``); fused_faster: whether the large-M
-    kernel measures faster than dequantize + cuBLAS here (asked only for 65..FUSED_MAX_M rows).
+    kernel measures faster than dequantize + cuBLAS here (asked only for 65..FUSED_MAX_M rows);
+    gemm_ok: the CUDA tensor-core GEMM is ready and takes them (GEMM_MIN_M..GEMM_MAX_M rows);
+    gemm_faster(rival): whether it measures faster than the kernel chosen without it.
     The GEMV streams the weights in one launch and beats the Triton kernel at decode sizes
     (bench_w4a16_gemv.py); the small-M Triton kernel takes M <= 64 where the GEMV cannot run."""
     if m == 0 or not sm80:
         return "reference"
     if m <= GEMV_MAX_M and gemv_ok:
-        return "cuda_gemv"
-    if not triton_ok:
-        return "reference"
-    if m <= TRITON_MAX_M:
-        return "triton_small_m"
-    return "triton_large_m" if m <= FUSED_MAX_M and fused_faster() else "dequant_cublas"
+        rival = "cuda_gemv"
+    elif not triton_ok:
+        rival = "reference"
+    elif m <= TRITON_MAX_M:
+        rival = "triton_small_m"
+    else:
+        rival = "triton_large_m" if m <= FUSED_MAX_M and fused_faster() else "dequant_cublas"
+    if gemm_ok and GEMM_MIN_M <= m <= GEMM_MAX_M and (rival == "reference" or gemm_faster(rival)):
+        return "cuda_gemm"
+    return rival
 
 
 def fused_measured_faster(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -156,6 +171,83 @@ def _dequant_cublas(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
 
     w = w4a16_triton.w4a16_dequantize(qweight, scales, zeros, group, x.dtype)
     return torch.addmm(bias, x, w) if bias is not None else x @ w
+
+
+def _rival_call(rival: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                zeros: Optional[torch.Tensor], group: int, bias: Optional[torch.Tensor]) -> Callable[[], object]:
+    from pymllm.quantization.kernels import w4a16_triton
+
+    if rival == "cuda_gemv":
+        from mllm_kernel.cuda.jit.w4a16_gemv import w4a16_gemv
+
+        return lambda: w4a16_gemv(x, qweight, scales, zeros, group, bias, validate=False)
+    if rival == "triton_small_m":
+        return lambda: w4a16_triton.w4a16_gemm_small_m(x, qweight, scales, zeros, group, bias)
+    if rival == "triton_large_m":
+        return lambda: w4a16_triton.w4a16_gemm_large_m(x, qweight, scales, zeros, group, bias)
+    return lambda: _dequant_cublas(x, qweight, scales, zeros, group, bias)
+
+
+def gemm_measured_faster(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                         zeros: Optional[torch.Tensor], group: int, bias: Optional[torch.Tensor], rival: str) -> bool:
+    """Whether mllm_kernel's tensor-core GEMM beats ``rival`` (a choose_w4a16_kernel name) for this
+    layer shape and row bucket, measured once per (device, dtype, N, K, ``fused_rows_bucket``) as
+    ``fused_measured_faster`` measures; a shape first seen inside a capture keeps the rival."""
+    from pymllm.layers.kernels.gemv_dispatch import CHOOSER
+
+    n, k = qweight.shape[1], qweight.shape[0] * 8
+    key = (f"w4a16 GEMM vs {rival}", x.device, x.dtype, n, k, fused_rows_bucket(x.shape[0]))
+
+    def make_call(impl: str, words: torch.Tensor) -> Callable[[], object]:
+        if impl == "gemm":
+            return _rival_call(rival, x, words, scales, zeros, group, bias)
+        from mllm_kernel.cuda.jit.w4a16_gemm import w4a16_gemm
+
+        return lambda: w4a16_gemm(x, words, scales, zeros, group, bias, validate=False)
+
+    return CHOOSER.use_gemv(key, qweight, make_call, labels=("tensor-core GEMM", rival.replace("_", " ")))
+
+
+def _gemm_self_test(device: torch.device, dtype: torch.dtype, with_zeros: bool) -> None:
+    from mllm_kernel.cuda.jit.w4a16_gemm import w4a16_gemm, w4a16_gemm_reference
+
+    gen = torch.Generator().manual_seed(0)
+    k, n, group = 1024, 132, 64  # a partial column tile; 2 K splits of 8 tiles each
+    raw = torch.randint(0, 256, (k // 8, n, 4), generator=gen, dtype=torch.uint8)
+    qweight = raw.view(torch.int32).reshape(k // 8, n).to(device)
+    scales = (torch.rand(k // group, n, generator=gen) * 0.02 + 0.002).to(device=device, dtype=dtype)
+    zeros = torch.randint(-8, 8, (k // group, n), generator=gen).to(device=device, dtype=dtype) if with_zeros else None
+    bias = torch.randn(n, generator=gen).to(device=device, dtype=dtype)
+    for rows in (GEMM_MIN_M, 70):  # a partial row tile; two row tiles, the second partial
+        x = torch.randn(rows, k, generator=gen).to(device=device, dtype=dtype)
+        got = w4a16_gemm(x, qweight, scales, zeros, group, bias, splits=2).double()
+        want = w4a16_gemm_reference(x, qweight, scales, zeros, group, bias).double()
+        error = ((got - want).abs().max() / want.abs().max()).item()
+        if not error < 2e-2:  # also catches NaN
+            raise RuntimeError(f"{rows} rows: results differ from the PyTorch reference (relative error {error:.3g})")
+
+
+def prepare_w4a16_gemm(device: torch.device, dtype: torch.dtype, with_zeros: bool) -> bool:
+    """Build, self-test and allocate the split-K workspace of the CUDA tensor-core GEMM for this
+    device, dtype and zero-point mode, once; False, with a warning, when it cannot be used."""
+    from pymllm.layers.kernels.gemv_dispatch import prepare_kernel
+
+    kind = "W4A16 tensor-core GEMM" + (" (zero points)" if with_zeros else "")
+    return prepare_kernel(kind, device, dtype, lambda: _gemm_self_test(device, dtype, with_zeros))
+
+
+def gemm_fits(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+              group: int, bias: Optional[torch.Tensor]) -> bool:
+    """The CUDA tensor-core GEMM takes these arguments here (GEMM_MIN_M..GEMM_MAX_M rows, dtypes,
+    layouts, alignment) and is ready."""
+    if not (x.is_cuda and x.dim() == 2 and GEMM_MIN_M <= x.shape[0] <= GEMM_MAX_M):
+        return False
+    try:
+        from mllm_kernel.cuda.jit.w4a16_gemm import supported
+    except ImportError:  # mllm_kernel or tvm_ffi missing
+        return False
+    return supported(x, qweight, scales, zeros, group, bias) and prepare_w4a16_gemm(x.device, x.dtype,
+                                                                                  zeros is not None)
 
 
 def _gemv_self_test(device: torch.device, dtype: torch.dtype, with_zeros: bool, gated: bool = False) -> None:
@@ -216,24 +308,20 @@ def w4a16_linear(
     n = qweight.shape[1]
     sm80 = cuda_capability(x.device) >= (8, 0)  # (0, 0) off CUDA
     gemv_ok = sm80 and gemv_fits(x, qweight, scales, zeros, group, bias)  # it checks the rows too
+    gemm_ok = sm80 and gemm_fits(x, qweight, scales, zeros, group, bias)  # so does this
     # The Triton capability check only matters where the GEMV does not run (every decode call
     # would otherwise pay for it).
     triton_ok = sm80 and not gemv_ok and fast_path_supported(x, n, k, group)
     choice = choose_w4a16_kernel(
-        m, sm80, gemv_ok, triton_ok, lambda: fused_measured_faster(x, qweight, scales, zeros, group, bias))
-    if choice == "cuda_gemv":
-        from mllm_kernel.cuda.jit.w4a16_gemv import w4a16_gemv
+        m, sm80, gemv_ok, triton_ok, lambda: fused_measured_faster(x, qweight, scales, zeros, group, bias),
+        gemm_ok, lambda rival: gemm_measured_faster(x, qweight, scales, zeros, group, bias, rival))
+    if choice == "cuda_gemm":
+        from mllm_kernel.cuda.jit.w4a16_gemm import w4a16_gemm
 
-        return w4a16_gemv(x, qweight, scales, zeros, group, bias, validate=False)  # gemv_fits validated
-    if choice == "reference":
-        return w4a16_linear_reference(x, qweight, scales, zeros, group, bias)
-    if choice == "dequant_cublas":
-        return _dequant_cublas(x, qweight, scales, zeros, group, bias)
-    from pymllm.quantization.kernels import w4a16_triton
-
-    if choice == "triton_small_m":
-        return w4a16_triton.w4a16_gemm_small_m(x, qweight, scales, zeros, group, bias)
-    return w4a16_triton.w4a16_gemm_large_m(x, qweight, scales, zeros, group, bias)
+        return w4a16_gemm(x, qweight, scales, zeros, group, bias, validate=False)  # gemm_fits validated
+    if choice in ("cuda_gemv", "triton_small_m", "triton_large_m", "dequant_cublas"):
+        return _rival_call(choice, x, qweight, scales, zeros, group, bias)()
+    return w4a16_linear_reference(x, qweight, scales, zeros, group, bias)
 
 
 def w4a16_swiglu(
@@ -251,6 +339,9 @@ def w4a16_swiglu(
     # gemv_fits checks the rows (1..GEMV_MAX_M), the device and the arguments.
     if cuda_capability(x.device) < (8, 0) or not gemv_fits(x, qweight, scales, zeros, group, bias, gated=True):
         return None
+    if gemm_fits(x, qweight, scales, zeros, group, bias) and gemm_measured_faster(
+            x, qweight, scales, zeros, group, bias, "cuda_gemv"):
+        return None  # w4a16_linear takes the tensor-core GEMM, then the SiLU-and-mul runs
     from mllm_kernel.cuda.jit.w4a16_gemv import w4a16_gemv
 
     return w4a16_gemv(x, qweight, scales, zeros, group, bias, validate=False, gated=True)

@@ -64,8 +64,10 @@ WORKSPACE_FLOATS = 1 << 21  # 8 MiB: gate_up's 384 tiles x 3 splits x 16 rows x 
 MAX_TILES = 8192  # counters (int32)
 
 
-def _problem(x, qweight, scales, zeros, group, bias, out, gated=False) -> Optional[Tuple[type, str]]:
-    """The first reason these arguments cannot run, as (exception type, message), or None."""
+def _problem(x, qweight, scales, zeros, group, bias, out, gated=False,
+             max_m: Optional[int] = MAX_M) -> Optional[Tuple[type, str]]:
+    """The first reason these arguments cannot run, as (exception type, message), or None;
+    ``max_m`` None: any number of rows (w4a16_gemm's check)."""
     for name, t in (("x", x), ("qweight", qweight), ("scales", scales)):
         if not isinstance(t, torch.Tensor):
             return TypeError, f"{name} must be a torch.Tensor, got {type(t).__name__}"
@@ -74,8 +76,9 @@ def _problem(x, qweight, scales, zeros, group, bias, out, gated=False) -> Option
     if x.dim() != 2:
         return ValueError, f"x must be 2-D [M, K], got shape {tuple(x.shape)}"
     m, k = x.shape
-    if not 1 <= m <= MAX_M:
-        return ValueError, f"x must have 1..{MAX_M} rows (M), got {m}"
+    if m < 1 or (max_m is not None and m > max_m):
+        rows = f"1..{max_m}" if max_m is not None else "at least 1"
+        return ValueError, f"x must have {rows} rows (M), got {m}"
     if k <= 0 or k % 8:
         return ValueError, f"K (x.shape[1] = {k}) must be a positive multiple of 8"
     if x.stride(1) != 1 or (m > 1 and x.stride(0) % 8) or x.data_ptr() % 16:

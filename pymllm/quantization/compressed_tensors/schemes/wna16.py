@@ -20,7 +20,7 @@ from pymllm.layers.utils import set_weight_attrs
 from pymllm.quantization.compressed_tensors.schemes.base import CompressedTensorsScheme, replace_parameter
 from pymllm.quantization.compressed_tensors.schemes.shape_check import register_weight_shape
 from pymllm.quantization.kernels.w4a16 import (
-    prepare_w4a16_gemv, repack_wna16, w4a16_add_norm, w4a16_linear, w4a16_normed, w4a16_swiglu,
+    prepare_w4a16_gemm, prepare_w4a16_gemv, repack_wna16, w4a16_add_norm, w4a16_linear, w4a16_normed, w4a16_swiglu,
     w4a16_takes_deferred_norm,
 )
 
@@ -79,8 +79,10 @@ class WNA16Scheme(CompressedTensorsScheme):
         if zeros is not None:
             replace_parameter(layer, "weight_zero_point", zeros)
         delattr(layer, "weight_shape")
-        # Decode GEMV: JIT build + self-test + workspace now, not in the first request or capture.
+        # Decode GEMV and batch GEMM: JIT build + self-test + workspace now, not in the first
+        # request or capture.
         prepare_w4a16_gemv(qweight.device, self.params_dtype, zeros is not None)
+        prepare_w4a16_gemm(qweight.device, self.params_dtype, zeros is not None)
         if self.gate_up:
             prepare_w4a16_gemv(qweight.device, self.params_dtype, zeros is not None, gated=True)
 

@@ -1,0 +1,117 @@
+// w4a16_gemm's host side: argument checks, the split's bounds and the launch. The kernel and the
+// layout it reads are described in w4a16_gemm_kernel.cuh.
+#pragma once
+
+#include "w4a16_gemm/w4a16_gemm_kernel.cuh"
+#include "w4a16_gemv/w4a16_gemv.cuh"  // the shared host-side checks
+
+namespace mllm_kernel {
+namespace w4a16_gemm_detail {
+
+template <typename T, int kGroups, bool kHasZero>
+void launch(const Params& p, dim3 grid, cudaStream_t stream, bool pdl, int device) {
+  auto kernel = w4a16_gemm_kernel<T, kGroups, kHasZero>;
+  constexpr int bytes = smem_bytes(8 * kGroups);
+  static bool granted[64] = {};
+  TVM_FFI_CHECK(device < 64, ValueError) << "w4a16_gemm: device index " << device << " out of range";
+  if (!granted[device]) {  // past 48 KiB of dynamic shared memory a kernel must opt in, once per device
+    TVM_FFI_CHECK_CUDA_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    granted[device] = true;
+  }
+  launch_kernel(kernel, grid, dim3(kThreads), bytes, stream, pdl, p);
+}
+
+}  // namespace w4a16_gemm_detail
+
+// out [M, N] = x [M, K] @ dequant(qweight, scales, zeros) (+ bias). tile_m (16, 32 or 64) is the
+// block's row tile; splits the number of K chunks (each a multiple of 64 k); partials (float32)
+// and counters (int32, zero between launches) the split-K workspace; pdl launches the kernel as a
+// programmatic dependent (SM90+). N must be a multiple of 4, K of 64.
+template <typename T, bool kHasZero>
+void w4a16_gemm(TensorView out, TensorView x, TensorView qweight, TensorView scales, Optional<TensorView> zeros,
+                Optional<TensorView> bias, TensorView partials, TensorView counters, int64_t group, int64_t splits,
+                int64_t tile_m, bool pdl) {
+  using namespace w4a16_gemm_detail;
+  using w4a16_gemv_detail::aligned;
+  using w4a16_gemv_detail::check_matrix;
+  using w4a16_gemv_detail::dtype_code;
+  using w4a16_gemv_detail::has_dtype;
+  constexpr uint8_t code = dtype_code<T>();
+  TVM_FFI_CHECK(has_dtype(x, code, 16) && x.ndim() == 2, TypeError)
+      << "w4a16_gemm: x must be [M, K] of the kernel dtype";
+  const int64_t m = x.size(0);
+  const int64_t k = x.size(1);
+  TVM_FFI_CHECK(m >= 1 && m < (int64_t{1} << 31), ValueError) << "w4a16_gemm: x must have at least one row";
+  TVM_FFI_CHECK(k > 0 && k % kTileK == 0, ValueError) << "w4a16_gemm: K must be a positive multiple of " << kTileK;
+  TVM_FFI_CHECK(x.stride(1) == 1 && x.stride(0) % 8 == 0 && aligned(x, 16), ValueError)
+      << "w4a16_gemm: x needs dense rows, a row stride of a multiple of 8 elements and 16-byte alignment";
+  TVM_FFI_CHECK(qweight.ndim() == 2, ValueError) << "w4a16_gemm: qweight must be [K/8, N]";
+  const int64_t n = qweight.size(1);
+  TVM_FFI_CHECK(n > 0 && n % 4 == 0, ValueError) << "w4a16_gemm: N must be a positive multiple of 4";
+  TVM_FFI_CHECK((k / 8) * n < (int64_t{1} << 31) && m * n < (int64_t{1} << 40), ValueError)
+      << "w4a16_gemm: qweight must have fewer than 2^31 words";
+  check_matrix(qweight, "qweight", k / 8, n, kDLInt, 32, 16);
+  const bool group_ok = group == k || (group >= 32 && (group & (group - 1)) == 0 && k % group == 0);
+  TVM_FFI_CHECK(group_ok, ValueError) << "w4a16_gemm: group must be K or a power of two >= 32 dividing K";
+  check_matrix(scales, "scales", k / group, n, code, 16, 8);
+  TVM_FFI_CHECK(zeros.has_value() == kHasZero, ValueError) << "w4a16_gemm: zeros given to the wrong instance";
+  if (kHasZero) check_matrix(zeros.value(), "zeros", k / group, n, code, 16, 8);
+  if (bias.has_value()) {
+    const TensorView& b = bias.value();
+    TVM_FFI_CHECK(has_dtype(b, code, 16) && b.ndim() == 1 && b.size(0) == n && b.IsContiguous(), ValueError)
+        << "w4a16_gemm: bias must be a contiguous [N] tensor of x's dtype";
+  }
+  check_matrix(out, "out", m, n, code, 16, 4);
+  TVM_FFI_CHECK(tile_m == 16 || tile_m == 32 || tile_m == 64, ValueError) << "w4a16_gemm: tile_m must be 16, 32 or 64";
+  const int64_t k_tiles = k / kTileK;
+  TVM_FFI_CHECK(splits >= 1 && splits <= 65535 && k_tiles % splits == 0, ValueError)
+      << "w4a16_gemm: splits must divide K / " << kTileK << " = " << k_tiles;
+  const int64_t row_tiles = ceil_div(m, tile_m);
+  const int64_t col_tiles = ceil_div(n, kTileN);
+  const int64_t slots = row_tiles * col_tiles;
+  TVM_FFI_CHECK(slots < (int64_t{1} << 31), ValueError) << "w4a16_gemm: too many tiles";
+  if (splits > 1) {
+    TVM_FFI_CHECK(has_dtype(partials, kDLFloat, 32) && partials.IsContiguous() && has_dtype(counters, kDLInt, 32) &&
+                      counters.IsContiguous(), TypeError)
+        << "w4a16_gemm: the workspace must be contiguous float32 partials and int32 counters";
+    TVM_FFI_CHECK(slots <= counters.numel() && slots * splits * tile_m * kTileN <= partials.numel(), ValueError)
+        << "w4a16_gemm: the workspace is too small for " << splits << " splits of " << slots << " tiles";
+  }
+
+  int group_shift = 31;
+  if (group != k) {
+    group_shift = 0;
+    while ((int64_t{1} << group_shift) < group) ++group_shift;
+  }
+  Params p{};
+  p.qweight = reinterpret_cast<const uint32_t*>(byte_ptr(qweight));
+  p.x = reinterpret_cast<const uint16_t*>(byte_ptr(x));
+  p.scales = reinterpret_cast<const uint16_t*>(byte_ptr(scales));
+  p.zeros = kHasZero ? reinterpret_cast<const uint16_t*>(byte_ptr(zeros.value())) : nullptr;
+  p.bias = bias.has_value() ? reinterpret_cast<const uint16_t*>(byte_ptr(bias.value())) : nullptr;
+  p.out = reinterpret_cast<uint16_t*>(byte_ptr(out));
+  p.partials = reinterpret_cast<float*>(byte_ptr(partials));
+  p.counters = reinterpret_cast<unsigned*>(byte_ptr(counters));
+  p.x_stride = x.stride(0);
+  p.m = static_cast<int>(m);
+  p.n = static_cast<int>(n);
+  p.k = static_cast<int>(k);
+  p.row_tiles = static_cast<int>(row_tiles);
+  p.k_chunk = static_cast<int>(k / splits);
+  p.splits = static_cast<int>(splits);
+  p.group_shift = group_shift;
+
+  const int device = x.device().device_id;
+  tvm::ffi::CUDADeviceGuard guard(device);
+  const cudaStream_t stream = current_stream(x);
+  const dim3 grid(static_cast<unsigned>(slots), static_cast<unsigned>(splits));
+  if (tile_m == 16) {
+    launch<T, 2, kHasZero>(p, grid, stream, pdl, device);
+  } else if (tile_m == 32) {
+    launch<T, 4, kHasZero>(p, grid, stream, pdl, device);
+  } else {
+    launch<T, 8, kHasZero>(p, grid, stream, pdl, device);
+  }
+}
+
+}  // namespace mllm_kernel

@@ -1,0 +1,178 @@
+"""w4a16_gemm: tensor-core GEMM with 4-bit weights for batches of tens to hundreds of rows.
+
+    out [M, N] = x [M, K] @ W (+ bias),   W[k, n] = (q[k, n] - 8 - zeros[k // G, n]) * scales[k // G, n]
+
+The layout is w4a16_gemv's (qweight [K/8, N] int32, scales / zeros [K/G, N] in x's dtype). Each
+weight is dequantized to x's dtype once per row tile of 16, 32 or 64 rows ((q - 8 - zero) * scale
+rounded once, as ``w4a16_dequantize`` rounds it) and multiplied on tensor cores (mma.sync, SM80+)
+with fp32 accumulation; activation and weight tiles are staged through shared memory by cp.async.
+The GEMV re-reads and re-unpacks every weight for each further 16 rows, so from a few tens of rows
+this kernel does the same work with a fraction of the instructions.
+
+Split K runs in the same launch (a per-device workspace, as w4a16_gemv's: the first call must
+happen outside CUDA graph capture; launches on one device must be ordered). On SM90+ it launches
+as a programmatic dependent (mllm_kernel.pdl).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from mllm_kernel.cuda.jit.w4a16_gemv import _problem, _sm_count, unpack_int4
+from mllm_kernel.jit_utils import BuildStep, JitKernel, jit
+from mllm_kernel.pdl import use_pdl
+
+_OP = "w4a16_gemm"
+# Mirrors of the kernel's tiling (w4a16_gemm_kernel.cuh).
+TILE_N = 128
+TILE_K = 64
+TILE_MS = (16, 32, 64)
+# Split-K workspace: fp32 partials of (slots x splits x tile_m x TILE_N) and one counter per slot.
+WORKSPACE_FLOATS = 1 << 21  # 8 MiB
+MAX_SLOTS = 4096
+# A split keeps at least this many K tiles, so its pipeline (4 stages) runs past its prologue.
+MIN_K_TILES_PER_SPLIT = 8
+
+
+def tile_rows(m: int, n: int, sm_count: int) -> int:
+    """The row tile for m rows of N columns, from the sweep of run T195 (H100, Qwen3-8B layers):
+    16 up to 16 rows, and up to 32 where 32-row tiles would leave SMs idle; 64 once 64-row tiles
+    give every SM about three blocks (gate_up from 96 rows, every layer at prefill sizes); else 32."""
+    cols = -(-n // TILE_N)
+    if m <= 16 or (m <= 32 and cols < sm_count):
+        return 16
+    if 10 * -(-m // 64) * cols >= 29 * sm_count:
+        return 64
+    return 32
+
+
+def plan(m: int, n: int, k: int, sm_count: int) -> Tuple[int, int]:
+    """(tile_m, splits) for a launch: K is split (in powers of two dividing K / 64, each split at
+    least MIN_K_TILES_PER_SPLIT tiles, within the workspace) while the blocks number fewer than
+    ~1.9 per SM (T195: the best split per shape kept 1.5-4 blocks per SM; splitting Qwen3-8B's
+    o_proj at 256 rows, 256 blocks, in two was 17 % slower)."""
+    tile_m = tile_rows(m, n, sm_count)
+    slots = -(-m // tile_m) * -(-n // TILE_N)
+    k_tiles = k // TILE_K
+    splits = 1
+    while (10 * slots * splits < 19 * sm_count and k_tiles % (2 * splits) == 0
+           and k_tiles // (2 * splits) >= MIN_K_TILES_PER_SPLIT and slots <= MAX_SLOTS
+           and slots * 2 * splits * tile_m * TILE_N <= WORKSPACE_FLOATS):
+        splits *= 2
+    return tile_m, splits
+
+
+@functools.lru_cache(maxsize=4096)
+def _auto_plan(m: int, n: int, k: int, device_index: int) -> Tuple[int, int]:
+    return plan(m, n, k, _sm_count(device_index))
+
+
+def _gemm_problem(x, qweight, scales, zeros, group, bias, out) -> Optional[Tuple[type, str]]:
+    if isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[1] % TILE_K:
+        return ValueError, f"K (x.shape[1] = {x.shape[1]}) must be a multiple of {TILE_K}"
+    problem = _problem(x, qweight, scales, zeros, group, bias, out, max_m=None)
+    if problem is not None and "CUDA only" in problem[1]:
+        return ValueError, f"CUDA only, got tensors on {x.device}; use w4a16_gemm_reference"
+    return problem
+
+
+def supported(x, qweight, scales, zeros, group, bias=None) -> bool:
+    """Whether w4a16_gemm takes these arguments (the dispatcher's shape/layout test)."""
+    return _gemm_problem(x, qweight, scales, zeros, group, bias, None) is None
+
+
+def check_arguments(x, qweight, scales, zeros, group, bias=None, out=None) -> None:
+    """Raise TypeError/ValueError naming the first argument w4a16_gemm cannot take."""
+    problem = _gemm_problem(x, qweight, scales, zeros, group, bias, out)
+    if problem is not None:
+        error, message = problem
+        raise error(f"{_OP}: {message}")
+
+
+_workspaces: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def workspace(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 partials, int32 counters) for ``device``, allocated on first use outside graph capture."""
+    buffers = _workspaces.get(device)
+    if buffers is None:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"{_OP}: call it once on {device} before CUDA graph capture, so its workspace "
+                               "is allocated outside the graph")
+        buffers = (torch.empty(WORKSPACE_FLOATS, dtype=torch.float32, device=device),
+                   torch.zeros(MAX_SLOTS, dtype=torch.int32, device=device))
+        _workspaces[device] = buffers
+    return buffers
+
+
+@jit("w4a16_gemm", entry="mllm_kernel::w4a16_gemm", cuda_sources=["cuda/csrc/w4a16_gemm/w4a16_gemm.cuh"])
+def w4a16_gemm(
+    kernel: JitKernel,
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: Optional[torch.Tensor],
+    group: int,
+    bias: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    splits: Optional[int] = None,
+    tile_m: Optional[int] = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """x [M, K] (K a multiple of 64) @ W (+ bias) -> [M, N] in x's dtype; see the module docstring.
+    ``out`` (contiguous [M, N]) is written in place when given. ``splits`` (dividing K / 64) and
+    ``tile_m`` (16, 32 or 64) override ``plan`` (benchmarks, tests). ``validate=False`` skips the
+    Python checks for callers that already ran ``supported``."""
+    if tile_m is not None and tile_m not in TILE_MS:
+        raise ValueError(f"{_OP}: tile_m must be one of {TILE_MS}, got {tile_m!r}")
+    if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int) or splits < 1):
+        raise ValueError(f"{_OP}: splits must be a positive int, got {splits!r}")
+    if validate:
+        check_arguments(x, qweight, scales, zeros, group, bias, out)
+    m, k = x.shape
+    n = qweight.shape[1]
+    if splits is not None and (k // TILE_K) % splits:
+        raise ValueError(f"{_OP}: splits ({splits}) must divide K / {TILE_K} = {k // TILE_K}")
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    planned_tile, planned_splits = _auto_plan(m, n, k, device_index)
+    tile_m = tile_m or planned_tile
+    splits = splits or planned_splits
+    partials, counters = workspace(x.device)
+    kernel[x.dtype, zeros is not None](out, x, qweight, scales, zeros, bias, partials, counters, group, splits,
+                                       tile_m, use_pdl(x.device))
+    return out
+
+
+def build_step(dtype: torch.dtype, with_zeros: bool, device: torch.device) -> BuildStep:
+    """The instance calls with these activations and zero-point mode compile."""
+    return w4a16_gemm.kernel[dtype, bool(with_zeros)].build_step(device)
+
+
+def dequantize_reference(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], group: int,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """W [K, N] as the kernel multiplies it: (q - 8 - zero) * scale, exact in float64, rounded once."""
+    rows = torch.arange(qweight.shape[0] * 8, device=qweight.device) // group
+    w = unpack_int4(qweight).double() - 8.0
+    if zeros is not None:
+        w = w - zeros.double()[rows]
+    return (w * scales.double()[rows]).to(dtype)
+
+
+def w4a16_gemm_reference(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: Optional[torch.Tensor],
+    group: int,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Pure-PyTorch equivalent: x times the rounded weights in float64, plus bias, rounded once."""
+    acc = x.double() @ dequantize_reference(qweight, scales, zeros, group, x.dtype).double()
+    if bias is not None:
+        acc = acc + bias.double()
+    return acc.to(x.dtype)
