@@ -357,7 +357,6 @@ def test_w4a16_linear_with_and_without_the_gemm_on_gpu(monkeypatch, with_zeros):
     gemm_module = pytest.importorskip("mllm_kernel.cuda.jit.w4a16_gemm")
     from pymllm.layers.kernels import gemv_dispatch
 
-    assert w4a16.prepare_w4a16_gemm(torch.device("cuda"), torch.bfloat16, with_zeros)  # its self-test runs uncounted
     ran = []
     real_gemm = gemm_module.w4a16_gemm
 
@@ -373,6 +372,8 @@ def test_w4a16_linear_with_and_without_the_gemm_on_gpu(monkeypatch, with_zeros):
     scales = (torch.rand(k // group, n, generator=gen) * 0.02 + 0.002).bfloat16().cuda()
     zeros = torch.randint(-8, 8, (k // group, n), generator=gen).bfloat16().cuda() if with_zeros else None
     bias = torch.randn(n, generator=gen).bfloat16().cuda()
+    # Prepared (built and self-tested) before counting: the preparation is per device as x has it.
+    assert w4a16.prepare_w4a16_gemm(qweight.device, torch.bfloat16, with_zeros)
     for gemm_wins in (True, False):
         def timer(impl, calls, gemm_wins=gemm_wins):  # "gemv" is the candidate side: the GEMM (or large-M Triton)
             return (1.0 if (impl == "gemv") == gemm_wins else 2.0) * 1e-6
