@@ -19,8 +19,11 @@ kernel (dequantizing tile by tile in registers) measures faster for the layer's 
 Triton kernel's slower tensor-core loop (H100, Qwen3-8B, run T190: gate_up 106 against 176 us at
 128 rows and 168 against 184 at 256, down 72 against 98 and 95 against 105, qkv 42 against 54 and
 62 against 58), past it the reverse (512 rows: gate_up 288 against 237; 2,048 rows: about half
-cuBLAS's rate against its 0.85-0.9 with the dequantization). Everything else (CPU, odd shapes)
-uses the reference.
+cuBLAS's rate against its 0.85-0.9 with the dequantization). From GEMM_MIN_M to GEMM_MAX_M rows
+mllm_kernel's tensor-core GEMM (``w4a16_gemm``: each weight dequantized once per row tile) is
+measured against whichever of those would run and replaces it where faster (H100, Qwen3-8B, run
+T204: gate/up and down at 64 rows, gate/up to 192; decode step 6 % faster at 64 requests).
+Everything else (CPU, odd shapes) uses the reference.
 """
 
 from __future__ import annotations

@@ -95,7 +95,6 @@ void w4a16_gemm(TensorView out, TensorView x, TensorView qweight, TensorView sca
   p.x_stride = x.stride(0);
   p.m = static_cast<int>(m);
   p.n = static_cast<int>(n);
-  p.k = static_cast<int>(k);
   p.row_tiles = static_cast<int>(row_tiles);
   p.k_chunk = static_cast<int>(k / splits);
   p.splits = static_cast<int>(splits);

@@ -13,7 +13,7 @@
 // 4g + 2h + 1 for lane g), its 8 B columns activation rows. Its k order differs: lane t's k pairs
 // are adjacent nibbles (2i, 2i + 1) of packed row t (unpack_adjacent), so the B operands are the
 // activations' 16 bytes of that row as they lie in shared memory, with no permute (the GEMV pairs
-// nibble i with i + 4, one instruction cheaper to unpack, and permutes the activations instead:
+// nibble i with i + 4, two instructions per word cheaper to unpack, and permutes the activations:
 // here each unpacked weight meets up to 8 activation groups, so the permutes would cost more).
 // Unlike the GEMV the weights are dequantized to 16 bits before the MMA ((q - 8 - zero) * scale
 // rounded once, exactly as the dequantizer rounds them), so no per-window fp32 fold is needed and
@@ -53,7 +53,6 @@ constexpr int kTileK = 64;            // k per pipeline stage: 8 packed rows, tw
 constexpr int kPackedRows = kTileK / 8;
 constexpr int kStages = 4;
 constexpr int kWeightStageBytes = kPackedRows * kTileN * 4;  // 4 KiB
-constexpr int kMaxTileM = 64;
 
 // A stage: the weight tile, the activation tile, then each 32-k step's row of scales (and of zero
 // points), kTileN 16-bit values each.
@@ -74,7 +73,6 @@ struct Params {
   int64_t x_stride;
   int m;
   int n;
-  int k;
   int row_tiles;    // blockIdx.x = column tile * row_tiles + row tile (row tiles of a column run together)
   int k_chunk;      // k per split, a multiple of kTileK
   int splits;
