@@ -178,12 +178,14 @@ def _dequant_cublas(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
 
 def _rival_call(rival: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                 zeros: Optional[torch.Tensor], group: int, bias: Optional[torch.Tensor]) -> Callable[[], object]:
-    from pymllm.quantization.kernels import w4a16_triton
-
+    """A call of the kernel ``rival`` names (a choose_w4a16_kernel choice other than the GEMM and the
+    reference) on these arguments; Triton is imported only for its kernels."""
     if rival == "cuda_gemv":
         from mllm_kernel.cuda.jit.w4a16_gemv import w4a16_gemv
 
         return lambda: w4a16_gemv(x, qweight, scales, zeros, group, bias, validate=False)
+    from pymllm.quantization.kernels import w4a16_triton
+
     if rival == "triton_small_m":
         return lambda: w4a16_triton.w4a16_gemm_small_m(x, qweight, scales, zeros, group, bias)
     if rival == "triton_large_m":
