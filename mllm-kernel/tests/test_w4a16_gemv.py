@@ -465,7 +465,7 @@ def test_gated_argument_errors():
     with pytest.raises(ValueError, match=r"gated: N \(qweight.shape\[1\] = 60\) must be a multiple of 8"):
         w4a16_gemv(**odd, gated=True)
     assert not module.supported(**odd, gated=True)
-    assert module._problem(**odd, out=None)[1].startswith("CUDA only")  # the plain form takes N = 60
+    assert module.argument_problem(**odd, out=None)[1].startswith("CUDA only")  # the plain form takes N = 60
 
 
 def test_gated_reference_is_the_reference_then_silu_mul():
@@ -486,9 +486,9 @@ def test_gated_reference_is_the_reference_then_silu_mul():
 def test_supported_accepts_valid_cuda_shaped_arguments():
     # Everything but the device is valid: supported() says no on CPU only because of the device.
     args = _valid()
-    assert module._problem(**args, out=None)[1].startswith("CUDA only")
+    assert module.argument_problem(**args, out=None)[1].startswith("CUDA only")
     channel = _with(group=256, scales=torch.ones(1, 64, dtype=torch.bfloat16), zeros=None, bias=None)
-    assert module._problem(**channel, out=None)[1].startswith("CUDA only")
+    assert module.argument_problem(**channel, out=None)[1].startswith("CUDA only")
     odd_k = _with(x=torch.zeros(2, 40, dtype=torch.bfloat16), qweight=torch.zeros(5, 64, dtype=torch.int32),
                   group=40, scales=torch.ones(1, 64, dtype=torch.bfloat16), zeros=None)
-    assert module._problem(**odd_k, out=None)[1].startswith("CUDA only")
+    assert module.argument_problem(**odd_k, out=None)[1].startswith("CUDA only")

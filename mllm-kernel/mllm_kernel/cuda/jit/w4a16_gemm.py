@@ -21,7 +21,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from mllm_kernel.cuda.jit.w4a16_gemv import _problem, _sm_count, unpack_int4
+from mllm_kernel.cuda.jit.w4a16_gemv import argument_problem, sm_count_of, unpack_int4
 from mllm_kernel.jit_utils import BuildStep, JitKernel, jit
 from mllm_kernel.pdl import use_pdl
 
@@ -67,13 +67,13 @@ def plan(m: int, n: int, k: int, sm_count: int) -> Tuple[int, int]:
 
 @functools.lru_cache(maxsize=4096)
 def _auto_plan(m: int, n: int, k: int, device_index: int) -> Tuple[int, int]:
-    return plan(m, n, k, _sm_count(device_index))
+    return plan(m, n, k, sm_count_of(device_index))
 
 
 def _gemm_problem(x, qweight, scales, zeros, group, bias, out) -> Optional[Tuple[type, str]]:
     if isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[1] % TILE_K:
         return ValueError, f"K (x.shape[1] = {x.shape[1]}) must be a multiple of {TILE_K}"
-    problem = _problem(x, qweight, scales, zeros, group, bias, out, max_m=None)
+    problem = argument_problem(x, qweight, scales, zeros, group, bias, out, max_m=None)
     if problem is not None and "CUDA only" in problem[1]:
         return ValueError, f"CUDA only, got tensors on {x.device}; use w4a16_gemm_reference"
     return problem

@@ -64,7 +64,7 @@ WORKSPACE_FLOATS = 1 << 21  # 8 MiB: gate_up's 384 tiles x 3 splits x 16 rows x 
 MAX_TILES = 8192  # counters (int32)
 
 
-def _problem(x, qweight, scales, zeros, group, bias, out, gated=False,
+def argument_problem(x, qweight, scales, zeros, group, bias, out, gated=False,
              max_m: Optional[int] = MAX_M) -> Optional[Tuple[type, str]]:
     """The first reason these arguments cannot run, as (exception type, message), or None;
     ``max_m`` None: any number of rows (w4a16_gemm's check)."""
@@ -135,7 +135,7 @@ def _problem(x, qweight, scales, zeros, group, bias, out, gated=False,
 
 def check_arguments(x, qweight, scales, zeros, group, bias=None, out=None, gated=False) -> None:
     """Raise TypeError/ValueError naming the first argument w4a16_gemv cannot take."""
-    problem = _problem(x, qweight, scales, zeros, group, bias, out, gated)
+    problem = argument_problem(x, qweight, scales, zeros, group, bias, out, gated)
     if problem is not None:
         error, message = problem
         raise error(f"{_OP}: {message}")
@@ -143,7 +143,7 @@ def check_arguments(x, qweight, scales, zeros, group, bias=None, out=None, gated
 
 def supported(x, qweight, scales, zeros, group, bias=None, gated=False) -> bool:
     """Whether w4a16_gemv takes these arguments (the dispatcher's shape/layout test)."""
-    return _problem(x, qweight, scales, zeros, group, bias, None, gated) is None
+    return argument_problem(x, qweight, scales, zeros, group, bias, None, gated) is None
 
 
 # plan_splits' cost model: a warp's batch of weight loads, the bytes in flight per SM that saturate
@@ -255,13 +255,14 @@ def plan_one_row(n: int, k: int, sm_count: int, hbm_bytes_per_ns: float = math.i
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
+def sm_count_of(index: int) -> int:
+    """The SM count of CUDA device ``index`` (cached: the plans ask on every launch)."""
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 @functools.lru_cache(maxsize=4096)
 def _auto_splits(m: int, n: int, k: int, device_index: int) -> int:
-    return plan_splits(m, n, k, _sm_count(device_index))
+    return plan_splits(m, n, k, sm_count_of(device_index))
 
 
 @functools.lru_cache(maxsize=None)
@@ -278,7 +279,7 @@ def hbm_bytes_per_ns(index: int) -> float:
 
 @functools.lru_cache(maxsize=4096)
 def _auto_one_row(n: int, k: int, device_index: int) -> Tuple[int, int]:
-    return plan_one_row(n, k, _sm_count(device_index), hbm_bytes_per_ns(device_index))
+    return plan_one_row(n, k, sm_count_of(device_index), hbm_bytes_per_ns(device_index))
 
 
 _workspaces: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
