@@ -9,19 +9,22 @@ with fp32 accumulation; activation and weight tiles are staged through shared me
 The GEMV re-reads and re-unpacks every weight for each further 16 rows, so from a few tens of rows
 this kernel does the same work with a fraction of the instructions.
 
-Split K runs in the same launch (a per-device workspace, as w4a16_gemv's: the first call must
-happen outside CUDA graph capture; launches on one device must be ordered). On SM90+ it launches
-as a programmatic dependent (mllm_kernel.pdl).
+Split K runs in the same launch, in w4a16_gemv's per-device workspace (``workspace``: the first
+call of either kernel must happen outside CUDA graph capture; launches on one device must be
+ordered, as pymllm's forward is: both leave the counters at zero and write partials only inside a
+launch). On SM90+ it launches as a programmatic dependent (mllm_kernel.pdl).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
-from mllm_kernel.cuda.jit.w4a16_gemv import argument_problem, sm_count_of, unpack_int4
+from mllm_kernel.cuda.jit.w4a16_gemv import (
+    MAX_TILES, WORKSPACE_FLOATS, argument_problem, sm_count_of, unpack_int4, workspace,
+)
 from mllm_kernel.jit_utils import BuildStep, JitKernel, jit
 from mllm_kernel.pdl import use_pdl
 
@@ -30,9 +33,9 @@ _OP = "w4a16_gemm"
 TILE_N = 128
 TILE_K = 64
 TILE_MS = (16, 32, 64)
-# Split-K workspace: fp32 partials of (slots x splits x tile_m x TILE_N) and one counter per slot.
-WORKSPACE_FLOATS = 1 << 21  # 8 MiB
-MAX_SLOTS = 4096
+# Split K uses the GEMV's workspace: fp32 partials of (slots x splits x tile_m x TILE_N), one
+# counter per slot (WORKSPACE_FLOATS, MAX_TILES counters).
+MAX_SLOTS = MAX_TILES
 # A split keeps at least this many K tiles, so its pipeline (4 stages) runs past its prologue.
 MIN_K_TILES_PER_SPLIT = 8
 
@@ -90,22 +93,6 @@ def check_arguments(x, qweight, scales, zeros, group, bias=None, out=None) -> No
     if problem is not None:
         error, message = problem
         raise error(f"{_OP}: {message}")
-
-
-_workspaces: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def workspace(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(fp32 partials, int32 counters) for ``device``, allocated on first use outside graph capture."""
-    buffers = _workspaces.get(device)
-    if buffers is None:
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"{_OP}: call it once on {device} before CUDA graph capture, so its workspace "
-                               "is allocated outside the graph")
-        buffers = (torch.empty(WORKSPACE_FLOATS, dtype=torch.float32, device=device),
-                   torch.zeros(MAX_SLOTS, dtype=torch.int32, device=device))
-        _workspaces[device] = buffers
-    return buffers
 
 
 @jit("w4a16_gemm", entry="mllm_kernel::w4a16_gemm", cuda_sources=["cuda/csrc/w4a16_gemm/w4a16_gemm.cuh"])
