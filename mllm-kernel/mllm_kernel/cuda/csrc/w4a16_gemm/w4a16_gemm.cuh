@@ -34,6 +34,7 @@ void w4a16_gemm(TensorView out, TensorView x, TensorView qweight, TensorView sca
   using namespace w4a16_gemm_detail;
   using w4a16_gemv_detail::aligned;
   using w4a16_gemv_detail::check_matrix;
+  using w4a16_gemv_detail::check_weights;
   using w4a16_gemv_detail::dtype_code;
   using w4a16_gemv_detail::has_dtype;
   constexpr uint8_t code = dtype_code<T>();
@@ -48,20 +49,8 @@ void w4a16_gemm(TensorView out, TensorView x, TensorView qweight, TensorView sca
   TVM_FFI_CHECK(qweight.ndim() == 2, ValueError) << "w4a16_gemm: qweight must be [K/8, N]";
   const int64_t n = qweight.size(1);
   TVM_FFI_CHECK(n > 0 && n % 4 == 0, ValueError) << "w4a16_gemm: N must be a positive multiple of 4";
-  TVM_FFI_CHECK((k / 8) * n < (int64_t{1} << 31) && m * n < (int64_t{1} << 40), ValueError)
-      << "w4a16_gemm: qweight must have fewer than 2^31 words";
-  check_matrix(qweight, "qweight", k / 8, n, kDLInt, 32, 16);
-  const bool group_ok = group == k || (group >= 32 && (group & (group - 1)) == 0 && k % group == 0);
-  TVM_FFI_CHECK(group_ok, ValueError) << "w4a16_gemm: group must be K or a power of two >= 32 dividing K";
-  check_matrix(scales, "scales", k / group, n, code, 16, 8);
-  TVM_FFI_CHECK(zeros.has_value() == kHasZero, ValueError) << "w4a16_gemm: zeros given to the wrong instance";
-  if (kHasZero) check_matrix(zeros.value(), "zeros", k / group, n, code, 16, 8);
-  if (bias.has_value()) {
-    const TensorView& b = bias.value();
-    TVM_FFI_CHECK(has_dtype(b, code, 16) && b.ndim() == 1 && b.size(0) == n && b.IsContiguous(), ValueError)
-        << "w4a16_gemm: bias must be a contiguous [N] tensor of x's dtype";
-  }
-  check_matrix(out, "out", m, n, code, 16, 4);
+  check_weights<kHasZero>("w4a16_gemm", code, qweight, scales, zeros, bias, k, n, group);
+  check_matrix("w4a16_gemm", out, "out", m, n, code, 16, 4);
   TVM_FFI_CHECK(tile_m == 16 || tile_m == 32 || tile_m == 64, ValueError) << "w4a16_gemm: tile_m must be 16, 32 or 64";
   const int64_t k_tiles = k / kTileK;
   TVM_FFI_CHECK(splits >= 1 && splits <= 65535 && k_tiles % splits == 0, ValueError)

@@ -77,14 +77,37 @@ inline bool aligned(const TensorView& t, uint64_t bytes) {
   return reinterpret_cast<uint64_t>(byte_ptr(t)) % bytes == 0;
 }
 
-// A [rows, cols] tensor of `code`/`bits`, contiguous and `align`-byte aligned.
-inline void check_matrix(const TensorView& t, const char* name, int64_t rows, int64_t cols, uint8_t code, int bits,
-                         uint64_t align) {
-  TVM_FFI_CHECK(has_dtype(t, code, bits), TypeError) << "w4a16_gemv: " << name << " has the wrong dtype";
+// A [rows, cols] tensor of `code`/`bits`, contiguous and `align`-byte aligned; errors name `op`.
+inline void check_matrix(const char* op, const TensorView& t, const char* name, int64_t rows, int64_t cols,
+                         uint8_t code, int bits, uint64_t align) {
+  TVM_FFI_CHECK(has_dtype(t, code, bits), TypeError) << op << ": " << name << " has the wrong dtype";
   TVM_FFI_CHECK(t.ndim() == 2 && t.size(0) == rows && t.size(1) == cols, ValueError)
-      << "w4a16_gemv: " << name << " must be [" << rows << ", " << cols << "]";
-  TVM_FFI_CHECK(t.IsContiguous(), ValueError) << "w4a16_gemv: " << name << " must be contiguous";
-  TVM_FFI_CHECK(aligned(t, align), ValueError) << "w4a16_gemv: " << name << " must be " << align << "-byte aligned";
+      << op << ": " << name << " must be [" << rows << ", " << cols << "]";
+  TVM_FFI_CHECK(t.IsContiguous(), ValueError) << op << ": " << name << " must be contiguous";
+  TVM_FFI_CHECK(aligned(t, align), ValueError) << op << ": " << name << " must be " << align << "-byte aligned";
+}
+
+// The quantized weight of an [.., K] x [K, N] product in the runtime layout, as w4a16_gemv and
+// w4a16_gemm read it: qweight [K/8, N] int32 (fewer than 2^31 words: 32-bit offsets), group K or a
+// power of two >= 32 dividing K, scales (and zeros, exactly when the instance has them) [K/G, N]
+// of the activation dtype `code`, bias [N].
+template <bool kHasZero>
+inline void check_weights(const char* op, uint8_t code, const TensorView& qweight, const TensorView& scales,
+                          const Optional<TensorView>& zeros, const Optional<TensorView>& bias, int64_t k, int64_t n,
+                          int64_t group) {
+  TVM_FFI_CHECK((k / 8) * n < (int64_t{1} << 31), ValueError)
+      << op << ": qweight must have fewer than 2^31 words (32-bit offsets)";
+  check_matrix(op, qweight, "qweight", k / 8, n, kDLInt, 32, 16);
+  const bool group_ok = group == k || (group >= 32 && (group & (group - 1)) == 0 && k % group == 0);
+  TVM_FFI_CHECK(group_ok, ValueError) << op << ": group must be K or a power of two >= 32 dividing K";
+  check_matrix(op, scales, "scales", k / group, n, code, 16, 8);
+  TVM_FFI_CHECK(zeros.has_value() == kHasZero, ValueError) << op << ": zeros given to the wrong instance";
+  if (kHasZero) check_matrix(op, zeros.value(), "zeros", k / group, n, code, 16, 8);
+  if (bias.has_value()) {
+    const TensorView& b = bias.value();
+    TVM_FFI_CHECK(has_dtype(b, code, 16) && b.ndim() == 1 && b.size(0) == n && b.IsContiguous(), ValueError)
+        << op << ": bias must be a contiguous [N] tensor of x's dtype";
+  }
 }
 
 }  // namespace w4a16_gemv_detail
@@ -127,20 +150,8 @@ void w4a16_gemv(TensorView out, TensorView x, TensorView qweight, TensorView sca
   const int64_t n = qweight.size(1);
   TVM_FFI_CHECK(n % (kGated ? 8 : 4) == 0, ValueError)
       << "w4a16_gemv: N must be a multiple of " << (kGated ? "8 (gated: two halves of multiples of 4)" : "4");
-  TVM_FFI_CHECK((k / 8) * n < (int64_t{1} << 31), ValueError)
-      << "w4a16_gemv: qweight must have fewer than 2^31 words (32-bit offsets)";
-  check_matrix(qweight, "qweight", k / 8, n, kDLInt, 32, 16);
-  const bool group_ok = group == k || (group >= 32 && (group & (group - 1)) == 0 && k % group == 0);
-  TVM_FFI_CHECK(group_ok, ValueError) << "w4a16_gemv: group must be K or a power of two >= 32 dividing K";
-  check_matrix(scales, "scales", k / group, n, code, 16, 8);
-  TVM_FFI_CHECK(zeros.has_value() == kHasZero, ValueError) << "w4a16_gemv: zeros given to the wrong instance";
-  if (kHasZero) check_matrix(zeros.value(), "zeros", k / group, n, code, 16, 8);
-  if (bias.has_value()) {
-    const TensorView& b = bias.value();
-    TVM_FFI_CHECK(has_dtype(b, code, 16) && b.ndim() == 1 && b.size(0) == n && b.IsContiguous(), ValueError)
-        << "w4a16_gemv: bias must be a contiguous [N] tensor of x's dtype";
-  }
-  check_matrix(out, "out", m, kGated ? n / 2 : n, code, 16, 2);
+  check_weights<kHasZero>("w4a16_gemv", code, qweight, scales, zeros, bias, k, n, group);
+  check_matrix("w4a16_gemv", out, "out", m, kGated ? n / 2 : n, code, 16, 2);
   TVM_FFI_CHECK(has_dtype(partials, kDLFloat, 32) && partials.IsContiguous(), TypeError)
       << "w4a16_gemv: partials must be a contiguous float32 tensor";
   TVM_FFI_CHECK(has_dtype(counters, kDLInt, 32) && counters.IsContiguous(), TypeError)
