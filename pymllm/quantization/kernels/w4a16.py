@@ -148,24 +148,25 @@ def choose_w4a16_kernel(m: int, sm80: bool, gemv_ok: bool, triton_ok: bool,
     return rival
 
 
-def fused_measured_faster(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                          zeros: Optional[torch.Tensor], group: int, bias: Optional[torch.Tensor]) -> bool:
-    """Whether the large-M Triton kernel beats dequantize + cuBLAS for this layer shape and row
-    bucket, measured once per (device, dtype, N, K, ``fused_rows_bucket``) by the decode matmuls'
-    chooser (CUDA graphs over copies of the weight that miss L2, the first time outside a capture;
-    a shape first seen inside a capture keeps dequantize + cuBLAS)."""
-    from pymllm.layers.kernels.gemv_dispatch import CHOOSER
+def _kernel_call(kernel: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                 zeros: Optional[torch.Tensor], group: int, bias: Optional[torch.Tensor]) -> Callable[[], object]:
+    """A call of ``kernel`` (a choose_w4a16_kernel choice other than "reference") on these
+    arguments, the dispatchers' arguments already validated; Triton is imported only for its kernels."""
+    if kernel == "cuda_gemv":
+        from mllm_kernel.cuda.jit.w4a16_gemv import w4a16_gemv
+
+        return lambda: w4a16_gemv(x, qweight, scales, zeros, group, bias, validate=False)
+    if kernel == "cuda_gemm":
+        from mllm_kernel.cuda.jit.w4a16_gemm import w4a16_gemm
+
+        return lambda: w4a16_gemm(x, qweight, scales, zeros, group, bias, validate=False)
     from pymllm.quantization.kernels import w4a16_triton
 
-    n, k = qweight.shape[1], qweight.shape[0] * 8
-    key = ("w4a16 large-M", x.device, x.dtype, n, k, fused_rows_bucket(x.shape[0]))
-
-    def make_call(impl: str, words: torch.Tensor) -> Callable[[], object]:
-        if impl == "gemm":
-            return lambda: _dequant_cublas(x, words, scales, zeros, group, bias)
-        return lambda: w4a16_triton.w4a16_gemm_large_m(x, words, scales, zeros, group, bias)
-
-    return CHOOSER.use_gemv(key, qweight, make_call, labels=("large-M Triton", "dequantize + cuBLAS"))
+    if kernel == "triton_small_m":
+        return lambda: w4a16_triton.w4a16_gemm_small_m(x, qweight, scales, zeros, group, bias)
+    if kernel == "triton_large_m":
+        return lambda: w4a16_triton.w4a16_gemm_large_m(x, qweight, scales, zeros, group, bias)
+    return lambda: _dequant_cublas(x, qweight, scales, zeros, group, bias)
 
 
 def _dequant_cublas(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
@@ -176,66 +177,73 @@ def _dequant_cublas(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     return torch.addmm(bias, x, w) if bias is not None else x @ w
 
 
-def _rival_call(rival: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                zeros: Optional[torch.Tensor], group: int, bias: Optional[torch.Tensor]) -> Callable[[], object]:
-    """A call of the kernel ``rival`` names (a choose_w4a16_kernel choice other than the GEMM and the
-    reference) on these arguments; Triton is imported only for its kernels."""
-    if rival == "cuda_gemv":
-        from mllm_kernel.cuda.jit.w4a16_gemv import w4a16_gemv
+def _measured_faster(kind: str, x: torch.Tensor, qweight: torch.Tensor,
+                     candidate: Callable[[torch.Tensor], Callable[[], object]],
+                     rival: Callable[[torch.Tensor], Callable[[], object]], labels: Tuple[str, str]) -> bool:
+    """Whether ``candidate(weight)``'s call beats ``rival(weight)``'s for this layer shape and row
+    bucket, measured once per (kind, device, dtype, N, K, ``fused_rows_bucket``) by the decode
+    matmuls' chooser (CUDA graphs over copies of the weight that miss L2, the first time outside a
+    capture; a shape first seen inside a capture keeps the rival)."""
+    from pymllm.layers.kernels.gemv_dispatch import CHOOSER
 
-        return lambda: w4a16_gemv(x, qweight, scales, zeros, group, bias, validate=False)
-    from pymllm.quantization.kernels import w4a16_triton
+    n, k = qweight.shape[1], qweight.shape[0] * 8
+    key = (kind, x.device, x.dtype, n, k, fused_rows_bucket(x.shape[0]))
+    return CHOOSER.use_gemv(key, qweight, lambda impl, words: (rival if impl == "gemm" else candidate)(words),
+                            labels=labels)
 
-    if rival == "triton_small_m":
-        return lambda: w4a16_triton.w4a16_gemm_small_m(x, qweight, scales, zeros, group, bias)
-    if rival == "triton_large_m":
-        return lambda: w4a16_triton.w4a16_gemm_large_m(x, qweight, scales, zeros, group, bias)
-    return lambda: _dequant_cublas(x, qweight, scales, zeros, group, bias)
+
+def fused_measured_faster(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                          zeros: Optional[torch.Tensor], group: int, bias: Optional[torch.Tensor]) -> bool:
+    """Whether the large-M Triton kernel beats dequantize + cuBLAS for this layer shape and row
+    bucket (``_measured_faster``)."""
+    return _measured_faster(
+        "w4a16 large-M", x, qweight,
+        lambda words: _kernel_call("triton_large_m", x, words, scales, zeros, group, bias),
+        lambda words: _kernel_call("dequant_cublas", x, words, scales, zeros, group, bias),
+        ("large-M Triton", "dequantize + cuBLAS"))
 
 
 def gemm_measured_faster(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                          zeros: Optional[torch.Tensor], group: int, bias: Optional[torch.Tensor], rival: str) -> bool:
     """Whether mllm_kernel's tensor-core GEMM beats ``rival`` (a choose_w4a16_kernel name) for this
-    layer shape and row bucket, measured once per (device, dtype, N, K, ``fused_rows_bucket``) as
-    ``fused_measured_faster`` measures; a shape first seen inside a capture keeps the rival."""
-    from pymllm.layers.kernels.gemv_dispatch import CHOOSER
-
-    n, k = qweight.shape[1], qweight.shape[0] * 8
-    key = (f"w4a16 GEMM vs {rival}", x.device, x.dtype, n, k, fused_rows_bucket(x.shape[0]))
-
-    def make_call(impl: str, words: torch.Tensor) -> Callable[[], object]:
-        if impl == "gemm":
-            return _rival_call(rival, x, words, scales, zeros, group, bias)
-        from mllm_kernel.cuda.jit.w4a16_gemm import w4a16_gemm
-
-        return lambda: w4a16_gemm(x, words, scales, zeros, group, bias, validate=False)
-
-    return CHOOSER.use_gemv(key, qweight, make_call, labels=("tensor-core GEMM", rival.replace("_", " ")))
+    layer shape and row bucket (``_measured_faster``)."""
+    return _measured_faster(
+        f"w4a16 GEMM vs {rival}", x, qweight,
+        lambda words: _kernel_call("cuda_gemm", x, words, scales, zeros, group, bias),
+        lambda words: _kernel_call(rival, x, words, scales, zeros, group, bias),
+        ("tensor-core GEMM", rival.replace("_", " ")))
 
 
 def gemm_swiglu_measured_faster(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                                 zeros: Optional[torch.Tensor], group: int, bias: Optional[torch.Tensor]) -> bool:
     """For a stacked [gate; up] weight: whether the tensor-core GEMM followed by the SiLU-and-mul
-    kernel beats the gated GEMV (one kernel), measured like ``gemm_measured_faster``. Against the
-    plain GEMV alone the GEMM won gate/up at 48 rows by 4 % but made the decode step 4 % slower
-    (H100, Qwen3-8B, T203: graph 6.98-7.00 against 6.68-6.70 ms): the extra kernel and the gate/up
-    output's round trip through memory are the difference."""
+    kernel beats the gated GEMV (one kernel). Against the plain GEMV alone the GEMM won gate/up at
+    48 rows by 4 % but made the decode step 4 % slower (H100, Qwen3-8B, T203: graph 6.98-7.00
+    against 6.68-6.70 ms): the extra kernel and the gate/up output's round trip through memory are
+    the difference."""
+    from mllm_kernel.cuda.jit.w4a16_gemv import w4a16_gemv
+
     from pymllm.layers.fused_ops import silu_and_mul
-    from pymllm.layers.kernels.gemv_dispatch import CHOOSER
 
-    n, k = qweight.shape[1], qweight.shape[0] * 8
-    key = ("w4a16 GEMM + SiLU-and-mul vs gated GEMV", x.device, x.dtype, n, k, fused_rows_bucket(x.shape[0]))
+    def gemm_then_silu(words: torch.Tensor) -> Callable[[], object]:
+        gemm = _kernel_call("cuda_gemm", x, words, scales, zeros, group, bias)
+        return lambda: silu_and_mul(gemm())
 
-    def make_call(impl: str, words: torch.Tensor) -> Callable[[], object]:
-        if impl == "gemm":
-            from mllm_kernel.cuda.jit.w4a16_gemv import w4a16_gemv
+    return _measured_faster(
+        "w4a16 GEMM + SiLU-and-mul vs gated GEMV", x, qweight, gemm_then_silu,
+        lambda words: lambda: w4a16_gemv(x, words, scales, zeros, group, bias, validate=False, gated=True),
+        ("tensor-core GEMM + SiLU-and-mul", "gated GEMV"))
 
-            return lambda: w4a16_gemv(x, words, scales, zeros, group, bias, validate=False, gated=True)
-        from mllm_kernel.cuda.jit.w4a16_gemm import w4a16_gemm
 
-        return lambda: silu_and_mul(w4a16_gemm(x, words, scales, zeros, group, bias, validate=False))
-
-    return CHOOSER.use_gemv(key, qweight, make_call, labels=("tensor-core GEMM + SiLU-and-mul", "gated GEMV"))
+def _random_layer(k: int, n: int, group: int, dtype: torch.dtype, device: torch.device, with_zeros: bool,
+                  gen: torch.Generator):
+    """(qweight, scales, zeros or None, bias) of a random layer, for the kernels' self-tests."""
+    raw = torch.randint(0, 256, (k // 8, n, 4), generator=gen, dtype=torch.uint8)
+    qweight = raw.view(torch.int32).reshape(k // 8, n).to(device)
+    scales = (torch.rand(k // group, n, generator=gen) * 0.02 + 0.002).to(device=device, dtype=dtype)
+    zeros = torch.randint(-8, 8, (k // group, n), generator=gen).to(device=device, dtype=dtype) if with_zeros else None
+    bias = torch.randn(n, generator=gen).to(device=device, dtype=dtype)
+    return qweight, scales, zeros, bias
 
 
 def _gemm_self_test(device: torch.device, dtype: torch.dtype, with_zeros: bool) -> None:
@@ -243,11 +251,7 @@ def _gemm_self_test(device: torch.device, dtype: torch.dtype, with_zeros: bool) 
 
     gen = torch.Generator().manual_seed(0)
     k, n, group = 1024, 132, 64  # a partial column tile; 2 K splits of 8 tiles each
-    raw = torch.randint(0, 256, (k // 8, n, 4), generator=gen, dtype=torch.uint8)
-    qweight = raw.view(torch.int32).reshape(k // 8, n).to(device)
-    scales = (torch.rand(k // group, n, generator=gen) * 0.02 + 0.002).to(device=device, dtype=dtype)
-    zeros = torch.randint(-8, 8, (k // group, n), generator=gen).to(device=device, dtype=dtype) if with_zeros else None
-    bias = torch.randn(n, generator=gen).to(device=device, dtype=dtype)
+    qweight, scales, zeros, bias = _random_layer(k, n, group, dtype, device, with_zeros, gen)
     for rows in (GEMM_MIN_M, 70):  # a partial row tile; two row tiles, the second partial
         x = torch.randn(rows, k, generator=gen).to(device=device, dtype=dtype)
         got = w4a16_gemm(x, qweight, scales, zeros, group, bias, splits=2).double()
@@ -285,11 +289,7 @@ def _gemv_self_test(device: torch.device, dtype: torch.dtype, with_zeros: bool, 
 
     gen = torch.Generator().manual_seed(0)
     k, n, group = 512, 104, 64  # a partial column tile (of each half when gated), two K splits
-    raw = torch.randint(0, 256, (k // 8, n, 4), generator=gen, dtype=torch.uint8)
-    qweight = raw.view(torch.int32).reshape(k // 8, n).to(device)
-    scales = (torch.rand(k // group, n, generator=gen) * 0.02 + 0.002).to(device=device, dtype=dtype)
-    zeros = torch.randint(-8, 8, (k // group, n), generator=gen).to(device=device, dtype=dtype) if with_zeros else None
-    bias = torch.randn(n, generator=gen).to(device=device, dtype=dtype)
+    qweight, scales, zeros, bias = _random_layer(k, n, group, dtype, device, with_zeros, gen)
     reference = w4a16_gemv_gated_reference if gated else w4a16_gemv_reference
     for rows in (1, 3, 11, 37):  # the one-row kernel; one row group; the wide kernel's two; three chunks of 16
         x = torch.randn(rows, k, generator=gen).to(device=device, dtype=dtype)
@@ -345,13 +345,9 @@ def w4a16_linear(
     choice = choose_w4a16_kernel(
         m, sm80, gemv_ok, triton_ok, lambda: fused_measured_faster(x, qweight, scales, zeros, group, bias),
         gemm_ok, lambda rival: gemm_measured_faster(x, qweight, scales, zeros, group, bias, rival))
-    if choice == "cuda_gemm":
-        from mllm_kernel.cuda.jit.w4a16_gemm import w4a16_gemm
-
-        return w4a16_gemm(x, qweight, scales, zeros, group, bias, validate=False)  # gemm_fits validated
-    if choice in ("cuda_gemv", "triton_small_m", "triton_large_m", "dequant_cublas"):
-        return _rival_call(choice, x, qweight, scales, zeros, group, bias)()
-    return w4a16_linear_reference(x, qweight, scales, zeros, group, bias)
+    if choice == "reference":
+        return w4a16_linear_reference(x, qweight, scales, zeros, group, bias)
+    return _kernel_call(choice, x, qweight, scales, zeros, group, bias)()  # gemv_fits / gemm_fits validated
 
 
 def w4a16_swiglu(
