@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 import torch
 
 from mllm_kernel.cuda.jit.w4a16_gemv import (
-    MAX_TILES, WORKSPACE_FLOATS, argument_problem, sm_count_of, unpack_int4, workspace,
+    MAX_TILES, WORKSPACE_FLOATS, argument_problem, dequantize_exact, sm_count_of, workspace,
 )
 from mllm_kernel.jit_utils import BuildStep, JitKernel, jit
 from mllm_kernel.pdl import use_pdl
@@ -143,11 +143,7 @@ def build_step(dtype: torch.dtype, with_zeros: bool, device: torch.device) -> Bu
 def dequantize_reference(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], group: int,
                          dtype: torch.dtype) -> torch.Tensor:
     """W [K, N] as the kernel multiplies it: (q - 8 - zero) * scale, exact in float64, rounded once."""
-    rows = torch.arange(qweight.shape[0] * 8, device=qweight.device) // group
-    w = unpack_int4(qweight).double() - 8.0
-    if zeros is not None:
-        w = w - zeros.double()[rows]
-    return (w * scales.double()[rows]).to(dtype)
+    return dequantize_exact(qweight, scales, zeros, group).to(dtype)
 
 
 def w4a16_gemm_reference(

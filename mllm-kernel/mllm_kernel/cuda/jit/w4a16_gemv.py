@@ -478,6 +478,16 @@ def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
     return nibbles.reshape(qweight.shape[0] * 8, qweight.shape[1])
 
 
+def dequantize_exact(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                     group: int) -> torch.Tensor:
+    """W [K, N] = (q - 8 - zero) * scale in float64, where every value is exact."""
+    rows = torch.arange(qweight.shape[0] * 8, device=qweight.device) // group
+    w = unpack_int4(qweight).double() - 8.0
+    if zeros is not None:
+        w = w - zeros.double()[rows]
+    return w * scales.double()[rows]
+
+
 def w4a16_gemv_reference(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -487,12 +497,7 @@ def w4a16_gemv_reference(
     bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Pure-PyTorch equivalent: the formula in float64 (exact products), rounded once to x's dtype."""
-    rows = torch.arange(x.shape[1], device=x.device) // group
-    w = unpack_int4(qweight).double() - 8.0
-    if zeros is not None:
-        w = w - zeros.double()[rows]
-    w = w * scales.double()[rows]
-    acc = x.double() @ w
+    acc = x.double() @ dequantize_exact(qweight, scales, zeros, group)
     if bias is not None:
         acc = acc + bias.double()
     return acc.to(x.dtype)
