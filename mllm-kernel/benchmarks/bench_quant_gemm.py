@@ -92,7 +92,7 @@ def _w8a8_linear(x: torch.Tensor, b: torch.Tensor, w_scale: torch.Tensor) -> tor
     return int8_scaled_mm(q, b, scale, w_scale, torch.bfloat16)
 
 
-def variants(layer: Layer, m: int, x, a, sa, sm90: bool, cuda_w4a16_available: bool = True) -> Dict[str, tuple]:
+def variants(layer: Layer, m: int, x, a, sa, sm90: bool) -> Dict[str, tuple]:
     """name -> (callable, bytes it must move at least)."""
     n, k = layer.n, layer.k
     b = layer.w_int8.t()
@@ -116,12 +116,11 @@ def variants(layer: Layer, m: int, x, a, sa, sm90: bool, cuda_w4a16_available: b
         if sm90:
             table["w8a8_gemm_cutlass_sm80"] = (
                 lambda: cutlass_mm.int8_scaled_mm_sm80(a, b, sa, layer.w_scale, torch.bfloat16), int8_bytes)
-    if cuda_w4a16_available:
-        table["w4a16_cuda_gemm"] = (
-            lambda: w4a16_gemm(x, layer.qweight, layer.scales, None, GROUP, validate=False), int4_bytes)
-        if m <= GEMV_MAX_M:
-            table["w4a16_cuda_gemv"] = (
-                lambda: w4a16_gemv(x, layer.qweight, layer.scales, None, GROUP, validate=False), int4_bytes)
+    table["w4a16_cuda_gemm"] = (
+        lambda: w4a16_gemm(x, layer.qweight, layer.scales, None, GROUP, validate=False), int4_bytes)
+    if m <= GEMV_MAX_M:
+        table["w4a16_cuda_gemv"] = (
+            lambda: w4a16_gemv(x, layer.qweight, layer.scales, None, GROUP, validate=False), int4_bytes)
     if m >= 16:
         table["w4a16_triton_large_m"] = (
             lambda: w4a16_triton.w4a16_gemm_large_m(x, layer.qweight, layer.scales, None, GROUP), int4_bytes)
