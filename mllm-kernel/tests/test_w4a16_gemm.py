@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 import torch
-from test_w4a16_gemv import QWEN3_8B, TOLERANCE, random_bytes_int32, random_layer, relative_error
+from test_w4a16_gemv import QWEN3_8B, TOLERANCE, captured_graph, random_bytes_int32, random_layer, relative_error
 
 from mllm_kernel import w4a16_gemm, w4a16_gemm_reference
 
@@ -84,14 +84,7 @@ def test_cuda_graph_replay_with_split_k():
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     assert module.plan(m, n, k, torch.cuda.get_device_properties(0).multi_processor_count)[1] > 1
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up: compiles the kernel and allocates the workspace
-        w4a16_gemm(x, qweight, scales, zeros, group, bias, out=out)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        w4a16_gemm(x, qweight, scales, zeros, group, bias, out=out)
+    graph = captured_graph(lambda: w4a16_gemm(x, qweight, scales, zeros, group, bias, out=out))
     for _ in range(3):
         x.copy_(torch.randn(m, k, device="cuda").to(torch.bfloat16))
         out.fill_(float("nan"))

@@ -57,6 +57,20 @@ def exact(x, qweight, scales, zeros, group, bias):
     return out + bias.double() if bias is not None else out
 
 
+def captured_graph(call) -> torch.cuda.CUDAGraph:
+    """``call`` captured in a CUDA graph, after one warm-up run on a side stream (which compiles
+    the kernel and allocates its workspace outside the capture)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    return graph
+
+
 def check(m, n, k, group, with_zeros, dtype, with_bias, splits=None, x=None, bias=None, prefetch=1,
           one_row_warps=None, early_weights=True):
     """One call on fresh random activations (and bias) into a NaN-poisoned output."""
@@ -200,14 +214,7 @@ def test_cuda_graph_replay(m):
     bias = torch.randn(n, device="cuda").to(torch.bfloat16)
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up: compiles the kernel and allocates the workspace
-        w4a16_gemv(x, qweight, scales, zeros, group, bias, out=out)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        w4a16_gemv(x, qweight, scales, zeros, group, bias, out=out)
+    graph = captured_graph(lambda: w4a16_gemv(x, qweight, scales, zeros, group, bias, out=out))
     for _ in range(3):
         x.copy_(torch.randn(m, k, device="cuda").to(torch.bfloat16))
         out.fill_(float("nan"))
