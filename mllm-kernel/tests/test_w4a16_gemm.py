@@ -1,5 +1,6 @@
-"""w4a16_gemm against its PyTorch reference (GPU, marked gpu), and on CPU: the tile and split
-planner, the argument checks and the reference's rounding of the weights."""
+"""w4a16_gemm's two kernels (mma.sync; the warpgroup kernel on SM 9.0) against the PyTorch
+reference (GPU, marked gpu), and on CPU: the kernel choice, the tile and split planners, the
+argument checks and the reference's rounding of the weights."""
 
 from __future__ import annotations
 
@@ -21,17 +22,22 @@ def exact(x, qweight, scales, zeros, group, bias):
     return out + bias.double() if bias is not None else out
 
 
-def check(m, n, k, group, with_zeros, dtype, with_bias, splits=None, tile_m=None, x=None):
+def check(m, n, k, group, with_zeros, dtype, with_bias, splits=None, tile_m=None, x=None, kernel=None):
     """One call on fresh random activations (and bias) into a NaN-poisoned output."""
     qweight, scales, zeros = random_layer(n, k, group, with_zeros, dtype)
     x = torch.randn(m, k, device="cuda").to(dtype) if x is None else x
     bias = torch.randn(n, device="cuda").to(dtype) if with_bias else None
     out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
-    result = w4a16_gemm(x, qweight, scales, zeros, group, bias, out=out, splits=splits, tile_m=tile_m)
+    result = w4a16_gemm(x, qweight, scales, zeros, group, bias, out=out, splits=splits, tile_m=tile_m, kernel=kernel)
     assert result.data_ptr() == out.data_ptr()
     error = relative_error(out, exact(x, qweight, scales, zeros, group, bias))
-    assert error < TOLERANCE[dtype], (m, n, k, group, with_zeros, dtype, with_bias, splits, tile_m, error)
+    assert error < TOLERANCE[dtype], (m, n, k, group, with_zeros, dtype, with_bias, splits, tile_m, kernel, error)
     return out
+
+
+def needs_wgmma():
+    if not torch.cuda.is_available() or not module.wgmma_available(torch.device("cuda", 0)):
+        pytest.skip("the warpgroup kernel runs on SM 9.0 only")
 
 
 # ---------------------------------------------------------------- GPU
@@ -42,49 +48,71 @@ def check(m, n, k, group, with_zeros, dtype, with_bias, splits=None, tile_m=None
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_matches_reference(dtype, group, with_zeros, m):
     for index, (n, k) in enumerate(QWEN3_8B):
-        check(m, n, k, group or k, with_zeros, dtype, with_bias=(index + m) % 2 == 1)
+        check(m, n, k, group or k, with_zeros, dtype, with_bias=(index + m) % 2 == 1, kernel="mma")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tile_m", [16, 32, 64])
+@pytest.mark.parametrize("m", [1, 65, 128, 200, 256, 520])
+@pytest.mark.parametrize("with_zeros", [False, True])
+@pytest.mark.parametrize("group", [32, 128, None])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_wgmma_matches_reference(dtype, group, with_zeros, m):
+    needs_wgmma()
+    for index, (n, k) in enumerate(QWEN3_8B):
+        check(m, n, k, group or k, with_zeros, dtype, with_bias=(index + m) % 2 == 1, kernel="wgmma")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel, tile_m", [("mma", 16), ("mma", 32), ("mma", 64),
+                                            ("wgmma", 64), ("wgmma", 128), ("wgmma", 256)])
 @pytest.mark.parametrize("splits", [1, 2, 3, 8])
-def test_every_tile_and_split_on_ragged_shapes(tile_m, splits):
+def test_every_tile_and_split_on_ragged_shapes(kernel, tile_m, splits):
+    if kernel == "wgmma":
+        needs_wgmma()
     # N not a multiple of the 128-column tile (nor of 32: lanes past N repeat column N - 4), M not
     # a multiple of the row tile, K = 64 x 24 (splits 1, 2, 3 and 8 divide 24).
-    for m, n in ((5, 132), (70, 388), (129, 4)):
+    for m, n in ((5, 132), (70, 388), (129, 4), (300, 260)):
         for with_zeros in (False, True):
-            check(m, n, 1536, 64, with_zeros, torch.bfloat16, with_bias=m % 2 == 1, splits=splits, tile_m=tile_m)
+            check(m, n, 1536, 64, with_zeros, torch.bfloat16, with_bias=m % 2 == 1, splits=splits, tile_m=tile_m,
+                  kernel=kernel)
 
 
 @pytest.mark.gpu
-def test_splits_are_deterministic_and_leave_the_counters_clean():
+@pytest.mark.parametrize("m, kernel", [(48, "mma"), (128, "wgmma")])
+def test_splits_are_deterministic_and_leave_the_counters_clean(m, kernel):
+    if kernel == "wgmma":
+        needs_wgmma()
     n, k, group = 4096, 12288, 128
-    x = torch.randn(48, k, device="cuda").to(torch.bfloat16)
-    first = check(48, n, k, group, True, torch.bfloat16, False, splits=4, x=x)
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    first = check(m, n, k, group, True, torch.bfloat16, False, splits=4, x=x, kernel=kernel)
     for _ in range(2):  # the counters were reset by each tile's last block: every launch reduces alike
-        assert torch.equal(check(48, n, k, group, True, torch.bfloat16, False, splits=4, x=x), first)
+        assert torch.equal(check(m, n, k, group, True, torch.bfloat16, False, splits=4, x=x, kernel=kernel), first)
     assert int(module.workspace(x.device)[1].abs().sum()) == 0
 
 
 @pytest.mark.gpu
-def test_strided_rows_and_default_output():
-    base = torch.randn(40, 2 * 4096 + 64, device="cuda").to(torch.float16)
+@pytest.mark.parametrize("m", [40, 130])  # 130: the warpgroup kernel on SM 9.0
+def test_strided_rows_and_default_output(m):
+    base = torch.randn(m, 2 * 4096 + 64, device="cuda").to(torch.float16)
     x = base[:, 64:4096 + 64]  # row stride 8256 elements, 128-byte offset
     qweight, scales, zeros = random_layer(6144, 4096, 64, True, torch.float16)
     out = w4a16_gemm(x, qweight, scales, zeros, 64)
-    assert out.shape == (40, 6144) and out.dtype == torch.float16 and out.is_contiguous()
+    assert out.shape == (m, 6144) and out.dtype == torch.float16 and out.is_contiguous()
     assert relative_error(out, exact(x, qweight, scales, zeros, 64, None)) < TOLERANCE[torch.float16]
 
 
 @pytest.mark.gpu
-def test_cuda_graph_replay_with_split_k():
-    n, k, group, m = 4096, 12288, 128, 40
+@pytest.mark.parametrize("m, kernel", [(40, "mma"), (128, "wgmma")])
+def test_cuda_graph_replay_with_split_k(m, kernel):
+    if kernel == "wgmma":
+        needs_wgmma()
+    n, k, group = 4096, 12288, 128
     qweight, scales, zeros = random_layer(n, k, group, False, torch.bfloat16)
     bias = torch.randn(n, device="cuda").to(torch.bfloat16)
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-    assert module.plan(m, n, k, torch.cuda.get_device_properties(0).multi_processor_count)[1] > 1
-    graph = captured_graph(lambda: w4a16_gemm(x, qweight, scales, zeros, group, bias, out=out))
+    assert module._auto_plan(m, n, k, 0, kernel)[1] > 1
+    graph = captured_graph(lambda: w4a16_gemm(x, qweight, scales, zeros, group, bias, out=out, kernel=kernel))
     for _ in range(3):
         x.copy_(torch.randn(m, k, device="cuda").to(torch.bfloat16))
         out.fill_(float("nan"))
@@ -94,15 +122,32 @@ def test_cuda_graph_replay_with_split_k():
 
 
 @pytest.mark.gpu
-def test_weights_are_those_of_the_dequantizer():
+@pytest.mark.parametrize("kernel, tile_m", [("mma", None), ("wgmma", 64), ("wgmma", 128), ("wgmma", 256)])
+def test_weights_are_those_of_the_dequantizer(kernel, tile_m):
     """The kernel multiplies exactly dequantize_reference's rounded weights: with one-hot rows of x
-    each output is one weight (plus nothing), bit for bit."""
+    each output is one weight (plus nothing), bit for bit (this also pins the warpgroup kernel's
+    k order: its activations' transposed pairs must meet the matching weights)."""
+    if kernel == "wgmma":
+        needs_wgmma()
     for dtype, with_zeros in ((torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, True)):
-        n, k, group = 256, 128, 32
+        n, k, group = 256, 256, 32
         qweight, scales, zeros = random_layer(n, k, group, with_zeros, dtype)
         x = torch.eye(k, device="cuda", dtype=dtype)
-        got = w4a16_gemm(x, qweight, scales, zeros, group)
+        got = w4a16_gemm(x, qweight, scales, zeros, group, kernel=kernel, tile_m=tile_m)
         assert torch.equal(got, module.dequantize_reference(qweight, scales, zeros, group, dtype)), dtype
+
+
+@pytest.mark.gpu
+def test_default_kernel_by_rows():
+    """Past WGMMA_MIN_M rows an SM 9.0 GPU runs the warpgroup kernel by default (its instance is
+    then loaded), elsewhere the mma.sync kernel."""
+    device = torch.device("cuda", 0)
+    expected = "wgmma" if module.wgmma_available(device) else "mma"
+    assert module.kernel_for(module.WGMMA_MIN_M, device) == expected
+    assert module.kernel_for(module.WGMMA_MIN_M - 1, device) == "mma"
+    check(module.WGMMA_MIN_M, 4096, 4096, 128, False, torch.bfloat16, False)
+    instance = module._w4a16_gemm_wgmma.kernel[torch.bfloat16, False]
+    assert (device in instance._functions) == (expected == "wgmma")
 
 
 # ---------------------------------------------------------------- CPU: planner, checks, reference
@@ -132,6 +177,57 @@ def test_plan_splits_k_while_blocks_are_few():
         tile_m, splits = module.plan(m, n, k, sms)
         slots = -(-m // tile_m) * -(-n // module.TILE_N)
         assert (k // 64) % splits == 0 and slots * splits * tile_m * module.TILE_N <= module.WORKSPACE_FLOATS
+
+
+def test_kernel_choice_by_rows_and_device(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(module, "wgmma_available", lambda device: device.type == "cuda")
+    assert module.kernel_for(module.WGMMA_MIN_M - 1, cuda) == "mma"
+    assert module.kernel_for(module.WGMMA_MIN_M, cuda) == "wgmma"
+    assert module.kernel_for(4096, torch.device("cpu")) == "mma"
+    monkeypatch.setattr(module, "wgmma_available", lambda device: False)
+    assert module.kernel_for(4096, cuda) == "mma"
+
+
+def test_wgmma_target_is_sm90a_only_where_it_runs(monkeypatch):
+    monkeypatch.setattr(module, "wgmma_available", lambda device: True)
+    assert module._wgmma_target(torch.device("cuda", 0)).archs == ("9.0a",)
+    monkeypatch.setattr(module, "wgmma_available", lambda device: False)
+    assert module._wgmma_target(torch.device("cpu")).device == "cpu"
+
+
+def test_wgmma_plan():
+    sms = 132
+    assert [module.wgmma_tile_rows(m) for m in (1, 64, 128, 129, 256, 512, 513, 2048)] == [64, 64, 64, 128, 128,
+                                                                                          128, 256, 256]
+    # Qwen3-8B at 128 rows, the best of T206's sweep: 64-row tiles (two blocks per SM); gate_up's
+    # 384 tiles and qkv's 96 need no split (qkv's 2 was level), o and down (64 tiles) split 4 ways.
+    assert module.wgmma_plan(128, 24576, 4096, sms) == (64, 1)
+    assert module.wgmma_plan(128, 4096, 12288, sms) == (64, 4)
+    assert module.wgmma_plan(128, 6144, 4096, sms) == (64, 2)
+    assert module.wgmma_plan(128, 4096, 4096, sms) == (64, 4)
+    # 256 rows in 128-row tiles (one block per SM): down splits in two, gate_up and qkv not.
+    assert module.wgmma_plan(256, 4096, 12288, sms) == (128, 2)
+    assert module.wgmma_plan(256, 24576, 4096, sms) == (128, 1)
+    assert module.wgmma_plan(256, 6144, 4096, sms) == (128, 1)
+    # 64 rows: down splits 8 ways (256 blocks), qkv 4.
+    assert module.wgmma_plan(64, 4096, 12288, sms) == (64, 8)
+    assert module.wgmma_plan(64, 6144, 4096, sms) == (64, 4)
+    for m, n, k in ((1, 4, 64), (300, 6144, 4096), (200, 4096, 4096), (256, 4096, 12288), (20, 4, 1 << 16)):
+        tile_m, splits = module.wgmma_plan(m, n, k, sms)
+        slots = -(-m // tile_m) * -(-n // module.TILE_N)
+        assert (k // 64) % splits == 0
+        assert splits == 1 or ((k // 64) // splits >= module.MIN_K_TILES_PER_SPLIT
+                               and slots * splits * tile_m * module.TILE_N <= module.WORKSPACE_FLOATS)
+
+
+def test_build_steps_add_the_warpgroup_kernel_on_sm90(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(module, "wgmma_available", lambda device: True)
+    names = [step.name for step in module.build_steps(torch.bfloat16, True, cuda)]
+    assert names == ["w4a16_gemm<__nv_bfloat16, true>", "w4a16_gemm_sm90<__nv_bfloat16, true>"]
+    monkeypatch.setattr(module, "wgmma_available", lambda device: False)
+    assert [step.name for step in module.build_steps(torch.float16, False, cuda)] == ["w4a16_gemm<__half, false>"]
 
 
 @pytest.mark.parametrize(
@@ -167,6 +263,20 @@ def test_override_errors():
         w4a16_gemm(*args, tile_m=48)
     with pytest.raises(ValueError, match="splits"):
         w4a16_gemm(*args, splits=0)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        w4a16_gemm(*args, kernel="wmma")
+
+
+def test_wgmma_needs_sm90(monkeypatch):
+    monkeypatch.setattr(module, "check_arguments", lambda *args: None)  # CPU tensors stand in for CUDA ones
+    monkeypatch.setattr(module, "wgmma_available", lambda device: False)
+    args = (torch.zeros(2, 128, dtype=torch.bfloat16), torch.zeros(16, 8, dtype=torch.int32),
+            torch.zeros(2, 8, dtype=torch.bfloat16), None, 64)
+    with pytest.raises(ValueError, match="SM 9.0"):
+        w4a16_gemm(*args, kernel="wgmma")
+    monkeypatch.setattr(module, "wgmma_available", lambda device: True)
+    with pytest.raises(ValueError, match=r"tile_m must be one of \(64, 128, 256\) for the wgmma kernel"):
+        w4a16_gemm(*args, kernel="wgmma", tile_m=32)
 
 
 def test_reference_rounds_each_weight_once():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from transformers import AutoConfig
@@ -25,6 +27,9 @@ def build_names(raw, monkeypatch, cutlass: bool = True):
                         lambda: None if cutlass else "no CUTLASS headers")
     monkeypatch.setattr("mllm_kernel.cuda.jit.int8_scaled_mm_cutlass.variant_for", lambda device: "sm90")
     monkeypatch.setattr("pymllm.quantization.kernels.int8_scaled_mm.cuda_capability", lambda device: (9, 0))
+    # By module: the package's w4a16_gemm attribute is the function.
+    monkeypatch.setattr(importlib.import_module("mllm_kernel.cuda.jit.w4a16_gemm"), "wgmma_available",
+                        lambda device: device.type == "cuda")
     hf_config = AutoConfig.from_pretrained(base_checkpoint())
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
@@ -47,11 +52,12 @@ def test_w8a8_model_builds_its_gemvs_and_the_cutlass_gemm(monkeypatch):
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_w4a16_model_builds_plain_and_gated_gemvs_and_the_gemm(monkeypatch, symmetric):
+def test_w4a16_model_builds_plain_and_gated_gemvs_and_the_gemms(monkeypatch, symmetric):
     raw = with_group(W4A16, weights__symmetric=symmetric)
     zeros = "false" if symmetric else "true"
     assert build_names(raw, monkeypatch) == ALWAYS | {
-        f"w4a16_gemv<{BF16}, {zeros}, false>", f"w4a16_gemv<{BF16}, {zeros}, true>", f"w4a16_gemm<{BF16}, {zeros}>"}
+        f"w4a16_gemv<{BF16}, {zeros}, false>", f"w4a16_gemv<{BF16}, {zeros}, true>", f"w4a16_gemm<{BF16}, {zeros}>",
+        f"w4a16_gemm_sm90<{BF16}, {zeros}>"}
 
 
 def test_nothing_to_build_on_the_cpu():

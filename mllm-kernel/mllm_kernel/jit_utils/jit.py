@@ -28,7 +28,7 @@ import tvm_ffi
 from mllm_kernel.jit_utils import cache
 from mllm_kernel.jit_utils.parallel_build import BuildStep
 from mllm_kernel.jit_utils.registry import KernelSpec, make_spec, register
-from mllm_kernel.jit_utils.target import target_for
+from mllm_kernel.jit_utils.target import Target, target_for
 from mllm_kernel.jit_utils.template import render_template_args
 
 P = ParamSpec("P")
@@ -87,8 +87,9 @@ class KernelInstance:
 class JitKernel:
     """A registered kernel; ``kernel[template args]`` gives a callable instance."""
 
-    def __init__(self, spec: KernelSpec) -> None:
+    def __init__(self, spec: KernelSpec, target_of: Callable[[torch.device], Target] = target_for) -> None:
         self.spec = spec
+        self.target_of = target_of
         self._instances: dict[tuple[Any, ...], KernelInstance] = {}
 
     def __getitem__(self, template_args: Any) -> KernelInstance:
@@ -101,7 +102,7 @@ class JitKernel:
 
     def load(self, device: torch.device, template_args: tuple[Any, ...]) -> Callable[..., Any]:
         """Compile or load ``entry<template_args>`` for ``device`` and return the function."""
-        target = target_for(device)
+        target = self.target_of(device)
         self.spec.sources_for(device.type)  # fail before compiling for a device without sources
         rendered = render_template_args(template_args, device.type)
         library = cache.load_or_build(self.spec, target, rendered)
@@ -114,11 +115,14 @@ def jit(
     entry: str,
     cuda_sources: Sequence[str | Path] = (),
     cpu_sources: Sequence[str | Path] = (),
+    target_of: Callable[[torch.device], Target] = target_for,
 ) -> Callable[[Callable[Concatenate[JitKernel, P], R]], Callable[P, R]]:
     """Register a kernel and bind it as the first argument of the decorated wrapper.
 
     ``entry`` is the C++ function (template) to export; sources are the
     headers defining it per device, relative to the mllm_kernel package or absolute.
+    ``target_of`` picks the build target for a device (default: the device's own arch;
+    kernels with arch-specific instructions such as wgmma ask for e.g. "9.0a").
     """
     sources: dict[str, list[str | Path]] = {}
     if cuda_sources:
@@ -127,7 +131,7 @@ def jit(
         sources["cpu"] = list(cpu_sources)
     spec = make_spec(name, entry, sources)
     register(spec)
-    kernel = JitKernel(spec)
+    kernel = JitKernel(spec, target_of)
 
     def decorate(function: Callable[Concatenate[JitKernel, P], R]) -> Callable[P, R]:
         @functools.wraps(function)

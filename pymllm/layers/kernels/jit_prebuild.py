@@ -39,16 +39,16 @@ def gemv_builds(kinds: Iterable[str], device: torch.device, dtype: torch.dtype) 
 
 
 def w4a16_builds(device: torch.device, dtype: torch.dtype, with_zeros: bool, gated: bool) -> List["BuildStep"]:
-    """The W4A16 GEMV (and, for a stacked gate/up layer, its gated form) and the tensor-core GEMM
+    """The W4A16 GEMV (and, for a stacked gate/up layer, its gated form) and the tensor-core GEMMs
     where they run."""
     if not decode_kernels_run_on(device, dtype):
         return []
     # By module path: the package's w4a16_gemv attribute is the function, not the module.
-    from mllm_kernel.cuda.jit.w4a16_gemm import build_step as gemm_build
+    from mllm_kernel.cuda.jit.w4a16_gemm import build_steps as gemm_builds
     from mllm_kernel.cuda.jit.w4a16_gemv import build_step
 
     gemvs = [build_step(dtype, with_zeros, g, device) for g in ((False, True) if gated else (False,))]
-    return gemvs + [gemm_build(dtype, with_zeros, device)]
+    return gemvs + gemm_builds(dtype, with_zeros, device)
 
 
 def kv_cache_builds(device: torch.device, dtype: torch.dtype) -> List["BuildStep"]:

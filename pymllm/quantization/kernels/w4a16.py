@@ -252,7 +252,9 @@ def _gemm_self_test(device: torch.device, dtype: torch.dtype, with_zeros: bool) 
     gen = torch.Generator().manual_seed(0)
     k, n, group = 1024, 132, 64  # a partial column tile; 2 K splits of 8 tiles each
     qweight, scales, zeros, bias = _random_layer(k, n, group, dtype, device, with_zeros, gen)
-    for rows in (GEMM_MIN_M, 70):  # a partial row tile; two row tiles, the second partial
+    # A partial row tile; two row tiles, the second partial (on SM 9.0 these and 200 rows run the
+    # warpgroup kernel, 64- and 128-row tiles: mllm_kernel's w4a16_gemm picks it by rows).
+    for rows in (GEMM_MIN_M, 70, 200):
         x = torch.randn(rows, k, generator=gen).to(device=device, dtype=dtype)
         got = w4a16_gemm(x, qweight, scales, zeros, group, bias, splits=2).double()
         want = w4a16_gemm_reference(x, qweight, scales, zeros, group, bias).double()

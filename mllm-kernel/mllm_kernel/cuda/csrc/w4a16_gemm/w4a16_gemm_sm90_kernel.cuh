@@ -1,0 +1,323 @@
+// w4a16_gemm's Hopper kernel (sm_90a): the same product in the same runtime layout as
+// w4a16_gemm_kernel.cuh (qweight [K/8, N] int32, scales / zeros [K/G, N]), on warpgroup MMAs.
+//
+// Why: the mma.sync kernel keeps its activation fragments in registers, so every warp loads each
+// activation row of the tile from shared memory once per 32 weight columns, and issues one small
+// MMA per 16 x 8 x 16 piece; at 64 rows Nsight showed it issue-bound at half of the tensor rate.
+// A wgmma multiplies a warpgroup's 64 weight columns by every row of the tile (up to 256) in one
+// instruction, reading the activations from shared memory itself, and runs asynchronously while
+// the warps dequantize the next weights.
+//
+// Roles: a block is 2 warpgroups (128 weight columns, 64 each); the weights' 4-bit words and the
+// step's scale rows arrive by cp.async, 4 stages deep. Each thread dequantizes, per 64 k, two
+// words of each of its two columns straight into the wgmma A fragment (registers), exactly as
+// the mma.sync kernel rounds them; the activations are the B operand, read by descriptor.
+//
+// The k order: a lane holds the 8 nibbles of one word (8 consecutive k) of a column per 32 k, so
+// its A slots (2t, 2t + 1) and (2t + 8, 2t + 9) of the two k16 steps hold the word's four
+// adjacent pairs. In a 32-k window, the pair j of word t (k = 8t + 2j, + 1) therefore sits at
+// slot pair 4j + t: the activations are stored in shared memory with the same transposition of
+// their 4 x 4 pairs (4-byte units) per 32 k, through registers, in the 128-byte-swizzled K-major
+// layout wgmma reads. Rows past M are zeros (no read); columns past N repeat N - 4's words.
+//
+// Pipeline per 64-k stage (all 256 threads copy; the barrier orders the ring):
+//   wait for the stage's cp.async, barrier;
+//   cp.async the weights of stage + 3 (its slot's readers finished before the barrier);
+//   store the activations of stage + 2 from registers (slot of stage - 2: its wgmmas were waited
+//   for before the barrier), fence them for the async proxy, load the next stage's into registers;
+//   dequantize this stage's A fragments, issue its 4 wgmmas, wait until at most this group runs.
+// Split K, the epilogue and the counters are the mma.sync kernel's.
+#pragma once
+
+#include "w4a16_gemm/w4a16_gemm_kernel.cuh"
+#include "wgmma.cuh"
+
+namespace mllm_kernel {
+namespace w4a16_gemm_sm90_detail {
+
+using w4a16_gemm_detail::bits_of;
+using w4a16_gemm_detail::fma2;
+using w4a16_gemm_detail::Params;
+using w4a16_gemm_detail::splat;
+using w4a16_gemm_detail::unpack_adjacent;
+using w4a16_gemv_detail::copy_async_16_cg;
+using w4a16_gemv_detail::copy_async_8;
+using w4a16_gemv_detail::copy_async_commit;
+using w4a16_gemv_detail::copy_async_wait;
+using w4a16_gemv_detail::shared_address;
+using w4a16_gemv_detail::shared_load_8;
+using w4a16_gemv_detail::Traits;
+
+constexpr int kWarpGroups = 2;
+constexpr int kThreads = 128 * kWarpGroups;
+constexpr int kTileN = 64 * kWarpGroups;  // weight columns per block
+constexpr int kTileK = 64;
+constexpr int kStages = 4;
+constexpr int kWeightBytes = kTileK / 8 * kTileN * 4;  // 4 KiB
+constexpr int kMetaRowBytes = kTileN * 2;
+// A stage: the activation tile (1024-byte aligned for the swizzle), the weight tile, then 2 scale
+// rows and 2 zero-point rows (one per 32 k). Every stage size is a multiple of 1024.
+constexpr int x_bytes(int tile_m) { return tile_m * kTileK * 2; }
+constexpr int stage_bytes(int tile_m) { return x_bytes(tile_m) + kWeightBytes + 4 * kMetaRowBytes; }
+// + 1024: the dynamic window is aligned up to 1024 bytes inside the kernel.
+constexpr int smem_bytes(int tile_m) { return kStages * stage_bytes(tile_m) + 1024; }
+static_assert(stage_bytes(64) % 1024 == 0, "stages must keep the activation tiles 1024-byte aligned");
+
+template <int kTileM>
+struct Wgmma;
+
+#define MLLM_W4A16_WGMMA_SHAPE(N)                                                                          \
+  template <>                                                                                              \
+  struct Wgmma<N> {                                                                                        \
+    template <typename T>                                                                                  \
+    static __device__ __forceinline__ void run(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc) { \
+      if constexpr (std::is_same_v<T, __half>) {                                                           \
+        asm volatile(MLLM_W4A16_WGMMA_N##N("f16")                                                          \
+                     : MLLM_W4A16_WGMMA_N##N##_OUTS                                                        \
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));                     \
+      } else {                                                                                             \
+        asm volatile(MLLM_W4A16_WGMMA_N##N("bf16")                                                         \
+                     : MLLM_W4A16_WGMMA_N##N##_OUTS                                                        \
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));                     \
+      }                                                                                                    \
+    }                                                                                                      \
+  };
+MLLM_W4A16_WGMMA_SHAPE(64)
+MLLM_W4A16_WGMMA_SHAPE(128)
+MLLM_W4A16_WGMMA_SHAPE(256)
+#undef MLLM_W4A16_WGMMA_SHAPE
+
+// 64-row tiles leave room for two blocks per SM; 128 and 256 rows hold 64 / 128 accumulators.
+constexpr int blocks_per_sm(int tile_m) { return tile_m <= 64 ? 2 : 1; }
+
+template <typename T, int kTileM, bool kHasZero>
+__global__ void __launch_bounds__(kThreads, blocks_per_sm(kTileM)) w4a16_gemm_sm90_kernel(const Params p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Tr = Traits<T>;
+  constexpr int kStageBytes = stage_bytes(kTileM);
+  constexpr int kXBytes = x_bytes(kTileM);
+  constexpr int kAcc = kTileM / 2;
+  extern __shared__ __align__(16) uint8_t smem[];
+  const uint32_t ring = (shared_address(smem) + 1023u) & ~1023u;
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int row_tile = blockIdx.x % p.row_tiles;
+  const int col_tile = blockIdx.x / p.row_tiles;
+  const int split = blockIdx.y;
+  const int row0 = row_tile * kTileM;
+  const int n0 = col_tile * kTileN;
+  const int k_begin = split * p.k_chunk;
+  const int iters = p.k_chunk / kTileK;
+
+  // This thread's two weight columns (the A rows g and g + 8 of its warp): adjacent, so their
+  // words, scales and outputs are 8-, 4- and 4-byte pairs.
+  const int col = 64 * (tid >> 7) + 16 * ((tid >> 5) & 3) + 2 * g;
+
+  // Weight copy: thread u takes packed row u / 32, 16-byte unit u % 32 (4 columns); unit j of
+  // packed row r lives at j ^ 4 (r % 2), so the 4 packed rows a warp reads at once (t = 0..3)
+  // fall in two bank halves (an 8-byte warp read needs two wavefronts at best).
+  const int wr = tid >> 5;
+  const int wj = tid & 31;
+  const uint32_t* w_src = p.qweight + static_cast<int64_t>(wr) * p.n + min(n0 + 4 * wj, p.n - 4);
+  const uint32_t w_dst = kXBytes + (wr * 32 + (wj ^ (4 * (wr & 1)))) * 16;
+  uint32_t w_read[2];  // this lane's 8 bytes of packed row 4h + t
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = 4 * h + t;
+    w_read[h] = kXBytes + (r * 32 + ((col >> 2) ^ (4 * (r & 1)))) * 16 + (col & 3) * 4;
+  }
+  // Scale / zero-point rows, as in the mma.sync kernel: thread i < 64 (128 with zero points)
+  // copies 4 columns of step (i / 32) % 2's row into meta row i / 32 = 2 * kind + step.
+  constexpr int kMetaCopies = kHasZero ? 128 : 64;
+  const bool copies_meta = tid < kMetaCopies;
+  const int meta_step = (tid >> 5) & 1;
+  const uint16_t* meta_src = (tid < 64 ? p.scales : p.zeros) + min(n0 + 4 * (tid & 31), p.n - 4);
+  const uint32_t meta_dst = kXBytes + kWeightBytes + tid * 8;
+  const uint32_t meta_read = kXBytes + kWeightBytes + col * 2;
+
+  // Activation copy: unit u = tid + 256 i is row u / 8, 16-byte unit c = u % 8 (k 8c .. 8c + 7,
+  // i.e. word t' = c % 4 of window c / 4); its pair j goes to the window's slot pair 4j + t',
+  // which is unit 4 (c / 4) + j, bytes 4t', swizzled by the row.
+  constexpr int kXUnits = kTileM * 8 / kThreads;
+  static_assert(kTileM * 8 % kThreads == 0, "the activation tile must fill the copy roles");
+  const uint16_t* x_src[kXUnits];
+  bool x_valid[kXUnits];
+  uint32_t x_dst[kXUnits];  // row * 128 + 4t': add the swizzled unit of pair j
+#pragma unroll
+  for (int i = 0; i < kXUnits; ++i) {
+    const int r = (tid + kThreads * i) >> 3;
+    x_valid[i] = row0 + r < p.m;
+    x_src[i] = p.x + static_cast<int64_t>(min(row0 + r, p.m - 1)) * p.x_stride + 8 * (tid & 7);
+    x_dst[i] = r * 128 + (tid & 3) * 4;
+  }
+  // Every unit of this thread has c = tid % 8 and row % 8 = (tid / 8) % 8 (kThreads / 8 rows apart).
+  const int x_unit0 = 4 * ((tid & 7) >> 2);
+  const int x_swizzle = (tid >> 3) & 7;
+  uint4 x_regs[kXUnits];
+
+  pdl_wait();
+
+  auto load_weights = [&](int stage, int k0) {
+    const uint32_t base = ring + stage * kStageBytes;
+    copy_async_16_cg(base + w_dst, w_src + static_cast<int64_t>(k0 / 8) * p.n, true);
+    if (copies_meta) {
+      const int64_t group = (k0 + 32 * meta_step) >> p.group_shift;
+      copy_async_8(base + meta_dst, meta_src + group * p.n, true);
+    }
+  };
+  auto load_x = [&](int k0) {
+#pragma unroll
+    for (int i = 0; i < kXUnits; ++i) {
+      x_regs[i] = x_valid[i] ? *reinterpret_cast<const uint4*>(x_src[i] + k0) : make_uint4(0, 0, 0, 0);
+    }
+  };
+  auto store_x = [&](int stage) {
+    const uint32_t base = ring + stage * kStageBytes;
+#pragma unroll
+    for (int i = 0; i < kXUnits; ++i) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint32_t addr = base + x_dst[i] + (((x_unit0 + j) ^ x_swizzle) * 16);
+        asm volatile("st.shared.u32 [%0], %1;" ::"r"(addr), "r"(w4a16_gemv_detail::word(x_regs[i], j)) : "memory");
+      }
+    }
+    wgmma::fence_proxy_async();
+  };
+
+  constexpr float kUnpackOffset = std::is_same_v<T, __half> ? 1032.f : 136.f;
+  const uint32_t magic = Tr::kMagic;
+  const uint32_t one2 = splat(bits_of<T>(1.f));
+  const uint32_t neg_zero2 = splat(bits_of<T>(-0.f));
+
+  // a[s]: the A fragment of k16 step s: {column col, slot pair t}, {col + 1, t}, {col, t + 4},
+  // {col + 1, t + 4}; step s = 2h + e takes pairs 2e and 2e + 1 of window h's words.
+  auto dequantize = [&](uint32_t base, uint32_t (&a)[4][4]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint2 words = shared_load_8(base + w_read[h]);
+      uint32_t scales;
+      asm volatile("ld.shared.u32 %0, [%1];" : "=r"(scales) : "r"(base + meta_read + h * kMetaRowBytes) : "memory");
+      uint32_t zeros = 0;
+      if constexpr (kHasZero) {
+        asm volatile("ld.shared.u32 %0, [%1];" : "=r"(zeros) : "r"(base + meta_read + (2 + h) * kMetaRowBytes) : "memory");
+      }
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const uint32_t scale2 = splat(e ? scales >> 16 : scales);
+        float offset = kUnpackOffset;
+        if constexpr (kHasZero) offset += Tr::to_float(static_cast<uint16_t>(e ? zeros >> 16 : zeros & 0xFFFFu));
+        const uint32_t offset2 = splat(bits_of<T>(-offset));  // an integer of at most 11 bits: exact
+        uint32_t pairs[4];
+        unpack_adjacent(e ? words.y : words.x, magic, pairs);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          uint32_t v = fma2<T>(pairs[j], one2, offset2);  // q - 8 - zero, exact
+          v = fma2<T>(v, scale2, neg_zero2);             // times the scale, rounded once
+          a[2 * h + (j >> 1)][2 * (j & 1) + e] = v;
+        }
+      }
+    }
+  };
+
+  float acc[kAcc];
+#pragma unroll
+  for (int i = 0; i < kAcc; ++i) acc[i] = 0.f;
+  wgmma::fence_operands(acc);
+
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    if (st < iters) load_weights(st, k_begin + st * kTileK);
+    copy_async_commit();
+  }
+#pragma unroll
+  for (int st = 0; st < kStages - 2; ++st) {
+    if (st < iters) {
+      load_x(k_begin + st * kTileK);
+      store_x(st);
+    }
+  }
+  if (kStages - 2 < iters) load_x(k_begin + (kStages - 2) * kTileK);
+
+  uint32_t a[4][4];
+#pragma unroll 2
+  for (int it = 0; it < iters; ++it) {
+    copy_async_wait<kStages - 2>();
+    __syncthreads();
+    const int next_w = it + kStages - 1;
+    if (next_w < iters) load_weights(next_w % kStages, k_begin + next_w * kTileK);
+    copy_async_commit();
+    const int next_x = it + kStages - 2;
+    if (next_x < iters) {
+      store_x(next_x % kStages);
+      if (next_x + 1 < iters) load_x(k_begin + (next_x + 1) * kTileK);
+    }
+    const uint32_t base = ring + (it % kStages) * kStageBytes;
+    dequantize(base, a);
+    wgmma::fence();
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      Wgmma<kTileM>::template run<T>(acc, a[s], wgmma::k_major_sw128_descriptor(base + 32 * s));
+    }
+    wgmma::commit();
+    wgmma::wait<1>();
+  }
+  wgmma::wait<0>();
+  wgmma::fence_operands(acc);
+  copy_async_wait<0>();
+  pdl_launch_dependents();
+
+  // acc[4j + q]: column col + (q >> 1), row 8j + 2t + (q & 1) of the tile.
+  auto for_each_pair = [&](auto&& fn) {  // fn(row, local column, value at column, value at column + 1)
+#pragma unroll
+    for (int j = 0; j < kTileM / 8; ++j) {
+#pragma unroll
+      for (int odd = 0; odd < 2; ++odd) fn(8 * j + 2 * t + odd, col, acc[4 * j + odd], acc[4 * j + 2 + odd]);
+    }
+  };
+  auto store = [&](int row, int nl, float v0, float v1) {
+    const int n = n0 + nl;
+    if (row0 + row >= p.m || n >= p.n) return;  // n is even and N % 4 == 0: n + 1 < N too
+    if (p.bias != nullptr) {
+      v0 += Tr::to_float(p.bias[n]);
+      v1 += Tr::to_float(p.bias[n + 1]);
+    }
+    const uint32_t packed = Tr::from_float(v0) | (static_cast<uint32_t>(Tr::from_float(v1)) << 16);
+    *reinterpret_cast<uint32_t*>(p.out + static_cast<int64_t>(row0 + row) * p.n + n) = packed;
+  };
+  if (p.splits == 1) {
+    for_each_pair(store);
+    return;
+  }
+
+  constexpr int kSlotFloats = kTileM * kTileN;
+  const int slot = blockIdx.x;
+  float* slot_partials = p.partials + static_cast<int64_t>(slot) * p.splits * kSlotFloats;
+  for_each_pair([&](int row, int nl, float v0, float v1) {
+    *reinterpret_cast<float2*>(slot_partials + split * kSlotFloats + row * kTileN + nl) = make_float2(v0, v1);
+  });
+  __shared__ bool last_block;
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) last_block = atomicAdd(p.counters + slot, 1u) == static_cast<unsigned>(p.splits - 1);
+  __syncthreads();
+  if (!last_block) return;
+  __threadfence();
+  for_each_pair([&](int row, int nl, float, float) {
+    float v0 = 0.f;
+    float v1 = 0.f;
+    for (int sp = 0; sp < p.splits; ++sp) {  // split order: deterministic
+      const float2 v = __ldcg(reinterpret_cast<const float2*>(slot_partials + sp * kSlotFloats + row * kTileN + nl));
+      v0 += v.x;
+      v1 += v.y;
+    }
+    store(row, nl, v0, v1);
+  });
+  if (tid == 0) p.counters[slot] = 0u;
+#endif
+}
+
+}  // namespace w4a16_gemm_sm90_detail
+}  // namespace mllm_kernel
