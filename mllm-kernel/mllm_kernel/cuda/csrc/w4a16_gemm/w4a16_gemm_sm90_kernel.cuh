@@ -143,45 +143,58 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(kTileM)) w4a16_gemm_sm
   // which is unit 4 (c / 4) + j, bytes 4t', swizzled by the row.
   constexpr int kXUnits = kTileM * 8 / kThreads;
   static_assert(kTileM * 8 % kThreads == 0, "the activation tile must fill the copy roles");
-  const uint16_t* x_src[kXUnits];
+  const uint16_t* x_src[kXUnits];  // advanced by 64 k per load
   bool x_valid[kXUnits];
-  uint32_t x_dst[kXUnits];  // row * 128 + 4t': add the swizzled unit of pair j
 #pragma unroll
   for (int i = 0; i < kXUnits; ++i) {
     const int r = (tid + kThreads * i) >> 3;
     x_valid[i] = row0 + r < p.m;
-    x_src[i] = p.x + static_cast<int64_t>(min(row0 + r, p.m - 1)) * p.x_stride + 8 * (tid & 7);
-    x_dst[i] = r * 128 + (tid & 3) * 4;
+    x_src[i] = p.x + static_cast<int64_t>(min(row0 + r, p.m - 1)) * p.x_stride + k_begin + 8 * (tid & 7);
   }
-  // Every unit of this thread has c = tid % 8 and row % 8 = (tid / 8) % 8 (kThreads / 8 rows apart).
-  const int x_unit0 = 4 * ((tid & 7) >> 2);
-  const int x_swizzle = (tid >> 3) & 7;
+  // Every unit of this thread has c = tid % 8 and row % 8 = (tid / 8) % 8, its units kThreads / 8
+  // rows (4 KiB) apart: pair j of unit i goes to x_store[j] + 4096 i. Pinned in registers, so
+  // that the swizzle is not re-derived at every stage.
+  uint32_t x_store[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int unit = (4 * ((tid & 7) >> 2) + j) ^ ((tid >> 3) & 7);
+    x_store[j] = w4a16_gemv_detail::pinned_u32((tid >> 3) * 128 + unit * 16 + (tid & 3) * 4);
+  }
+  static_assert(kThreads / 8 * 128 == 4096, "units of a thread are 4 KiB apart");
   uint4 x_regs[kXUnits];
+  // The weights' and the scale rows' next stage (64 k: 8 packed rows), advanced per load.
+  const uint32_t* w_next = w_src + static_cast<int64_t>(k_begin / 8) * p.n;
+  const int64_t w_step = static_cast<int64_t>(8) * p.n;
+  int meta_k = k_begin + 32 * meta_step;
 
   pdl_wait();
 
-  auto load_weights = [&](int stage, int k0) {
+  auto load_weights = [&](int stage) {
     const uint32_t base = ring + stage * kStageBytes;
-    copy_async_16_cg(base + w_dst, w_src + static_cast<int64_t>(k0 / 8) * p.n, true);
+    copy_async_16_cg(base + w_dst, w_next, true);
+    w_next += w_step;
     if (copies_meta) {
-      const int64_t group = (k0 + 32 * meta_step) >> p.group_shift;
-      copy_async_8(base + meta_dst, meta_src + group * p.n, true);
+      copy_async_8(base + meta_dst, meta_src + static_cast<int64_t>(meta_k >> p.group_shift) * p.n, true);
     }
+    meta_k += kTileK;
   };
-  auto load_x = [&](int k0) {
+  auto load_x = [&]() {
 #pragma unroll
     for (int i = 0; i < kXUnits; ++i) {
-      x_regs[i] = x_valid[i] ? *reinterpret_cast<const uint4*>(x_src[i] + k0) : make_uint4(0, 0, 0, 0);
+      x_regs[i] = x_valid[i] ? *reinterpret_cast<const uint4*>(x_src[i]) : make_uint4(0, 0, 0, 0);
+      x_src[i] += kTileK;
     }
   };
   auto store_x = [&](int stage) {
     const uint32_t base = ring + stage * kStageBytes;
 #pragma unroll
-    for (int i = 0; i < kXUnits; ++i) {
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t addr = base + x_store[j];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const uint32_t addr = base + x_dst[i] + (((x_unit0 + j) ^ x_swizzle) * 16);
-        asm volatile("st.shared.u32 [%0], %1;" ::"r"(addr), "r"(w4a16_gemv_detail::word(x_regs[i], j)) : "memory");
+      for (int i = 0; i < kXUnits; ++i) {
+        // 4096 i: an immediate offset of the store (ptxas folds the constant add).
+        asm volatile("st.shared.u32 [%0], %1;" ::"r"(addr + 4096 * i), "r"(w4a16_gemv_detail::word(x_regs[i], j))
+                     : "memory");
       }
     }
     wgmma::fence_proxy_async();
@@ -229,17 +242,17 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(kTileM)) w4a16_gemm_sm
 
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) {
-    if (st < iters) load_weights(st, k_begin + st * kTileK);
+    if (st < iters) load_weights(st);
     copy_async_commit();
   }
 #pragma unroll
   for (int st = 0; st < kStages - 2; ++st) {
     if (st < iters) {
-      load_x(k_begin + st * kTileK);
+      load_x();
       store_x(st);
     }
   }
-  if (kStages - 2 < iters) load_x(k_begin + (kStages - 2) * kTileK);
+  if (kStages - 2 < iters) load_x();
 
   uint32_t a[4][4];
 #pragma unroll 2
@@ -247,12 +260,12 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(kTileM)) w4a16_gemm_sm
     copy_async_wait<kStages - 2>();
     __syncthreads();
     const int next_w = it + kStages - 1;
-    if (next_w < iters) load_weights(next_w % kStages, k_begin + next_w * kTileK);
+    if (next_w < iters) load_weights(next_w % kStages);
     copy_async_commit();
     const int next_x = it + kStages - 2;
     if (next_x < iters) {
       store_x(next_x % kStages);
-      if (next_x + 1 < iters) load_x(k_begin + (next_x + 1) * kTileK);
+      if (next_x + 1 < iters) load_x();
     }
     const uint32_t base = ring + (it % kStages) * kStageBytes;
     dequantize(base, a);
