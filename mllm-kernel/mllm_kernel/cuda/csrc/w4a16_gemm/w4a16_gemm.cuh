@@ -53,14 +53,7 @@ int64_t make_params(const char* op, Params& p, TensorView out, TensorView x, Ten
     while ((int64_t{1} << group_shift) < group) ++group_shift;
   }
   p = Params{};
-  p.qweight = reinterpret_cast<const uint32_t*>(byte_ptr(qweight));
-  p.x = reinterpret_cast<const uint16_t*>(byte_ptr(x));
-  p.scales = reinterpret_cast<const uint16_t*>(byte_ptr(scales));
-  p.zeros = kHasZero ? reinterpret_cast<const uint16_t*>(byte_ptr(zeros.value())) : nullptr;
-  p.bias = bias.has_value() ? reinterpret_cast<const uint16_t*>(byte_ptr(bias.value())) : nullptr;
-  p.out = reinterpret_cast<uint16_t*>(byte_ptr(out));
-  p.partials = reinterpret_cast<float*>(byte_ptr(partials));
-  p.counters = reinterpret_cast<unsigned*>(byte_ptr(counters));
+  w4a16_gemv_detail::set_operands<kHasZero>(p, out, x, qweight, scales, zeros, bias, partials, counters);
   p.x_stride = x.stride(0);
   p.m = static_cast<int>(m);
   p.n = static_cast<int>(n);

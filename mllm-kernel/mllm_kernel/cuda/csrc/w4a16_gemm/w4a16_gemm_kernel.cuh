@@ -113,6 +113,77 @@ __device__ __forceinline__ void unpack_adjacent(uint32_t w, uint32_t magic, uint
   }
 }
 
+// One word's 8 weights of a column as the pairs of unpack_adjacent, dequantized to T exactly as the
+// dequantizer rounds them: magic + q less (magic + 8 + zero) is exact (an integer of at most 11
+// bits), then one multiply by the scale rounds once. The column's 16-bit scale and zero point are
+// the low halves of scale_bits and zero_bits (zero_bits is ignored without zero points).
+template <typename T, bool kHasZero>
+__device__ __forceinline__ void dequantize_adjacent(uint32_t w, uint32_t scale_bits, uint32_t zero_bits,
+                                                    uint32_t (&pairs)[4]) {
+  using Tr = Traits<T>;
+  float offset = std::is_same_v<T, __half> ? 1032.f : 136.f;  // magic + 8
+  if constexpr (kHasZero) offset += Tr::to_float(static_cast<uint16_t>(zero_bits & 0xFFFFu));
+  const uint32_t offset2 = splat(bits_of<T>(-offset));
+  const uint32_t scale2 = splat(scale_bits);
+  const uint32_t one2 = splat(bits_of<T>(1.f));
+  const uint32_t neg_zero2 = splat(bits_of<T>(-0.f));
+  unpack_adjacent(w, Tr::kMagic, pairs);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    pairs[i] = fma2<T>(pairs[i], one2, offset2);      // q - 8 - zero, exact
+    pairs[i] = fma2<T>(pairs[i], scale2, neg_zero2);  // times the scale, rounded once
+  }
+}
+
+// The epilogue of both GEMM kernels for a tile of kTileM rows x kTileCols columns: for_each_pair(fn)
+// calls fn(row, local column, value at column, value at column + 1) for each pair of adjacent
+// columns this thread holds. Without split K they are stored (+ bias); with it they go to the
+// slot's fp32 partials, and the last block to arrive (a per-slot counter) adds the splits in split
+// order (deterministic), stores, and resets the counter for the next launch (CUDA-graph replays).
+template <typename T, int kTileM, int kTileCols, typename ForEachPair>
+__device__ __forceinline__ void finish_tile(const Params& p, int row0, int n0, int split, ForEachPair&& for_each_pair) {
+  using Tr = Traits<T>;
+  auto store = [&](int row, int nl, float v0, float v1) {
+    const int n = n0 + nl;
+    if (row0 + row >= p.m || n >= p.n) return;  // n is even and N % 4 == 0: n + 1 < N too
+    if (p.bias != nullptr) {
+      v0 += Tr::to_float(p.bias[n]);
+      v1 += Tr::to_float(p.bias[n + 1]);
+    }
+    const uint32_t packed = Tr::from_float(v0) | (static_cast<uint32_t>(Tr::from_float(v1)) << 16);
+    *reinterpret_cast<uint32_t*>(p.out + static_cast<int64_t>(row0 + row) * p.n + n) = packed;
+  };
+  if (p.splits == 1) {
+    for_each_pair(store);
+    return;
+  }
+
+  constexpr int kSlotFloats = kTileM * kTileCols;
+  const int slot = blockIdx.x;
+  float* slot_partials = p.partials + static_cast<int64_t>(slot) * p.splits * kSlotFloats;
+  for_each_pair([&](int row, int nl, float v0, float v1) {
+    *reinterpret_cast<float2*>(slot_partials + split * kSlotFloats + row * kTileCols + nl) = make_float2(v0, v1);
+  });
+  __shared__ bool last_block;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last_block = atomicAdd(p.counters + slot, 1u) == static_cast<unsigned>(p.splits - 1);
+  __syncthreads();
+  if (!last_block) return;
+  __threadfence();
+  for_each_pair([&](int row, int nl, float, float) {
+    float v0 = 0.f;
+    float v1 = 0.f;
+    for (int sp = 0; sp < p.splits; ++sp) {  // split order: deterministic
+      const float2 v = __ldcg(reinterpret_cast<const float2*>(slot_partials + sp * kSlotFloats + row * kTileCols + nl));
+      v0 += v.x;
+      v1 += v.y;
+    }
+    store(row, nl, v0, v1);
+  });
+  if (threadIdx.x == 0) p.counters[slot] = 0u;
+}
+
 template <typename T, int kGroups, bool kHasZero>
 __global__ void __launch_bounds__(kThreads, kGroups >= 8 ? 3 : 4) w4a16_gemm_kernel(const Params p) {
   using Tr = Traits<T>;
@@ -187,12 +258,6 @@ __global__ void __launch_bounds__(kThreads, kGroups >= 8 ? 3 : 4) w4a16_gemm_ker
     }
   };
 
-  const uint32_t magic = Tr::kMagic;
-  // unpack_adjacent gives 1024 + q (fp16) or 128 + q (bf16): the offset that leaves q - 8 - zero.
-  constexpr float kUnpackOffset = std::is_same_v<T, __half> ? 1032.f : 136.f;
-  const uint32_t one2 = splat(bits_of<T>(1.f));
-  const uint32_t neg_zero2 = splat(bits_of<T>(-0.f));
-
   float acc[kGroups][2][4] = {};
 
   auto compute_stage = [&](int stage, int k0) {
@@ -210,20 +275,9 @@ __global__ void __launch_bounds__(kThreads, kGroups >= 8 ? 3 : 4) w4a16_gemm_ker
       uint32_t a[4][4];
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
-        const uint32_t pair = c < 2 ? sv.x : sv.y;
-        const uint32_t scale2 = splat((c & 1) ? pair >> 16 : pair);
-        float offset = kUnpackOffset;
-        if constexpr (kHasZero) {
-          const uint32_t zpair = c < 2 ? zv.x : zv.y;
-          offset += Tr::to_float(static_cast<uint16_t>((c & 1) ? zpair >> 16 : zpair & 0xFFFFu));
-        }
-        const uint32_t offset2 = splat(bits_of<T>(-offset));  // an integer of at most 11 bits: exact
-        unpack_adjacent(w4a16_gemv_detail::word(wv, c), magic, a[c]);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          a[c][i] = fma2<T>(a[c][i], one2, offset2);      // q - 8 - zero, exact
-          a[c][i] = fma2<T>(a[c][i], scale2, neg_zero2);  // times the scale, rounded once
-        }
+        const int shift = (c & 1) * 16;
+        dequantize_adjacent<T, kHasZero>(w4a16_gemv_detail::word(wv, c), (c < 2 ? sv.x : sv.y) >> shift,
+                                         (c < 2 ? zv.x : zv.y) >> shift, a[c]);
       }
 #pragma unroll
       for (int q = 0; q < kGroups; ++q) {
@@ -258,7 +312,7 @@ __global__ void __launch_bounds__(kThreads, kGroups >= 8 ? 3 : 4) w4a16_gemm_ker
 
   // acc[q][h][r]: activation row 8q + 2t + (r & 1), column 4g + 2h + (r >> 1) of the warp's 32.
   const int n_local = 32 * warp + 4 * g;
-  auto for_each_pair = [&](auto&& fn) {  // fn(row, local column, value at column, value at column + 1)
+  finish_tile<T, kTileM, kTileN>(p, row0, n0, split, [&](auto&& fn) {
 #pragma unroll
     for (int q = 0; q < kGroups; ++q) {
 #pragma unroll
@@ -267,46 +321,7 @@ __global__ void __launch_bounds__(kThreads, kGroups >= 8 ? 3 : 4) w4a16_gemm_ker
         for (int odd = 0; odd < 2; ++odd) fn(8 * q + 2 * t + odd, n_local + 2 * h, acc[q][h][odd], acc[q][h][2 + odd]);
       }
     }
-  };
-  auto store = [&](int row, int nl, float v0, float v1) {
-    const int n = n0 + nl;
-    if (row0 + row >= p.m || n >= p.n) return;  // n is even and N % 4 == 0: n + 1 < N too
-    if (p.bias != nullptr) {
-      v0 += Tr::to_float(p.bias[n]);
-      v1 += Tr::to_float(p.bias[n + 1]);
-    }
-    const uint32_t packed = Tr::from_float(v0) | (static_cast<uint32_t>(Tr::from_float(v1)) << 16);
-    *reinterpret_cast<uint32_t*>(p.out + static_cast<int64_t>(row0 + row) * p.n + n) = packed;
-  };
-  if (p.splits == 1) {
-    for_each_pair(store);
-    return;
-  }
-
-  constexpr int kSlotFloats = kTileM * kTileN;
-  const int slot = blockIdx.x;
-  float* slot_partials = p.partials + static_cast<int64_t>(slot) * p.splits * kSlotFloats;
-  for_each_pair([&](int row, int nl, float v0, float v1) {
-    *reinterpret_cast<float2*>(slot_partials + split * kSlotFloats + row * kTileN + nl) = make_float2(v0, v1);
   });
-  __shared__ bool last_block;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last_block = atomicAdd(p.counters + slot, 1u) == static_cast<unsigned>(p.splits - 1);
-  __syncthreads();
-  if (!last_block) return;
-  __threadfence();
-  for_each_pair([&](int row, int nl, float, float) {
-    float v0 = 0.f;
-    float v1 = 0.f;
-    for (int sp = 0; sp < p.splits; ++sp) {  // split order: deterministic
-      const float2 v = __ldcg(reinterpret_cast<const float2*>(slot_partials + sp * kSlotFloats + row * kTileN + nl));
-      v0 += v.x;
-      v1 += v.y;
-    }
-    store(row, nl, v0, v1);
-  });
-  if (threadIdx.x == 0) p.counters[slot] = 0u;
 }
 
 }  // namespace w4a16_gemm_detail

@@ -8,11 +8,23 @@
 namespace mllm_kernel {
 namespace w4a16_gemm_sm90_detail {
 
+// The kernel compiles to an empty body below sm_90a, so other GPUs are refused, not run.
+inline void require_sm90(int device) {
+  int major = 0;
+  int minor = 0;
+  TVM_FFI_CHECK_CUDA_ERROR(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  TVM_FFI_CHECK_CUDA_ERROR(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  TVM_FFI_CHECK(major == 9 && minor == 0, RuntimeError)
+      << "w4a16_gemm_sm90: needs an SM 9.0 GPU (wgmma), got SM " << major << "." << minor;
+}
+
 template <typename T, int kTileM, bool kHasZero>
 void launch_wgmma(const Params& p, dim3 grid, cudaStream_t stream, bool pdl, int device) {
   auto kernel = w4a16_gemm_sm90_kernel<T, kTileM, kHasZero>;
   constexpr int bytes = smem_bytes(kTileM);
   static bool granted[64] = {};
+  // Checked with the shared-memory opt-in, once per device and instance, not at every launch.
+  if (device >= 0 && device < 64 && !granted[device]) require_sm90(device);
   w4a16_gemm_detail::grant_shared_memory("w4a16_gemm_sm90", kernel, bytes, device, granted);
   launch_kernel(kernel, grid, dim3(kThreads), bytes, stream, pdl, p);
 }
@@ -34,12 +46,6 @@ void w4a16_gemm_sm90(TensorView out, TensorView x, TensorView qweight, TensorVie
       "w4a16_gemm_sm90", p, out, x, qweight, scales, zeros, bias, partials, counters, group, splits, tile_m);
   const int device = x.device().device_id;
   tvm::ffi::CUDADeviceGuard guard(device);
-  int major = 0;
-  int minor = 0;
-  TVM_FFI_CHECK_CUDA_ERROR(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  TVM_FFI_CHECK_CUDA_ERROR(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  TVM_FFI_CHECK(major == 9 && minor == 0, RuntimeError)
-      << "w4a16_gemm_sm90: needs an SM 9.0 GPU (wgmma), got SM " << major << "." << minor;
   const cudaStream_t stream = current_stream(x);
   const dim3 grid(static_cast<unsigned>(slots), static_cast<unsigned>(splits));
   if (tile_m == 64) {

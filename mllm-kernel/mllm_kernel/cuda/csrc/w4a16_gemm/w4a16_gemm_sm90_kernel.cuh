@@ -35,18 +35,14 @@
 namespace mllm_kernel {
 namespace w4a16_gemm_sm90_detail {
 
-using w4a16_gemm_detail::bits_of;
-using w4a16_gemm_detail::fma2;
+using w4a16_gemm_detail::dequantize_adjacent;
 using w4a16_gemm_detail::Params;
-using w4a16_gemm_detail::splat;
-using w4a16_gemm_detail::unpack_adjacent;
 using w4a16_gemv_detail::copy_async_16_cg;
 using w4a16_gemv_detail::copy_async_8;
 using w4a16_gemv_detail::copy_async_commit;
 using w4a16_gemv_detail::copy_async_wait;
 using w4a16_gemv_detail::shared_address;
 using w4a16_gemv_detail::shared_load_8;
-using w4a16_gemv_detail::Traits;
 
 constexpr int kWarpGroups = 2;
 constexpr int kThreads = 128 * kWarpGroups;
@@ -93,7 +89,6 @@ constexpr int blocks_per_sm(int tile_m) { return tile_m <= 64 ? 2 : 1; }
 template <typename T, int kTileM, bool kHasZero>
 __global__ void __launch_bounds__(kThreads, blocks_per_sm(kTileM)) w4a16_gemm_sm90_kernel(const Params p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using Tr = Traits<T>;
   constexpr int kStageBytes = stage_bytes(kTileM);
   constexpr int kXBytes = x_bytes(kTileM);
   constexpr int kAcc = kTileM / 2;
@@ -200,11 +195,6 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(kTileM)) w4a16_gemm_sm
     wgmma::fence_proxy_async();
   };
 
-  constexpr float kUnpackOffset = std::is_same_v<T, __half> ? 1032.f : 136.f;
-  const uint32_t magic = Tr::kMagic;
-  const uint32_t one2 = splat(bits_of<T>(1.f));
-  const uint32_t neg_zero2 = splat(bits_of<T>(-0.f));
-
   // a[s]: the A fragment of k16 step s: {column col, slot pair t}, {col + 1, t}, {col, t + 4},
   // {col + 1, t + 4}; step s = 2h + e takes pairs 2e and 2e + 1 of window h's words.
   auto dequantize = [&](uint32_t base, uint32_t (&a)[4][4]) {
@@ -219,18 +209,10 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(kTileM)) w4a16_gemm_sm
       }
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const uint32_t scale2 = splat(e ? scales >> 16 : scales);
-        float offset = kUnpackOffset;
-        if constexpr (kHasZero) offset += Tr::to_float(static_cast<uint16_t>(e ? zeros >> 16 : zeros & 0xFFFFu));
-        const uint32_t offset2 = splat(bits_of<T>(-offset));  // an integer of at most 11 bits: exact
         uint32_t pairs[4];
-        unpack_adjacent(e ? words.y : words.x, magic, pairs);
+        dequantize_adjacent<T, kHasZero>(e ? words.y : words.x, scales >> (16 * e), zeros >> (16 * e), pairs);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          uint32_t v = fma2<T>(pairs[j], one2, offset2);  // q - 8 - zero, exact
-          v = fma2<T>(v, scale2, neg_zero2);             // times the scale, rounded once
-          a[2 * h + (j >> 1)][2 * (j & 1) + e] = v;
-        }
+        for (int j = 0; j < 4; ++j) a[2 * h + (j >> 1)][2 * (j & 1) + e] = pairs[j];
       }
     }
   };
@@ -283,52 +265,13 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(kTileM)) w4a16_gemm_sm
   pdl_launch_dependents();
 
   // acc[4j + q]: column col + (q >> 1), row 8j + 2t + (q & 1) of the tile.
-  auto for_each_pair = [&](auto&& fn) {  // fn(row, local column, value at column, value at column + 1)
+  w4a16_gemm_detail::finish_tile<T, kTileM, kTileN>(p, row0, n0, split, [&](auto&& fn) {
 #pragma unroll
     for (int j = 0; j < kTileM / 8; ++j) {
 #pragma unroll
       for (int odd = 0; odd < 2; ++odd) fn(8 * j + 2 * t + odd, col, acc[4 * j + odd], acc[4 * j + 2 + odd]);
     }
-  };
-  auto store = [&](int row, int nl, float v0, float v1) {
-    const int n = n0 + nl;
-    if (row0 + row >= p.m || n >= p.n) return;  // n is even and N % 4 == 0: n + 1 < N too
-    if (p.bias != nullptr) {
-      v0 += Tr::to_float(p.bias[n]);
-      v1 += Tr::to_float(p.bias[n + 1]);
-    }
-    const uint32_t packed = Tr::from_float(v0) | (static_cast<uint32_t>(Tr::from_float(v1)) << 16);
-    *reinterpret_cast<uint32_t*>(p.out + static_cast<int64_t>(row0 + row) * p.n + n) = packed;
-  };
-  if (p.splits == 1) {
-    for_each_pair(store);
-    return;
-  }
-
-  constexpr int kSlotFloats = kTileM * kTileN;
-  const int slot = blockIdx.x;
-  float* slot_partials = p.partials + static_cast<int64_t>(slot) * p.splits * kSlotFloats;
-  for_each_pair([&](int row, int nl, float v0, float v1) {
-    *reinterpret_cast<float2*>(slot_partials + split * kSlotFloats + row * kTileN + nl) = make_float2(v0, v1);
   });
-  __shared__ bool last_block;
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) last_block = atomicAdd(p.counters + slot, 1u) == static_cast<unsigned>(p.splits - 1);
-  __syncthreads();
-  if (!last_block) return;
-  __threadfence();
-  for_each_pair([&](int row, int nl, float, float) {
-    float v0 = 0.f;
-    float v1 = 0.f;
-    for (int sp = 0; sp < p.splits; ++sp) {  // split order: deterministic
-      const float2 v = __ldcg(reinterpret_cast<const float2*>(slot_partials + sp * kSlotFloats + row * kTileN + nl));
-      v0 += v.x;
-      v1 += v.y;
-    }
-    store(row, nl, v0, v1);
-  });
-  if (tid == 0) p.counters[slot] = 0u;
 #endif
 }
 

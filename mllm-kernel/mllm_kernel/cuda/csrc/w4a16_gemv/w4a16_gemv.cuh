@@ -110,6 +110,22 @@ inline void check_weights(const char* op, uint8_t code, const TensorView& qweigh
   }
 }
 
+// The operand pointers the Params of w4a16_gemv and of both w4a16_gemm kernels hold (checked
+// before: zeros exactly when kHasZero).
+template <bool kHasZero, typename P>
+inline void set_operands(P& p, const TensorView& out, const TensorView& x, const TensorView& qweight,
+                         const TensorView& scales, const Optional<TensorView>& zeros, const Optional<TensorView>& bias,
+                         const TensorView& partials, const TensorView& counters) {
+  p.qweight = reinterpret_cast<const uint32_t*>(byte_ptr(qweight));
+  p.x = reinterpret_cast<const uint16_t*>(byte_ptr(x));
+  p.scales = reinterpret_cast<const uint16_t*>(byte_ptr(scales));
+  p.zeros = kHasZero ? reinterpret_cast<const uint16_t*>(byte_ptr(zeros.value())) : nullptr;
+  p.bias = bias.has_value() ? reinterpret_cast<const uint16_t*>(byte_ptr(bias.value())) : nullptr;
+  p.out = reinterpret_cast<uint16_t*>(byte_ptr(out));
+  p.partials = reinterpret_cast<float*>(byte_ptr(partials));
+  p.counters = reinterpret_cast<unsigned*>(byte_ptr(counters));
+}
+
 }  // namespace w4a16_gemv_detail
 
 // out [M, N] = x [M, K] @ dequant(qweight, scales, zeros) (+ bias); M in 1..64. partials (float32)
@@ -219,14 +235,7 @@ void w4a16_gemv(TensorView out, TensorView x, TensorView qweight, TensorView sca
   const int window = group == k ? batch_steps : std::min(batch_steps, group_rows / 4);
 
   Params p{};
-  p.qweight = reinterpret_cast<const uint32_t*>(byte_ptr(qweight));
-  p.x = reinterpret_cast<const uint16_t*>(byte_ptr(x));
-  p.scales = reinterpret_cast<const uint16_t*>(byte_ptr(scales));
-  p.zeros = kHasZero ? reinterpret_cast<const uint16_t*>(byte_ptr(zeros.value())) : nullptr;
-  p.bias = bias.has_value() ? reinterpret_cast<const uint16_t*>(byte_ptr(bias.value())) : nullptr;
-  p.out = reinterpret_cast<uint16_t*>(byte_ptr(out));
-  p.partials = reinterpret_cast<float*>(byte_ptr(partials));
-  p.counters = reinterpret_cast<unsigned*>(byte_ptr(counters));
+  set_operands<kHasZero>(p, out, x, qweight, scales, zeros, bias, partials, counters);
   p.x_stride = m == 1 ? k : x.stride(0);
   p.n = static_cast<int>(n);
   p.m = static_cast<int>(m);
