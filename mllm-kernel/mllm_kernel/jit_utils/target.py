@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import re
 from dataclasses import dataclass
+from typing import Tuple
 
 import torch
 
@@ -29,6 +31,22 @@ class Target:
         if self.device == "cpu":
             return f"cpu-{platform.machine()}"
         return "+".join("sm_" + arch.replace(".", "") for arch in self.archs)
+
+
+# Hopper's arch-specific build (wgmma, TMA): kernels that need it run on SM 9.0 only.
+SM90A = Target("cuda", ("9.0a",))
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> Tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def device_capability(device: "torch.device") -> Tuple[int, int]:
+    """(major, minor) of a CUDA device, cached (dispatchers ask per call); (0, 0) for any other."""
+    if device.type != "cuda":
+        return (0, 0)
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def parse_arch_list(text: str) -> tuple[str, ...]:

@@ -32,7 +32,7 @@ import torch
 
 from mllm_kernel.jit_utils import BuildStep, cache, compiler
 from mllm_kernel.jit_utils.registry import KernelSpec, make_spec
-from mllm_kernel.jit_utils.target import Target, target_for
+from mllm_kernel.jit_utils.target import SM90A, Target, device_capability, target_for
 from mllm_kernel.jit_utils.template import render_template_args
 
 logger = logging.getLogger(__name__)
@@ -104,16 +104,11 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def _capability(index: int) -> Tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
 def variant_for(device: torch.device) -> Optional[str]:
     """The build that runs on ``device``: sm90 on Hopper, sm80 on SM80-SM89 and newer, else None."""
     if device.type != "cuda":
         return None
-    major, minor = _capability(device.index if device.index is not None else torch.cuda.current_device())
+    major, minor = device_capability(device)
     if (major, minor) == (9, 0):
         return "sm90"
     return "sm80" if major >= 8 else None
@@ -128,7 +123,7 @@ def kernel_spec(variant: str) -> KernelSpec:
 def build_target(variant: str, device: torch.device) -> Target:
     """sm_90a for the wgmma kernel (arch-specific features); the device's own arch otherwise."""
     if variant == "sm90":
-        return Target("cuda", ("9.0a",))
+        return SM90A
     return target_for(device)
 
 

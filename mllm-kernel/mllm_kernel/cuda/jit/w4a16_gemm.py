@@ -30,7 +30,7 @@ from mllm_kernel.cuda.jit.w4a16_gemv import (
     MAX_TILES, WORKSPACE_FLOATS, argument_problem, dequantize_exact, sm_count_of, workspace,
 )
 from mllm_kernel.jit_utils import BuildStep, JitKernel, jit
-from mllm_kernel.jit_utils.target import Target, target_for
+from mllm_kernel.jit_utils.target import SM90A, Target, device_capability, target_for
 from mllm_kernel.pdl import use_pdl
 
 _OP = "w4a16_gemm"
@@ -49,24 +49,19 @@ WGMMA_MIN_M = 65
 KERNELS = ("mma", "wgmma")
 
 
-@functools.lru_cache(maxsize=None)
-def _capability(index: int) -> Tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
 def _device_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def wgmma_available(device: torch.device) -> bool:
     """Whether ``w4a16_gemm_sm90`` runs on ``device``: SM 9.0 only (its wgmma needs sm_90a)."""
-    return device.type == "cuda" and _capability(_device_index(device)) == (9, 0)
+    return device_capability(device) == (9, 0)
 
 
 def _wgmma_target(device: torch.device) -> Target:
     """sm_90a (arch-specific wgmma) where the kernel runs; elsewhere the device's own target,
     for which the kernel compiles to an empty body that the host refuses to launch."""
-    return Target("cuda", ("9.0a",)) if wgmma_available(device) else target_for(device)
+    return SM90A if wgmma_available(device) else target_for(device)
 
 
 def kernel_for(m: int, device: torch.device) -> str:
