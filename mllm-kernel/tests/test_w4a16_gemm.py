@@ -8,7 +8,9 @@ import importlib
 
 import pytest
 import torch
-from test_w4a16_gemv import QWEN3_8B, TOLERANCE, captured_graph, random_bytes_int32, random_layer, relative_error
+from test_w4a16_gemv import (
+    QWEN3_8B, TOLERANCE, assert_replays_match, random_bytes_int32, random_layer, relative_error,
+)
 
 from mllm_kernel import w4a16_gemm, w4a16_gemm_reference
 
@@ -35,8 +37,9 @@ def check(m, n, k, group, with_zeros, dtype, with_bias, splits=None, tile_m=None
     return out
 
 
-def needs_wgmma():
-    if not torch.cuda.is_available() or not module.wgmma_available(torch.device("cuda", 0)):
+def needs_wgmma(kernel: str = "wgmma"):
+    """Skip a test of the warpgroup kernel off SM 9.0 (tests of the mma.sync kernel run anywhere)."""
+    if kernel == "wgmma" and (not torch.cuda.is_available() or not module.wgmma_available(torch.device("cuda", 0))):
         pytest.skip("the warpgroup kernel runs on SM 9.0 only")
 
 
@@ -67,8 +70,7 @@ def test_wgmma_matches_reference(dtype, group, with_zeros, m):
                                             ("wgmma", 64), ("wgmma", 128), ("wgmma", 256)])
 @pytest.mark.parametrize("splits", [1, 2, 3, 8])
 def test_every_tile_and_split_on_ragged_shapes(kernel, tile_m, splits):
-    if kernel == "wgmma":
-        needs_wgmma()
+    needs_wgmma(kernel)
     # N not a multiple of the 128-column tile (nor of 32: lanes past N repeat column N - 4), M not
     # a multiple of the row tile, K = 64 x 24 (splits 1, 2, 3 and 8 divide 24).
     for m, n in ((5, 132), (70, 388), (129, 4), (300, 260)):
@@ -80,8 +82,7 @@ def test_every_tile_and_split_on_ragged_shapes(kernel, tile_m, splits):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m, kernel", [(48, "mma"), (128, "wgmma")])
 def test_splits_are_deterministic_and_leave_the_counters_clean(m, kernel):
-    if kernel == "wgmma":
-        needs_wgmma()
+    needs_wgmma(kernel)
     n, k, group = 4096, 12288, 128
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
     first = check(m, n, k, group, True, torch.bfloat16, False, splits=4, x=x, kernel=kernel)
@@ -104,21 +105,15 @@ def test_strided_rows_and_default_output(m):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m, kernel", [(40, "mma"), (128, "wgmma")])
 def test_cuda_graph_replay_with_split_k(m, kernel):
-    if kernel == "wgmma":
-        needs_wgmma()
+    needs_wgmma(kernel)
     n, k, group = 4096, 12288, 128
     qweight, scales, zeros = random_layer(n, k, group, False, torch.bfloat16)
     bias = torch.randn(n, device="cuda").to(torch.bfloat16)
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     assert module._auto_plan(m, n, k, 0, kernel)[1] > 1
-    graph = captured_graph(lambda: w4a16_gemm(x, qweight, scales, zeros, group, bias, out=out, kernel=kernel))
-    for _ in range(3):
-        x.copy_(torch.randn(m, k, device="cuda").to(torch.bfloat16))
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert relative_error(out, exact(x, qweight, scales, zeros, group, bias)) < TOLERANCE[torch.bfloat16]
+    assert_replays_match(lambda: w4a16_gemm(x, qweight, scales, zeros, group, bias, out=out, kernel=kernel), x, out,
+                         lambda: exact(x, qweight, scales, zeros, group, bias))
 
 
 @pytest.mark.gpu
@@ -127,8 +122,7 @@ def test_weights_are_those_of_the_dequantizer(kernel, tile_m):
     """The kernel multiplies exactly dequantize_reference's rounded weights: with one-hot rows of x
     each output is one weight (plus nothing), bit for bit (this also pins the warpgroup kernel's
     k order: its activations' transposed pairs must meet the matching weights)."""
-    if kernel == "wgmma":
-        needs_wgmma()
+    needs_wgmma(kernel)
     for dtype, with_zeros in ((torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, True)):
         n, k, group = 256, 256, 32
         qweight, scales, zeros = random_layer(n, k, group, with_zeros, dtype)

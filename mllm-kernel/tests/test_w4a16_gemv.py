@@ -71,6 +71,18 @@ def captured_graph(call) -> torch.cuda.CUDAGraph:
     return graph
 
 
+def assert_replays_match(call, x, out, reference) -> None:
+    """``call`` (writing ``out`` from ``x``) captured once, then replayed three times on fresh
+    activations into a NaN-poisoned ``out``, each time matching ``reference()`` for the new x."""
+    graph = captured_graph(call)
+    for _ in range(3):
+        x.copy_(torch.randn(x.shape, device="cuda").to(x.dtype))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert relative_error(out, reference()) < TOLERANCE[x.dtype]
+
+
 def check(m, n, k, group, with_zeros, dtype, with_bias, splits=None, x=None, bias=None, prefetch=1,
           one_row_warps=None, early_weights=True):
     """One call on fresh random activations (and bias) into a NaN-poisoned output."""
@@ -214,13 +226,8 @@ def test_cuda_graph_replay(m):
     bias = torch.randn(n, device="cuda").to(torch.bfloat16)
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-    graph = captured_graph(lambda: w4a16_gemv(x, qweight, scales, zeros, group, bias, out=out))
-    for _ in range(3):
-        x.copy_(torch.randn(m, k, device="cuda").to(torch.bfloat16))
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert relative_error(out, exact(x, qweight, scales, zeros, group, bias)) < TOLERANCE[torch.bfloat16]
+    assert_replays_match(lambda: w4a16_gemv(x, qweight, scales, zeros, group, bias, out=out), x, out,
+                         lambda: exact(x, qweight, scales, zeros, group, bias))
 
 
 @pytest.mark.gpu
