@@ -12,6 +12,7 @@ import torch
 from test_w4a16_gemv import QWEN3_8B, TOLERANCE, random_layer, relative_error
 
 module = importlib.import_module("mllm_kernel.cuda.jit.w4a16_gemv")
+refs = importlib.import_module("mllm_kernel.cuda.jit.w4a16_reference")
 EPS = 1e-6
 
 
@@ -42,15 +43,15 @@ def test_references_compose_to_the_norm_then_the_gemv(dtype, gated):
     x = torch.randn(1, k, generator=gen).to(dtype)
     residual, weight = norm_inputs(n, dtype, "cpu", gen)
 
-    scaled, h, sumsq = module.w4a16_gemv_add_norm_reference(x, qweight, scales, zeros, group, residual, weight)
+    scaled, h, sumsq = refs.w4a16_gemv_add_norm_reference(x, qweight, scales, zeros, group, residual, weight)
     assert sumsq.shape == (module.norm_tiles(n),) == (4,)
     torch.testing.assert_close(sumsq.double().sum(), (h.double() ** 2).sum(), rtol=1e-6, atol=0)
-    want_h = (module.w4a16_gemv_reference(x, qweight, scales, zeros, group).float() + residual.float()).to(dtype)
+    want_h = (refs.w4a16_gemv_reference(x, qweight, scales, zeros, group).float() + residual.float()).to(dtype)
     assert torch.equal(h, want_h)
     assert torch.equal(scaled, (weight.float() * h.float()).to(dtype))
 
-    got = module.w4a16_gemv_normed_reference(scaled, q2, s2, z2, n, sumsq, EPS, gated=gated)
-    want = module.w4a16_gemv_reference(rms_norm(h, weight), q2, s2, z2, n)
+    got = refs.w4a16_gemv_normed_reference(scaled, q2, s2, z2, n, sumsq, EPS, gated=gated)
+    want = refs.w4a16_gemv_reference(rms_norm(h, weight), q2, s2, z2, n)
     if gated:
         from mllm_kernel.cuda.jit.gemv_kernels import silu_mul_reference
 
@@ -119,7 +120,7 @@ def test_producer_matches_reference(dtype, n, k, splits, with_zeros, with_bias):
     sumsq = torch.full((module.norm_tiles(n),), float("nan"), device="cuda")
     module.w4a16_gemv(x, qweight, scales, zeros, group, bias, out=out, splits=splits,
                       norm_out=(residual, weight, h, sumsq))
-    want_scaled, want_h, want_sumsq = module.w4a16_gemv_add_norm_reference(
+    want_scaled, want_h, want_sumsq = refs.w4a16_gemv_add_norm_reference(
         x, qweight, scales, zeros, group, residual, weight, bias)
     # h and w * h are rounded from the GEMV's output: within one ulp of the reference's (whose own
     # output may round the other way), and the tile sums follow.
@@ -142,7 +143,7 @@ def test_consumer_matches_reference(dtype, n, k, group, with_zeros, gated):
     sumsq = module.norm_tile_sums(residual)
     bias = torch.randn(n, generator=gen).to(dtype).cuda()
     got = module.w4a16_gemv_normed(scaled, qweight, scales, zeros, group, sumsq, EPS, bias, gated=gated)
-    want = module.w4a16_gemv_normed_reference(scaled, qweight, scales, zeros, group, sumsq, EPS, bias, gated=gated)
+    want = refs.w4a16_gemv_normed_reference(scaled, qweight, scales, zeros, group, sumsq, EPS, bias, gated=gated)
     assert got.shape == (1, n // 2 if gated else n)
     assert relative_error(got, want.double()) < TOLERANCE[dtype]
 
@@ -176,6 +177,6 @@ def test_chain_equals_the_norm_between_two_gemvs(dtype):
 
     out = module.w4a16_gemv(x, *o_layer, 128)
     h = (out.float() + residual.float()).to(dtype)
-    separate = silu_mul_reference(module.w4a16_gemv_reference(rms_norm(h, weight), *gu_layer, 128))
+    separate = silu_mul_reference(refs.w4a16_gemv_reference(rms_norm(h, weight), *gu_layer, 128))
     assert torch.equal(eager_h, h)
     assert relative_error(eager, separate.double()) < 4 * TOLERANCE[dtype]

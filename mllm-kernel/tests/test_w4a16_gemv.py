@@ -15,6 +15,7 @@ from mllm_kernel.cuda.jit.gemv_kernels import silu_mul_reference
 
 # The package re-exports the function under the module's name, so fetch the module itself.
 module = importlib.import_module("mllm_kernel.cuda.jit.w4a16_gemv")
+refs = importlib.import_module("mllm_kernel.cuda.jit.w4a16_reference")
 
 # Qwen3-8B layers (N, K): qkv, o, gate_up, down.
 QWEN3_8B = [(6144, 4096), (4096, 4096), (24576, 4096), (4096, 12288)]
@@ -49,7 +50,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def exact(x, qweight, scales, zeros, group, bias):
     """The reference in float64, before its final rounding."""
     rows = torch.arange(x.shape[1], device=x.device) // group
-    w = module.unpack_int4(qweight).double() - 8.0
+    w = refs.unpack_int4(qweight).double() - 8.0
     if zeros is not None:
         w = w - zeros.double()[rows]
     w = w * scales.double()[rows]
@@ -176,7 +177,7 @@ def test_wide_rows_equal_narrow_launches(m, gated):
     x = torch.randn(m, k, device="cuda").to(torch.float16)
     bias = torch.randn(n, device="cuda").to(torch.float16)
     planned = w4a16_gemv(x, qweight, scales, zeros, group, bias, gated=gated)
-    reference = (module.w4a16_gemv_gated_reference if gated else w4a16_gemv_reference)(x, qweight, scales, zeros,
+    reference = (refs.w4a16_gemv_gated_reference if gated else w4a16_gemv_reference)(x, qweight, scales, zeros,
                                                                                         group, bias)
     assert relative_error(planned, reference.double()) < 2e-2
     for splits in (1, 3):
@@ -375,7 +376,7 @@ def test_gated_is_the_plain_launch_then_silu_mul(m, splits, with_zeros, with_bia
         ulp = 2.0**-7
         assert ((got.float() - want).abs() <= 2 * ulp * want.abs() + 2.0**-126).all(), (n, k, m, splits)
         assert (got.float() == want).float().mean().item() > 0.9
-        reference = module.w4a16_gemv_gated_reference(x, qweight, scales, zeros, group, bias).float()
+        reference = refs.w4a16_gemv_gated_reference(x, qweight, scales, zeros, group, bias).float()
         assert ((got.float() - reference).abs() <= 0.02 * reference.abs().max()).all()
 
 
@@ -489,10 +490,10 @@ def test_gated_reference_is_the_reference_then_silu_mul():
     scales = (torch.rand(k // group, n, generator=gen) * 0.05).to(torch.bfloat16)
     x = torch.randn(2, k, generator=gen).to(torch.bfloat16)
     bias = torch.randn(n, generator=gen).to(torch.bfloat16)
-    gate_up = module.w4a16_gemv_reference(x, qweight, scales, None, group, bias)
+    gate_up = refs.w4a16_gemv_reference(x, qweight, scales, None, group, bias)
     g, u = gate_up.float().chunk(2, dim=-1)
     expected = ((g * torch.sigmoid(g)).to(torch.bfloat16).float() * u).to(torch.bfloat16)
-    got = module.w4a16_gemv_gated_reference(x, qweight, scales, None, group, bias)
+    got = refs.w4a16_gemv_gated_reference(x, qweight, scales, None, group, bias)
     assert got.shape == (2, n // 2)
     torch.testing.assert_close(got, expected, rtol=2**-7, atol=0)
 

@@ -129,14 +129,15 @@ def _layer(m: int, k: int = 256, n: int = 64, group: int = 128, dtype=torch.bflo
 def routed(monkeypatch):
     """Pretend to be on an SM90 GPU with the GEMV ready and no Triton; record GEMV calls."""
     gemv_module = pytest.importorskip("mllm_kernel.cuda.jit.w4a16_gemv")
+    reference_module = pytest.importorskip("mllm_kernel.cuda.jit.w4a16_reference")
     calls = []
 
     def fake_gemv(x, qweight, scales, zeros, group, bias=None, out=None, splits=None, validate=True, gated=False):
         if gated:
             calls.append(("gated", tuple(x.shape), validate))
-            return gemv_module.w4a16_gemv_gated_reference(x, qweight, scales, zeros, group, bias)
+            return reference_module.w4a16_gemv_gated_reference(x, qweight, scales, zeros, group, bias)
         calls.append((tuple(x.shape), validate))
-        return gemv_module.w4a16_gemv_reference(x, qweight, scales, zeros, group, bias)
+        return reference_module.w4a16_gemv_reference(x, qweight, scales, zeros, group, bias)
 
     monkeypatch.setattr(w4a16, "cuda_capability", lambda device: (9, 0))
     monkeypatch.setattr(w4a16, "fast_path_supported", lambda *args: False)

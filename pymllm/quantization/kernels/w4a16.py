@@ -290,7 +290,8 @@ def gemm_fits(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
 
 
 def _gemv_self_test(device: torch.device, dtype: torch.dtype, with_zeros: bool, gated: bool = False) -> None:
-    from mllm_kernel.cuda.jit.w4a16_gemv import w4a16_gemv, w4a16_gemv_gated_reference, w4a16_gemv_reference
+    from mllm_kernel.cuda.jit.w4a16_gemv import w4a16_gemv
+    from mllm_kernel.cuda.jit.w4a16_reference import w4a16_gemv_gated_reference, w4a16_gemv_reference
 
     gen = torch.Generator().manual_seed(0)
     k, n, group = 512, 104, 64  # a partial column tile (of each half when gated), two K splits

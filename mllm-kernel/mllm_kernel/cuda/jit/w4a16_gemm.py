@@ -27,8 +27,9 @@ from typing import List, Optional, Tuple
 import torch
 
 from mllm_kernel.cuda.jit.w4a16_gemv import (
-    MAX_TILES, WORKSPACE_FLOATS, argument_problem, dequantize_exact, sm_count_of, workspace,
+    MAX_TILES, WORKSPACE_FLOATS, argument_problem, sm_count_of, workspace,
 )
+from mllm_kernel.cuda.jit.w4a16_reference import dequantize_exact
 from mllm_kernel.jit_utils import BuildStep, JitKernel, jit
 from mllm_kernel.jit_utils.target import SM90A, Target, device_capability, target_for
 from mllm_kernel.pdl import use_pdl
