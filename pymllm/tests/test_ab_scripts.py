@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import pathlib
 import sys
 
@@ -137,3 +138,78 @@ def test_forced_plans(monkeypatch) -> None:
     assert chooser.use_gemv(key(4096), weight, lambda impl, w: lambda: None, tilings=(1, 2, 4)) is False
     assert plans.plan_one_row(4096, 4096, 132, 4814.3) == (16, 1)  # forced (the plan says 2 splits)
     assert plans.plan_one_row(4096, 12288, 132, 4814.3) == (16, 2)  # planned
+
+
+def _ab_trees():
+    spec = importlib.util.spec_from_file_location("ab_trees", SCRIPT.parent / "ab_trees.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ab_trees_prepare_writes_a_revision_of_the_trees(tmp_path) -> None:
+    """scripts/ab_trees.py prepare: a revision's pymllm, mllm-kernel and benchmarks, nothing else."""
+    import subprocess
+
+    repo = tmp_path / "repo"
+    for part in ("pymllm/a.py", "mllm-kernel/b.py", "benchmarks/c.json", "docs/d.md"):
+        (repo / part).parent.mkdir(parents=True, exist_ok=True)
+        (repo / part).write_text("first\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "first"], check=True)
+    (repo / "pymllm/a.py").write_text("second\n")  # uncommitted: not part of HEAD
+    _ab_trees().prepare("HEAD", tmp_path / "base", repo)
+    base = tmp_path / "base"
+    assert (base / "pymllm/a.py").read_text() == "first\n" and (base / "mllm-kernel/b.py").is_file()
+    assert (base / "benchmarks/c.json").is_file() and not (base / "docs").exists()
+
+
+def test_ab_trees_run_alternates_the_trees_and_compares_their_steps(tmp_path, monkeypatch, capsys) -> None:
+    import json
+    import subprocess
+
+    ab = _ab_trees()
+    base = tmp_path / "base"
+    (base / "pymllm").mkdir(parents=True)
+    result = tmp_path / "rows.jsonl"
+    result.write_text(json.dumps({"run_name": "older", "batch_size": 1, "median_decode_latency": 9.0}) + "\n")
+    steps = {"ours": 0.002, "base": 0.004}
+    calls = []
+
+    def fake_run(argv, cwd, env, timeout):
+        name = argv[argv.index("--run-name") + 1]
+        assert argv[argv.index("--result-filename") + 1] == str(result)
+        calls.append((name, pathlib.Path(cwd), env["PYTHONPATH"].split(os.pathsep)[:2], argv[3:5], timeout))
+        with open(result, "a") as f:
+            for size in (1, 8):
+                graph = steps[name.split("-")[0]] * size
+                f.write(json.dumps({"run_name": name, "batch_size": size, "median_decode_latency": 1.0,
+                                    "decode_graph_latency": graph}) + "\n")
+        return subprocess.CompletedProcess(argv, 0)
+
+    monkeypatch.setattr(ab.subprocess, "run", fake_run)
+    assert ab.main(["run", "--baseline", str(base), "--rounds", "2", "--result-file", str(result),
+                    "--timeout", "30", "--", "--batch-size", "1", "8"]) == 0
+    root = ab.ROOT
+    assert [c[0] for c in calls] == ["ours-1", "base-1", "ours-2", "base-2"]
+    assert calls[0][1:] == (root, [str(root), str(root / "mllm-kernel")], ["--batch-size", "1"], 30.0)
+    assert calls[1][1:3] == (base.resolve(), [str(base.resolve()), str(base.resolve() / "mllm-kernel")])
+    out = capsys.readouterr().out
+    # Graph times (the older row of the file is not this run's), ours / base of the medians.
+    assert "batch 1:  ours 2.000 / 2.000 ms  base 4.000 / 4.000 ms  ours / base 0.500" in out
+    assert "batch 8:  ours 16.000 / 16.000 ms  base 32.000 / 32.000 ms  ours / base 0.500" in out
+
+
+def test_ab_trees_refuses_what_it_sets_itself(tmp_path) -> None:
+    ab = _ab_trees()
+    (tmp_path / "pymllm").mkdir()
+    with pytest.raises(SystemExit, match="names the runs"):
+        ab.main(["run", "--baseline", str(tmp_path), "--", "--run-name", "x"])
+    with pytest.raises(SystemExit, match="no pymllm"):
+        ab.main(["run", "--baseline", str(tmp_path / "missing"), "--", "--batch-size", "1"])
+    with pytest.raises(SystemExit, match="at least 1"):
+        ab.main(["run", "--baseline", str(tmp_path), "--rounds", "0"])
+    # Eager rows (no graph) are compared by their median step.
+    assert ab.decode_ms({"median_decode_latency": 0.003, "decode_graph_latency": None}) == pytest.approx(3.0)
