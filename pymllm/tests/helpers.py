@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from pymllm.configs import GlobalConfig
 from pymllm.engine.io_struct import TokenizedGenerateReq
@@ -115,3 +116,12 @@ def record_decode_rope_fusions(monkeypatch) -> List[bool]:
 
     monkeypatch.setattr(fib.FlashInferAttnBackend, "forward_decode_rope", recording)
     return calls
+
+
+def cache_kwargs(model, out) -> Dict[str, Any]:
+    """The keyword argument that hands a transformers reference model's KV cache (in ``out``) to its
+    next forward: ``cache`` in the releases that renamed it (5.2x, where ``past_key_values`` warns
+    that 5.40 removes it), ``past_key_values`` before them (the GPU machine's 5.17)."""
+    if "cache" in inspect.signature(model.forward).parameters:
+        return {"cache": out.cache}
+    return {"past_key_values": out.past_key_values}

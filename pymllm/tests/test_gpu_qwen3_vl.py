@@ -46,7 +46,7 @@ from pymllm.orchestrator.request import Req
 from pymllm.orchestrator.schedule_batch import ScheduledBatch
 from pymllm.sampling_params import SamplingParams
 from pymllm.testing.tiny_models import build_tiny_vl_checkpoint
-from pymllm.tests.helpers import request_tokenizer_for, write_random_images
+from pymllm.tests.helpers import cache_kwargs, request_tokenizer_for, write_random_images
 
 pytestmark = pytest.mark.gpu
 
@@ -309,7 +309,7 @@ def hf_prefill_and_step(reference, treq: TokenizedGenerateReq, next_token: int) 
     with torch.no_grad():
         out = reference(**kwargs, use_cache=True)
         step = reference(input_ids=torch.tensor([[next_token]], device=device),
-                         past_key_values=out.past_key_values, use_cache=True)
+                         **cache_kwargs(reference, out), use_cache=True)
     return out.logits[0, -1].float().cpu(), step.logits[0, -1].float().cpu()
 
 

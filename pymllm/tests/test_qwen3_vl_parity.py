@@ -21,7 +21,9 @@ from pymllm.multimodal.inputs import mrope_positions
 from pymllm.orchestrator.request import Req
 from pymllm.orchestrator.schedule_batch import ScheduledBatch
 from pymllm.testing.tiny_models import tiny_vl_model_dir
-from pymllm.tests.helpers import greedy, make_scheduler, request_tokenizer_for, write_random_images
+from pymllm.tests.helpers import (
+    cache_kwargs, greedy, make_scheduler, request_tokenizer_for, write_random_images,
+)
 
 # (height, width): wide, tall, tiny (upscaled to the minimum), square, and one past max_pixels.
 IMAGE_SIZES = [(30, 50), (100, 20), (5, 7), (40, 40), (90, 70)]
@@ -180,7 +182,7 @@ def test_logits_match_transformers(model_dir, images, request_tokenizer, referen
             kwargs = hf_inputs(t, reference.config.image_token_id)
             out = reference(**kwargs, use_cache=True)
             torch.testing.assert_close(logits[i], out.logits[0, -1], rtol=1e-4, atol=1e-4)
-            step = reference(input_ids=torch.tensor([[next_token]]), past_key_values=out.past_key_values,
+            step = reference(input_ids=torch.tensor([[next_token]]), **cache_kwargs(reference, out),
                              use_cache=True)
             torch.testing.assert_close(decode_logits[i], step.logits[0, -1], rtol=1e-4, atol=1e-4)
 
