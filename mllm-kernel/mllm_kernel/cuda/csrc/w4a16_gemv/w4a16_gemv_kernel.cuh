@@ -23,7 +23,7 @@
 // any order both operands agree on, so the k order inside an MMA is chosen for cheap unpacking:
 // nibble i pairs with nibble i + 4 (bits 4i and 16 + 4i are the two halves of a half2 after one
 // mask), and the activations are permuted to match with byte_perm. Unpacking a word of 8 weights
-// takes ~7 (bf16) or ~9 (fp16) instructions, see Traits.
+// takes ~7 (bf16) or ~9 (fp16) instructions, see Traits (int4_traits.cuh).
 //
 // Scales and zero points are applied in fp32 to partial sums over a fold window (1 or 2 steps of
 // 32 k inside one group):
