@@ -64,22 +64,12 @@ int64_t make_params(const char* op, Params& p, TensorView out, TensorView x, Ten
   return slots;
 }
 
-// Opts a kernel into `bytes` of dynamic shared memory (past 48 KiB a kernel must), once per device.
-template <typename Kernel>
-void grant_shared_memory(const char* op, Kernel kernel, int bytes, int device, bool (&granted)[64]) {
-  TVM_FFI_CHECK(device >= 0 && device < 64, ValueError) << op << ": device index " << device << " out of range";
-  if (!granted[device]) {
-    TVM_FFI_CHECK_CUDA_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-    granted[device] = true;
-  }
-}
-
 template <typename T, int kGroups, bool kHasZero>
 void launch(const Params& p, dim3 grid, cudaStream_t stream, bool pdl, int device) {
   auto kernel = w4a16_gemm_kernel<T, kGroups, kHasZero>;
   constexpr int bytes = smem_bytes(8 * kGroups);
   static bool granted[64] = {};
-  grant_shared_memory("w4a16_gemm", kernel, bytes, device, granted);
+  w4a16_gemv_detail::grant_shared_memory("w4a16_gemm", kernel, bytes, device, granted);
   launch_kernel(kernel, grid, dim3(kThreads), bytes, stream, pdl, p);
 }
 

@@ -24,8 +24,8 @@ void launch_wgmma(const Params& p, dim3 grid, cudaStream_t stream, bool pdl, int
   constexpr int bytes = smem_bytes(kTileM);
   static bool granted[64] = {};
   // Checked with the shared-memory opt-in, once per device and instance, not at every launch.
-  if (device >= 0 && device < 64 && !granted[device]) require_sm90(device);
-  w4a16_gemm_detail::grant_shared_memory("w4a16_gemm_sm90", kernel, bytes, device, granted);
+  w4a16_gemv_detail::grant_shared_memory("w4a16_gemm_sm90", kernel, bytes, device, granted,
+                                         [device] { require_sm90(device); });
   launch_kernel(kernel, grid, dim3(kThreads), bytes, stream, pdl, p);
 }
 

@@ -29,18 +29,31 @@ void launch_rows(int m, const Params& p, int n_tiles, cudaStream_t stream, bool 
    ...);
 }
 
-// The one-row kernel in blocks of kBlockWarps warps. Past 48 KiB of static + dynamic shared memory
-// a kernel must opt in, once per device.
+// Opts a kernel into `bytes` of dynamic shared memory (past 48 KiB of static + dynamic shared
+// memory a kernel must), once per device (`granted`: the kernel's own flags); `first_use()` runs
+// before that, once per device too (a check that the device can run the kernel at all).
+template <typename Kernel, typename FirstUse>
+void grant_shared_memory(const char* op, Kernel kernel, int bytes, int device, bool (&granted)[64],
+                         FirstUse&& first_use) {
+  TVM_FFI_CHECK(device >= 0 && device < 64, ValueError) << op << ": device index " << device << " out of range";
+  if (!granted[device]) {
+    first_use();
+    TVM_FFI_CHECK_CUDA_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    granted[device] = true;
+  }
+}
+template <typename Kernel>
+void grant_shared_memory(const char* op, Kernel kernel, int bytes, int device, bool (&granted)[64]) {
+  grant_shared_memory(op, kernel, bytes, device, granted, [] {});
+}
+
+// The one-row kernel in blocks of kBlockWarps warps.
 template <typename T, bool kHasZero, bool kGated, int kBlockWarps, int kNorm>
 void launch_one_row_instance(const Params& p, int n_tiles, cudaStream_t stream, bool pdl, int device) {
   auto kernel = w4a16_gemv_one_row_kernel<T, kHasZero, kGated, kBlockWarps, kNorm>;
   constexpr int bytes = one_row_ring_bytes(kBlockWarps);
   static bool granted[64] = {};
-  TVM_FFI_CHECK(device < 64, ValueError) << "w4a16_gemv: device index " << device << " out of range";
-  if (!granted[device]) {
-    TVM_FFI_CHECK_CUDA_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-    granted[device] = true;
-  }
+  grant_shared_memory("w4a16_gemv", kernel, bytes, device, granted);
   const dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(p.splits));
   launch_kernel(kernel, grid, dim3(32 * kBlockWarps), bytes, stream, pdl, p);
 }
