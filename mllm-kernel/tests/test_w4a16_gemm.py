@@ -13,13 +13,14 @@ from test_w4a16_gemv import (
 )
 
 from mllm_kernel import w4a16_gemm, w4a16_gemm_reference
+from mllm_kernel.cuda.jit.w4a16_reference import dequantize_reference
 
 module = importlib.import_module("mllm_kernel.cuda.jit.w4a16_gemm")
 
 
 def exact(x, qweight, scales, zeros, group, bias):
     """The reference before its final rounding: x times the rounded weights, in float64."""
-    w = module.dequantize_reference(qweight, scales, zeros, group, x.dtype).double()
+    w = dequantize_reference(qweight, scales, zeros, group, x.dtype).double()
     out = x.double() @ w
     return out + bias.double() if bias is not None else out
 
@@ -128,7 +129,7 @@ def test_weights_are_those_of_the_dequantizer(kernel, tile_m):
         qweight, scales, zeros = random_layer(n, k, group, with_zeros, dtype)
         x = torch.eye(k, device="cuda", dtype=dtype)
         got = w4a16_gemm(x, qweight, scales, zeros, group, kernel=kernel, tile_m=tile_m)
-        assert torch.equal(got, module.dequantize_reference(qweight, scales, zeros, group, dtype)), dtype
+        assert torch.equal(got, dequantize_reference(qweight, scales, zeros, group, dtype)), dtype
 
 
 @pytest.mark.gpu
@@ -281,7 +282,7 @@ def test_reference_rounds_each_weight_once():
     qweight = random_bytes_int32(k // 8, n, gen, "cpu")
     scales = (torch.rand(k // group, n, generator=gen) * 0.1).bfloat16()
     zeros = torch.randint(-8, 8, (k // group, n), generator=gen).bfloat16()
-    w = module.dequantize_reference(qweight, scales, zeros, group, torch.bfloat16)
+    w = dequantize_reference(qweight, scales, zeros, group, torch.bfloat16)
     for kk in range(0, k, 7):
         for nn in range(n):
             q = ((int(qweight[kk // 8, nn]) & 0xFFFFFFFF) >> (4 * (kk % 8))) & 0xF
@@ -299,6 +300,6 @@ def test_reference_agrees_with_pymllm_dequantizer():
     qweight = random_bytes_int32(k // 8, n, gen, "cpu")
     scales = (torch.rand(k // group, n, generator=gen) + 0.5).bfloat16()
     zeros = torch.randint(-8, 8, (k // group, n), generator=gen).bfloat16()
-    ours = module.dequantize_reference(qweight, scales, zeros, group, torch.bfloat16)
+    ours = dequantize_reference(qweight, scales, zeros, group, torch.bfloat16)
     theirs = w4a16.dequantize_wna16_reference(qweight, scales, zeros, group, torch.bfloat16)
     assert torch.equal(ours, theirs)

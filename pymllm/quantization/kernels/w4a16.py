@@ -250,7 +250,8 @@ def _random_layer(k: int, n: int, group: int, dtype: torch.dtype, device: torch.
 
 
 def _gemm_self_test(device: torch.device, dtype: torch.dtype, with_zeros: bool) -> None:
-    from mllm_kernel.cuda.jit.w4a16_gemm import w4a16_gemm, w4a16_gemm_reference
+    from mllm_kernel.cuda.jit.w4a16_gemm import w4a16_gemm
+    from mllm_kernel.cuda.jit.w4a16_reference import w4a16_gemm_reference
 
     gen = torch.Generator().manual_seed(0)
     k, n, group = 1024, 132, 64  # a partial column tile; 2 K splits of 8 tiles each

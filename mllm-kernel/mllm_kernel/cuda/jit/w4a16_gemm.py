@@ -29,7 +29,6 @@ import torch
 from mllm_kernel.cuda.jit.w4a16_gemv import (
     MAX_TILES, WORKSPACE_FLOATS, argument_problem, sm_count_of, workspace,
 )
-from mllm_kernel.cuda.jit.w4a16_reference import dequantize_exact
 from mllm_kernel.jit_utils import BuildStep, JitKernel, jit
 from mllm_kernel.jit_utils.target import SM90A, Target, device_capability, target_for
 from mllm_kernel.pdl import use_pdl
@@ -216,23 +215,3 @@ def build_steps(dtype: torch.dtype, with_zeros: bool, device: torch.device) -> L
     kernels = [_w4a16_gemm_mma] + ([_w4a16_gemm_wgmma] if wgmma_available(device) else [])
     return [launch.kernel[dtype, bool(with_zeros)].build_step(device) for launch in kernels]
 
-
-def dequantize_reference(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], group: int,
-                         dtype: torch.dtype) -> torch.Tensor:
-    """W [K, N] as the kernel multiplies it: (q - 8 - zero) * scale, exact in float64, rounded once."""
-    return dequantize_exact(qweight, scales, zeros, group).to(dtype)
-
-
-def w4a16_gemm_reference(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: Optional[torch.Tensor],
-    group: int,
-    bias: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Pure-PyTorch equivalent: x times the rounded weights in float64, plus bias, rounded once."""
-    acc = x.double() @ dequantize_reference(qweight, scales, zeros, group, x.dtype).double()
-    if bias is not None:
-        acc = acc + bias.double()
-    return acc.to(x.dtype)

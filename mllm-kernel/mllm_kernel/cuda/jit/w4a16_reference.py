@@ -29,6 +29,17 @@ def dequantize_exact(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optiona
     return w * scales.double()[rows]
 
 
+def dequantize_reference(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], group: int,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """W [K, N] as w4a16_gemm multiplies it: (q - 8 - zero) * scale, exact in float64, rounded once."""
+    return dequantize_exact(qweight, scales, zeros, group).to(dtype)
+
+
+def _add_bias_and_round(acc: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """A float64 product plus bias, rounded once to ``dtype`` (the kernels' epilogue)."""
+    return (acc + bias.double() if bias is not None else acc).to(dtype)
+
+
 def w4a16_gemv_reference(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -38,10 +49,21 @@ def w4a16_gemv_reference(
     bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Pure-PyTorch equivalent: the formula in float64 (exact products), rounded once to x's dtype."""
-    acc = x.double() @ dequantize_exact(qweight, scales, zeros, group)
-    if bias is not None:
-        acc = acc + bias.double()
-    return acc.to(x.dtype)
+    return _add_bias_and_round(x.double() @ dequantize_exact(qweight, scales, zeros, group), bias, x.dtype)
+
+
+def w4a16_gemm_reference(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: Optional[torch.Tensor],
+    group: int,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """w4a16_gemm in PyTorch: x times the rounded weights (``dequantize_reference``) in float64,
+    plus bias, rounded once."""
+    w = dequantize_reference(qweight, scales, zeros, group, x.dtype).double()
+    return _add_bias_and_round(x.double() @ w, bias, x.dtype)
 
 
 def w4a16_gemv_add_norm_reference(
@@ -78,10 +100,7 @@ def w4a16_gemv_normed_reference(
     inv_rms = torch.rsqrt(sumsq.double().sum() / k + eps)
     # A float64 x keeps the reference's product in float64 (it rounds to x's dtype).
     product = w4a16_gemv_reference(scaled.double(), qweight, scales, zeros, group)
-    acc = product * inv_rms
-    if bias is not None:
-        acc = acc + bias.double()
-    out = acc.to(scaled.dtype)
+    out = _add_bias_and_round(product * inv_rms, bias, scaled.dtype)
     return silu_mul_reference(out) if gated else out
 
 
