@@ -58,6 +58,9 @@ constexpr int stage_bytes(int tile_m) { return x_bytes(tile_m) + kWeightBytes + 
 // + 1024: the dynamic window is aligned up to 1024 bytes inside the kernel.
 constexpr int smem_bytes(int tile_m) { return kStages * stage_bytes(tile_m) + 1024; }
 static_assert(stage_bytes(64) % 1024 == 0, "stages must keep the activation tiles 1024-byte aligned");
+// The kernel derives each stage's descriptor by adding to the ring's, which stays exact while every
+// shared address (the 1 KiB the system reserves, the alignment slack, the ring) is below 256 KiB.
+static_assert(1024 + smem_bytes(256) <= (1 << 18), "descriptor address fields would carry");
 
 template <int kTileM>
 struct Wgmma;
@@ -93,7 +96,13 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(kTileM)) w4a16_gemm_sm
   constexpr int kXBytes = x_bytes(kTileM);
   constexpr int kAcc = kTileM / 2;
   extern __shared__ __align__(16) uint8_t smem[];
-  const uint32_t ring = (shared_address(smem) + 1023u) & ~1023u;
+  // Pinned: left to itself the compiler re-derives the aligned base from the CTA's shared window
+  // (S2UR and five uniform ops) at each of its three uses per stage.
+  const uint32_t ring = w4a16_gemv_detail::pinned_u32((shared_address(smem) + 1023u) & ~1023u);
+  // The stage's activation descriptor is the ring's plus the stage offset in 16-byte units (the
+  // address field holds address / 16 in its low 14 bits and the ring ends below 256 KiB, so the
+  // add never carries out of it); a k16 step adds 2 (32 bytes).
+  const uint64_t ring_desc = wgmma::k_major_sw128_descriptor(ring);
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -252,10 +261,9 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(kTileM)) w4a16_gemm_sm
     const uint32_t base = ring + (it % kStages) * kStageBytes;
     dequantize(base, a);
     wgmma::fence();
+    const uint64_t desc = ring_desc + static_cast<uint32_t>((it % kStages) * (kStageBytes / 16));
 #pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      Wgmma<kTileM>::template run<T>(acc, a[s], wgmma::k_major_sw128_descriptor(base + 32 * s));
-    }
+    for (int s = 0; s < 4; ++s) Wgmma<kTileM>::template run<T>(acc, a[s], desc + 2 * s);
     wgmma::commit();
     wgmma::wait<1>();
   }
