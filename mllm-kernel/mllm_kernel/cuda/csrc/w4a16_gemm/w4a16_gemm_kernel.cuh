@@ -116,15 +116,17 @@ __device__ __forceinline__ void unpack_adjacent(uint32_t w, uint32_t magic, uint
 // One word's 8 weights of a column as the pairs of unpack_adjacent, dequantized to T exactly as the
 // dequantizer rounds them: magic + q less (magic + 8 + zero) is exact (an integer of at most 11
 // bits), then one multiply by the scale rounds once. The column's 16-bit scale and zero point are
-// the low halves of scale_bits and zero_bits (zero_bits is ignored without zero points).
+// half `upper` of scale_pair and zero_pair (zero_pair is ignored without zero points): one PRMT
+// copies a half into both (a shift, mask and multiply otherwise).
 template <typename T, bool kHasZero>
-__device__ __forceinline__ void dequantize_adjacent(uint32_t w, uint32_t scale_bits, uint32_t zero_bits,
+__device__ __forceinline__ void dequantize_adjacent(uint32_t w, uint32_t scale_pair, uint32_t zero_pair, bool upper,
                                                     uint32_t (&pairs)[4]) {
   using Tr = Traits<T>;
+  const uint32_t half_selector = upper ? 0x3232u : 0x1010u;
   float offset = std::is_same_v<T, __half> ? 1032.f : 136.f;  // magic + 8
-  if constexpr (kHasZero) offset += Tr::to_float(static_cast<uint16_t>(zero_bits & 0xFFFFu));
+  if constexpr (kHasZero) offset += Tr::to_float(static_cast<uint16_t>(upper ? zero_pair >> 16 : zero_pair));
   const uint32_t offset2 = splat(bits_of<T>(-offset));
-  const uint32_t scale2 = splat(scale_bits);
+  const uint32_t scale2 = __byte_perm(scale_pair, 0u, half_selector);
   const uint32_t one2 = splat(bits_of<T>(1.f));
   const uint32_t neg_zero2 = splat(bits_of<T>(-0.f));
   unpack_adjacent(w, Tr::kMagic, pairs);
@@ -275,9 +277,8 @@ __global__ void __launch_bounds__(kThreads, kGroups >= 8 ? 3 : 4) w4a16_gemm_ker
       uint32_t a[4][4];
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
-        const int shift = (c & 1) * 16;
-        dequantize_adjacent<T, kHasZero>(w4a16_gemv_detail::word(wv, c), (c < 2 ? sv.x : sv.y) >> shift,
-                                         (c < 2 ? zv.x : zv.y) >> shift, a[c]);
+        dequantize_adjacent<T, kHasZero>(w4a16_gemv_detail::word(wv, c), c < 2 ? sv.x : sv.y, c < 2 ? zv.x : zv.y,
+                                         (c & 1) != 0, a[c]);
       }
 #pragma unroll
       for (int q = 0; q < kGroups; ++q) {

@@ -126,7 +126,8 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(kTileM)) w4a16_gemm_sm
   const int wr = tid >> 5;
   const int wj = tid & 31;
   const uint32_t* w_src = p.qweight + static_cast<int64_t>(wr) * p.n + min(n0 + 4 * wj, p.n - 4);
-  const uint32_t w_dst = kXBytes + (wr * 32 + (wj ^ (4 * (wr & 1)))) * 16;
+  // Pinned, as the copy pointers below: at 120+ registers ptxas otherwise re-derives these at every stage.
+  const uint32_t w_dst = w4a16_gemv_detail::pinned_u32(kXBytes + (wr * 32 + (wj ^ (4 * (wr & 1)))) * 16);
   uint32_t w_read[2];  // this lane's 8 bytes of packed row 4h + t
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -138,7 +139,9 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(kTileM)) w4a16_gemm_sm
   constexpr int kMetaCopies = kHasZero ? 128 : 64;
   const bool copies_meta = tid < kMetaCopies;
   const int meta_step = (tid >> 5) & 1;
-  const uint16_t* meta_src = (tid < 64 ? p.scales : p.zeros) + min(n0 + 4 * (tid & 31), p.n - 4);
+  const uint16_t* meta_src =
+      w4a16_gemv_detail::pinned((tid < 64 ? p.scales : p.zeros) + min(n0 + 4 * (tid & 31), p.n - 4));
+  const uint32_t meta_row_elements = w4a16_gemv_detail::pinned_u32(p.n);
   const uint32_t meta_dst = kXBytes + kWeightBytes + tid * 8;
   const uint32_t meta_read = kXBytes + kWeightBytes + col * 2;
 
@@ -178,7 +181,10 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(kTileM)) w4a16_gemm_sm
     copy_async_16_cg(base + w_dst, w_next, true);
     w_next += w_step;
     if (copies_meta) {
-      copy_async_8(base + meta_dst, meta_src + static_cast<int64_t>(meta_k >> p.group_shift) * p.n, true);
+      // A 32-bit offset: scale rows hold at most a quarter as many elements as qweight has words
+      // (group >= 32), and the host holds those below 2^31.
+      copy_async_8(base + meta_dst, meta_src + static_cast<uint32_t>(meta_k >> p.group_shift) * meta_row_elements,
+                   true);
     }
     meta_k += kTileK;
   };
@@ -219,7 +225,7 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(kTileM)) w4a16_gemm_sm
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         uint32_t pairs[4];
-        dequantize_adjacent<T, kHasZero>(e ? words.y : words.x, scales >> (16 * e), zeros >> (16 * e), pairs);
+        dequantize_adjacent<T, kHasZero>(e ? words.y : words.x, scales, zeros, e != 0, pairs);
 #pragma unroll
         for (int j = 0; j < 4; ++j) a[2 * h + (j >> 1)][2 * (j & 1) + e] = pairs[j];
       }
@@ -246,26 +252,40 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(kTileM)) w4a16_gemm_sm
   if (kStages - 2 < iters) load_x();
 
   uint32_t a[4][4];
-#pragma unroll 2
-  for (int it = 0; it < iters; ++it) {
+  // Stage `it` in ring slot `slot` (it % kStages).
+  auto run_stage = [&](int it, int slot) {
     copy_async_wait<kStages - 2>();
     __syncthreads();
-    const int next_w = it + kStages - 1;
-    if (next_w < iters) load_weights(next_w % kStages);
+    if (it + kStages - 1 < iters) load_weights((slot + kStages - 1) % kStages);
     copy_async_commit();
     const int next_x = it + kStages - 2;
     if (next_x < iters) {
-      store_x(next_x % kStages);
+      store_x((slot + kStages - 2) % kStages);
       if (next_x + 1 < iters) load_x();
     }
-    const uint32_t base = ring + (it % kStages) * kStageBytes;
-    dequantize(base, a);
+    dequantize(ring + slot * kStageBytes, a);
     wgmma::fence();
-    const uint64_t desc = ring_desc + static_cast<uint32_t>((it % kStages) * (kStageBytes / 16));
+    const uint64_t desc = ring_desc + static_cast<uint32_t>(slot * (kStageBytes / 16));
 #pragma unroll
     for (int s = 0; s < 4; ++s) Wgmma<kTileM>::template run<T>(acc, a[s], desc + 2 * s);
     wgmma::commit();
     wgmma::wait<1>();
+  };
+  // In whole rounds of kStages (Qwen3's layers under the plans: K / 64 per split a multiple of 4)
+  // each slot is a compile-time constant, so its shared addresses and descriptor fold into
+  // immediates (166 -> 137 SASS instructions per stage at 64-row tiles). Other counts take the
+  // plain loop. A stage dequantizes into `a` while the previous stage's wgmmas may still read it;
+  // ptxas keeps the two in different registers (or serializes, warning C7513, checked by
+  // test_cuda_compile), but `#pragma unroll 4` on the plain loop left a remainder loop that
+  // computed wrong sums (T231), so that form is not used.
+  if (iters % kStages == 0) {
+    for (int round = 0; round < iters; round += kStages) {
+#pragma unroll
+      for (int slot = 0; slot < kStages; ++slot) run_stage(round + slot, slot);
+    }
+  } else {
+#pragma unroll 2
+    for (int it = 0; it < iters; ++it) run_stage(it, it % kStages);
   }
   wgmma::wait<0>();
   wgmma::fence_operands(acc);
