@@ -204,7 +204,8 @@ __global__ void __launch_bounds__(kThreads, kGroups >= 8 ? 3 : 4) w4a16_gemm_ker
   const int n0 = col_tile * kTileN;
   const int k_begin = split * p.k_chunk;
   const int iters = p.k_chunk / kTileK;
-  const uint32_t smem_base = shared_address(smem);
+  // Pinned, as the copy addresses below: left to itself ptxas re-derives them at every stage.
+  const uint32_t smem_base = w4a16_gemv_detail::pinned_u32(shared_address(smem));
 
   // Copy roles: weight unit u = tid + 128 i (i = 0, 1) is packed row u / 32, column unit u % 32;
   // activation unit u = tid + 128 i is row u / 8, k unit u % 8. Columns past N repeat N - 4 (every
@@ -212,19 +213,19 @@ __global__ void __launch_bounds__(kThreads, kGroups >= 8 ? 3 : 4) w4a16_gemm_ker
   // as copies of row M - 1 (T194) every block's clamped rows hit the same L2 lines and a partial
   // row tile ran at half speed. Activations go through L1 (.ca): the column tiles resident on an
   // SM read the same ones.
-  const uint32_t* w_src[2];
-  uint32_t w_dst[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int u = threadIdx.x + kThreads * i;
-    const int r = u / 32;
-    const int j = u % 32;
-    w_src[i] = p.qweight + static_cast<int64_t>(r) * p.n + min(n0 + 4 * j, p.n - 4);
-    w_dst[i] = (r * 32 + (j ^ (2 * (r & 3)))) * 16;
-  }
+  // The copies of a stage go out in stage order, so each source is a running pointer. Unit i = 1
+  // is packed row r + 4: 4 rows further in both, the same swizzle (2048 bytes further in the stage).
+  const uint32_t* w_next[2];
+  const int w_row = threadIdx.x / 32;
+  const int w_unit = threadIdx.x % 32;
+  w_next[0] = p.qweight + static_cast<int64_t>(k_begin / 8 + w_row) * p.n + min(n0 + 4 * w_unit, p.n - 4);
+  w_next[1] = w_next[0] + static_cast<int64_t>(4) * p.n;
+  const uint32_t w_dst = w4a16_gemv_detail::pinned_u32((w_row * 32 + (w_unit ^ (2 * (w_row & 3)))) * 16);
+  constexpr uint32_t kWeightUnitStride = 4 * 32 * 16;
+  const int64_t w_step = static_cast<int64_t>(kPackedRows) * p.n;
   constexpr int kXCopies = kTileM * 8 / kThreads;  // 16-byte units per thread (>= 1 for kTileM >= 16)
   static_assert(kTileM * 8 % kThreads == 0, "activation tile rows must fill the copy roles");
-  const uint16_t* x_src[kXCopies];
+  const uint16_t* x_next[kXCopies];
   uint32_t x_dst[kXCopies];
   bool x_row_valid[kXCopies];
 #pragma unroll
@@ -233,8 +234,8 @@ __global__ void __launch_bounds__(kThreads, kGroups >= 8 ? 3 : 4) w4a16_gemm_ker
     const int r = u / 8;
     const int c = u % 8;
     x_row_valid[i] = row0 + r < p.m;
-    x_src[i] = p.x + static_cast<int64_t>(min(row0 + r, p.m - 1)) * p.x_stride + 8 * c;
-    x_dst[i] = kWeightStageBytes + (r * 8 + (c ^ (4 * (r & 1)))) * 16;
+    x_next[i] = p.x + static_cast<int64_t>(min(row0 + r, p.m - 1)) * p.x_stride + k_begin + 8 * c;
+    x_dst[i] = w4a16_gemv_detail::pinned_u32(kWeightStageBytes + (r * 8 + (c ^ (4 * (r & 1)))) * 16);
   }
 
   // Scale / zero-point rows: thread i < 64 (128 with zero points) copies 8 bytes (4 columns) of
@@ -242,28 +243,40 @@ __global__ void __launch_bounds__(kThreads, kGroups >= 8 ? 3 : 4) w4a16_gemm_ker
   constexpr int kMetaCopies = kHasZero ? 128 : 64;
   const bool copies_meta = threadIdx.x < kMetaCopies;
   const int meta_step = (threadIdx.x >> 5) & 1;
-  const uint16_t* meta_src = (threadIdx.x < 64 ? p.scales : p.zeros) + min(n0 + 4 * (threadIdx.x & 31), p.n - 4);
+  const uint16_t* meta_src = w4a16_gemv_detail::pinned((threadIdx.x < 64 ? p.scales : p.zeros) +
+                                                         min(n0 + 4 * (threadIdx.x & 31), p.n - 4));
+  const uint32_t meta_row_elements = w4a16_gemv_detail::pinned_u32(p.n);
   const uint32_t meta_dst = meta_offset(kTileM) + threadIdx.x * 8;
+  int meta_k = k_begin + 32 * meta_step;
 
   pdl_wait();
 
-  auto load_stage = [&](int stage, int k0) {
-    const uint32_t base = smem_base + stage * kStageBytes;
-    const int64_t w_off = static_cast<int64_t>(k0 / 8) * p.n;
+  // The next stage's copies, into ring slot `slot`.
+  auto load_stage = [&](int slot) {
+    const uint32_t base = smem_base + slot * kStageBytes;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) copy_async_16_cg(base + w_dst[i], w_src[i] + w_off, true);
-#pragma unroll
-    for (int i = 0; i < kXCopies; ++i) copy_async_16_ca(base + x_dst[i], x_src[i] + k0, x_row_valid[i]);
-    if (copies_meta) {
-      const int64_t group = (k0 + 32 * meta_step) >> p.group_shift;
-      copy_async_8(base + meta_dst, meta_src + group * p.n, true);
+    for (int i = 0; i < 2; ++i) {
+      copy_async_16_cg(base + w_dst + i * kWeightUnitStride, w_next[i], true);
+      w_next[i] += w_step;
     }
+#pragma unroll
+    for (int i = 0; i < kXCopies; ++i) {
+      copy_async_16_ca(base + x_dst[i], x_next[i], x_row_valid[i]);
+      x_next[i] += kTileK;
+    }
+    if (copies_meta) {
+      // A 32-bit offset: scale rows hold at most a quarter as many elements as qweight has words
+      // (group >= 32), and the host holds those below 2^31.
+      copy_async_8(base + meta_dst, meta_src + static_cast<uint32_t>(meta_k >> p.group_shift) * meta_row_elements,
+                   true);
+    }
+    meta_k += kTileK;
   };
 
   float acc[kGroups][2][4] = {};
 
-  auto compute_stage = [&](int stage, int k0) {
-    const uint32_t base = smem_base + stage * kStageBytes;
+  auto compute_stage = [&](int slot) {
+    const uint32_t base = smem_base + slot * kStageBytes;
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
       const int r = 4 * s + t;  // packed row of the stage
@@ -297,16 +310,23 @@ __global__ void __launch_bounds__(kThreads, kGroups >= 8 ? 3 : 4) w4a16_gemm_ker
 
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) {
-    if (st < iters) load_stage(st, k_begin + st * kTileK);
+    if (st < iters) load_stage(st);
     copy_async_commit();
   }
-  for (int it = 0; it < iters; ++it) {
-    copy_async_wait<kStages - 2>();
-    __syncthreads();  // stage it is complete for every thread, and stage it - 1 is free to refill
-    const int next = it + kStages - 1;
-    if (next < iters) load_stage(next % kStages, k_begin + next * kTileK);
-    copy_async_commit();
-    compute_stage(it % kStages, k_begin + it * kTileK);
+  // In rounds of kStages, so that each ring slot is a compile-time constant (its shared addresses
+  // fold into immediates); the last round leaves early. (mma.sync reads its registers at issue, so
+  // unlike the warpgroup kernel nothing here is in flight across the exit.)
+  for (int round = 0; round < iters; round += kStages) {
+#pragma unroll
+    for (int slot = 0; slot < kStages; ++slot) {
+      const int it = round + slot;
+      if (it >= iters) break;
+      copy_async_wait<kStages - 2>();
+      __syncthreads();  // stage it is complete for every thread, and stage it - 1 is free to refill
+      if (it + kStages - 1 < iters) load_stage((slot + kStages - 1) % kStages);
+      copy_async_commit();
+      compute_stage(slot);
+    }
   }
   copy_async_wait<0>();
   pdl_launch_dependents();
