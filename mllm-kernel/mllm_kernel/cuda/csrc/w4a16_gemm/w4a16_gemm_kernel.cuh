@@ -137,6 +137,33 @@ __device__ __forceinline__ void dequantize_adjacent(uint32_t w, uint32_t scale_p
   }
 }
 
+// The scale / zero-point rows of a block's stages, as both GEMM kernels copy them: thread i < 64
+// (128 with zero points) copies 8 bytes (4 of the tile's 128 columns) of 32-k step (i / 32) % 2's
+// row, zero points for i >= 64, into meta row i / 32 = 2 * kind + step at `stage_offset` of the
+// stage. Stages are copied in order, so the row's k runs on by kTileK per copy.
+template <bool kHasZero>
+struct MetaRowCopy {
+  const uint16_t* src;
+  uint32_t row_elements;
+  uint32_t dst;
+  int k;
+  bool active;
+
+  __device__ __forceinline__ MetaRowCopy(const Params& p, int tid, int n0, int k_begin, uint32_t stage_offset)
+      : src(w4a16_gemv_detail::pinned((tid < 64 ? p.scales : p.zeros) + min(n0 + 4 * (tid & 31), p.n - 4))),
+        row_elements(w4a16_gemv_detail::pinned_u32(p.n)),
+        dst(stage_offset + tid * 8),
+        k(k_begin + 32 * ((tid >> 5) & 1)),
+        active(tid < (kHasZero ? 128 : 64)) {}
+
+  // The next stage's row into the stage at `stage_base`. A 32-bit offset: scale rows hold at most a
+  // quarter as many elements as qweight has words (group >= 32), and the host holds those below 2^31.
+  __device__ __forceinline__ void copy_next(uint32_t stage_base, int group_shift) {
+    if (active) copy_async_8(stage_base + dst, src + static_cast<uint32_t>(k >> group_shift) * row_elements, true);
+    k += kTileK;
+  }
+};
+
 // The epilogue of both GEMM kernels for a tile of kTileM rows x kTileCols columns: for_each_pair(fn)
 // calls fn(row, local column, value at column, value at column + 1) for each pair of adjacent
 // columns this thread holds. Without split K they are stored (+ bias); with it they go to the
@@ -238,16 +265,7 @@ __global__ void __launch_bounds__(kThreads, kGroups >= 8 ? 3 : 4) w4a16_gemm_ker
     x_dst[i] = w4a16_gemv_detail::pinned_u32(kWeightStageBytes + (r * 8 + (c ^ (4 * (r & 1)))) * 16);
   }
 
-  // Scale / zero-point rows: thread i < 64 (128 with zero points) copies 8 bytes (4 columns) of
-  // step (i / 32) % 2's row, zero points for i >= 64, into meta row (i / 32) = 2 * kind + step.
-  constexpr int kMetaCopies = kHasZero ? 128 : 64;
-  const bool copies_meta = threadIdx.x < kMetaCopies;
-  const int meta_step = (threadIdx.x >> 5) & 1;
-  const uint16_t* meta_src = w4a16_gemv_detail::pinned((threadIdx.x < 64 ? p.scales : p.zeros) +
-                                                         min(n0 + 4 * (threadIdx.x & 31), p.n - 4));
-  const uint32_t meta_row_elements = w4a16_gemv_detail::pinned_u32(p.n);
-  const uint32_t meta_dst = meta_offset(kTileM) + threadIdx.x * 8;
-  int meta_k = k_begin + 32 * meta_step;
+  MetaRowCopy<kHasZero> meta_rows(p, threadIdx.x, n0, k_begin, meta_offset(kTileM));
 
   pdl_wait();
 
@@ -264,13 +282,7 @@ __global__ void __launch_bounds__(kThreads, kGroups >= 8 ? 3 : 4) w4a16_gemm_ker
       copy_async_16_ca(base + x_dst[i], x_next[i], x_row_valid[i]);
       x_next[i] += kTileK;
     }
-    if (copies_meta) {
-      // A 32-bit offset: scale rows hold at most a quarter as many elements as qweight has words
-      // (group >= 32), and the host holds those below 2^31.
-      copy_async_8(base + meta_dst, meta_src + static_cast<uint32_t>(meta_k >> p.group_shift) * meta_row_elements,
-                   true);
-    }
-    meta_k += kTileK;
+    meta_rows.copy_next(base, p.group_shift);
   };
 
   float acc[kGroups][2][4] = {};

@@ -38,7 +38,6 @@ namespace w4a16_gemm_sm90_detail {
 using w4a16_gemm_detail::dequantize_adjacent;
 using w4a16_gemm_detail::Params;
 using w4a16_gemv_detail::copy_async_16_cg;
-using w4a16_gemv_detail::copy_async_8;
 using w4a16_gemv_detail::copy_async_commit;
 using w4a16_gemv_detail::copy_async_wait;
 using w4a16_gemv_detail::shared_address;
@@ -134,15 +133,7 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(kTileM)) w4a16_gemm_sm
     const int r = 4 * h + t;
     w_read[h] = kXBytes + (r * 32 + ((col >> 2) ^ (4 * (r & 1)))) * 16 + (col & 3) * 4;
   }
-  // Scale / zero-point rows, as in the mma.sync kernel: thread i < 64 (128 with zero points)
-  // copies 4 columns of step (i / 32) % 2's row into meta row i / 32 = 2 * kind + step.
-  constexpr int kMetaCopies = kHasZero ? 128 : 64;
-  const bool copies_meta = tid < kMetaCopies;
-  const int meta_step = (tid >> 5) & 1;
-  const uint16_t* meta_src =
-      w4a16_gemv_detail::pinned((tid < 64 ? p.scales : p.zeros) + min(n0 + 4 * (tid & 31), p.n - 4));
-  const uint32_t meta_row_elements = w4a16_gemv_detail::pinned_u32(p.n);
-  const uint32_t meta_dst = kXBytes + kWeightBytes + tid * 8;
+  // Scale / zero-point rows, as the mma.sync kernel copies them (MetaRowCopy), after the weights.
   const uint32_t meta_read = kXBytes + kWeightBytes + col * 2;
 
   // Activation copy: unit u = tid + 256 i is row u / 8, 16-byte unit c = u % 8 (k 8c .. 8c + 7,
@@ -172,7 +163,7 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(kTileM)) w4a16_gemm_sm
   // The weights' and the scale rows' next stage (64 k: 8 packed rows), advanced per load.
   const uint32_t* w_next = w_src + static_cast<int64_t>(k_begin / 8) * p.n;
   const int64_t w_step = static_cast<int64_t>(8) * p.n;
-  int meta_k = k_begin + 32 * meta_step;
+  w4a16_gemm_detail::MetaRowCopy<kHasZero> meta_rows(p, tid, n0, k_begin, kXBytes + kWeightBytes);
 
   pdl_wait();
 
@@ -180,13 +171,7 @@ __global__ void __launch_bounds__(kThreads, blocks_per_sm(kTileM)) w4a16_gemm_sm
     const uint32_t base = ring + stage * kStageBytes;
     copy_async_16_cg(base + w_dst, w_next, true);
     w_next += w_step;
-    if (copies_meta) {
-      // A 32-bit offset: scale rows hold at most a quarter as many elements as qweight has words
-      // (group >= 32), and the host holds those below 2^31.
-      copy_async_8(base + meta_dst, meta_src + static_cast<uint32_t>(meta_k >> p.group_shift) * meta_row_elements,
-                   true);
-    }
-    meta_k += kTileK;
+    meta_rows.copy_next(base, p.group_shift);
   };
   auto load_x = [&]() {
 #pragma unroll
