@@ -1,12 +1,13 @@
 """bench_one_batch with some one-row decode-matmul plans forced, to sweep them inside the whole
 decode graph (runs T134-T136 in docs/perf):
 
-    python scripts/ab_forced_plans.py [--gemv KIND:N:K:TILING] [--w4a16 N:K:WARPS:SPLITS] ... -- <bench_one_batch args>
+    python scripts/ab_forced_plans.py [--gemv KIND:N:K:TILING] [--w4a16 N:K:WARPS:SPLITS[:TILE_N]] ... -- <bench_one_batch args>
 
 --gemv: the one-row GEMV of ``gemv_dispatch`` for (KIND, N, K), e.g. ``w8a8:6144:4096:4``, runs the
 compiled tiling TILING (rows per warp + 10 x split-K, as ``gemv_tiling`` names them) whatever its
 measurement chose. --w4a16: the one-row W4A16 kernel of an [K/8, N] weight runs blocks of WARPS
-warps in SPLITS K splits instead of ``plan_one_row``'s plan. Both may repeat. At exit the measured
+warps in SPLITS K splits on tiles of TILE_N columns (64 when left out; 32: narrow tiles) instead
+of ``plan_one_row``'s plan. Both may repeat. At exit the measured
 GEMV decisions (forced ones included) go to stderr, one line each.
 """
 
@@ -21,7 +22,7 @@ GemvKey = Tuple[str, int, int]  # (kind, N, K)
 OneRowKey = Tuple[int, int]  # (N, K)
 
 
-def parse(args: List[str]) -> Tuple[Dict[GemvKey, int], Dict[OneRowKey, Tuple[int, int]], List[str]]:
+def parse(args: List[str]) -> Tuple[Dict[GemvKey, int], Dict[OneRowKey, Tuple[int, ...]], List[str]]:
     """(forced GEMV tilings, forced one-row W4A16 plans, bench_one_batch's arguments)."""
     if "--" not in args:
         raise SystemExit(__doc__)
@@ -30,15 +31,15 @@ def parse(args: List[str]) -> Tuple[Dict[GemvKey, int], Dict[OneRowKey, Tuple[in
     if len(own) % 2:
         raise SystemExit(__doc__)
     gemv: Dict[GemvKey, int] = {}
-    one_row: Dict[OneRowKey, Tuple[int, int]] = {}
+    one_row: Dict[OneRowKey, Tuple[int, ...]] = {}
     for flag, value in zip(own[::2], own[1::2]):
         fields = value.split(":")
         try:
             if flag == "--gemv" and len(fields) == 4:
                 gemv[(fields[0], int(fields[1]), int(fields[2]))] = int(fields[3])
-            elif flag == "--w4a16" and len(fields) == 4:
-                n, k, warps, splits = (int(f) for f in fields)
-                one_row[(n, k)] = (warps, splits)
+            elif flag == "--w4a16" and len(fields) in (4, 5):
+                n, k, *plan = (int(f) for f in fields)
+                one_row[(n, k)] = tuple(plan) if len(plan) == 3 else (*plan, 64)
             else:
                 raise ValueError(value)
         except ValueError:
@@ -63,7 +64,7 @@ def force_gemv_tilings(forced: Dict[GemvKey, int]) -> None:
     gd.GemvChooser.use_gemv = use_gemv
 
 
-def force_one_row_plans(forced: Dict[OneRowKey, Tuple[int, int]]) -> None:
+def force_one_row_plans(forced: Dict[OneRowKey, Tuple[int, ...]]) -> None:
     """plan_one_row returns the forced plan for the (N, K) in ``forced``."""
     module = importlib.import_module("mllm_kernel.cuda.jit.w4a16_gemv")
     planned = module.plan_one_row

@@ -150,7 +150,8 @@ def main() -> int:
                     if impl == "w4a16_gemv":
                         row["splits"] = planned
                         if m == 1:
-                            row["one_row_warps"], row["splits"] = gemv_module.plan_one_row(n, k, base["sms"])
+                            one_row = gemv_module.plan_one_row(n, k, base["sms"])
+                            row["one_row_warps"], row["splits"], row["tile_n"] = one_row
                             row["speedup_vs_registers"] = times["w4a16_gemv_registers"] / time_us
                         row["speedup_vs_bf16"] = times["bf16_linear"] / time_us
                         if "w4a16_triton" in times:

@@ -62,7 +62,13 @@ def test_references_compose_to_the_norm_then_the_gemv(dtype, gated):
 
 def test_norm_tiles():
     assert [module.norm_tiles(n) for n in (1, 64, 65, 4096, 8192)] == [1, 1, 2, 64, 128]
+    assert [module.norm_tiles(n, 32) for n in (1, 32, 33, 4096)] == [1, 1, 2, 128]
     assert module.norm_tiles(8192) <= module.MAX_NORM_TILES < module.norm_tiles(8193)
+    h = torch.arange(100, dtype=torch.float32).reshape(1, 100)
+    for tile_n in (64, 32):
+        sums = module.norm_tile_sums(h, tile_n)
+        assert sums.shape == (module.norm_tiles(100, tile_n),)
+        assert sums[0].item() == (h[0, :tile_n] ** 2).sum().item() and sums.sum().item() == (h**2).sum().item()
 
 
 def test_add_norm_supported_is_the_producers_argument_check():
@@ -111,23 +117,24 @@ def _producer(n, k, group, with_zeros, dtype, with_bias):
 @pytest.mark.gpu
 @pytest.mark.parametrize("with_zeros, with_bias", [(False, False), (True, True)])
 @pytest.mark.parametrize("n, k, splits", [(4096, 4096, None), (4096, 12288, None), (200, 256, 2), (36, 96, 1)])
+@pytest.mark.parametrize("tile_n", [64, 32])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_producer_matches_reference(dtype, n, k, splits, with_zeros, with_bias):
+def test_producer_matches_reference(dtype, tile_n, n, k, splits, with_zeros, with_bias):
     x, qweight, scales, zeros, group, residual, weight, bias = _producer(
         n, k, 32 if k % 64 else 64, with_zeros, dtype, with_bias)
     out = torch.full((1, n), float("nan"), dtype=dtype, device="cuda")
     h = torch.full((1, n), float("nan"), dtype=dtype, device="cuda")
-    sumsq = torch.full((module.norm_tiles(n),), float("nan"), device="cuda")
-    module.w4a16_gemv(x, qweight, scales, zeros, group, bias, out=out, splits=splits,
-                      norm_out=(residual, weight, h, sumsq))
+    sumsq = torch.full((module.norm_tiles(n, tile_n),), float("nan"), device="cuda")
+    module.w4a16_gemv(x, qweight, scales, zeros, group, bias, out=out, splits=splits, one_row_warps=16,
+                      one_row_tile_n=tile_n, norm_out=(residual, weight, h, sumsq))
     want_scaled, want_h, want_sumsq = refs.w4a16_gemv_add_norm_reference(
-        x, qweight, scales, zeros, group, residual, weight, bias)
+        x, qweight, scales, zeros, group, residual, weight, bias, tile_n)
     # h and w * h are rounded from the GEMV's output: within one ulp of the reference's (whose own
     # output may round the other way), and the tile sums follow.
     assert relative_error(h, want_h.double()) < TOLERANCE[dtype]
     assert relative_error(out, want_scaled.double()) < 2 * TOLERANCE[dtype]
     assert torch.equal(out, (weight.float() * h.float()).to(dtype))  # exactly w * (its own h)
-    torch.testing.assert_close(sumsq, module.norm_tile_sums(h), rtol=1e-5, atol=0)  # the tile sums of its own h
+    torch.testing.assert_close(sumsq, module.norm_tile_sums(h, tile_n), rtol=1e-5, atol=0)  # the tile sums of its own h
     assert relative_error(sumsq, want_sumsq.double()) < 2 * TOLERANCE[dtype]
 
 

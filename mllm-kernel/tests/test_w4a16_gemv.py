@@ -85,7 +85,7 @@ def assert_replays_match(call, x, out, reference) -> None:
 
 
 def check(m, n, k, group, with_zeros, dtype, with_bias, splits=None, x=None, bias=None, prefetch=1,
-          one_row_warps=None, early_weights=True):
+          one_row_warps=None, early_weights=True, one_row_tile_n=None):
     """One call on fresh random activations (and bias) into a NaN-poisoned output."""
     qweight, scales, zeros = random_layer(n, k, group, with_zeros, dtype)
     x = torch.randn(m, k, device="cuda").to(dtype) if x is None else x
@@ -93,10 +93,11 @@ def check(m, n, k, group, with_zeros, dtype, with_bias, splits=None, x=None, bia
         bias = torch.randn(n, device="cuda").to(dtype)
     out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
     result = w4a16_gemv(x, qweight, scales, zeros, group, bias, out=out, splits=splits, prefetch=prefetch,
-                        one_row_warps=one_row_warps, early_weights=early_weights)
+                        one_row_warps=one_row_warps, early_weights=early_weights, one_row_tile_n=one_row_tile_n)
     assert result.data_ptr() == out.data_ptr()
     error = relative_error(out, exact(x, qweight, scales, zeros, group, bias))
-    assert error < TOLERANCE[dtype], (m, n, k, group, with_zeros, dtype, with_bias, splits, one_row_warps, error)
+    assert error < TOLERANCE[dtype], (m, n, k, group, with_zeros, dtype, with_bias, splits, one_row_warps,
+                                      one_row_tile_n, error)
     return out
 
 
@@ -115,33 +116,35 @@ def test_matches_reference(dtype, group, with_zeros, m):
 
 
 @pytest.mark.gpu
-# The register kernel (0) reads no early_weights: once.
-@pytest.mark.parametrize("one_row_warps, early_weights", [(0, True), (8, False), (8, True), (16, False), (16, True)])
+# The register kernel (0) reads no early_weights: once. Narrow 32-column tiles run in 16-warp blocks.
+@pytest.mark.parametrize("one_row_warps, early_weights, tile_n", [
+    (0, True, 64), (8, False, 64), (8, True, 64), (16, False, 64), (16, True, 64), (16, False, 32), (16, True, 32)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_one_row_kernels_match_reference(dtype, one_row_warps, early_weights):
+def test_one_row_kernels_match_reference(dtype, one_row_warps, early_weights, tile_n):
     # Both kernels of a one-row call (0: the register kernel), every group form, forced and
-    # planned splits, K with a partial batch (96 = 12 packed rows: one and a half 8-row batches).
+    # planned splits, K with a partial batch (96 = 12 packed rows: one and a half 8-row batches,
+    # three quarters of a narrow tile's 16-row batch), N with a partial tile.
     cases = [(6144, 4096, 128, False), (4096, 12288, 64, True), (24576, 4096, 32, False), (4096, 4096, None, True),
              (36, 96, 32, True), (100, 256, 64, False), (4, 8, None, True)]
     for index, (n, k, group, with_zeros) in enumerate(cases):
         for splits in (None, 1, 3):
             check(1, n, k, group or k, with_zeros, dtype, with_bias=(index + (splits or 0)) % 2 == 1, splits=splits,
-                  one_row_warps=one_row_warps, early_weights=early_weights)
+                  one_row_warps=one_row_warps, early_weights=early_weights, one_row_tile_n=tile_n)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("one_row_warps", [8, 16])
-def test_one_row_splits_are_deterministic(one_row_warps):
+@pytest.mark.parametrize("one_row_warps, tile_n", [(8, 64), (16, 64), (16, 32)])
+def test_one_row_splits_are_deterministic(one_row_warps, tile_n):
     n, k, group = 4096, 12288, 128
     x = torch.randn(1, k, device="cuda").to(torch.bfloat16)
     bias = torch.randn(n, device="cuda").to(torch.bfloat16)
-    batches = k // 8 // module.ONE_ROW_BATCH_ROWS
+    batches = k // 8 // module.one_row_batch_rows(tile_n)
     for splits in (1, 2, 5, 17, batches, 10 * batches):  # more than the batches: shrunk to one each
         first = check(1, n, k, group, True, torch.bfloat16, True, splits=splits, x=x, bias=bias,
-                      one_row_warps=one_row_warps)
+                      one_row_warps=one_row_warps, one_row_tile_n=tile_n)
         # The counters were reset by the last block: a second launch reduces the same way.
         second = check(1, n, k, group, True, torch.bfloat16, True, splits=splits, x=x, bias=bias,
-                       one_row_warps=one_row_warps)
+                       one_row_warps=one_row_warps, one_row_tile_n=tile_n)
         assert torch.equal(first, second), splits
 
 
@@ -315,29 +318,31 @@ H200_BYTES_PER_NS = 2 * 3_201_000e3 * 6016 / 8 / 1e9
 
 def test_one_row_plan():
     plan = module.plan_one_row
-    # Qwen3-8B on an H100 / H200 (132 SMs), as measured best in the decode graph (runs T135, T136):
-    # qkv (96 tiles) 16 warps unsplit, gate/up (384 tiles) 8 warps unsplit, down (64 tiles) 16
-    # warps in 2 splits; o_proj (64 tiles) in 2 splits on the H200, unsplit on the H100, whose
-    # memory 64 blocks already keep busy.
+    # Qwen3-8B on an H100 / H200 (132 SMs): qkv (96 tiles) 16 warps unsplit, gate/up (384 tiles) 8
+    # warps unsplit, o and down (64 tiles) 16 warps in 128 narrow tiles, unsplit: the blocks of 2
+    # K splits without the split's round trip.
     for rate in (H100_BYTES_PER_NS, H200_BYTES_PER_NS, math.inf):
-        assert plan(6144, 4096, 132, rate) == (16, 1)
-        assert plan(4096, 12288, 132, rate) == (16, 2)
-        assert plan(24576, 4096, 132, rate) == (8, 1)
-    assert plan(4096, 4096, 132, H100_BYTES_PER_NS) == (16, 1)
-    assert plan(4096, 4096, 132, H200_BYTES_PER_NS) == (16, 2)
-    assert plan(4096, 4096, 132) == (16, 2)  # memory rate unknown: no cap
+        assert plan(6144, 4096, 132, rate) == (16, 1, 64)
+        assert plan(4096, 12288, 132, rate) == (16, 1, 32)
+        assert plan(4096, 4096, 132, rate) == (16, 1, 32)
+        assert plan(24576, 4096, 132, rate) == (8, 1, 64)
+    # Without narrow tiles (more than a consumer reads, or than SMs) the split model decides.
+    assert plan(8192, 12288, 132, H200_BYTES_PER_NS) == (16, 1, 64)  # 128 tiles already cover the SMs
+    assert plan(4096, 12288, 100, H200_BYTES_PER_NS) == (16, 1, 64)  # 128 narrow tiles > 100 SMs
+    assert plan(4096, 12288, 127, H200_BYTES_PER_NS) == (16, 1, 64)
     # A Jetson AGX Orin (16 SMs, 204.8 GB/s): every Qwen3-8B layer has more tiles than SMs.
     for n, k in [(6144, 4096), (4096, 4096), (4096, 12288), (24576, 4096)]:
-        assert plan(n, k, 16, 204.8) == (8, 1)
-    # Few tiles of a long K split until the grid covers the SMs, never past one 8-row batch per
-    # split; a layer this small that one block streams it in less than a split costs stays whole.
-    assert plan(64, 4096, 132, H200_BYTES_PER_NS) == (16, 64)
-    assert plan(36, 96, 132, H200_BYTES_PER_NS) == (16, 1)
-    assert plan(4, 8, 132) == (16, 1)
-    for n, k in [(64, 1 << 20), (4096, 4096), (256, 65536)]:
-        warps, splits = plan(n, k, 10_000)  # a huge GPU pushes towards the workspace limit
-        assert -(-n // module.TILE_N) * splits * module.TILE_N <= module.WORKSPACE_FLOATS
-        assert splits <= -(-k // 8 // module.ONE_ROW_BATCH_ROWS)
+        assert plan(n, k, 16, 204.8) == (8, 1, 64)
+    # Few tiles of a long K split until the grid covers the SMs, never past one batch per split;
+    # a layer this small that one block streams it in less than a split costs stays whole.
+    assert plan(64, 4096, 132, H200_BYTES_PER_NS) == (16, 64, 64)  # equal to 2 x 32 narrow splits: wide
+    assert plan(36, 96, 132, H200_BYTES_PER_NS) == (16, 1, 32)  # two narrow blocks pull twice one
+    assert plan(4, 8, 132) == (16, 1, 64)
+    for n, k in [(64, 1 << 20), (4096, 4096), (256, 65536), (5120, 25600)]:
+        warps, splits, tile_n = plan(n, k, 10_000)  # a huge GPU pushes towards the workspace limit
+        assert -(-n // tile_n) * splits * tile_n <= module.WORKSPACE_FLOATS
+        assert splits <= -(-k // 8 // module.one_row_batch_rows(tile_n))
+        assert tile_n == module.TILE_N or -(-n // tile_n) <= module.MAX_NORM_TILES
 
 
 def test_hbm_rate_from_device_properties(monkeypatch):
@@ -372,6 +377,13 @@ def test_gated_is_the_plain_launch_then_silu_mul(m, splits, with_zeros, with_bia
         got = w4a16_gemv(x, qweight, scales, zeros, group, bias, out=out, splits=splits, gated=True)
         assert got.data_ptr() == out.data_ptr() and torch.isfinite(got).all()
         plain = w4a16_gemv(x, qweight, scales, zeros, group, bias, splits=splits)
+        if m == 1:  # the same with narrow tiles (16 gate and 16 up columns per block)
+            narrow = w4a16_gemv(x, qweight, scales, zeros, group, bias, splits=splits, gated=True,
+                                one_row_warps=16, one_row_tile_n=32)
+            plain_narrow = w4a16_gemv(x, qweight, scales, zeros, group, bias, splits=splits, one_row_warps=16,
+                                      one_row_tile_n=32)
+            assert torch.equal(narrow, silu_mul_reference(plain_narrow)) or torch.allclose(
+                narrow.float(), silu_mul_reference(plain_narrow).float(), rtol=2**-6, atol=0)
         want = silu_mul_reference(plain).float()
         ulp = 2.0**-7
         assert ((got.float() - want).abs() <= 2 * ulp * want.abs() + 2.0**-126).all(), (n, k, m, splits)
@@ -469,6 +481,12 @@ def test_output_and_splits_errors():
     for warps in (4, 32, True, 8.0):
         with pytest.raises(ValueError, match=r"one_row_warps must be None, 0 or one of \(8, 16\)"):
             w4a16_gemv(**args, one_row_warps=warps)
+    for tile_n in (16, 128, True, 32.5):
+        with pytest.raises(ValueError, match=r"one_row_tile_n must be None or one of \(64, 32\)"):
+            w4a16_gemv(**args, one_row_tile_n=tile_n)
+    for warps in (0, 8):
+        with pytest.raises(ValueError, match="narrow tiles .* run in 16-warp blocks"):
+            w4a16_gemv(**args, one_row_warps=warps, one_row_tile_n=32)
 
 
 def test_gated_argument_errors():

@@ -109,9 +109,12 @@ def test_forced_plans(monkeypatch) -> None:
     spec = importlib.util.spec_from_file_location("ab_forced", SCRIPT.parent / "ab_forced_plans.py")
     ab = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ab)
-    gemv, one_row, rest = ab.parse(["--gemv", "w8a8:6144:4096:4", "--w4a16", "4096:4096:16:1", "--", "--batch-size", "1"])
-    assert gemv == {("w8a8", 6144, 4096): 4} and one_row == {(4096, 4096): (16, 1)} and rest == ["--batch-size", "1"]
-    for bad in (["--gemv", "w8a8:6144:4"], ["--w4a16", "a:b:c:d"], ["--gemv"], ["--tiles", "1:2:3:4"]):
+    gemv, one_row, rest = ab.parse(["--gemv", "w8a8:6144:4096:4", "--w4a16", "4096:4096:16:1", "--w4a16",
+                                    "4096:12288:16:1:32", "--", "--batch-size", "1"])
+    assert gemv == {("w8a8", 6144, 4096): 4} and rest == ["--batch-size", "1"]
+    assert one_row == {(4096, 4096): (16, 1, 64), (4096, 12288): (16, 1, 32)}
+    for bad in (["--gemv", "w8a8:6144:4"], ["--w4a16", "a:b:c:d"], ["--w4a16", "1:2:3:4:5:6"], ["--gemv"],
+                ["--tiles", "1:2:3:4"]):
         with pytest.raises(SystemExit, match="ab_forced_plans"):
             ab.parse(bad + ["--"])
     with pytest.raises(SystemExit, match="ab_forced_plans"):
@@ -136,8 +139,8 @@ def test_forced_plans(monkeypatch) -> None:
     assert chooser.tiling(key(6144)) == 4  # forced at one row
     assert chooser.use_gemv(key(6144, rows=2), weight, lambda impl, w: lambda: None, tilings=(1, 2, 4)) is False
     assert chooser.use_gemv(key(4096), weight, lambda impl, w: lambda: None, tilings=(1, 2, 4)) is False
-    assert plans.plan_one_row(4096, 4096, 132, 4814.3) == (16, 1)  # forced (the plan says 2 splits)
-    assert plans.plan_one_row(4096, 12288, 132, 4814.3) == (16, 2)  # planned
+    assert plans.plan_one_row(4096, 4096, 132, 4814.3) == (16, 1, 64)  # forced (the plan says narrow tiles)
+    assert plans.plan_one_row(4096, 12288, 132, 4814.3) == (16, 1, 32)  # planned
 
 
 def _ab_trees():

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -50,9 +50,16 @@ BLOCKS_PER_SM = 4  # __launch_bounds__ minimum: 128 registers, 16 warps per SM
 HEAVY_BLOCKS_PER_SM = 3  # __launch_bounds__ minimum of the wide and the rolling (gated) kernels: 168 registers
 # Batches ahead each warp prefetches into L2 (kernel argument, so benchmarks can compare).
 PREFETCH_BATCHES = 1
-# The one-row kernel (w4a16_gemv_one_row.cuh): packed rows per warp batch and block sizes in warps.
-ONE_ROW_BATCH_ROWS = 8
+# The one-row kernel (w4a16_gemv_one_row.cuh): block sizes in warps, columns per block (narrow
+# 32-column tiles: 16-warp blocks of plain launches only) and packed rows per warp batch of each.
 ONE_ROW_WARPS = (8, 16)
+NARROW_TILE_N = 32
+ONE_ROW_TILES = (TILE_N, NARROW_TILE_N)
+
+
+def one_row_batch_rows(tile_n: int = TILE_N) -> int:
+    """Packed rows of a warp's batch in the one-row kernel: 2 KiB of weights at either tile width."""
+    return 8 * TILE_N // tile_n
 # A launch whose grid fits in one wave lets the next kernel launch (PDL) at its start rather than
 # after its k loop: the early blocks then take no slot of its own (the C++ entry checks the wave).
 # Measured in the decode graph (H200, processes alternating): Qwen3-8B W4A16 bs1 in1024 (the
@@ -62,6 +69,7 @@ EARLY_DEPENDENTS = True
 # Workspace: fp32 partials of (tiles x splits x M x TILE_N) and one counter per tile.
 WORKSPACE_FLOATS = 1 << 21  # 8 MiB: gate_up's 384 tiles x 3 splits x 16 rows x 64 columns fit
 MAX_TILES = 8192  # counters (int32)
+MAX_NORM_TILES = 128  # a consumer reads at most this many producer tile sums (kNormLoadsPerLane x 32)
 
 
 def argument_problem(x, qweight, scales, zeros, group, bias, out, gated=False,
@@ -216,48 +224,69 @@ def plan_splits(m: int, n: int, k: int, sm_count: int) -> int:
 
 
 # plan_one_row's cost model: a 16-warp block of the one-row kernel pulls at most ~40 B/ns (its
-# cp.async copies in flight over the HBM latency), so a layer with few column tiles needs K splits
-# to reach the memory's rate where that rate is high, and each split costs ~_SPLIT_COST_NS.
-# Fitted to Qwen3-8B bs1 in the decode graph (processes alternating): on an H100 (3.35 TB/s) o_proj
-# unsplit and down_proj in 2 splits measured 2.320 / 2.324 ms against 2.341 / 2.347 with both in 2
-# and 2.373 / 2.376 with both unsplit (run T135); on an H200 (4.8 TB/s) 2 splits for both stayed
-# best (o_proj unsplit 1.973-1.984 against 1.962-1.978, T136; both unsplit ~5 % slower, T84).
+# cp.async copies in flight over the HBM latency), so a layer with few column tiles needs more
+# blocks to reach the memory's rate where that rate is high: narrow 32-column tiles (twice the
+# blocks, no cost of their own) or K splits (each split costs ~_SPLIT_COST_NS: partials, a fence,
+# a counter and the last block's reduction). Fitted to Qwen3-8B bs1 in the decode graph (processes
+# alternating) before narrow tiles existed: on an H100 (3.35 TB/s) o_proj unsplit and down_proj in
+# 2 splits measured 2.320 / 2.324 ms against 2.341 / 2.347 with both in 2 and 2.373 / 2.376 with both
+# unsplit (run T135); on an H200 (4.8 TB/s) 2 splits for both stayed best (o_proj unsplit
+# 1.973-1.984 against 1.962-1.978, T136; both unsplit ~5 % slower, T84).
 _ONE_ROW_BLOCK_BYTES_PER_NS = 40.0
 
 
-def plan_one_row(n: int, k: int, sm_count: int, hbm_bytes_per_ns: float = math.inf) -> Tuple[int, int]:
-    """(warps per block, K splits) of the one-row kernel for an [K/8, N] weight on a GPU of
-    ``sm_count`` SMs whose memory streams ``hbm_bytes_per_ns`` (inf: unknown, no cap).
+class OneRowPlan(NamedTuple):
+    """How the one-row kernel runs a layer: warps per block, K splits, columns per block."""
+
+    warps: int
+    splits: int
+    tile_n: int = TILE_N
+
+
+def plan_one_row(n: int, k: int, sm_count: int, hbm_bytes_per_ns: float = math.inf) -> OneRowPlan:
+    """The one-row kernel's plan (warps per block, K splits, tile columns) for an [K/8, N] weight on
+    a GPU of ``sm_count`` SMs whose memory streams ``hbm_bytes_per_ns`` (inf: unknown, no cap).
 
     A block of 16 warps takes an SM (~90 registers per thread: no second block fits), so layers
     with no more column tiles than SMs get 16-warp blocks; wider layers get 8-warp blocks (3 per
-    SM) and no split. A 16-warp launch splits K into the count, up to covering the SMs once, that
-    minimises weight bytes / min(blocks x per-block pull, memory rate) + a fixed cost when split
-    (the model above): on an H200 Qwen3-8B's o and down projections (64 tiles) split in 2, on an
-    H100 only down (o_proj's 64 blocks already pull the H100's rate), qkv (96 tiles) runs unsplit
-    and gate/up (384 tiles) in 8-warp blocks. A gated launch is planned as the plain launch of the
-    same weight (same blocks, same sum order).
+    SM) and no split. A 16-warp launch picks the tile width (64 columns, or 32 where the narrow
+    tiles still fit on the SMs and leave a deferred norm's consumer at most MAX_NORM_TILES tile
+    sums) and the K splits, up to covering the SMs once, that minimise weight bytes /
+    min(blocks x per-block pull, memory rate) + a fixed cost when split (the model above), the
+    wide tiles and then the fewest splits among equal costs. Qwen3-8B on an H100 or H200: qkv
+    (96 tiles) unsplit, o and down (64 tiles) in 128 narrow tiles unsplit, gate/up (384 tiles) in
+    8-warp blocks. A gated launch is planned as the plain launch of the same weight (same blocks,
+    same sum order), never narrow (a gated tile pairs a gate and an up subtile).
     """
     tiles = math.ceil(n / TILE_N)
-    batches = math.ceil(k / 8 / ONE_ROW_BATCH_ROWS)
     if tiles > sm_count:
-        return 8, 1
-    most = max(1, min(sm_count // tiles, batches))
-    while most > 1 and tiles * most * TILE_N > WORKSPACE_FLOATS:
-        most -= 1
+        return OneRowPlan(8, 1, TILE_N)
     weight_bytes = n * k / 2
-
-    def cost_ns(splits: int) -> float:
-        rate = min(tiles * splits * _ONE_ROW_BLOCK_BYTES_PER_NS, hbm_bytes_per_ns)
-        return weight_bytes / rate + (_SPLIT_COST_NS if splits > 1 else 0.0)
-
-    return 16, min(range(1, most + 1), key=cost_ns)  # the fewest splits among equal costs
+    candidates = []
+    for tile_n in ONE_ROW_TILES:
+        tiles = math.ceil(n / tile_n)
+        if tiles > sm_count or (tile_n != TILE_N and tiles > MAX_NORM_TILES):
+            continue
+        batches = math.ceil(k / 8 / one_row_batch_rows(tile_n))
+        most = max(1, min(sm_count // tiles, batches))
+        while most > 1 and tiles * most * tile_n > WORKSPACE_FLOATS:
+            most -= 1
+        for splits in range(1, most + 1):
+            rate = min(tiles * splits * _ONE_ROW_BLOCK_BYTES_PER_NS, hbm_bytes_per_ns)
+            cost = weight_bytes / rate + (_SPLIT_COST_NS if splits > 1 else 0.0)
+            candidates.append((cost, tile_n != TILE_N, splits, tile_n))
+    cost, _, splits, tile_n = min(candidates, key=lambda c: (round(c[0], 6), c[1], c[2]))
+    return OneRowPlan(16, splits, tile_n)
 
 
 @functools.lru_cache(maxsize=None)
 def sm_count_of(index: int) -> int:
     """The SM count of CUDA device ``index`` (cached: the plans ask on every launch)."""
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _device_index(t: torch.Tensor) -> int:
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -278,8 +307,8 @@ def hbm_bytes_per_ns(index: int) -> float:
 
 
 @functools.lru_cache(maxsize=4096)
-def _auto_one_row(n: int, k: int, device_index: int) -> Tuple[int, int]:
-    return plan_one_row(n, k, sm_count_of(device_index), hbm_bytes_per_ns(device_index))
+def _auto_one_row(n: int, k: int, device_index: int) -> OneRowPlan:
+    return OneRowPlan(*plan_one_row(n, k, sm_count_of(device_index), hbm_bytes_per_ns(device_index)))
 
 
 _workspaces: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
@@ -317,6 +346,7 @@ def w4a16_gemv(
     validate: bool = True,
     gated: bool = False,
     one_row_warps: Optional[int] = None,
+    one_row_tile_n: Optional[int] = None,
     early_weights: bool = True,
     early_dependents: bool = EARLY_DEPENDENTS,
     norm_out: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = None,
@@ -326,7 +356,8 @@ def w4a16_gemv(
     layout. ``out`` (contiguous [M, N]) is written in place when given. ``splits`` overrides the
     K split and ``prefetch`` (0..8) the register kernel's L2 prefetch distance in batches
     (benchmarks); ``one_row_warps`` picks the kernel of a one-row call (8 or 16: the one-row kernel
-    in blocks of that many warps; 0: the register kernel; None: ``plan_one_row``) and
+    in blocks of that many warps; 0: the register kernel; None: ``plan_one_row``), ``one_row_tile_n``
+    its columns per block (64, or 32 with 16 warps; None: the plan's, or 64 where the warps are forced) and
     ``early_weights`` whether the one-row kernel copies its first weights before waiting on the
     kernel before it (PDL), ``early_dependents`` whether a launch whose grid fits in one wave lets
     the kernel after it launch at its start (else after its k loop). ``validate=False`` skips the
@@ -345,6 +376,11 @@ def w4a16_gemv(
     if one_row_warps is not None and (isinstance(one_row_warps, bool) or not isinstance(one_row_warps, int)
                                       or one_row_warps not in (0, *ONE_ROW_WARPS)):
         raise ValueError(f"{_OP}: one_row_warps must be None, 0 or one of {ONE_ROW_WARPS}, got {one_row_warps!r}")
+    if one_row_tile_n is not None and (isinstance(one_row_tile_n, bool) or one_row_tile_n not in ONE_ROW_TILES):
+        raise ValueError(f"{_OP}: one_row_tile_n must be None or one of {ONE_ROW_TILES}, got {one_row_tile_n!r}")
+    if one_row_tile_n == NARROW_TILE_N and one_row_warps not in (None, 16):
+        raise ValueError(f"{_OP}: narrow tiles (one_row_tile_n={NARROW_TILE_N}) run in 16-warp blocks, "
+                         f"got one_row_warps={one_row_warps!r}")
     if validate:
         check_arguments(x, qweight, scales, zeros, group, bias, out, gated)
     m, k = x.shape
@@ -358,11 +394,18 @@ def w4a16_gemv(
                          f"one_row_warps={one_row_warps}")
     if out is None:
         out = torch.empty((m, n // 2 if gated else n), dtype=x.dtype, device=x.device)
-    device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    device_index = _device_index(x)
     if m == 1 and one_row_warps is None:
-        one_row_warps, planned = _auto_one_row(n, k, device_index)
-        splits = planned if splits is None else splits
+        plan = _auto_one_row(n, k, device_index)
+        one_row_warps = plan.warps
+        splits = plan.splits if splits is None else splits
+        one_row_tile_n = plan.tile_n if one_row_tile_n is None else one_row_tile_n
     one_row_warps = one_row_warps or 0
+    if one_row_tile_n is None or not one_row_warps:
+        one_row_tile_n = TILE_N
+    if norm_out is not None and norm_out[3].numel() != norm_tiles(n, one_row_tile_n):
+        raise ValueError(f"{_OP}: the deferred norm's producer writes {norm_tiles(n, one_row_tile_n)} tile sums "
+                         f"(tiles of {one_row_tile_n} columns), got room for {norm_out[3].numel()}")
     if splits is None:
         splits = _auto_splits(m, n, k, device_index)
     if n:
@@ -370,26 +413,24 @@ def w4a16_gemv(
         residual, norm_weight, residual_out, sumsq_out = norm_out if norm_out is not None else (None,) * 4
         sumsq, eps = norm_in if norm_in is not None else (None, 0.0)
         kernel[x.dtype, zeros is not None, bool(gated)](out, x, qweight, scales, zeros, bias, partials, counters,
-                                                        group, splits, prefetch, one_row_warps, bool(early_weights),
+                                                        group, splits, prefetch, one_row_warps, one_row_tile_n,
+                                                        bool(early_weights),
                                                         bool(early_dependents), use_pdl(x.device), residual,
                                                         norm_weight, residual_out, sumsq_out, sumsq, float(eps))
     return out
 
 
-MAX_NORM_TILES = 128  # a consumer reads at most this many producer tile sums (kNormLoadsPerLane x 32)
+def norm_tiles(n: int, tile_n: int = TILE_N) -> int:
+    """Tile sums of h^2 a deferred-norm producer of N outputs in tiles of ``tile_n`` columns writes."""
+    return math.ceil(n / tile_n)
 
 
-def norm_tiles(n: int) -> int:
-    """Tile sums of h^2 a deferred-norm producer of N outputs writes (one per 64-column tile)."""
-    return math.ceil(n / TILE_N)
-
-
-def norm_tile_sums(h: torch.Tensor) -> torch.Tensor:
-    """float32 sums of h^2 over each TILE_N-column tile of one row: what a producer hands on."""
+def norm_tile_sums(h: torch.Tensor, tile_n: int = TILE_N) -> torch.Tensor:
+    """float32 sums of h^2 over each ``tile_n``-column tile of one row: what a producer hands on."""
     n = h.shape[-1]
-    squares = torch.zeros(norm_tiles(n) * TILE_N, dtype=torch.float64, device=h.device)
+    squares = torch.zeros(norm_tiles(n, tile_n) * tile_n, dtype=torch.float64, device=h.device)
     squares[:n] = h.reshape(-1).double() ** 2
-    return squares.reshape(-1, TILE_N).sum(1).float()
+    return squares.reshape(-1, tile_n).sum(1).float()
 
 
 def _norm_problem(x: torch.Tensor, n: int, vectors: Dict[str, torch.Tensor]) -> Optional[str]:
@@ -423,7 +464,8 @@ def w4a16_gemv_add_norm(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The producer of a deferred RMSNorm, for one row x [1, K]: with out = x @ W (+ bias) rounded,
     returns (``norm_weight * h`` [1, N], h = out + residual [1, N], per-tile sums of h^2 float32
-    [norm_tiles(N)]), each product and sum rounded as the fused add + RMSNorm kernel rounds its h.
+    [norm_tiles(N, the plan's tile width)]), each product and sum rounded as the fused add + RMSNorm
+    kernel rounds its h.
     Hand the three to the next GEMV (``w4a16_gemv_normed``) instead of running the norm."""
     if validate:
         check_arguments(x, qweight, scales, zeros, group, bias)
@@ -432,8 +474,10 @@ def w4a16_gemv_add_norm(
     if problem is not None:
         raise ValueError(f"{_OP}: {problem}")
     residual_out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    sumsq = torch.empty(norm_tiles(n), dtype=torch.float32, device=x.device)
-    out = w4a16_gemv(x, qweight, scales, zeros, group, bias, validate=False,
+    plan = _auto_one_row(n, x.shape[1], _device_index(x))
+    sumsq = torch.empty(norm_tiles(n, plan.tile_n), dtype=torch.float32, device=x.device)
+    out = w4a16_gemv(x, qweight, scales, zeros, group, bias, validate=False, one_row_warps=plan.warps,
+                     one_row_tile_n=plan.tile_n, splits=plan.splits,
                      norm_out=(residual, norm_weight, residual_out, sumsq))
     return out, residual_out, sumsq
 

@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 import torch
 
 from mllm_kernel.cuda.jit.gemv_kernels import silu_mul_reference
-from mllm_kernel.cuda.jit.w4a16_gemv import norm_tile_sums
+from mllm_kernel.cuda.jit.w4a16_gemv import TILE_N, norm_tile_sums
 
 
 def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
@@ -75,12 +75,13 @@ def w4a16_gemv_add_norm_reference(
     residual: torch.Tensor,
     norm_weight: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
+    tile_n: int = TILE_N,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``w4a16_gemv_add_norm`` in PyTorch: (norm_weight * h, h, per-tile sums of h^2)."""
+    """``w4a16_gemv_add_norm`` in PyTorch: (norm_weight * h, h, sums of h^2 per ``tile_n``-column tile)."""
     out = w4a16_gemv_reference(x, qweight, scales, zeros, group, bias)
     h = (out.float() + residual.reshape(out.shape).float()).to(x.dtype)
     scaled = (norm_weight.reshape(h.shape).float() * h.float()).to(x.dtype)
-    return scaled, h, norm_tile_sums(h)
+    return scaled, h, norm_tile_sums(h, tile_n)
 
 
 def w4a16_gemv_normed_reference(

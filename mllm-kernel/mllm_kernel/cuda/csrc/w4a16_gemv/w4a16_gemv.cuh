@@ -47,11 +47,11 @@ void grant_shared_memory(const char* op, Kernel kernel, int bytes, int device, b
   grant_shared_memory(op, kernel, bytes, device, granted, [] {});
 }
 
-// The one-row kernel in blocks of kBlockWarps warps.
-template <typename T, bool kHasZero, bool kGated, int kBlockWarps, int kNorm>
+// The one-row kernel in blocks of kBlockWarps warps on tiles of kSub 32-column subtiles.
+template <typename T, bool kHasZero, bool kGated, int kBlockWarps, int kNorm, int kSub>
 void launch_one_row_instance(const Params& p, int n_tiles, cudaStream_t stream, bool pdl, int device) {
-  auto kernel = w4a16_gemv_one_row_kernel<T, kHasZero, kGated, kBlockWarps, kNorm>;
-  constexpr int bytes = one_row_ring_bytes(kBlockWarps);
+  auto kernel = w4a16_gemv_one_row_kernel<T, kHasZero, kGated, kBlockWarps, kNorm, kSub>;
+  constexpr int bytes = one_row_ring_bytes<kSub>(kBlockWarps);
   static bool granted[64] = {};
   grant_shared_memory("w4a16_gemv", kernel, bytes, device, granted);
   const dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(p.splits));
@@ -59,16 +59,16 @@ void launch_one_row_instance(const Params& p, int n_tiles, cudaStream_t stream, 
 }
 
 // The instance of a deferred-RMSNorm side (norm: 0 none, 1 producer, 2 consumer; no gated producer).
-template <typename T, bool kHasZero, bool kGated, int kBlockWarps>
+template <typename T, bool kHasZero, bool kGated, int kBlockWarps, int kSub>
 void launch_one_row(const Params& p, int n_tiles, cudaStream_t stream, bool pdl, int device, int norm) {
   if (norm == kNormConsume) {
-    launch_one_row_instance<T, kHasZero, kGated, kBlockWarps, kNormConsume>(p, n_tiles, stream, pdl, device);
+    launch_one_row_instance<T, kHasZero, kGated, kBlockWarps, kNormConsume, kSub>(p, n_tiles, stream, pdl, device);
   } else if (norm == kNormProduce) {
     if constexpr (!kGated) {
-      launch_one_row_instance<T, kHasZero, kGated, kBlockWarps, kNormProduce>(p, n_tiles, stream, pdl, device);
+      launch_one_row_instance<T, kHasZero, kGated, kBlockWarps, kNormProduce, kSub>(p, n_tiles, stream, pdl, device);
     }
   } else {
-    launch_one_row_instance<T, kHasZero, kGated, kBlockWarps, kNormNone>(p, n_tiles, stream, pdl, device);
+    launch_one_row_instance<T, kHasZero, kGated, kBlockWarps, kNormNone, kSub>(p, n_tiles, stream, pdl, device);
   }
 }
 
@@ -147,20 +147,22 @@ inline void set_operands(P& p, const TensorView& out, const TensorView& x, const
 // `prefetch` how many batches ahead each warp of the register kernel prefetches its weights into
 // L2 (0 disables); `one_row_warps` (8 or 16; M = 1 only) runs the one-row kernel of
 // w4a16_gemv_one_row.cuh in blocks of that many warps instead (0: the register kernel), and
-// `early_weights` lets it copy its first weights before the PDL wait; `early_dependents` lets the
+// `early_weights` lets it copy its first weights before the PDL wait, `one_row_tile_n` (64, or 32:
+// narrow tiles, 16-warp blocks only) sets its columns per block; `early_dependents` lets the
 // next kernel launch at the start of either kernel instead of after its k loop, where the grid fits
 // in one wave; `pdl`
 // launches it as a programmatic dependent of the kernel before it (SM90+; mllm_kernel.pdl).
 // kGated: the weight stacks gate and up projections ([K/8, 2H], bias [2H]) and out [M, H] is
 // silu(gate) * up, the SiLU-and-mul as the epilogue (see write_outputs); N must then be a multiple of 8.
 // Deferred RMSNorm (one-row kernel only, see Params): `norm_residual`, `norm_weight` and
-// `norm_residual_out` ([N] of x's dtype) with `norm_sumsq_out` (float32, one per 64-column tile)
+// `norm_residual_out` ([N] of x's dtype) with `norm_sumsq_out` (float32, one per column tile)
 // make a plain launch the norm's producer; `norm_sumsq` (a producer's float32 sums, at most 128)
 // with `norm_eps` makes a launch its consumer.
 template <typename T, bool kHasZero, bool kGated>
 void w4a16_gemv(TensorView out, TensorView x, TensorView qweight, TensorView scales, Optional<TensorView> zeros,
                 Optional<TensorView> bias, TensorView partials, TensorView counters, int64_t group, int64_t splits,
-                int64_t prefetch, int64_t one_row_warps, bool early_weights, bool early_dependents, bool pdl,
+                int64_t prefetch, int64_t one_row_warps, int64_t one_row_tile_n, bool early_weights,
+                bool early_dependents, bool pdl,
                 Optional<TensorView> norm_residual, Optional<TensorView> norm_weight,
                 Optional<TensorView> norm_residual_out, Optional<TensorView> norm_sumsq_out,
                 Optional<TensorView> norm_sumsq, double norm_eps) {
@@ -189,7 +191,11 @@ void w4a16_gemv(TensorView out, TensorView x, TensorView qweight, TensorView sca
   TVM_FFI_CHECK(prefetch >= 0 && prefetch <= 8, ValueError) << "w4a16_gemv: prefetch must be in 0..8";
   TVM_FFI_CHECK(one_row_warps == 0 || ((one_row_warps == 8 || one_row_warps == 16) && m == 1), ValueError)
       << "w4a16_gemv: one_row_warps must be 0, or 8 or 16 for one activation row";
-  const int n_tiles = static_cast<int>(kGated ? ceil_div(n / 2, kTileN / 2) : ceil_div(n, kTileN));
+  const bool narrow = one_row_tile_n == 32;
+  TVM_FFI_CHECK(one_row_tile_n == kTileN || (narrow && one_row_warps == 16), ValueError)
+      << "w4a16_gemv: one_row_tile_n must be " << kTileN << ", or 32 for 16-warp one-row blocks";
+  const int tile_n = narrow ? 32 : kTileN;
+  const int n_tiles = static_cast<int>(kGated ? ceil_div(n / 2, tile_n / 2) : ceil_div(n, tile_n));
   const bool norm_out = norm_weight.has_value();
   TVM_FFI_CHECK(norm_out == norm_residual.has_value() && norm_out == norm_residual_out.has_value() &&
                     norm_out == norm_sumsq_out.has_value(), ValueError)
@@ -222,7 +228,7 @@ void w4a16_gemv(TensorView out, TensorView x, TensorView qweight, TensorView sca
   const int rows = static_cast<int>(k / 8);
   // Rows per batch (and steps per fold window at most): the one-row kernel's stage, or the
   // register kernel's batch.
-  const int batch_rows = one_row_warps != 0 ? kOneRowRows : kBatchRows;
+  const int batch_rows = one_row_warps == 0 ? kBatchRows : narrow ? OneRowStage<1>::kRows : OneRowStage<2>::kRows;
   const int batch_steps = batch_rows / 4;
   const int total_batches = static_cast<int>(ceil_div(rows, batch_rows));
   // At most one split per batch, and gridDim.y <= 65535.
@@ -230,7 +236,7 @@ void w4a16_gemv(TensorView out, TensorView x, TensorView qweight, TensorView sca
   const int used_splits = static_cast<int>(ceil_div(total_batches, chunk));
   const int64_t slots = n_tiles * row_chunks(m);  // (tile, row chunk) pairs
   if (used_splits > 1) {
-    TVM_FFI_CHECK(slots <= counters.numel() && slots * used_splits * partial_rows(m) * kTileN <= partials.numel(),
+    TVM_FFI_CHECK(slots <= counters.numel() && slots * used_splits * partial_rows(m) * tile_n <= partials.numel(),
                   ValueError)
         << "w4a16_gemv: the workspace is too small for " << used_splits << " splits of " << slots
         << " tiles x row chunks";
@@ -284,9 +290,11 @@ void w4a16_gemv(TensorView out, TensorView x, TensorView qweight, TensorView sca
   p.early_dependents = early_dependents && blocks <= static_cast<int64_t>(sms) * per_sm ? 1 : 0;
   const int norm = norm_out ? kNormProduce : norm_in ? kNormConsume : kNormNone;
   if (one_row_warps == 8) {
-    launch_one_row<T, kHasZero, kGated, 8>(p, n_tiles, stream, pdl, x.device().device_id, norm);
+    launch_one_row<T, kHasZero, kGated, 8, 2>(p, n_tiles, stream, pdl, x.device().device_id, norm);
+  } else if (one_row_warps == 16 && narrow) {
+    launch_one_row<T, kHasZero, kGated, 16, 1>(p, n_tiles, stream, pdl, x.device().device_id, norm);
   } else if (one_row_warps == 16) {
-    launch_one_row<T, kHasZero, kGated, 16>(p, n_tiles, stream, pdl, x.device().device_id, norm);
+    launch_one_row<T, kHasZero, kGated, 16, 2>(p, n_tiles, stream, pdl, x.device().device_id, norm);
   } else {
     launch_rows<T, kHasZero, kGated>(static_cast<int>(m), p, n_tiles, stream, pdl,
                                      std::make_integer_sequence<int, kNarrowMaxM>{});

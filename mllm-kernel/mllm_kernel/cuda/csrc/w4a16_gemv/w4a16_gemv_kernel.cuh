@@ -58,7 +58,6 @@ constexpr int kMaxRows = 64;             // rows per launch
 constexpr int kNarrowMaxM = 8;           // rows per MMA group (the B operand's 8 columns)
 constexpr int kMinBlocksPerSm = 4;       // caps registers at 128 (no spills) so 16 warps fit on an SM
 constexpr int kHeavyMinBlocksPerSm = 3;  // 168 registers: the wide instance (a second row group), the rolling one
-constexpr int kRedStride = kTileN + 4;    // padded shared row: t-strided float2 stores spread banks
 
 struct Params {
   const uint32_t* qweight;
@@ -147,13 +146,14 @@ __device__ __forceinline__ void block_sum_store(float v, float* dst) {
 // output is the pre-norm block's next input instead, h = T(T(v) + residual) as the fused add +
 // RMSNorm kernel rounds it, out = T(norm_weight * h), plus the tile's sum of h^2 (see Params);
 // `norm_row` holds this thread's (residual, norm weight), loaded by the kernel long before.
-template <typename T, bool kGated, int kBlockThreads = kThreads, int kNorm = kNormNone, typename Value>
+template <typename T, bool kGated, int kBlockThreads = kThreads, int kNorm = kNormNone, int kTile = kTileN,
+          typename Value>
 __device__ __forceinline__ void write_outputs(const Params& p, int tile, int row0, int m_rows, float scale,
                                               float2 norm_row, Value value) {
   static_assert(!(kGated && kNorm == kNormProduce), "a gated launch cannot produce a deferred RMSNorm");
-  static_assert(kNorm != kNormProduce || kBlockThreads >= kTileN, "a producer's thread owns one output");
+  static_assert(kNorm != kNormProduce || kBlockThreads >= kTile, "a producer's thread owns one output");
   using Tr = Traits<T>;
-  constexpr int kCols = kGated ? kTileN / 2 : kTileN;
+  constexpr int kCols = kGated ? kTile / 2 : kTile;
   const int n_out = kGated ? p.n / 2 : p.n;
   float sumsq = 0.f;
   for (int idx = threadIdx.x; idx < m_rows * kCols; idx += kBlockThreads) {
@@ -181,11 +181,12 @@ __device__ __forceinline__ void write_outputs(const Params& p, int tile, int row
 }
 
 // One 4-row step's products: lane (g, t) holds the words of columns 4g..4g+3 of packed row t for
-// each subtile (w) and activation row 8q + g's 8 activations of that row (x). `first` starts a
-// fold window (the sums start from zero). Shared by the register kernel and the one-row kernel.
-template <typename T, int kGroups, bool kXsum>
-__device__ __forceinline__ void step_products(const uint4 (&w)[kSubtiles], const uint4 (&x)[kGroups], bool first,
-                                              uint32_t magic, uint32_t ones, float (&part)[kGroups][kSubtiles][2][4],
+// each of kSub subtiles (w) and activation row 8q + g's 8 activations of that row (x). `first`
+// starts a fold window (the sums start from zero). Shared by the register kernel and the one-row
+// kernel (whose narrow tiles have one subtile).
+template <typename T, int kGroups, bool kXsum, int kSub>
+__device__ __forceinline__ void step_products(const uint4 (&w)[kSub], const uint4 (&x)[kGroups], bool first,
+                                              uint32_t magic, uint32_t ones, float (&part)[kGroups][kSub][2][4],
                                               float (&xsum)[kGroups][4]) {
   using Tr = Traits<T>;
   const float kZero[4] = {0.f, 0.f, 0.f, 0.f};
@@ -199,7 +200,7 @@ __device__ __forceinline__ void step_products(const uint4 (&w)[kSubtiles], const
     bq[q][3] = __byte_perm(x[q].y, x[q].w, 0x7632);  // k + 3, k + 7
   }
 #pragma unroll
-  for (int u = 0; u < kSubtiles; ++u) {
+  for (int u = 0; u < kSub; ++u) {
     uint32_t pr[4][4];  // [word c = column 4g + c][pair i = nibbles (i, i + 4)]
 #pragma unroll
     for (int c = 0; c < 4; ++c) Tr::unpack(word(w[u], c), magic, pr[c]);
@@ -229,12 +230,12 @@ __device__ __forceinline__ void step_products(const uint4 (&w)[kSubtiles], const
 // offset = the unpack's bias (+ the zero point). `reset` zeroes the window's sums when the next
 // window starts inside the same batch (G < 32 x steps per batch). kEvenRowsOnly: one activation
 // row, so the accumulators of the odd MMA columns (rows 2t + 1) are never written.
-template <typename T, int kGroups, bool kHasZero, bool kXsum, bool kEvenRowsOnly = false>
-__device__ __forceinline__ void fold_window(const uint2 (&scale)[kSubtiles], const uint2 (&zero)[kSubtiles], bool reset,
-                                            float (&part)[kGroups][kSubtiles][2][4], float (&xsum)[kGroups][4],
-                                            float (&acc)[kGroups][kSubtiles][2][4]) {
+template <typename T, int kGroups, bool kHasZero, bool kXsum, bool kEvenRowsOnly = false, int kSub = kSubtiles>
+__device__ __forceinline__ void fold_window(const uint2 (&scale)[kSub], const uint2 (&zero)[kSub], bool reset,
+                                            float (&part)[kGroups][kSub][2][4], float (&xsum)[kGroups][4],
+                                            float (&acc)[kGroups][kSub][2][4]) {
 #pragma unroll
-  for (int u = 0; u < kSubtiles; ++u) {
+  for (int u = 0; u < kSub; ++u) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
 #pragma unroll
@@ -267,23 +268,28 @@ __device__ __forceinline__ void fold_window(const uint2 (&scale)[kSubtiles], con
 // (one split) or publish this split's partials, the last block of the tile adding them in split
 // order (deterministic) and resetting the tile's counter for the next launch.
 // kNormConsume: *shared_scale (written before this function's first barrier) scales the outputs;
-// kNormProduce: norm_row is write_outputs'.
-template <typename T, int M, bool kGated, int kGroups, int kBlockWarps = kWarps, int kNorm = kNormNone>
-__device__ __forceinline__ void reduce_and_write(const Params& p, const float (&acc)[kGroups][kSubtiles][2][4],
+// kNormProduce: norm_row is write_outputs'. kSub: 32-column subtiles per tile (the one-row kernel's
+// narrow tiles have one).
+template <typename T, int M, bool kGated, int kGroups, int kBlockWarps = kWarps, int kNorm = kNormNone,
+          int kSub = kSubtiles>
+__device__ __forceinline__ void reduce_and_write(const Params& p, const float (&acc)[kGroups][kSub][2][4],
                                                  int slot, int tile, int split, int row0, int m_rows,
                                                  const float* shared_scale = nullptr, float2 norm_row = {}) {
+  constexpr int kTile = 32 * kSub;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int g = lane >> 2;
   const int t = lane & 3;
   constexpr int kBlockThreads = 32 * kBlockWarps;
-  __shared__ __align__(16) float red[kBlockWarps][M][kRedStride];  // float2 stores need 8-byte alignment
+  // Rows padded by 4 floats, so the t-strided float2 stores spread over the banks; float2 stores
+  // need 8-byte alignment.
+  __shared__ __align__(16) float red[kBlockWarps][M][kTile + 4];
   __shared__ bool last_block;
 #pragma unroll
   for (int q = 0; q < kGroups; ++q) {
     const int row = 8 * q + 2 * t;
 #pragma unroll
-    for (int u = 0; u < kSubtiles; ++u) {
+    for (int u = 0; u < kSub; ++u) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int nl = 32 * u + 4 * g + 2 * h;
@@ -307,12 +313,12 @@ __device__ __forceinline__ void reduce_and_write(const Params& p, const float (&
   float scale = 1.f;
   if constexpr (kNorm == kNormConsume) scale = *shared_scale;
   if (p.splits == 1) {
-    write_outputs<T, kGated, kBlockThreads, kNorm>(p, tile, row0, m_rows, scale, norm_row, block_sum);
+    write_outputs<T, kGated, kBlockThreads, kNorm, kTile>(p, tile, row0, m_rows, scale, norm_row, block_sum);
     return;
   }
-  float* tile_partials = p.partials + static_cast<int64_t>(slot) * p.splits * M * kTileN;
-  for (int idx = threadIdx.x; idx < m_rows * kTileN; idx += kBlockThreads) {
-    tile_partials[split * M * kTileN + idx] = block_sum(idx / kTileN, idx % kTileN);
+  float* tile_partials = p.partials + static_cast<int64_t>(slot) * p.splits * M * kTile;
+  for (int idx = threadIdx.x; idx < m_rows * kTile; idx += kBlockThreads) {
+    tile_partials[split * M * kTile + idx] = block_sum(idx / kTile, idx % kTile);
   }
 
   // Publish the partials (each thread fences its own stores), then count this block in.
@@ -323,10 +329,10 @@ __device__ __forceinline__ void reduce_and_write(const Params& p, const float (&
   if (!last_block) return;
   __threadfence();  // order the reads below after the other blocks' published stores
   // .cg loads go to L2, where the other SMs' stores are; in split order, so results are deterministic.
-  write_outputs<T, kGated, kBlockThreads, kNorm>(p, tile, row0, m_rows, scale, norm_row, [&](int m, int nl) {
+  write_outputs<T, kGated, kBlockThreads, kNorm, kTile>(p, tile, row0, m_rows, scale, norm_row, [&](int m, int nl) {
     float v = 0.f;
 #pragma unroll 4
-    for (int s = 0; s < p.splits; ++s) v += __ldcg(tile_partials + s * M * kTileN + m * kTileN + nl);
+    for (int s = 0; s < p.splits; ++s) v += __ldcg(tile_partials + s * M * kTile + m * kTile + nl);
     return v;
   });
   if (threadIdx.x == 0) p.counters[slot] = 0u;  // every other block of the tile has counted: reset for the next launch

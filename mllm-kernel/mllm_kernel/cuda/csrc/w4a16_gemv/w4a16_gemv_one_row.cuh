@@ -23,6 +23,11 @@
 // cold weights, best split each): qkv 6.3 against 8.4 us, o 5.6 against 6.3, gated gate/up 17.2
 // against 18.2, down 10.3 against 11.7; the four chained 39.3 against 44.2 us. At 2..8 rows it was
 // slower than the register kernel (T72-T74), so only one-row launches take it.
+//
+// Tiles are 64 columns (two 32-column subtiles per warp), or 32 (narrow: one subtile, a batch of 4
+// steps instead of 2, so a warp still copies 2 KiB at a time). A layer of few column tiles (N = 4096
+// on 132 SMs: 64 blocks) needs more blocks than tiles to reach the memory's rate; narrow tiles give
+// it twice the blocks without the split-K round trip (partials, fence, counter, last block's sum).
 #pragma once
 
 #include "w4a16_gemv_kernel.cuh"
@@ -30,19 +35,28 @@
 namespace mllm_kernel {
 namespace w4a16_gemv_detail {
 
-constexpr int kOneRowSteps = 2;   // 4-row steps per batch (one stage): 2 KiB of weights per warp
 // Stages per warp: one batch computed, one in flight (T69-T74: deeper rings were no faster).
 constexpr int kOneRowStages = 2;
-constexpr int kOneRowRows = 4 * kOneRowSteps;  // packed rows per batch (mirrored in Python)
 
-// One warp's stage: weights [steps][kSubtiles][32 swizzled slots] x 16 bytes, activations
-// [steps][4 packed rows] x 16, then per step the scales and zero points of the group it starts
-// (when it starts a fold window): [scale, zero][kSubtiles][8 column quads] x 8.
-constexpr int kOneRowXOffset = kOneRowSteps * kSubtiles * 32 * 16;
-constexpr int kOneRowMetaOffset = kOneRowXOffset + kOneRowSteps * 4 * 16;
-constexpr int kOneRowStageBytes = kOneRowMetaOffset + kOneRowSteps * 2 * kSubtiles * 8 * 8;
+// The stage of a tile of kSub 32-column subtiles: 64-column tiles (kSub 2) take 2 4-row steps per
+// batch, narrow 32-column tiles (kSub 1, twice the blocks of a layer) 4, so a warp's batch is 2 KiB
+// of weights either way. One warp's stage: weights [steps][kSub][32 swizzled slots] x 16 bytes,
+// activations [steps][4 packed rows] x 16, then per step the scales and zero points of the group
+// it starts (when it starts a fold window): [scale, zero][kSub][8 column quads] x 8.
+template <int kSub>
+struct OneRowStage {
+  static_assert(kSub == 1 || kSub == 2, "tiles of one or two 32-column subtiles");
+  static constexpr int kTile = 32 * kSub;             // columns per block
+  static constexpr int kSteps = 4 / kSub;             // 4-row steps per batch
+  static constexpr int kRows = 4 * kSteps;            // packed rows per batch (mirrored in Python)
+  static constexpr int kMetaStepBytes = 2 * kSub * 64;
+  static constexpr int kXOffset = kSteps * kSub * 32 * 16;
+  static constexpr int kMetaOffset = kXOffset + kSteps * 4 * 16;
+  static constexpr int kBytes = kMetaOffset + kSteps * kMetaStepBytes;
+};
 // Dynamic shared memory of a block of `warps` warps (the host's launch and opt-in).
-constexpr int one_row_ring_bytes(int warps) { return warps * kOneRowStages * kOneRowStageBytes; }
+template <int kSub>
+constexpr int one_row_ring_bytes(int warps) { return warps * kOneRowStages * OneRowStage<kSub>::kBytes; }
 
 __device__ __forceinline__ uint32_t shared_address(const void* ptr) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
@@ -94,22 +108,33 @@ __device__ __forceinline__ uint2 shared_load_8(uint32_t addr) {
 }
 
 // Column of quad c (columns 4c..4c+3 of the subtile) of subtile u in this tile, clamped as the
-// register kernel clamps it (a gated tile's subtile 1 is the matching up columns).
-template <bool kGated>
+// register kernel clamps it. A gated tile's second half is the up columns matching its first
+// half's gate columns: subtile 1 of a 64-column tile, quads 4..7 of a narrow one.
+template <bool kGated, int kTile>
 __device__ __forceinline__ uint32_t quad_column(const Params& p, int tile, int u, int c) {
-  if constexpr (kGated) return u * (p.n / 2) + min(32 * tile + 4 * c, p.n / 2 - 4);
-  return min(tile * kTileN + 32 * u + 4 * c, p.n - 4);
+  if constexpr (kGated) {
+    const int half = kTile == 64 ? u : c >> 2;
+    const int quad = kTile == 64 ? c : c & 3;
+    return half * (p.n / 2) + min(kTile / 2 * tile + 4 * quad, p.n / 2 - 4);
+  }
+  return min(tile * kTile + 32 * u + 4 * c, p.n - 4);
 }
 
 // At most 80 registers per thread: 3 blocks of 8 warps (Qwen3-8B's gate/up grid in one wave) or
 // 1 of 16 per SM (the host also reads this to tell a one-wave grid).
 constexpr int one_row_blocks_per_sm(int block_warps) { return block_warps == 8 ? 3 : 1; }
 
-// kNorm: a deferred RMSNorm's producer or consumer instance (kNormProduce / kNormConsume, see Params).
-template <typename T, bool kHasZero, bool kGated, int kBlockWarps, int kNorm>
+// kNorm: a deferred RMSNorm's producer or consumer instance (kNormProduce / kNormConsume, see
+// Params). kSub: 32-column subtiles per tile (OneRowStage).
+template <typename T, bool kHasZero, bool kGated, int kBlockWarps, int kNorm, int kSub = kSubtiles>
 __global__ void __launch_bounds__(32 * kBlockWarps, one_row_blocks_per_sm(kBlockWarps))
     w4a16_gemv_one_row_kernel(const Params p) {
   using Tr = Traits<T>;
+  using Stage = OneRowStage<kSub>;
+  constexpr int kTile = Stage::kTile;
+  constexpr int kOneRowSteps = Stage::kSteps;
+  constexpr int kOneRowRows = Stage::kRows;
+  constexpr int kOneRowStageBytes = Stage::kBytes;
   constexpr bool kXsum = kHasZero || Tr::kBias != 0.f;
   extern __shared__ __align__(16) uint8_t ring[];
 
@@ -126,25 +151,26 @@ __global__ void __launch_bounds__(32 * kBlockWarps, one_row_blocks_per_sm(kBlock
   const uint32_t ring_end = ring_base + kOneRowStages * kOneRowStageBytes;
 
   // Copy roles. Weights: row cr = lane / 8 of each step, quad cc = lane % 8 of each subtile, into
-  // the swizzled slot. Scales (lanes 0..15) and zero points (16..31): subtile (lane / 8) % 2, quad
-  // lane % 8. Activations: lanes 0..3 copy the 16 bytes of packed row t of each step.
+  // the swizzled slot. Scales (lanes 0..8 kSub - 1) and zero points (the next 8 kSub): subtile
+  // (lane / 8) % kSub, quad lane % 8. Activations: lanes 0..3 copy the 16 bytes of packed row t of
+  // each step.
   const int cr = lane >> 3;
   const int cc = lane & 7;
   // Opaque copies (pinned): left to itself the compiler re-derives these from the thread index and
   // the kernel arguments inside every batch's copy block (T77: 3 % fewer instructions with them).
   const uint32_t w_dst = pinned_u32((cr * 8 + (cc ^ (2 * cr))) * 16);
-  const uint32_t x_dst = pinned_u32(kOneRowXOffset + t * 16);
-  const uint32_t meta_dst = pinned_u32(kOneRowMetaOffset + lane * 8);
-  const bool copies_meta = lane < (kHasZero ? 32 : 16);
+  const uint32_t x_dst = pinned_u32(Stage::kXOffset + t * 16);
+  const uint32_t meta_dst = pinned_u32(Stage::kMetaOffset + lane * 8);
+  const bool copies_meta = lane < (kHasZero ? 16 : 8) * kSub;
   const bool copies_x = g == 0;
   const int64_t n = p.n;
-  const uint32_t* wsrc[kSubtiles];
+  const uint32_t* wsrc[kSub];
 #pragma unroll
-  for (int u = 0; u < kSubtiles; ++u) {
-    wsrc[u] = p.qweight + quad_column<kGated>(p, tile, u, cc) + (first_batch * kOneRowRows + cr) * n;
+  for (int u = 0; u < kSub; ++u) {
+    wsrc[u] = p.qweight + quad_column<kGated, kTile>(p, tile, u, cc) + (first_batch * kOneRowRows + cr) * n;
   }
-  const uint16_t* msrc =
-      pinned((lane < 16 || !kHasZero ? p.scales : p.zeros) + quad_column<kGated>(p, tile, (lane >> 3) & 1, cc));
+  const uint16_t* msrc = pinned((lane < 8 * kSub || !kHasZero ? p.scales : p.zeros) +
+                                quad_column<kGated, kTile>(p, tile, (lane >> 3) & (kSub - 1), cc));
   const uint16_t* xsrc = p.x + 8 * (first_batch * kOneRowRows + t);
   const int64_t w_advance = int64_t{kBlockWarps} * kOneRowRows * n;  // words from one of the warp's batches to its next
   constexpr int kXAdvance = kBlockWarps * kOneRowRows * 8;
@@ -160,15 +186,16 @@ __global__ void __launch_bounds__(32 * kBlockWarps, one_row_blocks_per_sm(kBlock
     for (int s = 0; s < kOneRowSteps; ++s) {
       const int row0 = b * kOneRowRows + 4 * s;  // the step's first packed row
 #pragma unroll
-      for (int u = 0; u < kSubtiles; ++u) {
-        copy_async_16_cg(dst + (s * kSubtiles + u) * 512 + w_dst, wsrc[u] + 4 * s * n, row0 + cr < rows);
+      for (int u = 0; u < kSub; ++u) {
+        copy_async_16_cg(dst + (s * kSub + u) * 512 + w_dst, wsrc[u] + 4 * s * n, row0 + cr < rows);
       }
       if ((s & fold_mask) == 0 && copies_meta) {
-        copy_async_8(dst + s * 256 + meta_dst, msrc + (min(row0, rows - 1) >> group_shift) * n, row0 < rows);
+        copy_async_8(dst + s * Stage::kMetaStepBytes + meta_dst, msrc + (min(row0, rows - 1) >> group_shift) * n,
+                     row0 < rows);
       }
     }
 #pragma unroll
-    for (int u = 0; u < kSubtiles; ++u) wsrc[u] += w_advance;
+    for (int u = 0; u < kSub; ++u) wsrc[u] += w_advance;
   };
   auto copy_x = [&](int b, uint32_t dst) {
     if (b >= batch_end) return;
@@ -199,8 +226,8 @@ __global__ void __launch_bounds__(32 * kBlockWarps, one_row_blocks_per_sm(kBlock
   // weight now and its residual right after the wait, so the epilogue waits on neither (every
   // block loads them: which one ends its tile is known only then).
   float2 norm_row = {};
-  const int norm_n = tile * kTileN + threadIdx.x;
-  const bool owns_output = kNorm == kNormProduce && threadIdx.x < kTileN && norm_n < p.n;
+  const int norm_n = tile * kTile + threadIdx.x;
+  const bool owns_output = kNorm == kNormProduce && threadIdx.x < kTile && norm_n < p.n;
   if (owns_output) norm_row.y = global_load_element<T, true>(p.norm_weight + norm_n);
   pdl_wait();
   if (owns_output) norm_row.x = global_load_element<T, false>(p.norm_residual + norm_n);
@@ -224,14 +251,14 @@ __global__ void __launch_bounds__(32 * kBlockWarps, one_row_blocks_per_sm(kBlock
 
   const uint32_t magic = pinned_u32(Tr::kMagic);
   const uint32_t ones = pinned_u32(Tr::kOnes);
-  float acc[1][kSubtiles][2][4] = {};
-  float part[1][kSubtiles][2][4];
+  float acc[1][kSub][2][4] = {};
+  float part[1][kSub][2][4];
   float xsum[1][4];
-  uint2 cur_scale[kSubtiles];
-  uint2 cur_zero[kSubtiles];
+  uint2 cur_scale[kSub];
+  uint2 cur_zero[kSub];
   const uint32_t w_src_slot = (t * 8 + (g ^ (2 * t))) * 16;  // MMA lane (g, t): row t, quad g
-  const uint32_t x_src_slot = kOneRowXOffset + t * 16;
-  const uint32_t meta_src_slot = kOneRowMetaOffset + g * 8;
+  const uint32_t x_src_slot = Stage::kXOffset + t * 16;
+  const uint32_t meta_src_slot = Stage::kMetaOffset + g * 8;
 
   uint32_t stage = ring_base;                                              // the batch computed now
   uint32_t refill = ring_base + (kOneRowStages - 1) * kOneRowStageBytes;    // the stage computed last
@@ -246,14 +273,15 @@ __global__ void __launch_bounds__(32 * kBlockWarps, one_row_blocks_per_sm(kBlock
     for (int s = 0; s < kOneRowSteps; ++s) {
       if ((s & fold_mask) == 0) {
 #pragma unroll
-        for (int u = 0; u < kSubtiles; ++u) {
-          cur_scale[u] = shared_load_8(stage + s * 256 + meta_src_slot + u * 64);
-          if constexpr (kHasZero) cur_zero[u] = shared_load_8(stage + s * 256 + meta_src_slot + 128 + u * 64);
+        for (int u = 0; u < kSub; ++u) {
+          const uint32_t meta = stage + s * Stage::kMetaStepBytes + meta_src_slot + u * 64;
+          cur_scale[u] = shared_load_8(meta);
+          if constexpr (kHasZero) cur_zero[u] = shared_load_8(meta + kSub * 64);
         }
       }
-      uint4 wv[kSubtiles];
+      uint4 wv[kSub];
 #pragma unroll
-      for (int u = 0; u < kSubtiles; ++u) wv[u] = shared_load_16(stage + (s * kSubtiles + u) * 512 + w_src_slot);
+      for (int u = 0; u < kSub; ++u) wv[u] = shared_load_16(stage + (s * kSub + u) * 512 + w_src_slot);
       const uint4 xv[1] = {shared_load_16(stage + s * 64 + x_src_slot)};
       // Every lane's B column is activation row 0: MMA columns 1..7 repeat it and are never read.
       step_products<T, 1, kXsum>(wv, xv, s == 0, magic, ones, part, xsum);
@@ -276,7 +304,7 @@ __global__ void __launch_bounds__(32 * kBlockWarps, one_row_blocks_per_sm(kBlock
     for (int offset = 16; offset > 0; offset >>= 1) sumsq += __shfl_xor_sync(0xFFFFFFFFu, sumsq, offset);
     if (lane == 0) norm_scale = rsqrtf(fmaf(sumsq, p.norm_inv_k, p.norm_eps));
   }
-  reduce_and_write<T, 1, kGated, 1, kBlockWarps, kNorm>(p, acc, tile, tile, split, 0, 1, &norm_scale, norm_row);
+  reduce_and_write<T, 1, kGated, 1, kBlockWarps, kNorm, kSub>(p, acc, tile, tile, split, 0, 1, &norm_scale, norm_row);
 }
 
 }  // namespace w4a16_gemv_detail
