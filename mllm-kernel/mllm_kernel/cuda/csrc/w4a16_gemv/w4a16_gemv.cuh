@@ -265,6 +265,10 @@ void w4a16_gemv(TensorView out, TensorView x, TensorView qweight, TensorView sca
   p.chunk_batches = chunk;
   p.prefetch = static_cast<int>(prefetch);
   p.early_weights = early_weights ? 1 : 0;
+  p.uniform = one_row_warps != 0 && rows % batch_rows == 0 &&
+                      (group == k || (group_rows >= batch_rows && group_rows <= one_row_warps * batch_rows))
+                  ? 1
+                  : 0;
   p.splits = used_splits;
   if (norm_out) {
     p.norm_residual = reinterpret_cast<const uint16_t*>(byte_ptr(norm_residual.value()));

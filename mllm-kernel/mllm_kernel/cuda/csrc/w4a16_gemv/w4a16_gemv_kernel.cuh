@@ -80,6 +80,10 @@ struct Params {
   int prefetch;       // batches ahead whose weights each warp asks L2 for (0: none; register kernel)
   int early_weights;  // one-row kernel: copy the first batch's weights before the PDL wait
   int early_dependents;  // let the next kernel launch at the start, not after the k loop (one-wave grids)
+  // One-row kernel: every batch is full and holds one fold window, and the group rows advance by a
+  // constant per batch of a warp (groups of the batch's rows up to a block's, or one group), so the
+  // copies need no bounds and the scale rows run on by a constant.
+  int uniform;
   // Deferred RMSNorm (one-row kernel instances of kNormProduce / kNormConsume only). Producer:
   // h = T(T(out) + residual) goes to norm_residual_out, out = T(norm_weight * h), and each column
   // tile's sum of h^2 to norm_sumsq_out[tile].
