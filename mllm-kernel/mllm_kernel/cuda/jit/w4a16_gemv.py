@@ -231,7 +231,9 @@ def plan_splits(m: int, n: int, k: int, sm_count: int) -> int:
 # alternating) before narrow tiles existed: on an H100 (3.35 TB/s) o_proj unsplit and down_proj in
 # 2 splits measured 2.320 / 2.324 ms against 2.341 / 2.347 with both in 2 and 2.373 / 2.376 with both
 # unsplit (run T135); on an H200 (4.8 TB/s) 2 splits for both stayed best (o_proj unsplit
-# 1.973-1.984 against 1.962-1.978, T136; both unsplit ~5 % slower, T84).
+# 1.973-1.984 against 1.962-1.978, T136; both unsplit ~5 % slower, T84). Narrow tiles for o and
+# down against those plans (runs T237 / T240, the old plans forced): the step 3.3 % faster on an
+# H100 (2.187-2.197 against 2.259-2.267 ms) and 3.4 % on an H200 (1.849 against 1.911-1.915).
 _ONE_ROW_BLOCK_BYTES_PER_NS = 40.0
 
 
