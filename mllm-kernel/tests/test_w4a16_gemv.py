@@ -484,8 +484,8 @@ def test_output_and_splits_errors():
     for tile_n in (16, 128, True, 32.5):
         with pytest.raises(ValueError, match=r"one_row_tile_n must be None or one of \(64, 32\)"):
             w4a16_gemv(**args, one_row_tile_n=tile_n)
-    for warps in (0, 8):
-        with pytest.raises(ValueError, match="narrow tiles .* run in 16-warp blocks"):
+    for warps in (0, 8, None):  # None: M = 2 runs the register kernel
+        with pytest.raises(ValueError, match="narrow tiles .* run in 16-warp one-row blocks"):
             w4a16_gemv(**args, one_row_warps=warps, one_row_tile_n=32)
 
 

@@ -51,7 +51,7 @@ HEAVY_BLOCKS_PER_SM = 3  # __launch_bounds__ minimum of the wide and the rolling
 # Batches ahead each warp prefetches into L2 (kernel argument, so benchmarks can compare).
 PREFETCH_BATCHES = 1
 # The one-row kernel (w4a16_gemv_one_row.cuh): block sizes in warps, columns per block (narrow
-# 32-column tiles: 16-warp blocks of plain launches only) and packed rows per warp batch of each.
+# 32-column tiles: 16-warp blocks only) and packed rows per warp batch of each.
 ONE_ROW_WARPS = (8, 16)
 NARROW_TILE_N = 32
 ONE_ROW_TILES = (TILE_N, NARROW_TILE_N)
@@ -258,7 +258,7 @@ def plan_one_row(n: int, k: int, sm_count: int, hbm_bytes_per_ns: float = math.i
     wide tiles and then the fewest splits among equal costs. Qwen3-8B on an H100 or H200: qkv
     (96 tiles) unsplit, o and down (64 tiles) in 128 narrow tiles unsplit, gate/up (384 tiles) in
     8-warp blocks. A gated launch is planned as the plain launch of the same weight (same blocks,
-    same sum order), never narrow (a gated tile pairs a gate and an up subtile).
+    same sum order; a narrow gated tile holds 16 gate and the matching 16 up columns).
     """
     tiles = math.ceil(n / TILE_N)
     if tiles > sm_count:
@@ -311,6 +311,11 @@ def hbm_bytes_per_ns(index: int) -> float:
 @functools.lru_cache(maxsize=4096)
 def _auto_one_row(n: int, k: int, device_index: int) -> OneRowPlan:
     return OneRowPlan(*plan_one_row(n, k, sm_count_of(device_index), hbm_bytes_per_ns(device_index)))
+
+
+def _narrow_message(warps: Optional[int], rows: int) -> str:
+    return (f"{_OP}: narrow tiles (one_row_tile_n={NARROW_TILE_N}) run in 16-warp one-row blocks (one "
+            f"activation row, one_row_warps 16 or planned so), got one_row_warps={warps!r} and {rows} rows")
 
 
 _workspaces: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
@@ -380,9 +385,9 @@ def w4a16_gemv(
         raise ValueError(f"{_OP}: one_row_warps must be None, 0 or one of {ONE_ROW_WARPS}, got {one_row_warps!r}")
     if one_row_tile_n is not None and (isinstance(one_row_tile_n, bool) or one_row_tile_n not in ONE_ROW_TILES):
         raise ValueError(f"{_OP}: one_row_tile_n must be None or one of {ONE_ROW_TILES}, got {one_row_tile_n!r}")
-    if one_row_tile_n == NARROW_TILE_N and one_row_warps not in (None, 16):
-        raise ValueError(f"{_OP}: narrow tiles (one_row_tile_n={NARROW_TILE_N}) run in 16-warp blocks, "
-                         f"got one_row_warps={one_row_warps!r}")
+    rows = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 2 else 1
+    if one_row_tile_n == NARROW_TILE_N and (one_row_warps not in (None, 16) or rows != 1):
+        raise ValueError(_narrow_message(one_row_warps, rows))
     if validate:
         check_arguments(x, qweight, scales, zeros, group, bias, out, gated)
     m, k = x.shape
@@ -403,7 +408,9 @@ def w4a16_gemv(
         splits = plan.splits if splits is None else splits
         one_row_tile_n = plan.tile_n if one_row_tile_n is None else one_row_tile_n
     one_row_warps = one_row_warps or 0
-    if one_row_tile_n is None or not one_row_warps:
+    if one_row_tile_n == NARROW_TILE_N and one_row_warps != 16:  # the plan chose 8-warp blocks
+        raise ValueError(_narrow_message(one_row_warps, m))
+    if one_row_tile_n is None:
         one_row_tile_n = TILE_N
     if norm_out is not None and norm_out[3].numel() != norm_tiles(n, one_row_tile_n):
         raise ValueError(f"{_OP}: the deferred norm's producer writes {norm_tiles(n, one_row_tile_n)} tile sums "
