@@ -35,7 +35,8 @@
 namespace mllm_kernel {
 namespace w4a16_gemv_detail {
 
-// Stages per warp: one batch computed, one in flight (T69-T74: deeper rings were no faster).
+// Stages per warp: one batch computed, one in flight (T69-T74, T239: deeper rings were no faster).
+// The kernel toggles between the two by XOR.
 constexpr int kOneRowStages = 2;
 
 // The stage of a tile of kSub 32-column subtiles: 64-column tiles (kSub 2) take 2 4-row steps per
@@ -148,8 +149,9 @@ __global__ void __launch_bounds__(32 * kBlockWarps, one_row_blocks_per_sm(kBlock
   const int batch_end = min((split + 1) * p.chunk_batches, total_batches);
   const int first_batch = split * p.chunk_batches + warp;
   const uint32_t ring_base = shared_address(ring) + warp * (kOneRowStages * kOneRowStageBytes);
-  const uint32_t ring_end = ring_base + kOneRowStages * kOneRowStageBytes;
-  const uint32_t stage_toggle = pinned_u32(ring_base ^ (ring_base + kOneRowStageBytes));  // 2 stages: one to the other
+  // One stage to the other: one LOP3 (a compare against the ring's end made ptxas re-derive the
+  // shared window every batch).
+  const uint32_t stage_toggle = pinned_u32(ring_base ^ (ring_base + kOneRowStageBytes));
 
   // Copy roles. Weights: row cr = lane / 8 of each step, quad cc = lane % 8 of each subtile, into
   // the swizzled slot. Scales (lanes 0..8 kSub - 1) and zero points (the next 8 kSub): subtile
@@ -278,8 +280,8 @@ __global__ void __launch_bounds__(32 * kBlockWarps, one_row_blocks_per_sm(kBlock
     const uint32_t x_src_slot = Stage::kXOffset + t * 16;
     const uint32_t meta_src_slot = Stage::kMetaOffset + g * 8;
 
-    uint32_t stage = ring_base;                                              // the batch computed now
-    uint32_t refill = ring_base + (kOneRowStages - 1) * kOneRowStageBytes;    // the stage computed last
+    uint32_t stage = ring_base;                         // the batch computed now
+    uint32_t refill = ring_base + kOneRowStageBytes;     // the other stage, computed last
     for (int b = first_batch; b < batch_end; b += kBlockWarps) {
       copy_async_wait<kOneRowStages - 2>();  // this lane's copies of batch b have landed
       __syncwarp();                         // and every lane's; the reads of the refilled stage are done
@@ -309,11 +311,7 @@ __global__ void __launch_bounds__(32 * kBlockWarps, one_row_blocks_per_sm(kBlock
         }
       }
       refill = stage;
-      if constexpr (kOneRowStages == 2) {
-        stage ^= stage_toggle;  // one LOP3 (the compare against the ring's end re-derived the window)
-      } else {
-        stage = stage + kOneRowStageBytes == ring_end ? ring_base : stage + kOneRowStageBytes;
-      }
+      stage ^= stage_toggle;
     }
   };
   if (p.uniform != 0) {
