@@ -68,7 +68,11 @@ def force_one_row_plans(forced: Dict[OneRowKey, Tuple[int, ...]]) -> None:
     """plan_one_row returns the forced plan for the (N, K) in ``forced``."""
     module = importlib.import_module("mllm_kernel.cuda.jit.w4a16_gemv")
     planned = module.plan_one_row
-    module.plan_one_row = lambda n, k, *args: forced.get((n, k)) or planned(n, k, *args)
+
+    def plan(n: int, k: int, *args):
+        return module.OneRowPlan(*forced[(n, k)]) if (n, k) in forced else planned(n, k, *args)
+
+    module.plan_one_row = plan
     module._auto_one_row.cache_clear()
 
 

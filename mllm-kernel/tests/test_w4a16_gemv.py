@@ -377,17 +377,16 @@ def test_gated_is_the_plain_launch_then_silu_mul(m, splits, with_zeros, with_bia
         got = w4a16_gemv(x, qweight, scales, zeros, group, bias, out=out, splits=splits, gated=True)
         assert got.data_ptr() == out.data_ptr() and torch.isfinite(got).all()
         plain = w4a16_gemv(x, qweight, scales, zeros, group, bias, splits=splits)
+        pairs = [(got, plain)]
         if m == 1:  # the same with narrow tiles (16 gate and 16 up columns per block)
-            narrow = w4a16_gemv(x, qweight, scales, zeros, group, bias, splits=splits, gated=True,
-                                one_row_warps=16, one_row_tile_n=32)
-            plain_narrow = w4a16_gemv(x, qweight, scales, zeros, group, bias, splits=splits, one_row_warps=16,
-                                      one_row_tile_n=32)
-            assert torch.equal(narrow, silu_mul_reference(plain_narrow)) or torch.allclose(
-                narrow.float(), silu_mul_reference(plain_narrow).float(), rtol=2**-6, atol=0)
-        want = silu_mul_reference(plain).float()
+            narrow = dict(splits=splits, one_row_warps=16, one_row_tile_n=32)
+            pairs.append((w4a16_gemv(x, qweight, scales, zeros, group, bias, gated=True, **narrow),
+                          w4a16_gemv(x, qweight, scales, zeros, group, bias, **narrow)))
         ulp = 2.0**-7
-        assert ((got.float() - want).abs() <= 2 * ulp * want.abs() + 2.0**-126).all(), (n, k, m, splits)
-        assert (got.float() == want).float().mean().item() > 0.9
+        for gated_out, plain_out in pairs:
+            want = silu_mul_reference(plain_out).float()
+            assert ((gated_out.float() - want).abs() <= 2 * ulp * want.abs() + 2.0**-126).all(), (n, k, m, splits)
+            assert (gated_out.float() == want).float().mean().item() > 0.9
         reference = refs.w4a16_gemv_gated_reference(x, qweight, scales, zeros, group, bias).float()
         assert ((got.float() - reference).abs() <= 0.02 * reference.abs().max()).all()
 

@@ -310,7 +310,7 @@ def hbm_bytes_per_ns(index: int) -> float:
 
 @functools.lru_cache(maxsize=4096)
 def _auto_one_row(n: int, k: int, device_index: int) -> OneRowPlan:
-    return OneRowPlan(*plan_one_row(n, k, sm_count_of(device_index), hbm_bytes_per_ns(device_index)))
+    return plan_one_row(n, k, sm_count_of(device_index), hbm_bytes_per_ns(device_index))
 
 
 def _narrow_message(warps: Optional[int], rows: int) -> str:
@@ -385,9 +385,10 @@ def w4a16_gemv(
         raise ValueError(f"{_OP}: one_row_warps must be None, 0 or one of {ONE_ROW_WARPS}, got {one_row_warps!r}")
     if one_row_tile_n is not None and (isinstance(one_row_tile_n, bool) or one_row_tile_n not in ONE_ROW_TILES):
         raise ValueError(f"{_OP}: one_row_tile_n must be None or one of {ONE_ROW_TILES}, got {one_row_tile_n!r}")
-    rows = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 2 else 1
-    if one_row_tile_n == NARROW_TILE_N and (one_row_warps not in (None, 16) or rows != 1):
-        raise ValueError(_narrow_message(one_row_warps, rows))
+    if one_row_tile_n == NARROW_TILE_N:
+        rows = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 2 else 1
+        if one_row_warps not in (None, 16) or rows != 1:
+            raise ValueError(_narrow_message(one_row_warps, rows))
     if validate:
         check_arguments(x, qweight, scales, zeros, group, bias, out, gated)
     m, k = x.shape
