@@ -241,8 +241,12 @@ def eager_layout(hb: HostBatch) -> PackedLayout:
 
 
 def graph_layout(max_bs: int) -> PackedLayout:
-    """Fixed segments for decode batches up to max_bs: captured graphs read these addresses."""
+    """Fixed segments for decode batches up to max_bs: captured graphs read these addresses.
+    ``input_ids`` comes first, so an upload can leave it out (tokens a graph's argmax wrote
+    there); ``readback_slot`` is the host ring row the graph's argmax also writes its ids to
+    (pending_batch.Readback; 0, its scratch row, unless the step reserved one)."""
     fields = [(n, max_bs, np.int64) for n in _INT64_FIELDS + ("mrope_position_deltas",)]
+    fields += [("readback_slot", 1, np.int64)]
     fields += [(n, max_bs, np.int32) for n in _INT32_FIELDS]
     return PackedLayout(fields, host_only=[("kv_indptr", max_bs + 1, np.int32), ("seq_lens_host", max_bs, np.int32)])
 
@@ -274,6 +278,10 @@ class GraphPacker:
         self.words.fill(0)
         fill_graph_words(self._views, hb, padded_bs, self.padding_row, self.row_stride)
         return self.words
+
+    def set_readback_slot(self, slot: int) -> None:
+        """The host ring row the graph's argmax writes the ids of the words packed last to."""
+        self._views["readback_slot"][0] = slot
 
     def set_new_tokens(self, tokens: Sequence[int], slots) -> np.ndarray:
         """Fill in the tokens and new KV slots of the decode batch packed last: what pack would
@@ -428,12 +436,13 @@ class StaticWordsUpload:
     """Copies a graph batch's packed words into the graphs' static input buffer.
 
     The InputStager serves batches of any size through alternating buffers it looks up per call;
-    the graphs' words always have one layout, so this keeps one pinned host buffer, the two
-    slices of the copy made once, and one event: recorded (``seal``) after the last copy that
-    reads the buffer (before the graph launch, so a step packed while the previous one runs does
-    not wait for that whole step), waited on before the buffer is written again. That is less
-    host work on the path to every graph launch. ``host`` also holds the host-only words (what FlashInfer's
-    plan reads), valid until the next upload.
+    the graphs' words always have one layout, so this keeps one pinned host buffer, the slices of
+    the copy made once, and one event: recorded (``seal``) after the last copy that reads the
+    buffer (before the graph launch, so a step packed while the previous one runs does not wait
+    for that whole step), waited on before the buffer is written again. That is less host work on
+    the path to every graph launch. ``host`` also holds the host-only words (what FlashInfer's
+    plan reads), valid until the next upload. ``upload(words, skip_first=n)`` leaves the device's
+    first n words as they are (input tokens a graph's argmax already wrote there).
     """
 
     def __init__(self, device_words: torch.Tensor, total_words: int,
@@ -442,17 +451,24 @@ class StaticWordsUpload:
         self.host = torch.zeros(total_words, dtype=torch.int64, pin_memory=self._on_cuda)
         self._host_np = self.host.numpy()
         self._src, self._dst = self.host[: device_words.numel()], device_words
+        self._tails: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
         self._stream = stream
         self._event = torch.cuda.Event() if self._on_cuda else None
         self._pending = False
 
-    def upload(self, words: np.ndarray) -> torch.Tensor:
+    def upload(self, words: np.ndarray, skip_first: int = 0) -> torch.Tensor:
         """Copy ``words`` (the packed layout, device part first) in; returns ``host``."""
         if self._pending:  # the last copies must have read the buffer before it is rewritten
             self._event.synchronize()
             self._pending = False
         self._host_np[: len(words)] = words
-        self._dst.copy_(self._src, non_blocking=True)
+        if skip_first:
+            tail = self._tails.get(skip_first)
+            if tail is None:
+                tail = self._tails[skip_first] = (self._src[skip_first:], self._dst[skip_first:])
+            tail[1].copy_(tail[0], non_blocking=True)
+        else:
+            self._dst.copy_(self._src, non_blocking=True)
         return self.host
 
     def seal(self) -> None:

@@ -13,9 +13,13 @@ the host and fills them with a single copy (``stage``); replay then lets the att
 refresh its own static metadata (``init_forward_metadata_replay_cuda_graph``) and replays.
 The graph itself records the batch's new slots in req_to_token (and, where the backend allows,
 builds the attention metadata that reads them), and ends with the argmax that greedy sampling
-reads; the ModelRunner copies it into pinned host memory after the launch. Per step the host
-issues one copy, one graph launch, the ids' read-back and an event wait, since on the hosts we
-measured each CUDA call costs tens of microseconds of a decode step's host time.
+reads. That argmax also writes the ids into the static input tokens (``feed``) and into the host
+ring row the step reserved (``Readback``; the row number is one of the uploaded words), so when
+the next step continues this one (overlapped decoding), nothing runs on the GPU between the two
+graphs but the upload of the next step's other words: no device-to-host copy of the ids, no
+copy of them into the input tokens. Per step the host issues one copy, one graph launch and an
+event, since on the hosts we measured each CUDA call costs tens of microseconds of a decode
+step's host time.
 
 Right after a decode step's launch, while the GPU runs it, the host packs the step that most
 likely follows (the same requests one token further, ``predict_next``); when that step comes,
@@ -130,6 +134,13 @@ class CudaGraphRunner:
         self.inputs = GraphInputs.allocate(self.max_bs, self.device, self.padding_row, context_len)
         self._packer = GraphPacker(self.inputs.layout, self.padding_row, context_len)
         self._upload = StaticWordsUpload(self.inputs.words, len(self._packer.words), model_runner.stager.current_stream)
+        self._readback = model_runner.readback
+        # (shared_prefix, padded bs) of the graph whose argmax wrote the static input tokens last,
+        # None once an upload has overwritten them: a step that continues that graph's rows needs
+        # no token upload or copy then.
+        self._fed_by: Optional[Tuple[bool, int]] = None
+        # The Readback row the last replay's argmax wrote (None: the scratch row).
+        self.last_readback_slot: Optional[int] = None
         # The next decode step, packed in the shadow of the running one (predict_next).
         self._next_packer = GraphPacker(self.inputs.layout, self.padding_row, context_len)
         self._next: Optional[NextDecode] = None
@@ -224,16 +235,21 @@ class CudaGraphRunner:
         """What the graph of size bs runs (prepare_capture first), on the static buffers: the
         rows' req_to_token writes and the backend's metadata kernels where they belong in the
         graph, the forward, float32 logits and their argmax (what greedy sampling reads, with no
-        launch of its own). The ids are copied to the host outside the graph (ModelRunner's
-        Readback), into a buffer per step in flight. Captured once per size; the CPU tests run
-        it eagerly."""
+        launch of its own). The argmax also writes the ids into the static input tokens and into
+        the Readback ring row named by the ``readback_slot`` word. Captured once per size; the
+        CPU tests run it eagerly."""
         fb = self._static_batch(bs, [1] * bs)
         prologue = self._prologues[(bs, shared_prefix)]
         if prologue is not None:
             self._write_req_to_token(bs)
             prologue()
-        raw = self.model(fb.input_ids, fb.positions, fb)
-        return float_logits_argmax(raw, self._argmax_counters)
+        return self.argmax_tail(self.model(fb.input_ids, fb.positions, fb), bs)
+
+    def argmax_tail(self, raw: torch.Tensor, bs: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A graph's last kernel: float32 logits and their argmax, which also goes into the static
+        input tokens and the Readback row named by the ``readback_slot`` word."""
+        return float_logits_argmax(raw, self._argmax_counters, feed=self.inputs.input_ids[:bs],
+                                   mirror=(self._readback.ring, self.inputs.readback_slot))
 
     def _capture_one(self, bs: int, shared_prefix: bool = False) -> None:
         self.prepare_capture(bs, shared_prefix)
@@ -276,8 +292,13 @@ class CudaGraphRunner:
         host's are placeholders).
         """
         padded_bs = padded_batch_size(hb.batch_size, self.batch_sizes)
-        return self._stage_words(hb, padded_bs, self._packer.pack(hb, padded_bs), shared_prefix, decode,
-                                 device_tokens=device_tokens)
+        words = self._packer.pack(hb, padded_bs)
+        slot = None
+        if decode:
+            slot = self._readback.reserve()
+            self._packer.set_readback_slot(slot)
+        return self._stage_words(hb, padded_bs, words, shared_prefix, decode, device_tokens=device_tokens,
+                                 readback_slot=slot)
 
     def stage_next(self, batch: "ScheduledBatch", device_tokens: Optional[torch.Tensor] = None
                    ) -> Optional[ForwardBatch]:
@@ -296,10 +317,12 @@ class CudaGraphRunner:
             return None
         tokens = [0] * len(reqs) if device_tokens is not None else [r.output_ids[-1] for r in reqs]
         words = self._next_packer.set_new_tokens(tokens, batch.out_cache_loc)
+        slot = self._readback.reserve()
+        self._next_packer.set_readback_slot(slot)
         # Nothing is left to decide about this step, so it goes to the GPU before the objects
         # that describe it are made; the forward that follows finds it running (replay).
         return self._stage_words(nxt.hb, nxt.padded_bs, words, decode=True, launch=True,
-                                 device_tokens=device_tokens)
+                                 device_tokens=device_tokens, readback_slot=slot)
 
     def predict_next(self) -> None:
         """Pack the decode step that follows the one just staged with ``decode=True`` (same
@@ -313,19 +336,34 @@ class CudaGraphRunner:
         self._next_packer.pack(nxt, padded_bs)
         self._next = NextDecode(hb.req_pool_indices.tolist(), nxt.positions.tolist(), nxt, padded_bs)
 
+    def tokens_fed(self, padded_bs: int, shared_prefix: bool, device_tokens: Optional[torch.Tensor]) -> bool:
+        """Whether the static input tokens already hold ``device_tokens``: they are the ids of
+        the last replay, which was of the graph this step replays, and no upload came since."""
+        if device_tokens is None or shared_prefix or self._fed_by != (False, padded_bs):
+            return False
+        ids = self.outputs[padded_bs][1]
+        return device_tokens.data_ptr() == ids.data_ptr() and device_tokens.numel() <= ids.numel()
+
     def _stage_words(self, hb: HostBatch, padded_bs: int, words, shared_prefix: bool = False,
                      decode: bool = False, launch: bool = False,
-                     device_tokens: Optional[torch.Tensor] = None) -> ForwardBatch:
-        """Upload packed words into the static buffers; ``launch``: also replay the graph now."""
+                     device_tokens: Optional[torch.Tensor] = None,
+                     readback_slot: Optional[int] = None) -> ForwardBatch:
+        """Upload packed words into the static buffers; ``launch``: also replay the graph now;
+        ``readback_slot``: the Readback row the words name (reserved for this step)."""
         bs = hb.batch_size
         self._predict_from = hb if decode else None
-        host = self._upload.upload(words)
+        if self.tokens_fed(padded_bs, shared_prefix, device_tokens):
+            host = self._upload.upload(words, skip_first=self.inputs.layout.segments["input_ids"].words)
+            device_tokens = None
+        else:
+            host = self._upload.upload(words)
+            self._fed_by = None
         if self._prologues.get((padded_bs, shared_prefix)) is None:
             self._write_req_to_token(bs)
         kv_indptr_host, seq_lens_host = self._host_views(host, padded_bs)
         staged = StagedDecode(
             batch=None, padded_bs=padded_bs, kv_indptr_host=kv_indptr_host, seq_lens_host=seq_lens_host,
-            shared_prefix=shared_prefix, device_tokens=device_tokens,
+            shared_prefix=shared_prefix, device_tokens=device_tokens, readback_slot=readback_slot,
         )
         if launch:
             self._launch(staged)
@@ -349,6 +387,7 @@ class CudaGraphRunner:
         """A decode batch built elsewhere: copied into the static buffers on the device."""
         padded = padded_batch_size(fb.batch_size, self.batch_sizes)
         self.inputs.fill(fb, padded)
+        self._fed_by = None
         v = self._sliced(padded)
         self.backend.init_forward_metadata_replay_cuda_graph(
             padded, v["req_pool_indices"], v["seq_lens"], padded_seq_lens_cpu(fb.seq_lens_cpu, padded),
@@ -375,6 +414,7 @@ class CudaGraphRunner:
         if staged.device_tokens is not None:
             self.inputs.input_ids[: staged.device_tokens.numel()].copy_(staged.device_tokens)
         (self.shared_graphs if staged.shared_prefix else self.graphs)[padded].replay()
+        self._fed_by = (staged.shared_prefix, padded)
         staged.launched = True
         self.predict_next()
 
@@ -394,9 +434,12 @@ class CudaGraphRunner:
             else:
                 self._launch(staged)
             shared, padded = staged.shared_prefix, staged.padded_bs
+            self.last_readback_slot = staged.readback_slot
         else:
             shared, padded = False, self._prepare_unstaged(fb)
             self.graphs[padded].replay()
+            self._fed_by = (False, padded)
+            self.last_readback_slot = None
         bs = fb.batch_size
         logits, ids = (self.shared_outputs if shared else self.outputs)[padded]
         return self._views.get(("output", shared, padded, bs), lambda: (logits[:bs], ids[:bs]))
@@ -405,8 +448,11 @@ class CudaGraphRunner:
         """GPU time of one decode step of bs rows alone: the graph that serves bs, replayed back
         to back on whatever its static buffers hold (replaying the last staged step rewrites the
         same KV entries with the same values). A step's latency minus this is host time."""
-        graph = self.graphs[padded_batch_size(bs, self.batch_sizes)]
+        padded = padded_batch_size(bs, self.batch_sizes)
+        graph = self.graphs[padded]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self.inputs.readback_slot.zero_()  # no step in flight may find these ids in its ring row
+        self._fed_by = (False, padded)
         graph.replay()
         start.record()
         for _ in range(iters):

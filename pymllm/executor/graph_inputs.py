@@ -29,6 +29,7 @@ class GraphInputs:
     out_cache_loc: torch.Tensor  # [max_bs] int64
     positions: torch.Tensor  # [max_bs] int64
     mrope_position_deltas: torch.Tensor  # [max_bs] int64, zeros unless the batch has deltas
+    readback_slot: torch.Tensor  # [1] int64: the host ring row the graph's argmax writes (Readback)
     # Each row's req_to_token write, req_to_token.view(-1)[kv_write_index] = kv_write_loc: inside
     # the graphs (graph_metadata_kernels gave a prologue) or eagerly before replay.
     kv_write_index: torch.Tensor  # [max_bs] int64
@@ -56,6 +57,7 @@ class GraphInputs:
             buf = getattr(self, name)
             buf[:bs].copy_(getattr(fb, name), non_blocking=True)
             buf[pad].fill_(value)
+        self.readback_slot.zero_()  # the scratch row: nobody reads this step's ids from the ring
         self.kv_write_index[:padded_bs].fill_(self.padding_write_index)
         self.kv_write_loc[:padded_bs].zero_()
         if fb.mrope_position_deltas is not None:
@@ -87,5 +89,8 @@ class StagedDecode:
     shared_prefix: bool = False  # replays the graph whose rows all extend one request
     launched: bool = False  # its graph already runs (a predicted step, see stage_next)
     # The rows' input tokens on the device (the ids of a step still in flight), copied into the
-    # static input ids right before the replay; None: the uploaded words hold them.
+    # static input ids right before the replay; None: the uploaded words hold them, or (fed) the
+    # argmax of the step before already wrote them there.
     device_tokens: Optional[torch.Tensor] = None
+    # The Readback ring row this step's argmax writes its ids to, or None (the scratch row).
+    readback_slot: Optional[int] = None

@@ -18,7 +18,7 @@ from pymllm.configs.global_config import GlobalConfig
 from pymllm.configs.model_config import ModelConfig, load_model_config
 from pymllm.engine.forward_batch import ForwardBatch, ForwardMode
 from pymllm.executor.batch_inputs import HostBatch, InputStager, extend_as_decode_rows, host_batch, pack_eager
-from pymllm.executor.cuda_graph_runner import build_cuda_graph_runner, extend_runs_as_decode
+from pymllm.executor.cuda_graph_runner import build_cuda_graph_runner, extend_runs_as_decode, graph_max_batch_size
 from pymllm.executor.device_memory import device_memory
 from pymllm.executor.multimodal_batch import attach_multimodal_inputs
 from pymllm.executor.pending_batch import PendingBatch, Readback, collect as collect_pending
@@ -59,8 +59,9 @@ class ModelRunner:
         self.model = None
         self.cuda_graph_runner = None
         self.prefill_graphs: Optional[PrefillGraphs] = None
-        # (logits, their argmax on the device) of the last replay: the graph takes it
-        self._graph_argmax: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        # (logits, their argmax on the device, the Readback row the graph wrote them to or None)
+        # of the last replay: the graph takes the argmax
+        self._graph_argmax: Optional[Tuple[torch.Tensor, torch.Tensor, Optional[int]]] = None
 
     # ---------------- set-up ----------------
     def initialize(self) -> None:
@@ -75,7 +76,8 @@ class ModelRunner:
         self.attn_backend = create_attention_backend(self.server.attention_backend, self)
         self.sampler = Sampler()
         self.stager = InputStager(self.device)
-        self.readback = Readback(self.req_to_token_pool.size, self.device)
+        # A row per request, and per row of the largest decode graph (whose argmax writes them).
+        self.readback = Readback(max(self.req_to_token_pool.size, graph_max_batch_size(self.server)), self.device)
         if self.device.type == "cuda":
             self.warmup()
         self.cuda_graph_runner = build_cuda_graph_runner(self)
@@ -230,7 +232,9 @@ class ModelRunner:
             and self.cuda_graph_runner.can_run(fb)
         ):
             logits, ids = self.cuda_graph_runner.replay(fb)
+            slot = self.cuda_graph_runner.last_readback_slot
             if fb.sample_rows is not None:  # an extend run as decode rows: each request's last row
+                slot = None
                 rows = fb.sample_rows
                 last = rows[-1]
                 if rows == list(range(last - len(rows) + 1, last + 1)):
@@ -238,7 +242,7 @@ class ModelRunner:
                 else:
                     picked = torch.tensor(rows, device=logits.device)
                 logits, ids = logits[picked], ids[picked]
-            self._graph_argmax = (logits, ids)
+            self._graph_argmax = (logits, ids, slot)
             return logits
         return self._forward_eager(fb)
 
@@ -259,6 +263,11 @@ class ModelRunner:
         if graph is not None and graph[0] is logits:
             return graph[1]
         return torch.argmax(logits, dim=-1)
+
+    def _readback_slot(self, logits: torch.Tensor) -> Optional[int]:
+        """The Readback row the graph that returned ``logits`` wrote their argmax to, or None."""
+        graph = self._graph_argmax
+        return graph[2] if graph is not None and graph[0] is logits else None
 
     def launch_batch(self, batch: ScheduledBatch, follows: Optional[PendingBatch] = None) -> PendingBatch:
         """Enqueue a batch's forward and sampling and start copying its tokens to the host;
@@ -306,13 +315,19 @@ class ModelRunner:
             # The Sampler would take the same argmax; skipping it skips building and copying
             # the per-request tensors (and inference mode: an argmax records no autograd state).
             ids = self._argmax(logits)
-            host, _, done = self.readback.start(ids)
+            slot = self._readback_slot(logits)
+            if slot is not None:  # the graph's argmax wrote them to the host itself
+                host, done = self.readback.mirrored(slot, ids.numel())
+            else:
+                host, _, done = self.readback.start(ids)
             return PendingBatch(batch, ids, host, done)
         # ``in_flight`` is read after this step's graph has run, so it must not be a graph's
         # argmax buffer: it is not, since the step it came from sampled the same requests with
         # the same parameters, hence through the Sampler too, whose ids are a tensor of their own.
+        slot = self._readback_slot(logits)
         ids, parts = self._sample_with_sampler(logits, reqs, params, in_flight)
-        host, copies, done = self.readback.start(ids, parts)
+        # Into the row the graph reserved (its argmax's ids there are overwritten, in stream order).
+        host, copies, done = self.readback.start(ids, parts, slot=slot)
         return PendingBatch(batch, ids, host, done, copies or None)
 
     @torch.inference_mode()

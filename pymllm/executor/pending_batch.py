@@ -34,31 +34,39 @@ class PendingBatch:
 class Readback:
     """Copies sampled ids (and logprobs) of a launched batch to the host without waiting.
 
-    The ids go into a ring of pinned buffers, one per batch that can be in flight at once (a
-    step and the one launched behind it; three leave a spare), so a later launch never writes
-    the buffer of a batch whose ids the host has not read yet. On the CPU the ids are already
-    on the host.
+    The ids go into a ring of pinned rows, one per batch that can be in flight at once (a step
+    and the one launched behind it; three leave a spare), so a later launch never writes the row
+    of a batch whose ids the host has not read yet. A decode graph's argmax can write its row
+    itself (``reserve`` a row before the launch, ``mirrored`` after it): then no copy is queued
+    between that step and the next. Row 0 is the graphs' scratch row, which the launches that
+    reserved none write and nobody reads. On the CPU the ids are already on the host.
     """
 
     DEPTH = 3
+    SCRATCH = 0
 
     def __init__(self, max_rows: int, device: torch.device):
         self._on_cuda = device.type == "cuda"
-        self._ring = [torch.zeros(max_rows, dtype=torch.int64, pin_memory=self._on_cuda) for _ in range(self.DEPTH)]
-        self._events = [torch.cuda.Event() if self._on_cuda else None for _ in range(self.DEPTH)]
+        self.ring = torch.zeros(self.DEPTH + 1, max_rows, dtype=torch.int64, pin_memory=self._on_cuda)
+        self._events = [torch.cuda.Event() if self._on_cuda else None for _ in range(self.DEPTH + 1)]
         self._next = 0
 
-    def start(self, ids: torch.Tensor, extra: Sequence[Optional[torch.Tensor]] = ()
+    def reserve(self) -> int:
+        """The ring row of the next batch to read back (never ``SCRATCH``)."""
+        slot = 1 + self._next
+        self._next = (self._next + 1) % self.DEPTH
+        return slot
+
+    def start(self, ids: torch.Tensor, extra: Sequence[Optional[torch.Tensor]] = (), slot: Optional[int] = None,
               ) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]], Optional[torch.cuda.Event]]:
-        """(host ids, host copies of ``extra``, event marking their arrival)."""
+        """(host ids, host copies of ``extra``, event marking their arrival); ``slot``: a row
+        reserved for this batch (else the next one)."""
         if not self._on_cuda:
             return ids, list(extra), None
         n = ids.numel()
-        slot = self._next
-        self._next = (slot + 1) % self.DEPTH
-        ring = self._ring[slot]
-        if n <= ring.numel():
-            host = ring[:n]
+        slot = self.reserve() if slot is None else slot
+        if n <= self.ring.shape[1]:
+            host = self.ring[slot, :n]
             host.copy_(ids, non_blocking=True)
         else:  # more rows than any decode batch: a pinned buffer of its own
             host = ids.to("cpu", non_blocking=True)
@@ -67,6 +75,15 @@ class Readback:
         event = self._events[slot]
         event.record()
         return host, copies, event
+
+    def mirrored(self, slot: int, n: int) -> Tuple[torch.Tensor, Optional[torch.cuda.Event]]:
+        """(host ids, event) of a batch whose kernel writes ``n`` ids into ring row ``slot`` itself:
+        the event, recorded now behind that kernel, marks their arrival."""
+        host = self.ring[slot, :n]
+        event = self._events[slot]
+        if event is not None:
+            event.record()
+        return host, event
 
 
 def collect(pending: PendingBatch) -> BatchResult:

@@ -285,23 +285,34 @@ def qk_norm_rope_try_store_kv(
     return (*_qk_norm_rope_triton(q, k, positions, rotary_emb, q_norm, k_norm, None), False)
 
 
-def float_logits_argmax_reference(logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def float_logits_argmax_reference(
+    logits: torch.Tensor, feed: Optional[torch.Tensor] = None, mirror: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     # The argmax of the model-dtype logits is that of their exact float32 copy (first index on
     # ties in both) and reads half the bytes.
-    return logits.float(), torch.argmax(logits, dim=-1)
+    ids = torch.argmax(logits, dim=-1)
+    rows = ids.numel()
+    if feed is not None:
+        feed[:rows].copy_(ids)
+    if mirror is not None:
+        ring, slot = mirror
+        ring[int(slot)][:rows].copy_(ids)  # the slot as it is now, as the kernel reads it
+    return logits.float(), ids
 
 
 def float_logits_argmax(
-    logits: torch.Tensor, counters: Optional[torch.Tensor] = None
+    logits: torch.Tensor, counters: Optional[torch.Tensor] = None, feed: Optional[torch.Tensor] = None,
+    mirror: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(float32 logits, their argmax per row) of model-dtype logits [rows, vocab]: the end of a
     decode step. ``counters``: the kernel's reusable arrival counters
-    (``logits_argmax_triton.arrival_counters``); pass them inside a CUDA graph capture."""
+    (``logits_argmax_triton.arrival_counters``); pass them inside a CUDA graph capture.
+    ``feed`` / ``mirror``: further destinations of the ids (see logits_argmax_triton)."""
     if can_use_fast_path(logits) and logits.dim() == 2 and logits.stride(1) == 1:
         from pymllm.layers.kernels import logits_argmax_triton
 
-        return logits_argmax_triton.float_logits_argmax(logits, counters)
-    return float_logits_argmax_reference(logits)
+        return logits_argmax_triton.float_logits_argmax(logits, counters, feed, mirror)
+    return float_logits_argmax_reference(logits, feed, mirror)
 
 
 def row_logsumexp_reference(logits: torch.Tensor) -> torch.Tensor:

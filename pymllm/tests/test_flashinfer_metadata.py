@@ -379,10 +379,14 @@ def test_backend_matches_torch_native(fake_flashinfer, arch, window):
         else:
             before = k_buf.clone()
             assert graphs.prepare_replay(fb) == 4
+            tokens = fb.input_ids.clone()
             with torch.inference_mode():
                 got, ids = graphs.run_static(4)
             got = got[:3]
             assert torch.equal(ids[:3], got.argmax(-1))
+            # The graph's argmax feeds its ids into the static input tokens (the next step's).
+            assert torch.equal(graphs.inputs.input_ids[:3], ids[:3])
+            fb.input_ids.copy_(tokens)
             changed = (k_buf != before).flatten(1).any(1).nonzero().flatten().tolist()
             assert set(changed) <= {0, *slots.tolist()}, "padding wrote outside the reserved slot 0"
         ref = _forward_with(runner, native, fb)
@@ -448,8 +452,10 @@ def test_graphs_record_their_slots_and_gather_kv_indices_themselves(fake_flashin
         assert graphs.prepare_replay(fb) == 4
         if capturable:
             assert backend.kv_ops.gathers == gathers, "the graph gathers kv_indices, not the replay step"
+        tokens = graphs.inputs.input_ids.clone()
         with torch.inference_mode():
             got, ids = graphs.run_static(4)
+        graphs.inputs.input_ids.copy_(tokens)  # the argmax fed its ids there; the reference reads the step's
         assert [int(table[r.req_pool_idx, n]) for r, n in zip(reqs, lens)] == slots.tolist()
         assert table[runner.req_to_token_pool.padding_row].eq(0).all(), "the padding row stays all-zero"
         ref = _forward_with(runner, native, fb)

@@ -56,7 +56,28 @@ def interpreter_checks() -> None:
     logits, ids = float_logits_argmax(wide[:, : 2 * BLOCK + 7])
     assert ids.tolist() == torch.argmax(wide[:, : 2 * BLOCK + 7].float(), dim=-1).tolist()
     torch.testing.assert_close(logits, wide[:, : 2 * BLOCK + 7].float(), rtol=0, atol=0)
+    check_ids_destinations("cpu", counters)
     print("interpreter checks passed")
+
+
+def check_ids_destinations(device: str, counters=None, pin: bool = False) -> None:
+    """``feed`` and ``mirror`` get the same ids as the result, in rows [0, rows) only, and the
+    mirror row is the one the slot names when the kernel runs (the slot changes between calls)."""
+    from pymllm.layers.kernels.logits_argmax_triton import float_logits_argmax
+
+    rows, vocab = 3, 5000
+    feed = torch.full((rows + 2,), -7, dtype=torch.int64, device=device)
+    ring = torch.full((4, rows + 3), -7, dtype=torch.int64, pin_memory=pin)
+    slot = torch.zeros(1, dtype=torch.int64, device=device)
+    for step, row in enumerate((2, 0, 3)):
+        x = _cases(device, vocab, rows, torch.bfloat16, seed=step)[:rows].contiguous()
+        slot.fill_(row)
+        _, ids = float_logits_argmax(x, counters, feed=feed, mirror=(ring, slot))
+        if device == "cuda":
+            torch.cuda.synchronize()
+        want = torch.argmax(x.float().cpu(), dim=-1).tolist()
+        assert ids.tolist() == want and feed[:rows].tolist() == want and feed[rows:].tolist() == [-7, -7]
+        assert ring[row, :rows].tolist() == want and ring[row, rows:].tolist() == [-7] * 3, (step, row)
 
 
 def test_kernel_under_interpreter() -> None:
@@ -71,6 +92,16 @@ def test_dispatcher_falls_back_on_cpu() -> None:
     assert ids.tolist() == torch.argmax(x, dim=-1).tolist()
 
 
+def test_reference_writes_the_ids_destinations() -> None:
+    """The CPU fallback (fused_ops' reference) honours feed and mirror as the kernel does."""
+    x = _cases("cpu", 300, 2, torch.bfloat16, seed=2)
+    feed = torch.zeros(8, dtype=torch.int64)
+    ring = torch.zeros(3, 8, dtype=torch.int64)
+    _, ids = fused_ops.float_logits_argmax(x, feed=feed, mirror=(ring, torch.tensor([2])))
+    n = ids.numel()
+    assert feed[:n].tolist() == ids.tolist() == ring[2, :n].tolist() and not ring[:2].any()
+
+
 def test_argument_errors() -> None:
     pytest.importorskip("triton")
     from pymllm.layers.kernels.logits_argmax_triton import float_logits_argmax
@@ -83,6 +114,18 @@ def test_argument_errors() -> None:
         float_logits_argmax(torch.zeros(4, 8), torch.zeros(2, dtype=torch.int32))
     with pytest.raises(ValueError, match="counters"):
         float_logits_argmax(torch.zeros(4, 8), torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="feed"):
+        float_logits_argmax(torch.zeros(4, 8), feed=torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="feed"):
+        float_logits_argmax(torch.zeros(4, 8), feed=torch.zeros(4, dtype=torch.int32))
+    slot = torch.zeros(1, dtype=torch.int64)
+    with pytest.raises(ValueError, match="mirror ring"):
+        float_logits_argmax(torch.zeros(4, 8), mirror=(torch.zeros(2, 3, dtype=torch.int64), slot))
+    with pytest.raises(ValueError, match="mirror ring"):
+        float_logits_argmax(torch.zeros(4, 8), mirror=(torch.zeros(8, dtype=torch.int64), slot))
+    with pytest.raises(ValueError, match="mirror slot"):
+        float_logits_argmax(torch.zeros(4, 8), mirror=(torch.zeros(2, 4, dtype=torch.int64),
+                                                       torch.zeros(2, dtype=torch.int64)))
 
 
 @pytest.mark.gpu
@@ -116,3 +159,43 @@ def test_gpu_graph_replays_follow_new_logits() -> None:
         torch.cuda.synchronize()
         assert ids.tolist() == torch.argmax(x, dim=-1).tolist()
         torch.testing.assert_close(logits, x.float(), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_ids_destinations() -> None:
+    """The ids reach a pinned host ring row straight from the kernel (and the feed buffer)."""
+    from pymllm.layers.kernels.logits_argmax_triton import arrival_counters
+
+    check_ids_destinations("cuda", arrival_counters(8, "cuda"), pin=True)
+
+
+@pytest.mark.gpu
+def test_gpu_graph_replays_write_the_slot_of_each_replay() -> None:
+    """Captured once, replayed with a new slot each time: each replay's ids land in the pinned
+    row its slot names when it runs, the rows of earlier replays untouched."""
+    from pymllm.layers.kernels.logits_argmax_triton import arrival_counters, float_logits_argmax
+
+    rows, vocab = 2, 151936
+    x = torch.zeros(rows, vocab, dtype=torch.bfloat16, device="cuda")
+    counters = arrival_counters(rows, "cuda")
+    feed = torch.zeros(rows, dtype=torch.int64, device="cuda")
+    ring = torch.full((4, rows), -1, dtype=torch.int64, pin_memory=True)
+    slot = torch.zeros(1, dtype=torch.int64, device="cuda")
+    float_logits_argmax(x, counters, feed=feed, mirror=(ring, slot))  # compile outside the capture
+    torch.cuda.synchronize()
+    ring.fill_(-1)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        float_logits_argmax(x, counters, feed=feed, mirror=(ring, slot))
+    wanted = {}
+    for step, row in enumerate((1, 2, 3)):
+        x.zero_()
+        x[0, 1000 * step + 5] = 1.0
+        x[1, 77 + step] = 2.0
+        slot.fill_(row)
+        graph.replay()
+        wanted[row] = [1000 * step + 5, 77 + step]
+    torch.cuda.synchronize()
+    for row, want in wanted.items():
+        assert ring[row].tolist() == want
+    assert ring[0].tolist() == [-1, -1] and feed.tolist() == wanted[3]

@@ -24,13 +24,31 @@ from pymllm.tests.test_flashinfer_metadata import _runner, fake_flashinfer  # no
 
 
 class StandInGraph:
-    """A captured graph on CPU: replay records itself in ``events``."""
+    """A captured graph on CPU: replay records itself in ``events`` (with the static input tokens
+    it reads when ``record_inputs``) and ends as a real graph does, with the argmax tail
+    (``CudaGraphRunner.argmax_tail``: the graph's outputs, the fed input tokens, the Readback row)
+    of logits whose argmax is the next of the ids queued by ``will_sample`` (zeros when none)."""
 
-    def __init__(self, events: list, bs: int):
-        self.events, self.bs = events, bs
+    def __init__(self, events: list, graphs, bs: int):
+        self.events, self.graphs, self.bs = events, graphs, bs
+        self.record_inputs = False
+        self.queued: list = []
+
+    def will_sample(self, *steps) -> None:
+        self.queued.extend(steps)
 
     def replay(self):
-        self.events.append(("launch", self.bs))
+        g = self.graphs
+        self.words_read = g.inputs.words.clone()
+        self.events.append(("launch", self.bs, g.inputs.input_ids[: self.bs].tolist()) if self.record_inputs
+                           else ("launch", self.bs))
+        ids = self.queued.pop(0) if self.queued else [0] * self.bs
+        raw = torch.zeros(self.bs, 64)
+        raw[torch.arange(self.bs), torch.tensor(ids)] = 1.0
+        logits, argmax = g.argmax_tail(raw, self.bs)
+        out_logits, out_ids = g.outputs[self.bs]
+        out_logits.copy_(logits[:, : out_logits.shape[1]])
+        out_ids.copy_(argmax)
 
 
 def _setup(events=None):
@@ -43,7 +61,7 @@ def _setup(events=None):
     events = [] if events is None else events
     for bs in graphs.batch_sizes:
         graphs.prepare_capture(bs)
-        graphs.graphs[bs] = StandInGraph(events, bs)
+        graphs.graphs[bs] = StandInGraph(events, graphs, bs)
         graphs.outputs[bs] = (torch.zeros(bs, 8), torch.zeros(bs, dtype=torch.int64))
     reqs = []
     for i, n in enumerate((5, 9, 3)):
@@ -61,10 +79,23 @@ def _decode(runner, reqs) -> ScheduledBatch:
 
 
 def _full_words(runner, graphs, batch) -> torch.Tensor:
-    """The static inputs the full staging path writes for ``batch`` (packed, device part)."""
+    """The static inputs the full staging path writes for ``batch`` (packed, device part), but
+    for the Readback row each staging reserves anew (``_staged_words`` leaves it out too)."""
     hb = host_batch(batch, runner.req_to_token_pool.max_context_len)
     words = graphs._packer.pack(hb, padded_batch_size(hb.batch_size, graphs.batch_sizes))
     return torch.from_numpy(words[: graphs.inputs.layout.device_words].copy())
+
+
+def _staged_words(graphs) -> torch.Tensor:
+    """The static inputs of the staged step (as its graph read them, where it was launched at
+    staging) with the Readback row word zeroed, after checking that it names the row the step
+    reserved (never the scratch row, which a decode step does not read)."""
+    staged = graphs._staged
+    words = (graphs.graphs[staged.padded_bs].words_read if staged.launched else graphs.inputs.words).clone()
+    offset = graphs.inputs.layout.segments["readback_slot"].offset
+    assert int(words[offset]) == staged.readback_slot and staged.readback_slot != 0
+    words[offset] = 0
+    return words
 
 
 def _spy_on_stage_next(graphs) -> list:
@@ -100,7 +131,7 @@ def test_predicted_staging_equals_full_staging(fake_flashinfer):  # noqa: F811
         batch = _decode(runner, batch_reqs)
         want = _full_words(runner, graphs, batch)
         fb = runner.build_forward_batch(batch)
-        assert torch.equal(graphs.inputs.words, want), step
+        assert torch.equal(_staged_words(graphs), want), step
         assert fb.batch_size == len(batch_reqs) and fb.seq_lens_cpu == [len(r.fill_ids) for r in batch_reqs]
         graphs.predict_next()  # what replay() does right after the graph launch
         for i, r in enumerate(batch_reqs):
@@ -124,7 +155,7 @@ def test_a_batch_in_between_ends_the_prediction(fake_flashinfer):  # noqa: F811
     batch = _decode(runner, reqs)
     want = _full_words(runner, graphs, batch)
     runner.build_forward_batch(batch)
-    assert used == [False] and torch.equal(graphs.inputs.words, want)
+    assert used == [False] and torch.equal(_staged_words(graphs), want)
 
 
 def test_replay_packs_the_next_step_after_the_launch(fake_flashinfer):  # noqa: F811
@@ -164,28 +195,30 @@ def test_greedy_sampling_of_a_replay_reads_the_graphs_argmax(fake_flashinfer):  
     the stand-in graph runs nothing), not an argmax of its own."""
     runner, graphs, reqs = _setup()
     batch = _decode(runner, reqs)
+    graphs.graphs[4].will_sample([11, 12, 13, 14])  # row 3 is padding
     logits = runner.forward(runner.build_forward_batch(batch))
-    graphs.outputs[4][1][:] = torch.tensor([11, 12, 13, 14])  # row 3 is padding
+    slot = graphs.last_readback_slot
+    assert slot not in (None, 0) and runner.readback.ring[slot, :4].tolist() == [11, 12, 13, 14]
     assert runner.sample(logits, batch).next_token_ids == [11, 12, 13]
 
 
-def _launch_recording_input_ids(graphs, events):
-    """Stand-in graphs that record the static input ids each launch reads."""
+def _launch_recording_input_ids(graphs):
     for bs in graphs.batch_sizes:
-        graph = graphs.graphs[bs]
-        graph.replay = lambda bs=bs: events.append(("launch", bs, graphs.inputs.input_ids[:bs].tolist()))
+        graphs.graphs[bs].record_inputs = True
 
 
 def test_a_follower_takes_its_tokens_from_the_device(fake_flashinfer):  # noqa: F811
     """A step launched behind one in flight (launch_batch(follows=...)) reads the ids that step
     sampled on the device, through the predicted staging and through the full one, and samples
-    with the step counter one further (the in-flight token is not in output_ids yet)."""
+    with the step counter one further (the in-flight token is not in output_ids yet). The ids
+    reach its input tokens from the argmax of the step before (fed: no upload of the tokens) and
+    the host from that argmax's Readback row (no copy)."""
     events = []
     runner, graphs, reqs = _setup(events)
-    _launch_recording_input_ids(graphs, events)
+    _launch_recording_input_ids(graphs)
+    graphs.graphs[4].will_sample([21, 22, 23, 0], [31, 32, 33, 0], [41, 42, 43, 0])
     first = runner.launch_batch(_decode(runner, reqs))
     assert events == [("launch", 4, [100, 101, 102, 0])]
-    graphs.outputs[4][1][:] = torch.tensor([21, 22, 23, 0])  # what that launch's argmax wrote
     follower = _decode(runner, reqs)
     follower.prefix_lens = [p + 1 for p in follower.prefix_lens]
     second = runner.launch_batch(follower, follows=first)  # predicted: staged and launched at once
@@ -193,12 +226,41 @@ def test_a_follower_takes_its_tokens_from_the_device(fake_flashinfer):  # noqa: 
     assert runner.collect(first).next_token_ids == [21, 22, 23]
     for r, t in zip(reqs, (21, 22, 23)):
         r.output_ids.append(t)
-    graphs.outputs[4][1][:] = torch.tensor([31, 32, 33, 0])
     graphs._next = None  # the full staging path this time
     third = _decode(runner, reqs)
     third.prefix_lens = [p + 1 for p in third.prefix_lens]
-    runner.launch_batch(third, follows=second)
+    third_pending = runner.launch_batch(third, follows=second)
     assert events[-1] == ("launch", 4, [31, 32, 33, 0])
+    assert runner.collect(second).next_token_ids == [31, 32, 33]
+    assert runner.collect(third_pending).next_token_ids == [41, 42, 43]
+
+
+def test_tokens_are_fed_only_by_the_graph_that_ran_last(fake_flashinfer):  # noqa: F811
+    """The upload leaves the input tokens out only when they are the ids of the last replay, of
+    the same graph, with no upload since: otherwise it writes them and the device tokens are
+    copied in before the launch, as before."""
+    events = []
+    runner, graphs, reqs = _setup(events)
+    _launch_recording_input_ids(graphs)
+    graphs.graphs[4].will_sample([21, 22, 23, 0])
+    first = runner.launch_batch(_decode(runner, reqs))
+    ids = first.device_ids
+    assert graphs.tokens_fed(4, False, ids)
+    assert not graphs.tokens_fed(4, True, ids) and not graphs.tokens_fed(8, False, ids)
+    assert not graphs.tokens_fed(4, False, ids.clone()) and not graphs.tokens_fed(4, False, None)
+    # An extend staged in between (an upload of all words): the next follower's tokens are copied.
+    new = Req(rid="x", origin_input_ids=[7, 8, 9], sampling_params=greedy(5), seed=0)
+    new.req_pool_idx = runner.req_to_token_pool.alloc()
+    graphs.stage(host_batch(ScheduledBatch(ForwardMode.EXTEND, [new], [0], [3],
+                                           runner.token_to_kv_pool_allocator.alloc(3), [True]),
+                            runner.req_to_token_pool.max_context_len))
+    assert not graphs.tokens_fed(4, False, ids)
+    graphs.inputs.input_ids.fill_(-1)
+    follower = _decode(runner, reqs)
+    follower.prefix_lens = [p + 1 for p in follower.prefix_lens]
+    graphs._next = None
+    runner.launch_batch(follower, follows=first)
+    assert events[-1] == ("launch", 4, [21, 22, 23, 0])
 
 
 def test_a_follower_must_decode_the_same_requests(fake_flashinfer):  # noqa: F811

@@ -8,6 +8,12 @@ and writes that block's (max, first index); the program that finishes last among
 reduces those partials and writes the row's argmax ("last block merges", as the decode attention
 does), then resets its arrival counter for the next launch.
 
+Two optional extra destinations for the ids serve the overlapped decode loop, where the next step
+reads them (pymllm.executor.cuda_graph_runner): ``feed`` (the next step's input-token buffer, so no
+copy runs between the two graphs) and ``mirror`` (a pinned host ring, row ``slot``, with ``slot``
+read from the device when the kernel runs: the host reads the tokens from there after an event,
+with no device-to-host copy queued between the two steps).
+
 Ties resolve to the first index, as ``torch.argmax`` does. NaN ranks above every number (torch's
 argmax returns a NaN's index too); the only difference is a row holding both +inf and a later
 NaN, where this kernel may return the +inf.
@@ -39,9 +45,10 @@ def arrival_counters(max_rows: int, device) -> torch.Tensor:
 
 @triton.jit
 def _float_argmax_kernel(
-    x_ptr, out_ptr, part_val_ptr, part_idx_ptr, ids_ptr, counter_ptr,
-    vocab, x_stride, out_stride,
+    x_ptr, out_ptr, part_val_ptr, part_idx_ptr, ids_ptr, counter_ptr, feed_ptr, mirror_ptr, slot_ptr,
+    vocab, x_stride, out_stride, mirror_stride,
     NUM_BLOCKS: tl.constexpr, MERGE: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
+    FEED: tl.constexpr, MIRROR: tl.constexpr,
 ):
     enter_dependent(USE_PDL)
     row = tl.program_id(0)
@@ -69,18 +76,48 @@ def _float_argmax_kernel(
         idxs = tl.load(part_idx_ptr + row * NUM_BLOCKS + slots, mask=live, other=2147483647, cache_modifier=".cg")
         top = tl.max(vals, axis=0)
         pick = tl.min(tl.where(live & (vals == top), idxs, 2147483647), axis=0)
-        tl.store(ids_ptr + row, pick.to(tl.int64))
+        pick = pick.to(tl.int64)
+        tl.store(ids_ptr + row, pick)
+        if FEED:
+            tl.store(feed_ptr + row, pick)
+        if MIRROR:
+            slot = tl.load(slot_ptr)
+            tl.store(mirror_ptr + slot * mirror_stride + row, pick)
         tl.store(counter_ptr + row, 0)
 
 
+def check_ids_destinations(op: str, rows: int, device: torch.device, feed: Optional[torch.Tensor],
+                           mirror: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """``feed``: int64 [>= rows] on ``device``, contiguous; ``mirror``: (ring [slots, >= rows] int64,
+    contiguous rows, on the host (pinned where ``device`` is CUDA) or on ``device``; slot: one int64
+    on ``device``)."""
+    if feed is not None and (feed.dtype != torch.int64 or feed.device != device or feed.numel() < rows
+                             or not feed.is_contiguous()):
+        raise ValueError(f"{op}: feed must be contiguous int64 with >= {rows} elements on {device}, "
+                         f"got {feed.dtype} {tuple(feed.shape)} on {feed.device}")
+    if mirror is None:
+        return
+    ring, slot = mirror
+    if ring.dim() != 2 or ring.dtype != torch.int64 or ring.shape[1] < rows or ring.stride(1) != 1:
+        raise ValueError(f"{op}: the mirror ring must be int64 [slots, >= {rows}] with dense rows, "
+                         f"got {ring.dtype} {tuple(ring.shape)}")
+    if device.type == "cuda" and ring.device.type == "cpu" and not ring.is_pinned():
+        raise ValueError(f"{op}: a host mirror ring must be pinned (the kernel writes it)")
+    if slot.dtype != torch.int64 or slot.numel() != 1 or slot.device != device:
+        raise ValueError(f"{op}: the mirror slot must be one int64 on {device}, got {slot.dtype} "
+                         f"{tuple(slot.shape)} on {slot.device}")
+
+
 def float_logits_argmax(
-    logits: torch.Tensor, counters: Optional[torch.Tensor] = None
+    logits: torch.Tensor, counters: Optional[torch.Tensor] = None, feed: Optional[torch.Tensor] = None,
+    mirror: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(float32 copy of ``logits`` [rows, vocab], int64 argmax per row [rows]).
 
     ``counters``: int32 zeros with at least ``rows`` elements (``arrival_counters``), reused by
     every call; allocated here when missing (a memset per call, and inside a CUDA graph capture
-    a memset node: pass a buffer there)."""
+    a memset node: pass a buffer there). ``feed``: also write the ids into ``feed[:rows]``;
+    ``mirror`` = (ring, slot): also into ``ring[slot, :rows]``, ``slot`` read on the device."""
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError(f"float_logits_argmax: logits must be [rows, vocab] dense in vocab, got {tuple(logits.shape)}")
     rows, vocab = logits.shape
@@ -91,6 +128,7 @@ def float_logits_argmax(
     elif counters.dtype != torch.int32 or counters.numel() < rows or not counters.is_contiguous():
         raise ValueError(f"float_logits_argmax: counters must be contiguous int32 with >= {rows} elements, "
                          f"got {counters.dtype} {tuple(counters.shape)}")
+    check_ids_destinations("float_logits_argmax", rows, logits.device, feed, mirror)
     out = torch.empty(rows, vocab, dtype=torch.float32, device=logits.device)
     ids = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if rows == 0:
@@ -98,9 +136,12 @@ def float_logits_argmax(
     blocks = num_blocks(vocab)
     part_val = torch.empty(rows * blocks, dtype=torch.float32, device=logits.device)
     part_idx = torch.empty(rows * blocks, dtype=torch.int32, device=logits.device)
+    ring, slot = mirror if mirror is not None else (ids, ids)
     _float_argmax_kernel[(rows, blocks)](
-        logits, out, part_val, part_idx, ids, counters, vocab, logits.stride(0), out.stride(0),
+        logits, out, part_val, part_idx, ids, counters, feed if feed is not None else ids, ring, slot,
+        vocab, logits.stride(0), out.stride(0), ring.stride(0) if mirror is not None else 0,
         NUM_BLOCKS=blocks, MERGE=triton.next_power_of_2(blocks), BLOCK=BLOCK, num_warps=NUM_WARPS,
+        FEED=feed is not None, MIRROR=mirror is not None,
         **launch_options(logits.device, rows),
     )
     return out, ids
