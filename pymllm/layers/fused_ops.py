@@ -315,6 +315,28 @@ def float_logits_argmax(
     return float_logits_argmax_reference(logits, feed, mirror)
 
 
+def embedding_deferred_norm_reference(
+    input_ids: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    h = F.embedding(input_ids, weight)
+    hf = h.float()
+    return (norm_weight.float() * hf).to(h.dtype), h, hf.pow(2).sum(dim=-1, keepdim=True)
+
+
+def embedding_deferred_norm(
+    input_ids: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(``norm_weight * h``, h, float32 partial sums of h^2 per row) for h = ``weight[input_ids]``:
+    the embedding as the producer of the first layer's deferred RMSNorm (one kernel on the GPU,
+    pymllm.layers.kernels.embedding_norm_triton)."""
+    if (can_use_fast_path(weight, norm_weight) and input_ids.device == weight.device and input_ids.dim() == 1
+            and input_ids.is_contiguous() and weight.stride(1) == 1 and norm_weight.is_contiguous()):
+        from pymllm.layers.kernels import embedding_norm_triton
+
+        return embedding_norm_triton.embedding_deferred_norm(input_ids, weight, norm_weight)
+    return embedding_deferred_norm_reference(input_ids, weight, norm_weight)
+
+
 def row_logsumexp_reference(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits.float(), dim=-1)
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pymllm.engine.forward_batch import ForwardBatch
-from pymllm.layers.deferred_norm import DeferredNorm
+from pymllm.layers.deferred_norm import DeferredNorm, deferred_norm_enabled
 from pymllm.layers.fused_ops import KVCacheWrite, qk_norm_rope_try_store_kv
 from pymllm.layers.layernorm import RMSNorm
 from pymllm.layers.linear import Linear, LinearBase, MergedLinear, QKVLinear, norm_with_residual
@@ -205,13 +205,24 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, getattr(config, "rms_norm_eps", 1e-6))
 
     def forward(self, input_ids, positions, forward_batch, input_embeds=None):
-        hidden = self.embed_tokens(input_ids) if input_embeds is None else input_embeds
+        hidden = self.embed(input_ids) if input_embeds is None else input_embeds
         residual = None
         for i, layer in enumerate(self.layers):
             next_layer = self.layers[i + 1] if i + 1 < len(self.layers) else None
             hidden, residual = layer(positions, hidden, residual, forward_batch, next_layer)
         hidden, _ = self.norm(hidden, residual)
         return hidden
+
+    def embed(self, input_ids: torch.Tensor) -> Union[torch.Tensor, DeferredNorm]:
+        """The token embeddings; where the first layer's qkv consumes a deferred norm (one-row
+        decode GEMVs), as the producer of its input norm (``VocabEmbedding.deferred_norm``), so
+        that norm runs inside the qkv GEMV like every later one."""
+        first = self.layers[0]
+        qkv = first.self_attn.qkv_proj
+        like = self.embed_tokens.weight[: input_ids.numel()]
+        if input_ids.dim() == 1 and deferred_norm_enabled() and qkv.quant_method.takes_deferred_norm(qkv, like, False):
+            return self.embed_tokens.deferred_norm(input_ids, first.input_layernorm)
+        return self.embed_tokens(input_ids)
 
 
 # checkpoint projection -> (stacked parameter, shard id)

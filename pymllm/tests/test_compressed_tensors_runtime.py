@@ -344,9 +344,9 @@ def test_logits_on_gpu(checkpoints, name):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", [name for name in CHECKPOINTS if name != "w8a8"])
 def test_one_row_decode_defers_the_norms_on_gpu(checkpoints, name, monkeypatch):
-    """At one row the W4A16 GEMVs run every norm but the first layer's input norm and the final one
-    deferred (pymllm.layers.deferred_norm): a decode step's logits against transformers' on the
-    prompt plus the new token, in float16."""
+    """At one row the W4A16 GEMVs run every norm but the final one deferred
+    (pymllm.layers.deferred_norm; the first layer's produced by the embedding): a decode step's
+    logits against transformers' on the prompt plus the new token, in float16."""
     # The package re-exports the function under the module's name, so fetch the module itself.
     gemv_module = importlib.import_module("mllm_kernel.cuda.jit.w4a16_gemv")
     calls = {"produce": 0, "consume": 0}
@@ -375,7 +375,9 @@ def test_one_row_decode_defers_the_norms_on_gpu(checkpoints, name, monkeypatch):
     actual = runner.forward(runner.build_forward_batch(decode))[0]
 
     layers = runner.model.config.num_hidden_layers
-    assert calls == {"produce": 2 * layers - 1, "consume": 2 * layers - 1}
+    # The producers: o_proj in every layer, down_proj in all but the last (plus the embedding);
+    # the consumers: every gate/up and every qkv.
+    assert calls == {"produce": 2 * layers - 1, "consume": 2 * layers}
     model = reference_model(path, torch.float16, "cuda")
     with torch.no_grad():
         expected = model(torch.tensor([prompt + [token]], device="cuda")).logits[0, -1].float()

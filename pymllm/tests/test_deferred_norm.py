@@ -1,8 +1,9 @@
 """The deferred RMSNorm's plumbing through the Llama-family decoder (pymllm.layers.deferred_norm),
 on CPU: the layers' method is given a PyTorch producer and consumer (the W4A16 kernels' contract:
 ``w * h`` and partial sums of h^2 handed on, 1 / rms applied by the next projection), and the
-decode steps at one row then run every norm deferred except the first layer's input norm and the
-final norm — with the same greedy tokens as transformers. The kernels themselves are tested in
+decode steps at one row then run every norm deferred except the final norm (the first layer's
+input norm produced by the embedding, ``VocabEmbedding.deferred_norm``) — with the same greedy
+tokens as transformers. The kernels themselves are tested in
 mllm-kernel/tests/test_w4a16_deferred_norm.py; the GPU model tests run the real pair."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 from pymllm.layers.deferred_norm import ENV_SWITCH, DeferredNorm
 from pymllm.layers.linear import UnquantizedLinearMethod
+from pymllm.layers.vocab_embedding import VocabEmbedding
 from pymllm.testing.tiny_models import tiny_model_dir
 from pymllm.tests.helpers import greedy, make_scheduler, run_requests
 from pymllm.tests.test_model_parity import hf_greedy
@@ -51,6 +53,13 @@ def install_torch_deferred_norm(monkeypatch, calls: Counter, consumer_declines: 
             out = F.silu(gate) * up
         return out
 
+    embed = VocabEmbedding.deferred_norm
+
+    def embed_counted(self, input_ids, norm):
+        calls["embed"] += 1
+        return embed(self, input_ids, norm)
+
+    monkeypatch.setattr(VocabEmbedding, "deferred_norm", embed_counted)
     monkeypatch.setattr(UnquantizedLinearMethod, "takes_deferred_norm", takes)
     monkeypatch.setattr(UnquantizedLinearMethod, "apply_add_norm", add_norm)
     monkeypatch.setattr(UnquantizedLinearMethod, "apply_normed", normed)
@@ -74,9 +83,11 @@ def test_deferred_norms_keep_greedy_output(monkeypatch, arch):
     layers = model.config.num_hidden_layers
     decode_steps = sum(n - 1 for n in NEW_TOKENS)  # the first token of each comes from its prefill
     # Per one-row step: o_proj hands on in every layer, down_proj in all but the last (the final
-    # norm has no projection after it); gate/up consumes every o_proj's, qkv every down_proj's.
-    assert calls == Counter(produce=(2 * layers - 1) * decode_steps, consume_gated=layers * decode_steps,
-                            consume=(layers - 1) * decode_steps)
+    # norm has no projection after it) and the embedding to the first layer; gate/up consumes
+    # every o_proj's, qkv every down_proj's and the embedding's. (A one-token prompt's prefill
+    # would be one row too; these prompts are longer.)
+    assert calls == Counter(produce=(2 * layers - 1) * decode_steps, embed=decode_steps,
+                            consume_gated=layers * decode_steps, consume=layers * decode_steps)
 
 
 def test_a_declining_consumer_gets_the_norm_materialized(monkeypatch):
@@ -85,7 +96,7 @@ def test_a_declining_consumer_gets_the_norm_materialized(monkeypatch):
     install_torch_deferred_norm(monkeypatch, calls, consumer_declines=True)
     outputs, _ = run_one_at_a_time(model_dir)
     assert outputs == hf_greedy(model_dir, PROMPTS, NEW_TOKENS)
-    assert calls["produce"] > 0 and calls["consume"] + calls["consume_gated"] == calls["produce"]
+    assert calls["produce"] > 0 and calls["consume"] + calls["consume_gated"] == calls["produce"] + calls["embed"]
 
 
 def test_switch_off_keeps_the_norm_kernels(monkeypatch):
