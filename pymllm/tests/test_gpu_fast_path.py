@@ -531,13 +531,13 @@ def test_graph_replay_with_padding_equals_eager(num_reqs, padded_bs):
         batch = ScheduledBatch(ForwardMode.DECODE, reqs, kv, [1] * num_reqs, alloc(num_reqs), [True] * num_reqs)
         fb = runner.build_forward_batch(batch)
         assert graphs.can_run(fb)
-        tokens = fb.input_ids.clone()
-        logits = runner.forward(fb)  # replays the padded graph
+        logits = runner.forward(fb)  # replays the padded graph (a predicted step: launched when staged)
         next_ids = runner.sample(logits, batch).next_token_ids
         assert next_ids == logits.argmax(-1).tolist()
-        # The graph's argmax fed its ids into the static input tokens (the next step's input).
+        # The graph's argmax fed its ids into the static input tokens (the next step's input), so
+        # the eager reference gets the step's own tokens back.
         assert fb.input_ids.tolist() == next_ids
-        fb.input_ids.copy_(tokens)
+        fb.input_ids.copy_(torch.tensor([r.output_ids[-1] for r in reqs], device=fb.input_ids.device))
         logits = logits.clone()
         eager = _eager_with_graph_kernels(runner, fb, padded_bs=padded_bs)
         # The eager run multiplies num_reqs rows, the graph padded_bs rows: the decode matmuls

@@ -16,6 +16,7 @@ from pymllm.engine.forward_batch import ForwardMode
 from pymllm.executor.batch_inputs import host_batch, next_decode_host_batch
 from pymllm.executor.cuda_graph_runner import CudaGraphRunner, padded_batch_size
 from pymllm.layers.attention import flashinfer_backend as fib
+from pymllm.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from pymllm.orchestrator.request import Req
 from pymllm.orchestrator.schedule_batch import ScheduledBatch
 from pymllm.testing.tiny_models import tiny_model_dir
@@ -268,3 +269,49 @@ def test_a_follower_must_decode_the_same_requests(fake_flashinfer):  # noqa: F81
     first = runner.launch_batch(_decode(runner, reqs))
     with pytest.raises(ValueError, match="same requests"):
         runner.launch_batch(_decode(runner, reqs[:2]), follows=first)
+
+
+class GraphBody:
+    """A "graph" on CPU that runs what the captured graph runs (``CudaGraphRunner.run_static``) into
+    the graph's outputs: the real model, its argmax tail included."""
+
+    def __init__(self, graphs, bs: int):
+        self.graphs, self.bs = graphs, bs
+
+    def replay(self):
+        with torch.inference_mode():
+            logits, ids = self.graphs.run_static(self.bs)
+        out_logits, out_ids = self.graphs.outputs[self.bs]
+        out_logits.copy_(logits)
+        out_ids.copy_(ids)
+
+
+def test_steps_through_the_graph_body_match_the_eager_forward(fake_flashinfer):  # noqa: F811
+    """Decode steps through the graph's own body (predicted ones launched when staged): each step
+    samples its argmax, hands it to the host through its Readback row and into the static input
+    tokens, and its logits equal the eager forward on the step's own tokens (given back to the
+    static buffer: the argmax fed the next step's over them)."""
+    from pymllm.tests.test_flashinfer_metadata import _forward_with
+
+    runner, graphs, reqs = _setup()
+    vocab = runner.model_config.vocab_size
+    for bs in graphs.batch_sizes:
+        graphs.graphs[bs] = GraphBody(graphs, bs)
+        graphs.outputs[bs] = (torch.zeros(bs, vocab), torch.zeros(bs, dtype=torch.int64))
+    native = TorchNativeAttnBackend()
+    predicted = _spy_on_stage_next(graphs)
+    for step in range(3):
+        batch = _decode(runner, reqs)
+        fb = runner.build_forward_batch(batch)
+        logits = runner.forward(fb).clone()
+        sampled = runner.sample(logits, batch).next_token_ids
+        assert sampled == logits.argmax(-1).tolist()
+        slot = graphs.last_readback_slot
+        assert runner.readback.ring[slot, :3].tolist() == sampled
+        assert fb.input_ids.tolist() == sampled
+        fb.input_ids.copy_(torch.tensor([r.output_ids[-1] for r in reqs]))
+        ref = _forward_with(runner, native, fb)
+        torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+        for r, t in zip(reqs, sampled):
+            r.output_ids.append(t)
+    assert predicted == [False, True, True]
