@@ -190,6 +190,45 @@ def test_static_words_upload_copies_the_device_part_and_keeps_the_host_words() -
         assert host.tolist() == words.tolist() and host is up.host
 
 
+def test_static_words_upload_can_leave_the_first_words_alone() -> None:
+    """skip_first=n: the device's first n words (input tokens a graph's argmax fed) stay as they
+    are; the rest and the host words are the new batch's."""
+    from pymllm.executor.batch_inputs import StaticWordsUpload
+
+    device_words = torch.full((6,), -1, dtype=torch.int64)
+    up = StaticWordsUpload(device_words, total_words=9, stream=lambda: None)
+    for step in range(2):
+        words = np.arange(9, dtype=np.int64) + 100 * step
+        host = up.upload(words, skip_first=2)
+        assert device_words.tolist() == [-1, -1] + words[2:6].tolist() and host.tolist() == words.tolist()
+    up.upload(np.zeros(9, dtype=np.int64))
+    assert device_words.tolist() == [0] * 6
+
+
+def test_graph_layout_puts_the_input_tokens_first_and_one_readback_word() -> None:
+    from pymllm.executor.batch_inputs import graph_layout
+
+    layout = graph_layout(8)
+    assert layout.segments["input_ids"].offset == 0 and layout.segments["readback_slot"].capacity == 1
+    assert "readback_slot" not in layout.host_only
+
+
+def test_readback_rows_cycle_past_the_scratch_row() -> None:
+    """reserve() hands out rows 1..DEPTH in turn (row 0 is the graphs' scratch row); start() copies
+    into the reserved row it is given, or the next; mirrored() views a row a kernel wrote."""
+    from pymllm.executor.pending_batch import Readback
+
+    rb = Readback(max_rows=4, device=torch.device("cpu"))
+    assert rb.ring.shape == (Readback.DEPTH + 1, 4)
+    assert [rb.reserve() for _ in range(2 * Readback.DEPTH)] == list(range(1, Readback.DEPTH + 1)) * 2
+    rb.ring[2, :3] = torch.tensor([7, 8, 9])
+    host, event = rb.mirrored(2, 3)
+    assert host.tolist() == [7, 8, 9] and event is None
+    ids = torch.tensor([4, 5])
+    host, copies, event = rb.start(ids, slot=3)
+    assert host is ids and copies == [] and event is None  # on the CPU the ids are already on the host
+
+
 def test_last_token_rows_gathers_only_for_extends() -> None:
     from pymllm.engine.forward_batch import ForwardBatch
 
