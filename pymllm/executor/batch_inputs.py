@@ -279,10 +279,6 @@ class GraphPacker:
         fill_graph_words(self._views, hb, padded_bs, self.padding_row, self.row_stride)
         return self.words
 
-    def set_readback_slot(self, slot: int) -> None:
-        """The host ring row the graph's argmax writes the ids of the words packed last to."""
-        self._views["readback_slot"][0] = slot
-
     def set_new_tokens(self, tokens: Sequence[int], slots) -> np.ndarray:
         """Fill in the tokens and new KV slots of the decode batch packed last: what pack would
         have written had they been known; returns the words. (Its HostBatch keeps zeros there:
@@ -441,32 +437,30 @@ class StaticWordsUpload:
     buffer (before the graph launch, so a step packed while the previous one runs does not wait
     for that whole step), waited on before the buffer is written again. That is less host work on
     the path to every graph launch. ``host`` also holds the host-only words (what FlashInfer's
-    plan reads), valid until the next upload. ``upload(words, skip_first=n)`` leaves the device's
-    first n words as they are (input tokens a graph's argmax already wrote there).
+    plan reads), valid until the next upload. ``upload(words, keep_tokens=True)`` leaves the
+    device's first ``token_words`` words (the input tokens, which a graph's argmax already wrote
+    there) as they are.
     """
 
     def __init__(self, device_words: torch.Tensor, total_words: int,
-                 stream: Callable[[], "torch.cuda.Stream"]):
+                 stream: Callable[[], "torch.cuda.Stream"], token_words: int = 0):
         self._on_cuda = device_words.is_cuda
         self.host = torch.zeros(total_words, dtype=torch.int64, pin_memory=self._on_cuda)
         self._host_np = self.host.numpy()
         self._src, self._dst = self.host[: device_words.numel()], device_words
-        self._tails: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tail_src, self._tail_dst = self._src[token_words:], device_words[token_words:]
         self._stream = stream
         self._event = torch.cuda.Event() if self._on_cuda else None
         self._pending = False
 
-    def upload(self, words: np.ndarray, skip_first: int = 0) -> torch.Tensor:
+    def upload(self, words: np.ndarray, keep_tokens: bool = False) -> torch.Tensor:
         """Copy ``words`` (the packed layout, device part first) in; returns ``host``."""
         if self._pending:  # the last copies must have read the buffer before it is rewritten
             self._event.synchronize()
             self._pending = False
         self._host_np[: len(words)] = words
-        if skip_first:
-            tail = self._tails.get(skip_first)
-            if tail is None:
-                tail = self._tails[skip_first] = (self._src[skip_first:], self._dst[skip_first:])
-            tail[1].copy_(tail[0], non_blocking=True)
+        if keep_tokens:
+            self._tail_dst.copy_(self._tail_src, non_blocking=True)
         else:
             self._dst.copy_(self._src, non_blocking=True)
         return self.host

@@ -133,8 +133,10 @@ class CudaGraphRunner:
         # tensors may be updated both inside and outside torch.inference_mode().
         self.inputs = GraphInputs.allocate(self.max_bs, self.device, self.padding_row, context_len)
         self._packer = GraphPacker(self.inputs.layout, self.padding_row, context_len)
-        self._upload = StaticWordsUpload(self.inputs.words, len(self._packer.words), model_runner.stager.current_stream)
+        self._upload = StaticWordsUpload(self.inputs.words, len(self._packer.words), model_runner.stager.current_stream,
+                                         token_words=self.inputs.layout.segments["input_ids"].words)
         self._readback = model_runner.readback
+        self._readback_word = self.inputs.layout.segments["readback_slot"].offset
         # (shared_prefix, padded bs) of the graph whose argmax wrote the static input tokens last,
         # None once an upload has overwritten them: a step that continues that graph's rows needs
         # no token upload or copy then.
@@ -292,13 +294,8 @@ class CudaGraphRunner:
         host's are placeholders).
         """
         padded_bs = padded_batch_size(hb.batch_size, self.batch_sizes)
-        words = self._packer.pack(hb, padded_bs)
-        slot = None
-        if decode:
-            slot = self._readback.reserve()
-            self._packer.set_readback_slot(slot)
-        return self._stage_words(hb, padded_bs, words, shared_prefix, decode, device_tokens=device_tokens,
-                                 readback_slot=slot)
+        return self._stage_words(hb, padded_bs, self._packer.pack(hb, padded_bs), shared_prefix, decode,
+                                 device_tokens=device_tokens)
 
     def stage_next(self, batch: "ScheduledBatch", device_tokens: Optional[torch.Tensor] = None
                    ) -> Optional[ForwardBatch]:
@@ -317,12 +314,10 @@ class CudaGraphRunner:
             return None
         tokens = [0] * len(reqs) if device_tokens is not None else [r.output_ids[-1] for r in reqs]
         words = self._next_packer.set_new_tokens(tokens, batch.out_cache_loc)
-        slot = self._readback.reserve()
-        self._next_packer.set_readback_slot(slot)
         # Nothing is left to decide about this step, so it goes to the GPU before the objects
         # that describe it are made; the forward that follows finds it running (replay).
         return self._stage_words(nxt.hb, nxt.padded_bs, words, decode=True, launch=True,
-                                 device_tokens=device_tokens, readback_slot=slot)
+                                 device_tokens=device_tokens)
 
     def predict_next(self) -> None:
         """Pack the decode step that follows the one just staged with ``decode=True`` (same
@@ -346,14 +341,18 @@ class CudaGraphRunner:
 
     def _stage_words(self, hb: HostBatch, padded_bs: int, words, shared_prefix: bool = False,
                      decode: bool = False, launch: bool = False,
-                     device_tokens: Optional[torch.Tensor] = None,
-                     readback_slot: Optional[int] = None) -> ForwardBatch:
-        """Upload packed words into the static buffers; ``launch``: also replay the graph now;
-        ``readback_slot``: the Readback row the words name (reserved for this step)."""
+                     device_tokens: Optional[torch.Tensor] = None) -> ForwardBatch:
+        """Upload packed words (zeros in their ``readback_slot`` word) into the static buffers;
+        ``launch``: also replay the graph now. A decode step's words name a Readback row reserved
+        for it; the others leave the scratch row."""
         bs = hb.batch_size
         self._predict_from = hb if decode else None
+        readback_slot = None
+        if decode:
+            readback_slot = self._readback.reserve()
+            words[self._readback_word] = readback_slot
         if self.tokens_fed(padded_bs, shared_prefix, device_tokens):
-            host = self._upload.upload(words, skip_first=self.inputs.layout.segments["input_ids"].words)
+            host = self._upload.upload(words, keep_tokens=True)
             device_tokens = None
         else:
             host = self._upload.upload(words)

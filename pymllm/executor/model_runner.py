@@ -257,17 +257,13 @@ class ModelRunner:
             return self.model.logits(graphs.run(fb, bucket), fb).float()
         return self.model(fb.input_ids, fb.positions, fb).float()
 
-    def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
-        # A replayed graph has already taken the argmax of the logits it returned.
+    def _from_graph(self, logits: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[int]]:
+        """(the argmax the replayed graph that returned ``logits`` took of them, the Readback row
+        it wrote them to or None), or (None, None) for logits no graph returned."""
         graph = self._graph_argmax
         if graph is not None and graph[0] is logits:
-            return graph[1]
-        return torch.argmax(logits, dim=-1)
-
-    def _readback_slot(self, logits: torch.Tensor) -> Optional[int]:
-        """The Readback row the graph that returned ``logits`` wrote their argmax to, or None."""
-        graph = self._graph_argmax
-        return graph[2] if graph is not None and graph[0] is logits else None
+            return graph[1], graph[2]
+        return None, None
 
     def launch_batch(self, batch: ScheduledBatch, follows: Optional[PendingBatch] = None) -> PendingBatch:
         """Enqueue a batch's forward and sampling and start copying its tokens to the host;
@@ -314,8 +310,9 @@ class ModelRunner:
         if is_plain_greedy(params):
             # The Sampler would take the same argmax; skipping it skips building and copying
             # the per-request tensors (and inference mode: an argmax records no autograd state).
-            ids = self._argmax(logits)
-            slot = self._readback_slot(logits)
+            ids, slot = self._from_graph(logits)
+            if ids is None:
+                ids = torch.argmax(logits, dim=-1)
             if slot is not None:  # the graph's argmax wrote them to the host itself
                 host, done = self.readback.mirrored(slot, ids.numel())
             else:
@@ -324,7 +321,7 @@ class ModelRunner:
         # ``in_flight`` is read after this step's graph has run, so it must not be a graph's
         # argmax buffer: it is not, since the step it came from sampled the same requests with
         # the same parameters, hence through the Sampler too, whose ids are a tensor of their own.
-        slot = self._readback_slot(logits)
+        _, slot = self._from_graph(logits)
         ids, parts = self._sample_with_sampler(logits, reqs, params, in_flight)
         # Into the row the graph reserved (its argmax's ids there are overwritten, in stream order).
         host, copies, done = self.readback.start(ids, parts, slot=slot)

@@ -43,7 +43,6 @@ class Readback:
     """
 
     DEPTH = 3
-    SCRATCH = 0
 
     def __init__(self, max_rows: int, device: torch.device):
         self._on_cuda = device.type == "cuda"
@@ -52,7 +51,7 @@ class Readback:
         self._next = 0
 
     def reserve(self) -> int:
-        """The ring row of the next batch to read back (never ``SCRATCH``)."""
+        """The ring row of the next batch to read back (1..DEPTH; never the scratch row 0)."""
         slot = 1 + self._next
         self._next = (self._next + 1) % self.DEPTH
         return slot

@@ -191,15 +191,15 @@ def test_static_words_upload_copies_the_device_part_and_keeps_the_host_words() -
 
 
 def test_static_words_upload_can_leave_the_first_words_alone() -> None:
-    """skip_first=n: the device's first n words (input tokens a graph's argmax fed) stay as they
-    are; the rest and the host words are the new batch's."""
+    """keep_tokens: the device's first token_words words (input tokens a graph's argmax fed) stay
+    as they are; the rest and the host words are the new batch's."""
     from pymllm.executor.batch_inputs import StaticWordsUpload
 
     device_words = torch.full((6,), -1, dtype=torch.int64)
-    up = StaticWordsUpload(device_words, total_words=9, stream=lambda: None)
+    up = StaticWordsUpload(device_words, total_words=9, stream=lambda: None, token_words=2)
     for step in range(2):
         words = np.arange(9, dtype=np.int64) + 100 * step
-        host = up.upload(words, skip_first=2)
+        host = up.upload(words, keep_tokens=True)
         assert device_words.tolist() == [-1, -1] + words[2:6].tolist() and host.tolist() == words.tolist()
     up.upload(np.zeros(9, dtype=np.int64))
     assert device_words.tolist() == [0] * 6
