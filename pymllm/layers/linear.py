@@ -136,6 +136,11 @@ class LinearBase(nn.Module):
         out = self.quant_method.apply_normed(self, pending, self.bias, gated=False)
         return out if out is not None else self(pending.materialize(norm))
 
+    def takes_deferred_norm(self, like: torch.Tensor, gated: bool = False) -> bool:
+        """Whether this layer would consume a deferred norm of an input like ``like`` (``gated``: in
+        its SiLU-and-mul form): the switch is on and its method has the kernel."""
+        return deferred_norm_enabled() and self.quant_method.takes_deferred_norm(self, like, gated)
+
     def forward_add_norm(
         self, x: torch.Tensor, residual: torch.Tensor, norm: "RMSNorm", consumer: "LinearBase", gated: bool = False
     ) -> Tuple[Union[torch.Tensor, DeferredNorm], torch.Tensor]:
@@ -143,7 +148,7 @@ class LinearBase(nn.Module):
         ``norm`` and then ``consumer`` (``gated``: its SiLU-and-mul form) — or, where both layers'
         kernels can (one-row decode GEMVs), ``(DeferredNorm, h)``: the add done here and the norm left
         to ``consumer`` (pymllm.layers.deferred_norm)."""
-        if deferred_norm_enabled() and consumer.quant_method.takes_deferred_norm(consumer, x, gated):
+        if consumer.takes_deferred_norm(x, gated):
             pending = self.quant_method.apply_add_norm(self, x, residual, norm.weight, norm.variance_epsilon,
                                                        self.bias)
             if pending is not None:

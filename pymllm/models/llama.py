@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pymllm.engine.forward_batch import ForwardBatch
-from pymllm.layers.deferred_norm import DeferredNorm, deferred_norm_enabled
+from pymllm.layers.deferred_norm import DeferredNorm
 from pymllm.layers.fused_ops import KVCacheWrite, qk_norm_rope_try_store_kv
 from pymllm.layers.layernorm import RMSNorm
 from pymllm.layers.linear import Linear, LinearBase, MergedLinear, QKVLinear, norm_with_residual
@@ -220,7 +220,7 @@ class DecoderModel(nn.Module):
         first = self.layers[0]
         qkv = first.self_attn.qkv_proj
         like = self.embed_tokens.weight[: input_ids.numel()]
-        if input_ids.dim() == 1 and deferred_norm_enabled() and qkv.quant_method.takes_deferred_norm(qkv, like, False):
+        if input_ids.dim() == 1 and qkv.takes_deferred_norm(like):
             return self.embed_tokens.deferred_norm(input_ids, first.input_layernorm)
         return self.embed_tokens(input_ids)
 
