@@ -214,8 +214,9 @@ def test_graph_layout_puts_the_input_tokens_first_and_one_readback_word() -> Non
 
 
 def test_readback_rows_cycle_past_the_scratch_row() -> None:
-    """reserve() hands out rows 1..DEPTH in turn (row 0 is the graphs' scratch row); start() copies
-    into the reserved row it is given, or the next; mirrored() views a row a kernel wrote."""
+    """reserve() hands out rows 1..DEPTH in turn (row 0 is the graphs' scratch row); mirrored()
+    views a row a kernel wrote; on the CPU start() hands the ids back as they are (the copy into
+    the reserved row is CUDA's, covered by the GPU decode tests)."""
     from pymllm.executor.pending_batch import Readback
 
     rb = Readback(max_rows=4, device=torch.device("cpu"))
